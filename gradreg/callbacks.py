@@ -1,0 +1,135 @@
+"""OODEvalCallback: score the ID validation set and every OOD validation set after each validation.
+
+Runs in ``fit`` (after the validation loop), ``validate`` and ``test``. Lightning runs evaluation under
+``torch.inference_mode`` by default, where gradients can never be enabled (Lightning #13948); the
+scoring engine leaves inference mode and clones its inputs, so gradient scorers (GradNorm's
+autograd variants, GAIA, ODIN, purview, DeepFool margins) work in all three.
+
+Under DDP every rank scores a disjoint, unpadded shard of each set (no duplicated samples) and the
+shards are gathered, so the numbers equal those of a single device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from gradreg.evaluation import ScoredSet, ScorerSpec, build_scorers, mean_metrics, score_loader, set_metrics
+
+METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+
+
+class OODEvalCallback(Callback):
+    """Log OOD detection metrics of several scorers every ``every_n_epochs`` epochs.
+
+    Keys: ``ood/{set}/{scorer}/{metric}`` and ``ood/mean/{scorer}/{metric}`` with metric in
+    ``auroc, fpr95, aupr_in, aupr_out`` (``fpr95``: FPR on OOD at 95% ID TPR, the GReg/energy papers'
+    convention). With a wandb or TensorBoard logger, score histograms (and on wandb a per-set table)
+    are logged too.
+
+    Args:
+        scorers: scorer specs (names or ``{name: ..., **settings}``), see ``gradreg.scorers``.
+        every_n_epochs: evaluate after every n-th validation during ``fit``.
+        max_samples: score at most this many images per set (the first ones; keeps big sets cheap).
+        histograms: log score histograms when the logger supports them.
+    """
+
+    def __init__(
+        self,
+        scorers: Sequence[ScorerSpec] = ("msp", "energy", "gradnorm"),
+        every_n_epochs: int = 1,
+        max_samples: int | None = 2000,
+        histograms: bool = True,
+    ) -> None:
+        self.scorer_specs = list(scorers)
+        self.scorers = build_scorers(self.scorer_specs)  # fail at construction on a bad name or setting
+        self.every_n_epochs = every_n_epochs
+        self.max_samples = max_samples
+        self.histograms = histograms
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self.evaluate(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        self.evaluate(trainer, pl_module, "test")
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _score(self, trainer: Trainer, pl_module: LightningModule, dataset: Dataset) -> ScoredSet:
+        n = len(dataset) if self.max_samples is None else min(len(dataset), self.max_samples)  # type: ignore[arg-type]
+        shard = Subset(dataset, range(trainer.global_rank, n, trainer.world_size))
+        dm = trainer.datamodule
+        loader = DataLoader(shard, batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
+        local = score_loader(pl_module.model, loader, self.scorers, pl_module.device, pl_module.num_classes)
+        return local if trainer.world_size == 1 else _gather(trainer, local, n)
+
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule, split: str) -> dict[str, Any]:
+        """Score ID ``split`` and every OOD set of that split; log and return the metrics."""
+        dm = trainer.datamodule
+        id_scores = self._score(trainer, pl_module, dm.id_dataset_for(split))
+        per_set: dict[str, dict[str, dict[str, float]]] = {}
+        ood_scores: dict[str, ScoredSet] = {}
+        for name, dataset in dm.ood_datasets(split).items():
+            ood_scores[name] = self._score(trainer, pl_module, dataset)
+            per_set[name] = set_metrics(id_scores, ood_scores[name])
+        per_set_and_mean = {**per_set, "mean": mean_metrics(per_set)} if per_set else {}
+        logged = {
+            f"ood/{name}/{scorer}/{metric}": values[metric]
+            for name, by_scorer in per_set_and_mean.items()
+            for scorer, values in by_scorer.items()
+            for metric in METRICS
+        }
+        # Every rank holds the gathered numbers, so no sync is needed.
+        pl_module.log_dict(logged, sync_dist=False)
+        if self.histograms and trainer.is_global_zero:
+            self._log_media(trainer, id_scores, ood_scores, per_set)
+        return per_set_and_mean
+
+    def _log_media(
+        self, trainer: Trainer, id_scores: ScoredSet, ood_scores: dict[str, ScoredSet], per_set: dict[str, Any]
+    ) -> None:
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            kind = type(logger).__name__
+            if kind == "WandbLogger":
+                import wandb
+
+                media: dict[str, Any] = {}
+                for scorer in self.scorers:
+                    media[f"hist/id/{scorer}"] = wandb.Histogram(id_scores.scores[scorer])
+                    for name, scored in ood_scores.items():
+                        media[f"hist/{name}/{scorer}"] = wandb.Histogram(scored.scores[scorer])
+                rows = [[n, s, *(v[m] for m in METRICS)] for n, by in per_set.items() for s, v in by.items()]
+                media["ood/table"] = wandb.Table(columns=["set", "scorer", *METRICS], data=rows)
+                logger.experiment.log({**media, "trainer/global_step": step})
+            elif kind == "TensorBoardLogger":
+                for scorer in self.scorers:
+                    logger.experiment.add_histogram(f"hist/id/{scorer}", id_scores.scores[scorer], step)
+                    for name, scored in ood_scores.items():
+                        logger.experiment.add_histogram(f"hist/{name}/{scorer}", scored.scores[scorer], step)
+
+
+def _gather(trainer: Trainer, local: ScoredSet, n: int) -> ScoredSet:
+    """Reassemble per-rank strided shards (rank r holds items r, r + W, ...) into dataset order."""
+    world = trainer.world_size
+    width = -(-n // world)  # ceil: shards differ in length by at most one; pad to gather, then drop the padding
+
+    def gather(values: np.ndarray) -> np.ndarray:
+        padded = torch.zeros(width, dtype=torch.float64)
+        padded[: len(values)] = torch.from_numpy(values.astype(np.float64))
+        stacked = trainer.strategy.all_gather(padded.to(trainer.strategy.root_device)).cpu()  # (world, width)
+        return stacked.T.reshape(-1)[:n].numpy()  # interleave: position j*world + r holds rank r's j-th item
+
+    return ScoredSet(
+        {k: gather(v) for k, v in local.scores.items()},
+        gather(local.preds).astype(np.int64),
+        gather(local.labels).astype(np.int64),
+    )

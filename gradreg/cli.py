@@ -1,0 +1,122 @@
+"""Command-line entry points: ``train.py`` (LightningCLI, instantiation only) and ``evaluate.py``.
+
+``python train.py --config configs/quickstart.yaml [--section.key value ...]`` parses the config with
+LightningCLI (``run=False``: no subcommand), creates a fresh run directory ``runs/<config>-NNN`` (never
+reused, so nothing is overwritten), writes the resolved ``config.yaml`` there, checks that every
+dataset exists, and calls ``trainer.fit``. ``runs/latest`` points at the newest run.
+
+User mistakes (a missing config or dataset, a typo in a key, an unknown scorer, a bad checkpoint, a
+NaN loss) end with one ``error: ...`` line on stderr and exit code 1 (2 for command-line syntax).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gradreg.data.datasets import DatasetNotFoundError
+from gradreg.module import NonFiniteLossError
+from gradreg.registry import RegistryError
+
+
+class UserError(Exception):
+    """A problem the user can fix; reported as one line without a traceback."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, DatasetNotFoundError, RegistryError, NonFiniteLossError)
+
+
+def configure_wandb_env() -> None:
+    """Run wandb offline unless the user configured it (``WANDB_MODE``, ``WANDB_API_KEY`` or a netrc login).
+
+    Offline mode never prompts and never waits on the network (wandb issues #592, #7063, #7671);
+    ``wandb sync <run>/wandb/offline-run-*`` uploads later.
+    """
+    if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        has_login = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        has_login = False
+    if not has_login:
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def next_run_dir(root: Path, name: str) -> Path:
+    """Create and return ``root/name-NNN`` with the first free number (atomic ``mkdir``, so never reused)."""
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [
+        int(p.name.rsplit("-", 1)[1])
+        for p in root.glob(f"{name}-[0-9][0-9][0-9]*")
+        if p.name.rsplit("-", 1)[1].isdigit()
+    ]
+    number = max(taken, default=0) + 1
+    while True:
+        run_dir = root / f"{name}-{number:03d}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            number += 1
+
+
+def point_latest(run_dir: Path) -> None:
+    """Make ``<root>/latest`` a relative symlink to ``run_dir`` (best effort: skipped where links are unsupported)."""
+    latest = run_dir.parent / "latest"
+    try:
+        if latest.is_symlink():
+            latest.unlink()
+        if not latest.exists():
+            latest.symlink_to(run_dir.name)
+    except OSError:
+        pass
+
+
+def run_user_errors(main: Callable[[], int | None]) -> Callable[[], None]:
+    """Wrap an entry point: user errors become one ``error:`` line and exit code 1."""
+
+    def wrapped() -> None:
+        try:
+            code = main()
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise SystemExit(code or 0)
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _train(args: Sequence[str] | None = None) -> int:
+    configure_wandb_env()
+    from gradreg.training import build_cli, fit
+
+    cli = build_cli(args)
+    return fit(cli)
+
+
+def _evaluate(args: Sequence[str] | None = None) -> int:
+    from gradreg.report import evaluate_main
+
+    return evaluate_main(args)
+
+
+def train_main(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``train.py``."""
+    run_user_errors(lambda: _train(args))()
+
+
+def evaluate_main(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``evaluate.py``."""
+    run_user_errors(lambda: _evaluate(args))()
+
+
+def require_file(path: str | Path, what: str, fix: str) -> Path:
+    """Return ``path`` if it is an existing file, else raise a one-line :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist; {fix}")
+    return path

@@ -1,0 +1,6 @@
+"""Data: the dataset registry, benchmark readers, outlier pools and the OODDataModule."""
+
+from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, ImageSpec, build_dataset
+from gradreg.data.module import OODDataModule
+
+__all__ = ["DATASETS", "ID_SPECS", "DatasetNotFoundError", "ImageSpec", "OODDataModule", "build_dataset"]

@@ -1,0 +1,197 @@
+"""OODDataModule: ID train/val/test, the auxiliary outlier stream, and the OOD evaluation sets.
+
+One training batch is a dict ``{"id": (x, y), "outliers": (x, pool_index)}`` built by Lightning's
+``CombinedLoader`` in ``max_size_cycle`` mode, so the ID loader sets the epoch length and the module
+concatenates both parts into a single forward pass (separate forwards break BatchNorm statistics,
+OpenOOD issue #138). Every image, ID or not, goes through the ID normalization; outliers also get the
+ID training augmentation, as in the official GReg/energy code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from gradreg.data.datasets import ID_SPECS, ImageSpec, Transformed, build_dataset, build_transform, dataset_name
+from gradreg.data.outliers import OutlierStream
+
+DatasetSpec = str | dict[str, Any]
+
+
+class OODDataModule(LightningDataModule):
+    """Data for OOD-aware training and evaluation.
+
+    Args:
+        id_dataset: the in-distribution dataset (a registry name or a spec mapping).
+        outliers: the auxiliary outlier pool, or ``None`` for methods that use no outliers.
+        ood_sets: OOD test sets (names or specs; ``alias`` sets the display name).
+        near_ood: display names of the sets in ``ood_sets`` that count as near-OOD (the rest are far).
+        ood_val_sets: OOD sets for the per-epoch callback; ``None`` = ``ood_sets`` with ``split="val"``.
+        data_root: folder holding one sub-folder per dataset.
+        batch_size: ID images per training step.
+        outlier_batch_size: candidate outliers drawn per step (the sampler keeps some or all of them).
+        eval_batch_size: batch size of every evaluation loader.
+        num_workers: loader worker processes.
+        augment: ID/outlier training augmentation (see :func:`build_transform`).
+        image_size: override of the ID spec's input size.
+        mean: override of the ID spec's normalization mean.
+        std: override of the ID spec's normalization std.
+        val_fraction: share of the ID training set held out for validation when the dataset has no val split.
+        seed: seed of the validation split and of the outlier stream.
+        candidates_per_epoch: outlier candidates drawn per epoch (GReg's ``size_candidate_ood``); ``None`` = the
+            whole pool.
+    """
+
+    def __init__(
+        self,
+        id_dataset: DatasetSpec = "digits",
+        outliers: DatasetSpec | None = "digits_outliers",
+        ood_sets: list[DatasetSpec] | None = None,
+        near_ood: list[str] | None = None,
+        ood_val_sets: list[DatasetSpec] | None = None,
+        data_root: str = "data",
+        batch_size: int = 64,
+        outlier_batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        augment: Literal["none", "crop", "crop_flip", "imagenet"] = "crop",
+        image_size: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        candidates_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.id_dataset = id_dataset
+        self.outliers = outliers
+        self.ood_sets = list(ood_sets if ood_sets is not None else ["digits_heldout", "noise"])
+        self.near_ood = list(near_ood or [])
+        self.ood_val_sets = ood_val_sets
+        self.data_root = Path(data_root)
+        self.batch_size, self.outlier_batch_size, self.eval_batch_size = batch_size, outlier_batch_size, eval_batch_size
+        self.num_workers, self.augment, self.val_fraction, self.seed = num_workers, augment, val_fraction, seed
+        self.candidates_per_epoch = candidates_per_epoch
+        name = dataset_name(id_dataset)
+        base = ID_SPECS.get(id_dataset if isinstance(id_dataset, str) else id_dataset["name"])
+        if base is None:
+            raise ValueError(f"'{name}' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}")
+        overrides = {"size": image_size, "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None}
+        self.spec: ImageSpec = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        self.outlier_stream: OutlierStream | None = None
+        self._stream_state: dict | None = None
+        self._sets: dict[str, Dataset] = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Number of ID classes."""
+        return self.spec.num_classes
+
+    @property
+    def input_mean(self) -> list[float]:
+        """Per-channel normalization mean applied to every image."""
+        return list(self.spec.mean)
+
+    @property
+    def input_std(self) -> list[float]:
+        """Per-channel normalization std applied to every image."""
+        return list(self.spec.std)
+
+    def _build(self, spec: DatasetSpec, split: str) -> Dataset:
+        return build_dataset(spec, self.data_root, split, size=self.spec.size, channels=self.spec.channels)
+
+    def _id_split(self, split: str) -> Dataset:
+        """ID train/val/test; without a native val split, a seeded ``val_fraction`` of train is held out."""
+        try:
+            return self._build(self.id_dataset, split)
+        except ValueError:
+            if split not in ("train", "val"):
+                raise
+        full = self._build(self.id_dataset, "train")
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed)).tolist()  # type: ignore[arg-type]
+        n_val = round(self.val_fraction * len(perm))
+        return Subset(full, sorted(perm[:n_val] if split == "val" else perm[n_val:]))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Index the ID splits (cheap: no images are decoded here)."""
+        if self._sets:
+            return
+        train_tf, eval_tf = build_transform(self.spec, self.augment), build_transform(self.spec, "none")
+        self._sets["train"] = Transformed(self._id_split("train"), train_tf)
+        self._sets["val"] = Transformed(self._id_split("val"), eval_tf)
+        self._sets["test"] = Transformed(self._id_split("test"), eval_tf)
+        if self.outliers is not None:
+            pool = Transformed(self._build(self.outliers, "train"), train_tf, return_index=True)
+            self.outlier_stream = OutlierStream(pool, self.outlier_batch_size, self.seed, self.candidates_per_epoch)
+            if self._stream_state is not None:
+                self.outlier_stream.load_state_dict(self._stream_state)
+
+    def id_dataset_for(self, split: Literal["train", "val", "test"]) -> Dataset:
+        """The transformed ID dataset of a split (``train`` is augmented)."""
+        self.setup()
+        return self._sets[split]
+
+    def ood_datasets(self, split: Literal["val", "test"] = "test") -> dict[str, Dataset]:
+        """Transformed OOD sets by display name; ``split="val"`` gives the sets the per-epoch callback uses."""
+        specs = self.ood_sets if split == "test" or self.ood_val_sets is None else self.ood_val_sets
+        eval_tf = build_transform(self.spec, "none")
+        return {dataset_name(s): Transformed(self._build(s, split), eval_tf) for s in specs}
+
+    def all_dataset_specs(self) -> list[tuple[str, DatasetSpec]]:
+        """Every dataset this module would read, with its role (for up-front data checks)."""
+        specs: list[tuple[str, DatasetSpec]] = [("id", self.id_dataset)]
+        specs += [("outliers", self.outliers)] if self.outliers is not None else []
+        specs += [("ood", s) for s in self.ood_sets] + [("ood_val", s) for s in self.ood_val_sets or []]
+        return specs
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None, **kw: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **kw,
+        )
+
+    def eval_loader(self, dataset: Dataset) -> DataLoader:
+        """An ordered, unshuffled evaluation loader over ``dataset``."""
+        return self._loader(dataset)
+
+    def train_dataloader(self) -> CombinedLoader | DataLoader:  # noqa: D102
+        self.setup()
+        id_loader = self._loader(self._sets["train"], shuffle=True, batch_size=self.batch_size, drop_last=True)
+        if self.outlier_stream is None:
+            return id_loader
+        return CombinedLoader(
+            {"id": id_loader, "outliers": self.outlier_stream.dataloader(self.num_workers)}, mode="max_size_cycle"
+        )
+
+    def val_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader(self.id_dataset_for("val"))
+
+    def test_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader(self.id_dataset_for("test"))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count consumed outlier batches so a checkpoint resumes the stream exactly where it was."""
+        if self.trainer is not None and self.trainer.training and self.outlier_stream is not None:
+            self.outlier_stream.advance()
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"outlier_stream": self.outlier_stream.state_dict()} if self.outlier_stream is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        self._stream_state = state_dict.get("outlier_stream")
+        if self.outlier_stream is not None and self._stream_state is not None:
+            self.outlier_stream.load_state_dict(self._stream_state)

@@ -1,0 +1,112 @@
+"""Scoring engine shared by the per-epoch callback and ``evaluate.py``.
+
+:func:`score_loader` runs every scorer over a loader with one shared forward pass for the
+:class:`~gradreg.scorers.OutputScorer` ones (MSP, energy, GradNorm, ...), in eval mode, outside
+Lightning's ``inference_mode`` so that gradient scorers work, and restores the model's mode.
+Metrics are computed once over the raw scores of a whole set (``gradreg.metrics``), never per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gradreg import metrics, scorers
+from gradreg.scorers import OutputScorer, Scorer
+
+ScorerSpec = str | Mapping[str, Any]
+
+
+def scorer_key(spec: ScorerSpec) -> str:
+    """Display name of a scorer spec: its ``alias`` if given, else its registry name."""
+    return spec if isinstance(spec, str) else str(spec.get("alias", spec.get("name")))
+
+
+def build_scorers(specs: Sequence[ScorerSpec]) -> dict[str, Scorer]:
+    """Build scorers by display name; two specs with the same name need distinct ``alias`` keys."""
+    built: dict[str, Scorer] = {}
+    for spec in specs:
+        key = scorer_key(spec)
+        if key in built:
+            raise ValueError(f"scorer '{key}' is listed twice; give one of them an 'alias'")
+        built[key] = scorers.build(spec if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "alias"})
+    return built
+
+
+@dataclass
+class ScoredSet:
+    """Raw scores of one dataset: ``scores[scorer]`` (N,), plus predictions and labels."""
+
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    preds: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.preds)
+
+
+def score_batch(model: nn.Module, x: Tensor, scorer_map: Mapping[str, Scorer], num_classes: int) -> tuple[dict, Tensor]:
+    """Scores of one batch by scorer name and the predicted classes; one forward feeds every OutputScorer."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            x = x.clone()
+            features = model.features(x)
+            logits = model.fc(features)
+            out = {k: s.score_outputs(features, logits) for k, s in scorer_map.items() if isinstance(s, OutputScorer)}
+    finally:
+        model.train(was_training)
+    for key, scorer in scorer_map.items():
+        if key not in out:
+            out[key] = scorer(model, x)
+    return out, logits[:, :num_classes].argmax(1)
+
+
+def score_loader(
+    model: nn.Module,
+    batches: Iterable[Any],
+    scorer_map: Mapping[str, Scorer],
+    device: torch.device | str | None = None,
+    num_classes: int | None = None,
+    max_samples: int | None = None,
+) -> ScoredSet:
+    """Run every scorer over ``batches`` of ``(x, label)``; stop after ``max_samples`` inputs."""
+    device = device or next(model.parameters()).device
+    num_classes = num_classes or getattr(model, "num_classes", None) or int(1e9)
+    parts: dict[str, list[Tensor]] = {k: [] for k in scorer_map}
+    preds, labels, seen = [], [], 0
+    for x, y in batches:
+        if max_samples is not None and seen >= max_samples:
+            break
+        if max_samples is not None:
+            x, y = x[: max_samples - seen], y[: max_samples - seen]
+        scores, pred = score_batch(model, x.to(device), scorer_map, num_classes)
+        for k, v in scores.items():
+            parts[k].append(v.detach().double().cpu())
+        preds.append(pred.cpu())
+        labels.append(torch.as_tensor(y).cpu())
+        seen += len(x)
+    cat = lambda ts: torch.cat(ts).numpy() if ts else np.zeros(0)  # noqa: E731
+    return ScoredSet({k: cat(v) for k, v in parts.items()}, cat(preds).astype(np.int64), cat(labels).astype(np.int64))
+
+
+def set_metrics(id_set: ScoredSet, ood_set: ScoredSet) -> dict[str, dict[str, float]]:
+    """``{scorer: {auroc, fpr95, fpr95_oodpos, aupr_in, aupr_out}}`` of an ID set against one OOD set."""
+    return {k: metrics.ood_metrics(id_set.scores[k], ood_set.scores[k]) for k in id_set.scores}
+
+
+def mean_metrics(per_set: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Average ``{set: {scorer: {metric: value}}}`` over sets, per scorer and metric."""
+    out: dict[str, dict[str, float]] = {}
+    for by_scorer in per_set.values():
+        for scorer, values in by_scorer.items():
+            for metric, value in values.items():
+                out.setdefault(scorer, {}).setdefault(metric, 0.0)
+                out[scorer][metric] += value / len(per_set)
+    return out

@@ -1,0 +1,211 @@
+"""GradRegModule: a LightningModule that trains a classifier with CE, OE, energy or GReg losses.
+
+GReg: Sharifi, Entesari, Safaei, Patel, Fazlyab, "Gradient-Regularized Out-of-Distribution
+Detection", ECCV 2024, arXiv:2404.12368 (github.com/o4lc/Greg-OOD). The loss is
+``CE + energy_weight * L_energy + reg_weight * L_grad`` computed from ONE forward pass of the
+concatenated ID + outlier batch (see ``gradreg.losses`` for the deviation from the official second
+forward: BatchNorm statistics are updated once per step).
+
+Methods: ``ce`` (ID cross-entropy only; outliers are not forwarded), ``oe`` (Outlier Exposure),
+``energy`` (energy margin loss), ``greg`` (energy + the gradient-norm regularizer), ``absent``
+(K+1-way classifier with an "absent" class for outliers, the DOS/NTOM baseline; the model then has
+``num_classes + 1`` outputs and accuracy is measured on the first ``num_classes``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from gradreg.losses import (
+    RegScaling,
+    absent_class_loss,
+    energy,
+    energy_margin_loss,
+    grad_norm_penalty,
+    outlier_exposure_loss,
+)
+from gradreg.models import create_classifier, load_pretrained
+from gradreg.samplers import SAMPLERS
+
+Method = Literal["ce", "oe", "energy", "greg", "absent"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class GradRegModule(LightningModule):
+    """Train a classifier for OOD detection.
+
+    Args:
+        arch: model registry name (``small_cnn``, ``wrn40_2``, ``resnet18_cifar``, ``densenet_bc_100``,
+            ``resnet50``, ``densenet121``).
+        num_classes: number of ID classes (linked from the datamodule by the CLI).
+        arch_kwargs: extra model settings (e.g. ``{dropout: 0.3}`` or ``{weights: IMAGENET1K_V2}``).
+        method: training objective, see the module docstring.
+        m_in: energy margin for ID samples (pushed below it).
+        m_out: energy margin for outliers (pushed above it).
+        energy_weight: weight of the squared-hinge energy loss (lambda_S = 0.1 in the papers).
+        oe_weight: weight of the Outlier Exposure loss (0.5 in Hendrycks et al.).
+        absent_weight: weight of the absent-class loss (beta = 1 in DOS/NTOM).
+        reg_weight: weight of GReg's gradient-norm regularizer (lambda_gradS = 1); 0 computes no extra backward.
+        reg_scaling: ``code`` (official code's scaling, the default) or ``paper`` (see ``grad_norm_penalty``).
+        sampler: outlier sampler spec: ``random`` (GReg) or ``{name: energy_cluster, ...}`` (GReg+), ``dos``, ``ntom``.
+        lr: initial learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        nesterov: Nesterov momentum.
+        schedule: ``multistep`` (epoch milestones), ``cosine`` (per step, down to ``min_lr``) or ``constant``.
+        milestones: epochs at which ``multistep`` multiplies the learning rate by ``gamma``.
+        gamma: multistep decay factor.
+        min_lr: final learning rate of the cosine schedule.
+        pretrained: a checkpoint path to fine-tune from (the head is re-initialized if its shape differs) or a
+            torchvision weights name for the torchvision architectures (e.g. ``IMAGENET1K_V2``).
+        input_mean: per-channel normalization mean of the data pipeline (linked from the datamodule).
+        input_std: per-channel normalization std of the data pipeline (linked from the datamodule).
+    """
+
+    def __init__(
+        self,
+        arch: str = "small_cnn",
+        num_classes: int = 10,
+        arch_kwargs: dict[str, Any] | None = None,
+        method: Method = "greg",
+        m_in: float = -25.0,
+        m_out: float = -7.0,
+        energy_weight: float = 0.1,
+        oe_weight: float = 0.5,
+        absent_weight: float = 1.0,
+        reg_weight: float = 1.0,
+        reg_scaling: RegScaling = "code",
+        sampler: str | dict[str, Any] = "random",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        nesterov: bool = True,
+        schedule: Literal["multistep", "cosine", "constant"] = "multistep",
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+        min_lr: float = 1e-6,
+        pretrained: str | None = None,
+        input_mean: list[float] | None = None,
+        input_std: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        outputs = num_classes + 1 if method == "absent" else num_classes
+        kwargs = dict(arch_kwargs or {})
+        from_file = pretrained is not None and (
+            "/" in pretrained or Path(pretrained).suffix in (".ckpt", ".pt", ".pth")
+        )
+        if pretrained and not from_file:
+            kwargs["weights"] = pretrained  # a torchvision weights name, e.g. IMAGENET1K_V2
+        self.model = create_classifier(arch, outputs, **kwargs)
+        if from_file:
+            load_pretrained(self.model, pretrained)
+        if input_mean is not None and input_std is not None:
+            self.model.set_normalization(input_mean, input_std)
+        self.sampler = SAMPLERS.build(sampler)
+        self.num_classes = num_classes
+        self.method = method
+
+    @property
+    def uses_outliers(self) -> bool:
+        """Whether the objective needs auxiliary outliers."""
+        return self.method != "ce"
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.model(x)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:  # noqa: D102
+        x_id, y = batch["id"] if isinstance(batch, dict) else batch
+        n_id = len(x_id)
+        x_out = x_id[:0]
+        if self.uses_outliers:
+            candidates, _ = batch["outliers"]
+            x_out = candidates[self.sampler.select(self.model, candidates, n_id)]
+
+        # One forward of ID + outliers; the input must require grad *before* it for GReg's penalty.
+        regularize = self.method == "greg" and self.hparams.reg_weight > 0
+        x = torch.cat([x_id, x_out]).requires_grad_(regularize)
+        logits = self.model(x)
+        logits_id, logits_out = logits[:n_id], logits[n_id:]
+
+        losses = {"ce": F.cross_entropy(logits_id.float(), y)}
+        stats: dict[str, Tensor] = {}
+        if self.method == "oe":
+            losses["oe"] = self.hparams.oe_weight * outlier_exposure_loss(logits_out)
+        if self.method == "absent":
+            losses["absent"] = self.hparams.absent_weight * absent_class_loss(logits_out)
+        if self.method in ("energy", "greg"):
+            m_in, m_out = self.hparams.m_in, self.hparams.m_out
+            e_in, e_out = energy(logits_id), energy(logits_out)
+            losses["energy"] = self.hparams.energy_weight * energy_margin_loss(e_in, e_out, m_in, m_out)
+            stats["energy_id"], stats["energy_out"] = e_in.mean().detach(), e_out.mean().detach()
+            stats["hinge_active"] = torch.cat([e_in <= m_in, e_out >= m_out]).float().mean()
+        if regularize:
+            penalty = grad_norm_penalty(x, e_in, e_out, m_in, m_out, self.hparams.reg_scaling)
+            losses["reg"] = self.hparams.reg_weight * penalty.value
+            stats["grad_norm_id"] = penalty.row_norms[:n_id].mean()
+            stats["grad_norm_out"] = penalty.row_norms[n_id:].mean()
+
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(
+                f"non-finite training loss ({terms}) at epoch {self.current_epoch}, step {self.global_step}; "
+                f"lower the learning rate (model.lr={self.hparams.lr}) or check the input data"
+            )
+        acc = (logits_id[:, : self.num_classes].argmax(1) == y).float().mean()
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_epoch=True, on_step=True)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_epoch=True, on_step=False)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_epoch=True, on_step=True)
+        self.log("train/acc", acc, on_epoch=True, on_step=False)
+        return loss
+
+    def _eval_step(self, batch: Any, prefix: str) -> None:
+        x, y = batch
+        logits = self.model(x)[:, : self.num_classes].float()
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._eval_step(batch, "test")
+
+    def on_train_epoch_start(self) -> None:
+        """Per-epoch samplers (NTOM) scan the outlier pool here and restrict the candidate stream."""
+        stream = getattr(self.trainer.datamodule, "outlier_stream", None)
+        if self.sampler.per_epoch and stream is not None:
+            self.sampler.on_train_epoch_start(self.model, stream.pool, stream, self.trainer.datamodule.batch_size)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:  # noqa: D102
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
+        )
+        if hp.schedule == "constant":
+            return optimizer
+        if hp.schedule == "multistep":
+            milestones = hp.milestones if hp.milestones is not None else []
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, hp.gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        floor = hp.min_lr / hp.lr
+
+        def cosine(step: int) -> float:  # per-step cosine from lr to min_lr, as in energy_ood's fine-tuning
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,365 @@
+"""``evaluate.py CHECKPOINT``: the full OOD benchmark of a checkpoint, written to files as it goes.
+
+Rebuilds the model and the data from what the checkpoint stores (``hyper_parameters`` and
+``datamodule_hyper_parameters``), scores the ID test set and every set below with every scorer, and
+writes ``results.json``, ``results.csv``, ``results.md``, raw scores (``scores/<set>.npz``) and PNG
+histograms and ROC curves. Groups of sets:
+
+- ``near`` / ``far``: the OOD test sets (``data.near_ood`` names the near ones);
+- ``adversarial``: FGSM and PGD inputs generated from the ID test set against the evaluated model;
+- ``corruption``: ID test images under common corruptions at severities 1-5;
+- ``robustness``: OOD inputs perturbed within epsilon to look in-distribution to the energy score
+  (``attacked/<set>``; compare with ``<set>`` for the AUROC before and after).
+
+Each group gets a mean row; ``ood`` is the mean over near + far. A set that fails is reported with its
+reason and the run goes on; finished sets are already on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import pickle
+import sys
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from gradreg import anomalies, plots
+from gradreg.cli import UserError, configure_wandb_env, next_run_dir
+from gradreg.data import OODDataModule
+from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, score_loader, set_metrics
+from gradreg.metrics import accuracy
+from gradreg.module import GradRegModule
+from gradreg.scorers import SCORERS
+
+METRIC_NAMES = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
+SUITES = ("ood", "adversarial", "corruption", "robustness")
+DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness")
+
+
+def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options of ``evaluate.py``."""
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a .ckpt file, or a run directory (uses best.ckpt, else last.ckpt)")
+    p.add_argument("--out", help="output folder (must not exist yet); default: <run dir>/eval-NNN")
+    p.add_argument("--scorers", nargs="+", help="scorer specs: name or name:key=value,... (default: all)")
+    p.add_argument("--sets", nargs="+", help="OOD test sets to evaluate (default: all of the checkpoint's config)")
+    p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES, help="which groups of sets to run")
+    p.add_argument("--data-root", help="override the data root the checkpoint was trained with")
+    p.add_argument("--data", nargs="+", default=[], metavar="KEY=VALUE", help="override datamodule settings")
+    p.add_argument("--max-samples", type=int, help="score at most this many images per set")
+    p.add_argument("--epsilons", type=float, nargs="+", default=[2 / 255, 8 / 255], help="attack budgets (pixels)")
+    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--corruptions", nargs="+", default=list(DEFAULT_CORRUPTIONS))
+    p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG histograms and ROC curves")
+    p.add_argument("--wandb", choices=("auto", "on", "off"), default="auto", help="auto: on if the run used wandb")
+    return p.parse_args(args)
+
+
+def parse_scorer(text: str) -> str | dict[str, Any]:
+    """``"odin:temperature=1000,epsilon=0.0014"`` -> ``{"name": "odin", "temperature": 1000, "epsilon": 0.0014}``."""
+    name, _, rest = text.partition(":")
+    if not rest:
+        return name
+    settings = {}
+    for item in rest.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"scorer setting '{item}' in '{text}' is not key=value; e.g. odin:temperature=1000")
+        settings[key] = yaml.safe_load(value)
+    return {"name": name, **settings}
+
+
+# --------------------------------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's ``best.ckpt`` (else ``last.ckpt``)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"run directory '{path}' holds no best.ckpt or last.ckpt; pass a .ckpt file")
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist; pass a .ckpt file or a run directory")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint safely (``weights_only=True``) and check it is one of ours."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint '{path}' is unreadable or truncated ({reason[:160]}); use another .ckpt") from None
+    missing = [k for k in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters") if k not in ckpt]
+    if not isinstance(ckpt, dict) or missing:
+        raise UserError(f"checkpoint '{path}' was not written by gradreg's train.py (missing {', '.join(missing)})")
+    return ckpt
+
+
+def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradRegModule, OODDataModule]:
+    """Model and datamodule from the checkpoint's hyperparameters; the weights are loaded strictly."""
+    dm = OODDataModule(**{**dict(ckpt["datamodule_hyper_parameters"]), **data_overrides})
+    hparams = dict(ckpt["hyper_parameters"])
+    arch_kwargs = {k: v for k, v in (hparams.get("arch_kwargs") or {}).items() if k != "weights"}
+    # The weights come from the checkpoint: never re-download or re-read the pretraining source.
+    module = GradRegModule(**{**hparams, "pretrained": None, "arch_kwargs": arch_kwargs})
+    head = ckpt["state_dict"].get("model.fc.weight")
+    if head is not None and head.shape[0] != module.model.fc.out_features:
+        raise UserError(
+            f"checkpoint has {head.shape[0]} outputs but its config describes {module.model.fc.out_features}; "
+            "the checkpoint and its hyperparameters do not belong together"
+        )
+    if module.num_classes != dm.num_classes:
+        raise UserError(
+            f"checkpoint was trained on {module.num_classes} classes but the data '{dm.id_dataset}' has "
+            f"{dm.num_classes}; evaluate it with the ID dataset it was trained on"
+        )
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"checkpoint weights do not fit the model ({str(err).splitlines()[0]})") from None
+    return module, dm
+
+
+# --------------------------------------------------------------------------------------------------------------
+Batches = Callable[[], Iterator[tuple[Tensor, Tensor]]]
+
+
+def anomaly_sets(
+    model: torch.nn.Module, dm: OODDataModule, opts: argparse.Namespace, device: torch.device
+) -> Iterator[tuple[str, str, Batches]]:
+    """(name, group, batches) of the adversarial, corruption and robustness suites."""
+
+    def transformed(loader: Any, fn: Callable[[Tensor, Tensor], Tensor]) -> Batches:
+        return lambda: ((fn(x.to(device), y.to(device)), y) for x, y in loader)
+
+    id_loader = dm.eval_loader(dm.id_dataset_for("test"))
+    mean, std = model.input_mean, model.input_std
+    if "adversarial" in opts.suites:
+        for eps in opts.epsilons:
+            tag = f"eps{eps * 255:.3g}"
+            yield (
+                f"fgsm_{tag}",
+                "adversarial",
+                transformed(id_loader, lambda x, y, e=eps: anomalies.fgsm(model, x, y, e)),
+            )
+            yield (
+                f"pgd_{tag}",
+                "adversarial",
+                transformed(id_loader, lambda x, y, e=eps: anomalies.pgd(model, x, y, e, steps=opts.pgd_steps)),
+            )
+    if "corruption" in opts.suites:
+        for name in opts.corruptions:
+            for sev in opts.severities:
+                gen = torch.Generator(device=device).manual_seed(sev)
+                fn = lambda x, y, n=name, s=sev, g=gen: anomalies.corrupt(x, n, s, mean, std, g)  # noqa: E731
+                yield f"{name}_s{sev}", "corruption", transformed(id_loader, fn)
+    if "robustness" in opts.suites:
+        eps = max(opts.epsilons)
+        for name, dataset in dm.ood_datasets("test").items():
+            if opts.sets and name not in opts.sets:
+                continue
+            attack = lambda x, y, e=eps: anomalies.energy_attack(model, x, e, steps=opts.pgd_steps)  # noqa: E731
+            yield f"attacked/{name}", "robustness", transformed(dm.eval_loader(dataset), attack)
+
+
+class ResultWriter:
+    """Accumulates per-set metrics and rewrites the JSON/CSV/markdown files after every set."""
+
+    def __init__(self, out: Path, header: dict[str, Any]) -> None:
+        self.out, self.header = out, header
+        self.sets: dict[str, dict[str, Any]] = {}
+        self.failed: dict[str, str] = {}
+
+    def add(self, name: str, group: str, n: int, by_scorer: dict[str, dict[str, float]]) -> None:
+        """Record a finished set and rewrite the files."""
+        self.sets[name] = {"group": group, "n": n, "metrics": by_scorer}
+        self.write()
+
+    def fail(self, name: str, reason: str) -> None:
+        """Record a failed set with its reason and rewrite the files."""
+        self.failed[name] = reason
+        self.write()
+
+    def means(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Mean metrics per group (and ``ood`` = near + far), per scorer."""
+        groups: dict[str, dict[str, Any]] = {}
+        for name, entry in self.sets.items():
+            groups.setdefault(entry["group"], {})[name] = entry["metrics"]
+            if entry["group"] in ("near", "far"):
+                groups.setdefault("ood", {})[name] = entry["metrics"]
+        return {group: mean_metrics(per_set) for group, per_set in groups.items()}
+
+    def rows(self) -> list[list[Any]]:
+        """Table rows: every set, then every group mean."""
+        rows = [
+            [name, e["group"], s, *(v[m] for m in METRIC_NAMES)]
+            for name, e in self.sets.items()
+            for s, v in e["metrics"].items()
+        ]
+        rows += [
+            [f"mean/{g}", g, s, *(v[m] for m in METRIC_NAMES)] for g, by in self.means().items() for s, v in by.items()
+        ]
+        return rows
+
+    def write(self) -> None:
+        """Rewrite results.json, results.csv and results.md."""
+        doc = {**self.header, "sets": self.sets, "means": self.means(), "failed": self.failed}
+        (self.out / "results.json").write_text(json.dumps(doc, indent=2))
+        columns = ["set", "group", "scorer", *METRIC_NAMES]
+        with open(self.out / "results.csv", "w", newline="") as f:
+            csv.writer(f).writerows([columns, *self.rows()])
+        (self.out / "results.md").write_text(self.markdown())
+
+    def markdown(self) -> str:
+        """The results as a markdown table (percentages)."""
+        lines = [
+            f"ID accuracy: {100 * self.header['id']['accuracy']:.2f}% on {self.header['id']['dataset']} "
+            f"({self.header['id']['n']} images)",
+            "",
+            "| set | group | scorer | AUROC | FPR95 | AUPR-In | AUPR-Out |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in self.rows():
+            name, group, scorer, auroc, fpr, _, aupr_in, aupr_out = row
+            lines.append(
+                f"| {name} | {group} | {scorer} | {100 * auroc:.2f} | {100 * fpr:.2f} | {100 * aupr_in:.2f} "
+                f"| {100 * aupr_out:.2f} |"
+            )
+        lines += [f"\nFAILED {name}: {reason}" for name, reason in self.failed.items()]
+        return "\n".join(lines) + "\n"
+
+
+def save_scores(path: Path, scored: ScoredSet) -> None:
+    """Raw scores (one array per scorer) plus predictions and labels of one set."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, preds=scored.preds, labels=scored.labels, **{f"score_{k}": v for k, v in scored.scores.items()})
+
+
+def print_table(writer: ResultWriter) -> None:
+    """The results as a fixed-width console table (percentages)."""
+    width = max([len(str(r[0])) for r in writer.rows()] + [12])
+    swidth = max([len(str(r[2])) for r in writer.rows()] + [6])
+    print(f"\nID accuracy: {100 * writer.header['id']['accuracy']:.2f}%  ({writer.header['id']['dataset']})")
+    print(f"{'set':<{width}}  {'scorer':<{swidth}}  {'AUROC':>7}  {'FPR95':>7}  {'AUPR-In':>7}  {'AUPR-Out':>8}")
+    for name, _, scorer, auroc, fpr, _, aupr_in, aupr_out in writer.rows():
+        print(
+            f"{name:<{width}}  {scorer:<{swidth}}  {100 * auroc:7.2f}  {100 * fpr:7.2f}  {100 * aupr_in:7.2f}"
+            f"  {100 * aupr_out:8.2f}"
+        )
+    for name, reason in writer.failed.items():
+        print(f"FAILED {name}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+def evaluate_main(args: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit code (1 if any set failed)."""
+    opts = parse_args(args)
+    ckpt_path = resolve_checkpoint(opts.checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in opts.data)}
+    if opts.data_root:
+        overrides["data_root"] = opts.data_root
+    try:
+        module, dm = rebuild(ckpt, overrides)
+    except TypeError as err:
+        raise UserError(f"bad --data override ({err})") from None
+    specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
+    scorer_map = build_scorers(specs)
+    ood_sets = dm.ood_datasets("test")  # builds every set now: a missing dataset stops us before any work
+    unknown = sorted(set(opts.sets or []) - set(ood_sets))
+    if unknown:
+        raise UserError(f"unknown OOD set(s) {', '.join(unknown)}; this checkpoint's sets: {', '.join(ood_sets)}")
+
+    out = Path(opts.out) if opts.out else next_run_dir(ckpt_path.parent, "eval")
+    if opts.out:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"output folder '{out}' already holds files; choose a new --out (nothing is overwritten)")
+        out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
+    model = module.model.to(device).eval()
+    print(f"evaluating {ckpt_path} on {device}; writing to {out}")
+
+    def run(batches: Any, desc: str) -> ScoredSet:
+        from tqdm.auto import tqdm
+
+        return score_loader(
+            model, tqdm(batches, desc=desc, leave=False), scorer_map, device, dm.num_classes, opts.max_samples
+        )
+
+    id_scored = run(dm.eval_loader(dm.id_dataset_for("test")), "id")
+    save_scores(out / "scores" / "id.npz", id_scored)
+    header = {
+        "checkpoint": str(ckpt_path),
+        "scorers": list(scorer_map),
+        "id": {
+            "dataset": str(dm.id_dataset),
+            "n": len(id_scored),
+            "accuracy": accuracy(id_scored.preds, id_scored.labels),
+        },
+    }
+    writer = ResultWriter(out, header)
+    writer.write()
+
+    jobs: list[tuple[str, str, Any]] = []
+    if "ood" in opts.suites:
+        for name, dataset in ood_sets.items():
+            if not opts.sets or name in opts.sets:
+                jobs.append((name, "near" if name in dm.near_ood else "far", lambda d=dataset: dm.eval_loader(d)))
+    jobs += list(anomaly_sets(model, dm, opts, device))
+
+    ood_scored: dict[str, ScoredSet] = {}
+    for name, group, batches in jobs:
+        try:
+            scored = run(batches(), name)
+            if len(scored) == 0:
+                raise ValueError("the set is empty")
+            writer.add(name, group, len(scored), set_metrics(id_scored, scored))
+            save_scores(out / "scores" / f"{name.replace('/', '_')}.npz", scored)
+            if group in ("near", "far"):
+                ood_scored[name] = scored
+        except Exception as err:  # one bad set must not lose the others
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            print(f"error: set '{name}' failed: {reason}", file=sys.stderr)
+            writer.fail(name, reason)
+
+    if ood_scored and not opts.no_plots:
+        for scorer in scorer_map:
+            by_set = {n: s.scores[scorer] for n, s in ood_scored.items()}
+            plots.score_histograms(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"hist_{scorer}.png")
+            plots.roc_curves(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"roc_{scorer}.png")
+    if opts.explain:
+        from gradreg.explain import explain_worst
+
+        explain_worst(module, dm, id_scored, ood_scored, scorer_map, opts.explain, out / "explain", device)
+    if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
+        log_to_wandb(writer, out, ckpt_path)
+    print_table(writer)
+    print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
+    return 1 if writer.failed else 0
+
+
+def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path) -> None:
+    """Log the results table and the plots to a wandb run (offline unless wandb is configured)."""
+    configure_wandb_env()
+    import wandb
+
+    run = wandb.init(project="gradreg", dir=str(out), name=f"eval-{ckpt_path.parent.name}", job_type="eval")
+    columns = ["set", "group", "scorer", *METRIC_NAMES]
+    rows = [[v if not isinstance(v, float) or math.isfinite(v) else None for v in r] for r in writer.rows()]
+    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted((out / "plots").glob("*.png"))}
+    run.log({"results": wandb.Table(columns=columns, data=rows), **images})
+    run.finish()

@@ -1,0 +1,54 @@
+"""The scorer contract shared by every post-hoc OOD score.
+
+A scorer maps ``(model, x) -> Tensor[N]``, **higher = more in-distribution** (the ID-positive
+convention of the energy/GReg papers). Calling a scorer:
+
+- puts the model in eval mode and restores its previous mode afterwards;
+- leaves parameter ``.grad`` untouched (gradients come from ``torch.autograd.grad`` or ``torch.func``);
+- works when the caller runs under ``torch.inference_mode()`` (Lightning's test loop): the input is
+  cloned outside inference mode, because inference tensors can never join autograd
+  (Lightning issue #13948).
+
+Subclasses implement :meth:`Scorer.score`. Scorers that only need the penultimate features and the
+logits subclass :class:`OutputScorer` so that callers can share one forward pass among them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class Scorer:
+    """Base class of all scorers; see the module docstring for the contract."""
+
+    needs_grad: ClassVar[bool] = False
+
+    def score(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Return one score per row of ``x`` (higher = more in-distribution), shape (N,)."""
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode(False):
+                x = x.clone()  # an inference tensor cannot be used in autograd; a clone made here can
+                with torch.set_grad_enabled(self.needs_grad):
+                    return self.score(model, x).detach()
+        finally:
+            model.train(was_training)
+
+
+class OutputScorer(Scorer):
+    """A scorer that is a function of the penultimate features and the logits only."""
+
+    def score_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
+        """Score from features (N, D) and logits (N, C); shape (N,)."""
+        raise NotImplementedError
+
+    def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
+        features = model.features(x)
+        return self.score_outputs(features, model.fc(features))

@@ -1,0 +1,163 @@
+"""End-to-end: train.py then evaluate.py as subprocesses on the shrunk quickstart, and every bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
+
+
+def run(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def train(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    return run("train.py", "--config", config, "--run.root", str(tmp / "runs"), *FAST, *extra, cwd=tmp, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines, proc.stdout
+    assert lines[-1].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("e2e")
+    proc = train(tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_train_writes_run_directory(trained: Path) -> None:
+    run_dir = trained / "runs" / "quickstart-001"
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "last.ckpt").is_file()
+    assert (run_dir / "best.ckpt").is_file()
+    assert (trained / "runs" / "latest").resolve() == run_dir.resolve()
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    keys = set(rows[0])
+    for key in ("train/loss_epoch", "train/reg_epoch", "val/acc", "ood/digits_heldout/energy/auroc", "ood/mean/msp/fpr95"):
+        assert key in keys, sorted(keys)
+    assert list(run_dir.glob("wandb/offline-run-*")), "wandb should run offline without a key"
+
+
+@pytest.mark.slow
+def test_rerun_never_overwrites(trained: Path) -> None:
+    first = trained / "runs" / "quickstart-001" / "last.ckpt"
+    before = first.read_bytes()
+    proc = train(trained, "--trainer.max_epochs", "1", env={"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (trained / "runs" / "quickstart-002" / "last.ckpt").is_file()
+    assert first.read_bytes() == before
+    assert not list((trained / "runs" / "quickstart-002").glob("wandb")), "WANDB_MODE=disabled writes nothing"
+
+
+@pytest.mark.slow
+def test_evaluate_writes_consistent_results(trained: Path) -> None:
+    out = trained / "eval"
+    proc = run(
+        "evaluate.py", str(trained / "runs" / "quickstart-001"), "--out", str(out),
+        "--corruptions", "gaussian_noise", "jpeg", "--severities", "1", "5", cwd=trained,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["id"]["accuracy"] <= 1.0
+    sets = results["sets"]
+    assert {"digits_heldout", "noise", "fgsm_eps8", "pgd_eps8", "jpeg_s5", "attacked/noise"} <= set(sets)
+    assert sets["digits_heldout"]["group"] == "near" and sets["noise"]["group"] == "far"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    for row in rows:
+        if row["set"] in sets:
+            expected = sets[row["set"]]["metrics"][row["scorer"]]
+            assert float(row["auroc"]) == pytest.approx(expected["auroc"])
+            assert float(row["fpr95"]) == pytest.approx(expected["fpr95"])
+    mean_energy = results["means"]["ood"]["energy"]["auroc"]
+    per_set = [sets[s]["metrics"]["energy"]["auroc"] for s in ("digits_heldout", "noise")]
+    assert mean_energy == pytest.approx(sum(per_set) / 2)
+    assert "AUROC" in proc.stdout and "digits_heldout" in proc.stdout and "ID accuracy" in proc.stdout
+    assert (out / "results.md").read_text().count("|") > 20
+    scores = dict(__import__("numpy").load(out / "scores" / "noise.npz"))
+    assert len(scores["score_energy"]) == sets["noise"]["n"]
+    assert (out / "plots" / "hist_energy.png").stat().st_size > 1000
+    assert (out / "plots" / "roc_gradnorm.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_to_overwrite(trained: Path) -> None:
+    out = trained / "eval_taken"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    proc = run("evaluate.py", str(trained / "runs" / "quickstart-001"), "--out", str(out), cwd=trained)
+    assert_one_line_error(proc, "already holds files")
+    assert (out / "results.json").read_text() == "{}"
+
+
+def test_unknown_config_key(tmp_path: Path) -> None:
+    proc = train(tmp_path, "--model.lrr", "0.1")
+    assert_one_line_error(proc, "lrr")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    proc = run("train.py", "--config", "configs/nope.yaml", cwd=tmp_path)
+    assert_one_line_error(proc, "configs/nope.yaml", "does not exist")
+
+
+def test_unknown_scorer_in_config(tmp_path: Path) -> None:
+    proc = train(tmp_path, "--trainer.callbacks+=gradreg.callbacks.OODEvalCallback", "--trainer.callbacks.scorers=[gradnrom]")
+    assert_one_line_error(proc, "gradnrom")
+
+
+def test_missing_dataset_directory(tmp_path: Path) -> None:
+    spec = '{"name": "tinyimages300k"}'
+    proc = train(tmp_path, "--data.outliers", spec, "--data.data_root", str(tmp_path / "nowhere"))
+    assert_one_line_error(proc, "tinyimages300k", str(tmp_path / "nowhere"))
+
+
+def test_nan_loss_stops_with_one_line(tmp_path: Path) -> None:
+    proc = train(tmp_path, "--model.lr", "1e30", "--model.schedule", "constant")
+    assert_one_line_error(proc, "non-finite training loss", "model.lr")
+
+
+@pytest.mark.slow
+def test_bad_checkpoints(trained: Path, tmp_path: Path) -> None:
+    good = trained / "runs" / "quickstart-001" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert_one_line_error(run("evaluate.py", str(truncated), cwd=tmp_path), "truncated")
+
+    assert_one_line_error(run("evaluate.py", str(tmp_path / "missing.ckpt"), cwd=tmp_path), "does not exist")
+
+    ckpt = torch.load(good, map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["num_classes"] = 10
+    mismatched = tmp_path / "mismatched.ckpt"
+    torch.save(ckpt, mismatched)
+    assert_one_line_error(run("evaluate.py", str(mismatched), cwd=tmp_path), "6 outputs", "10")
+
+    proc = run("evaluate.py", str(good), "--scorers", "gradnrom", cwd=tmp_path)
+    assert_one_line_error(proc, "gradnrom", "gradnorm")
