@@ -111,8 +111,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradRegModule, OODDataModule]:
     """Model and datamodule from the checkpoint's hyperparameters; the weights are loaded strictly."""
-    dm = OODDataModule(**{**dict(ckpt["datamodule_hyper_parameters"]), **data_overrides})
-    hparams = dict(ckpt["hyper_parameters"])
+    # LightningCLI stores private entries (``_instantiator``, ``_class_path``) next to the init arguments.
+    dm_hparams = {k: v for k, v in ckpt["datamodule_hyper_parameters"].items() if not k.startswith("_")}
+    dm = OODDataModule(**{**dm_hparams, **data_overrides})
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     arch_kwargs = {k: v for k, v in (hparams.get("arch_kwargs") or {}).items() if k != "weights"}
     # The weights come from the checkpoint: never re-download or re-read the pretraining source.
     module = GradRegModule(**{**hparams, "pretrained": None, "arch_kwargs": arch_kwargs})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,7 @@ from gradreg.data import OODDataModule
 from gradreg.data.datasets import DatasetNotFoundError
 from gradreg.module import GradRegModule
 
+RUN_DIR_ENV = "GRADREG_RUN_DIR"
 DEFAULT_LOGGERS = [
     {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "gradreg"}},
     {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -40,7 +43,10 @@ class GradRegCLI(LightningCLI):
         config = self.config
         config_files = config.get("config") or []
         stem = Path(str(config_files[-1])).stem if config_files else "run"
-        run_dir = next_run_dir(Path(config.run.root), config.run.name or stem)
+        # DDP re-executes this script on the other ranks: they inherit rank 0's run directory.
+        inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
+        run_dir = Path(inherited) if inherited else next_run_dir(Path(config.run.root), config.run.name or stem)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
         config.trainer.default_root_dir = str(run_dir)
         loggers = config.trainer.logger
@@ -60,7 +66,8 @@ class GradRegCLI(LightningCLI):
             ),
         )
         config.trainer.callbacks = [*(config.trainer.callbacks or []), checkpoint]
-        (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
+        if not inherited:
+            (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
 
 
 def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
@@ -72,28 +79,43 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             value = arg.split("=", 1)[1]
         if value is not None and not Path(value).is_file():
             raise UserError(f"config file '{value}' does not exist; see configs/ for the shipped configs")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        os.environ.pop(RUN_DIR_ENV, None)
     try:
         return GradRegCLI(
             GradRegModule,
             OODDataModule,
             run=False,
-            args=argv,
+            args=None if args is None else argv,
             save_config_callback=None,  # the resolved config is written to the run dir by before_instantiate_classes
             trainer_defaults={"logger": DEFAULT_LOGGERS, "inference_mode": False},
             seed_everything_default=0,
             parser_kwargs={"exit_on_error": False},
         )
-    except DatasetNotFoundError:
-        raise
-    except (ValueError, TypeError, KeyError) as err:
+    except (argparse.ArgumentError, ValueError, TypeError, KeyError) as err:
+        discard_unused_run_dir()
         raise UserError(_one_line(err)) from None
 
 
 def _one_line(err: BaseException) -> str:
     """Condense a (possibly nested, multi-line) jsonargparse error into its most specific line."""
-    lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")]
-    specific = [line for line in lines if "not expected" in line or "Unrecognized" in line or "does not" in line]
-    return (specific or lines or [type(err).__name__])[-1 if specific else 0]
+    lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")] or [type(err).__name__]
+    ours = [line for line in lines if (line.startswith("unknown ") and "known:" in line) or "valid:" in line]
+    if ours:  # a registry error (unknown scorer, sampler, dataset, setting) names the valid choices
+        return ours[0]
+    if lines[0].startswith("Parser key") and len(lines) > 1:  # 'Parser key "model.method":' + 'Expected ...'
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
+
+
+def discard_unused_run_dir() -> None:
+    """Remove a run directory this process created if it holds nothing but its config (the run never started)."""
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if os.environ.get("LOCAL_RANK", "0") != "0" or not run_dir:
+        return
+    path = Path(run_dir)
+    if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml"}:
+        shutil.rmtree(path)
 
 
 def check_data(datamodule: OODDataModule) -> None:
@@ -105,7 +127,11 @@ def check_data(datamodule: OODDataModule) -> None:
 
 def fit(cli: GradRegCLI) -> int:
     """Check the data, then train; print where the run's files are."""
-    check_data(cli.datamodule)
+    try:
+        check_data(cli.datamodule)
+    except DatasetNotFoundError:
+        discard_unused_run_dir()
+        raise
     ckpt_path: Any = cli.config.run.resume
     if ckpt_path is not None and not os.path.isfile(ckpt_path):
         raise UserError(f"run.resume checkpoint '{ckpt_path}' does not exist; pass a path to a .ckpt file")

@@ -61,7 +61,13 @@ def test_train_writes_run_directory(trained: Path) -> None:
     assert (trained / "runs" / "latest").resolve() == run_dir.resolve()
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     keys = set(rows[0])
-    for key in ("train/loss_epoch", "train/reg_epoch", "val/acc", "ood/digits_heldout/energy/auroc", "ood/mean/msp/fpr95"):
+    for key in (
+        "train/loss_epoch",
+        "train/reg_epoch",
+        "val/acc",
+        "ood/digits_heldout/energy/auroc",
+        "ood/mean/msp/fpr95",
+    ):
         assert key in keys, sorted(keys)
     assert list(run_dir.glob("wandb/offline-run-*")), "wandb should run offline without a key"
 
@@ -129,7 +135,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_unknown_scorer_in_config(tmp_path: Path) -> None:
-    proc = train(tmp_path, "--trainer.callbacks+=gradreg.callbacks.OODEvalCallback", "--trainer.callbacks.scorers=[gradnrom]")
+    proc = train(
+        tmp_path, "--trainer.callbacks+=gradreg.callbacks.OODEvalCallback", "--trainer.callbacks.scorers=[gradnrom]"
+    )
     assert_one_line_error(proc, "gradnrom")
 
 

@@ -1,0 +1,380 @@
+"""Anomaly suites for robustness checks: L-inf adversarial attacks, common corruptions, and an attack on the detector.
+
+Inputs are **normalized** tensors (N, C, H, W), as the data pipeline feeds the model. Budgets, clamps and
+corruptions work in [0, 1] pixel units through the model's ``input_mean`` / ``input_std`` buffers
+(``gradreg.models.Classifier``): ``pixels = x * std + mean`` and the valid normalized range is
+``[(0 - mean) / std, (1 - mean) / std]`` per channel. Inputs are assumed to be valid images (pixels in [0, 1]).
+
+Attacks follow the scorer contract (``gradreg.scorers.base``): the model is put in eval mode and its previous
+mode restored, parameter ``.grad`` is never touched (``torch.autograd.grad`` w.r.t. the input only), calls work
+under ``torch.inference_mode()`` (the input is cloned inside ``torch.inference_mode(False)``), and everything is
+batched (rows are independent in eval mode).
+
+- FGSM: Goodfellow, Shlens, Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015,
+  arXiv:1412.6572.
+- PGD: Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to Adversarial
+  Attacks", ICLR 2018, arXiv:1706.06083. Default step size ``2.5 * epsilon / steps`` is the paper's rule.
+- Energy attack: PGD that *lowers* the free energy ``E = -T * logsumexp(f / T)`` of OOD inputs so that the
+  energy score (``-E``) takes them for in-distribution data; the robustness setting of GReg (Sharifi et al.,
+  ECCV 2024, arXiv:2404.12368), where detectors are evaluated under small L-inf perturbations of OOD inputs.
+- Corruptions: Hendrycks, Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and
+  Perturbations", ICLR 2019, arXiv:1903.12261 (github.com/hendrycks/robustness). Severity parameters are the
+  **CIFAR-10-C** table (``make_cifar_c.py``), meant for 32x32 images and used unchanged for 8x8 and 28x28
+  inputs; the ImageNet-C table has stronger values for 224x224 images and is not included.
+
+Deviations from the reference corruption code (which works on one PIL/numpy HWC image at a time):
+batched torch implementations on (N, C, H, W) in [0, 1]; any channel count (grayscale included); random numbers
+come from ``torch.Generator`` so results differ from the numpy originals but are reproducible; gaussian blur
+uses a separable kernel truncated at ``4 sigma`` with edge replication (scipy's ``mode="nearest"``, as
+``skimage.filters.gaussian``); brightness adds to the HSV value channel exactly, written as a per-pixel rescale
+of RGB (hue and saturation are unchanged by construction); pixelate uses area downsampling and nearest
+upsampling (PIL's BOX filter both ways in the original) with at least one pixel per side; JPEG goes through
+torchvision's ``encode_jpeg`` / ``decode_jpeg`` (libjpeg, 4:2:0 chroma subsampling for RGB like PIL's default),
+channel counts other than 1 and 3 are compressed channel by channel as grayscale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradreg.losses import energy
+from gradreg.registry import Registry
+
+__all__ = [
+    "CORRUPTIONS",
+    "corrupt",
+    "energy_attack",
+    "fgsm",
+    "pgd",
+]
+
+CORRUPTIONS: Registry[Tensor] = Registry("corruption")
+
+
+def _rand(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform [0, 1) noise shaped like ``x``, drawn on the generator's device and moved to ``x``'s."""
+    device = generator.device if generator is not None else x.device
+    return torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device and moved to ``x``'s."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _pixel_stats(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of the model's input normalization, shaped (1, C, 1, 1) like ``x``."""
+    mean, std = getattr(model, "input_mean", None), getattr(model, "input_std", None)
+    if mean is None or std is None:
+        raise AttributeError("the model needs 'input_mean' and 'input_std' buffers (see gradreg.models.Classifier)")
+    if x.ndim != 4 or x.shape[1] != mean.numel():
+        raise ValueError(f"expected inputs (N, {mean.numel()}, H, W), got shape {tuple(x.shape)}")
+    shape = (1, -1, 1, 1)
+    return mean.to(x).clone().reshape(shape), std.to(x).clone().reshape(shape)
+
+
+@contextmanager
+def _attack_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and autograd on, even under ``torch.inference_mode()``; the previous mode is restored.
+
+    Tensors that autograd saves for backward must be created inside this context: an inference tensor
+    (created under ``torch.inference_mode()``) can never join autograd, so inputs and labels are cloned here.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_budget(epsilon: float, steps: int = 1) -> None:
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0 (pixel units, e.g. 8/255), got {epsilon}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+
+
+def _linf_ascent(
+    model: nn.Module,
+    x: Tensor,
+    objective: Callable[[Tensor], Tensor],
+    epsilon: float,
+    steps: int,
+    step_size: float,
+    init: Tensor | None = None,
+) -> Tensor:
+    """Projected signed-gradient *ascent* on the scalar ``objective(logits)`` in pixel space.
+
+    Call inside :func:`_attack_mode`. ``init`` is an optional starting offset in pixel units. Each iterate is
+    projected onto the intersection of the L-inf ball around the clean pixels and [0, 1].
+    Returns normalized, detached inputs.
+    """
+    mean, std = _pixel_stats(model, x)
+    clean = x.detach().clone() * std + mean
+    lower, upper = (clean - epsilon).clamp(min=0.0), (clean + epsilon).clamp(max=1.0)
+    pixels = clean if init is None else torch.min(torch.max(clean + init.clone(), lower), upper)
+    for _ in range(steps):
+        pixels = pixels.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(model((pixels - mean) / std)), pixels)
+        pixels = torch.min(torch.max(pixels.detach() + step_size * grad.sign(), lower), upper)
+    return ((pixels - mean) / std).detach()
+
+
+def _cross_entropy(model: nn.Module, x: Tensor, y: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """Summed cross-entropy objective; call inside :func:`_attack_mode`."""
+    if y is None:  # attack the model's own predictions (no label leaking)
+        with torch.no_grad():
+            y = model(x.clone()).argmax(dim=1)
+    target = y.to(x.device).long().clone()
+    # Sum, not mean: each row's gradient is then independent of the batch size.
+    return lambda logits: F.cross_entropy(logits, target, reduction="sum")
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor | None, epsilon: float) -> Tensor:
+    """Fast gradient sign method: one L-inf step of size ``epsilon`` that increases the cross-entropy.
+
+    ``x_adv = clip(x + epsilon * sign(grad_x CE(f(x), y)), 0, 1)`` in pixel units.
+
+    Args:
+        model: a classifier with ``input_mean`` / ``input_std`` buffers.
+        x: normalized inputs, shape (N, C, H, W).
+        y: integer labels (N,); ``None`` attacks the model's own predictions.
+        epsilon: L-inf budget in [0, 1] pixel units (e.g. 8/255).
+
+    Returns:
+        Normalized adversarial inputs, same shape and dtype as ``x``, detached.
+    """
+    _check_budget(epsilon)
+    with _attack_mode(model):
+        x = x.clone()
+        return _linf_ascent(model, x, _cross_entropy(model, x, y), epsilon, 1, epsilon)
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None,
+    epsilon: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected gradient descent (Madry et al. 2018): L-inf untargeted attack maximizing the cross-entropy.
+
+    Args:
+        model: a classifier with ``input_mean`` / ``input_std`` buffers.
+        x: normalized inputs, shape (N, C, H, W).
+        y: integer labels (N,); ``None`` attacks the model's own predictions.
+        epsilon: L-inf budget in [0, 1] pixel units (e.g. 8/255).
+        steps: number of signed-gradient steps.
+        step_size: step in pixel units; default ``2.5 * epsilon / steps``.
+        random_start: start from a uniform point of the epsilon ball (clipped to [0, 1]).
+        generator: random generator for the start (reproducible attacks).
+
+    Returns:
+        Normalized adversarial inputs, same shape and dtype as ``x``, detached.
+    """
+    _check_budget(epsilon, steps)
+    step = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
+    with _attack_mode(model):
+        x = x.clone()
+        init = (2 * _rand(x, generator) - 1) * epsilon if random_start else None
+        return _linf_ascent(model, x, _cross_entropy(model, x, y), epsilon, steps, step, init)
+
+
+def energy_attack(
+    model: nn.Module,
+    x_ood: Tensor,
+    epsilon: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """PGD inside an L-inf ball that lowers the energy of OOD inputs so that they look in-distribution.
+
+    Minimizes ``sum_i E(x_i)`` with ``E = -T * logsumexp(f(x) / T)`` (``gradreg.losses.energy``) by signed
+    gradient steps, starting from the clean input (deterministic). A detector is robust when its AUROC stays
+    high on the returned inputs.
+
+    Args:
+        model: a classifier with ``input_mean`` / ``input_std`` buffers.
+        x_ood: normalized OOD inputs, shape (N, C, H, W).
+        epsilon: L-inf budget in [0, 1] pixel units (e.g. 8/255).
+        steps: number of signed-gradient steps.
+        step_size: step in pixel units; default ``2.5 * epsilon / steps``.
+        temperature: energy temperature ``T``.
+
+    Returns:
+        Normalized perturbed inputs, same shape and dtype as ``x_ood``, detached.
+    """
+    _check_budget(epsilon, steps)
+    step = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
+    with _attack_mode(model):
+        # Ascent on -E (= T * logsumexp(f / T)) is descent on the energy.
+        return _linf_ascent(
+            model, x_ood.clone(), lambda logits: -energy(logits, temperature).sum(), epsilon, steps, step
+        )
+
+
+# Corruptions: fn(pixels (N, C, H, W) in [0, 1], severity 1..5, generator) -> same shape in [0, 1].
+
+
+def _level(table: Sequence[float], severity: int) -> float:
+    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
+        raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
+    return table[severity - 1]
+
+
+def _check_pixels(x: Tensor) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
+
+
+@CORRUPTIONS.register("gaussian_noise")
+def gaussian_noise(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+    """Additive gaussian noise, std ``[0.04, 0.06, 0.08, 0.09, 0.10]`` (CIFAR-10-C)."""
+    _check_pixels(x)
+    sigma = _level([0.04, 0.06, 0.08, 0.09, 0.10], severity)
+    return (x + sigma * _randn(x, generator)).clamp(0.0, 1.0)
+
+
+@CORRUPTIONS.register("shot_noise")
+def shot_noise(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+    """Poisson noise ``Poisson(x * c) / c`` with photon count ``c = [500, 250, 100, 75, 50]`` (CIFAR-10-C)."""
+    _check_pixels(x)
+    c = _level([500, 250, 100, 75, 50], severity)
+    device = generator.device if generator is not None else x.device
+    rates = (x.float() * c).to(device)
+    return (torch.poisson(rates, generator=generator).to(x.device, x.dtype) / c).clamp(0.0, 1.0)
+
+
+@CORRUPTIONS.register("impulse_noise")
+def impulse_noise(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+    """Salt-and-pepper noise on a fraction ``[0.01, 0.02, 0.03, 0.05, 0.07]`` of the values (CIFAR-10-C)."""
+    _check_pixels(x)
+    amount = _level([0.01, 0.02, 0.03, 0.05, 0.07], severity)
+    hit = _rand(x, generator) < amount
+    salt = (_rand(x, generator) < 0.5).to(x.dtype)
+    return torch.where(hit, salt, x)
+
+
+@CORRUPTIONS.register("speckle_noise")
+def speckle_noise(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+    """Multiplicative gaussian noise ``x + x * N(0, c)``, ``c = [0.06, 0.1, 0.12, 0.16, 0.2]`` (CIFAR-10-C)."""
+    _check_pixels(x)
+    sigma = _level([0.06, 0.10, 0.12, 0.16, 0.20], severity)
+    return (x + x * sigma * _randn(x, generator)).clamp(0.0, 1.0)
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable gaussian blur, kernel radius ``int(4 sigma + 0.5)``, edge replication (scipy ``nearest``)."""
+    radius = int(4.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    channels = x.shape[1]
+    out = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+@CORRUPTIONS.register("gaussian_blur")
+def gaussian_blur(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian blur with sigma ``[0.4, 0.6, 0.7, 0.8, 1.0]`` pixels (CIFAR-10-C); deterministic."""
+    _check_pixels(x)
+    return _gaussian_blur(x, _level([0.4, 0.6, 0.7, 0.8, 1.0], severity)).clamp(0.0, 1.0)
+
+
+@CORRUPTIONS.register("contrast")
+def contrast(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+    """Shrink towards the per-image, per-channel mean by ``c = [0.75, 0.5, 0.4, 0.3, 0.15]`` (CIFAR-10-C)."""
+    _check_pixels(x)
+    c = _level([0.75, 0.5, 0.4, 0.3, 0.15], severity)
+    means = x.mean(dim=(2, 3), keepdim=True)
+    return ((x - means) * c + means).clamp(0.0, 1.0)
+
+
+@CORRUPTIONS.register("brightness")
+def brightness(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+    """Add ``c = [0.05, 0.1, 0.15, 0.2, 0.3]`` to the HSV value channel, clipped to 1 (CIFAR-10-C).
+
+    With hue and saturation fixed every channel is proportional to V = max over channels, so the HSV round trip
+    is the rescale ``x * V' / V`` (black pixels, V = 0, become gray V'). Grayscale: ``min(x + c, 1)``.
+    """
+    _check_pixels(x)
+    c = _level([0.05, 0.1, 0.15, 0.2, 0.3], severity)
+    value = x.amax(dim=1, keepdim=True)
+    new_value = (value + c).clamp(max=1.0)
+    scaled = x * (new_value / value.clamp(min=torch.finfo(x.dtype).tiny))
+    return torch.where(value > 0, scaled, new_value.expand_as(x)).clamp(0.0, 1.0)
+
+
+@CORRUPTIONS.register("jpeg")
+def jpeg(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+    """JPEG compression at quality ``[80, 65, 58, 50, 40]`` (CIFAR-10-C ``jpeg_compression``); deterministic.
+
+    Pixels are rounded to uint8 first (the JPEG input format); runs on the CPU.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    _check_pixels(x)
+    quality = int(_level([80, 65, 58, 50, 40], severity))
+    images = (x.detach() * 255.0).round().clamp(0, 255).to("cpu", torch.uint8)
+    if images.shape[1] in (1, 3):
+        groups = [img for img in images]
+    else:  # JPEG has no 2- or 4+-channel mode: compress each channel as a grayscale image
+        groups = [img[c : c + 1] for img in images for c in range(images.shape[1])]
+    decoded = [decode_jpeg(encode_jpeg(g.contiguous(), quality=quality), mode=ImageReadMode.UNCHANGED) for g in groups]
+    out = torch.stack(decoded).reshape(images.shape)
+    return (out.to(x.device, x.dtype) / 255.0).clamp(0.0, 1.0)
+
+
+@CORRUPTIONS.register("pixelate")
+def pixelate(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+    """Downsample by ``c = [0.95, 0.9, 0.85, 0.75, 0.65]`` and back (CIFAR-10-C); deterministic."""
+    _check_pixels(x)
+    c = _level([0.95, 0.9, 0.85, 0.75, 0.65], severity)
+    height, width = x.shape[-2:]
+    small = F.interpolate(x, size=(max(1, int(height * c)), max(1, int(width * c))), mode="area")
+    return F.interpolate(small, size=(height, width), mode="nearest").clamp(0.0, 1.0)
+
+
+def corrupt(
+    x: Tensor,
+    name: str,
+    severity: int,
+    mean: Sequence[float] | Tensor,
+    std: Sequence[float] | Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Apply a registered corruption to **normalized** inputs and return normalized inputs.
+
+    Args:
+        x: normalized inputs, shape (N, C, H, W).
+        name: a name in ``CORRUPTIONS.names()`` (e.g. ``"gaussian_noise"``).
+        severity: 1 (mild) to 5 (strong).
+        mean: per-channel normalization mean (length C), e.g. ``model.input_mean``.
+        std: per-channel normalization std (length C), e.g. ``model.input_std``.
+        generator: random generator for the noise corruptions.
+
+    Returns:
+        Normalized corrupted inputs, same shape and dtype as ``x``.
+    """
+    fn = CORRUPTIONS.get(name)
+    _check_pixels(x)
+    mean_t = torch.as_tensor(mean).to(x).reshape(1, -1, 1, 1)
+    std_t = torch.as_tensor(std).to(x).reshape(1, -1, 1, 1)
+    if mean_t.shape[1] != x.shape[1] or std_t.shape[1] != x.shape[1]:
+        raise ValueError(f"mean/std need {x.shape[1]} channels, got {mean_t.shape[1]} and {std_t.shape[1]}")
+    # Clamp absorbs the float error of the round trip for valid images.
+    pixels = (x * std_t + mean_t).clamp(0.0, 1.0)
+    return (fn(pixels, severity, generator) - mean_t) / std_t

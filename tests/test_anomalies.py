@@ -1,0 +1,296 @@
+"""Tests for gradreg.anomalies: L-inf attacks, the energy attack on the detector, and common corruptions."""
+
+from __future__ import annotations
+
+import colorsys
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from sklearn.datasets import load_digits
+
+from gradreg.anomalies import CORRUPTIONS, corrupt, energy_attack, fgsm, pgd
+from gradreg.losses import energy
+from gradreg.models import SmallCNN
+
+EPS = 0.1  # pixel units; large enough to hurt an 8x8 digits model
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Real UCI digits as normalized (N, 1, 8, 8) tensors with labels, and the normalization constants."""
+    data = load_digits()
+    pixels = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    mean, std = pixels.mean().item(), pixels.std().item()
+    return (pixels - mean) / std, torch.tensor(data.target), mean, std
+
+
+@pytest.fixture(scope="module")
+def trained(digits: tuple[torch.Tensor, torch.Tensor, float, float]) -> SmallCNN:
+    """A SmallCNN trained for a few Adam steps (about 90% test accuracy); returned in train mode."""
+    x, y, mean, std = digits
+    torch.manual_seed(0)
+    model = SmallCNN(10, in_channels=1, width=8)
+    model.set_normalization([mean], [std])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        idx = torch.randint(0, 1500, (64,), generator=generator)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+@pytest.fixture
+def test_batch(digits: tuple[torch.Tensor, torch.Tensor, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, _, _ = digits
+    return x[1500:1564], y[1500:1564]
+
+
+def _loss(model: SmallCNN, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y).item()
+
+
+def _pixels(model: SmallCNN, x: torch.Tensor) -> torch.Tensor:
+    return x * model.input_std.view(1, -1, 1, 1) + model.input_mean.view(1, -1, 1, 1)
+
+
+def _attacks(model: SmallCNN, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "fgsm": fgsm(model, x, y, EPS),
+        "pgd": pgd(model, x, y, EPS, generator=torch.Generator().manual_seed(0)),
+        "pgd_no_random_start": pgd(model, x, y, EPS, steps=5, random_start=False),
+    }
+
+
+# Adversarial attacks.
+
+
+def test_attacks_raise_the_loss_of_a_trained_model(trained: SmallCNN, test_batch: tuple) -> None:
+    x, y = test_batch
+    clean = _loss(trained, x, y)
+    losses = {name: _loss(trained, x_adv, y) for name, x_adv in _attacks(trained, x, y).items()}
+    for name, value in losses.items():
+        assert value > clean + 0.5, (name, clean, value)
+    assert losses["pgd"] > losses["fgsm"]  # the iterative attack is stronger at the same budget
+
+
+def test_attacks_without_labels_use_the_predictions(trained: SmallCNN, test_batch: tuple) -> None:
+    x, y = test_batch
+    assert _loss(trained, fgsm(trained, x, None, EPS), y) > _loss(trained, x, y) + 0.5
+
+
+def test_adversarial_inputs_stay_in_the_budget_and_valid_range(trained: SmallCNN, test_batch: tuple) -> None:
+    x, y = test_batch
+    clean = _pixels(trained, x)
+    for name, x_adv in _attacks(trained, x, y).items():
+        adv = _pixels(trained, x_adv)
+        assert adv.shape == x.shape, name
+        assert adv.dtype == x.dtype, name
+        assert (adv - clean).abs().max() <= EPS + 1e-5, name
+        assert adv.min() >= -1e-6, name
+        assert adv.max() <= 1 + 1e-6, name
+        assert (adv - clean).abs().max() > EPS / 2, name  # it actually moved
+
+
+def test_attacks_restore_mode_and_leave_parameter_grads_alone(trained: SmallCNN, test_batch: tuple) -> None:
+    x, y = test_batch
+    trained.train()
+    marker = {name: torch.full_like(p, 7.0) for name, p in trained.named_parameters()}
+    for name, p in trained.named_parameters():
+        p.grad = marker[name].clone()
+    running_mean = trained.trunk[1].running_mean.clone()
+    try:
+        _attacks(trained, x, y)
+        energy_attack(trained, x, EPS, steps=2)
+        assert trained.training
+        for name, p in trained.named_parameters():
+            torch.testing.assert_close(p.grad, marker[name], rtol=0, atol=0)
+        # eval mode during the attack: BatchNorm statistics untouched
+        torch.testing.assert_close(trained.trunk[1].running_mean, running_mean, rtol=0, atol=0)
+    finally:
+        trained.zero_grad(set_to_none=True)
+    trained.eval()
+    fgsm(trained, x, y, EPS)
+    assert not trained.training
+
+
+def test_pgd_is_deterministic_under_a_seeded_generator(trained: SmallCNN, test_batch: tuple) -> None:
+    x, y = test_batch
+    first = pgd(trained, x, y, EPS, steps=3, generator=torch.Generator().manual_seed(1))
+    second = pgd(trained, x, y, EPS, steps=3, generator=torch.Generator().manual_seed(1))
+    other = pgd(trained, x, y, EPS, steps=3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not torch.equal(first, other)
+
+
+def test_attacks_work_under_inference_mode(trained: SmallCNN, test_batch: tuple) -> None:
+    x, y = test_batch
+    expected = _attacks(trained, x, y)
+    expected["energy"] = energy_attack(trained, x, EPS, steps=3)
+    with torch.inference_mode():
+        x_inf, y_inf = x.clone(), y.clone()  # inference tensors, as Lightning's test loop hands them over
+        got = _attacks(trained, x_inf, y_inf)
+        got["energy"] = energy_attack(trained, x_inf, EPS, steps=3)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+def test_fgsm_rows_are_independent_of_the_batch(trained: SmallCNN, test_batch: tuple) -> None:
+    model = SmallCNN(10, in_channels=1, width=8).double()
+    model.load_state_dict(trained.state_dict())
+    x, y = test_batch
+    x, y = x[:6].double(), y[:6]
+    batched = fgsm(model, x, y, EPS)
+    single = torch.cat([fgsm(model, x[i : i + 1], y[i : i + 1], EPS) for i in range(len(x))])
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-12)
+
+
+def test_energy_attack_lowers_the_energy_of_ood_inputs(trained: SmallCNN, digits: tuple) -> None:
+    _, _, mean, std = digits
+    noise = (torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) - mean) / std
+    x_adv = energy_attack(trained, noise, epsilon=8 / 255)
+    trained.eval()
+    with torch.no_grad():
+        before, after = energy(trained(noise)), energy(trained(x_adv))
+    assert after.mean() < before.mean() - 0.1
+    assert (after <= before + 1e-4).float().mean() > 0.9  # almost every sample moved towards "in-distribution"
+    assert (_pixels(trained, x_adv) - _pixels(trained, noise)).abs().max() <= 8 / 255 + 1e-5
+
+
+@pytest.mark.parametrize("call", [lambda m, x, y: fgsm(m, x, y, -0.1), lambda m, x, y: pgd(m, x, y, 0.1, steps=-1)])
+def test_attacks_reject_bad_budgets(trained: SmallCNN, test_batch: tuple, call) -> None:
+    x, y = test_batch
+    with pytest.raises(ValueError, match="must be >= 0"):
+        call(trained, x, y)
+
+
+# Corruptions.
+
+
+def _smooth_images(channels: int, size: int = 16, n: int = 8, seed: int = 0) -> torch.Tensor:
+    """Natural-ish test images in [0.05, 0.95]: smoothed noise plus a gradient, so no corruption is a no-op."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = F.avg_pool2d(torch.rand(n, channels, size, size, generator=generator), 3, stride=1, padding=1)
+    ramp = torch.linspace(0, 1, size).view(1, 1, 1, size)
+    return (0.05 + 0.9 * (0.6 * noise + 0.4 * ramp)).clamp(0, 1)
+
+
+ALL = CORRUPTIONS.names()
+STOCHASTIC = ["gaussian_noise", "impulse_noise", "shot_noise", "speckle_noise"]
+# Pixelate is not monotone in mean change for small images (int(size * c) maps severities to few sizes).
+MONOTONE = [name for name in ALL if name != "pixelate"]
+
+
+def test_registry_has_the_required_corruptions() -> None:
+    assert {"gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness"} <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_corruption_changes_image_keeps_shape_and_range(name: str, channels: int) -> None:
+    images = _smooth_images(channels)
+    for severity in range(1, 6):
+        out = CORRUPTIONS.get(name)(images, severity, torch.Generator().manual_seed(0))
+        assert out.shape == images.shape
+        assert out.dtype == images.dtype
+        assert out.min() >= 0
+        assert out.max() <= 1
+        assert (out - images).abs().mean() > 1e-3, severity
+
+
+@pytest.mark.parametrize("name", MONOTONE)
+def test_higher_severity_changes_the_image_more(name: str) -> None:
+    images = _smooth_images(3, size=32, n=16)
+    change = [
+        (CORRUPTIONS.get(name)(images, s, torch.Generator().manual_seed(0)) - images).abs().mean().item()
+        for s in range(1, 6)
+    ]
+    assert all(a < b for a, b in itertools.pairwise(change)), change
+
+
+def test_pixelate_strongest_severity_changes_most() -> None:
+    images = _smooth_images(3, size=32)
+    change = [(CORRUPTIONS.get("pixelate")(images, s) - images).abs().mean().item() for s in (1, 5)]
+    assert change[1] > change[0]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_corruptions_are_deterministic_under_a_seeded_generator(name: str) -> None:
+    images = _smooth_images(3)
+    fn = CORRUPTIONS.get(name)
+    first = fn(images, 3, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(fn(images, 3, torch.Generator().manual_seed(5)), first, rtol=0, atol=0)
+    if name in STOCHASTIC:
+        assert not torch.equal(fn(images, 3, torch.Generator().manual_seed(6)), first)
+
+
+@pytest.mark.parametrize("severity", [0, 6, 2.5, True])
+def test_corruptions_reject_bad_severity(severity: object) -> None:
+    with pytest.raises(ValueError, match="severity"):
+        CORRUPTIONS.get("contrast")(_smooth_images(1), severity, None)
+
+
+def test_unknown_corruption_lists_the_known_ones() -> None:
+    with pytest.raises(KeyError, match="gaussian_noise"):
+        corrupt(_smooth_images(1), "gaussian_nosie", 1, [0.5], [0.25])
+
+
+def test_gaussian_blur_matches_scipy_nearest_mode() -> None:
+    images = _smooth_images(2, size=12, n=2).double()
+    out = CORRUPTIONS.get("gaussian_blur")(images, 5, None)  # sigma = 1.0
+    ref = np.stack(
+        [[ndimage.gaussian_filter(ch, sigma=1.0, mode="nearest", truncate=4.0) for ch in im] for im in images.numpy()]
+    )
+    np.testing.assert_allclose(out.numpy(), np.clip(ref, 0, 1), atol=1e-12)
+
+
+def test_brightness_matches_an_hsv_round_trip() -> None:
+    images = _smooth_images(3, size=6, n=2).double()
+    images[0, :, 0, 0] = 0.0  # a black pixel becomes gray
+    images[1, :, 0, 0] = torch.tensor([0.95, 0.2, 0.1])  # a pixel whose value clips at 1
+    out = CORRUPTIONS.get("brightness")(images, 5, None)  # c = 0.3
+    flat = images.permute(0, 2, 3, 1).reshape(-1, 3).tolist()
+    ref = []
+    for rgb in flat:
+        h, s, v = colorsys.rgb_to_hsv(*rgb)
+        ref.append(colorsys.hsv_to_rgb(h, s, min(v + 0.3, 1.0)))
+    ref_t = torch.tensor(ref, dtype=torch.float64).reshape(2, 6, 6, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, ref_t, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_jpeg_handles_any_channel_count(channels: int) -> None:
+    images = _smooth_images(channels)
+    out = CORRUPTIONS.get("jpeg")(images, 5, None)
+    assert out.shape == images.shape
+    assert 1e-3 < (out - images).abs().mean() < 0.2
+
+
+def test_contrast_keeps_the_channel_means() -> None:
+    images = _smooth_images(3)
+    out = CORRUPTIONS.get("contrast")(images, 5, None)
+    torch.testing.assert_close(out.mean(dim=(2, 3)), images.mean(dim=(2, 3)), rtol=0, atol=1e-6)
+
+
+def test_corrupt_works_on_normalized_inputs() -> None:
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    pixels = _smooth_images(3)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    x = (pixels - m) / s
+    out = corrupt(x, "gaussian_noise", 2, mean, std, torch.Generator().manual_seed(0))
+    expected = (CORRUPTIONS.get("gaussian_noise")(pixels, 2, torch.Generator().manual_seed(0)) - m) / s
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    with torch.inference_mode():
+        out_inf = corrupt(x.clone(), "jpeg", 1, torch.tensor(mean), torch.tensor(std))
+    assert out_inf.shape == x.shape
+    with pytest.raises(ValueError, match="channels"):
+        corrupt(x, "contrast", 1, [0.5], [0.25, 0.25])

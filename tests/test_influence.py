@@ -1,0 +1,391 @@
+"""Cross-loss influence functions: exact-Hessian reference, convex leave-one-out, GReg end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import TensorDataset
+
+from gradreg import scorers
+from gradreg.influence import (
+    InfluenceResult,
+    exact_inverse_hvp,
+    explain,
+    greg_objective,
+    hardest_examples,
+    inverse_hvp,
+    make_hvp,
+    per_sample_gradients,
+    save_explanation_grid,
+    score_gradients,
+    select_parameters,
+)
+from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
+from gradreg.models import Classifier, SmallCNN
+from gradreg.scorers.base import Scorer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: intra-op threads only add contention on a shared CPU (10x slower third-order HVPs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyNet(Classifier):
+    """tanh MLP small enough to form its Hessian (27 parameters)."""
+
+    def __init__(self, d_in: int = 4, hidden: int = 3, num_classes: int = 3) -> None:
+        super().__init__(num_classes, hidden, in_channels=1)
+        self.body = nn.Linear(d_in, hidden)
+
+    def features(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.body(x))
+
+
+class FixedFeatures(Classifier):
+    """Multinomial logistic regression: the head on fixed (identity) features."""
+
+    def features(self, x: Tensor) -> Tensor:
+        return x
+
+
+def ce_loss(l2: float = 0.0):
+    def loss(model: nn.Module, batch) -> Tensor:
+        x_in, y_in, _ = batch
+        reg = sum(p.pow(2).sum() for p in model.parameters())
+        return F.cross_entropy(model(x_in), y_in) + 0.5 * l2 * reg
+
+    return loss
+
+
+def flat_objective(model: nn.Module, loss, batch):
+    """The objective as a function of one flat vector of all parameters (for autograd.functional)."""
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()], strict=True)
+    sizes = [math.prod(s) for s in shapes]
+
+    def f(theta: Tensor) -> Tensor:
+        params = {n: c.view(s) for n, c, s in zip(names, theta.split(sizes), shapes, strict=True)}
+        return functional_call(_Call(model, loss), {f"model.{n}": p for n, p in params.items()}, (batch,))
+
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return f, theta
+
+
+class _Call(nn.Module):
+    def __init__(self, model: nn.Module, loss) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch):
+        return self.loss(self.model, batch)
+
+
+def tiny_cnn_setup(dtype: torch.dtype = torch.float32, n: int = 8):
+    model = SmallCNN(num_classes=3, in_channels=1, width=4).to(dtype).eval()
+    x_in = torch.randn(n, 1, 8, 8, dtype=dtype)
+    y_in = torch.randint(0, 3, (n,))
+    x_out = 2.0 * torch.randn(n, 1, 8, 8, dtype=dtype) + 1.0
+    with torch.no_grad():
+        e_in, e_out = energy(model(x_in)), energy(model(x_out))
+    # margins halfway between the two middle energies: every hinge (energy and penalty) is active on some rows,
+    # and no row sits on a kink (the penalty's gate is a jump, finite differences across it are meaningless)
+    m_in, m_out = float(e_in.quantile(0.5)), float(e_out.quantile(0.5))
+    return model, (x_in, y_in, x_out), m_in, m_out
+
+
+# ------------------------------------------------------------------------------------------------- parameters
+
+
+def test_default_parameters_are_last_weight_layer_its_norm_and_head() -> None:
+    names = select_parameters(SmallCNN(3, width=4))
+    assert names == ["fc.weight", "fc.bias", "trunk.7.weight", "trunk.8.weight", "trunk.8.bias"]
+    assert select_parameters(SmallCNN(3, width=4), ["fc", "trunk.8"]) == [
+        "fc.weight",
+        "fc.bias",
+        "trunk.8.weight",
+        "trunk.8.bias",
+    ]
+    assert select_parameters(FixedFeatures(3, 5, in_channels=1)) == ["fc.weight", "fc.bias"]
+
+
+def test_unknown_parameter_prefix_lists_modules() -> None:
+    with pytest.raises(KeyError, match="top-level modules: fc, trunk"):
+        select_parameters(SmallCNN(3, width=4), ["trunk.99"])
+
+
+# ------------------------------------------------------------------------------------------------- exact case
+
+
+def test_hvp_cg_and_lissa_match_the_exact_inverse_hessian_product() -> None:
+    model = TinyNet().double().eval()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    batch = (x, y, None)
+    loss = ce_loss()
+    names = select_parameters(model)
+    assert len(names) == 4  # the whole network: it has one hidden layer
+
+    f, theta = flat_objective(model, loss, batch)
+    hessian = torch.autograd.functional.hessian(f, theta)
+    order = [n for n, _ in model.named_parameters()]
+    assert order == names  # same flattening order as the library's
+    hvp = make_hvp(model, loss, [batch], names)
+    v = torch.randn(theta.numel(), dtype=torch.float64)
+    torch.testing.assert_close(hvp(v), hessian @ v, rtol=1e-10, atol=1e-12)
+
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    damping = max(0.0, -float(eigenvalues.min())) + 0.2  # the tanh net is non-convex: make H + damping I PD
+    eye = torch.eye(theta.numel(), dtype=torch.float64)
+    expected = torch.linalg.solve(hessian + damping * eye, v)
+
+    torch.testing.assert_close(exact_inverse_hvp(hvp, v, damping), expected, rtol=1e-8, atol=1e-10)
+    cg = inverse_hvp(hvp, v, "cg", damping=damping, tol=1e-12, max_iter=200)
+    torch.testing.assert_close(cg, expected, rtol=1e-7, atol=1e-9)
+    lissa = inverse_hvp(hvp, v, "lissa", damping=damping, depth=1000, tol=1e-12)
+    torch.testing.assert_close(lissa, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_lissa_reports_divergence() -> None:
+    def hvp(v: Tensor) -> Tensor:
+        return torch.tensor([1.0, -1.0], dtype=v.dtype) * v
+
+    with pytest.raises(FloatingPointError, match="diverged"):
+        inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=2.0, depth=10_000)
+
+
+# ------------------------------------------------------------------------------------------------- convex case
+
+
+def newton(model: nn.Module, loss, batch, iters: int = 50) -> None:
+    """Minimize ``loss`` over all parameters of ``model`` in place (strictly convex objective)."""
+    f, theta = flat_objective(model, loss, batch)
+    for _ in range(iters):
+        g = torch.autograd.functional.jacobian(f, theta)
+        if g.norm() < 1e-13:
+            break
+        theta = theta - torch.linalg.solve(torch.autograd.functional.hessian(f, theta), g)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta, model.parameters())
+
+
+def test_predicted_leave_one_out_effects_correlate_with_retraining() -> None:
+    n, d, c, l2 = 100, 5, 3, 0.02
+    x = torch.randn(n, d, dtype=torch.float64)
+    y = (x @ torch.randn(d, c, dtype=torch.float64) + 0.8 * torch.randn(n, c, dtype=torch.float64)).argmax(1)
+    model = FixedFeatures(c, d, in_channels=1).double().eval()
+    loss = ce_loss(l2)
+    newton(model, loss, (x, y, None))
+    x_test = 2.0 * torch.randn(1, d, dtype=torch.float64)
+    scorer = scorers.build("energy")
+
+    result = explain(
+        model,
+        x_test,
+        scorer,
+        loss,
+        TensorDataset(x, y),
+        damping=0.0,
+        tol=1e-12,
+        max_train=None,
+        hessian_points=n,
+        batch_size=n,
+    )
+    assert result.settings["relative_residual"][0] < 1e-8
+    influence = result.id_influence[0]
+    top = torch.argsort(influence.abs(), descending=True)[:20]
+
+    base = scorer(model, x_test)[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    predicted, actual = [], []
+    for i in top.tolist():
+        keep = torch.arange(n) != i
+        newton(model, loss, (x[keep], y[keep], None))
+        actual.append(float(scorer(model, x_test)[0] - base))
+        predicted.append(float(-influence[i] / n))  # removal = up-weighting by -1/n
+        model.load_state_dict(state)
+    pearson = torch.corrcoef(torch.tensor([predicted, actual]))[0, 1]
+    assert pearson > 0.9
+
+
+# ------------------------------------------------------------------------------------------------- GReg objective
+
+
+@pytest.mark.parametrize("scaling", ["code", "paper"])
+def test_greg_objective_equals_the_training_loss_of_gradreg_losses(scaling: str) -> None:
+    model, (x_in, y_in, x_out), m_in, m_out = tiny_cnn_setup()
+    objective = greg_objective(m_in, m_out, energy_weight=0.1, reg_weight=1.0, scaling=scaling, train_rows=16)
+    inputs = torch.cat([x_in, x_out]).requires_grad_()
+    logits = model(inputs)
+    e = energy(logits)
+    penalty = grad_norm_penalty(inputs, e[:8], e[8:], m_in, m_out, scaling)
+    assert 0 < int(penalty.active.sum()) < 16
+    expected = F.cross_entropy(logits[:8], y_in) + 0.1 * energy_margin_loss(e[:8], e[8:], m_in, m_out) + penalty.value
+    torch.testing.assert_close(objective(model, (x_in, y_in, x_out)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_greg_code_scaling_needs_train_rows() -> None:
+    with pytest.raises(ValueError, match="train_rows"):
+        greg_objective(scaling="code")
+    greg_objective(reg_weight=0.0, scaling="code")  # no penalty, nothing to scale
+
+
+def test_greg_hessian_vector_product_matches_finite_differences() -> None:
+    model, batch, m_in, m_out = tiny_cnn_setup(torch.float64)
+    objective = greg_objective(m_in, m_out, energy_weight=0.1, reg_weight=1.0, scaling="paper")
+    names = select_parameters(model)
+    params = dict(model.named_parameters())
+    hvp = make_hvp(model, objective, [batch], names)
+    v = torch.randn(sum(params[n].numel() for n in names), dtype=torch.float64)
+
+    def flat_grad() -> Tensor:
+        return torch.cat(
+            [g.flatten() for g in torch.autograd.grad(objective(model, batch), [params[n] for n in names])]
+        )
+
+    def shift(step: float) -> None:
+        with torch.no_grad():
+            offset = 0
+            for n in names:
+                size = params[n].numel()
+                params[n].add_(step * v[offset : offset + size].view_as(params[n]))
+                offset += size
+
+    h = 1e-5
+    shift(h)
+    plus = flat_grad()
+    shift(-2 * h)
+    minus = flat_grad()
+    shift(h)
+    finite_difference = (plus - minus) / (2 * h)
+    torch.testing.assert_close(hvp(v), finite_difference, rtol=1e-5, atol=1e-7)
+
+
+def test_per_sample_gradients_vmap_equals_loop_with_penalty() -> None:
+    model, (x_in, y_in, x_out), m_in, m_out = tiny_cnn_setup(torch.float64, n=4)
+    objective = greg_objective(m_in, m_out, energy_weight=0.1, reg_weight=1.0, scaling="code", train_rows=8)
+    names = select_parameters(model)
+    for part, x, y in (("id", x_in, y_in), ("outlier", x_out, None)):
+        batched = per_sample_gradients(model, objective, x, y, names, part, mode="vmap")
+        looped = per_sample_gradients(model, objective, x, y, names, part, mode="loop")
+        assert batched.shape == (4, looped.shape[1])
+        torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-12)
+
+
+def test_per_sample_gradients_fall_back_to_a_loop_for_autograd_grad_objectives() -> None:
+    model, (x_in, y_in, _), m_in, m_out = tiny_cnn_setup(torch.float64, n=4)
+
+    def official(model: nn.Module, batch) -> Tensor:  # gradreg.losses' penalty calls torch.autograd.grad
+        x = batch[0].requires_grad_()
+        logits = model(x)
+        e = energy(logits)
+        return F.cross_entropy(logits, batch[1]) + grad_norm_penalty(x, e, e[:0], m_in, m_out, "paper").value
+
+    names = select_parameters(model)
+    with pytest.warns(UserWarning, match="fall back to a loop"):
+        looped = per_sample_gradients(model, official, x_in, y_in, names, "id")
+    ours = greg_objective(m_in, m_out, energy_weight=0.0, reg_weight=1.0, scaling="paper")
+    torch.testing.assert_close(looped, per_sample_gradients(model, ours, x_in, y_in, names, "id", mode="vmap"))
+
+
+# ------------------------------------------------------------------------------------------------- scorers
+
+
+@pytest.mark.parametrize("name", ["energy", "msp", "maxlogit", "gradnorm"])
+def test_score_gradients_of_output_scorers_match_plain_autograd(name: str) -> None:
+    model = SmallCNN(num_classes=3, in_channels=1, width=4).double().eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    scorer = scorers.build(name)
+    names = select_parameters(model)
+    scores, grads = score_gradients(model, scorer, x, names)
+    params = dict(model.named_parameters())
+    for t in range(2):
+        score = scorer.score(model, x[t : t + 1]).sum()
+        expected = torch.cat([g.flatten() for g in torch.autograd.grad(score, [params[n] for n in names])])
+        torch.testing.assert_close(grads[t], expected)
+        torch.testing.assert_close(scores[t], score.detach())
+
+
+def test_non_differentiable_scorer_is_rejected() -> None:
+    class Detached(Scorer):
+        def score(self, model: nn.Module, x: Tensor) -> Tensor:
+            return model(x).amax(1).detach()
+
+    model = SmallCNN(num_classes=3, in_channels=1, width=4).eval()
+    with pytest.raises(ValueError, match="not differentiable"):
+        score_gradients(model, Detached(), torch.randn(1, 1, 8, 8), select_parameters(model, ["fc"]))
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("method", ["cg", "lissa"])
+def test_explain_greg_end_to_end_writes_grid_and_json(method: str, tmp_path) -> None:
+    model, (x_in, y_in, x_out), m_in, m_out = tiny_cnn_setup(n=16)
+    model.train()
+    objective = greg_objective(m_in, m_out, energy_weight=0.1, reg_weight=1.0, scaling="code", train_rows=16)
+    id_data = TensorDataset(x_in, y_in)
+    outlier_data = TensorDataset(x_out, torch.zeros(16, dtype=torch.long))
+    x_test = torch.cat([x_in[:1] + 0.1, x_out[:1] + 0.1])
+    result = explain(
+        model,
+        x_test,
+        "energy",
+        objective,
+        id_data,
+        outlier_data,
+        method=method,
+        damping=1.0,
+        depth=40,
+        max_train=12,
+        hessian_points=16,
+        batch_size=8,
+        test_is_id=[True, False],
+        test_ids=[7, 9],
+    )
+    assert model.training  # mode restored
+    assert isinstance(result, InfluenceResult)
+    assert result.id_influence.shape == (2, 12)
+    assert result.outlier_influence.shape == (2, 12)
+    assert torch.isfinite(result.id_influence).all()
+    assert torch.isfinite(result.outlier_influence).all()
+    assert result.outlier_influence.abs().sum() > 0
+    if method == "cg":
+        assert max(result.settings["relative_residual"]) < 1e-4
+
+    # helpful for the ID test image = raises its score; for the OOD one = lowers it
+    idx, val = result.top(0, 3, "outlier", "helpful")
+    assert val[0] == result.outlier_influence[0].max()
+    idx, val = result.top(1, 3, "outlier", "helpful")
+    assert val[0] == result.outlier_influence[1].min()
+    assert idx.tolist()[0] in result.outlier_indices.tolist()
+
+    data = json.loads(result.to_json(tmp_path / "explain.json", k=3))
+    assert (tmp_path / "explain.json").exists()
+    assert [t["test_id"] for t in data["tests"]] == [7, 9]
+    assert len(data["tests"][1]["outlier"]["harmful"]) == 3
+    assert data["tests"][1]["is_id"] is False
+
+    png = result.save_grid(
+        1, x_test[1], tmp_path / "grid" / "ood_9.png", id_data, outlier_data, k=3, mean=[0.5], std=[0.25]
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explanation_grid_handles_rgb_images(tmp_path) -> None:
+    rows = {"ID helpful": (torch.randn(2, 3, 8, 8), [4, 5], [0.1, 0.05])}
+    path = save_explanation_grid(torch.randn(3, 8, 8), rows, tmp_path / "g.png", [0.5] * 3, [0.2] * 3)
+    assert path.stat().st_size > 0
+
+
+def test_hardest_examples_are_low_id_and_high_ood_scores() -> None:
+    id_idx, ood_idx = hardest_examples(torch.tensor([0.5, -2.0, 1.0]), torch.tensor([-1.0, 3.0, 0.0]), 2)
+    assert id_idx.tolist() == [1, 0]
+    assert ood_idx.tolist() == [1, 2]

@@ -1,0 +1,168 @@
+"""GradRegModule: every method lowers its loss on the quickstart data; bf16 works; DDP with 2 CPU processes runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
+
+from gradreg.callbacks import OODEvalCallback
+from gradreg.data import OODDataModule
+from gradreg.module import GradRegModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make(method: str, **kw) -> tuple[GradRegModule, OODDataModule]:
+    seed_everything(0)
+    dm = OODDataModule(batch_size=32, outlier_batch_size=32, augment="none")
+    model = GradRegModule(
+        arch="small_cnn", arch_kwargs={"in_channels": 1, "width": 8}, num_classes=dm.num_classes, method=method,
+        lr=0.05, schedule="constant", input_mean=dm.input_mean, input_std=dm.input_std, **kw,
+    )  # fmt: skip
+    return model, dm
+
+
+def epoch_losses(model: GradRegModule, dm: OODDataModule, tmp_path: Path, epochs: int = 3, **trainer_kw) -> list[float]:
+    trainer = Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="", version=""),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        **trainer_kw,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    rows = [line.split(",") for line in open(tmp_path / "metrics.csv").read().splitlines()]
+    col = rows[0].index("train/loss_epoch")
+    return [float(r[col]) for r in rows[1:] if r[col]]
+
+
+@pytest.mark.parametrize("method", ["ce", "oe", "energy", "greg", "absent"])
+def test_each_method_lowers_its_loss(method: str, tmp_path: Path) -> None:
+    model, dm = make(method)
+    losses = epoch_losses(model, dm, tmp_path)
+    assert len(losses) == 3
+    assert losses[-1] < losses[0], losses
+
+
+def test_greg_logs_every_loss_term_and_statistic(tmp_path: Path) -> None:
+    model, dm = make("greg", m_in=-2.0, m_out=-3.0)  # margins a freshly initialized model already satisfies
+    epoch_losses(model, dm, tmp_path, epochs=1)
+    header = open(tmp_path / "metrics.csv").readline().strip().split(",")
+    for key in ("train/ce_epoch", "train/energy_epoch", "train/reg_epoch", "train/grad_norm_id", "train/grad_norm_out",
+                "train/hinge_active", "train/acc"):  # fmt: skip
+        assert key in header, header
+
+
+def test_zero_reg_weight_skips_the_double_backward(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import gradreg.module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("grad_norm_penalty must not run with reg_weight=0")
+
+    monkeypatch.setattr(gradreg.module, "grad_norm_penalty", fail)
+    model, dm = make("greg", reg_weight=0.0)
+    epoch_losses(model, dm, tmp_path, epochs=1)
+
+
+def test_bf16_mixed_trains(tmp_path: Path) -> None:
+    model, dm = make("greg", m_in=-2.0, m_out=-3.0)
+    losses = epoch_losses(model, dm, tmp_path, epochs=2, precision="bf16-mixed")
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_cosine_schedule_decays_to_min_lr(tmp_path: Path) -> None:
+    model, dm = make("energy")
+    model.hparams.schedule, model.hparams.min_lr = "cosine", 1e-4
+    epoch_losses(model, dm, tmp_path, epochs=1)
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train(tmp_path: Path) -> None:
+    args = [
+        sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        "--run.root", str(tmp_path / "runs"), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "runs").glob("quickstart-*"))
+    assert [r.name for r in runs] == ["quickstart-001"], "all ranks must share one run directory"
+    assert (runs[0] / "last.ckpt").is_file()
+
+
+DDP_EVAL = """
+import json, sys
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from gradreg.callbacks import OODEvalCallback
+from gradreg.data import OODDataModule
+from gradreg.module import GradRegModule
+
+devices, out = int(sys.argv[1]), sys.argv[2]
+seed_everything(0)
+dm = OODDataModule(eval_batch_size=50)
+model = GradRegModule(arch_kwargs={"in_channels": 1, "width": 8}, num_classes=6,
+                      input_mean=dm.input_mean, input_std=dm.input_std)
+callback = OODEvalCallback(scorers=["energy", "odin"], max_samples=None)
+trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+                  callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
+metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+if trainer.is_global_zero:
+    json.dump({k: float(v) for k, v in metrics.items() if k.startswith("ood/")}, open(out, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_callback_under_ddp_matches_one_device(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(DDP_EVAL)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    results = []
+    for devices in (1, 2):
+        out = tmp_path / f"metrics{devices}.json"
+        proc = subprocess.run([sys.executable, str(script), str(devices), str(out)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(json.loads(out.read_text()))
+    assert results[0].keys() == results[1].keys()
+    assert "ood/digits_heldout/odin/auroc" in results[0]
+    for key, value in results[0].items():
+        assert results[1][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_callback_in_fit_validate_and_test_restores_train_mode(tmp_path: Path) -> None:
+    model, dm = make("greg")
+    callback = OODEvalCallback(scorers=["msp", "energy", "odin", "gaia_z"], max_samples=64)
+    seen_modes = []
+
+    class Spy(OODEvalCallback):
+        def evaluate(self, trainer, pl_module, split):
+            before = pl_module.model.training
+            result = super().evaluate(trainer, pl_module, split)
+            seen_modes.append((before, pl_module.model.training))
+            return result
+
+    spy = Spy(scorers=callback.scorer_specs, max_samples=64)
+    trainer = Trainer(
+        max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=CSVLogger(tmp_path, name="", version=""),
+        callbacks=[spy], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    assert model.model.training, "fit must leave the model in train mode"
+    assert trainer.callback_metrics["ood/digits_heldout/odin/auroc"] >= 0
+    # Lightning's default inference_mode=True in validate/test: gradient scorers must still work.
+    trainer_im = Trainer(accelerator="cpu", logger=False, callbacks=[spy], enable_progress_bar=False)
+    trainer_im.validate(model, datamodule=dm, verbose=False)
+    trainer_im.test(model, datamodule=dm, verbose=False)
+    assert "ood/noise/gaia_z/auroc" in trainer_im.callback_metrics
+    assert len(seen_modes) == 3
+    assert all(before == after for before, after in seen_modes)
