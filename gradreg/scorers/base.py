@@ -31,6 +31,7 @@ class Scorer:
         raise NotImplementedError
 
     def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Score ``x`` under the contract of the module docstring; shape (N,)."""
         was_training = model.training
         model.eval()
         try:

@@ -1,0 +1,249 @@
+"""Per-image cost of every registered OOD scorer, next to two floors and the per-sample loops it replaces.
+
+Everything is measured in one process on the same random batch, model in eval mode, random weights:
+
+- floors: a plain forward (no grad), and a forward plus one backward to the input (what ODIN or any
+  input-gradient scorer needs at least);
+- scorers: every name in ``gradreg.scorers.SCORERS`` with its default settings, on the whole batch;
+- per-sample loops (timed on ``--loop-samples`` images, reported per image): GradNorm as the official
+  code runs it (batch 1, forward + full backward, L1 norm of the last-layer weight gradient, next to
+  the closed form ``gradnorm``); all-layer per-sample gradient norms of the purview loss with a
+  batch-1 loop and with ``torch.func.vmap`` (``purview_layer_norms(method="vmap")``), next to the
+  hook-based ``purview``.
+
+Models are looked up by name in ``gradreg.models.MODELS`` at run time; a name that is not registered is
+skipped with a message. Timing: ``--warmup`` rounds, then ``--repeats`` rounds that each run every case
+once (interleaved, so background load hits all cases alike); median per case, CUDA synchronized
+around each call. Only GPU numbers are meaningful as absolute times; on a CPU read the
+ratios (scorer / floor, loop / batched).
+
+Examples:
+    python bench/scorers.py --device cuda --out bench_scorers_gpu.md
+    python bench/scorers.py --device cpu --model wrn40_2:32:32 --repeats 3 --loop-samples 4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from gradreg.models import MODELS
+from gradreg.scorers import SCORERS, build, purview
+from gradreg.scorers.purview import confounding_loss, purview_layer_norms, purview_layers
+
+DEFAULT_MODELS = [("wrn40_2", 512, 32), ("resnet50", 128, 224)]
+
+
+def parse_model_spec(spec: str) -> tuple[str, int, int]:
+    """``name:batch:size`` -> (name, batch, size)."""
+    try:
+        name, batch, size = spec.split(":")
+        return name, int(batch), int(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name:batch:size, got {spec!r}") from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    cases: list[tuple[str, str, Callable[[], object], int]], device: torch.device, warmup: int, repeats: int
+) -> list[dict]:
+    """Time ``(kind, label, fn, images)`` cases round-robin: round r runs every case once.
+
+    Interleaving spreads background load evenly over the cases, which keeps their ratios meaningful on
+    a shared machine. Returns per case the median seconds per call and the peak CUDA memory (NaN on CPU).
+    """
+    for _ in range(warmup):
+        for _, _, fn, _ in cases:
+            fn()
+    times: list[list[float]] = [[] for _ in cases]
+    peaks = [float("nan")] * len(cases)
+    for _ in range(repeats):
+        for i, (_, _, fn, _) in enumerate(cases):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[i].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[i] = float(torch.cuda.max_memory_allocated(device))
+    return [
+        {"kind": kind, "name": label, "seconds": statistics.median(t), "images": images, "peak_bytes": peak}
+        for (kind, label, _, images), t, peak in zip(cases, times, peaks, strict=True)
+    ]
+
+
+def forward_floor(model: nn.Module, x: Tensor) -> None:
+    """Plain eval-mode forward without autograd."""
+    with torch.no_grad():
+        model(x)
+
+
+def input_backward_floor(model: nn.Module, x: Tensor) -> None:
+    """Forward plus one backward to the input (the cheapest input-gradient computation)."""
+    x = x.detach().requires_grad_(True)
+    torch.autograd.grad(model(x).amax(dim=1).sum(), x)
+
+
+def gradnorm_official_loop(model: nn.Module, x: Tensor) -> None:
+    """GradNorm as ``gradnorm_ood/test_ood.py`` runs it: batch 1, full backward, L1 of the fc weight grad."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    index = next(i for i, p in enumerate(params) if p is model.fc.weight)
+    for xi in x:
+        logits = model(xi.unsqueeze(0))
+        loss = torch.sum(-F.log_softmax(logits, dim=-1), dim=-1).mean()  # all-ones target, T = 1
+        # Gradients of every parameter, as loss.backward() in the official loop computes them.
+        grads = torch.autograd.grad(loss, params)
+        grads[index].abs().sum().item()
+
+
+def all_layer_norms_loop(model: nn.Module, x: Tensor) -> None:
+    """Per-sample squared gradient norm of every layer, one sample at a time (the naive baseline)."""
+    groups = [list(m.parameters(recurse=False)) for _, m in purview_layers(model)]
+    flat = [p for group in groups for p in group]
+    for xi in x:
+        grads = iter(torch.autograd.grad(confounding_loss(model(xi.unsqueeze(0))).sum(), flat))
+        torch.stack([sum(next(grads).square().sum() for _ in group) for group in groups]).cpu()
+
+
+def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> list[dict]:
+    """All measurements for one model; returns one row per measurement."""
+    device = torch.device(args.device)
+    num_classes = args.num_classes or (1000 if size >= 224 else 10)
+    torch.manual_seed(0)
+    model = MODELS.build(name, num_classes=num_classes, in_channels=3).to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+    x_loop = x[: args.loop_samples]
+    cases: list[tuple[str, str, Callable[[], object], int]] = [
+        ("floor", "forward", lambda: forward_floor(model, x), batch),
+        ("floor", "forward + input backward", lambda: input_backward_floor(model, x), batch),
+    ]
+    scorers = {n: build(n) for n in args.scorers}
+    cases += [("scorer", n, lambda s=s: s(model, x), batch) for n, s in scorers.items()]
+    if not args.skip_loops:
+        cases += [
+            ("loop", "gradnorm, official batch-1 loop", lambda: gradnorm_official_loop(model, x_loop), len(x_loop)),
+            ("loop", "all-layer norms, batch-1 loop", lambda: all_layer_norms_loop(model, x_loop), len(x_loop)),
+            ("loop", "all-layer norms, torch.func.vmap", lambda: purview_layer_norms(model, x, method="vmap"), batch),
+        ]
+    rows = []
+    for r in time_interleaved(cases, device, args.warmup, args.repeats):
+        r.update(model=name, batch=batch, size=size, us_per_image=1e6 * r["seconds"] / r["images"])
+        print(f"{name} {r['kind']} {r['name']}: {r['us_per_image']:.1f} us/img", file=sys.stderr, flush=True)
+        rows.append(r)
+    return rows
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    """Scorer table (per image and relative to both floors) and loop table (relative to the batched scorer)."""
+    lines = [
+        "| model | batch | input | scorer | us / image | x forward | x fwd+input bwd | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    loops = [
+        "| model | per-sample method | us / image | batched counterpart | loop / batched |",
+        "|---|---|---|---|---|",
+    ]
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["name"]] = r
+    counterpart = {
+        "gradnorm, official batch-1 loop": "gradnorm",
+        "all-layer norms, batch-1 loop": "purview",
+        "all-layer norms, torch.func.vmap": "purview",
+    }
+    for model, named in by_model.items():
+        fwd = named["forward"]["us_per_image"]
+        bwd = named["forward + input backward"]["us_per_image"]
+        for r in named.values():
+            if r["kind"] == "loop":
+                base = named.get(counterpart[r["name"]])
+                ratio = f"{r['us_per_image'] / base['us_per_image']:.0f}x" if base else "-"
+                loops.append(
+                    f"| {model} | {r['name']} | {r['us_per_image']:.0f} | {counterpart[r['name']]} | {ratio} |"
+                )
+                continue
+            peak = "n/a" if r["peak_bytes"] != r["peak_bytes"] else f"{r['peak_bytes'] / 2**30:.2f}"
+            lines.append(
+                f"| {model} | {r['batch']} | {r['size']}x{r['size']} | {r['name']} | {r['us_per_image']:.0f} | "
+                f"{r['us_per_image'] / fwd:.2f} | {r['us_per_image'] / bwd:.2f} | {peak} |"
+            )
+    return "\n".join(lines) + ("\n\n" + "\n".join(loops) if len(loops) > 2 else "")
+
+
+def environment_line(device: str, threads: int) -> str:
+    """Where the numbers come from."""
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(torch.device(device))
+    else:
+        where = f"CPU ({platform.processor() or platform.machine()}, {threads or torch.get_num_threads()} threads)"
+    return f"{where}; torch {torch.__version__}; float32, eval mode, random weights; median per call"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, time every model, print and optionally write the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=parse_model_spec,
+        help="name:batch:size, repeatable (default: wrn40_2:512:32 and resnet50:128:224)",
+    )
+    parser.add_argument("--scorers", nargs="+", default=SCORERS.names(), help="registered names (default: all)")
+    parser.add_argument("--num-classes", type=int, default=0, help="0: 1000 for inputs >= 224 px, else 10")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loop-samples", type=int, default=32, help="images timed in the per-sample loops")
+    parser.add_argument("--skip-loops", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument(
+        "--chunk-elements",
+        type=int,
+        default=purview.MAX_CHUNK_ELEMENTS,
+        help="cap on elements per materialized per-sample block (purview hooks and vmap)",
+    )
+    parser.add_argument("--out", type=Path, help="write the markdown tables (and the environment line) here")
+    parser.add_argument("--json", type=Path, help="write all raw rows here")
+    args = parser.parse_args(argv)
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    purview.MAX_CHUNK_ELEMENTS = args.chunk_elements
+    rows = []
+    for name, batch, size in args.model or DEFAULT_MODELS:
+        if name not in MODELS:
+            print(f"skipping '{name}': not registered (known: {', '.join(MODELS.names())})", file=sys.stderr)
+            continue
+        rows.extend(bench_model(name, batch, size, args))
+    tables = markdown_tables(rows)
+    env = environment_line(args.device, args.threads)
+    command = "python bench/scorers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"{env}\n`{command}`\n\n{tables}")
+    if args.out:
+        args.out.write_text(f"{env}\n`{command}`\n\n{tables}\n")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

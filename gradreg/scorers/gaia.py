@@ -1,0 +1,171 @@
+"""GAIA: gradient abnormality of intermediate layers (zero-deflation GAIA-Z, channel-average GAIA-A).
+
+Chen, Li, Qu, Wang, Wan, Xiao, "GAIA: Delving into Gradient-based Attribution Abnormality for
+Out-of-distribution Detection", NeurIPS 2023, arXiv:2311.09620. Reference code:
+github.com/JGEthanChen/GAIA-OOD (``cal_method.py::cal_zero`` and ``cal_grad_value``, ``hook.py``).
+
+Both scores use the gradients of an objective w.r.t. the **outputs** of a set of hooked layers, taken
+in eval mode for a whole batch at once (eval-mode BatchNorm keeps rows independent, and the backward
+of a sum over the batch gives every row its own gradient). The final ID score is −abnormality.
+
+Hooked layers: ``model.gaia_layers()`` when the model defines it, otherwise every ``BatchNorm2d`` and
+``GroupNorm`` module (the reference ``-hook bn`` choice for CIFAR ResNets and WRN). A model's
+``gaia_layers()`` should list intermediate layers only, not the final feature map: the reference
+"before head" hook is replaced here by the pooled feature vector ``model.features(x)``.
+
+Deviation (GAIA-A): the reference takes the denominator from the spatial-mean gradient of the last
+hooked feature map (ResNet: ``layer4`` output; WRN: the average-pool output). Here it is the gradient
+w.r.t. the pooled penultimate vector ``h = features(x)``. When ``h`` is the global average pool of a
+feature map ``F`` of spatial size H×W, ∂/∂F = (∂/∂h) / (H·W) at every position, so the spatial mean
+of ∂/∂F equals (∂/∂h)/(H·W): the abnormality is multiplied by the constant H·W and the ranking is
+unchanged (for WRN, whose reference hook *is* the pooled vector, the values are identical).
+
+Deviation (both): a hooked module that runs several times in one forward contributes one set of
+channels per call (the reference keeps only the last call's gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from gradreg.scorers.base import Scorer
+from gradreg.scorers.registry import SCORERS
+
+
+def gaia_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose output gradients GAIA inspects (see the module docstring).
+
+    Raises:
+        ValueError: when the model has neither ``gaia_layers()`` nor any BatchNorm2d/GroupNorm.
+    """
+    if callable(getattr(model, "gaia_layers", None)):
+        layers = list(model.gaia_layers())
+    else:
+        layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.GroupNorm)]
+    if not layers:
+        raise ValueError(
+            f"GAIA found no layers to hook in {type(model).__name__}: define gaia_layers() -> list[nn.Module] "
+            "or use BatchNorm2d/GroupNorm layers"
+        )
+    return layers
+
+
+@contextmanager
+def record_output_grads(layers: Sequence[nn.Module]) -> Iterator[list[Tensor]]:
+    """Record the gradient w.r.t. the output of every call of ``layers`` made inside the ``with`` block.
+
+    A forward hook registers a tensor hook on each output (as the reference ``hook.py`` does), so a
+    later backward, e.g. ``torch.autograd.grad(objective, x)``, fills the yielded list in call order
+    without touching any parameter ``.grad``. Tensor hooks see the gradient w.r.t. the value the layer
+    returned even when a later op modifies it in place (``out += identity`` in torchvision ResNets).
+    Entries stay zero for calls whose output does not influence the objective; a second backward
+    overwrites the entries it reaches.
+    """
+    grads: list[Tensor] = []
+
+    def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        slot = len(grads)
+        grads.append(output.new_zeros(()).expand_as(output))  # zero placeholder, no memory
+
+        def store(grad: Tensor) -> None:
+            grads[slot] = grad
+
+        if output.requires_grad:
+            output.register_hook(store)
+
+    handles = [layer.register_forward_hook(forward_hook) for layer in layers]
+    try:
+        yield grads
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _per_channel(grad: Tensor) -> Tensor:
+    """(N, C, *spatial) -> (N, C, S) with the spatial positions flattened (S = 1 for (N, C))."""
+    return grad.flatten(2) if grad.dim() > 2 else grad.unsqueeze(2)
+
+
+def gaia_z_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None = None) -> Tensor:
+    """GAIA-Z (zero deflation): −mean over hooked channels of r², r = non-zero fraction of the gradient.
+
+    Objective Σ_batch max_c f_c(x). For each hooked channel, ``r`` is the fraction of spatial
+    positions where the gradient w.r.t. the layer output is not exactly zero (no epsilon, as in the
+    reference). ``model`` must be in eval mode (the Scorer does this).
+
+    Args:
+        model: classifier with normalized inputs.
+        x: inputs, shape (N, ...).
+        layers: layers to hook; default :func:`gaia_layers`.
+
+    Returns:
+        Scores, shape (N,); higher = more in-distribution.
+    """
+    layers = gaia_layers(model) if layers is None else layers
+    with torch.enable_grad():
+        # The backward runs down to the input so that every hooked output is reached.
+        x = x.detach().requires_grad_(True)
+        with record_output_grads(layers) as grads:
+            logits = model(x)
+        torch.autograd.grad(logits.amax(dim=1).sum(), x)
+    ratios = torch.cat([(_per_channel(g) != 0).to(x.dtype).mean(dim=2) for g in grads], dim=1)
+    return -ratios.square().mean(dim=1)
+
+
+def gaia_a_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None = None) -> Tensor:
+    """GAIA-A (channel-wise average): −mean over hooked channels of (|ā| / d)².
+
+    Two backward passes on one forward, with ``h = model.features(x)``:
+
+    1. objective Σ_batch Σ_c log softmax_c(f(x)); ``d(x) = sqrt(mean_j |∂/∂h_j|)``;
+    2. objective Σ_batch Σ_j h_j; ``ā`` = spatial mean of the gradient w.r.t. each hooked layer output.
+
+    Args:
+        model: classifier exposing ``features`` and ``fc``; must be in eval mode.
+        x: inputs, shape (N, ...).
+        layers: layers to hook; default :func:`gaia_layers`.
+
+    Returns:
+        Scores, shape (N,); higher = more in-distribution. ``d²`` is clamped to the smallest normal
+        float, so an exactly uniform softmax (d = 0) gives a huge abnormality instead of 0/0.
+    """
+    layers = gaia_layers(model) if layers is None else layers
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        with record_output_grads(layers) as grads:
+            features = model.features(x)
+        logits = model.fc(features)
+        # Backward 1 stops at the features, so it reaches none of the hooked layers.
+        (feature_grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=1).sum(), features, retain_graph=True)
+        torch.autograd.grad(features.sum(), x)
+    denom_sq = feature_grad.abs().mean(dim=1).clamp_min(torch.finfo(x.dtype).tiny)  # d(x)², guarded against 0/0
+    channel_means = torch.cat([_per_channel(g).mean(dim=2) for g in grads], dim=1)
+    return -(channel_means.square() / denom_sq.unsqueeze(1)).mean(dim=1)
+
+
+@SCORERS.register("gaia_z")
+@dataclass(frozen=True)
+class GaiaZ(Scorer):
+    """GAIA-Z on ``model.gaia_layers()`` or every BatchNorm2d/GroupNorm."""
+
+    needs_grad: ClassVar[bool] = True
+
+    def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
+        return gaia_z_score(model, x)
+
+
+@SCORERS.register("gaia_a")
+@dataclass(frozen=True)
+class GaiaA(Scorer):
+    """GAIA-A on ``model.gaia_layers()`` or every BatchNorm2d/GroupNorm."""
+
+    needs_grad: ClassVar[bool] = True
+
+    def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
+        return gaia_a_score(model, x)

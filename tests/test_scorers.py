@@ -1,0 +1,517 @@
+"""Post-hoc OOD scorers: registry contract, per-sample references in float64, sign on real digits."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+from torch import Tensor, nn
+
+from gradreg.models import Classifier, SmallCNN
+from gradreg.scorers import SCORERS, build, purview
+from gradreg.scorers.gaia import gaia_a_score, gaia_layers, gaia_z_score
+from gradreg.scorers.gradnorm import exgrad_score, gradnorm_score
+from gradreg.scorers.margin import dct_projector, deepfool_margin
+from gradreg.scorers.odin import odin_score
+from gradreg.scorers.purview import purview_layer_names, purview_layer_norms, purview_score
+
+TIGHT = {"rtol": 1e-8, "atol": 1e-10}  # float64: batched vs per-sample differ only by summation order
+REF = {"rtol": 1e-6, "atol": 1e-9}  # vs an independent per-sample reference
+
+
+class TinyCNN(Classifier):
+    """conv-BN-ReLU twice (the second strided), global average pool, fc; two input channels."""
+
+    def __init__(self, num_classes: int = 5, in_channels: int = 2, width: int = 4) -> None:
+        super().__init__(num_classes, feature_dim=2 * width, in_channels=in_channels)
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.trunk(x)
+
+
+class Scale(nn.Module):
+    """A parameterized layer of a type purview has no closed form for (exercises the torch.func path)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gain.reshape(1, -1, 1, 1)
+
+
+class Zoo(Classifier):
+    """Awkward layers: reflect-padded strided conv, grouped dilated 'same' conv, GroupNorm, in-place residual
+    and ReLU on a BatchNorm output, a custom parameter, a Linear reused on 3-D tokens, LayerNorm."""
+
+    def __init__(self, inplace: bool = True) -> None:
+        super().__init__(num_classes=3, feature_dim=6, in_channels=2)
+        self.inplace = inplace
+        self.conv1 = nn.Conv2d(2, 4, 3, stride=2, padding=1, padding_mode="reflect")
+        self.gn = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 4, 3, groups=2, dilation=2, padding="same", bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.scale = Scale(4)
+        self.mix = nn.Linear(4, 4)
+        self.ln = nn.LayerNorm(4)
+        self.proj = nn.Linear(4, 6)
+
+    def features(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.gn(self.conv1(x)))
+        y = self.bn(self.conv2(h))
+        if self.inplace:  # torchvision residual blocks do exactly this to a BatchNorm output
+            y += h
+            y = torch.relu_(y)
+        else:
+            y = torch.relu(y + h)
+        tokens = self.scale(y).flatten(2).transpose(1, 2)  # (N, H*W, 4)
+        tokens = self.ln(self.mix(torch.tanh(self.mix(tokens))))
+        return self.proj(tokens.mean(dim=1))
+
+
+def _randomize_norms(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+            if isinstance(m, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model
+
+
+def make_tiny(seed: int = 0) -> TinyCNN:
+    torch.manual_seed(seed)
+    model = _randomize_norms(TinyCNN().double())
+    model.set_normalization([0.4, 0.5], [0.25, 0.5])
+    return model.eval()
+
+
+def make_zoo(inplace: bool = True, seed: int = 0) -> Zoo:
+    torch.manual_seed(seed)
+    model = _randomize_norms(Zoo(inplace).double())
+    model.set_normalization([0.4, 0.5], [0.25, 0.5])
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread() -> Iterator[None]:
+    # These models are tiny: intra-op threads only add overhead, and on a shared 2-core box they make
+    # the module ~10x slower through oversubscription. Restored for the rest of the session.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny() -> TinyCNN:
+    return make_tiny()
+
+
+@pytest.fixture
+def batch() -> Tensor:
+    torch.manual_seed(1)
+    return torch.randn(5, 2, 8, 8, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry-driven contract: every registered scorer, default settings.
+
+ALL = SCORERS.names()
+# The contract does not depend on iteration counts: keep iterative scorers short there.
+CHEAP = {"margin": {"max_iter": 4}}
+
+
+def build_cheap(name: str):
+    return build({"name": name, **CHEAP.get(name, {})})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scorer_shape_finite_and_rows_independent(name: str, tiny: TinyCNN, batch: Tensor) -> None:
+    scorer = build_cheap(name)
+    scores = scorer(tiny, batch)
+    assert scores.shape == (batch.shape[0],)
+    assert scores.dtype == batch.dtype
+    assert torch.isfinite(scores).all()
+    assert not scores.requires_grad
+    alone = torch.cat([scorer(tiny, batch[i : i + 1]) for i in (0, 3)])
+    torch.testing.assert_close(alone, scores[[0, 3]], **TIGHT)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    torch.testing.assert_close(scorer(tiny, batch[perm]), scores[perm], **TIGHT)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scorer_leaves_grads_mode_and_buffers_alone(name: str, tiny: TinyCNN, batch: Tensor) -> None:
+    scorer = build_cheap(name)
+    expected = scorer(tiny, batch)
+    known = {n: torch.full_like(p, 0.125) for n, p in tiny.named_parameters()}
+    for n, p in tiny.named_parameters():
+        p.grad = known[n].clone()
+    buffers = {n: b.clone() for n, b in tiny.named_buffers()}
+    tiny.train()
+    torch.testing.assert_close(scorer(tiny, batch), expected, **TIGHT)  # scored in eval mode
+    assert tiny.training
+    assert all(m.training for m in tiny.modules())
+    for n, p in tiny.named_parameters():
+        torch.testing.assert_close(p.grad, known[n], rtol=0, atol=0)
+    for n, b in tiny.named_buffers():  # eval mode: BatchNorm running statistics untouched
+        torch.testing.assert_close(b, buffers[n], rtol=0, atol=0)
+    tiny.eval()
+    scorer(tiny, batch)
+    assert not any(m.training for m in tiny.modules())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scorer_works_under_inference_mode(name: str, tiny: TinyCNN, batch: Tensor) -> None:
+    scorer = build_cheap(name)
+    expected = scorer(tiny, batch)
+    with torch.inference_mode():
+        x = batch.clone()  # an inference tensor, as Lightning's test loop produces
+        scores = scorer(tiny, x)
+    torch.testing.assert_close(scores, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scorer_is_unaffected_by_in_place_ops_after_hooked_layers(name: str, batch: Tensor) -> None:
+    # Zoo(inplace=True) modifies BatchNorm outputs in place (``y += h; relu_``) like torchvision ResNets.
+    inplace = build_cheap(name)(make_zoo(inplace=True), batch)
+    torch.testing.assert_close(inplace, build_cheap(name)(make_zoo(inplace=False), batch), **TIGHT)
+
+
+def test_build_rejects_unknown_names_and_settings() -> None:
+    with pytest.raises(KeyError, match=r"unknown scorer 'gradnrom'.*known:.*gradnorm"):
+        build("gradnrom")
+    with pytest.raises(KeyError, match=r"unknown setting\(s\) temp for scorer 'odin'; valid: temperature, epsilon"):
+        build({"name": "odin", "temp": 10.0})
+    with pytest.raises(KeyError, match="valid: subspace, block_size, top_k, overshoot, max_iter"):
+        build({"name": "margin", "iters": 3})
+    assert build({"name": "odin", "temperature": 10.0}).temperature == 10.0
+    assert {"odin", "gradnorm", "exgrad", "gaia_z", "gaia_a", "purview", "margin"} <= set(ALL)
+
+
+def test_scorers_are_frozen_dataclasses() -> None:
+    scorer = build("gradnorm")
+    with pytest.raises(AttributeError):
+        scorer.temperature = 2.0  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# References: each batched implementation against a naive per-sample loop with plain autograd.
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_gradnorm_matches_official_batch_size_one_loop(temperature: float, tiny: TinyCNN, batch: Tensor) -> None:
+    features = tiny.features(batch).detach()
+    fc = nn.Linear(features.shape[1], tiny.num_classes).double()
+    fc.load_state_dict(tiny.fc.state_dict())
+    expected = []
+    for h in features:  # gradnorm_ood/test_ood.py: batch 1, all-ones target, L1 of the weight gradient
+        fc.zero_grad()
+        logits = fc(h.unsqueeze(0)) / temperature
+        loss = torch.sum(-torch.ones_like(logits) * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        loss.backward()
+        expected.append(fc.weight.grad.abs().sum())
+    scores = gradnorm_score(features, tiny.fc(features), temperature)
+    torch.testing.assert_close(scores, torch.stack(expected), **REF)
+    torch.testing.assert_close(build({"name": "gradnorm", "temperature": temperature})(tiny, batch), scores, **TIGHT)
+
+
+def test_exgrad_matches_expected_gradient_norm_loop(tiny: TinyCNN, batch: Tensor) -> None:
+    features = tiny.features(batch).detach()
+    expected = []
+    for h in features:
+        logits = tiny.fc(h.unsqueeze(0))
+        probs = logits.softmax(dim=1)[0].detach()
+        norms = [
+            torch.autograd.grad(F.cross_entropy(logits, torch.tensor([k])), tiny.fc.weight, retain_graph=True)[0].norm()
+            for k in range(tiny.num_classes)
+        ]
+        expected.append(-(probs * torch.stack(norms)).sum())
+    torch.testing.assert_close(exgrad_score(features, tiny.fc(features)), torch.stack(expected), **REF)
+
+
+@pytest.mark.parametrize(("temperature", "epsilon"), [(1000.0, 0.0014), (1.0, 0.05)])
+def test_odin_matches_per_sample_loop(temperature: float, epsilon: float, tiny: TinyCNN, batch: Tensor) -> None:
+    std = tiny.input_std.reshape(-1, 1, 1)
+    expected = []
+    for x in batch:
+        x = x.unsqueeze(0).requires_grad_(True)
+        logits = tiny(x) / temperature
+        F.cross_entropy(logits, logits.argmax(dim=1)).backward()
+        sign = (torch.ge(x.grad, 0).double() - 0.5) * 2  # the reference code's sign map
+        x_tilde = x.detach() - epsilon * sign / std
+        expected.append(torch.softmax(tiny(x_tilde) / temperature, dim=1).max())
+    scores = odin_score(tiny, batch, temperature, epsilon)
+    torch.testing.assert_close(scores, torch.stack(expected).detach(), **REF)
+    unperturbed = torch.softmax(tiny(batch) / temperature, dim=1).amax(dim=1)
+    assert (scores > unperturbed).all()  # the step raises the predicted-class score
+
+
+def _bn_output_grads(model: nn.Module, objective_fn, x: Tensor) -> list[Tensor]:
+    """Per-sample gradients w.r.t. BatchNorm outputs via full backward hooks (a different mechanism)."""
+    grads: list[Tensor] = []
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    handles = [m.register_full_backward_hook(lambda m, gin, gout: grads.append(gout[0])) for m in bns]
+    try:
+        x = x.unsqueeze(0).requires_grad_(True)
+        torch.autograd.grad(objective_fn(model(x)), x)
+    finally:
+        for h in handles:
+            h.remove()
+    return grads[::-1]  # hooks fire in backward order
+
+
+def test_gaia_z_matches_per_sample_loop(tiny: TinyCNN, batch: Tensor) -> None:
+    expected = []
+    for x in batch:
+        grads = _bn_output_grads(tiny, lambda logits: logits.max(dim=1).values.sum(), x)
+        ratios = torch.cat([torch.where(g != 0, 1.0, 0.0).double().mean(dim=(-1, -2)) for g in grads], dim=1)
+        expected.append(-ratios.square().mean())
+    scores = gaia_z_score(tiny, batch)
+    torch.testing.assert_close(scores, torch.stack(expected), **REF)
+    assert ((-scores > 0) & (-scores < 1)).all()  # some, not all, gradient entries are exactly zero
+
+
+def _gaia_a_official_style(model: TinyCNN, x: Tensor, head: nn.Module) -> Tensor:
+    """One sample, reference structure: tensor hooks on every BN output plus ``head`` (the last hook)."""
+    modules = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)] + [head]
+    store: dict[int, Tensor] = {}
+    pooled: list[Tensor] = []
+
+    def make_hook(i: int):
+        def forward_hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+            out.register_hook(lambda g: store.__setitem__(i, g))
+
+        return forward_hook
+
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+    handles.append(model.trunk[6].register_forward_hook(lambda m, i, o: pooled.append(o)))
+    try:
+        x = x.unsqueeze(0).requires_grad_(True)
+        logits = model(x)
+        torch.autograd.grad(F.log_softmax(logits, dim=-1).sum(), x, retain_graph=True)
+        output_component = torch.sqrt(store[len(modules) - 1].mean(dim=(-1, -2)).abs().mean(dim=1))
+        torch.autograd.grad(pooled[0].sum(), x)
+        inner = torch.cat([store[i].mean(dim=(-1, -2)) for i in range(len(modules) - 1)], dim=1).abs()
+        return -((inner / output_component) ** 2).mean()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_gaia_a_matches_per_sample_loop_with_pooled_head(tiny: TinyCNN, batch: Tensor) -> None:
+    # WRN-style: the reference's last hook is the average-pool output, i.e. the features themselves.
+    expected = torch.stack([_gaia_a_official_style(tiny, x, head=tiny.trunk[6]) for x in batch])
+    torch.testing.assert_close(gaia_a_score(tiny, batch), expected.detach(), **REF)
+
+
+def test_gaia_a_with_feature_map_head_differs_by_the_constant_hw(tiny: TinyCNN, batch: Tensor) -> None:
+    # ResNet-style: the reference's last hook is the last feature map (4x4 here), so d² is 16x smaller.
+    expected = torch.stack([_gaia_a_official_style(tiny, x, head=tiny.trunk[5]) for x in batch])
+    torch.testing.assert_close(16.0 * gaia_a_score(tiny, batch), expected.detach(), **REF)
+
+
+def test_gaia_uses_model_gaia_layers_when_defined(batch: Tensor) -> None:
+    model = make_tiny()
+    last_bn = model.trunk[4]
+    model.gaia_layers = lambda: [last_bn]  # type: ignore[method-assign]
+    assert gaia_layers(model) == [last_bn]
+    reference = make_tiny()
+    torch.testing.assert_close(build("gaia_z")(model, batch), gaia_z_score(reference, batch, [reference.trunk[4]]))
+    torch.testing.assert_close(build("gaia_a")(model, batch), gaia_a_score(reference, batch, [reference.trunk[4]]))
+    with pytest.raises(ValueError, match="gaia_layers"):
+        gaia_layers(nn.Sequential(nn.Linear(2, 2)))
+
+
+def _purview_loop(model: nn.Module, x: Tensor) -> Tensor:
+    """(N, L) squared per-sample, per-layer gradient norms of the all-ones BCE loss, one sample at a time."""
+    modules = [m for _, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    rows = []
+    for xi in x:
+        logits = model(xi.unsqueeze(0))
+        loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="sum")
+        row = []
+        for m in modules:
+            grads = torch.autograd.grad(loss, list(m.parameters(recurse=False)), retain_graph=True)
+            row.append(sum(g.square().sum() for g in grads))
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("make", [make_tiny, make_zoo], ids=["tiny", "zoo"])
+@pytest.mark.parametrize("conv_path", ["unfold", "grouped"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunked"])
+def test_purview_matches_per_sample_loop(
+    make, conv_path: str, chunked: bool, batch: Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(purview, "GROUPED_CONV_MIN_POSITIONS", 1 if conv_path == "grouped" else 10**9)
+    if chunked:  # a few samples per chunk, for the conv gradients and the torch.func fallback alike
+        monkeypatch.setattr(purview, "MAX_CHUNK_ELEMENTS", 1000)
+    model = make()
+    expected = _purview_loop(model, batch)
+    norms = purview_layer_norms(model, batch)
+    assert norms.shape == (batch.shape[0], len(purview_layer_names(model)))
+    torch.testing.assert_close(norms, expected, **REF)
+    torch.testing.assert_close(purview_layer_norms(model, batch, method="vmap"), expected, **REF)
+    torch.testing.assert_close(purview_score(model, batch), expected.sum(dim=1), **REF)
+
+
+def test_purview_layer_names_follow_module_order() -> None:
+    assert purview_layer_names(make_zoo()) == ["fc", "conv1", "gn", "conv2", "bn", "scale", "mix", "ln", "proj"]
+
+
+def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:
+    tiny.train()
+    with pytest.raises(ValueError, match="eval-mode BatchNorm2d"):
+        purview_layer_norms(tiny, batch)
+    with pytest.raises(ValueError, match="unknown purview method"):
+        purview_layer_norms(tiny.eval(), batch, method="loop")  # type: ignore[arg-type]
+
+
+def _dct_basis(subspace: str, channels: int, size: int, block: int) -> Tensor | None:
+    """Explicit orthonormal basis (C*H*W, C*b*b) of a DCT block, built with scipy as in hold-me-tight."""
+    if subspace == "full":
+        return None
+    start = 0 if subspace == "low" else size - block
+    columns = []
+    for i in range(start, start + block):
+        for j in range(start, start + block):
+            dirac = np.zeros((size, size))
+            dirac[i, j] = 1.0
+            columns.append(scipy.fft.idctn(dirac, norm="ortho").reshape(-1))
+    basis = torch.tensor(np.stack(columns, axis=1))
+    return torch.kron(torch.eye(channels, dtype=torch.float64), basis)
+
+
+def _deepfool_reference(
+    model: Classifier, x: Tensor, basis: Tensor | None, top_k: int, overshoot: float, max_iter: int
+) -> tuple[Tensor, list[int]]:
+    """Per-sample subspace DeepFool in [0, 1] pixel space, structured like hold-me-tight's utils.py."""
+    mean, std = model.input_mean.reshape(1, -1, 1, 1), model.input_std.reshape(1, -1, 1, 1)
+
+    def f(z: Tensor) -> Tensor:
+        return model((z - mean) / std)[0]
+
+    margins, steps = [], []
+    for xi in x:
+        image = xi.unsqueeze(0) * std + mean
+        ranked = f(image).detach().argsort(descending=True)[:top_k]
+        r = torch.zeros_like(image)
+        pert_image, label_pert, loop_i = image.clone(), ranked[0], 0
+        while label_pert == ranked[0] and loop_i < max_iter:
+            z = pert_image.clone().requires_grad_(True)
+            fs = f(z)
+            grad_orig = torch.autograd.grad(fs[ranked[0]], z, retain_graph=True)[0]
+            pert, w = torch.tensor(math.inf, dtype=torch.float64), None
+            for k in range(1, len(ranked)):
+                w_k = torch.autograd.grad(fs[ranked[k]], z, retain_graph=True)[0] - grad_orig
+                f_k = (fs[ranked[k]] - fs[ranked[0]]).detach()
+                denom = w_k.norm() if basis is None else (basis.T @ w_k.reshape(-1)).norm()
+                if f_k.abs() / denom < pert:
+                    pert, w = f_k.abs() / denom, w_k
+            if basis is not None:
+                w = (basis @ (basis.T @ w.reshape(-1))).reshape(w.shape)
+            r_i = torch.clamp(pert, min=1e-4) * w / w.norm()
+            r, pert_image = r + r_i, pert_image + r_i
+            label_pert = f(image + (1 + overshoot) * r).argmax()
+            loop_i += 1
+        margins.append(((1 + overshoot) * r).norm())
+        steps.append(loop_i)
+    return torch.stack(margins).detach(), steps
+
+
+@pytest.mark.parametrize("subspace", ["full", "low", "high"])
+def test_margin_matches_per_sample_deepfool_without_flips(subspace: str, tiny: TinyCNN, batch: Tensor) -> None:
+    # The random tiny model is so non-linear at its (large) margins that no sample flips in 8 steps.
+    basis = _dct_basis(subspace, 2, 8, 2)
+    expected, _ = _deepfool_reference(tiny, batch, basis, top_k=4, overshoot=0.02, max_iter=8)
+    margins = deepfool_margin(tiny, batch, subspace, block_size=2, top_k=4, max_iter=8)
+    torch.testing.assert_close(margins, expected, **REF)
+    assert (margins > 0).all()
+
+
+@pytest.mark.parametrize("subspace", ["full", "low", "high"])
+def test_margin_matches_per_sample_deepfool_with_flips(subspace: str, digits_model: tuple) -> None:
+    # The trained digits model flips samples after different numbers of steps: exercises the freezing.
+    model, x_id, x_noise = digits_model
+    model = copy.deepcopy(model).double()
+    x = torch.cat([x_id[:4], x_noise[:4]]).double()
+    expected, steps = _deepfool_reference(model, x, _dct_basis(subspace, 1, 8, 2), top_k=6, overshoot=0.02, max_iter=20)
+    assert len(set(steps)) > 1  # samples flip after different numbers of steps
+    torch.testing.assert_close(deepfool_margin(model, x, subspace, block_size=2, top_k=6, max_iter=20), expected, **REF)
+
+
+def test_margin_default_block_is_the_quarter_image(tiny: TinyCNN, batch: Tensor) -> None:
+    explicit = build({"name": "margin", "subspace": "low", "block_size": 2, "max_iter": 3})(tiny, batch)
+    implicit = build({"name": "margin", "subspace": "low", "max_iter": 3})(tiny, batch)
+    torch.testing.assert_close(implicit, explicit, **TIGHT)
+    project = dct_projector("high", 8, 8, 2, torch.float64)
+    v = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(project(project(v)), project(v))  # an orthogonal projector is idempotent...
+    torch.testing.assert_close((project(v) * v).sum(), project(v).square().sum())  # ...and self-adjoint
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sign convention on a model trained on real data: ID digits 0-5 vs uniform noise.
+
+
+@pytest.fixture(scope="module")
+def digits_model() -> tuple[SmallCNN, Tensor, Tensor]:
+    torch.manual_seed(0)
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    keep = labels < 6
+    images, labels = images[keep], labels[keep]
+    perm = torch.randperm(len(images))
+    images, labels = images[perm], labels[perm]
+    train, test = slice(0, 800), slice(800, 880)
+    mean, std = images[train].mean().item(), images[train].std().item()
+    model = SmallCNN(num_classes=6, in_channels=1, width=8)
+    model.set_normalization([mean], [std])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x_train = (images[train] - mean) / std
+    for _ in range(100):
+        idx = torch.randint(0, x_train.shape[0], (64,))
+        loss = F.cross_entropy(model(x_train[idx]), labels[train][idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x_id = (images[test] - mean) / std
+    x_noise = (torch.rand(80, 1, 8, 8) - mean) / std
+    assert (model(x_id).argmax(dim=1) == labels[test]).float().mean() > 0.9
+    return model, x_id, x_noise
+
+
+SIGN_SPECS = [{"name": n} for n in ALL] + [{"name": "margin", "subspace": s} for s in ("low", "high")]
+
+
+@pytest.mark.parametrize("spec", SIGN_SPECS, ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_scorer_ranks_id_digits_above_noise(spec: dict, digits_model: tuple[SmallCNN, Tensor, Tensor]) -> None:
+    model, x_id, x_noise = digits_model
+    scorer = build(spec)
+    scores_id, scores_noise = scorer(model, x_id), scorer(model, x_noise)
+    truth = np.r_[np.ones(len(scores_id)), np.zeros(len(scores_noise))]
+    auroc = roc_auc_score(truth, torch.cat([scores_id, scores_noise]).numpy())
+    assert auroc > 0.5, f"{spec}: AUROC {auroc:.3f} (ID positive) - the score sign looks inverted"
