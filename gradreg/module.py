@@ -113,6 +113,7 @@ class GradRegModule(LightningModule):
         if input_mean is not None and input_std is not None:
             self.model.set_normalization(input_mean, input_std)
         self.sampler = SAMPLERS.build(sampler)
+        self.sampler.setup(num_classes=num_classes)
         self.num_classes = num_classes
         self.method = method
 
@@ -182,6 +183,19 @@ class GradRegModule(LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._eval_step(batch, "test")
+
+    def on_fit_start(self) -> None:
+        """NTOM sizes its kept block by the number of ID training images."""
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "id_dataset_for"):
+            self.sampler.setup(id_train_size=len(dm.id_dataset_for("train")))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the sampler's random state so a resumed run selects the same outliers."""
+        checkpoint["sampler_state"] = self.sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+        self.sampler.load_state_dict(checkpoint.get("sampler_state", {}))
 
     def on_train_epoch_start(self) -> None:
         """Per-epoch samplers (NTOM) scan the outlier pool here and restrict the candidate stream."""

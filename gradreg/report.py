@@ -36,6 +36,7 @@ from torch import Tensor
 from gradreg import anomalies, plots
 from gradreg.cli import UserError, configure_wandb_env, next_run_dir
 from gradreg.data import OODDataModule
+from gradreg.data.check import require_datasets
 from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, score_loader, set_metrics
 from gradreg.metrics import accuracy
 from gradreg.module import GradRegModule
@@ -62,6 +63,8 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--corruptions", nargs="+", default=list(DEFAULT_CORRUPTIONS))
     p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images")
+    p.add_argument("--explain-scorer", default="energy", help="differentiable scorer whose value --explain traces")
+    p.add_argument("--explain-train", type=int, default=1000, help="training images and outliers scanned by --explain")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG histograms and ROC curves")
     p.add_argument("--wandb", choices=("auto", "on", "off"), default="auto", help="auto: on if the run used wandb")
@@ -279,6 +282,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
         module, dm = rebuild(ckpt, overrides)
     except TypeError as err:
         raise UserError(f"bad --data override ({err})") from None
+    require_datasets({"data": {**dm.hparams, **overrides}}, stage="test")  # stop before any work if data is missing
     specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
     scorer_map = build_scorers(specs)
     ood_sets = dm.ood_datasets("test")  # builds every set now: a missing dataset stops us before any work
@@ -343,15 +347,65 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             by_set = {n: s.scores[scorer] for n, s in ood_scored.items()}
             plots.score_histograms(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"hist_{scorer}.png")
             plots.roc_curves(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"roc_{scorer}.png")
-    if opts.explain:
-        from gradreg.explain import explain_worst
-
-        explain_worst(module, dm, id_scored, ood_scored, scorer_map, opts.explain, out / "explain", device)
+    if opts.explain and ood_scored:
+        explain_worst(module, dm, id_scored, ood_scored, opts, out / "explain", device)
     if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
         log_to_wandb(writer, out, ckpt_path)
     print_table(writer)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
     return 1 if writer.failed else 0
+
+
+def explain_worst(
+    module: GradRegModule,
+    dm: OODDataModule,
+    id_scored: ScoredSet,
+    ood_scored: dict[str, ScoredSet],
+    opts: argparse.Namespace,
+    out: Path,
+    device: torch.device,
+) -> None:
+    """Cross-loss influence of training images and outliers on the K worst OOD and the K worst ID test images.
+
+    The test quantity is ``--explain-scorer`` (default energy); the training objective is the checkpoint's own
+    (CE, energy or GReg, with its margins, weights and batch composition).
+    """
+    from gradreg.influence import explain, greg_objective, hardest_examples
+
+    hp = module.hparams
+    if hp.method not in ("ce", "energy", "greg"):
+        raise UserError(f"--explain supports checkpoints trained with ce, energy or greg, not '{hp.method}'")
+    if opts.explain_scorer not in id_scored.scores:
+        raise UserError(f"--explain-scorer '{opts.explain_scorer}' is not among the evaluated --scorers")
+    rows = dm.batch_size + module.sampler.num_selected(dm.batch_size, dm.outlier_batch_size)
+    objective = greg_objective(
+        m_in=hp.m_in,
+        m_out=hp.m_out,
+        energy_weight=hp.energy_weight if hp.method != "ce" else 0.0,
+        reg_weight=hp.reg_weight if hp.method == "greg" else 0.0,
+        scaling=hp.reg_scaling,
+        train_rows=rows,
+    )
+    key = opts.explain_scorer
+    id_test, ood_name = dm.id_dataset_for("test"), next(iter(ood_scored))
+    ood_test = dm.ood_datasets("test")[ood_name]
+    id_worst, ood_worst = hardest_examples(
+        torch.from_numpy(id_scored.scores[key]), torch.from_numpy(ood_scored[ood_name].scores[key]), opts.explain
+    )
+    x_test = torch.stack([ood_test[i][0] for i in ood_worst] + [id_test[i][0] for i in id_worst])
+    id_train, outliers = dm.unaugmented_train_sets()
+    model = module.model.to(device)
+    result = explain(
+        model, x_test.to(device), key, objective, id_train, outliers, max_train=opts.explain_train,
+        test_is_id=[False] * len(ood_worst) + [True] * len(id_worst),
+        test_ids=[f"{ood_name}/{i}" for i in ood_worst.tolist()] + [f"id/{i}" for i in id_worst.tolist()],
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    for t in range(len(x_test)):
+        result.save_grid(t, x_test[t], out / f"{t:02d}.png", id_train, outliers, mean=model.input_mean,
+                         std=model.input_std)  # fmt: skip
+    result.to_json(out / "influence.json", k=10)
+    print(f"explanations of {len(x_test)} test images: {out}")
 
 
 def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path) -> None:

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from gradreg.cli import UserError, next_run_dir, point_latest
 from gradreg.data import OODDataModule
+from gradreg.data.check import require_datasets
 from gradreg.data.datasets import DatasetNotFoundError
 from gradreg.module import GradRegModule
 
@@ -118,17 +119,10 @@ def discard_unused_run_dir() -> None:
         shutil.rmtree(path)
 
 
-def check_data(datamodule: OODDataModule) -> None:
-    """Build every dataset the run will read (cheap: indexes only) so missing data stops the run before work."""
-    datamodule.setup("fit")
-    datamodule.ood_datasets("val")
-    datamodule.ood_datasets("test")
-
-
 def fit(cli: GradRegCLI) -> int:
     """Check the data, then train; print where the run's files are."""
-    try:
-        check_data(cli.datamodule)
+    try:  # every dataset the run will read, before any work (the report of `python -m gradreg.data check`)
+        require_datasets(cli.config, stage="fit")
     except DatasetNotFoundError:
         discard_unused_run_dir()
         raise

@@ -37,7 +37,7 @@ def epoch_losses(model: GradRegModule, dm: OODDataModule, tmp_path: Path, epochs
         **trainer_kw,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
-    rows = [line.split(",") for line in open(tmp_path / "metrics.csv").read().splitlines()]
+    rows = [line.split(",") for line in (tmp_path / "metrics.csv").read_text().splitlines()]
     col = rows[0].index("train/loss_epoch")
     return [float(r[col]) for r in rows[1:] if r[col]]
 
@@ -53,7 +53,7 @@ def test_each_method_lowers_its_loss(method: str, tmp_path: Path) -> None:
 def test_greg_logs_every_loss_term_and_statistic(tmp_path: Path) -> None:
     model, dm = make("greg", m_in=-2.0, m_out=-3.0)  # margins a freshly initialized model already satisfies
     epoch_losses(model, dm, tmp_path, epochs=1)
-    header = open(tmp_path / "metrics.csv").readline().strip().split(",")
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     for key in ("train/ce_epoch", "train/energy_epoch", "train/reg_epoch", "train/grad_norm_id", "train/grad_norm_out",
                 "train/hinge_active", "train/acc"):  # fmt: skip
         assert key in header, header

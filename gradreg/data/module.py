@@ -109,35 +109,42 @@ class OODDataModule(LightningDataModule):
         return build_dataset(spec, self.data_root, split, size=self.spec.size, channels=self.spec.channels)
 
     def _id_split(self, split: str) -> Dataset:
-        """ID train/val/test; without a native val split, a seeded ``val_fraction`` of train is held out."""
+        """ID train/val/test; without a native val split, a seeded ``val_fraction`` of train is held out of it."""
+        if split == "test":
+            return self._build(self.id_dataset, "test")
         try:
-            return self._build(self.id_dataset, split)
-        except ValueError:
-            if split not in ("train", "val"):
-                raise
-        full = self._build(self.id_dataset, "train")
-        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed)).tolist()  # type: ignore[arg-type]
-        n_val = round(self.val_fraction * len(perm))
-        return Subset(full, sorted(perm[:n_val] if split == "val" else perm[n_val:]))
+            native_val = self._build(self.id_dataset, "val")
+        except ValueError:  # the factory has no val split: carve one out of train, disjoint from what we train on
+            full = self._build(self.id_dataset, "train")
+            perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed)).tolist()  # type: ignore[arg-type]
+            n_val = round(self.val_fraction * len(perm))
+            return Subset(full, sorted(perm[:n_val] if split == "val" else perm[n_val:]))
+        return native_val if split == "val" else self._build(self.id_dataset, "train")
 
     def setup(self, stage: str | None = None) -> None:
-        """Index the ID splits (cheap: no images are decoded here)."""
-        if self._sets:
-            return
-        train_tf, eval_tf = build_transform(self.spec, self.augment), build_transform(self.spec, "none")
-        self._sets["train"] = Transformed(self._id_split("train"), train_tf)
-        self._sets["val"] = Transformed(self._id_split("val"), eval_tf)
-        self._sets["test"] = Transformed(self._id_split("test"), eval_tf)
-        if self.outliers is not None:
-            pool = Transformed(self._build(self.outliers, "train"), train_tf, return_index=True)
+        """Index the training data and the outlier stream (cheap: no images are decoded here)."""
+        if stage in (None, "fit") and self.outliers is not None and self.outlier_stream is None:
+            pool = self._build(self.outliers, "train")
+            pool = Transformed(pool, build_transform(self.spec, self.augment), return_index=True)
             self.outlier_stream = OutlierStream(pool, self.outlier_batch_size, self.seed, self.candidates_per_epoch)
             if self._stream_state is not None:
                 self.outlier_stream.load_state_dict(self._stream_state)
 
     def id_dataset_for(self, split: Literal["train", "val", "test"]) -> Dataset:
-        """The transformed ID dataset of a split (``train`` is augmented)."""
-        self.setup()
+        """The transformed ID dataset of a split (``train`` is augmented); built on first use."""
+        if split not in self._sets:
+            transform = build_transform(self.spec, self.augment if split == "train" else "none")
+            self._sets[split] = Transformed(self._id_split(split), transform)
         return self._sets[split]
+
+    def unaugmented_train_sets(self) -> tuple[Dataset, Dataset | None]:
+        """The ID training set and the outlier pool with the evaluation transform.
+
+        Influence functions need the training points themselves, not random augmentations of them.
+        """
+        eval_tf = build_transform(self.spec, "none")
+        pool = None if self.outliers is None else Transformed(self._build(self.outliers, "train"), eval_tf)
+        return Transformed(self._id_split("train"), eval_tf), pool
 
     def ood_datasets(self, split: Literal["val", "test"] = "test") -> dict[str, Dataset]:
         """Transformed OOD sets by display name; ``split="val"`` gives the sets the per-epoch callback uses."""
@@ -168,13 +175,14 @@ class OODDataModule(LightningDataModule):
         return self._loader(dataset)
 
     def train_dataloader(self) -> CombinedLoader | DataLoader:  # noqa: D102
-        self.setup()
-        id_loader = self._loader(self._sets["train"], shuffle=True, batch_size=self.batch_size, drop_last=True)
+        self.setup("fit")
+        id_loader = self._loader(self.id_dataset_for("train"), shuffle=True, batch_size=self.batch_size, drop_last=True)
         if self.outlier_stream is None:
             return id_loader
-        return CombinedLoader(
-            {"id": id_loader, "outliers": self.outlier_stream.dataloader(self.num_workers)}, mode="max_size_cycle"
-        )
+        # The ID loader sets the epoch length (GReg: iterations = #ID batches); under DDP Lightning shards it.
+        world = self.trainer.world_size if self.trainer is not None else 1
+        outliers = self.outlier_stream.dataloader(self.num_workers, max_batches=max(1, len(id_loader) // world))
+        return CombinedLoader({"id": id_loader, "outliers": outliers}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader(self.id_dataset_for("val"))

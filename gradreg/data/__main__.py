@@ -1,0 +1,52 @@
+"""Dataset tools: ``python -m gradreg.data check CONFIG`` and ``python -m gradreg.data imagenet-classes N``.
+
+``check CONFIG [--data_root DIR] [--stage fit|test]`` lists every dataset of a config, found where or where to put
+it; exit code 0 if every one was found, 1 if any is missing or invalid (or the config cannot be read), 2 for a
+command-line mistake. ``imagenet-classes N`` prints the N ID wnids of GReg's ImageNet protocol, one per line in
+label order (an ``id_classes_file`` for the ``imagefolder_complement`` outlier pool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m gradreg.data", description="Dataset tools of gradreg.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="list every dataset of a config: found where, or where to put it")
+    check.add_argument("config", help="a training config, e.g. configs/cifar10.yaml")
+    check.add_argument("--data_root", default=None, help="override the config's data.data_root")
+    check.add_argument("--stage", choices=("fit", "test"), default="fit", help="test: only what evaluation reads")
+    classes = commands.add_parser("imagenet-classes", help="print the N ID wnids of GReg's ImageNet protocol")
+    classes.add_argument("num_classes", type=int, help="N, e.g. 10, 20, 50 or 100")
+    args = parser.parse_args(argv)
+
+    if args.command == "imagenet-classes":
+        from gradreg.data.benchmarks import IMAGENET_WNIDS, imagenet_subset_wnids
+
+        if not 0 < args.num_classes < len(IMAGENET_WNIDS):
+            parser.error(f"num_classes must be between 1 and {len(IMAGENET_WNIDS) - 1}")
+        print("\n".join(imagenet_subset_wnids(args.num_classes)))
+        return 0
+
+    import yaml
+
+    from gradreg.data.check import check_datasets, data_section, format_checks, load_config
+
+    try:
+        config = load_config(args.config)
+        root = args.data_root if args.data_root is not None else data_section(config).get("data_root", "data")
+        checks = check_datasets(config, root, args.stage)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as err:  # unreadable config or YAML syntax error
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_checks(checks, root))
+    return 0 if all(c.found for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,664 @@
+"""Readers for the real benchmarks, from CIFAR and Fashion-MNIST to ImageNet and the OOD test sets.
+
+Covered: CIFAR-10/100, (Fashion-)MNIST, SVHN, Textures, Places365, the ODIN / MOS / OpenOOD image folders,
+TinyImageNet, ImageNet-1K and GReg's ImageNet class subsets. Every set lives in one folder under ``data_root``
+(``docs/data.md`` gives each layout and where to get the files). Two settings work on most sets:
+
+- ``path``: where the set is instead (absolute, or relative to ``data_root``).
+- ``list_file``: an OpenOOD-style image list that pins an exact subset, one ``relative/path [label]`` per line with
+  paths relative to ``list_root`` (default ``data_root``); the list file itself is relative to ``data_root``. A
+  ``{split}`` in its name is replaced by the split (``lists/imagenet/{split}_imagenet.txt``).
+
+Sets that torchvision ships (CIFAR-10/100, SVHN, DTD, Places365, MNIST, Fashion-MNIST) keep torchvision's on-disk
+layout, are read with torchvision's classes (MD5 checks included) and are downloaded only when the spec says
+``download: true``. (Fashion-)MNIST is parsed here because torchvision reads neither the gzipped idx files nor
+the flat folder of Debian's ``dataset-fashion-mnist``. Nothing else is ever downloaded.
+
+Splits: ID sets read ``"train"`` and ``"test"`` and raise ``ValueError`` for ``"val"``, so the datamodule holds out
+``val_fraction`` of the training set (unless a ``{split}`` list file has a val list). OOD sets read ``"test"`` (the
+whole published set); ``"val"`` works only with a ``list_file`` (e.g. OpenOOD's ``val_*.txt``), else ``ValueError``.
+
+Each registered factory carries a ``locate`` attribute with the same signature: it checks the files without
+reading them and returns a :class:`Located`, or raises :class:`DatasetNotFoundError` naming the expected path and
+how to get the data. ``gradreg.data.check`` calls it; every factory calls it first, so both say the same thing.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision import datasets as tvd
+
+from gradreg.data._imagenet_wnids import IMAGENET_WNIDS
+from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, ImageSpec
+
+__all__ = [
+    "IMAGENET_SUBSET_SEED",
+    "IMAGENET_WNIDS",
+    "ArrayImages",
+    "ImageFiles",
+    "Located",
+    "imagenet_subset_wnids",
+    "read_idx",
+    "read_list_file",
+    "scan_images",
+]
+
+F = TypeVar("F", bound=Callable[..., Dataset])
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_SUBSET_SEED = 1993  # np.random.seed(1993) in GReg's ImageNet code (o4lc/Greg-OOD)
+IMAGENET_SUBSETS = (10, 20, 50, 100)  # the N of GReg's imagenetIdClassAndIndex{N}.pth files
+IMAGE_EXTENSIONS = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
+
+ID_SPECS.update(
+    {
+        "cifar10": ImageSpec(10, 3, 32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+        "cifar100": ImageSpec(100, 3, 32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+        # Pixel mean / std of the 60,000 training images (computed from the original idx files).
+        "fashion_mnist": ImageSpec(10, 1, 28, mean=(0.2860,), std=(0.3530,)),
+        "mnist": ImageSpec(10, 1, 28, mean=(0.1307,), std=(0.3081,)),
+        "imagenet1k": ImageSpec(1000, 3, 224, IMAGENET_MEAN, IMAGENET_STD, resize=256),
+        **{f"imagenet{n}": ImageSpec(n, 3, 224, IMAGENET_MEAN, IMAGENET_STD, resize=256) for n in IMAGENET_SUBSETS},
+    }
+)
+
+_PLAIN_FOLDER = "a plain folder of images"  # Located.note of textures read from a folder, not torchvision's layout
+_OOD_SPLIT_HINT = (
+    "; an OOD set has one split, 'test' (the whole set): give it a list_file to pin a validation subset, "
+    "or list a different set under data.ood_val_sets"
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic pieces: locations, image lists, folder scans, array images
+@dataclass(frozen=True)
+class Located:
+    """Where a dataset's files are (or will be downloaded to, with a ``note`` saying so)."""
+
+    path: Path
+    note: str = ""
+
+
+def _register(name: str, locate: Callable[..., Located]) -> Callable[[F], F]:
+    """Register ``factory`` under ``name`` with its ``locate`` function attached."""
+
+    def deco(factory: F) -> F:
+        factory.locate = locate  # type: ignore[attr-defined]
+        DATASETS.register(name)(factory)
+        return factory
+
+    return deco
+
+
+def _resolve(root: Path, path: str | os.PathLike[str] | None, default: str) -> Path:
+    """``path`` (absolute, ``~``, or relative to ``root``), else ``root / default``; made absolute for messages."""
+    chosen = Path(path).expanduser() if path is not None else Path(default)
+    return (chosen if chosen.is_absolute() else Path(root) / chosen).absolute()
+
+
+def _check_split(name: str, split: str, allowed: Sequence[str], hint: str = "") -> None:
+    if split not in allowed:
+        raise ValueError(f"dataset '{name}' has no '{split}' split (it has: {', '.join(allowed)}){hint}")
+
+
+def _require(name: str, folder: Path, needed: Sequence[Path], how: str, download: bool = False) -> Located:
+    """``Located(folder)`` if every path in ``needed`` exists; with ``download`` a note instead of an error."""
+    missing = [p for p in needed if not p.exists()]
+    if not missing:
+        return Located(folder)
+    if download:
+        return Located(folder, "not there yet: torchvision downloads it there (download: true)")
+    names = ", ".join(str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in missing[:4])
+    more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+    raise DatasetNotFoundError(name, folder, f"missing {names}{more}; {how}")
+
+
+def scan_images(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively, links followed, hidden entries skipped), sorted."""
+    return sorted(_walk_images(folder))
+
+
+def _walk_images(folder: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                yield Path(dirpath, f)
+
+
+def _has_images(folder: Path) -> bool:
+    return folder.is_dir() and next(_walk_images(folder), None) is not None
+
+
+def _parse_label(text: str) -> int:
+    """The label field of a list line: an int, an OpenOOD extras dict with a ``label`` key, or absent (-1)."""
+    text = text.strip()
+    if not text:
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        extras = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        extras = None
+    if isinstance(extras, dict) and "label" in extras:
+        return int(extras["label"])
+    raise ValueError(f"cannot read a label from {text!r}")
+
+
+def read_list_file(list_file: Path, list_root: Path) -> tuple[list[Path], list[int]]:
+    """Parse an OpenOOD-style image list: one ``relative/path [label]`` per line (``#`` comments, blank lines skip).
+
+    Args:
+        list_file: the list file.
+        list_root: the folder the listed paths are relative to (absolute listed paths are kept).
+
+    Returns:
+        The image paths and their labels (-1 where a line has none).
+    """
+    files, labels = [], []
+    for number, raw in enumerate(list_file.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        rel, _, rest = line.partition(" ")
+        try:
+            labels.append(_parse_label(rest))
+        except ValueError as err:
+            raise ValueError(f"{list_file}:{number}: {err}") from None
+        files.append(Path(list_root, rel))
+    return files, labels
+
+
+def _list_path(name: str, root: Path, split: str, list_file: str) -> Path:
+    """The list file for ``split``: ``{split}`` in the name is replaced; without it the list is one OOD set."""
+    if "{split}" not in list_file:
+        _check_split(name, split, ("val", "test"))
+    lst = _resolve(root, list_file.replace("{split}", split), "")
+    if split == "val" and "{split}" in list_file and not lst.is_file():
+        raise ValueError(f"dataset '{name}' has no val list ({lst})")  # the datamodule then holds out train images
+    return lst
+
+
+def _locate_list(name: str, root: Path, split: str, list_file: str, list_root: str | None) -> Located:
+    lst = _list_path(name, root, split, list_file)
+    if not lst.is_file():
+        raise DatasetNotFoundError(name, lst, "the list_file does not exist (it is relative to data_root)")
+    base = _resolve(root, list_root, ".")
+    files, _ = read_list_file(lst, base)
+    missing = [f for f in files if not f.is_file()]
+    if not files or missing:
+        detail = f"{len(missing)} of {len(files)} listed images are missing, e.g. {missing[0]}" if missing else "empty"
+        raise DatasetNotFoundError(name, base, f"{lst.name}: {detail}; listed paths are relative to list_root")
+    return Located(lst)
+
+
+def _list_dataset(name: str, root: Path, split: str, list_file: str, list_root: str | None) -> ImageFiles:
+    lst = _locate_list(name, root, split, list_file, list_root).path
+    return ImageFiles(*read_list_file(lst, _resolve(root, list_root, ".")))
+
+
+class ImageFiles(Dataset):
+    """Images read from files (PIL, converted to RGB) with integer labels (-1 = unlabelled / OOD).
+
+    Args:
+        files: image paths.
+        labels: one label per file; ``None`` = all -1.
+    """
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int] | None = None) -> None:
+        self.files = list(files)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.files)
+        if len(self.labels) != len(self.files):
+            raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        with Image.open(self.files[i]) as image:
+            return image.convert("RGB"), self.labels[i]
+
+
+class ArrayImages(Dataset):
+    """In-memory uint8 images (N, H, W, C) with integer labels; items are HWC arrays."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.ndim != 4 or len(images) != len(labels):
+            raise ValueError(f"expected images (N, H, W, C) and N labels, got {images.shape} and {len(labels)}")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def _tv_open(name: str, folder: Path, build: Callable[[], Dataset]) -> Dataset:
+    """Run a torchvision constructor; its 'not found or corrupted' RuntimeError becomes a DatasetNotFoundError."""
+    try:
+        return build()
+    except RuntimeError as err:
+        how = f"torchvision rejected the files ({err}); they may be corrupt or partial: delete and fetch them again"
+        raise DatasetNotFoundError(name, folder, how) from err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (torchvision layout: <path>/cifar-10-batches-py/, <path>/cifar-100-python/)
+# torchvision checks every file of both splits, whichever split is read.
+_CIFAR: dict[str, tuple[type[tvd.CIFAR10], str, tuple[str, ...]]] = {
+    "cifar10": (
+        tvd.CIFAR10,
+        "cifar-10-batches-py",
+        (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"),
+    ),
+    "cifar100": (tvd.CIFAR100, "cifar-100-python", ("train", "test", "meta")),
+}
+
+
+def _cifar(name: str) -> None:
+    cls, folder_name, files = _CIFAR[name]
+    archive = cls.url.rsplit("/", 1)[1]
+    how = f"get {cls.url} and extract it into {{base}} (tar xzf {archive}), or set download: true"
+
+    def locate(root: Path, split: str, path: str | None = None, download: bool = False) -> Located:
+        _check_split(name, split, ("train", "test"))
+        base = _resolve(root, path, ".")
+        if base.name == folder_name:  # path may name the extracted folder itself
+            base = base.parent
+        folder = base / folder_name
+        return _require(name, folder, [folder / f for f in files], how.format(base=base), download)
+
+    def factory(root: Path, split: str, path: str | None = None, download: bool = False) -> Dataset:
+        folder = locate(root, split, path, download).path
+        return _tv_open(name, folder, lambda: cls(str(folder.parent), train=split == "train", download=download))
+
+    factory.__doc__ = f"{cls.__name__} (torchvision) in ``<path>/{folder_name}/``; ``path`` defaults to data_root."
+    _register(name, locate)(factory)
+
+
+_cifar("cifar10")
+_cifar("cifar100")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST: idx files, gzipped or not, flat (Debian) or in torchvision's <path>/<Class>/raw/
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a uint8 idx file (LeCun's MNIST format), gzipped if the name ends in ``.gz``.
+
+    Raises:
+        ValueError: the file is not a complete uint8 idx file.
+    """
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot decompress ({err})") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":  # two zero bytes, then type 0x08 = unsigned byte
+        raise ValueError(f"{path} is not a uint8 idx file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape} but holds {len(data) - offset} bytes (truncated?)")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape).copy()  # writable, as torch wants
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _mnist_like(name: str, cls: type[tvd.MNIST], debian: str) -> None:
+    how = (
+        f"put the four idx files (*-ubyte or *-ubyte.gz) there, set path: to a flat folder holding them{debian}, "
+        f"or set download: true (torchvision)"
+    )
+
+    def locate(root: Path, split: str, path: str | None = None, download: bool = False) -> Located:
+        _check_split(name, split, ("train", "test"))
+        base = _resolve(root, path, ".")
+        raw = base / cls.__name__ / "raw"  # torchvision's raw_folder
+        for folder in (base, raw):
+            if all(_idx_file(folder, stem) for stem in _IDX_FILES[split]):
+                return Located(folder)
+        if download:
+            return Located(raw, "not there yet: torchvision downloads it there (download: true)")
+        raise DatasetNotFoundError(name, raw if path is None else f"{base} (flat) or {raw}", how)
+
+    def factory(root: Path, split: str, path: str | None = None, download: bool = False) -> Dataset:
+        loc = locate(root, split, path, download)
+        if loc.note:  # missing and download: true
+            base = loc.path.parent.parent
+            _tv_open(name, loc.path, lambda: cls(str(base), train=split == "train", download=True))
+            loc = locate(root, split, path, download=False)
+        images_file, labels_file = (_idx_file(loc.path, stem) for stem in _IDX_FILES[split])
+        if images_file is None or labels_file is None:  # locate found both: only a concurrent delete gets here
+            raise DatasetNotFoundError(name, loc.path, "the idx files disappeared while reading")
+        try:
+            images, labels = read_idx(images_file), read_idx(labels_file)
+        except ValueError as err:
+            raise DatasetNotFoundError(name, loc.path, f"corrupt file: {err}") from None
+        if images.ndim != 3 or labels.shape != images.shape[:1]:
+            raise DatasetNotFoundError(name, loc.path, f"images {images.shape} and labels {labels.shape} do not match")
+        return ArrayImages(images[..., None], labels.astype(np.int64))
+
+    factory.__doc__ = f"{cls.__name__} idx files: flat in ``path`` or in ``<path>/{cls.__name__}/raw/``."
+    _register(name, locate)(factory)
+
+
+_mnist_like(
+    "fashion_mnist",
+    tvd.FashionMNIST,
+    " (Debian: apt-get install dataset-fashion-mnist, then path: /usr/share/datasets/fashion-mnist)",
+)
+_mnist_like("mnist", tvd.MNIST, "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SVHN: <data_root>/svhn/{train,test,extra}_32x32.mat (torchvision layout)
+def _svhn_locate(root: Path, split: str, path: str | None = None, download: bool = False) -> Located:
+    _check_split("svhn", split, ("train", "test", "extra"))
+    folder = _resolve(root, path, "svhn")
+    url = tvd.SVHN.split_list[split][0]
+    return _require("svhn", folder, [folder / f"{split}_32x32.mat"], f"get {url}, or set download: true", download)
+
+
+@_register("svhn", _svhn_locate)
+def svhn(root: Path, split: str, path: str | None = None, download: bool = False) -> Dataset:
+    """SVHN cropped digits (torchvision); the OOD benchmarks use the 26,032 test images."""
+    folder = _svhn_locate(root, split, path, download).path
+    return _tv_open("svhn", folder, lambda: tvd.SVHN(str(folder), split=split, download=download))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Textures (DTD): torchvision layout <path>/dtd/dtd/{images,labels}/, or with path: any folder of images
+_DTD_HOW = (
+    "get https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz and extract it into {base}/dtd/ "
+    "(giving {base}/dtd/dtd/images/), set download: true, or set path: to a folder of the images (e.g. dtd/images)"
+)
+
+
+def _textures_locate(
+    root: Path,
+    split: str,
+    path: str | None = None,
+    list_file: str | None = None,
+    list_root: str | None = None,
+    download: bool = False,
+) -> Located:
+    if list_file is not None:
+        return _locate_list("textures", root, split, list_file, list_root)
+    _check_split("textures", split, ("test",), _OOD_SPLIT_HINT)
+    base = _resolve(root, path, ".")
+    folder = base / "dtd" / "dtd"
+    labels = [folder / "labels" / f"{s}1.txt" for s in ("train", "val", "test")]
+    if path is not None and not (base / "dtd").exists() and _has_images(base):
+        return Located(base, _PLAIN_FOLDER)
+    return _require("textures", folder, [folder / "images", *labels], _DTD_HOW.format(base=base), download)
+
+
+@_register("textures", _textures_locate)
+def textures(
+    root: Path,
+    split: str,
+    path: str | None = None,
+    list_file: str | None = None,
+    list_root: str | None = None,
+    download: bool = False,
+) -> Dataset:
+    """Describable Textures (DTD): all 5,640 images (the OOD convention), via torchvision's ``DTD``.
+
+    DTD's own train/val/test lists of partition 1 together hold every image once. A ``path`` to a plain folder of
+    images (the tarball's ``dtd/images``) is read as such.
+    """
+    if list_file is not None:
+        return _list_dataset("textures", root, split, list_file, list_root)
+    loc = _textures_locate(root, split, path, list_file, list_root, download)
+    if loc.note == _PLAIN_FOLDER:
+        return ImageFiles(scan_images(loc.path))
+    base = str(loc.path.parent.parent)
+    parts = [tvd.DTD(base, split=s, partition=1, download=download) for s in ("train", "val", "test")]
+    return ConcatDataset(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Places365 (torchvision layout): <data_root>/places365/{categories_places365.txt, places365_val.txt, val_256/}
+def _places365_locate(
+    root: Path,
+    split: str,
+    path: str | None = None,
+    source_split: str = "val",
+    small: bool = True,
+    list_file: str | None = None,
+    list_root: str | None = None,
+    download: bool = False,
+) -> Located:
+    if list_file is not None:
+        return _locate_list("places365", root, split, list_file, list_root)
+    _check_split("places365", split, ("test",), _OOD_SPLIT_HINT)
+    if source_split not in ("val", "test"):
+        raise ValueError(f"places365: source_split must be 'val' or 'test', got '{source_split}'")
+    folder = _resolve(root, path, "places365")
+    images = f"{source_split}_{'256' if small else 'large'}"
+    devkit = tvd.Places365._BASE_URL + tvd.Places365._DEVKIT_META["standard"][0]
+    archive = tvd.Places365._BASE_URL + tvd.Places365._IMAGES_META[(source_split, small)][0]
+    how = f"get {devkit} and {archive} and extract both there, or set download: true"
+    needed = [folder / "categories_places365.txt", folder / f"places365_{source_split}.txt", folder / images]
+    return _require("places365", folder, needed, how, download)
+
+
+@_register("places365", _places365_locate)
+def places365(
+    root: Path,
+    split: str,
+    path: str | None = None,
+    source_split: str = "val",
+    small: bool = True,
+    list_file: str | None = None,
+    list_root: str | None = None,
+    download: bool = False,
+) -> Dataset:
+    """Places365 (torchvision): the 36,500 ``val`` images by default, or the 328,500 ``test`` ones.
+
+    Most OOD papers use a fixed 10,000-image subset: pin it with ``list_file``.
+    """
+    if list_file is not None:
+        return _list_dataset("places365", root, split, list_file, list_root)
+    folder = _places365_locate(root, split, path, source_split, small, list_file, list_root, download).path
+    return _tv_open(
+        "places365", folder, lambda: tvd.Places365(str(folder), split=source_split, small=small, download=download)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image-folder OOD sets: <data_root>/<name>/ holding the images at any depth
+_ODIN = "github.com/facebookresearch/odin (the ODIN / energy-OOD release)"
+_MOS = "github.com/deeplearning-wisc/large_scale_ood (MOS release, 10,000 images, classes disjoint from ImageNet-1K)"
+_OPENOOD = (
+    "OpenOOD v1.5's images_largescale/{src} (scripts/download/download.py of github.com/Jingkang50/OpenOOD); "
+    "pin OpenOOD's subset with list_file: benchmark_imglist/imagenet/test_{src}.txt"
+)
+_FOLDER_SETS = {
+    "lsun_c": f"extract LSUN.tar.gz (LSUN crop, 10,000 36x36 images) from {_ODIN} there",
+    "lsun_r": f"extract LSUN_resize.tar.gz (LSUN resize, 10,000 32x32 images) from {_ODIN} there",
+    "isun": f"extract iSUN.tar.gz (8,925 32x32 images) from {_ODIN} there",
+    "inaturalist": f"extract iNaturalist.tar.gz from {_MOS} there",
+    "sun": f"extract SUN.tar.gz from {_MOS} there",
+    "places": f"extract Places.tar.gz from {_MOS} there",
+    "ssb_hard": "put SSB-hard (Vaze et al., ICLR 2022, from ImageNet-21K) there: " + _OPENOOD.format(src="ssb_hard"),
+    "ninco": "put NINCO (Bitterwolf et al., ICML 2023, github.com/j-cb/NINCO) there: " + _OPENOOD.format(src="ninco"),
+    "openimage_o": "put OpenImage-O (Wang et al., ViM, CVPR 2022) there: " + _OPENOOD.format(src="openimage_o"),
+}
+
+
+def _folder_set(name: str, how: str) -> None:
+    def locate(
+        root: Path, split: str, path: str | None = None, list_file: str | None = None, list_root: str | None = None
+    ) -> Located:
+        if list_file is not None:
+            return _locate_list(name, root, split, list_file, list_root)
+        _check_split(name, split, ("test",), _OOD_SPLIT_HINT)
+        folder = _resolve(root, path, name)
+        if not _has_images(folder):
+            raise DatasetNotFoundError(name, folder, f"no images there; {how} (any sub-folder depth)")
+        return Located(folder)
+
+    def factory(
+        root: Path, split: str, path: str | None = None, list_file: str | None = None, list_root: str | None = None
+    ) -> Dataset:
+        if list_file is not None:
+            return _list_dataset(name, root, split, list_file, list_root)
+        return ImageFiles(scan_images(locate(root, split, path).path))
+
+    factory.__doc__ = f"OOD image folder ``<data_root>/{name}/`` (every image below it, labels -1)."
+    _register(name, locate)(factory)
+
+
+for _name, _how in _FOLDER_SETS.items():
+    _folder_set(_name, _how)
+
+
+def _imagelist_locate(root: Path, split: str, list_file: str, list_root: str | None = None) -> Located:
+    return _locate_list("imagelist", root, split, list_file, list_root)
+
+
+@_register("imagelist", _imagelist_locate)
+def imagelist(root: Path, split: str, list_file: str, list_root: str | None = None) -> Dataset:
+    """Any OpenOOD-style image list (``path [label]`` per line), e.g. ``{name: imagelist, alias: tin_val, ...}``."""
+    return _list_dataset("imagelist", root, split, list_file, list_root)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TinyImageNet: <data_root>/tinyimagenet/ = the extracted tiny-imagenet-200/ (train/, val/, test/)
+_TIN_HOW = (
+    "get http://cs231n.stanford.edu/tiny-imagenet-200.zip and extract it there; OpenOOD's near-OOD subset "
+    "(classes overlapping CIFAR removed) is pinned with list_file: benchmark_imglist/cifar10/test_tin.txt"
+)
+
+
+def _tinyimagenet_locate(
+    root: Path, split: str, path: str | None = None, list_file: str | None = None, list_root: str | None = None
+) -> Located:
+    if list_file is not None:
+        return _locate_list("tinyimagenet", root, split, list_file, list_root)
+    _check_split("tinyimagenet", split, ("train", "test"), _OOD_SPLIT_HINT)
+    folder = _resolve(root, path, "tinyimagenet")
+    if (folder / "tiny-imagenet-200").is_dir():  # the zip extracted into the folder
+        folder = folder / "tiny-imagenet-200"
+    sub = folder / ("train" if split == "train" else "val")
+    if not _has_images(sub):
+        raise DatasetNotFoundError("tinyimagenet", sub, f"no images there; {_TIN_HOW}")
+    return Located(sub)
+
+
+@_register("tinyimagenet", _tinyimagenet_locate)
+def tinyimagenet(
+    root: Path, split: str, path: str | None = None, list_file: str | None = None, list_root: str | None = None
+) -> Dataset:
+    """TinyImageNet (200 ImageNet classes, 64x64): ``test`` = the 10,000 ``val/`` images, ``train`` = ``train/``."""
+    if list_file is not None:
+        return _list_dataset("tinyimagenet", root, split, list_file, list_root)
+    return ImageFiles(scan_images(_tinyimagenet_locate(root, split, path).path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ImageNet: <data_root>/imagenet/{train,val}/<wnid>/*.JPEG (val sorted into class folders)
+_IMAGENET_HOW = (
+    "it needs ILSVRC-2012 train/ and val/ with one folder per wnid (sort val with the devkit's ground truth, "
+    "e.g. the valprep.sh script of the PyTorch ImageNet example, or torchvision.datasets.ImageNet once)"
+)
+
+
+def imagenet_subset_wnids(num_classes: int, seed: int = IMAGENET_SUBSET_SEED) -> list[str]:
+    """The ID classes of GReg's ImageNet protocol, in label order.
+
+    The official code draws ``perm = np.random.permutation(1000)`` after ``np.random.seed(1993)``; class ``i`` of
+    the sorted wnids is in-distribution iff ``perm[i] < num_classes``, with label ``perm[i]``. The remaining
+    classes form the auxiliary outlier pool.
+
+    Example:
+        >>> imagenet_subset_wnids(3)
+        ['n02396427', 'n04141975', 'n02834397']
+    """
+    perm = np.random.RandomState(seed).permutation(len(IMAGENET_WNIDS))  # same stream as np.random.seed(seed)
+    return [IMAGENET_WNIDS[i] for i in np.argsort(perm)[:num_classes]]
+
+
+def _imagenet_classes(name: str, root: Path, split: str, path: str | None, wnids: Sequence[str]) -> Located:
+    _check_split(name, split, ("train", "test"))
+    folder = _resolve(root, path, "imagenet") / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise DatasetNotFoundError(name, folder, _IMAGENET_HOW)
+    missing = [w for w in wnids if not (folder / w).is_dir()]
+    if missing:
+        how = f"{len(missing)} of its {len(wnids)} class folders are missing (e.g. {', '.join(missing[:3])}); "
+        raise DatasetNotFoundError(name, folder, how + _IMAGENET_HOW)
+    return Located(folder)
+
+
+def _read_classes(name: str, folder: Path, wnids: Sequence[str]) -> Dataset:
+    """The images of the given class folders, labelled by their position in ``wnids``."""
+    from gradreg.data.outliers import ImageFolderDataset  # outliers imports this module
+
+    return ImageFolderDataset(folder, classes=list(wnids), name=name)
+
+
+def _imagenet1k_locate(
+    root: Path, split: str, path: str | None = None, list_file: str | None = None, list_root: str | None = None
+) -> Located:
+    if list_file is not None:
+        return _locate_list("imagenet1k", root, split, list_file, list_root)
+    return _imagenet_classes("imagenet1k", root, split, path, IMAGENET_WNIDS)
+
+
+@_register("imagenet1k", _imagenet1k_locate)
+def imagenet1k(
+    root: Path, split: str, path: str | None = None, list_file: str | None = None, list_root: str | None = None
+) -> Dataset:
+    """ImageNet-1K (ILSVRC-2012): ``train`` = ``train/``, ``test`` = the 50,000 ``val/`` images.
+
+    Labels are the indices of the sorted wnids (torchvision's class order). With ``list_file`` (e.g. OpenOOD's
+    ``benchmark_imglist/imagenet/{split}_imagenet.txt``) the listed images and labels are used.
+    """
+    if list_file is not None:
+        return _list_dataset("imagenet1k", root, split, list_file, list_root)
+    return _read_classes("imagenet1k", _imagenet1k_locate(root, split, path).path, IMAGENET_WNIDS)
+
+
+def _imagenet_subset(n: int) -> None:
+    name = f"imagenet{n}"
+
+    def locate(root: Path, split: str, path: str | None = None) -> Located:
+        return _imagenet_classes(name, root, split, path, imagenet_subset_wnids(n))
+
+    def factory(root: Path, split: str, path: str | None = None) -> Dataset:
+        return _read_classes(name, locate(root, split, path).path, imagenet_subset_wnids(n))
+
+    factory.__doc__ = f"GReg's ImageNet-{n}: the {n} classes of :func:`imagenet_subset_wnids` (labels 0..{n - 1})."
+    _register(name, locate)(factory)
+
+
+for _n in IMAGENET_SUBSETS:
+    _imagenet_subset(_n)

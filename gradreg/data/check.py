@@ -1,0 +1,239 @@
+"""Up-front data check: is every dataset a config reads where it should be?
+
+``python -m gradreg.data check CONFIG`` prints one line per dataset (ID, outliers, OOD test and OOD validation
+sets) saying where it was found or exactly where to put it, and exits with 1 if anything is missing. Training
+and evaluation call :func:`require_datasets` first, so a missing set stops a run before any work starts.
+
+The check reads the same splits the datamodule will: the ID set's ``train`` / ``val`` / ``test`` (a ``val`` that
+the set lacks is fine: the datamodule holds out part of ``train``), the outliers' ``train``, the OOD sets'
+``test``, and the OOD validation sets' ``val`` (``ood_val_sets`` unset = the OOD sets with ``split="val"``). A
+spec's own ``split`` key wins. Sets with a ``locate`` function (every benchmark reader) are checked without
+reading their images; the others are built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import yaml
+
+from gradreg.data import benchmarks  # noqa: F401  (registers the benchmark readers)
+from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, build_dataset, dataset_name
+
+DatasetSpec = str | Mapping[str, Any]
+Stage = Literal["fit", "test"]
+
+ROLE_SPLITS: dict[str, tuple[str, ...]] = {
+    "id": ("train", "val", "test"),
+    "outliers": ("train",),
+    "ood": ("test",),
+    "ood_val": ("val",),
+}
+
+
+class DatasetCheck(NamedTuple):
+    """The outcome for one dataset of a config."""
+
+    role: str
+    """``id``, ``outliers``, ``ood``, ``ood_val`` or ``near_ood`` (a name in ``near_ood`` that no OOD set has)."""
+    name: str
+    """Display name (the spec's ``alias`` or its registry name)."""
+    found: bool
+    """True if the data is there (or will be downloaded because the spec says ``download: true``)."""
+    message: str
+    """Where it was found, or what is missing, where to put it and how to get it."""
+
+
+class MissingDatasetsError(DatasetNotFoundError):
+    """Raised by :func:`require_datasets`; the message is the whole report of :func:`format_checks`."""
+
+    def __init__(self, checks: Sequence[DatasetCheck], data_root: Path | str) -> None:
+        FileNotFoundError.__init__(self, format_checks(checks, data_root, only_missing=True))
+        self.checks = list(checks)
+        self.name = ", ".join(c.name for c in checks if not c.found)
+        self.expected = str(data_root)
+
+
+def data_section(config: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """The ``data`` arguments of a config (a mapping, a jsonargparse ``Namespace`` or the data section itself)."""
+    if hasattr(config, "as_dict"):  # jsonargparse Namespace
+        config = config.as_dict()
+    if not isinstance(config, Mapping):
+        raise TypeError(f"expected a config mapping, got {type(config).__name__}")
+    data = config.get("data", config)
+    if data is None:
+        data = {}
+    if hasattr(data, "as_dict"):
+        data = data.as_dict()
+    if isinstance(data, Mapping) and "init_args" in data:
+        data = data["init_args"] or {}
+    return dict(data)
+
+
+def planned_reads(data: Mapping[str, Any], stage: Stage = "fit") -> list[tuple[str, DatasetSpec, tuple[str, ...]]]:
+    """``(role, spec, splits)`` for every dataset the datamodule of this data section reads in ``stage``.
+
+    ``fit`` (training) reads everything; ``test`` (evaluating a checkpoint) only the ID and OOD test sets.
+    """
+    ood_sets = data.get("ood_sets")
+    ood_sets = list(ood_sets if ood_sets is not None else ["digits_heldout", "noise"])
+    id_spec = data.get("id_dataset", "digits")
+    if stage == "test":
+        return [("id", id_spec, ("test",)), *(("ood", s, ROLE_SPLITS["ood"]) for s in ood_sets)]
+    reads: list[tuple[str, DatasetSpec, tuple[str, ...]]] = [("id", id_spec, ROLE_SPLITS["id"])]
+    outliers = data.get("outliers", "digits_outliers")
+    if outliers is not None:
+        reads.append(("outliers", outliers, ROLE_SPLITS["outliers"]))
+    reads += [("ood", s, ROLE_SPLITS["ood"]) for s in ood_sets]
+    val_sets = data.get("ood_val_sets")
+    reads += [("ood_val", s, ROLE_SPLITS["ood_val"]) for s in (ood_sets if val_sets is None else val_sets)]
+    return reads
+
+
+def _as_dict(spec: DatasetSpec) -> dict[str, Any]:
+    return {"name": spec} if isinstance(spec, str) else dict(spec)
+
+
+def check_dataset(
+    spec: DatasetSpec, data_root: Path | str, splits: Sequence[str], role: str = "ood", **extra: Any
+) -> tuple[bool, str]:
+    """Check one dataset spec for the given splits.
+
+    Args:
+        spec: a registry name or ``{"name": ..., "alias"?, "split"?, **settings}``.
+        data_root: the folder holding one sub-folder per dataset.
+        splits: the splits to check (a ``split`` key in the spec replaces them).
+        role: ``id`` tolerates a missing ``val`` split (the datamodule holds out part of ``train``).
+        extra: settings passed to factories without ``locate`` if they accept them (e.g. ``size``).
+
+    Returns:
+        ``(found, message)``.
+    """
+    settings = _as_dict(spec)
+    settings.pop("alias", None)
+    if "split" in settings:
+        splits = (settings.pop("split"),)
+    name = settings.pop("name", None)
+    if name not in DATASETS:
+        return False, f"unknown dataset '{name}'; known: {', '.join(DATASETS.names())}"
+    unknown = sorted(set(settings) - set(DATASETS.settings(name)))
+    if unknown:
+        valid = ", ".join(s for s in DATASETS.settings(name) if s not in ("root", "split"))
+        return False, f"unknown setting(s) {', '.join(unknown)} for dataset '{name}'; valid: {valid or '(none)'}"
+    locate = getattr(DATASETS.get(name), "locate", None)
+    places: list[str] = []
+    sizes: list[str] = []
+    for split in splits:
+        try:
+            if locate is not None:
+                loc = locate(root=Path(data_root), split=split, **settings)
+                place = f"{loc.path}" + (f" ({loc.note})" if loc.note else "")
+                if place not in places:
+                    places.append(place)
+            else:
+                dataset = build_dataset({"name": name, **settings}, data_root, split, **extra)
+                sizes.append(f"{split} {len(dataset)}")  # type: ignore[arg-type]
+        except DatasetNotFoundError as err:
+            return False, str(err).replace(f"dataset '{err.name}' ", "", 1)
+        except ValueError as err:
+            if role == "id" and split == "val":
+                continue  # no val split: the datamodule holds out val_fraction of train
+            return False, str(err)
+        except (KeyError, TypeError, OSError) as err:
+            return False, f"cannot read it: {err}"
+    if sizes:
+        places.append(f"built in ({', '.join(sizes)} images)")
+    return True, "; ".join(places)
+
+
+def load_config(config: Mapping[str, Any] | str | Path | Any) -> Any:
+    """A config mapping from a YAML path, or ``config`` itself."""
+    if isinstance(config, str | Path):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file '{path}' does not exist")
+        return yaml.safe_load(path.read_text()) or {}
+    return config
+
+
+def check_datasets(
+    config: Mapping[str, Any] | str | Path | Any, data_root: str | Path | None = None, stage: Stage = "fit"
+) -> list[DatasetCheck]:
+    """Check every dataset of a config: ID, outliers, OOD test sets, OOD validation sets (see the module docs).
+
+    Args:
+        config: a YAML path, a config mapping / jsonargparse ``Namespace``, or its ``data`` section.
+        data_root: overrides ``data.data_root`` (default ``data``, relative to the working directory).
+        stage: ``fit`` checks everything training reads; ``test`` only the ID and OOD test sets (evaluation).
+
+    Returns:
+        One :class:`DatasetCheck` per dataset and role, in config order.
+    """
+    data = data_section(load_config(config))
+    root = Path(data_root if data_root is not None else data.get("data_root", "data"))
+    id_spec = data.get("id_dataset", "digits")
+    id_name = _as_dict(id_spec).get("name")
+    image_spec = ID_SPECS.get(id_name) if isinstance(id_name, str) else None
+    extra = {"size": image_spec.size, "channels": image_spec.channels} if image_spec else {}
+    checks: list[DatasetCheck] = []
+    for role, spec, splits in planned_reads(data, stage):
+        try:
+            display = dataset_name(spec)  # type: ignore[arg-type]
+        except (KeyError, TypeError, AttributeError):
+            checks.append(DatasetCheck(role, str(spec), False, "a dataset spec is a name or a mapping with 'name'"))
+            continue
+        if role == "id" and image_spec is None:
+            found, message = False, f"'{display}' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}"
+        else:
+            found, message = check_dataset(spec, root, splits, role, **extra)
+        checks.append(DatasetCheck(role, display, found, message))
+    checks += _name_checks(data)
+    return checks
+
+
+def _name_checks(data: Mapping[str, Any]) -> list[DatasetCheck]:
+    """Duplicate display names among the OOD sets, and ``near_ood`` names that no OOD set has."""
+    ood_names = [dataset_name(s) for s in data.get("ood_sets") or [] if isinstance(s, str | Mapping)]  # type: ignore[arg-type]
+    checks = [
+        DatasetCheck("ood", name, False, f"two OOD sets are named '{name}': give one of them an alias")
+        for name in sorted({n for n in ood_names if ood_names.count(n) > 1})
+    ]
+    for name in data.get("near_ood") or []:
+        if name not in ood_names:
+            known = ", ".join(ood_names) or "(none)"
+            checks.append(DatasetCheck("near_ood", name, False, f"near_ood names '{name}', not an OOD set ({known})"))
+    return checks
+
+
+def format_checks(checks: Sequence[DatasetCheck], data_root: Path | str, only_missing: bool = False) -> str:
+    """A readable report: a header, one line per dataset (``ok`` / ``MISSING``), and a summary line."""
+    missing = [c for c in checks if not c.found]
+    shown = missing if only_missing else list(checks)
+    width_role = max((len(c.role) for c in shown), default=0)
+    width_name = max((len(c.name) for c in shown), default=0)
+    root = Path(data_root).absolute()
+    if missing:
+        head = f"{len(missing)} of {len(checks)} datasets are missing or invalid (data_root: {root}):"
+        tail = "put each set where its line says (docs/data.md shows every layout), or set 'path:' in its spec"
+    else:
+        head = f"all {len(checks)} datasets found (data_root: {root}):"
+        tail = ""
+    lines = [head]
+    for c in shown:
+        status = "ok     " if c.found else "MISSING"
+        lines.append(f"  {status}  {c.role:<{width_role}}  {c.name:<{width_name}}  {c.message}")
+    return "\n".join([*lines, tail] if tail else lines)
+
+
+def require_datasets(
+    config: Mapping[str, Any] | str | Path | Any, data_root: str | Path | None = None, stage: Stage = "fit"
+) -> list[DatasetCheck]:
+    """Run :func:`check_datasets` and raise :class:`MissingDatasetsError` (the report) if anything is missing."""
+    checks = check_datasets(config, data_root, stage)
+    if any(not c.found for c in checks):
+        if data_root is None:
+            data_root = data_section(load_config(config)).get("data_root", "data")
+        raise MissingDatasetsError(checks, data_root)
+    return checks

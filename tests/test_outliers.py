@@ -1,0 +1,288 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import CombinedLoader
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
+
+from gradreg.data import outliers  # noqa: F401  (registers the pools)
+from gradreg.data.datasets import (
+    DATASETS,
+    ArrayDataset,
+    DatasetNotFoundError,
+    ImageSpec,
+    Transformed,
+    build_dataset,
+    build_transform,
+)
+from gradreg.data.outliers import ImageFolderDataset, OutlierStream, TinyImages300K, read_class_list
+
+
+def _pool(n: int) -> Transformed:
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+    return Transformed(ArrayDataset(images, torch.zeros(n)), lambda x: x, return_index=True)
+
+
+# --------------------------------------------------------------------------------------------- pools
+def test_tinyimages_reader_memory_maps_the_npy_layout(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(20, 32, 32, 3), dtype=np.uint8)
+    (tmp_path / "tinyimages300k").mkdir()
+    np.save(tmp_path / "tinyimages300k" / "300K_random_images.npy", images)
+
+    ds = build_dataset("tinyimages300k", tmp_path, "train")
+    assert len(ds) == 20
+    assert isinstance(ds._array, np.memmap)
+    image, label = ds[7]
+    np.testing.assert_array_equal(image, images[7])
+    assert label == -1
+    assert image.flags.writeable
+    assert len(pickle.dumps(ds)) < 2000  # workers get the path, not the array
+    assert np.array_equal(pickle.loads(pickle.dumps(ds))[3][0], images[3])
+
+    x = build_transform(_cifar_like_spec(), "crop_flip")(image)
+    assert x.shape == (3, 32, 32)
+    assert x.dtype == torch.float32
+    # Also by folder or file path, absolute or relative to the data root.
+    assert len(build_dataset({"name": "tinyimages300k", "path": "tinyimages300k"}, tmp_path, "train")) == 20
+    file = str(tmp_path / "tinyimages300k" / "300K_random_images.npy")
+    assert len(build_dataset({"name": "tinyimages300k", "path": file}, "/nonexistent", "train")) == 20
+
+
+def _cifar_like_spec() -> ImageSpec:
+    return ImageSpec(10, 3, 32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def test_tinyimages_reader_errors(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"300K_random_images\.npy"):
+        build_dataset("tinyimages300k", tmp_path, "train")
+    np.save(tmp_path / "floats.npy", np.zeros((2, 32, 32, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        TinyImages300K(tmp_path / "floats.npy")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"Python objects|pickle"):
+        TinyImages300K(tmp_path / "objects.npy")
+
+
+def _png_tree(root: Path, counts: dict[str, int]) -> None:
+    for c, (cls, n) in enumerate(counts.items()):
+        (root / cls / "sub").mkdir(parents=True)
+        for i in range(n):
+            folder = root / cls / ("sub" if i % 2 else "")
+            Image.fromarray(np.full((6, 5, 3), 10 * c + i, dtype=np.uint8)).save(folder / f"img{i}.png")
+    (root / "n00000001" / ".hidden.png").write_bytes(b"")  # hidden files are skipped
+    (root / "n00000001" / "notes.txt").write_text("not an image")
+
+
+def test_imagefolder_complement_keeps_only_non_id_classes(tmp_path):
+    tree = tmp_path / "imagenet" / "train"
+    _png_tree(tree, {"n00000001": 3, "n00000002": 2, "n00000003": 4})
+    (tmp_path / "id.txt").write_text("# ID classes\nn00000002 some name\n\n")
+    spec = {"name": "imagefolder_complement", "id_classes_file": str(tmp_path / "id.txt")}
+
+    ds = build_dataset(spec, tmp_path, "train")
+    assert len(ds) == 7
+    assert ds.classes == ["n00000001", "n00000003"]
+    image, label = ds[4]
+    assert isinstance(image, Image.Image)
+    assert image.mode == "RGB"
+    assert image.size == (5, 6)
+    assert label == 1
+    assert [ds.file(i).relative_to(ds.root).as_posix() for i in range(3)] == [
+        "n00000001/img0.png", "n00000001/img2.png", "n00000001/sub/img1.png",
+    ]  # fmt: skip
+    pixels = sorted(int(np.asarray(ds[i][0])[0, 0, 0]) for i in range(len(ds)))
+    assert pixels == [0, 1, 2, 20, 21, 22, 23]
+    assert read_class_list(tmp_path / "id.txt") == ["n00000002"]
+    # A class file relative to the data root, inline classes, and the registered locate function.
+    assert len(build_dataset({**spec, "id_classes_file": "id.txt"}, tmp_path, "train")) == 7
+    inline = {"name": "imagefolder_complement", "id_classes": ["n00000001", "n00000003"]}
+    assert len(build_dataset(inline, tmp_path, "train")) == 2
+    loc = DATASETS.get("imagefolder_complement").locate(root=tmp_path, split="train", id_classes=["n00000002"])
+    assert loc.path == tree.absolute()
+
+    (tmp_path / "bad.txt").write_text("n00000002\nn09999999\n")
+    with pytest.raises(ValueError, match="n09999999"):
+        build_dataset({**spec, "id_classes_file": str(tmp_path / "bad.txt")}, tmp_path, "train")
+    with pytest.raises(ValueError, match="id_classes_file"):
+        build_dataset({"name": "imagefolder_complement"}, tmp_path, "train")
+    with pytest.raises(DatasetNotFoundError):
+        build_dataset({**spec, "path": "missing"}, tmp_path, "train")
+
+
+def test_imagefolder_reads_every_class_and_substitutes_the_split(tmp_path):
+    _png_tree(tmp_path / "set" / "test", {"n00000001": 2, "zebra": 1})
+    ds = build_dataset({"name": "imagefolder", "path": "set/{split}"}, tmp_path, "test")
+    assert len(ds) == 3
+    assert [ds[i][1] for i in range(3)] == [0, 0, 1]
+    assert ImageFolderDataset(tmp_path / "set" / "test", mode="L")[2][0].mode == "L"
+    with pytest.raises(ValueError, match="needs path"):
+        build_dataset("imagefolder", tmp_path, "test")
+
+
+# --------------------------------------------------------------------------------------------- stream
+def _consume(stream: OutlierStream, loader: DataLoader, steps: int) -> list[list[int]]:
+    """Imitate Lightning's max_size_cycle: re-iterate the loader when exhausted; advance after each step."""
+    seen: list[list[int]] = []
+    it = iter(loader)
+    while len(seen) < steps:
+        try:
+            _, idx = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        seen.append(idx.tolist())
+        stream.advance()
+    return seen
+
+
+def test_same_seed_same_outliers_and_fresh_passes():
+    a, b, c = OutlierStream(_pool(50), 8, seed=1), OutlierStream(_pool(50), 8, seed=1), OutlierStream(_pool(50), 8, 2)
+    seq_a = _consume(a, a.dataloader(), 12)
+    assert seq_a == _consume(b, b.dataloader(), 12)
+    assert seq_a != _consume(c, c.dataloader(), 12)
+    assert a.batches_per_pass() == 6
+    first, second = seq_a[:6], seq_a[6:12]
+    assert len({i for batch in first for i in batch}) == 48  # no repeats within a pass
+    assert first != second  # each pass is a fresh ordering
+
+
+def test_batches_carry_the_pool_indices_of_their_images():
+    stream = OutlierStream(_pool(30), 4, seed=0)
+    for x, idx in stream.dataloader():
+        torch.testing.assert_close(x.flatten(), idx.float())
+
+
+def test_candidates_per_epoch_draws_a_fresh_subset_each_pass():
+    stream = OutlierStream(_pool(100), 5, seed=0, candidates_per_epoch=20)
+    loader = stream.dataloader()
+    assert len(loader) == 4
+    seq = _consume(stream, loader, 8)
+    passes = [{i for b in seq[p * 4 : (p + 1) * 4] for i in b} for p in range(2)]
+    assert all(len(p) == 20 for p in passes)
+    assert passes[0] != passes[1]
+
+
+def test_ranks_draw_disjoint_candidates():
+    stream = OutlierStream(_pool(97), 4, seed=3)
+    assert stream.batches_per_pass(world_size=3) == 8
+    for position in range(20):
+        batches = [set(stream.batch_indices(position, rank=r, world_size=3).tolist()) for r in range(3)]
+        assert sum(len(b) for b in batches) == len(set().union(*batches)) == 12
+    for rank in range(3):  # the loader follows the same rule
+        loader = stream.dataloader(rank=rank, world_size=3)
+        assert isinstance(loader.sampler, DistributedSampler)  # Lightning leaves it unwrapped under DDP
+        assert next(iter(loader))[1].tolist() == stream.batch_indices(0, rank, 3).tolist()
+
+
+def test_resume_mid_pass_draws_the_same_sequence():
+    full = OutlierStream(_pool(43), 4, seed=7)
+    expected = _consume(full, full.dataloader(max_batches=3), 25)
+
+    first = OutlierStream(_pool(43), 4, seed=7)
+    seen = _consume(first, first.dataloader(max_batches=3), 13)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    resumed = OutlierStream(_pool(43), 4, seed=7)
+    resumed.load_state_dict(state)
+    seen += _consume(resumed, resumed.dataloader(max_batches=5), 12)  # different chopping, same stream
+    assert seen == expected
+
+
+def test_worker_processes_do_not_change_the_stream():
+    a, b = OutlierStream(_pool(40), 4, seed=0), OutlierStream(_pool(40), 4, seed=0)
+    assert _consume(a, a.dataloader(num_workers=2), 14) == _consume(b, b.dataloader(), 14)
+
+
+def test_restrict_draws_only_from_the_indices_and_survives_a_resume():
+    stream = OutlierStream(_pool(60), 4, seed=0)
+    _consume(stream, stream.dataloader(), 3)
+    keep = torch.tensor([5, 9, 9, 11, 20, 21, 33, 40, 41, 50, 58, 59])
+    stream.restrict(keep)
+    assert stream.num_candidates == 11
+    assert stream.batches_per_pass() == 2
+    after = _consume(stream, stream.dataloader(), 5)
+    assert {i for b in after for i in b} <= set(keep.tolist())
+
+    replay = OutlierStream(_pool(60), 4, seed=0)
+    _consume(replay, replay.dataloader(), 3)
+    replay.restrict(keep)
+    _consume(replay, replay.dataloader(), 2)
+    resumed = OutlierStream(_pool(60), 4, seed=0)
+    resumed.load_state_dict(replay.state_dict())
+    assert _consume(resumed, resumed.dataloader(), 3) == after[2:]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        stream.restrict(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="pool of 60"):
+        OutlierStream(_pool(61), 4).load_state_dict(replay.state_dict())
+
+
+def test_stream_rejects_pools_smaller_than_a_pass():
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        OutlierStream(_pool(3), 4)
+    with pytest.raises(ValueError, match="rank"):
+        OutlierStream(_pool(10), 4).batch_indices(0, world_size=3)
+    with pytest.raises(ValueError, match="for each of 3 rank"):
+        OutlierStream(_pool(10), 4).dataloader(world_size=3)
+
+
+# --------------------------------------------------------------------------------------------- with Lightning
+class _StreamData(LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream = OutlierStream(_pool(30), 4, seed=5)  # 7 batches per pass: cycles within an epoch
+
+    def train_dataloader(self):
+        ids = ArrayDataset(torch.randn(40, 3), torch.zeros(40, dtype=torch.long))
+        id_loader = DataLoader(ids, batch_size=4, shuffle=True, drop_last=True)  # 10 batches per epoch
+        return CombinedLoader({"id": id_loader, "outliers": self.stream.dataloader()}, mode="max_size_cycle")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer.training:
+            self.stream.advance()
+        return batch
+
+    def state_dict(self):
+        return {"outlier_stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.stream.load_state_dict(state_dict["outlier_stream"])
+
+
+class _Recorder(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["outliers"][1].tolist())
+        return self.lin(batch["id"][0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _trainer(tmp_path: Path, **kw) -> Trainer:
+    return Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_resume_mid_epoch_draws_the_same_outliers(tmp_path):
+    straight = _Recorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=13, save_top_k=-1, filename="{step}")
+    _trainer(tmp_path, callbacks=[ckpt]).fit(straight, datamodule=_StreamData())
+    assert len(straight.seen) == 30
+
+    resumed = _Recorder()
+    _trainer(tmp_path, enable_checkpointing=False).fit(
+        resumed, datamodule=_StreamData(), ckpt_path=str(tmp_path / "step=13.ckpt")
+    )
+    assert resumed.seen == straight.seen[13:]

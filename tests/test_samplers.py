@@ -1,0 +1,285 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+from torch.utils.data import Dataset
+
+from gradreg import samplers
+from gradreg.data.outliers import OutlierStream
+from gradreg.losses import energy
+from gradreg.models import SmallCNN
+from gradreg.registry import RegistryError
+from gradreg.samplers import (
+    SAMPLERS,
+    DOSSampler,
+    EnergyClusterSampler,
+    NTOMSampler,
+    cluster_extremes,
+    cluster_select,
+    eval_mode,
+    forward_candidates,
+    kmeans,
+    kmeans_plusplus,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _model(num_classes: int = 3) -> SmallCNN:
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=num_classes, in_channels=1, width=4)
+    model.train()
+    return model
+
+
+# --------------------------------------------------------------------------------------------- k-means
+def test_kmeans_recovers_separated_blobs_like_sklearn():
+    x, truth = make_blobs(n_samples=300, centers=6, n_features=5, cluster_std=0.4, center_box=(-20, 20), random_state=3)
+    labels, centers = kmeans(torch.tensor(x, dtype=torch.float32), 6, n_init=3, generator=_gen(0))
+    reference = KMeans(6, n_init=3, random_state=0).fit(x).labels_
+    assert adjusted_rand_score(reference, labels.numpy()) == 1.0
+    assert adjusted_rand_score(truth, labels.numpy()) == 1.0
+    assert centers.shape == (6, 5)
+    for c in range(6):  # every center is the mean of its members
+        torch.testing.assert_close(centers[c], torch.tensor(x)[labels == c].mean(0).float(), atol=1e-4, rtol=1e-4)
+
+
+def test_kmeans_is_deterministic_given_the_generator():
+    x = torch.randn(200, 8, generator=_gen(1))
+    a = kmeans(x, 10, generator=_gen(5))
+    b = kmeans(x, 10, generator=_gen(5))
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+
+
+def test_kmeans_inertia_is_close_to_sklearn_on_unstructured_data():
+    x = torch.randn(384, 16, generator=_gen(2))
+    x = x / x.norm(dim=1, keepdim=True)
+    labels, centers = kmeans(x, 32, n_init=3, generator=_gen(0))
+    ours = ((x - centers[labels]) ** 2).sum()
+    theirs = KMeans(32, n_init=3, random_state=0).fit(x.numpy()).inertia_
+    assert ours <= 1.05 * theirs
+
+
+def test_kmeans_handles_duplicates_extreme_k_and_half_precision():
+    x = torch.tensor([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 3)
+    labels, centers = kmeans(x, 4, generator=_gen(0))  # only two distinct points: some clusters coincide
+    assert labels.min() >= 0
+    assert labels.max() < 4
+    assert torch.isfinite(centers).all()
+    assert len(set(labels[:5].tolist()) & set(labels[5:].tolist())) == 0
+    y = torch.randn(10, 3, generator=_gen(1))
+    assert kmeans(y, 1)[0].eq(0).all()
+    assert sorted(kmeans(y, 10, generator=_gen(0))[0].tolist()) == list(range(10))
+    assert kmeans(y.half(), 3, generator=_gen(0))[1].dtype == torch.float32
+    with pytest.raises(ValueError, match="1 <= k <= N"):
+        kmeans(y, 11)
+
+
+# --------------------------------------------------------------------------------------------- selection
+def _brute_force_extremes(scores, labels, per_cluster, two_way):
+    picked = set()
+    for c in labels.unique():
+        members = sorted((labels == c).nonzero().flatten().tolist(), key=lambda i: scores[i].item())
+        picked.update(members[:per_cluster])
+        if two_way:
+            picked.update(members[-per_cluster:])
+    return sorted(picked)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    k=st.integers(1, 12),
+    per_cluster=st.integers(1, 3),
+    two_way=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_cluster_extremes_matches_brute_force(n, k, per_cluster, two_way, seed):
+    gen = _gen(seed)
+    scores = torch.randn(n, generator=gen)
+    labels = torch.randint(k, (n,), generator=gen) * 7 - 3  # arbitrary, non-contiguous label values
+    got = cluster_extremes(scores, labels, per_cluster, two_way)
+    assert got.tolist() == _brute_force_extremes(scores, labels, per_cluster, two_way)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n_id=st.integers(2, 24),
+    ratio=st.integers(1, 6),
+    num_clusters=st.integers(1, 16),
+    two_way=st.booleans(),
+    trim=st.integers(0, 5),
+    seed=st.integers(0, 1000),
+)
+def test_cluster_select_takes_every_cluster_extreme_then_fills(n_id, ratio, num_clusters, two_way, trim, seed):
+    n = n_id * ratio
+    gen = _gen(seed)
+    feats, scores = torch.randn(n, 6, generator=gen), torch.randn(n, generator=gen)
+    keep_start, keep_end = min(trim, n - 1), None if trim % 2 else n - trim // 2
+    idx = cluster_select(feats, scores, n_id, num_clusters, 2, two_way, 50, keep_start, keep_end, _gen(seed))
+
+    kept = torch.argsort(scores)[keep_start:keep_end]
+    assert len(idx) == min(len(kept), n_id * (2 if two_way else 1))
+    assert len(set(idx.tolist())) == len(idx)
+    assert set(idx.tolist()) <= set(kept.tolist())
+    # Brute-force reference with the same k-means (same generator seed, same inputs).
+    k = min(num_clusters, n_id, len(kept))
+    labels, _ = kmeans(torch.nn.functional.normalize(feats[kept], dim=1), k, 2, 50, generator=_gen(seed))
+    extremes = kept[_brute_force_extremes(scores[kept], labels, max(1, n_id // k), two_way)]
+    assert idx[: len(extremes)].sort().values.tolist() == extremes.sort().values.tolist()
+
+
+def test_energy_cluster_keeps_lowest_and_highest_energy_of_each_cluster():
+    # Three tight direction clusters; energies make the extremes of each cluster unambiguous.
+    gen = _gen(0)
+    dirs = torch.eye(3, 5)
+    feats = torch.cat([d + 0.01 * torch.randn(8, 5, generator=gen) for d in dirs])
+    scores = torch.arange(24.0)
+    idx = cluster_select(feats, scores, n_id=3, num_clusters=3, two_way=True, generator=_gen(0))
+    assert sorted(idx.tolist()) == [0, 7, 8, 15, 16, 23]
+    idx = cluster_select(feats, scores, n_id=3, num_clusters=3, two_way=False, generator=_gen(0))
+    assert sorted(idx.tolist()) == [0, 8, 16]
+
+
+# --------------------------------------------------------------------------------------------- samplers
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_sampler_contract(name):
+    model = _model()
+    sampler = SAMPLERS.build({"name": name, **({"score": "energy"} if name in ("dos", "ntom") else {})})
+    candidates = torch.randn(24, 1, 8, 8, generator=_gen(0))
+    model.bn_frozen = torch.nn.BatchNorm1d(2).eval()  # a module deliberately in eval mode stays so
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = sampler.select(model, candidates, n_id=4)
+    assert idx.dtype == torch.int64
+    assert idx.device == candidates.device
+    assert len(set(idx.tolist())) == len(idx)
+    assert idx.min() >= 0
+    assert idx.max() < 24
+    assert model.training
+    assert not model.bn_frozen.training
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():  # BatchNorm running statistics untouched
+        torch.testing.assert_close(v, buffers[k], rtol=0, atol=0)
+
+
+def test_random_sampler_returns_all_candidates():
+    idx = SAMPLERS.build("random").select(_model(), torch.zeros(7, 1, 8, 8), n_id=3)
+    assert idx.tolist() == list(range(7))
+
+
+def test_energy_cluster_sampler_sizes_and_determinism():
+    model, cand = _model(), torch.randn(36, 1, 8, 8, generator=_gen(1))
+    a, b = EnergyClusterSampler(num_clusters=4, seed=3), EnergyClusterSampler(num_clusters=4, seed=3)
+    first = [a.select(model, cand, n_id=6) for _ in range(3)]
+    assert all(len(i) == 12 for i in first)
+    assert [i.tolist() for i in first] == [b.select(model, cand, n_id=6).tolist() for _ in range(3)]
+    assert len(EnergyClusterSampler(two_way=False).select(model, cand, n_id=6)) == 6
+    # The per-call counter is the state: a restored sampler continues the same sequence.
+    assert a.state_dict() == {"calls": 3}
+    c = EnergyClusterSampler(num_clusters=4, seed=3)
+    c.load_state_dict({"calls": 1})
+    assert c.select(model, cand, n_id=6).tolist() == first[1].tolist()
+
+
+def test_energy_cluster_selection_uses_model_energy_and_features():
+    model, cand = _model(), torch.randn(30, 1, 8, 8, generator=_gen(2))
+    feats, logits = forward_candidates(model, cand)
+    expected = cluster_select(feats, energy(logits), 5, 64, 3, True, 100, 0, None, _gen(9))
+    got = EnergyClusterSampler().select(model, cand, n_id=5, generator=_gen(9))
+    assert got.tolist() == expected.tolist()
+
+
+def test_dos_score_auto_needs_num_classes_and_reads_the_absent_class():
+    model, cand = _model(num_classes=4), torch.randn(20, 1, 8, 8, generator=_gen(3))
+    with pytest.raises(ValueError, match="num_classes"):
+        DOSSampler().select(model, cand, n_id=4)
+    sampler = DOSSampler(num_clusters=2)
+    sampler.setup(num_classes=3)  # 4 outputs = 3 classes + absent
+    _, logits = forward_candidates(model, cand)
+    expected = cluster_select(
+        forward_candidates(model, cand)[0], torch.softmax(logits, 1)[:, -1], 4, 2, 5, False, generator=_gen(1)
+    )
+    assert sampler.select(model, cand, n_id=4, generator=_gen(1)).tolist() == expected.tolist()
+    with pytest.raises(RegistryError, match="valid"):
+        SAMPLERS.build({"name": "dos", "clusters": 3})
+
+
+def test_eval_mode_restores_modes_on_error():
+    model = _model()
+
+    def fail():
+        with eval_mode(model):
+            assert not model.training
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        fail()
+    assert model.training
+
+
+class _Pool(Dataset):
+    """Images whose constant pixel value sets the model's score; items are (x, pool index)."""
+
+    def __init__(self, n: int) -> None:
+        self.values = torch.randperm(n, generator=_gen(0)).float() / n
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int):
+        return torch.full((1, 2, 2), float(self.values[i])), i
+
+
+class _PixelModel(torch.nn.Module):
+    """Two logits [0, 10 * mean pixel]: the absent-class probability grows with the pixel value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(1, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[0.0], [10.0]]))
+            self.fc.bias.zero_()
+
+    def features(self, x):
+        return x.flatten(1).mean(1, keepdim=True)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def test_ntom_skips_the_hardest_quantile_and_keeps_the_next_block():
+    pool = _Pool(80)
+    sampler = NTOMSampler(quantile=0.25, pool_factor=4, keep_factor=1, id_train_size=20, score="absent")
+    kept = sampler.mine(_PixelModel(), pool)  # scans the whole pool (4 x 20), skips the 20 hardest, keeps 20
+    values = pool.values[kept]
+    expected = pool.values.sort().values[20:40]
+    torch.testing.assert_close(values, expected)
+
+    stream = OutlierStream(pool, batch_size=4, seed=0)
+    assert NTOMSampler.per_epoch
+    sampler.on_train_epoch_start(_PixelModel(), pool, stream, batch_size=4)
+    drawn = torch.cat([stream.batch_indices(p) for p in range(10)])
+    assert set(drawn.tolist()) <= set(kept.tolist())
+
+
+def test_ntom_mining_is_deterministic_and_leaves_the_global_rng_alone():
+    pool, model = _Pool(50), _PixelModel()
+    sampler = NTOMSampler(pool_factor=2, keep_factor=1, id_train_size=10, score="energy")
+    state = torch.random.get_rng_state()
+    a = sampler.mine(model, pool, position=7)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert a.tolist() == sampler.mine(model, pool, position=7).tolist()
+    assert len(a) == 10
+
+
+def test_kmeans_plusplus_gives_the_same_seeds_without_the_pairwise_table(monkeypatch):
+    x = torch.randn(120, 5, generator=_gen(4), dtype=torch.float64)
+    with_table = kmeans_plusplus(x, 9, n_init=2, generator=_gen(1))
+    monkeypatch.setattr(samplers, "PAIRWISE_MAX", 0)
+    torch.testing.assert_close(kmeans_plusplus(x, 9, n_init=2, generator=_gen(1)), with_table, rtol=0, atol=0)
