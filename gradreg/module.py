@@ -166,10 +166,11 @@ class GradRegModule(LightningModule):
                 f"lower the learning rate (model.lr={self.hparams.lr}) or check the input data"
             )
         acc = (logits_id[:, : self.num_classes].argmax(1) == y).float().mean()
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_epoch=True, on_step=True)
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_epoch=True, on_step=False)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_epoch=True, on_step=True)
-        self.log("train/acc", acc, on_epoch=True, on_step=False)
+        kw = {"on_epoch": True, "batch_size": n_id}
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, **kw)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=False, **kw)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, **kw)
+        self.log("train/acc", acc, on_step=False, **kw)
         return loss
 
     def _eval_step(self, batch: Any, prefix: str) -> None:

@@ -34,7 +34,7 @@ import yaml
 from torch import Tensor
 
 from gradreg import anomalies, plots
-from gradreg.cli import UserError, configure_wandb_env, next_run_dir
+from gradreg.cli import UserError, configure_wandb_env, next_run_dir, require_file
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, score_loader, set_metrics
@@ -50,7 +50,11 @@ DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contras
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options of ``evaluate.py``."""
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a .ckpt file, or a run directory (uses best.ckpt, else last.ckpt)")
+    p.add_argument(
+        "checkpoint",
+        help="a .ckpt file, a run directory (uses best.ckpt, else last.ckpt), or a config .yaml for post-hoc "
+        "evaluation of the model it describes (e.g. pretrained torchvision weights)",
+    )
     p.add_argument("--out", help="output folder (must not exist yet); default: <run dir>/eval-NNN")
     p.add_argument("--scorers", nargs="+", help="scorer specs: name or name:key=value,... (default: all)")
     p.add_argument("--sets", nargs="+", help="OOD test sets to evaluate (default: all of the checkpoint's config)")
@@ -136,6 +140,16 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise UserError(f"checkpoint weights do not fit the model ({str(err).splitlines()[0]})") from None
+    return module, dm
+
+
+def from_config(path: Path, data_overrides: dict[str, Any]) -> tuple[GradRegModule, OODDataModule]:
+    """Model and datamodule described by a train config (post-hoc evaluation of untrained or pretrained models)."""
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    dm = OODDataModule(**{**(config.get("data") or {}), **data_overrides})
+    model_args = {**(config.get("model") or {}), "num_classes": dm.num_classes}
+    module = GradRegModule(**model_args, input_mean=dm.input_mean, input_std=dm.input_std)
     return module, dm
 
 
@@ -273,15 +287,16 @@ def print_table(writer: ResultWriter) -> None:
 def evaluate_main(args: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (1 if any set failed)."""
     opts = parse_args(args)
-    ckpt_path = resolve_checkpoint(opts.checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in opts.data)}
     if opts.data_root:
         overrides["data_root"] = opts.data_root
+    source = Path(opts.checkpoint)
+    post_hoc = source.suffix in (".yaml", ".yml")
+    ckpt_path = require_file(source, "config", "pass an existing .yaml") if post_hoc else resolve_checkpoint(source)
     try:
-        module, dm = rebuild(ckpt, overrides)
-    except TypeError as err:
-        raise UserError(f"bad --data override ({err})") from None
+        module, dm = from_config(ckpt_path, overrides) if post_hoc else rebuild(load_checkpoint(ckpt_path), overrides)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"cannot build the model and data ({str(err).splitlines()[0]})") from None
     require_datasets({"data": {**dm.hparams, **overrides}}, stage="test")  # stop before any work if data is missing
     specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
     scorer_map = build_scorers(specs)
@@ -290,7 +305,8 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     if unknown:
         raise UserError(f"unknown OOD set(s) {', '.join(unknown)}; this checkpoint's sets: {', '.join(ood_sets)}")
 
-    out = Path(opts.out) if opts.out else next_run_dir(ckpt_path.parent, "eval")
+    default_out = (Path("runs"), f"{ckpt_path.stem}-eval") if post_hoc else (ckpt_path.parent, "eval")
+    out = Path(opts.out) if opts.out else next_run_dir(*default_out)
     if opts.out:
         if out.exists() and any(out.iterdir()):
             raise UserError(f"output folder '{out}' already holds files; choose a new --out (nothing is overwritten)")

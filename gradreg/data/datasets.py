@@ -159,6 +159,54 @@ def noise(root: Path, split: str, num: int = 256, size: int = 32, channels: int 
     return ArrayDataset(images, torch.full((num,), -1))
 
 
+# scikit-image's bundled photographs and textures (no download): natural-image outliers for small ID sets.
+PHOTO_NAMES = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel", "horse",
+    "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket",
+)  # fmt: skip
+
+
+class PhotoPatches(Dataset):
+    """Random square crops of scikit-image's bundled photographs; item ``i`` is a deterministic function of ``i``.
+
+    Args:
+        images: the source images (HW or HWC uint8 arrays).
+        num: number of patches.
+        min_size: smallest crop side in pixels (the largest is the image's short side).
+        seed: seed of the crop positions (the ``test`` split uses another seed, so its patches differ).
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], num: int, min_size: int, seed: int) -> None:
+        self.images, self.num, self.min_size, self.seed = list(images), num, min_size, seed
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        rng = np.random.default_rng([self.seed, i])
+        k = int(rng.integers(len(self.images)))
+        image = self.images[k]
+        h, w = image.shape[:2]
+        side = int(rng.integers(min(self.min_size, h, w), min(h, w) + 1))
+        top, left = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
+        crop = image[top : top + side, left : left + side]
+        return np.ascontiguousarray(crop[..., :3] if crop.ndim == 3 else crop[..., None]), k
+
+
+@DATASETS.register("photo_patches")
+def photo_patches(root: Path, split: str, num: int = 50000, min_size: int = 16, seed: int = 0) -> Dataset:
+    """Crops of the 16 photographs and textures bundled with scikit-image: offline auxiliary outliers.
+
+    Needs ``pip install scikit-image`` (the ``photos`` extra). Train and test use different crop seeds.
+    """
+    try:
+        import skimage.data
+    except ImportError:
+        raise DatasetNotFoundError("photo_patches", "the scikit-image package", "pip install scikit-image") from None
+    images = [getattr(skimage.data, name)() for name in PHOTO_NAMES]
+    return PhotoPatches(images, num, min_size, seed + (0 if split == "train" else 1_000_003))
+
+
 class ToChannels(torch.nn.Module):
     """Convert a CHW image to ``channels`` channels (RGB -> luma, or grayscale repeated)."""
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Train ce, energy, greg and greg+ (energy_cluster sampling) on Fashion-MNIST with the same seed and budget,
+# then evaluate each checkpoint with every scorer. Results: runs/results/<name>-001/eval-001/results.md.
+# Usage: bash bench/fashionmnist_results.sh [stream]   (stream a = greg_plus, b = ce energy greg; default both)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 WANDB_MODE=disabled
+COMMON=(--config configs/fashionmnist.yaml --seed_everything 0 --run.root runs/results)
+EVAL=(--max-samples 2000 --suites ood robustness --no-plots)
+train_eval() {  # name, extra train args...
+  local name=$1; shift
+  python train.py "${COMMON[@]}" --run.name "$name" "$@"
+  python evaluate.py "runs/results/$name-001" "${EVAL[@]}" --out "runs/results/$name-001/eval"
+}
+stream_a() { train_eval fmnist-gregplus --model.method greg --data.outlier_batch_size 384 \
+                        --model.sampler "{name: energy_cluster, num_clusters: 64, two_way: true}"; }
+stream_b() { for m in ce energy greg; do train_eval "fmnist-$m" --model.method "$m" --data.outlier_batch_size 64; done; }
+case "${1:-both}" in
+  a) stream_a ;;
+  b) stream_b ;;
+  *) stream_a & stream_b; wait ;;
+esac

@@ -1,0 +1,507 @@
+"""Classifiers with one interface: ``features(x) -> (N, D)``, a linear head ``fc``, ``forward = fc(features)``.
+
+Every scorer, loss and sampler in gradreg talks to a model only through this interface, so any
+``nn.Module`` that exposes ``features`` and ``fc`` works (see :class:`Classifier`).
+
+Input normalization belongs to the data pipeline (as in the official GReg code), so input gradients
+are taken with respect to the *normalized* input. The model carries the normalization constants as
+buffers (``input_mean``, ``input_std``) only so that scorers and attacks that work in pixel units
+(ODIN's epsilon, adversarial epsilons, DeepFool margins) can convert; they are saved in checkpoints.
+
+Model zoo (registry name: architecture, feature size D):
+
+- ``small_cnn``: three conv-BN-ReLU blocks, for 8x8 digits and 28x28 Fashion-MNIST (D = 4 * width).
+- ``wrn40_2``: WideResNet-40-2, Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016,
+  arXiv:1605.07146, in the pre-activation form of the Outlier Exposure / energy-OOD code
+  (github.com/hendrycks/outlier-exposure, github.com/wetliu/energy_ood) (D = 128).
+- ``resnet18_cifar``: ResNet-18, He et al., "Deep Residual Learning for Image Recognition", CVPR 2016,
+  arXiv:1512.03385, with the usual CIFAR stem (3x3 conv, no max-pool) (D = 512).
+- ``densenet_bc_100``: DenseNet-BC (L = 100, k = 12), Huang et al., "Densely Connected Convolutional
+  Networks", CVPR 2017, arXiv:1608.06993, as used by the ODIN/energy/DOS/GReg code ("densenet101") (D = 342).
+- ``resnet50``, ``densenet121``: the torchvision ImageNet models (optionally with torchvision weights)
+  wrapped into :class:`Classifier` (D = 2048 and 1024).
+
+No module computes an activation in place: GAIA hooks the gradient of BatchNorm outputs, and an
+in-place ReLU (or residual add) on such an output would hand the hook the wrong tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import WeightsEnum
+from torchvision.models import densenet as tv_densenet
+from torchvision.models import resnet as tv_resnet
+
+from gradreg.registry import Registry
+
+MODELS: Registry[Classifier] = Registry("model")
+
+logger = logging.getLogger(__name__)
+
+
+class Classifier(nn.Module):
+    """Base class: subclasses build their trunk and implement :meth:`features`.
+
+    Args:
+        num_classes: number of logits of the head.
+        feature_dim: size of the penultimate (pooled) feature vector, the input of ``fc``.
+        in_channels: number of input channels (size of the normalization buffers).
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.fc = nn.Linear(feature_dim, num_classes)
+        self.register_buffer("input_mean", torch.zeros(in_channels))
+        self.register_buffer("input_std", torch.ones(in_channels))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Return the pooled penultimate feature vector, shape (N, D)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return logits, shape (N, num_classes)."""
+        return self.fc(self.features(x))
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Record the per-channel normalization the data pipeline applies to inputs."""
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
+        self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """He-normal convolutions (fan-out), unit BatchNorm, zero linear bias (as in the WRN/DenseNet code)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def _disable_inplace(module: nn.Module) -> None:
+    """Switch every in-place activation (torchvision uses ``ReLU(inplace=True)``) to out-of-place."""
+    for m in module.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False
+
+
+@MODELS.register("small_cnn")
+class SmallCNN(Classifier):
+    """Three conv-BN-ReLU blocks and global average pooling; for 8x8 digits and 28x28 Fashion-MNIST.
+
+    Args:
+        num_classes: number of logits.
+        in_channels: input channels (1 for grayscale).
+        width: channels of the first block (doubled in each following block).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
+        super().__init__(num_classes, feature_dim=4 * width, in_channels=in_channels)
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.trunk = nn.Sequential(
+            *block(in_channels, width),
+            *block(width, 2 * width),
+            nn.MaxPool2d(2),
+            *block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+
+    def features(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.trunk(x)
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation block: BN-ReLU-conv3x3(stride)-BN-ReLU-[dropout]-conv3x3, plus the shortcut.
+
+    When the shape changes, the 1x1 shortcut convolution sees the *pre-activated* input (BN-ReLU(x)),
+    as in the WRN code; otherwise the shortcut is the raw input.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shortcut = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = F.relu(self.bn1(x))
+        out = self.conv1(pre)
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class WideResNet(Classifier):
+    """WideResNet-depth-k for 32x32 inputs (any size works; pooling is global).
+
+    A 3x3 stem, three groups of pre-activation blocks (16k, 32k, 64k channels; strides 1, 2, 2), then
+    BN-ReLU-global-average-pool gives the 64k-d feature.
+
+    Args:
+        depth: total depth, ``6n + 4``.
+        widen_factor: width multiplier k.
+        num_classes: number of logits.
+        in_channels: input channels.
+        dropout: dropout between the two convolutions of each block (0.3 in the energy-OOD WRN).
+    """
+
+    def __init__(
+        self, depth: int, widen_factor: int, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0
+    ) -> None:
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        super().__init__(num_classes, feature_dim=widths[3], in_channels=in_channels)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        groups = []
+        for g, stride in enumerate((1, 2, 2)):
+            cin, cout = widths[g], widths[g + 1]
+            blocks = [_WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, dropout) for i in range(n)]
+            groups.append(nn.Sequential(*blocks))
+        self.block1, self.block2, self.block3 = groups
+        self.bn = nn.BatchNorm2d(widths[3])
+        _init_weights(self)
+
+    def features(self, x: Tensor) -> Tensor:  # noqa: D102
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)
+
+
+@MODELS.register("wrn40_2")
+def wrn40_2(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
+    """WideResNet-40-2 (2.2M parameters, 128-d features), the energy-OOD / OE backbone."""
+    return WideResNet(40, 2, num_classes=num_classes, in_channels=in_channels, dropout=dropout)
+
+
+class _BasicBlock(nn.Module):
+    """Post-activation residual block: conv-BN-ReLU-conv-BN, add the shortcut, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+@MODELS.register("resnet18_cifar")
+class CifarResNet18(Classifier):
+    """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool); 512-d features.
+
+    Args:
+        num_classes: number of logits.
+        in_channels: input channels.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__(num_classes, feature_dim=512, in_channels=in_channels)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        _init_weights(self)
+
+    def features(self, x: Tensor) -> Tensor:  # noqa: D102
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+class _DenseBottleneck(nn.Module):
+    """BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k); the k new maps are concatenated to the input."""
+
+    def __init__(self, cin: int, growth_rate: int) -> None:
+        super().__init__()
+        inter = 4 * growth_rate
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, inter, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(inter)
+        self.conv2 = nn.Conv2d(inter, growth_rate, 3, padding=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return torch.cat([x, out], dim=1)
+
+
+class _Transition(nn.Module):
+    """BN-ReLU-conv1x1 (compression) then 2x2 average pooling."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
+
+
+class DenseNetBC(Classifier):
+    """DenseNet-BC for 32x32 inputs (any size works; pooling is global).
+
+    A 3x3 stem to 2k maps, three dense blocks of bottleneck layers joined by compressing transitions,
+    then BN-ReLU-global-average-pool.
+
+    Args:
+        depth: total depth, ``6n + 4`` (n bottleneck layers per block).
+        growth_rate: k, maps added by each layer.
+        reduction: compression factor of the transitions.
+        num_classes: number of logits.
+        in_channels: input channels.
+    """
+
+    def __init__(
+        self,
+        depth: int = 100,
+        growth_rate: int = 12,
+        reduction: float = 0.5,
+        num_classes: int = 10,
+        in_channels: int = 3,
+    ) -> None:
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f"DenseNet-BC depth must be 6n + 4, got {depth}")
+        n = (depth - 4) // 6
+        channels = 2 * growth_rate
+        stages: list[nn.Module] = []
+        for stage in range(3):
+            layers = []
+            for _ in range(n):
+                layers.append(_DenseBottleneck(channels, growth_rate))
+                channels += growth_rate
+            stages.append(nn.Sequential(*layers))
+            if stage < 2:
+                compressed = int(channels * reduction)
+                stages.append(_Transition(channels, compressed))
+                channels = compressed
+        super().__init__(num_classes, feature_dim=channels, in_channels=in_channels)
+        self.conv1 = nn.Conv2d(in_channels, 2 * growth_rate, 3, padding=1, bias=False)
+        self.block1, self.trans1, self.block2, self.trans2, self.block3 = stages
+        self.bn = nn.BatchNorm2d(channels)
+        _init_weights(self)
+
+    def features(self, x: Tensor) -> Tensor:  # noqa: D102
+        x = self.trans1(self.block1(self.conv1(x)))
+        x = self.block3(self.trans2(self.block2(x)))
+        return F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)
+
+
+@MODELS.register("densenet_bc_100")
+def densenet_bc_100(num_classes: int = 10, in_channels: int = 3) -> DenseNetBC:
+    """DenseNet-BC-100 with k = 12 (0.8M parameters, 342-d features), the DOS/GReg CIFAR backbone."""
+    return DenseNetBC(100, 12, 0.5, num_classes=num_classes, in_channels=in_channels)
+
+
+def _verify_weights(enum: type[WeightsEnum], weights: str | None) -> WeightsEnum | None:
+    """Turn a torchvision weights name ("IMAGENET1K_V2", "DEFAULT") into the enum member."""
+    if weights is None:
+        return None
+    try:
+        return enum.verify(weights)
+    except KeyError:
+        known = ", ".join(["DEFAULT", *(w.name for w in enum)])
+        raise ValueError(f"unknown weights '{weights}' for {enum.__name__}; known: {known}") from None
+
+
+def _replace_input_conv(conv: nn.Conv2d, in_channels: int, pretrained: bool) -> nn.Conv2d:
+    """A copy of the stem convolution for ``in_channels`` inputs.
+
+    Pretrained RGB filters are summed over channels for grayscale input (the response to a gray image
+    is unchanged) and cycled and rescaled by 3 / in_channels otherwise; random ones are re-initialized.
+    """
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        bias=conv.bias is not None,
+    )
+    if not pretrained:
+        _init_weights(new)
+        return new
+    with torch.no_grad():
+        w = conv.weight
+        if in_channels == 1:
+            new.weight.copy_(w.sum(dim=1, keepdim=True))
+        else:
+            idx = torch.arange(in_channels) % w.shape[1]
+            new.weight.copy_(w[:, idx] * (w.shape[1] / in_channels))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+class _Bottleneck(tv_resnet.Bottleneck):
+    """torchvision's Bottleneck with an out-of-place residual add.
+
+    torchvision's ``out += identity`` would overwrite the output of ``bn3``, which GAIA hooks.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+@MODELS.register("resnet50")
+class ResNet50(Classifier):
+    """torchvision ResNet-50 as a :class:`Classifier` (2048-d features).
+
+    Args:
+        num_classes: number of logits; with ``weights`` and 1000 classes the pretrained head is kept,
+            otherwise the head is freshly initialized.
+        in_channels: input channels (pretrained stems are adapted, see :func:`_replace_input_conv`).
+        weights: a torchvision ``ResNet50_Weights`` name (e.g. ``"IMAGENET1K_V2"``), or None for random
+            weights. Named weights come from torchvision's cache (downloaded on first use).
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> None:
+        super().__init__(num_classes, feature_dim=2048, in_channels=in_channels)
+        w = _verify_weights(tv_resnet.ResNet50_Weights, weights)
+        trunk = tv_resnet.ResNet(_Bottleneck, [3, 4, 6, 3])
+        if w is not None:
+            trunk.load_state_dict(w.get_state_dict(progress=False, check_hash=True))
+            if num_classes == trunk.fc.out_features:
+                self.fc.load_state_dict(trunk.fc.state_dict())
+        if in_channels != 3:
+            trunk.conv1 = _replace_input_conv(trunk.conv1, in_channels, pretrained=w is not None)
+        trunk.fc = nn.Identity()
+        _disable_inplace(trunk)
+        self.trunk = trunk
+
+    def features(self, x: Tensor) -> Tensor:  # noqa: D102
+        t = self.trunk
+        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
+        x = t.layer4(t.layer3(t.layer2(t.layer1(x))))
+        return t.avgpool(x).flatten(1)
+
+    def gaia_layers(self) -> list[nn.Module]:
+        """BatchNorm modules of layer3 and layer4, the layers GAIA's official code hooks for ResNets."""
+        blocks = (*self.trunk.layer3.modules(), *self.trunk.layer4.modules())
+        return [m for m in blocks if isinstance(m, nn.BatchNorm2d)]
+
+
+@MODELS.register("densenet121")
+class DenseNet121(Classifier):
+    """torchvision DenseNet-121 as a :class:`Classifier` (1024-d features).
+
+    Args:
+        num_classes: number of logits; with ``weights`` and 1000 classes the pretrained head is kept,
+            otherwise the head is freshly initialized.
+        in_channels: input channels (pretrained stems are adapted, see :func:`_replace_input_conv`).
+        weights: a torchvision ``DenseNet121_Weights`` name (e.g. ``"IMAGENET1K_V1"``), or None.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> None:
+        super().__init__(num_classes, feature_dim=1024, in_channels=in_channels)
+        w = _verify_weights(tv_densenet.DenseNet121_Weights, weights)
+        net = tv_densenet.densenet121(weights=w, progress=False)
+        if w is not None and num_classes == net.classifier.out_features:
+            self.fc.load_state_dict(net.classifier.state_dict())
+        trunk = net.features
+        if in_channels != 3:
+            trunk.conv0 = _replace_input_conv(trunk.conv0, in_channels, pretrained=w is not None)
+        _disable_inplace(trunk)
+        self.trunk = trunk
+
+    def features(self, x: Tensor) -> Tensor:  # noqa: D102
+        return F.adaptive_avg_pool2d(F.relu(self.trunk(x)), 1).flatten(1)
+
+
+def create_classifier(name: str, num_classes: int, **kwargs: object) -> Classifier:
+    """Build a registered classifier by name, e.g. ``create_classifier("wrn40_2", 10)``."""
+    return MODELS.build(name, num_classes=num_classes, **kwargs)
+
+
+_HEAD_PREFIX = "fc."
+
+
+def _clip(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> list[str]:
+    """Load weights from a checkpoint file into ``model`` (in place); returns the skipped head keys.
+
+    ``source`` is a Lightning checkpoint (its ``state_dict`` holds the model under the ``model.``
+    prefix; other entries are ignored) or a plain state dict, read with ``torch.load(weights_only=True)``.
+    Head parameters (``fc.*``) whose shape differs from the model's are skipped with a warning, which
+    is how a model is fine-tuned to a new number of classes. Torchvision weight names are handled by
+    the model constructors (``weights=...``), not here.
+
+    Raises:
+        ValueError: the file cannot be read as a weights-only checkpoint, or any other key is missing,
+            unexpected or of a different shape (one line naming the file and the mismatch).
+    """
+    try:
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors are long and multi-line; keep the first line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{source}: cannot load as a weights-only checkpoint: {first}") from err
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{source}: expected a state dict or a Lightning checkpoint, got {type(ckpt).__name__}")
+    if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        if not state:
+            raise ValueError(f"{source}: Lightning checkpoint has no 'model.'-prefixed keys in its state_dict")
+    else:
+        state = dict(ckpt)
+
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    skipped = [k for k in mismatched if k.startswith(_HEAD_PREFIX)]
+    mismatched = [k for k in mismatched if k not in skipped]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_clip(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_clip(unexpected)}")
+        if mismatched:
+            shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
+            parts.append(f"shape mismatch (checkpoint vs model): {_clip(shapes)}")
+        raise ValueError(f"{source}: does not match {type(model).__name__}: {'; '.join(parts)}")
+    if skipped:
+        logger.warning(
+            "%s: head %s has a different shape (%s vs %s); keeping the new head (fine-tuning to new classes)",
+            source,
+            _clip(skipped),
+            tuple(state[skipped[0]].shape),
+            tuple(own[skipped[0]].shape),
+        )
+    model.load_state_dict({k: (own[k] if k in skipped else state[k]) for k in own})
+    return skipped
