@@ -37,6 +37,7 @@ from gradreg import anomalies, plots
 from gradreg.cli import UserError, configure_wandb_env, next_run_dir, require_file
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
+from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, score_loader, set_metrics
 from gradreg.metrics import accuracy
 from gradreg.module import GradRegModule
@@ -69,6 +70,7 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images")
     p.add_argument("--explain-scorer", default="energy", help="differentiable scorer whose value --explain traces")
     p.add_argument("--explain-train", type=int, default=1000, help="training images and outliers scanned by --explain")
+    p.add_argument("--explain-damping", type=float, default=1.0, help="damping of the (indefinite) training Hessian")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG histograms and ROC curves")
     p.add_argument("--wandb", choices=("auto", "on", "off"), default="auto", help="auto: on if the run used wandb")
@@ -328,7 +330,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
         "checkpoint": str(ckpt_path),
         "scorers": list(scorer_map),
         "id": {
-            "dataset": str(dm.id_dataset),
+            "dataset": dataset_name(dm.id_dataset),
             "n": len(id_scored),
             "accuracy": accuracy(id_scored.preds, id_scored.labels),
         },
@@ -413,6 +415,7 @@ def explain_worst(
     model = module.model.to(device)
     result = explain(
         model, x_test.to(device), key, objective, id_train, outliers, max_train=opts.explain_train,
+        damping=opts.explain_damping,
         test_is_id=[False] * len(ood_worst) + [True] * len(id_worst),
         test_ids=[f"{ood_name}/{i}" for i in ood_worst.tolist()] + [f"id/{i}" for i in id_worst.tolist()],
     )  # fmt: skip
@@ -422,6 +425,10 @@ def explain_worst(
                          std=model.input_std)  # fmt: skip
     result.to_json(out / "influence.json", k=10)
     print(f"explanations of {len(x_test)} test images: {out}")
+    residual = max(result.settings["relative_residual"])
+    if residual > 0.1:  # an indefinite Hessian (non-convex network) makes CG fail: more damping regularizes it
+        print(f"warning: inverse-HVP relative residual up to {residual:.2g}; raise --explain-damping (now "
+              f"{opts.explain_damping}) for trustworthy influence values", file=sys.stderr)  # fmt: skip
 
 
 def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path) -> None:

@@ -172,3 +172,19 @@ def test_bad_checkpoints(trained: Path, tmp_path: Path) -> None:
 
     proc = run("evaluate.py", str(good), "--scorers", "gradnrom", cwd=tmp_path)
     assert_one_line_error(proc, "gradnrom", "gradnorm")
+
+
+@pytest.mark.slow
+def test_evaluate_explain_writes_grids_and_json(trained: Path) -> None:
+    out = trained / "explained"
+    proc = run(
+        "evaluate.py", str(trained / "runs" / "quickstart-001"), "--out", str(out), "--suites", "ood",
+        "--scorers", "energy", "msp", "--explain", "1", "--explain-train", "32", "--no-plots", cwd=trained,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "explain" / "influence.json").read_text())
+    assert [t["is_id"] for t in doc["tests"]] == [False, True]
+    assert len(doc["tests"][0]["outlier"]["harmful"]) > 0
+    assert max(doc["settings"]["relative_residual"]) < 1e-3
+    assert (out / "explain" / "00.png").stat().st_size > 1000
+    assert (out / "explain" / "01.png").stat().st_size > 1000
