@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train ce, energy, greg and greg+ (energy_cluster sampling) on Fashion-MNIST with the same seed and budget,
 # then evaluate each checkpoint with every scorer. Results: runs/results/<name>-001/eval-001/results.md.
-# Usage: bash bench/fashionmnist_results.sh [stream]   (stream a = greg_plus, b = ce energy greg; default both)
+# Usage: bash bench/fashionmnist_results.sh [stream]   (from scratch: a = greg+, b = ce energy greg; fine-tuned from
+# the ce checkpoint: c = greg+, d = energy greg; default: a+b in parallel, then c+d)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled
@@ -15,8 +16,15 @@ train_eval() {  # name, extra train args...
 stream_a() { train_eval fmnist-gregplus --model.method greg --data.outlier_batch_size 384 \
                         --model.sampler "{name: energy_cluster, num_clusters: 64, two_way: true}"; }
 stream_b() { for m in ce energy greg; do train_eval "fmnist-$m" --model.method "$m" --data.outlier_batch_size 64; done; }
-case "${1:-both}" in
+# Fine-tuning protocol of the energy paper: start the OOD-aware methods from the CE checkpoint (same steps, lr 0.01).
+FT=(--model.pretrained runs/results/fmnist-ce-001/last.ckpt --model.lr 0.01)
+stream_c() { train_eval fmnist-ft-gregplus --model.method greg --data.outlier_batch_size 384 "${FT[@]}" \
+                        --model.sampler "{name: energy_cluster, num_clusters: 64, two_way: true}"; }
+stream_d() { for m in energy greg; do train_eval "fmnist-ft-$m" --model.method "$m" --data.outlier_batch_size 64 "${FT[@]}"; done; }
+case "${1:-all}" in
   a) stream_a ;;
   b) stream_b ;;
-  *) stream_a & stream_b; wait ;;
+  c) stream_c ;;
+  d) stream_d ;;
+  *) stream_a & stream_b; wait; stream_c & stream_d; wait ;;
 esac

@@ -151,7 +151,7 @@ class GradRegModule(LightningModule):
             e_in, e_out = energy(logits_id), energy(logits_out)
             losses["energy"] = self.hparams.energy_weight * energy_margin_loss(e_in, e_out, m_in, m_out)
             stats["energy_id"], stats["energy_out"] = e_in.mean().detach(), e_out.mean().detach()
-            stats["hinge_active"] = torch.cat([e_in <= m_in, e_out >= m_out]).float().mean()
+            stats["hinge_active"] = torch.cat([e_in < m_in, e_out > m_out]).float().mean()
         if regularize:
             penalty = grad_norm_penalty(x, e_in, e_out, m_in, m_out, self.hparams.reg_scaling)
             losses["reg"] = self.hparams.reg_weight * penalty.value

@@ -70,7 +70,13 @@ def test_train_writes_run_directory(trained: Path) -> None:
         "ood/mean/msp/fpr95",
     ):
         assert key in keys, sorted(keys)
-    assert list(run_dir.glob("wandb/offline-run-*")), "wandb should run offline without a key"
+    (offline,) = run_dir.glob("wandb/offline-run-*")  # wandb ran offline without a key, in the run directory
+    records = next(offline.glob("*.wandb")).read_bytes()
+    for key in (b"ood/digits_heldout/energy/auroc", b"ood/mean/msp/fpr95", b"hist/noise/gradnorm", b"val/acc"):
+        assert key in records, key
+    tables = list(offline.glob("files/media/table/ood/table_*.table.json"))
+    assert len(tables) == 2  # one per-set table per epoch
+    assert "digits_heldout" in tables[0].read_text()
 
 
 @pytest.mark.slow

@@ -1,0 +1,319 @@
+"""Training-step cost of GReg: cross-entropy vs energy-OE vs energy-OE + the gradient-norm regularizer.
+
+The step is the one a GReg training step runs (``ALGORITHMS.md`` section 1.2, with the single-forward
+variant of ``gradreg.losses``): concatenate ID and outlier batches into one input with
+``requires_grad``, one train-mode forward, CE on the ID logits, 0.1 * energy margin loss, the regularizer
+from ``torch.autograd.grad(Phi, x, create_graph=True)``, one backward, one SGD step. Methods:
+
+- ``ce``: cross-entropy on the ID part only (the outliers still go through the forward, so BatchNorm
+  sees the same batch as in the other two).
+- ``energy``: CE + 0.1 * energy margin loss (energy-OE, Liu et al. 2020, arXiv:2010.03759).
+- ``greg``: energy + 1.0 * ``grad_norm_penalty`` (GReg, Sharifi et al. 2024, arXiv:2404.12368).
+
+Speed settings that keep the semantics: ``cudnn.benchmark``; channels-last tensors on CUDA
+(``--channels-last auto``); fused SGD on CUDA (``foreach`` on CPU); ``zero_grad(set_to_none=True)``;
+everything in float32 (or bf16 autocast with energies and norms in float32), never float64.
+``torch.compile`` is not used: AOTAutograd does not support double backward.
+
+Timing: the methods of one (model, precision) are interleaved step by step in one process (background
+load then hits all of them alike), median over the timed steps. Peak memory:
+``torch.cuda.max_memory_allocated`` over the timed steps on CUDA. On CPU, ``--isolate on`` (the CPU
+default) runs each case alone in a fresh process and reports the peak resident set size minus the
+resident size before the first step (model, optimizer and data excluded), a rough but comparable number;
+with ``--isolate off`` the CPU memory column is n/a.
+
+Examples:
+    python bench/train_step.py --device cuda --out bench_gpu.md
+    python bench/train_step.py --device cpu --model wrn40_2:16:32:32 --precision fp32 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
+from gradreg.models import create_classifier
+
+METHODS = ("ce", "energy", "greg")
+BETA_ENERGY = 0.1  # weight of the energy margin loss (energy-OE and GReg)
+LAMBDA_GRAD = 1.0  # weight of the regularizer (GReg's --jacobianLoss)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measured configuration."""
+
+    model: str
+    n_in: int
+    n_out: int
+    size: int
+    method: str
+    precision: str
+    device: str
+    channels_last: bool
+    num_classes: int = 10
+    warmup: int = 3
+    repeats: int = 10
+    threads: int = 0
+    m_in: float = -25.0
+    m_out: float = -7.0
+
+
+def parse_model_spec(spec: str) -> tuple[str, int, int, int]:
+    """``name:n_in:n_out:size`` -> (name, n_in, n_out, size)."""
+    try:
+        name, n_in, n_out, size = spec.split(":")
+        return name, int(n_in), int(n_out), int(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name:n_in:n_out:size, got {spec!r}") from None
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_in: Tensor,
+    y_in: Tensor,
+    x_out: Tensor,
+    case: Case,
+) -> Tensor:
+    """One optimization step of ``case.method``; returns the (detached) loss."""
+    n_in = x_in.shape[0]
+    x = torch.cat([x_in, x_out])
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if case.method == "greg":
+        x.requires_grad_(True)  # the regularizer differentiates w.r.t. the (normalized) input of this forward
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=case.precision == "bf16"):
+        logits = model(x)
+    loss = F.cross_entropy(logits[:n_in].float(), y_in)
+    if case.method != "ce":
+        e = energy(logits)  # float32 even under autocast
+        loss = loss + BETA_ENERGY * energy_margin_loss(e[:n_in], e[n_in:], case.m_in, case.m_out)
+        if case.method == "greg":
+            penalty = grad_norm_penalty(x, e[:n_in], e[n_in:], case.m_in, case.m_out, scaling="code")
+            loss = loss + LAMBDA_GRAD * penalty.value
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(case: Case) -> tuple[nn.Module, torch.optim.Optimizer, Tensor, Tensor, Tensor]:
+    """Model (train mode), optimizer and a fixed random batch on ``case.device``."""
+    device = torch.device(case.device)
+    torch.manual_seed(0)
+    model = create_classifier(case.model, case.num_classes, in_channels=3).to(device).train()
+    if case.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=0.01,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        **({"fused": True} if device.type == "cuda" else {"foreach": True}),
+    )
+    x_in = torch.randn(case.n_in, 3, case.size, case.size, device=device)
+    y_in = torch.randint(0, case.num_classes, (case.n_in,), device=device)
+    x_out = torch.randn(case.n_out, 3, case.size, case.size, device=device)
+    return model, optimizer, x_in, y_in, x_out
+
+
+def run_group(cases: list[Case]) -> list[dict]:
+    """Time the cases in one process, interleaved step by step (round r runs step r of every case).
+
+    Interleaving spreads any background load evenly over the methods, which keeps their ratios
+    meaningful on a shared machine. Peak memory: on CUDA the allocator's peak over each case's timed
+    steps (reset before every step); on CPU the peak resident size minus the size before the first step,
+    meaningful only for a group of one case in a fresh process (see :func:`run_isolated`), else NaN.
+    """
+    first = cases[0]
+    if first.threads > 0:
+        torch.set_num_threads(first.threads)
+    device = torch.device(first.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    states = [_setup(case) for case in cases]
+    base_rss = _resident_bytes()
+    for case, state in zip(cases, states, strict=True):
+        for _ in range(case.warmup):
+            train_step(*state, case)
+    _sync(device)
+    times: list[list[float]] = [[] for _ in cases]
+    peaks = [0] * len(cases)
+    losses = [float("nan")] * len(cases)
+    for _ in range(first.repeats):
+        for i, (case, state) in enumerate(zip(cases, states, strict=True)):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            loss = train_step(*state, case)
+            _sync(device)
+            times[i].append(1e3 * (time.perf_counter() - start))
+            losses[i] = float(loss)
+            if device.type == "cuda":
+                peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated(device))
+    if device.type != "cuda":
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+        peaks = [rss if len(cases) == 1 else float("nan")] * len(cases)
+    return [
+        {
+            **dataclasses.asdict(case),
+            "median_ms": statistics.median(t),
+            "min_ms": min(t),
+            "times_ms": t,
+            "peak_bytes": peak,
+            "final_loss": loss,
+        }
+        for case, t, peak, loss in zip(cases, times, peaks, losses, strict=True)
+    ]
+
+
+def run_isolated(case: Case) -> dict:
+    """Run one case alone in a fresh process, so that the CPU peak-RSS figure belongs to this case."""
+    with mp.get_context("spawn").Pool(processes=1, maxtasksperchild=1) as pool:
+        return pool.apply(run_group, ([case],))[0]
+
+
+def _gib(n: float) -> str:
+    return "n/a" if n != n else f"{n / 2**30:.2f}"
+
+
+def _cell(by_method: dict[str, dict], method: str, key: str) -> str:
+    if method not in by_method:
+        return "-"
+    value = by_method[method][key]
+    return _gib(value) if key == "peak_bytes" else f"{value:.1f}"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per (model, batch, precision): median ms per method, GReg/energy-OE ratio, peak memory."""
+    memory = "peak GiB" if results and results[0]["device"].startswith("cuda") else "step RSS GiB"
+    lines = [
+        f"| model | ID + OOD | input | precision | CE ms | energy-OE ms | GReg ms | GReg / energy-OE | {memory} "
+        "(CE / energy-OE / GReg) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["n_in"], r["n_out"], r["size"], r["precision"]), {})[r["method"]] = r
+    for (model, n_in, n_out, size, precision), by_method in groups.items():
+        ratio = "-"
+        if "greg" in by_method and "energy" in by_method:
+            ratio = f"{by_method['greg']['median_ms'] / by_method['energy']['median_ms']:.2f}x"
+        times = " | ".join(_cell(by_method, m, "median_ms") for m in METHODS)
+        mems = " / ".join(_cell(by_method, m, "peak_bytes") for m in METHODS)
+        lines.append(f"| {model} | {n_in} + {n_out} | {size}x{size} | {precision} | {times} | {ratio} | {mems} |")
+    return "\n".join(lines)
+
+
+def environment_line(device: str, threads: int, channels_last: bool) -> str:
+    """Where the numbers come from."""
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(torch.device(device))
+    else:
+        where = f"CPU ({platform.processor() or platform.machine()}, {threads or torch.get_num_threads()} threads)"
+    return (
+        f"{where}; torch {torch.__version__}; channels_last={channels_last}; "
+        f"median of the timed steps, train mode, SGD (nesterov, momentum 0.9)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, run every (model, precision, method) case, print and optionally write the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=parse_model_spec,
+        help="name:n_in:n_out:size, repeatable (default: wrn40_2:128:256:32 and resnet50:64:128:224)",
+    )
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
+    parser.add_argument(
+        "--isolate",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="one process per case, for CPU memory figures (auto: on for CPU); off = methods interleaved step by step",
+    )
+    parser.add_argument("--out", type=Path, help="write the markdown table (and the environment line) here")
+    parser.add_argument("--json", type=Path, help="write all raw results here")
+    args = parser.parse_args(argv)
+
+    models = args.model or [("wrn40_2", 128, 256, 32), ("resnet50", 64, 128, 224)]
+    is_cuda = args.device.startswith("cuda")
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and is_cuda)
+    isolate = args.isolate == "on" or (args.isolate == "auto" and not is_cuda)
+    results = []
+    for name, n_in, n_out, size in models:
+        for precision in args.precision:
+            cases = [
+                Case(
+                    name,
+                    n_in,
+                    n_out,
+                    size,
+                    method,
+                    precision,
+                    args.device,
+                    channels_last,
+                    num_classes=args.num_classes,
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                    threads=args.threads,
+                )
+                for method in args.methods
+            ]
+            group = [run_isolated(case) for case in cases] if isolate else run_group(cases)
+            for result in group:
+                print(
+                    f"{name} {n_in}+{n_out} {size}px {precision} {result['method']}: {result['median_ms']:.1f} ms "
+                    f"(min {result['min_ms']:.1f}), peak {_gib(result['peak_bytes'])} GiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            results.extend(group)
+    table = markdown_table(results)
+    env = environment_line(args.device, args.threads, channels_last)
+    print(f"{env}\n\n{table}")
+    if args.out:
+        args.out.write_text(f"{env}\n\n{table}\n")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

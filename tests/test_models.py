@@ -1,0 +1,190 @@
+"""Contract tests for every registered classifier, plus checkpoint loading (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from gradreg.models import MODELS, Classifier, ResNet50, create_classifier, load_pretrained
+
+TORCHVISION = {"resnet50", "densenet121"}
+FEATURE_DIM = {
+    "small_cnn": 128,
+    "wrn40_2": 128,
+    "resnet18_cifar": 512,
+    "densenet_bc_100": 342,
+    "resnet50": 2048,
+    "densenet121": 1024,
+}
+
+
+def image_size(name: str, small: bool = False) -> int:
+    if name in TORCHVISION:
+        return 32 if small else 64
+    return 16 if small else 32
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("in_channels", [3, 1])
+def test_features_and_logits_shapes(name: str, in_channels: int) -> None:
+    model = create_classifier(name, 5, in_channels=in_channels).eval()
+    assert isinstance(model, Classifier)
+    x = torch.randn(2, in_channels, image_size(name), image_size(name))
+    with torch.no_grad():
+        feats = model.features(x)
+        logits = model(x)
+    assert feats.shape == (2, model.fc.in_features)
+    assert logits.shape == (2, 5)
+    torch.testing.assert_close(logits, model.fc(feats))
+    assert model.input_mean.shape == (in_channels,)
+    if name in FEATURE_DIM:
+        assert feats.shape[1] == FEATURE_DIM[name]
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_no_inplace_modules(name: str) -> None:
+    model = create_classifier(name, 3)
+    inplace = [n for n, m in model.named_modules() if getattr(m, "inplace", False)]
+    assert not inplace, f"in-place modules break GAIA's gradient hooks: {inplace}"
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_double_backward_through_model_in_train_mode(name: str) -> None:
+    model = create_classifier(name, 4).train()
+    size = image_size(name, small=True)
+    x = torch.randn(2, model.input_mean.numel(), size, size, requires_grad=True)
+    logits = model(x)
+    (grad_x,) = torch.autograd.grad(torch.logsumexp(logits, dim=1).sum(), x, create_graph=True)
+    grad_x.pow(2).sum().backward()
+    weights = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in weights)
+    assert weights[0].grad.abs().sum() > 0  # the stem gets a second-order gradient
+
+
+def _save(tmp_path: Path, state: dict, name: str = "ckpt.pt") -> Path:
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_load_pretrained_round_trips_and_rejects_mismatch(name: str, tmp_path: Path) -> None:
+    source = create_classifier(name, 4)
+    target = create_classifier(name, 4)
+    path = _save(tmp_path, source.state_dict())
+    assert load_pretrained(target, path) == []
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0)
+
+    state = source.state_dict()
+    first_key = next(k for k in state if not k.startswith("fc."))
+    state.pop(first_key)
+    state["not_a_layer.weight"] = torch.zeros(1)
+    bad = _save(tmp_path, state, "bad.pt")
+    with pytest.raises(ValueError, match="does not match") as err:
+        load_pretrained(target, bad)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "bad.pt" in message
+    assert first_key in message
+    assert "not_a_layer.weight" in message
+
+
+def test_load_pretrained_reads_lightning_checkpoints(tmp_path: Path) -> None:
+    source = create_classifier("wrn40_2", 10)
+    ckpt = {
+        "epoch": 3,
+        "state_dict": {**{f"model.{k}": v for k, v in source.state_dict().items()}, "ema.step": torch.tensor(1)},
+    }
+    target = create_classifier("wrn40_2", 10)
+    load_pretrained(target, _save(tmp_path, ckpt))
+    torch.testing.assert_close(target.fc.weight, source.fc.weight, rtol=0, atol=0)
+    torch.testing.assert_close(target.conv1.weight, source.conv1.weight, rtol=0, atol=0)
+
+
+def test_load_pretrained_skips_a_head_of_another_size_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = create_classifier("wrn40_2", 10)
+    target = create_classifier("wrn40_2", 100)
+    head_before = target.fc.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="gradreg.models"):
+        skipped = load_pretrained(target, _save(tmp_path, source.state_dict()))
+    assert skipped == ["fc.weight", "fc.bias"]
+    assert "fc.weight" in caplog.text
+    torch.testing.assert_close(target.fc.weight, head_before, rtol=0, atol=0)
+    torch.testing.assert_close(target.conv1.weight, source.conv1.weight, rtol=0, atol=0)
+
+
+def test_load_pretrained_rejects_a_trunk_shape_mismatch(tmp_path: Path) -> None:
+    path = _save(tmp_path, create_classifier("wrn40_2", 10, in_channels=1).state_dict())
+    with pytest.raises(ValueError, match=r"shape mismatch .*conv1\.weight \(16, 1, 3, 3\) vs \(16, 3, 3, 3\)"):
+        load_pretrained(create_classifier("wrn40_2", 10), path)
+
+
+def test_load_pretrained_rejects_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pt: cannot load") as err:
+        load_pretrained(create_classifier("small_cnn", 3), path)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_torchvision_weights_name_fails_before_download() -> None:
+    with pytest.raises(ValueError, match=r"unknown weights 'IMAGENET9K'.*IMAGENET1K_V2"):
+        create_classifier("resnet50", 10, weights="IMAGENET9K")
+
+
+@pytest.mark.parametrize(("name", "head"), [("resnet50", "fc"), ("densenet121", "classifier")])
+def test_torchvision_weights_load_trunk_and_recreate_head(
+    name: str, head: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision
+
+    reference = getattr(torchvision.models, name)()  # random 1000-class net standing in for the download
+    fake_state = reference.state_dict()
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *args, **kwargs: dict(fake_state))
+
+    pretrained = create_classifier(name, 1000, weights="DEFAULT")
+    torch.testing.assert_close(pretrained.fc.weight, getattr(reference, head).weight, rtol=0, atol=0)
+    finetune = create_classifier(name, 7, weights="DEFAULT")
+    assert finetune.fc.out_features == 7
+    stem = "conv1.weight" if name == "resnet50" else "conv0.weight"
+    trunk_state = finetune.trunk.state_dict()
+    src_key = stem if name == "resnet50" else f"features.{stem}"
+    torch.testing.assert_close(trunk_state[stem], fake_state[src_key], rtol=0, atol=0)
+
+    gray = create_classifier(name, 7, in_channels=1, weights="DEFAULT")
+    torch.testing.assert_close(gray.trunk.state_dict()[stem], fake_state[src_key].sum(1, keepdim=True))
+    x = torch.rand(2, 1, 64, 64)
+    gray.eval()
+    finetune.eval()
+    with torch.no_grad():  # a gray image gives the same features through the adapted stem
+        torch.testing.assert_close(gray.features(x), finetune.features(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+def test_resnet50_gaia_layers_are_the_batchnorms_of_layer3_and_layer4() -> None:
+    model = create_classifier("resnet50", 10)
+    assert isinstance(model, ResNet50)
+    layers = model.gaia_layers()
+    names = {n for n, m in model.named_modules() if any(m is layer for layer in layers)}
+    assert all(isinstance(m, nn.BatchNorm2d) for m in layers)
+    assert all(n.startswith(("trunk.layer3.", "trunk.layer4.")) for n in names)
+    # 6 + 3 bottlenecks with 3 BN each, plus the downsample BN of each stage
+    assert len(layers) == (6 + 3) * 3 + 2
+
+
+def test_wrn_dropout_is_active_only_in_train_mode() -> None:
+    model = create_classifier("wrn40_2", 10, dropout=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))
+    model.train()
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model(x))
