@@ -11,12 +11,13 @@ shards are gathered, so the numbers equal those of a single device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from gradreg.evaluation import ScoredSet, ScorerSpec, build_scorers, mean_metrics, score_loader, set_metrics
@@ -37,6 +38,8 @@ class OODEvalCallback(Callback):
         every_n_epochs: evaluate after every n-th validation during ``fit``.
         max_samples: score at most this many images per set (the first ones; keeps big sets cheap).
         histograms: log score histograms when the logger supports them.
+        cache_mb: keep the transformed evaluation images (deterministic: no augmentation) in memory up to this
+            many MiB, so later epochs skip decoding and transforms; 0 disables the cache.
     """
 
     def __init__(
@@ -45,12 +48,15 @@ class OODEvalCallback(Callback):
         every_n_epochs: int = 1,
         max_samples: int | None = 2000,
         histograms: bool = True,
+        cache_mb: int = 512,
     ) -> None:
         self.scorer_specs = list(scorers)
         self.scorers = build_scorers(self.scorer_specs)  # fail at construction on a bad name or setting
         self.every_n_epochs = every_n_epochs
         self.max_samples = max_samples
         self.histograms = histograms
+        self.cache_mb = cache_mb
+        self._cache: dict[tuple[str, str], list[tuple[Tensor, Tensor]]] = {}
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
         if trainer.sanity_checking:
@@ -63,22 +69,39 @@ class OODEvalCallback(Callback):
         self.evaluate(trainer, pl_module, "test")
 
     # ----------------------------------------------------------------------------------------------------------
-    def _score(self, trainer: Trainer, pl_module: LightningModule, dataset: Dataset) -> ScoredSet:
+    def _score(self, trainer: Trainer, pl_module: LightningModule, dataset: Dataset, key: tuple[str, str]) -> ScoredSet:
         n = len(dataset) if self.max_samples is None else min(len(dataset), self.max_samples)  # type: ignore[arg-type]
-        shard = Subset(dataset, range(trainer.global_rank, n, trainer.world_size))
-        dm = trainer.datamodule
-        loader = DataLoader(shard, batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
-        local = score_loader(pl_module.model, loader, self.scorers, pl_module.device, pl_module.num_classes)
+        batches = self._cache.get(key)
+        if batches is None:
+            shard = Subset(dataset, range(trainer.global_rank, n, trainer.world_size))
+            dm = trainer.datamodule
+            batches = self._remember(key, DataLoader(shard, batch_size=dm.eval_batch_size, num_workers=dm.num_workers))
+        local = score_loader(pl_module.model, batches, self.scorers, pl_module.device, pl_module.num_classes)
         return local if trainer.world_size == 1 else _gather(trainer, local, n)
+
+    def _remember(self, key: tuple[str, str], loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield the loader's batches and cache them if they fit in what is left of ``cache_mb``."""
+        used = sum(x.nbytes for batches in self._cache.values() for x, _ in batches)
+        kept: list[tuple[Tensor, Tensor]] | None = []
+        for x, y in loader:
+            if kept is not None:
+                used += x.nbytes
+                if used <= self.cache_mb * 2**20:
+                    kept.append((x, y))
+                else:
+                    kept = None
+            yield x, y
+        if kept is not None:
+            self._cache[key] = kept
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, split: str) -> dict[str, Any]:
         """Score ID ``split`` and every OOD set of that split; log and return the metrics."""
         dm = trainer.datamodule
-        id_scores = self._score(trainer, pl_module, dm.id_dataset_for(split))
+        id_scores = self._score(trainer, pl_module, dm.id_dataset_for(split), (split, "id"))
         per_set: dict[str, dict[str, dict[str, float]]] = {}
         ood_scores: dict[str, ScoredSet] = {}
         for name, dataset in dm.ood_datasets(split).items():
-            ood_scores[name] = self._score(trainer, pl_module, dataset)
+            ood_scores[name] = self._score(trainer, pl_module, dataset, (split, name))
             per_set[name] = set_metrics(id_scores, ood_scores[name])
         per_set_and_mean = {**per_set, "mean": mean_metrics(per_set)} if per_set else {}
         logged = {

@@ -166,3 +166,22 @@ def test_callback_in_fit_validate_and_test_restores_train_mode(tmp_path: Path) -
     assert "ood/noise/gaia_z/auroc" in trainer_im.callback_metrics
     assert len(seen_modes) == 3
     assert all(before == after for before, after in seen_modes)
+
+
+def test_callback_cache_gives_the_same_numbers_and_respects_its_cap() -> None:
+    model, dm = make("ce")
+
+    class FakeTrainer:
+        datamodule, global_rank, world_size, is_global_zero, loggers, global_step = dm, 0, 1, True, [], 0
+
+    logged: list[dict] = []
+    model.log_dict = lambda values, **kw: logged.append(dict(values))
+    cached, uncached = (
+        OODEvalCallback(scorers=["energy", "odin"]),
+        OODEvalCallback(scorers=["energy", "odin"], cache_mb=0),
+    )
+    for callback in (cached, cached, uncached):
+        callback.evaluate(FakeTrainer(), model, "val")
+    assert logged[0] == logged[1] == logged[2]
+    assert set(cached._cache) == {("val", "id"), ("val", "digits_heldout"), ("val", "noise")}
+    assert not uncached._cache
