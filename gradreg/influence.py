@@ -595,7 +595,7 @@ def explain(
     *,
     params: Sequence[str] | None = None,
     method: Literal["cg", "lissa"] = "cg",
-    damping: float = 0.01,
+    damping: float | Literal["auto"] = 0.01,
     scale: float | None = None,
     depth: int = 1000,
     repeats: int = 1,
@@ -628,7 +628,9 @@ def explain(
         params: parameter prefixes (:func:`select_parameters`); ``None`` = last block + head.
         method: inverse-HVP solver, ``"cg"`` (on the full Hessian subset) or ``"lissa"`` (one Hessian batch per
             recursion step, cycling).
-        damping: see :func:`inverse_hvp`.
+        damping: see :func:`inverse_hvp`; ``"auto"`` uses 1.01 times the largest-magnitude Hessian eigenvalue
+            (20 power iterations), which makes ``H + damping I`` positive definite for the indefinite Hessians of
+            non-convex networks, at the price of shrinking the influence towards a gradient similarity.
         scale: LiSSA scale; ``None`` estimates it by power iteration on the full Hessian subset.
         depth: LiSSA depth.
         repeats: LiSSA repeats.
@@ -680,6 +682,8 @@ def explain(
         hessian_loss = train_loss if hessian_loss is None else hessian_loss
         full_hvp = make_hvp(model, hessian_loss, batches, names)
         solver_hvp = full_hvp
+        if damping == "auto":  # |lambda|_max makes H + damping I positive definite even where H is indefinite
+            damping = 1.01 * top_eigenvalue(full_hvp, test_grads.shape[1], like=like)
         if method == "lissa":
             if scale is None:
                 scale = 1.1 * top_eigenvalue(full_hvp, test_grads.shape[1], like=like) + damping

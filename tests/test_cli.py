@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradreg.cli import evaluate_main, train_main
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
 
@@ -34,6 +36,20 @@ def train(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> subproce
     return run("train.py", "--config", config, "--run.root", str(tmp / "runs"), *FAST, *extra, cwd=tmp, env=env)
 
 
+def run_inprocess(main, args: list[str], capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:
+    """Call an entry point in this process (no interpreter start-up); same exit code and stderr as a subprocess."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+
+
+def train_inprocess(tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> subprocess.CompletedProcess:
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    args = ["--config", config, "--run.root", str(tmp / "runs"), *FAST, "--trainer.logger", "false", *extra]
+    return run_inprocess(train_main, args, capsys)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit code 1, no traceback, one ``error:`` line (a missing-data report may list one line per dataset)."""
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
@@ -54,6 +70,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_train_writes_run_directory(trained: Path) -> None:
     run_dir = trained / "runs" / "quickstart-001"
     assert (run_dir / "config.yaml").is_file()
@@ -80,6 +97,7 @@ def test_train_writes_run_directory(trained: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_rerun_never_overwrites(trained: Path) -> None:
     first = trained / "runs" / "quickstart-001" / "last.ckpt"
     before = first.read_bytes()
@@ -91,11 +109,12 @@ def test_rerun_never_overwrites(trained: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_evaluate_writes_consistent_results(trained: Path) -> None:
     out = trained / "eval"
     proc = run(
         "evaluate.py", str(trained / "runs" / "quickstart-001"), "--out", str(out),
-        "--corruptions", "gaussian_noise", "jpeg", "--severities", "1", "5", cwd=trained,
+        "--corruptions", "jpeg", "--severities", "5", "--epsilons", str(8 / 255), cwd=trained,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -123,6 +142,7 @@ def test_evaluate_writes_consistent_results(trained: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_evaluate_refuses_to_overwrite(trained: Path) -> None:
     out = trained / "eval_taken"
     out.mkdir()
@@ -132,8 +152,8 @@ def test_evaluate_refuses_to_overwrite(trained: Path) -> None:
     assert (out / "results.json").read_text() == "{}"
 
 
-def test_unknown_config_key(tmp_path: Path) -> None:
-    proc = train(tmp_path, "--model.lrr", "0.1")
+def test_unknown_config_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = train_inprocess(tmp_path, capsys, "--model.lrr", "0.1")
     assert_one_line_error(proc, "lrr")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -150,42 +170,45 @@ def test_unknown_scorer_in_config(tmp_path: Path) -> None:
     assert_one_line_error(proc, "gradnrom")
 
 
-def test_missing_dataset_directory(tmp_path: Path) -> None:
+def test_missing_dataset_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = '{"name": "tinyimages300k"}'
-    proc = train(tmp_path, "--data.outliers", spec, "--data.data_root", str(tmp_path / "nowhere"))
+    proc = train_inprocess(tmp_path, capsys, "--data.outliers", spec, "--data.data_root", str(tmp_path / "nowhere"))
     assert_one_line_error(proc, "tinyimages300k", str(tmp_path / "nowhere"))
 
 
-def test_nan_loss_stops_with_one_line(tmp_path: Path) -> None:
-    proc = train(tmp_path, "--model.lr", "1e30", "--model.schedule", "constant")
+def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = train_inprocess(tmp_path, capsys, "--model.lr", "1e30", "--model.schedule", "constant")
     assert_one_line_error(proc, "non-finite training loss", "model.lr")
 
 
 @pytest.mark.slow
-def test_bad_checkpoints(trained: Path, tmp_path: Path) -> None:
+@pytest.mark.timeout(400)
+def test_bad_checkpoints(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = trained / "runs" / "quickstart-001" / "last.ckpt"
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    assert_one_line_error(run("evaluate.py", str(truncated), cwd=tmp_path), "truncated")
+    assert_one_line_error(run_inprocess(evaluate_main, [str(truncated)], capsys), "truncated")
 
-    assert_one_line_error(run("evaluate.py", str(tmp_path / "missing.ckpt"), cwd=tmp_path), "does not exist")
+    assert_one_line_error(run_inprocess(evaluate_main, [str(tmp_path / "no.ckpt")], capsys), "does not exist")
 
     ckpt = torch.load(good, map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["num_classes"] = 10
     mismatched = tmp_path / "mismatched.ckpt"
     torch.save(ckpt, mismatched)
-    assert_one_line_error(run("evaluate.py", str(mismatched), cwd=tmp_path), "6 outputs", "10")
+    assert_one_line_error(run_inprocess(evaluate_main, [str(mismatched)], capsys), "6 outputs", "10")
 
-    proc = run("evaluate.py", str(good), "--scorers", "gradnrom", cwd=tmp_path)
+    proc = run_inprocess(evaluate_main, [str(good), "--scorers", "gradnrom"], capsys)
     assert_one_line_error(proc, "gradnrom", "gradnorm")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_evaluate_explain_writes_grids_and_json(trained: Path) -> None:
     out = trained / "explained"
     proc = run(
         "evaluate.py", str(trained / "runs" / "quickstart-001"), "--out", str(out), "--suites", "ood",
-        "--scorers", "energy", "msp", "--explain", "1", "--explain-train", "32", "--no-plots", cwd=trained,
+        "--scorers", "energy", "msp", "--explain", "1", "--explain-train", "32", "--explain-hessian", "64",
+        "--no-plots", cwd=trained,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "explain" / "influence.json").read_text())

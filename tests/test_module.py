@@ -84,6 +84,7 @@ def test_cosine_schedule_decays_to_min_lr(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_ddp_two_cpu_processes_train(tmp_path: Path) -> None:
     args = [
         sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
@@ -122,6 +123,7 @@ if trainer.is_global_zero:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_callback_under_ddp_matches_one_device(tmp_path: Path) -> None:
     script = tmp_path / "ddp_eval.py"
     script.write_text(DDP_EVAL)
