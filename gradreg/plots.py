@@ -87,6 +87,17 @@ def _shared_bins(all_scores: list[np.ndarray]) -> np.ndarray:
     return np.linspace(low / 2.0, high / 2.0, HIST_BINS + 1) * 2.0
 
 
+def _checked(
+    id_scores: ArrayLike, ood_scores_by_set: Mapping[str, ArrayLike]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Validated float64 ID scores and OOD scores by set (at least one set)."""
+    pos = as_scores(id_scores, "id_scores")
+    sets = {name: as_scores(s, f"ood_scores_by_set[{name!r}]") for name, s in ood_scores_by_set.items()}
+    if not sets:
+        raise ValueError("ood_scores_by_set is empty")
+    return pos, sets
+
+
 def score_histograms(
     id_scores: ArrayLike,
     ood_scores_by_set: Mapping[str, ArrayLike],
@@ -107,10 +118,7 @@ def score_histograms(
     Returns:
         The path written.
     """
-    pos = as_scores(id_scores, "id_scores")
-    sets = {name: as_scores(s, f"ood_scores_by_set[{name!r}]") for name, s in ood_scores_by_set.items()}
-    if not sets:
-        raise ValueError("ood_scores_by_set is empty")
+    pos, sets = _checked(id_scores, ood_scores_by_set)
     edges = _shared_bins([pos, *sets.values()])
     fig = _new_figure()
     ax = fig.add_subplot()
@@ -146,10 +154,7 @@ def roc_curves(
     Returns:
         The path written.
     """
-    pos = as_scores(id_scores, "id_scores")
-    sets = {name: as_scores(s, f"ood_scores_by_set[{name!r}]") for name, s in ood_scores_by_set.items()}
-    if not sets:
-        raise ValueError("ood_scores_by_set is empty")
+    pos, sets = _checked(id_scores, ood_scores_by_set)
     fig = _new_figure(5.6, 5.2)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=0.8)
