@@ -310,7 +310,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
         module, dm = from_config(ckpt_path, overrides) if post_hoc else rebuild(load_checkpoint(ckpt_path), overrides)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot build the model and data ({str(err).splitlines()[0]})") from None
-    require_datasets({"data": {**dm.hparams, **overrides}}, stage="test")  # stop before any work if data is missing
+    require_datasets({"data": dict(dm.hparams)}, stage="test")  # stop before any work if data is missing
     specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
     scorer_map = build_scorers(specs)
     ood_sets = dm.ood_datasets("test")  # builds every set now: a missing dataset stops us before any work

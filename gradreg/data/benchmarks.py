@@ -101,7 +101,7 @@ def _register(name: str, locate: Callable[..., Located]) -> Callable[[F], F]:
     return deco
 
 
-def _resolve(root: Path, path: str | os.PathLike[str] | None, default: str) -> Path:
+def resolve_path(root: Path, path: str | os.PathLike[str] | None, default: str) -> Path:
     """``path`` (absolute, ``~``, or relative to ``root``), else ``root / default``; made absolute for messages."""
     chosen = Path(path).expanduser() if path is not None else Path(default)
     return (chosen if chosen.is_absolute() else Path(root) / chosen).absolute()
@@ -187,7 +187,7 @@ def _list_path(name: str, root: Path, split: str, list_file: str) -> Path:
     """The list file for ``split``: ``{split}`` in the name is replaced; without it the list is one OOD set."""
     if "{split}" not in list_file:
         _check_split(name, split, ("val", "test"))
-    lst = _resolve(root, list_file.replace("{split}", split), "")
+    lst = resolve_path(root, list_file.replace("{split}", split), "")
     if split == "val" and "{split}" in list_file and not lst.is_file():
         raise ValueError(f"dataset '{name}' has no val list ({lst})")  # the datamodule then holds out train images
     return lst
@@ -197,7 +197,7 @@ def _locate_list(name: str, root: Path, split: str, list_file: str, list_root: s
     lst = _list_path(name, root, split, list_file)
     if not lst.is_file():
         raise DatasetNotFoundError(name, lst, "the list_file does not exist (it is relative to data_root)")
-    base = _resolve(root, list_root, ".")
+    base = resolve_path(root, list_root, ".")
     files, _ = read_list_file(lst, base)
     missing = [f for f in files if not f.is_file()]
     if not files or missing:
@@ -208,7 +208,7 @@ def _locate_list(name: str, root: Path, split: str, list_file: str, list_root: s
 
 def _list_dataset(name: str, root: Path, split: str, list_file: str, list_root: str | None) -> ImageFiles:
     lst = _locate_list(name, root, split, list_file, list_root).path
-    return ImageFiles(*read_list_file(lst, _resolve(root, list_root, ".")))
+    return ImageFiles(*read_list_file(lst, resolve_path(root, list_root, ".")))
 
 
 class ImageFiles(Dataset):
@@ -277,7 +277,7 @@ def _cifar(name: str) -> None:
 
     def locate(root: Path, split: str, path: str | None = None, download: bool = False) -> Located:
         _check_split(name, split, ("train", "test"))
-        base = _resolve(root, path, ".")
+        base = resolve_path(root, path, ".")
         if base.name == folder_name:  # path may name the extracted folder itself
             base = base.parent
         folder = base / folder_name
@@ -338,7 +338,7 @@ def _mnist_like(name: str, cls: type[tvd.MNIST], debian: str) -> None:
 
     def locate(root: Path, split: str, path: str | None = None, download: bool = False) -> Located:
         _check_split(name, split, ("train", "test"))
-        base = _resolve(root, path, ".")
+        base = resolve_path(root, path, ".")
         raw = base / cls.__name__ / "raw"  # torchvision's raw_folder
         for folder in (base, raw):
             if all(_idx_file(folder, stem) for stem in _IDX_FILES[split]):
@@ -380,7 +380,7 @@ _mnist_like("mnist", tvd.MNIST, "")
 # SVHN: <data_root>/svhn/{train,test,extra}_32x32.mat (torchvision layout)
 def _svhn_locate(root: Path, split: str, path: str | None = None, download: bool = False) -> Located:
     _check_split("svhn", split, ("train", "test", "extra"))
-    folder = _resolve(root, path, "svhn")
+    folder = resolve_path(root, path, "svhn")
     url = tvd.SVHN.split_list[split][0]
     return _require("svhn", folder, [folder / f"{split}_32x32.mat"], f"get {url}, or set download: true", download)
 
@@ -411,7 +411,7 @@ def _textures_locate(
     if list_file is not None:
         return _locate_list("textures", root, split, list_file, list_root)
     _check_split("textures", split, ("test",), _OOD_SPLIT_HINT)
-    base = _resolve(root, path, ".")
+    base = resolve_path(root, path, ".")
     folder = base / "dtd" / "dtd"
     labels = [folder / "labels" / f"{s}1.txt" for s in ("train", "val", "test")]
     if path is not None and not (base / "dtd").exists() and _has_images(base):
@@ -460,7 +460,7 @@ def _places365_locate(
     _check_split("places365", split, ("test",), _OOD_SPLIT_HINT)
     if source_split not in ("val", "test"):
         raise ValueError(f"places365: source_split must be 'val' or 'test', got '{source_split}'")
-    folder = _resolve(root, path, "places365")
+    folder = resolve_path(root, path, "places365")
     images = f"{source_split}_{'256' if small else 'large'}"
     devkit = tvd.Places365._BASE_URL + tvd.Places365._DEVKIT_META["standard"][0]
     archive = tvd.Places365._BASE_URL + tvd.Places365._IMAGES_META[(source_split, small)][0]
@@ -520,7 +520,7 @@ def _folder_set(name: str, how: str) -> None:
         if list_file is not None:
             return _locate_list(name, root, split, list_file, list_root)
         _check_split(name, split, ("test",), _OOD_SPLIT_HINT)
-        folder = _resolve(root, path, name)
+        folder = resolve_path(root, path, name)
         if not _has_images(folder):
             raise DatasetNotFoundError(name, folder, f"no images there; {how} (any sub-folder depth)")
         return Located(folder)
@@ -564,7 +564,7 @@ def _tinyimagenet_locate(
     if list_file is not None:
         return _locate_list("tinyimagenet", root, split, list_file, list_root)
     _check_split("tinyimagenet", split, ("train", "test"), _OOD_SPLIT_HINT)
-    folder = _resolve(root, path, "tinyimagenet")
+    folder = resolve_path(root, path, "tinyimagenet")
     if (folder / "tiny-imagenet-200").is_dir():  # the zip extracted into the folder
         folder = folder / "tiny-imagenet-200"
     sub = folder / ("train" if split == "train" else "val")
@@ -608,7 +608,7 @@ def imagenet_subset_wnids(num_classes: int, seed: int = IMAGENET_SUBSET_SEED) ->
 
 def _imagenet_classes(name: str, root: Path, split: str, path: str | None, wnids: Sequence[str]) -> Located:
     _check_split(name, split, ("train", "test"))
-    folder = _resolve(root, path, "imagenet") / ("train" if split == "train" else "val")
+    folder = resolve_path(root, path, "imagenet") / ("train" if split == "train" else "val")
     if not folder.is_dir():
         raise DatasetNotFoundError(name, folder, _IMAGENET_HOW)
     missing = [w for w in wnids if not (folder / w).is_dir()]

@@ -152,13 +152,6 @@ class OODDataModule(LightningDataModule):
         eval_tf = build_transform(self.spec, "none")
         return {dataset_name(s): Transformed(self._build(s, split), eval_tf) for s in specs}
 
-    def all_dataset_specs(self) -> list[tuple[str, DatasetSpec]]:
-        """Every dataset this module would read, with its role (for up-front data checks)."""
-        specs: list[tuple[str, DatasetSpec]] = [("id", self.id_dataset)]
-        specs += [("outliers", self.outliers)] if self.outliers is not None else []
-        specs += [("ood", s) for s in self.ood_sets] + [("ood_val", s) for s in self.ood_val_sets or []]
-        return specs
-
     # ----------------------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None, **kw: Any) -> DataLoader:
         return DataLoader(

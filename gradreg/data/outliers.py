@@ -68,7 +68,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located
+from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, resolve_path
 from gradreg.data.datasets import DATASETS, DatasetNotFoundError
 
 __all__ = ["ImageFolderDataset", "OutlierStream", "TinyImages300K", "read_class_list"]
@@ -84,12 +84,6 @@ TINYIMAGES_HOW = (
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pools
-def _resolve(root: Path, path: str | os.PathLike[str] | None, default: str) -> Path:
-    """``path`` (absolute, ``~``, or relative to ``root``), else ``root / default``; made absolute for messages."""
-    chosen = Path(path).expanduser() if path is not None else Path(default)
-    return (chosen if chosen.is_absolute() else Path(root) / chosen).absolute()
-
-
 class TinyImages300K(Dataset):
     """A uint8 image array ``(N, H, W, C)`` in a ``.npy`` file, memory-mapped; items are ``(HWC array, -1)``.
 
@@ -130,7 +124,7 @@ class TinyImages300K(Dataset):
 
 
 def _tinyimages_locate(root: Path, split: str, path: str | None = None) -> Located:
-    file = _resolve(root, path, f"tinyimages300k/{TINYIMAGES_FILE}")
+    file = resolve_path(root, path, f"tinyimages300k/{TINYIMAGES_FILE}")
     file = file / TINYIMAGES_FILE if file.is_dir() else file
     if not file.is_file():
         raise DatasetNotFoundError("tinyimages300k", file, TINYIMAGES_HOW)
@@ -241,7 +235,7 @@ def _class_folders(root: Path, name: str) -> list[str]:
 def _imagefolder_locate(root: Path, split: str, path: str | None = None) -> Located:
     if path is None:
         raise ValueError("dataset 'imagefolder' needs path: the folder holding one sub-folder per class")
-    folder = _resolve(root, path.replace("{split}", split), "")
+    folder = resolve_path(root, path.replace("{split}", split), "")
     _class_folders(folder, "imagefolder")
     return Located(folder)
 
@@ -260,12 +254,12 @@ def _complement_classes(
 ) -> tuple[Path, list[str]]:
     """The tree and its ID classes to leave out (from the list file and/or the inline list)."""
     name = "imagefolder_complement"
-    folder = _resolve(root, path, "imagenet/train")
+    folder = resolve_path(root, path, "imagenet/train")
     listed = list(id_classes or [])
     if id_classes_file is not None:
         file = Path(id_classes_file).expanduser()
         if not file.is_absolute():
-            file = file if file.is_file() else _resolve(root, id_classes_file, "")
+            file = file if file.is_file() else resolve_path(root, id_classes_file, "")
         if not file.is_file():
             raise DatasetNotFoundError(name, file, "the id_classes_file does not exist (relative to data_root or cwd)")
         listed += read_class_list(file)
