@@ -3,13 +3,17 @@
 Times, on one device and with random weights (median over ``--repeats`` after ``--warmup``):
 
 - ``forward``: the eval-mode, no-grad forward of the candidate batch (features + logits);
-- ``kmeans``: :func:`gradreg.samplers.kmeans` on the L2-normalized features (k = min(num_clusters, n_id));
-- ``select``: the whole :class:`gradreg.samplers.EnergyClusterSampler` call (forward + k-means + selection);
+- ``forward_bf16``: the same under bf16 autocast (what a ``bf16-mixed`` run does);
+- ``seeding_*`` / ``kmeans_*``: :func:`gradreg.samplers.kmeans` on the L2-normalized features
+  (k = min(num_clusters, n_id)) with one Lloyd iteration (~ the k-means++ seeding) / to convergence,
+  ``eager`` or replaying CUDA graphs (``graph``, CUDA only; checked equal to eager first);
+- ``select`` / ``select_bf16``: the whole :class:`gradreg.samplers.EnergyClusterSampler` call (forward + k-means +
+  selection; graphs on CUDA), fp32 / bf16 autocast;
 - ``sklearn``: scikit-learn ``KMeans`` (same k, n_init, k-means++) on the same features, device-to-host copy
   included (what the official code does every step);
 - ``step_greg_plus`` / ``step_greg``: one training step (train mode, one forward of ID + outliers, CE + energy
   margin loss + the gradient-norm penalty with double backprop, backward, SGD) with ``2 * n_id`` (GReg+,
-  two-way) or ``n_id`` (GReg) outliers.
+  two-way) or ``n_id`` (GReg) outliers; ``_bf16`` under bf16 autocast.
 
 Usage::
 
@@ -92,9 +96,19 @@ def main() -> None:
     sampler = EnergyClusterSampler(num_clusters=args.num_clusters, n_init=args.n_init)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     feats, _ = forward_candidates(model, cand)
     normed = F.normalize(feats.float(), dim=1)
     gen = torch.Generator(device=device).manual_seed(0)
+    graphs = [False, True] if device.type == "cuda" else [False]
+
+    def bf16(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return fn()
+
+        return run
 
     def sklearn_kmeans() -> None:
         KMeans(k, n_init=args.n_init, random_state=0).fit(normed.cpu().numpy())
@@ -112,15 +126,31 @@ def main() -> None:
 
         return run
 
+    # The CUDA-graph k-means must give the eager result (same random numbers, same kernels).
+    agree = {}
+    if device.type == "cuda":
+        for seed in range(3):
+            eager = kmeans(normed, k, args.n_init, generator=torch.Generator(device).manual_seed(seed), cuda_graph=False)
+            graph = kmeans(normed, k, args.n_init, generator=torch.Generator(device).manual_seed(seed), cuda_graph=True)
+            agree[seed] = bool(torch.equal(eager[0], graph[0])) and bool(torch.allclose(eager[1], graph[1]))
+        print(f"CUDA-graph k-means equals eager k-means: {agree}", flush=True)
+
     r, w = args.repeats, args.warmup
     ms = {
         "forward": timed(lambda: forward_candidates(model, cand), device, r, w),
-        "kmeans": timed(lambda: kmeans(normed, k, n_init=args.n_init, generator=gen), device, r, w),
-        "select": timed(lambda: sampler.select(model, cand, n_id), device, r, w),
-        "sklearn": timed(sklearn_kmeans, device, r, w),
-        "step_greg_plus": timed(step(min(2 * n_id, n_cand)), device, r, w),
-        "step_greg": timed(step(min(n_id, n_cand)), device, r, w),
+        "forward_bf16": timed(bf16(lambda: forward_candidates(model, cand)), device, r, w),
     }
+    for graph in graphs:
+        tag = "graph" if graph else "eager"
+        ms[f"seeding_{tag}"] = timed(lambda: kmeans(normed, k, args.n_init, 1, generator=gen, cuda_graph=graph), device, r, w)
+        ms[f"kmeans_{tag}"] = timed(lambda: kmeans(normed, k, n_init=args.n_init, generator=gen, cuda_graph=graph), device, r, w)
+    tag = "graph" if device.type == "cuda" else "eager"  # the path kmeans takes by default
+    ms["select"] = timed(lambda: sampler.select(model, cand, n_id), device, r, w)
+    ms["select_bf16"] = timed(bf16(lambda: sampler.select(model, cand, n_id)), device, r, w)
+    ms["sklearn"] = timed(sklearn_kmeans, device, r, w)
+    ms["step_greg_plus"] = timed(step(min(2 * n_id, n_cand)), device, r, w)
+    ms["step_greg_plus_bf16"] = timed(bf16(step(min(2 * n_id, n_cand))), device, r, w)
+    ms["step_greg"] = timed(step(min(n_id, n_cand)), device, r, w)
     # Random weights: a trained model's features may need more (or fewer) Lloyd iterations; the forward is the same.
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {
@@ -133,13 +163,15 @@ def main() -> None:
         "candidates": n_cand,
         "k": k,
         "n_init": args.n_init,
+        "graph_equals_eager": agree,
         "ms": ms,
         "ratios": {
             "select / step_greg_plus": ms["select"] / ms["step_greg_plus"],
-            "kmeans / step_greg_plus": ms["kmeans"] / ms["step_greg_plus"],
+            "select_bf16 / step_greg_plus_bf16": ms["select_bf16"] / ms["step_greg_plus_bf16"],
+            f"kmeans_{tag} / step_greg_plus": ms[f"kmeans_{tag}"] / ms["step_greg_plus"],
             "sklearn / step_greg_plus": ms["sklearn"] / ms["step_greg_plus"],
             "(select + step_greg_plus) / step_greg": (ms["select"] + ms["step_greg_plus"]) / ms["step_greg"],
-            "sklearn / kmeans": ms["sklearn"] / ms["kmeans"],
+            f"sklearn / kmeans_{tag}": ms["sklearn"] / ms[f"kmeans_{tag}"],
         },
     }
     out = Path(args.out)

@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="write the markdown table (and the environment line) here")
     parser.add_argument("--json", type=Path, help="write all raw results here")
+    parser.add_argument("--profile", type=Path, help="write torch.profiler tables of one step per method here")
     args = parser.parse_args(argv)
 
     models = args.model or [("wrn40_2", 128, 256, 32), ("resnet50", 64, 128, 224)]
@@ -313,6 +314,30 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(f"{env}\n\n{table}\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.profile:
+        first = [Case(*models[0], m, args.precision[0], args.device, channels_last) for m in args.methods]
+        args.profile.write_text(profile_tables(first))
+
+
+def profile_tables(cases: list[Case]) -> str:
+    """``torch.profiler`` operator tables (top 25 by device time) of one warmed-up step of each case."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cases[0].device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort = "cuda_time_total" if len(activities) == 2 else "cpu_time_total"
+    tables = []
+    for case in cases:
+        state = _setup(case)
+        for _ in range(case.warmup):
+            train_step(*state, case)
+        _sync(torch.device(case.device))
+        with torch.profiler.profile(activities=activities) as prof:
+            train_step(*state, case)
+            _sync(torch.device(case.device))
+        tables.append(f"## {case.model} {case.n_in}+{case.n_out} {case.precision} {case.method}\n")
+        tables.append(prof.key_averages().table(sort_by=sort, row_limit=25))
+    return "\n".join(tables)
 
 
 if __name__ == "__main__":

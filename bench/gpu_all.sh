@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only k-means test), results in $OUT.
+# Usage from the repository root: OUT=bench/results/h100 bash bench/gpu_all.sh
+set -uo pipefail
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+py=${PYTHON:-python3}
+{
+  nvidia-smi -L
+  $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  $py -m pytest -q -p no:cacheprovider tests/test_samplers.py -k "kmeans"
+  $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
+  $py bench/train_step.py --device cuda --json "$OUT/train_step.json" --out "$OUT/train_step.md"
+  $py bench/scorers.py --device cuda --json "$OUT/scorers.json" --out "$OUT/scorers.md"
+  $py bench/train_step.py --device cuda --model wrn40_2:128:256:32 --precision fp32 --profile "$OUT/profile.txt"
+  $py bench/train_step.py --device cuda --channels-last off --json "$OUT/train_step_contiguous.json"
+} 2>&1 | tee "$OUT/log.txt"
