@@ -130,7 +130,9 @@ def main() -> None:
     agree = {}
     if device.type == "cuda":
         for seed in range(3):
-            eager = kmeans(normed, k, args.n_init, generator=torch.Generator(device).manual_seed(seed), cuda_graph=False)
+            eager = kmeans(
+                normed, k, args.n_init, generator=torch.Generator(device).manual_seed(seed), cuda_graph=False
+            )
             graph = kmeans(normed, k, args.n_init, generator=torch.Generator(device).manual_seed(seed), cuda_graph=True)
             agree[seed] = bool(torch.equal(eager[0], graph[0])) and bool(torch.allclose(eager[1], graph[1]))
         print(f"CUDA-graph k-means equals eager k-means: {agree}", flush=True)
@@ -142,8 +144,12 @@ def main() -> None:
     }
     for graph in graphs:
         tag = "graph" if graph else "eager"
-        ms[f"seeding_{tag}"] = timed(lambda: kmeans(normed, k, args.n_init, 1, generator=gen, cuda_graph=graph), device, r, w)
-        ms[f"kmeans_{tag}"] = timed(lambda: kmeans(normed, k, n_init=args.n_init, generator=gen, cuda_graph=graph), device, r, w)
+        ms[f"seeding_{tag}"] = timed(
+            lambda g=graph: kmeans(normed, k, args.n_init, 1, generator=gen, cuda_graph=g), device, r, w
+        )
+        ms[f"kmeans_{tag}"] = timed(
+            lambda g=graph: kmeans(normed, k, n_init=args.n_init, generator=gen, cuda_graph=g), device, r, w
+        )
     tag = "graph" if device.type == "cuda" else "eager"  # the path kmeans takes by default
     ms["select"] = timed(lambda: sampler.select(model, cand, n_id), device, r, w)
     ms["select_bf16"] = timed(bf16(lambda: sampler.select(model, cand, n_id)), device, r, w)

@@ -57,7 +57,8 @@ class GradRegModule(LightningModule):
         absent_weight: weight of the absent-class loss (beta = 1 in DOS/NTOM).
         reg_weight: weight of GReg's gradient-norm regularizer (lambda_gradS = 1); 0 computes no extra backward.
         reg_scaling: ``code`` (official code's scaling, the default) or ``paper`` (see ``grad_norm_penalty``).
-        sampler: outlier sampler spec: ``random`` (GReg) or ``{name: energy_cluster, ...}`` (GReg+), ``dos``, ``ntom``.
+        sampler: outlier sampler spec: ``random`` (GReg) or ``{name: energy_cluster, ...}`` (GReg+), ``dos``, ``ntom``,
+            ``poem``.
         lr: initial learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
@@ -137,8 +138,11 @@ class GradRegModule(LightningModule):
         # One forward of ID + outliers; the input must require grad *before* it for GReg's penalty.
         regularize = self.method == "greg" and self.hparams.reg_weight > 0
         x = torch.cat([x_id, x_out]).requires_grad_(regularize)
-        logits = self.model(x)
+        feats = self.model.features(x)  # = self.model(x) in two halves (every Classifier)
+        logits = self.model.fc(feats)
         logits_id, logits_out = logits[:n_id], logits[n_id:]
+        if self.sampler.needs_features:  # POEM fits its posterior to the training features
+            self.sampler.observe(feats[:n_id].detach(), feats[n_id:].detach())
 
         losses = {"ce": F.cross_entropy(logits_id.float(), y)}
         stats: dict[str, Tensor] = {}
@@ -186,7 +190,7 @@ class GradRegModule(LightningModule):
         self._eval_step(batch, "test")
 
     def on_fit_start(self) -> None:
-        """NTOM sizes its kept block by the number of ID training images."""
+        """NTOM and POEM size their kept block by the number of ID training images."""
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "id_dataset_for"):
             self.sampler.setup(id_train_size=len(dm.id_dataset_for("train")))
@@ -199,7 +203,7 @@ class GradRegModule(LightningModule):
         self.sampler.load_state_dict(checkpoint.get("sampler_state", {}))
 
     def on_train_epoch_start(self) -> None:
-        """Per-epoch samplers (NTOM) scan the outlier pool here and restrict the candidate stream."""
+        """Per-epoch samplers (NTOM, POEM) scan the outlier pool here and restrict the candidate stream."""
         stream = getattr(self.trainer.datamodule, "outlier_stream", None)
         if self.sampler.per_epoch and stream is not None:
             self.sampler.on_train_epoch_start(self.model, stream.pool, stream, self.trainer.datamodule.batch_size)

@@ -1,28 +1,37 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 from torch.utils.data import Dataset
 
 from gradreg import samplers
+from gradreg.data import OODDataModule
 from gradreg.data.outliers import OutlierStream
 from gradreg.losses import energy
 from gradreg.models import SmallCNN
+from gradreg.module import GradRegModule
 from gradreg.registry import RegistryError
 from gradreg.samplers import (
     SAMPLERS,
     DOSSampler,
     EnergyClusterSampler,
     NTOMSampler,
+    POEMSampler,
     cluster_extremes,
     cluster_select,
     eval_mode,
     forward_candidates,
     kmeans,
     kmeans_plusplus,
+    thompson_sample,
 )
 
 
@@ -304,3 +313,181 @@ def test_kmeans_cuda_graph_matches_the_eager_path():
         graph = kmeans(x, 64, generator=torch.Generator("cuda").manual_seed(seed), cuda_graph=True)
         torch.testing.assert_close(graph[0], eager[0], rtol=0, atol=0)
         torch.testing.assert_close(graph[1], eager[1])
+
+
+# --------------------------------------------------------------------------------------------- POEM
+def _observe_epochs(sampler: POEMSampler, epochs: int, dim: int = 5, seed: int = 0) -> list[tuple[np.ndarray, ...]]:
+    """Feed ``epochs`` epochs of two steps each (float64 features); returns each epoch's (Z_id, Z_out)."""
+    gen, rows = _gen(seed), []
+    for e in range(epochs):
+        z_id = torch.randn(2, 7, dim, generator=gen, dtype=torch.float64) + 1.0
+        z_out = torch.randn(2, 5, dim, generator=gen, dtype=torch.float64) - 1.0 + 0.1 * e
+        for step in range(2):
+            sampler.observe(z_id[step], z_out[step])
+        sampler.close_epoch()
+        rows.append((z_id.reshape(-1, dim).numpy(), z_out.reshape(-1, dim).numpy()))
+    return rows
+
+
+def _closed_form(rows, conf, noise, sigma, sigma_n):
+    z = np.concatenate([np.concatenate(r) for r in rows])
+    y = np.concatenate([np.r_[np.full(len(zi), -conf + noise), np.full(len(zo), conf + noise)] for zi, zo in rows])
+    a = z.T @ z / sigma_n + np.eye(z.shape[1]) / sigma
+    return np.linalg.solve(a, z.T @ y / sigma_n), sigma * np.linalg.inv(a)
+
+
+def test_poem_posterior_matches_the_closed_form_over_the_last_epochs():
+    sampler = POEMSampler(conf=2.5, sigma=10.0, sigma_n=0.3, buffer_epochs=2, seed=4)
+    mu, cov = sampler.posterior(5)  # before any data: the prior
+    torch.testing.assert_close(mu, torch.zeros(5, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(cov, 10.0 * torch.eye(5, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+    rows = _observe_epochs(sampler, epochs=3)
+    noise = sampler.label_noise
+    assert noise != 0.0
+    assert noise == POEMSampler(sigma_n=0.3, seed=4).label_noise  # one draw per run, from the seed
+    expected_mu, expected_cov = _closed_form(rows[-2:], 2.5, noise, 10.0, 0.3)  # only the last 2 epochs
+    mu, cov = sampler.posterior(5)
+    np.testing.assert_allclose(mu.numpy(), expected_mu, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cov.numpy(), expected_cov, rtol=1e-10, atol=1e-12)
+    assert mu @ torch.ones(5, dtype=torch.float64) < 0  # ID features (around +1) get negative targets
+
+
+def test_poem_thompson_sample_has_the_posterior_moments_and_survives_round_off():
+    mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    root = torch.tensor([[1.0, 0.0, 0.0], [0.5, 2.0, 0.0], [0.0, -0.3, 0.2]], dtype=torch.float64)
+    cov = root @ root.T
+    gen = _gen(0)
+    draws = torch.stack([thompson_sample(mu, cov, gen) for _ in range(4000)])
+    torch.testing.assert_close(draws.mean(0), mu, atol=0.1, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), cov, atol=0.15, rtol=0.05)
+    assert torch.equal(thompson_sample(mu, cov, _gen(1)), thompson_sample(mu, cov, _gen(1)))
+    singular = torch.tensor([[1.0, 1.0], [1.0, 1.0 - 1e-12]], dtype=torch.float64)  # an eigenvalue just below 0
+    assert torch.isfinite(thompson_sample(torch.zeros(2, dtype=torch.float64), singular, _gen(0))).all()
+
+
+class _VectorPool(Dataset):
+    """Items are (a 3-vector "image", pool index); the model's features are the vector itself."""
+
+    def __init__(self, n: int) -> None:
+        self.z = torch.randn(n, 3, generator=_gen(1))
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int):
+        return self.z[i], i
+
+
+class _IdentityFeatures(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def features(self, x):
+        return x
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_poem_keeps_exactly_the_smallest_abs_beta_z_and_restricts_the_stream():
+    pool, model = _VectorPool(64), _IdentityFeatures()
+    sampler = POEMSampler(pool_factor=4, keep_factor=1, id_train_size=16, batch_size=10, seed=2)
+    _observe_epochs(sampler, epochs=1, dim=3)
+    beta = sampler.sample_beta(3, position=5)
+    assert torch.equal(beta, sampler.sample_beta(3, position=5))
+    assert not torch.equal(beta, sampler.sample_beta(3, position=6))
+    kept = sampler.mine(model, pool, position=5)  # the window (4 x 16) is the whole pool
+    brute_force = torch.argsort((pool.z.double() @ beta).abs())[:16]
+    assert kept.tolist() == brute_force.tolist()
+
+    stream = OutlierStream(pool, batch_size=4, seed=0)
+    assert POEMSampler.per_epoch
+    assert POEMSampler.needs_features
+    sampler.observe(torch.randn(4, 3), torch.randn(4, 3))  # an open epoch: closed by the epoch start
+    sampler.on_train_epoch_start(model, pool, stream, batch_size=4)
+    assert len(sampler._closed) == 2
+    assert sampler._open is None
+    drawn = torch.cat([stream.batch_indices(p) for p in range(8)])
+    assert set(drawn.tolist()) <= set(sampler.mine(model, pool, position=0).tolist())
+
+
+def test_poem_state_dict_round_trip_restores_the_buffer(tmp_path):
+    sampler = POEMSampler(buffer_epochs=3, seed=1)
+    _observe_epochs(sampler, epochs=4)
+    sampler.observe(torch.randn(3, 5), torch.randn(2, 5))  # a partial epoch (a mid-epoch checkpoint)
+    torch.save(sampler.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["closed"]["gram"].shape == (3, 5, 5)
+    restored = POEMSampler(buffer_epochs=3, seed=1)
+    restored.load_state_dict(state)
+    for a, b in zip(sampler.posterior(5), restored.posterior(5), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    restored.close_epoch(), sampler.close_epoch()
+    torch.testing.assert_close(restored.posterior(5)[0], sampler.posterior(5)[0], rtol=0, atol=0)
+    assert restored.state_dict()["closed"]["counts"][-1].tolist() == [3.0, 2.0]
+    empty = POEMSampler()
+    empty.load_state_dict(POEMSampler().state_dict())
+    assert empty._closed == []
+    assert empty._open is None
+    with pytest.raises(ValueError, match="sigma_n > 0"):
+        POEMSampler(sigma_n=0.0)
+
+
+class _SpyModule(GradRegModule):
+    """Records the kept pool indices of each epoch and the pool indices of the outliers each step drew."""
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.kept, self.drawn = {}, {}
+        mine = self.sampler.mine
+
+        def record(*args, **kwargs):
+            self.kept[self.current_epoch] = kept = mine(*args, **kwargs)
+            return kept
+
+        self.sampler.mine = record
+
+    def training_step(self, batch, batch_idx):
+        self.drawn.setdefault(self.current_epoch, []).extend(batch["outliers"][1].tolist())
+        return super().training_step(batch, batch_idx)
+
+
+def _poem_fit(tmp_path: Path, ckpt_path: str | None = None) -> tuple[_SpyModule, OODDataModule]:
+    seed_everything(0)
+    dm = OODDataModule(batch_size=32, outlier_batch_size=32, augment="none")
+    model = _SpyModule(
+        arch="small_cnn", arch_kwargs={"in_channels": 1, "width": 8}, num_classes=dm.num_classes, method="energy",
+        lr=0.05, schedule="constant", input_mean=dm.input_mean, input_std=dm.input_std,
+        sampler={"name": "poem", "keep_factor": 0.25, "pool_factor": 2, "batch_size": 128},
+    )  # fmt: skip
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    trainer = Trainer(
+        max_epochs=3, accelerator="cpu", devices=1, logger=False, callbacks=[ckpt], limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model, dm
+
+
+@pytest.mark.slow
+def test_poem_restricts_each_epoch_in_a_real_run_and_resumes_exactly(tmp_path):
+    straight, dm = _poem_fit(tmp_path)
+    n_keep = round(0.25 * len(dm.id_dataset_for("train")))
+    assert sorted(straight.kept) == [0, 1, 2]
+    for epoch, kept in straight.kept.items():
+        assert len(kept) == n_keep
+        assert set(straight.drawn[epoch]) <= set(kept.tolist())
+    assert straight.kept[0].tolist() != straight.kept[2].tolist()  # a new posterior, a new draw
+    sampler = straight.sampler
+    steps = len(straight.drawn[0]) // 32
+    assert [s["counts"].tolist() for s in sampler._closed] == [[32.0 * steps, 32.0 * steps]] * 2
+    assert sampler._open["counts"].tolist() == [32.0 * steps, 32.0 * steps]
+
+    resumed, _ = _poem_fit(tmp_path, ckpt_path=str(tmp_path / "epoch=1.ckpt"))
+    assert sorted(resumed.kept) == [2]
+    assert resumed.kept[2].tolist() == straight.kept[2].tolist()
+    for a, b in zip(resumed.sampler._closed, sampler._closed, strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
