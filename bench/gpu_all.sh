@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only k-means test), results in $OUT.
-# Usage from the repository root: OUT=bench/results/h100 bash bench/gpu_all.sh
+# Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh
+# (bench/results/h100_* are the files of one such run on an H100, renamed with the h100_ prefix.)
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
