@@ -40,9 +40,10 @@ from sklearn.cluster import KMeans
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gradreg.kmeans import kmeans
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.models import MODELS
-from gradreg.samplers import EnergyClusterSampler, forward_candidates, kmeans
+from gradreg.samplers import EnergyClusterSampler, forward_candidates
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:

@@ -12,7 +12,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 from torch.utils.data import Dataset
 
-from gradreg import samplers
+import gradreg.kmeans
 from gradreg.data import OODDataModule
 from gradreg.data.outliers import OutlierStream
 from gradreg.losses import energy
@@ -292,7 +292,7 @@ def test_ntom_mining_is_deterministic_and_leaves_the_global_rng_alone():
 def test_kmeans_plusplus_gives_the_same_seeds_without_the_pairwise_table(monkeypatch):
     x = torch.randn(120, 5, generator=_gen(4), dtype=torch.float64)
     with_table = kmeans_plusplus(x, 9, n_init=2, generator=_gen(1))
-    monkeypatch.setattr(samplers, "PAIRWISE_MAX", 0)
+    monkeypatch.setattr(gradreg.kmeans, "PAIRWISE_MAX", 0)
     torch.testing.assert_close(kmeans_plusplus(x, 9, n_init=2, generator=_gen(1)), with_table, rtol=0, atol=0)
 
 
