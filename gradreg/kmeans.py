@@ -83,9 +83,14 @@ def kmeans_plusplus(
     Returns:
         Initial centers, shape (R, k, D).
     """
-    trials = local_trials if local_trials is not None else _local_trials(k)
-    uniforms = torch.rand(n_init, k, trials, generator=generator, device=x.device, dtype=torch.float64)
-    return _seed_centers(x, uniforms.to(x.dtype))
+    return _seed_centers(x, _uniforms(x, k, n_init, generator, local_trials))
+
+
+def _uniforms(x: Tensor, k: int, n_init: int, generator: torch.Generator | None, trials: int | None = None) -> Tensor:
+    """The seeding's random numbers (R, k, L) in ``x``'s dtype, drawn in float64 so every dtype sees the same draw."""
+    trials = trials if trials is not None else _local_trials(k)
+    u = torch.rand(n_init, k, trials, generator=generator, device=x.device, dtype=torch.float64)
+    return u.to(x.dtype)
 
 
 def _lloyd(
@@ -136,8 +141,8 @@ def _kmeans_graphs(
     A k-means of a few hundred points is hundreds of tiny kernels; eager launches cost far more than the work.
     Returns ``(seed_graph, step_graph, static_x, static_uniforms, (threshold, centers, labels, done))``.
     """
-    static_x = torch.randn(n, d, device=device, dtype=dtype)
-    static_u = torch.rand(r, k, trials, device=device, dtype=dtype)
+    static_x = torch.zeros(n, d, device=device, dtype=dtype)  # filled before every replay; no global RNG draw
+    static_u = torch.zeros(r, k, trials, device=device, dtype=dtype)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up outside capture: lazy cuBLAS/allocator initialization
@@ -197,8 +202,7 @@ def kmeans(
     graph = x.is_cuda if cuda_graph is None else cuda_graph
     with torch.autocast(x.device.type, enabled=False), torch.inference_mode(False), torch.no_grad():
         x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        uniforms = torch.rand(n_init, k, _local_trials(k), generator=generator, device=x.device, dtype=torch.float64)
-        uniforms = uniforms.to(x.dtype)
+        uniforms = _uniforms(x, k, n_init, generator)
         chunk = min(check_every, max_iter)
         if graph:
             seed_graph, step_graph, static_x, static_u, state = _kmeans_graphs(

@@ -250,6 +250,11 @@ class OutlierSampler:
 SAMPLERS: Registry[OutlierSampler] = Registry("sampler")
 
 
+def _seed_from(*words: int) -> int:
+    """A 63-bit seed from a tuple of integers (``np.random.SeedSequence``)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0] & (2**63 - 1))
+
+
 class _SeededSampler(OutlierSampler):
     """A sampler whose per-call randomness comes from ``(seed, call count)``."""
 
@@ -257,9 +262,9 @@ class _SeededSampler(OutlierSampler):
     _calls: int
 
     def _next_generator(self, device: torch.device) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed, self._calls]).generate_state(1, np.uint64)[0]
+        seed = _seed_from(self.seed, self._calls)
         self._calls += 1
-        return torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
+        return torch.Generator(device=device).manual_seed(seed)
 
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self._calls}
@@ -353,11 +358,6 @@ class DOSSampler(_SeededSampler):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-epoch pool mining (NTOM, POEM)
-def _seed_from(*words: int) -> int:
-    """A 63-bit seed from a tuple of integers (``np.random.SeedSequence``)."""
-    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0] & (2**63 - 1))
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
