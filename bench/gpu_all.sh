@@ -14,6 +14,7 @@ py=${PYTHON:-python3}
   $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
   $py bench/train_step.py --device cuda --json "$OUT/train_step.json" --out "$OUT/train_step.md"
   $py bench/scorers.py --device cuda --json "$OUT/scorers.json" --out "$OUT/scorers.md"
+  $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
   $py bench/train_step.py --device cuda --model wrn40_2:128:256:32 --precision fp32 --profile "$OUT/profile.txt"
   $py bench/train_step.py --device cuda --channels-last off --json "$OUT/train_step_contiguous.json"
 } 2>&1 | tee "$OUT/log.txt"

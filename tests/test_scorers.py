@@ -358,13 +358,30 @@ def _purview_loop(model: nn.Module, x: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("make", [make_tiny, make_zoo], ids=["tiny", "zoo"])
-@pytest.mark.parametrize("conv_path", ["unfold", "grouped"])
+def make_tokens(seed: int = 0) -> nn.Module:
+    """Linear layers on (N, T, C) tokens (T = 2 channels of 64 pixels), each called once: ghost norms, T > 1."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(2), nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 3, bias=False), nn.Flatten()).double()
+
+
+# Per-sample Linear/Conv2d weight-gradient norms: the default per-layer choice, or one engine everywhere
+# (unfold + bmm, grouped convolution, ghost norms from Gram matrices).
+ENGINES = {
+    "auto": {},
+    "unfold": {"GROUPED_CONV_MIN_POSITIONS": 10**9, "GHOST_MAX_COST_RATIO": 0.0},
+    "grouped": {"GROUPED_CONV_MIN_POSITIONS": 1, "GHOST_MAX_COST_RATIO": 0.0},
+    "ghost": {"GHOST_MAX_COST_RATIO": math.inf},
+}
+
+
+@pytest.mark.parametrize("make", [make_tiny, make_zoo, make_tokens], ids=["tiny", "zoo", "tokens"])
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunked"])
 def test_purview_matches_per_sample_loop(
-    make, conv_path: str, chunked: bool, batch: Tensor, monkeypatch: pytest.MonkeyPatch
+    make, engine: str, chunked: bool, batch: Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(purview, "GROUPED_CONV_MIN_POSITIONS", 1 if conv_path == "grouped" else 10**9)
+    for constant, value in ENGINES[engine].items():
+        monkeypatch.setattr(purview, constant, value)
     if chunked:  # a few samples per chunk, for the conv gradients and the torch.func fallback alike
         monkeypatch.setattr(purview, "MAX_CHUNK_ELEMENTS", 1000)
     model = make()
@@ -374,6 +391,15 @@ def test_purview_matches_per_sample_loop(
     torch.testing.assert_close(norms, expected, **REF)
     torch.testing.assert_close(purview_layer_norms(model, batch, method="vmap"), expected, **REF)
     torch.testing.assert_close(purview_score(model, batch), expected.sum(dim=1), **REF)
+
+
+def test_purview_picks_ghost_norms_only_where_they_are_cheaper() -> None:
+    # WRN-40-2 shapes: 3x3 conv 128->128 on 8x8 maps (T=64: 64·(1152+128) < 1152·128) vs 32->32 on 32x32.
+    late, early = nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+    assert purview._ghost_is_cheaper(late, torch.empty(1, 128, 8, 8))
+    assert not purview._ghost_is_cheaper(early, torch.empty(1, 32, 32, 32))
+    assert purview._ghost_is_cheaper(nn.Linear(4, 3), torch.empty(2, 3))  # vectors: T = 1
+    assert not purview._ghost_is_cheaper(nn.LayerNorm(3), torch.empty(2, 3))
 
 
 def test_purview_layer_names_follow_module_order() -> None:

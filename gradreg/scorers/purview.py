@@ -21,10 +21,15 @@ reference code exists (ALGORITHMS.md §5), so the construction below is our read
 Implementation: one forward and one batched backward of ``Σ_i L(x_i)``. In eval mode the rows of the
 batch are independent, so the gradient w.r.t. each layer's output (captured with tensor hooks) is
 the per-sample output gradient δ_i. With the layer input a_i (forward hook), per-sample parameter
-gradients follow in closed form: Linear ``δ_i a_iᵀ`` (norm ``‖δ_i‖²‖a_i‖²`` for 2-D inputs), Conv2d
-``δ_i · unfold(a_i)ᵀ`` (materialized in chunks of samples), BatchNorm/GroupNorm/LayerNorm
-``γ: Σ δ_i ⊙ x̂_i, β: Σ δ_i``. Layers of any other type, and layers whose weights are used outside
-their own ``forward``, fall back to ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``).
+gradients follow in closed form: Linear ``δ_i a_iᵀ`` and Conv2d ``δ_i · unfold(a_i)ᵀ`` (both
+``D_i U_iᵀ``, a sum over T tokens or output pixels), BatchNorm/GroupNorm/LayerNorm
+``γ: Σ δ_i ⊙ x̂_i, β: Σ δ_i``. For Linear/Conv2d only the norm is needed, and it is computed the cheaper
+of two exact ways per layer (mixed ghost clipping, Bu et al., "Scalable and Efficient Training of Large
+Convolutional Neural Networks with Differential Privacy", NeurIPS 2022): materialize ``D_i U_iᵀ``
+(T·O·K multiply-adds; a grouped convolution for large maps, in chunks of samples), or the "ghost norm"
+``⟨D_iᵀD_i, U_iᵀU_i⟩`` from two T x T Gram matrices (T²·(O+K); small late feature maps, and
+``‖δ_i‖²‖a_i‖²`` for a Linear on vectors). Layers of any other type, and layers whose weights are used
+outside their own ``forward``, fall back to ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``).
 ``method="vmap"`` uses the fallback for every layer (a cross-check and a baseline).
 
 Deviation (sign): ALGORITHMS.md §5 expects large gradients for OOD inputs (ID score = −norm). With
@@ -62,6 +67,10 @@ MAX_CHUNK_ELEMENTS = 2**27
 # many output positions, unfold + batched matmul below. Measured on CPU (WRN-40-2, batch 32, one thread):
 # grouped is ~3x faster on 32x32 maps and ~2x slower on 8x8 maps. Not tuned on GPU.
 GROUPED_CONV_MIN_POSITIONS = 256
+# Single-call Linear/Conv2d layers use ghost norms when their cost T²(K+O) is at most this fraction of the
+# materialized gradient's T·O·K (1: whichever needs fewer multiply-adds, also far less memory). With T = 1,
+# a Linear on vectors, the ghost norm is ‖δ‖²‖a‖².
+GHOST_MAX_COST_RATIO = 1.0
 
 
 def confounding_loss(logits: Tensor) -> Tensor:
@@ -90,15 +99,8 @@ def purview_layer_names(model: nn.Module) -> list[str]:
 
 
 # ----- closed-form per-sample gradients of one layer call, from its input a and output gradient d -----
-
-
-def _linear_grads(m: nn.Linear, a: Tensor, d: Tensor) -> list[Tensor]:
-    n = a.shape[0]
-    a, d = a.reshape(n, -1, m.in_features), d.reshape(n, -1, m.out_features)
-    grads = [d.transpose(1, 2) @ a]
-    if m.bias is not None:
-        grads.append(d.sum(dim=1))
-    return grads
+# Linear and Conv2d weight gradients are sums over T positions (tokens, output pixels) of outer products:
+# grad_w[i] = Σ_t d_it u_itᵀ = D_i U_iᵀ per sample i and channel group, with U the (unfolded) input.
 
 
 def _conv2d_padded(m: nn.Conv2d, a: Tensor) -> tuple[Tensor, tuple[int, int] | int]:
@@ -110,13 +112,32 @@ def _conv2d_padded(m: nn.Conv2d, a: Tensor) -> tuple[Tensor, tuple[int, int] | i
     return a, m.padding
 
 
-def _conv2d_grads(m: nn.Conv2d, a: Tensor, d: Tensor) -> list[Tensor]:
-    n, g = a.shape[0], m.groups
+def _weight_factors(m: nn.Linear | nn.Conv2d, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """D (n, g, O, T) and U (n, g, K, T) with per-sample weight gradient ``D @ Uᵀ`` for each of g groups."""
+    n = a.shape[0]
+    if isinstance(m, nn.Linear):
+        return d.reshape(n, 1, -1, m.out_features).mT, a.reshape(n, 1, -1, m.in_features).mT
     a, padding = _conv2d_padded(m, a)
+    cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
     positions = d.shape[2] * d.shape[3]
-    if positions >= GROUPED_CONV_MIN_POSITIONS:
+    # Channel-major columns, so each group's rows are contiguous.
+    return d.reshape(n, m.groups, -1, positions), cols.reshape(n, m.groups, -1, positions)
+
+
+def _linear_grads(m: nn.Linear, a: Tensor, d: Tensor) -> list[Tensor]:
+    factor_d, factor_u = _weight_factors(m, a, d)
+    grads = [(factor_d @ factor_u.mT).squeeze(1)]
+    if m.bias is not None:
+        grads.append(factor_d.sum(dim=3).squeeze(1))
+    return grads
+
+
+def _conv2d_grads(m: nn.Conv2d, a: Tensor, d: Tensor) -> list[Tensor]:
+    n = a.shape[0]
+    if d.shape[2] * d.shape[3] >= GROUPED_CONV_MIN_POSITIONS:
         # N samples x g groups = one convolution with N·g groups over the batch folded into channels:
         # its weight gradient is the stack of the per-sample weight gradients (no unfolded copy).
+        a, padding = _conv2d_padded(m, a)
         grad_w = torch.nn.grad.conv2d_weight(
             a.reshape(1, -1, *a.shape[2:]),
             (n * m.out_channels, *m.weight.shape[1:]),
@@ -124,17 +145,46 @@ def _conv2d_grads(m: nn.Conv2d, a: Tensor, d: Tensor) -> list[Tensor]:
             m.stride,
             padding,
             m.dilation,
-            n * g,
-        ).reshape(n, *m.weight.shape)
+            n * m.groups,
+        )
     else:
-        cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        cols = cols.reshape(n, g, cols.shape[1] // g, positions)  # channel-major, so groups are contiguous
-        grad_w = torch.einsum("ngol,ngkl->ngok", d.reshape(n, g, m.out_channels // g, positions), cols)
-        grad_w = grad_w.reshape(n, *m.weight.shape)
-    grads = [grad_w]
+        factor_d, factor_u = _weight_factors(m, a, d)
+        grad_w = factor_d @ factor_u.mT
+    grads = [grad_w.reshape(n, *m.weight.shape)]
     if m.bias is not None:
         grads.append(d.sum(dim=(2, 3)))
     return grads
+
+
+def _ghost_sq_norm(m: nn.Linear | nn.Conv2d, a: Tensor, d: Tensor) -> Tensor:
+    """Squared norm of the per-sample weight (and bias) gradient without forming it.
+
+    ``‖D Uᵀ‖²_F = ⟨DᵀD, UᵀU⟩_F``: two T x T Gram matrices per sample and group instead of the O x K
+    gradient ("ghost norm", Goodfellow 2015; Li et al., ICLR 2022; Bu et al., 2022).
+    """
+    factor_d, factor_u = _weight_factors(m, a, d)
+    sq = ((factor_d.mT @ factor_d) * (factor_u.mT @ factor_u)).sum(dim=(1, 2, 3))
+    if m.bias is not None:
+        sq = sq + factor_d.sum(dim=3).square().sum(dim=(1, 2))
+    return sq
+
+
+def _factor_shape(m: nn.Module, d: Tensor) -> tuple[int, int, int, int] | None:
+    """(g, T, K, O) of :func:`_weight_factors` for a Linear/Conv2d layer (exact types), else None."""
+    if type(m) is nn.Linear:
+        return 1, d[0].numel() // m.out_features, m.in_features, m.out_features
+    if type(m) is nn.Conv2d:
+        return m.groups, d.shape[2] * d.shape[3], m.weight[0].numel(), m.out_channels // m.groups
+    return None
+
+
+def _ghost_is_cheaper(m: nn.Module, d: Tensor) -> bool:
+    """Whether Gram matrices (T²·(K + O) per group) cost less than the gradient (T·O·K per group)."""
+    shape = _factor_shape(m, d)
+    if shape is None:
+        return False
+    _, positions, k, o = shape
+    return positions * (k + o) <= GHOST_MAX_COST_RATIO * k * o
 
 
 def _affine_grads(m: nn.Module, normalized: Tensor, d: Tensor, channel_first: bool) -> list[Tensor]:
@@ -157,9 +207,15 @@ def _batchnorm_grads(m: nn.modules.batchnorm._BatchNorm, a: Tensor, d: Tensor) -
             f"purview needs eval-mode {type(m).__name__} with running statistics: batch statistics couple the "
             "samples, so per-sample gradients are undefined"
         )
-    shape = (1, -1, *([1] * (a.dim() - 2)))
-    normalized = (a - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
-    return _affine_grads(m, normalized, d, channel_first=True)
+    n, c = d.shape[:2]
+    centered = (a - m.running_mean.reshape(1, -1, *([1] * (a.dim() - 2)))).reshape(n, c, 1, -1)
+    grads = []
+    if m.weight is not None:
+        # Σ δ ⊙ x̂ = rsqrt(var + eps) · Σ δ ⊙ (a − μ), the sum as a batched dot product: no δ ⊙ x̂ tensor.
+        grads.append((centered @ d.reshape(n, c, -1, 1)).reshape(n, c) * torch.rsqrt(m.running_var + m.eps))
+    if m.bias is not None:
+        grads.append(d.reshape(n, c, -1).sum(dim=2))
+    return grads
 
 
 def _groupnorm_grads(m: nn.GroupNorm, a: Tensor, d: Tensor) -> list[Tensor]:
@@ -187,25 +243,30 @@ def _has_closed_form(m: nn.Module) -> bool:
     return type(m) in _GRAD_FNS and own <= {"weight", "bias"}
 
 
-def _rows_per_chunk(m: nn.Module, a: Tensor, d: Tensor) -> int:
-    """Samples per chunk so that the per-sample gradients (and unfolded inputs) stay under the cap."""
-    per_row = a[0].numel() + sum(p.numel() for p in m.parameters(recurse=False))
+def _rows_per_chunk(m: nn.Module, a: Tensor, d: Tensor, ghost: bool) -> int:
+    """Samples per chunk so that per-sample gradients, unfolded inputs and Gram matrices stay under the cap."""
+    per_row = a[0].numel()
     if isinstance(m, nn.Conv2d):
         per_row += m.weight[0].numel() * d[0, 0].numel()  # unfolded input: C_in·kh·kw per output position
+    if ghost:
+        groups, positions, _, _ = _factor_shape(m, d)
+        per_row += 2 * groups * positions**2  # the two Gram matrices
+    else:
+        per_row += sum(p.numel() for p in m.parameters(recurse=False))
     return max(1, min(a.shape[0], MAX_CHUNK_ELEMENTS // per_row))
 
 
 def _layer_sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
     """Squared norm of the per-sample gradient of ``m``'s parameters, summed over the calls of ``m``."""
     a, d = calls[0]
-    if len(calls) == 1 and type(m) is nn.Linear and a.dim() == 2:
-        # ‖δ aᵀ‖² = ‖δ‖²‖a‖²: no (N, out, in) tensor needed.
-        d_sq = d.square().sum(dim=1)
-        return d_sq * a.square().sum(dim=1) + (d_sq if m.bias is not None else 0.0)
+    ghost = len(calls) == 1 and _ghost_is_cheaper(m, d)
     grad_fn = _GRAD_FNS[type(m)]
-    rows, n, pieces = _rows_per_chunk(m, a, d), a.shape[0], []
+    rows, n, pieces = _rows_per_chunk(m, a, d, ghost), a.shape[0], []
     for start in range(0, n, rows):
         chunk = slice(start, start + rows)
+        if ghost:
+            pieces.append(_ghost_sq_norm(m, a[chunk], d[chunk]))
+            continue
         total: list[Tensor] | None = None
         for a_k, d_k in calls:
             grads = grad_fn(m, a_k[chunk], d_k[chunk])
@@ -238,6 +299,41 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
     return torch.cat(pieces)
 
 
+def _layer_calls(
+    model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Module]]
+) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """Input and output gradient of every call of each closed-form layer, from one forward and backward.
+
+    Keyed by layer name; layers without a closed form, or never called, are absent.
+    """
+    closed = {id(m): name for name, m in layers if _has_closed_form(m)}
+    records: dict[str, list[list]] = {}  # name -> [[input, version, output grad]]
+
+    def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        a = inputs[0].detach()
+        record = [a, a._version, torch.zeros((), dtype=output.dtype, device=output.device).expand_as(output)]
+        records.setdefault(closed[id(module)], []).append(record)
+        if output.requires_grad:
+            # A tensor hook sees the gradient w.r.t. the returned value even if a later op modifies it
+            # in place (``out += identity``), unlike autograd.grad w.r.t. the output tensor itself.
+            output.register_hook(lambda grad: record.__setitem__(2, grad))
+
+    handles = [m.register_forward_hook(forward_hook) for _, m in layers if id(m) in closed]
+    try:
+        with torch.enable_grad():
+            # The backward runs down to the input so that it reaches every layer's output hook.
+            x_in = x.detach().requires_grad_(True)
+            loss = confounding_loss(model(x_in)).sum()
+            torch.autograd.grad(loss, x_in)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, calls in records.items():
+        if any(a._version != version for a, version, _ in calls):
+            raise RuntimeError(f"the input of layer '{name}' was modified in place after the layer ran")
+    return {name: [(a, d) for a, _, d in calls] for name, calls in records.items()}
+
+
 def purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod = "hooks") -> Tensor:
     """Per-sample squared L2 norm of each layer's gradient of the confounding loss.
 
@@ -256,40 +352,15 @@ def purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod = "ho
     if method != "hooks":
         raise ValueError(f"unknown purview method '{method}'; valid: hooks, vmap")
 
-    closed = {id(m) for _, m in layers if _has_closed_form(m)}
-    calls: dict[int, list[list]] = {key: [] for key in closed}  # module id -> [[input, version, grad]]
-
-    def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        a = inputs[0].detach()
-        record = [a, a._version, torch.zeros((), dtype=output.dtype, device=output.device).expand_as(output)]
-        calls[id(module)].append(record)
-        if output.requires_grad:
-            # A tensor hook sees the gradient w.r.t. the returned value even if a later op modifies it
-            # in place (``out += identity``), unlike autograd.grad w.r.t. the output tensor itself.
-            output.register_hook(lambda grad: record.__setitem__(2, grad))
-
-    handles = [m.register_forward_hook(forward_hook) for _, m in layers if id(m) in closed]
-    try:
-        with torch.enable_grad():
-            # The backward runs down to the input so that it reaches every layer's output hook.
-            x_in = x.detach().requires_grad_(True)
-            loss = confounding_loss(model(x_in)).sum()
-            torch.autograd.grad(loss, x_in)
-    finally:
-        for handle in handles:
-            handle.remove()
-
+    calls = _layer_calls(model, x, layers)
     columns: list[Tensor | None] = []
     fallback: list[tuple[str, nn.Module]] = []
     for name, m in layers:
-        records = calls.get(id(m), [])
-        if not records:  # no closed form, or the weights are used outside the module's forward
+        if name not in calls:  # no closed form, or the weights are used outside the module's forward
             columns.append(None)
             fallback.append((name, m))
             continue
-        if any(a._version != version for a, version, _ in records):
-            raise RuntimeError(f"the input of layer '{name}' was modified in place after the layer ran")
-        columns.append(_layer_sq_norm(m, [(a, d) for a, _, d in records]))
+        columns.append(_layer_sq_norm(m, calls[name]))
     if fallback:
         slow = _vmap_sq_norms(model, x, fallback).unbind(dim=1)
         slow_iter = iter(slow)

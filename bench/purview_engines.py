@@ -1,0 +1,157 @@
+"""Per-layer cost of the three exact engines behind ``purview``'s Linear/Conv2d gradient norms.
+
+``gradreg.scorers.purview`` picks, per layer, between materializing the per-sample weight gradient
+(unfold + batched matmul, or a grouped convolution for large maps) and ghost norms from two Gram
+matrices, by two constants (``GROUPED_CONV_MIN_POSITIONS``, ``GHOST_MAX_COST_RATIO``). This script
+times every engine on every single-call Linear/Conv2d layer of a model, with the inputs and output
+gradients of one real batch, checks that the engines agree, and prints one row per layer shape:
+the time of each engine, the engine the current constants pick and the fastest one, plus totals.
+That is the data for tuning the two constants on a device.
+
+Examples:
+    python bench/purview_engines.py --device cuda
+    python bench/purview_engines.py --device cpu --model wrn40_2:64:32 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from scorers import DEFAULT_MODELS, environment_line, parse_model_spec, time_interleaved
+
+from gradreg.models import MODELS
+from gradreg.scorers import purview
+
+# Constants that force one engine everywhere (as in tests/test_scorers.py).
+ENGINES = {
+    "unfold": {"GROUPED_CONV_MIN_POSITIONS": 10**9, "GHOST_MAX_COST_RATIO": 0.0},
+    "grouped": {"GROUPED_CONV_MIN_POSITIONS": 1, "GHOST_MAX_COST_RATIO": 0.0},
+    "ghost": {"GHOST_MAX_COST_RATIO": float("inf")},
+}
+
+
+def engine_norm(engine: str | None, m: nn.Module, calls: list) -> torch.Tensor:
+    """``purview._layer_sq_norm`` with one engine forced (None: the default constants)."""
+    saved = {name: getattr(purview, name) for name in ("GROUPED_CONV_MIN_POSITIONS", "GHOST_MAX_COST_RATIO")}
+    try:
+        for name, value in ENGINES.get(engine, {}).items():
+            setattr(purview, name, value)
+        return purview._layer_sq_norm(m, calls)
+    finally:
+        for name, value in saved.items():
+            setattr(purview, name, value)
+
+
+def default_engine(m: nn.Module, d: torch.Tensor) -> str:
+    """The engine the current constants pick for a single-call layer."""
+    if purview._ghost_is_cheaper(m, d):
+        return "ghost"
+    if isinstance(m, nn.Conv2d) and d.shape[2] * d.shape[3] >= purview.GROUPED_CONV_MIN_POSITIONS:
+        return "grouped"
+    return "unfold"
+
+
+def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> list[dict]:
+    """One row per distinct layer shape: count, median ms per engine, default and fastest engine."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = MODELS.build(name, num_classes=1000 if size >= 224 else 10).to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+    layers = purview.purview_layers(model)
+    calls = purview._layer_calls(model, x, layers)
+    shapes: Counter = Counter()
+    rows: dict[tuple, dict] = {}
+    for layer_name, m in layers:
+        layer_calls = calls.get(layer_name, [])
+        if type(m) not in (nn.Linear, nn.Conv2d) or len(layer_calls) != 1:
+            continue
+        d = layer_calls[0][1]
+        groups, positions, k, o = purview._factor_shape(m, d)
+        stride = getattr(m, "stride", (1, 1))[0]
+        key = (type(m).__name__, groups, positions, k, o, stride)
+        shapes[key] += 1
+        if key in rows:
+            continue
+        engines = [e for e in ENGINES if e != "grouped" or isinstance(m, nn.Conv2d)]
+        results = {e: engine_norm(e, m, layer_calls) for e in engines}
+        worst = max((r - results["unfold"]).abs().max() / results["unfold"].abs().max() for r in results.values())
+        cases = [("engine", e, lambda e=e, m=m, c=layer_calls: engine_norm(e, m, c), batch) for e in engines]
+        timed = {t["name"]: 1e3 * t["seconds"] for t in time_interleaved(cases, device, args.warmup, args.repeats)}
+        rows[key] = {
+            "model": name,
+            "layer": key,
+            "ms": timed,
+            "default": default_engine(m, d),
+            "fastest": min(timed, key=timed.get),
+            "max_rel_diff": float(worst),
+        }
+    for key, row in rows.items():
+        row["count"] = shapes[key]
+    return list(rows.values())
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table row per layer shape, then per-model totals (ms per batch, summed over layers)."""
+    lines = [
+        "| model | layer (type, g, T, K, O, stride) | count | unfold ms | grouped ms | ghost ms | default | fastest |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    totals: dict[str, Counter] = {}
+    for r in rows:
+        ms = r["ms"]
+        cells = [f"{ms[e]:.2f}" if e in ms else "-" for e in ENGINES]
+        lines.append(
+            f"| {r['model']} | {r['layer']} | {r['count']} | {' | '.join(cells)} | {r['default']} | {r['fastest']} |"
+        )
+        total = totals.setdefault(r["model"], Counter())
+        total["default"] += r["count"] * ms[r["default"]]
+        total["fastest"] += r["count"] * ms[r["fastest"]]
+        for e in ENGINES:
+            total[e] += r["count"] * ms.get(e, ms["unfold"])  # Linear layers have no grouped engine
+    lines += [
+        "",
+        "| model | default ms | per-layer fastest ms | unfold only | grouped only | ghost only |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, t in totals.items():
+        lines.append(
+            f"| {model} | {t['default']:.1f} | {t['fastest']:.1f} | "
+            + " | ".join(f"{t[e]:.1f}" for e in ENGINES)
+            + " |"
+        )
+    worst = max((r["max_rel_diff"] for r in rows), default=0.0)
+    return "\n".join(lines) + f"\n\nlargest relative difference between engines: {worst:.1e}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, time every model's layers, print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", action="append", type=parse_model_spec, help="name:batch:size, repeatable")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--out", type=Path, help="write the tables here")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    rows = [row for spec in args.model or DEFAULT_MODELS for row in bench_model(*spec, args)]
+    command = "python bench/purview_engines.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = f"{environment_line(args.device, args.threads)}\n`{command}`\n\n{markdown(rows)}"
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
