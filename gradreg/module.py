@@ -4,7 +4,8 @@ GReg: Sharifi, Entesari, Safaei, Patel, Fazlyab, "Gradient-Regularized Out-of-Di
 Detection", ECCV 2024, arXiv:2404.12368 (github.com/o4lc/Greg-OOD). The loss is
 ``CE + energy_weight * L_energy + reg_weight * L_grad`` computed from ONE forward pass of the
 concatenated ID + outlier batch (see ``gradreg.losses`` for the deviation from the official second
-forward: BatchNorm statistics are updated once per step).
+forward: BatchNorm statistics are updated once per step). With the regularizer on, the model's
+BatchNorm layers use ``gradreg.batchnorm``'s closed-form double backward (same gradients, fewer kernels).
 
 Methods: ``ce`` (ID cross-entropy only; outliers are not forwarded), ``oe`` (Outlier Exposure),
 ``energy`` (energy margin loss), ``greg`` (energy + the gradient-norm regularizer), ``absent``
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from gradreg.batchnorm import use_double_backward_batchnorm
 from gradreg.losses import (
     RegScaling,
     absent_class_loss,
@@ -113,6 +115,9 @@ class GradRegModule(LightningModule):
             load_pretrained(self.model, pretrained)
         if input_mean is not None and input_std is not None:
             self.model.set_normalization(input_mean, input_std)
+        if method == "greg" and reg_weight > 0:
+            # Same gradients, cheaper double backward through train-mode BatchNorm (gradreg.batchnorm).
+            use_double_backward_batchnorm(self.model)
         self.sampler = SAMPLERS.build(sampler)
         self.sampler.setup(num_classes=num_classes)
         self.num_classes = num_classes

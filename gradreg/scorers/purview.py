@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradreg.batchnorm import DoubleBackwardBatchNorm1d, DoubleBackwardBatchNorm2d, DoubleBackwardBatchNorm3d
 from gradreg.scorers.base import Scorer
 from gradreg.scorers.registry import SCORERS
 
@@ -233,6 +234,10 @@ _GRAD_FNS: dict[type[nn.Module], Callable[..., list[Tensor]]] = {
     nn.BatchNorm1d: _batchnorm_grads,
     nn.BatchNorm2d: _batchnorm_grads,
     nn.BatchNorm3d: _batchnorm_grads,
+    # GReg training's BatchNorm: only its training-mode backward differs (gradreg.batchnorm).
+    DoubleBackwardBatchNorm1d: _batchnorm_grads,
+    DoubleBackwardBatchNorm2d: _batchnorm_grads,
+    DoubleBackwardBatchNorm3d: _batchnorm_grads,
     nn.GroupNorm: _groupnorm_grads,
     nn.LayerNorm: _layernorm_grads,
 }

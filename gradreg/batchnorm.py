@@ -1,0 +1,178 @@
+"""Training-mode BatchNorm with a cheap double backward, for GReg's penalty (double backprop).
+
+GReg's regularizer differentiates an input gradient w.r.t. the weights, so every layer is
+back-propagated twice. For BatchNorm with batch statistics PyTorch derives that second backward from
+its generic formula (``batchnorm_double_backward``), about 30 reductions and as many elementwise
+kernels per layer; on an H100 it was 46 % of a WRN-40-2 GReg step (``docs/benchmarks.md``). The
+closed form below needs three per-channel reductions and two elementwise passes.
+
+Notation per channel, over its M = N·H·W elements: ``x̂ = (x − μ)·r`` with ``r = (σ² + ε)^-½``,
+``y = γ·x̂ + β``. The first backward (native kernel) gives ``gβ = S₁ = Σ gy``, ``gγ = S₂ = Σ gy·x̂`` and
+``gx = (γr/M)(M·gy − S₁ − x̂·S₂)``. For the upstream gradients ``(ggx, ggγ, ggβ)`` of ``(gx, gγ, gβ)`` let
+``T₁ = Σ ggx``, ``T₂ = Σ ggx·x̂``, ``T₃ = Σ ggx·gy``, ``C = M·T₃ − S₁T₁ − S₂T₂``, ``a = γr/M``. Then
+
+- ``∂/∂gy = a(M·ggx − T₁ − x̂·T₂) + ggγ·x̂ + ggβ``
+- ``∂/∂γ = r·C/M``
+- ``∂/∂x = −r(v − mean(v) − x̂·mean(v·x̂)) − (γr²C/M²)·x̂`` with ``v = a·S₂·ggx + (a·T₂ − ggγ)·gy``,
+  ``mean(v) = (a·S₂·T₁ + (a·T₂ − ggγ)·S₁)/M``, ``mean(v·x̂) = (a·S₂·T₂ + (a·T₂ − ggγ)·S₂)/M``
+
+(the x-derivative goes through x̂, r and S₂; μ and σ² are functions of x). Checked against autograd's
+own double backward and by ``gradgradcheck`` in ``tests/test_batchnorm.py``. A plain backward (no
+``create_graph``) runs the native kernels, so only double backprop takes the new path; third
+derivatives are not supported. Eval mode is untouched (``nn.BatchNorm*d.forward``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+_native_backward = torch.ops.aten.native_batch_norm_backward
+
+
+def _channel_view(t: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast against ``like`` (N, C, ...)."""
+    return t.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+
+class _BatchNormGrad(torch.autograd.Function):
+    """(gy, x, γ) -> (gx, gγ, gβ) of training-mode BatchNorm, with the closed-form backward above."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        gx, gw, gb = _native_backward(gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+        ctx.save_for_backward(gy, x, weight, mean, invstd, gw, gb)
+        return gx, gw, gb
+
+    @staticmethod
+    def backward(ctx: Any, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None) -> tuple:
+        gy, x, weight, mean, invstd, s2, s1 = ctx.saved_tensors
+        f32 = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16/fp16 activations, else x's dtype
+        dims = [0, *range(2, x.dim())]
+        m = x.numel() // x.shape[1]
+        r = invstd.to(f32)
+        gamma = torch.ones_like(r) if weight is None else weight.to(f32)
+        s1, s2 = s1.to(f32), s2.to(f32)
+        ggw = torch.zeros_like(r) if ggw is None else ggw.to(f32)
+        ggb = torch.zeros_like(r) if ggb is None else ggb.to(f32)
+        xf, gyf = x.to(f32), gy.to(f32)
+        ggx = torch.zeros_like(xf) if ggx is None else ggx.to(f32)
+
+        def view(t: Tensor) -> Tensor:
+            return _channel_view(t, x)
+
+        x_hat = torch.addcmul(view(-mean.to(f32) * r), xf, view(r))
+        t1, t2, t3 = ggx.sum(dims), (ggx * x_hat).sum(dims), (ggx * gyf).sum(dims)
+        c = m * t3 - s1 * t1 - s2 * t2
+        a = gamma * r / m
+        grad_gy = grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_gy = torch.addcmul(torch.addcmul(view(ggb - a * t1), x_hat, view(ggw - a * t2)), ggx, view(a * m))
+            grad_gy = grad_gy.to(gy.dtype)
+        if ctx.needs_input_grad[1]:
+            p, q = a * s2, a * t2 - ggw  # v = p·ggx + q·gy
+            mean_v, mean_vx = (p * t1 + q * s1) / m, (p * t2 + q * s2) / m
+            base = torch.addcmul(view(r * mean_v), x_hat, view(r * mean_vx - gamma * r * r * c / (m * m)))
+            grad_x = torch.addcmul(torch.addcmul(base, ggx, view(-r * p)), gyf, view(-r * q)).to(x.dtype)
+        if weight is not None and ctx.needs_input_grad[2]:
+            grad_w = (r * c / m).to(weight.dtype)
+        return grad_gy, grad_x, grad_w, None, None, None
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training-mode BatchNorm (native kernels); under ``create_graph`` its backward is ``_BatchNormGrad``."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple:
+        x, weight, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: make the backward cheap to differentiate
+            gx, gw, gb = _BatchNormGrad.apply(gy, x, weight, mean, invstd, ctx.eps)
+        else:
+            mask = [ctx.needs_input_grad[0], *ctx.needs_input_grad[1:3]]
+            gx, gw, gb = _native_backward(gy, x, weight, None, None, mean, invstd, True, ctx.eps, mask)
+        if weight is None:
+            gw = gb = None
+        return gx, gw, gb, None, None, None, None
+
+
+def batch_norm_train(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """``F.batch_norm(..., training=True)`` with the cheap double backward (running stats updated in place)."""
+    return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+class _DoubleBackwardBatchNorm:
+    """Mixin for ``nn.BatchNorm*d``: training mode goes through :func:`batch_norm_train`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        self._check_input_dim(x)
+        # Running-statistics bookkeeping exactly as nn.modules.batchnorm._BatchNorm.forward does it.
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return batch_norm_train(x, self.running_mean, self.running_var, self.weight, self.bias, momentum, self.eps)
+
+
+class DoubleBackwardBatchNorm1d(_DoubleBackwardBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with the cheap double backward in training mode."""
+
+
+class DoubleBackwardBatchNorm2d(_DoubleBackwardBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with the cheap double backward in training mode."""
+
+
+class DoubleBackwardBatchNorm3d(_DoubleBackwardBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with the cheap double backward in training mode."""
+
+
+_CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: DoubleBackwardBatchNorm1d,
+    nn.BatchNorm2d: DoubleBackwardBatchNorm2d,
+    nn.BatchNorm3d: DoubleBackwardBatchNorm3d,
+}
+
+
+def use_double_backward_batchnorm(model: nn.Module) -> nn.Module:
+    """Switch every plain ``nn.BatchNorm{1,2,3}d`` of ``model`` to its double-backward variant, in place.
+
+    Parameters, buffers and hooks stay where they are (only the class changes), so the state dict,
+    the optimizer and ``isinstance`` checks are unaffected. Subclasses are left alone: they may
+    override ``forward``.
+    """
+    for module in model.modules():
+        converted = _CONVERSIONS.get(type(module))
+        if converted is not None:
+            module.__class__ = converted
+    return model
