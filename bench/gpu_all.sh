@@ -2,10 +2,12 @@
 # Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only k-means test), results in $OUT.
 # Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh
 # (bench/results/h100_* are the files of one such run on an H100, renamed with the h100_ prefix.)
+# The BackPACK baseline of bench/scorers.py runs if backpack is importable; for a machine without network,
+# install it beside the checkout first: pip install --no-deps --target bench/.deps backpack-for-pytorch einops unfoldNd
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
+export PYTHONUNBUFFERED=1 PYTHONPATH=.:bench/.deps
 py=${PYTHON:-python3}
 {
   nvidia-smi -L

@@ -8,7 +8,8 @@ Everything is measured in one process on the same random batch, model in eval mo
 - per-sample loops (timed on ``--loop-samples`` images, reported per image): GradNorm as the official
   code runs it (batch 1, forward + full backward, L1 norm of the last-layer weight gradient, next to
   the closed form ``gradnorm``); all-layer per-sample gradient norms of the purview loss with a
-  batch-1 loop and with ``torch.func.vmap`` (``purview_layer_norms(method="vmap")``), next to the
+  batch-1 loop, with ``torch.func.vmap`` (``purview_layer_norms(method="vmap")``) and, if installed
+  (``pip install -e ".[bench]"``), with BackPACK's ``BatchL2Grad``, next to the
   hook-based ``purview``.
 
 Models are looked up by name in ``gradreg.models.MODELS`` at run time; a name that is not registered is
@@ -25,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -123,6 +125,40 @@ def all_layer_norms_loop(model: nn.Module, x: Tensor) -> None:
         torch.stack([sum(next(grads).square().sum() for _ in group) for group in groups]).cpu()
 
 
+def backpack_layer_norms(extended: nn.Module, layers: list[nn.Module], x: Tensor) -> Tensor:
+    """Per-sample, per-layer squared gradient norms with BackPACK's ``BatchL2Grad`` (Dangel et al., ICLR 2020).
+
+    ``extended`` is a copy of the model passed through ``backpack.extend``; ``layers`` its parameter modules.
+    """
+    from backpack import backpack
+    from backpack.extensions import BatchL2Grad
+
+    extended.zero_grad(set_to_none=True)
+    with backpack(BatchL2Grad()):
+        confounding_loss(extended(x)).sum().backward()
+    return torch.stack([sum(p.batch_l2 for p in m.parameters(recurse=False)) for m in layers], dim=1)
+
+
+def library_cases(model: nn.Module, x: Tensor) -> list[tuple[str, str, Callable[[], object], int]]:
+    """Per-sample-norm cases from installed libraries (``pip install -e ".[bench]"``), checked against purview.
+
+    Opacus (``GradSampleModule``) is not among them: it refuses layers with buffers, i.e. every BatchNorm.
+    """
+    try:
+        from backpack import extend
+    except ImportError:
+        print("BackPACK not installed: skipping its per-sample norms", file=sys.stderr)
+        return []
+    extended = extend(copy.deepcopy(model))
+    layers = [m for _, m in purview_layers(extended)]
+    got, expected = backpack_layer_norms(extended, layers, x), purview_layer_norms(model, x)
+    error = float((got - expected).abs().max() / expected.abs().max())
+    print(f"BackPACK vs purview_layer_norms: max relative difference {error:.1e}", file=sys.stderr)
+    return [
+        ("loop", "all-layer norms, BackPACK BatchL2Grad", lambda: backpack_layer_norms(extended, layers, x), len(x))
+    ]
+
+
 def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> list[dict]:
     """All measurements for one model; returns one row per measurement."""
     device = torch.device(args.device)
@@ -142,6 +178,7 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> l
             ("loop", "gradnorm, official batch-1 loop", lambda: gradnorm_official_loop(model, x_loop), len(x_loop)),
             ("loop", "all-layer norms, batch-1 loop", lambda: all_layer_norms_loop(model, x_loop), len(x_loop)),
             ("loop", "all-layer norms, torch.func.vmap", lambda: purview_layer_norms(model, x, method="vmap"), batch),
+            *library_cases(model, x),
         ]
     rows = []
     for r in time_interleaved(cases, device, args.warmup, args.repeats):
@@ -168,6 +205,7 @@ def markdown_tables(rows: list[dict]) -> str:
         "gradnorm, official batch-1 loop": "gradnorm",
         "all-layer norms, batch-1 loop": "purview",
         "all-layer norms, torch.func.vmap": "purview",
+        "all-layer norms, BackPACK BatchL2Grad": "purview",
     }
     for model, named in by_model.items():
         fwd = named["forward"]["us_per_image"]
