@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from scorers import DEFAULT_MODELS, environment_line, parse_model_spec, time_interleaved
+from scorers import DEFAULT_MODELS, apply_device_settings, environment_line, parse_model_spec, time_interleaved
 
 from gradreg.models import MODELS
 from gradreg.scorers import purview
@@ -63,7 +63,7 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> l
     """One row per distinct layer shape: count, median ms per engine, default and fastest engine."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = MODELS.build(name, num_classes=1000 if size >= 224 else 10).to(device).eval()
+    model = MODELS.build(name, num_classes=1000 if size >= 224 else 10, in_channels=3).to(device).eval()
     x = torch.randn(batch, 3, size, size, device=device)
     layers = purview.purview_layers(model)
     calls = purview._layer_calls(model, x, layers)
@@ -141,10 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--out", type=Path, help="write the tables here")
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
+    apply_device_settings(args.device, args.threads)
     rows = [row for spec in args.model or DEFAULT_MODELS for row in bench_model(*spec, args)]
     command = "python bench/purview_engines.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = f"{environment_line(args.device, args.threads)}\n`{command}`\n\n{markdown(rows)}"

@@ -226,6 +226,14 @@ def markdown_tables(rows: list[dict]) -> str:
     return "\n".join(lines) + ("\n\n" + "\n".join(loops) if len(loops) > 2 else "")
 
 
+def apply_device_settings(device: str, threads: int) -> None:
+    """CPU threads (0: torch's default) and cuDNN autotuning on CUDA."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+
+
 def environment_line(device: str, threads: int) -> str:
     """Where the numbers come from."""
     if device.startswith("cuda"):
@@ -262,10 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write all raw rows here")
     args = parser.parse_args(argv)
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
+    apply_device_settings(args.device, args.threads)
     purview.MAX_CHUNK_ELEMENTS = args.chunk_elements
     rows = []
     for name, batch, size in args.model or DEFAULT_MODELS:
