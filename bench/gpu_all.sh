@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only k-means test), results in $OUT.
+# Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only tests, -m gpu), results in $OUT.
 # Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh
 # (bench/results/h100_* are the files of one such run on an H100, renamed with the h100_ prefix.)
 # The BackPACK baseline of bench/scorers.py runs if backpack is importable; for a machine without network,
@@ -12,7 +12,7 @@ py=${PYTHON:-python3}
 {
   nvidia-smi -L
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  $py -m pytest -q -p no:cacheprovider tests/test_samplers.py -k "kmeans"
+  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_samplers.py tests/test_batchnorm.py
   $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
   $py bench/train_step.py --device cuda --json "$OUT/train_step.json" --out "$OUT/train_step.md"
   $py bench/scorers.py --device cuda --json "$OUT/scorers.json" --out "$OUT/scorers.md"

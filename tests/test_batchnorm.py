@@ -84,23 +84,39 @@ def test_greg_gradients_and_running_stats_equal_pytorch_batchnorm(momentum: floa
     torch.testing.assert_close(fast(x), native(x), rtol=0, atol=0)
 
 
-def test_bf16_autocast_is_as_accurate_as_pytorch_batchnorm() -> None:
+def errors_vs_float64(device: str, dtype: torch.dtype, channels_last: bool = False) -> tuple[float, float]:
+    """Relative error of all GReg parameter gradients (PyTorch's BatchNorm, ours) against float64 on the CPU."""
     torch.manual_seed(0)
     native = ConvBN().train()
-    fast = use_double_backward_batchnorm(copy.deepcopy(native))
     x = torch.randn(10, 2, 7, 7)
-    _, grads_exact = greg_step_grads(copy.deepcopy(native).double(), x.double(), n_in=4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, grads_native = greg_step_grads(native, x, n_in=4)
-        _, grads_fast = greg_step_grads(fast, x, n_in=4)
-    assert [g.dtype for g in grads_fast] == [g.dtype for g in grads_native]
+    _, exact = greg_step_grads(copy.deepcopy(native).double(), x.double(), n_in=4)
+    native, x = native.to(device), x.to(device)
+    if channels_last:
+        native, x = native.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    fast = use_double_backward_batchnorm(copy.deepcopy(native))
+    errors = []
+    for model in (native, fast):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            _, grads = greg_step_grads(model, x, n_in=4)
+        assert [g.dtype for g in grads] == [p.dtype for p in model.parameters()]
+        flat, ref = torch.cat([g.cpu().double().flatten() for g in grads]), torch.cat([g.flatten() for g in exact])
+        errors.append(float((flat - ref).norm() / ref.norm()))
+    return errors[0], errors[1]
 
-    def error(grads: list[Tensor]) -> float:
-        flat, exact = torch.cat([g.double().flatten() for g in grads]), torch.cat([g.flatten() for g in grads_exact])
-        return float((flat - exact).norm() / exact.norm())
 
+def test_bf16_autocast_is_as_accurate_as_pytorch_batchnorm() -> None:
+    native, fast = errors_vs_float64("cpu", torch.bfloat16)
     # bf16 activations are coarse on a model this small (native: ~25 % error); ours must not be worse.
-    assert error(grads_fast) <= 1.25 * error(grads_native)
+    assert fast <= 1.25 * native
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_cuda_is_as_accurate_as_pytorch_batchnorm(dtype: torch.dtype, channels_last: bool) -> None:
+    native, fast = errors_vs_float64("cuda", dtype, channels_last)
+    assert fast <= 1.25 * native + 1e-6  # + 1e-6: float32 without TF32 can be exact to rounding on both
 
 
 def test_conversion_keeps_state_and_skips_subclasses() -> None:

@@ -305,6 +305,7 @@ def test_kmeans_result_does_not_depend_on_how_often_the_host_checks():
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kmeans_cuda_graph_matches_the_eager_path():
     x = torch.nn.functional.normalize(torch.randn(384, 128, device="cuda"), dim=1)
