@@ -4,7 +4,8 @@ GReg's regularizer differentiates an input gradient w.r.t. the weights, so every
 back-propagated twice. For BatchNorm with batch statistics PyTorch derives that second backward from
 its generic formula (``batchnorm_double_backward``), about 30 reductions and as many elementwise
 kernels per layer; on an H100 it was 46 % of a WRN-40-2 GReg step (``docs/benchmarks.md``). The
-closed form below needs three per-channel reductions and two elementwise passes.
+closed form below needs three per-channel reductions and eight elementwise kernels (two products, six
+``addcmul``), plus a few on per-channel vectors.
 
 Notation per channel, over its M = N·H·W elements: ``x̂ = (x − μ)·r`` with ``r = (σ² + ε)^-½``,
 ``y = γ·x̂ + β``. The first backward (native kernel) gives ``gβ = S₁ = Σ gy``, ``gγ = S₂ = Σ gy·x̂`` and
