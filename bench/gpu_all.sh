@@ -9,14 +9,17 @@ OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:bench/.deps
 py=${PYTHON:-python3}
+# Most important first, so that a run cut short still returns them; every table is also printed to log.txt
+# (8 files in all: what one device call brings back).
 {
   nvidia-smi -L
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
   $py -m pytest -q -p no:cacheprovider -m gpu tests/test_samplers.py tests/test_batchnorm.py
-  $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
-  $py bench/train_step.py --device cuda --json "$OUT/train_step.json" --out "$OUT/train_step.md"
-  $py bench/scorers.py --device cuda --json "$OUT/scorers.json" --out "$OUT/scorers.md"
-  $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
-  $py bench/train_step.py --device cuda --model wrn40_2:128:256:32 --precision fp32 --profile "$OUT/profile.txt"
   $py bench/train_step.py --device cuda --channels-last off --json "$OUT/train_step_contiguous.json"
+  $py bench/scorers.py --device cuda --json "$OUT/scorers.json"
+  $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
+  $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
+  $py bench/train_step.py --device cuda --json "$OUT/train_step.json"
+  $py bench/train_step.py --device cuda --model wrn40_2:128:256:32 --precision fp32 --channels-last off \
+    --methods energy greg greg_native_bn --profile "$OUT/profile.txt"
 } 2>&1 | tee "$OUT/log.txt"
