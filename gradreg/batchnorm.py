@@ -34,11 +34,6 @@ from torch.autograd.function import FunctionCtx
 _native_backward = torch.ops.aten.native_batch_norm_backward
 
 
-def _channel_view(t: Tensor, like: Tensor) -> Tensor:
-    """A per-channel vector shaped to broadcast against ``like`` (N, C, ...)."""
-    return t.reshape(1, -1, *([1] * (like.dim() - 2)))
-
-
 class _BatchNormGrad(torch.autograd.Function):
     """(gy, x, γ) -> (gx, gγ, gβ) of training-mode BatchNorm, with the closed-form backward above."""
 
@@ -64,8 +59,8 @@ class _BatchNormGrad(torch.autograd.Function):
         xf, gyf = x.to(f32), gy.to(f32)
         ggx = torch.zeros_like(xf) if ggx is None else ggx.to(f32)
 
-        def view(t: Tensor) -> Tensor:
-            return _channel_view(t, x)
+        def view(t: Tensor) -> Tensor:  # a per-channel vector, broadcast against (N, C, ...)
+            return t.reshape(1, -1, *([1] * (x.dim() - 2)))
 
         x_hat = torch.addcmul(view(-mean.to(f32) * r), xf, view(r))
         t1, t2, t3 = ggx.sum(dims), (ggx * x_hat).sum(dims), (ggx * gyf).sum(dims)
@@ -110,7 +105,7 @@ class _BatchNormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: make the backward cheap to differentiate
             gx, gw, gb = _BatchNormGrad.apply(gy, x, weight, mean, invstd, ctx.eps)
         else:
-            mask = [ctx.needs_input_grad[0], *ctx.needs_input_grad[1:3]]
+            mask = list(ctx.needs_input_grad[:3])
             gx, gw, gb = _native_backward(gy, x, weight, None, None, mean, invstd, True, ctx.eps, mask)
         if weight is None:
             gw = gb = None

@@ -115,7 +115,7 @@ class GradRegModule(LightningModule):
             load_pretrained(self.model, pretrained)
         if input_mean is not None and input_std is not None:
             self.model.set_normalization(input_mean, input_std)
-        if method == "greg" and reg_weight > 0:
+        if self.regularizes:
             # Same gradients, cheaper double backward through train-mode BatchNorm (gradreg.batchnorm).
             use_double_backward_batchnorm(self.model)
         self.sampler = SAMPLERS.build(sampler)
@@ -127,6 +127,11 @@ class GradRegModule(LightningModule):
     def uses_outliers(self) -> bool:
         """Whether the objective needs auxiliary outliers."""
         return self.method != "ce"
+
+    @property
+    def regularizes(self) -> bool:
+        """Whether the step adds GReg's gradient-norm penalty (``greg`` with a positive ``reg_weight``)."""
+        return self.hparams.method == "greg" and self.hparams.reg_weight > 0
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self.model(x)
@@ -141,7 +146,7 @@ class GradRegModule(LightningModule):
             x_out = candidates[self.sampler.select(self.model, candidates, n_id)]
 
         # One forward of ID + outliers; the input must require grad *before* it for GReg's penalty.
-        regularize = self.method == "greg" and self.hparams.reg_weight > 0
+        regularize = self.regularizes
         x = torch.cat([x_id, x_out]).requires_grad_(regularize)
         feats = self.model.features(x)  # = self.model(x) in two halves (every Classifier)
         logits = self.model.fc(feats)
