@@ -2,11 +2,13 @@
 
 ``gradreg.scorers.purview`` picks, per layer, between materializing the per-sample weight gradient
 (unfold + batched matmul, or a grouped convolution for large maps) and ghost norms from two Gram
-matrices, by two constants (``GROUPED_CONV_MIN_POSITIONS``, ``GHOST_MAX_COST_RATIO``). This script
-times every engine on every single-call Linear/Conv2d layer of a model, with the inputs and output
-gradients of one real batch, checks that the engines agree, and prints one row per layer shape:
-the time of each engine, the engine the current constants pick and the fastest one, plus totals.
-That is the data for tuning the two constants on a device.
+matrices, by three constants (``GROUPED_CONV_MIN_POSITIONS``, ``GROUPED_CONV_MIN_KERNEL``,
+``GHOST_MAX_COST_RATIO``). This script times every engine on every single-call Linear/Conv2d layer of
+a model, with the inputs and output gradients of one real batch, checks that the engines agree, and
+prints one row per layer shape: the time of each engine, the engine the current constants pick and
+the fastest one, plus totals. It then times the whole ``purview_layer_norms`` call (hooks, every
+layer) on a grid of ``GROUPED_CONV_MIN_POSITIONS`` and ``GHOST_MAX_COST_RATIO``. That is the data for
+tuning the constants on a device.
 
 Examples:
     python bench/purview_engines.py --device cuda
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,38 +37,54 @@ from gradreg.scorers import purview
 # Constants that force one engine everywhere (as in tests/test_scorers.py).
 ENGINES = {
     "unfold": {"GROUPED_CONV_MIN_POSITIONS": 10**9, "GHOST_MAX_COST_RATIO": 0.0},
-    "grouped": {"GROUPED_CONV_MIN_POSITIONS": 1, "GHOST_MAX_COST_RATIO": 0.0},
+    "grouped": {"GROUPED_CONV_MIN_POSITIONS": 1, "GROUPED_CONV_MIN_KERNEL": 1, "GHOST_MAX_COST_RATIO": 0.0},
     "ghost": {"GHOST_MAX_COST_RATIO": float("inf")},
 }
 
 
 # Ghost norms are not timed where they cost more than this many times the materialized gradient.
 GHOST_SKIP_COST_RATIO = 8
+# End-to-end grid: (GROUPED_CONV_MIN_POSITIONS, GHOST_MAX_COST_RATIO).
+GRID = [(positions, ratio) for positions in (1, 256, 1024) for ratio in (0.0, 0.5, 1.0)]
+
+
+@contextmanager
+def constants(settings: dict[str, float]) -> Iterator[None]:
+    """Set ``purview``'s switch constants for the duration of the block."""
+    saved = {name: getattr(purview, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(purview, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(purview, name, value)
 
 
 def engine_norm(engine: str | None, m: nn.Module, calls: list) -> torch.Tensor:
     """``purview._layer_sq_norm`` with one engine forced (None: the default constants)."""
-    saved = {name: getattr(purview, name) for name in ("GROUPED_CONV_MIN_POSITIONS", "GHOST_MAX_COST_RATIO")}
-    try:
-        for name, value in ENGINES.get(engine, {}).items():
-            setattr(purview, name, value)
+    with constants(ENGINES.get(engine, {})):
         return purview._layer_sq_norm(m, calls)
-    finally:
-        for name, value in saved.items():
-            setattr(purview, name, value)
+
+
+def layer_norms_with(settings: dict[str, float], model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The whole ``purview_layer_norms`` call under the given constants."""
+    with constants(settings):
+        return purview.purview_layer_norms(model, x)
 
 
 def default_engine(m: nn.Module, d: torch.Tensor) -> str:
     """The engine the current constants pick for a single-call layer."""
     if purview._ghost_is_cheaper(m, d):
         return "ghost"
-    if isinstance(m, nn.Conv2d) and d.shape[2] * d.shape[3] >= purview.GROUPED_CONV_MIN_POSITIONS:
+    if isinstance(m, nn.Conv2d) and purview._uses_grouped_conv(m, d):
         return "grouped"
     return "unfold"
 
 
-def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> list[dict]:
-    """One row per distinct layer shape: count, median ms per engine, default and fastest engine."""
+def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """One row per distinct layer shape (count, median ms per engine, default and fastest engine), then
+    the end-to-end ms of ``purview_layer_norms`` for every point of ``GRID``."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = MODELS.build(name, num_classes=1000 if size >= 224 else 10, in_channels=3).to(device).eval()
@@ -101,7 +121,11 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> l
         }
     for key, row in rows.items():
         row["count"] = shapes[key]
-    return list(rows.values())
+    grid = [{"GROUPED_CONV_MIN_POSITIONS": p, "GHOST_MAX_COST_RATIO": r} for p, r in GRID]
+    cases = [("grid", str(i), lambda g=g: layer_norms_with(g, model, x), batch) for i, g in enumerate(grid)]
+    totals = time_interleaved(cases, device, args.warmup, args.repeats)
+    end_to_end = [{"model": name, **g, "ms": 1e3 * t["seconds"]} for g, t in zip(grid, totals, strict=True)]
+    return list(rows.values()), end_to_end
 
 
 def markdown(rows: list[dict]) -> str:
@@ -138,6 +162,19 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + f"\n\nlargest relative difference between engines: {worst:.1e}"
 
 
+def grid_markdown(end_to_end: list[dict]) -> str:
+    """Whole ``purview_layer_norms`` call, ms per batch, for each pair of constants."""
+    lines = [
+        "| model | GROUPED_CONV_MIN_POSITIONS | GHOST_MAX_COST_RATIO | purview_layer_norms ms |",
+        "|---|---|---|---|",
+    ]
+    for r in end_to_end:
+        lines.append(
+            f"| {r['model']} | {r['GROUPED_CONV_MIN_POSITIONS']} | {r['GHOST_MAX_COST_RATIO']} | {r['ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, time every model's layers, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,9 +186,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write the tables here")
     args = parser.parse_args(argv)
     apply_device_settings(args.device, args.threads)
-    rows = [row for spec in args.model or DEFAULT_MODELS for row in bench_model(*spec, args)]
+    rows, end_to_end = [], []
+    for spec in args.model or DEFAULT_MODELS:
+        model_rows, model_totals = bench_model(*spec, args)
+        rows += model_rows
+        end_to_end += model_totals
     command = "python bench/purview_engines.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = f"{environment_line(args.device, args.threads)}\n`{command}`\n\n{markdown(rows)}"
+    current = f"current constants: {purview.GROUPED_CONV_MIN_POSITIONS}, {purview.GHOST_MAX_COST_RATIO}"
+    text = (
+        f"{environment_line(args.device, args.threads)}\n`{command}`\n\n{markdown(rows)}\n\n"
+        f"{grid_markdown(end_to_end)}\n\n{current}"
+    )
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -369,7 +369,7 @@ def make_tokens(seed: int = 0) -> nn.Module:
 ENGINES = {
     "auto": {},
     "unfold": {"GROUPED_CONV_MIN_POSITIONS": 10**9, "GHOST_MAX_COST_RATIO": 0.0},
-    "grouped": {"GROUPED_CONV_MIN_POSITIONS": 1, "GHOST_MAX_COST_RATIO": 0.0},
+    "grouped": {"GROUPED_CONV_MIN_POSITIONS": 1, "GROUPED_CONV_MIN_KERNEL": 1, "GHOST_MAX_COST_RATIO": 0.0},
     "ghost": {"GHOST_MAX_COST_RATIO": math.inf},
 }
 
@@ -400,6 +400,38 @@ def test_purview_picks_ghost_norms_only_where_they_are_cheaper() -> None:
     assert not purview._ghost_is_cheaper(early, torch.empty(1, 32, 32, 32))
     assert purview._ghost_is_cheaper(nn.Linear(4, 3), torch.empty(2, 3))  # vectors: T = 1
     assert not purview._ghost_is_cheaper(nn.LayerNorm(3), torch.empty(2, 3))
+
+
+def test_purview_uses_grouped_convolutions_only_for_spatial_kernels_on_large_maps() -> None:
+    big = torch.empty(1, 64, 32, 32)
+    assert purview._uses_grouped_conv(nn.Conv2d(64, 64, 3, padding=1), big)
+    assert not purview._uses_grouped_conv(nn.Conv2d(64, 64, 1), big)  # 1x1: unfolding copies nothing
+    assert not purview._uses_grouped_conv(nn.Conv2d(64, 64, 3, padding=1), torch.empty(1, 64, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.Conv2d(4, 6, 1, stride=2),
+        nn.Conv2d(4, 6, (3, 2), stride=(1, 2), dilation=(2, 1), padding=(2, 0)),
+        nn.Conv2d(4, 6, 4, padding="same"),  # asymmetric padding
+        nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=2),
+    ],
+    ids=["3x3", "1x1-strided", "dilated", "same-even", "reflect-grouped"],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last", "batch-slice"])
+def test_im2col_equals_unfold(conv: nn.Conv2d, layout: str) -> None:
+    torch.manual_seed(0)
+    a = torch.randn(5, 4, 9, 8, dtype=torch.float64)
+    if layout == "channels-last":
+        a = a.to(memory_format=torch.channels_last)
+    elif layout == "batch-slice":  # a chunk of samples: a view with a storage offset
+        a = a[2:4]
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = F.pad(a, conv._reversed_padding_repeated_twice, mode=mode)
+    expected = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    assert torch.equal(purview._im2col(conv.double(), a), expected)
 
 
 def test_purview_layer_names_follow_module_order() -> None:
