@@ -76,6 +76,17 @@ def test_bf16_mixed_trains(tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_channels_last_trains_like_contiguous(tmp_path: Path) -> None:
+    # float64, so that the two layouts' different summation orders stay far below the tolerance
+    expected = epoch_losses(*make("greg", m_in=-2.0, m_out=-3.0), tmp_path / "contiguous", 2, precision="64-true")
+    model, dm = make("greg", m_in=-2.0, m_out=-3.0, channels_last=True)
+    losses = epoch_losses(model, dm, tmp_path / "channels_last", 2, precision="64-true")
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # the first has one input channel
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-9, atol=0)
+
+
 def test_cosine_schedule_decays_to_min_lr(tmp_path: Path) -> None:
     model, dm = make("energy")
     model.hparams.schedule, model.hparams.min_lr = "cosine", 1e-4
