@@ -108,14 +108,16 @@ def purview_layer_names(model: nn.Module) -> list[str]:
 # grad_w[i] = Σ_t d_it u_itᵀ = D_i U_iᵀ per sample i and channel group, with U the (unfolded) input.
 
 
-_PAD_MODES = {"zeros": "constant"}  # Conv2d's padding_mode -> F.pad's mode
+def _pad(m: nn.Conv2d, a: Tensor) -> Tensor:
+    """``a`` padded explicitly as ``m.forward`` pads it (any padding mode, "same" included)."""
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    return F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
 
 
 def _conv2d_padded(m: nn.Conv2d, a: Tensor) -> tuple[Tensor, tuple[int, int] | int]:
     """Input and padding such that ``conv(a, padding)`` equals ``m(a)`` with zero padding."""
     if isinstance(m.padding, str) or m.padding_mode != "zeros":
-        # "same"/"valid" and non-zero padding modes: pad explicitly as Conv2d.forward does.
-        return F.pad(a, m._reversed_padding_repeated_twice, mode=_PAD_MODES.get(m.padding_mode, m.padding_mode)), 0
+        return _pad(m, a), 0  # "same"/"valid" and non-zero padding modes, as Conv2d.forward does
     return a, m.padding
 
 
@@ -126,7 +128,7 @@ def _im2col(m: nn.Conv2d, a: Tensor) -> Tensor:
     layer's size); a strided view of the padded input copied once is a single kernel.
     """
     if any(m._reversed_padding_repeated_twice):
-        a = F.pad(a, m._reversed_padding_repeated_twice, mode=_PAD_MODES.get(m.padding_mode, m.padding_mode))
+        a = _pad(m, a)
     (kh, kw), (dh, dw), (sh, sw) = m.kernel_size, m.dilation, m.stride
     n, c, h, w = a.shape
     out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
