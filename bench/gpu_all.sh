@@ -10,12 +10,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:bench/.deps
 py=${PYTHON:-python3}
 # Most important first, so that a run cut short still returns them; every table is also printed to log.txt
-# (8 files in all: what one device call brings back).
+# (8 files in all: as many as one device call brings back).
 {
   nvidia-smi -L
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
   $py -m pytest -q -p no:cacheprovider -m gpu tests/test_samplers.py tests/test_batchnorm.py
   $py bench/train_step.py --device cuda --channels-last off --json "$OUT/train_step_contiguous.json"
+  $py bench/batchnorm_kernels.py --device cuda --out "$OUT/batchnorm_kernels.md"
   $py bench/scorers.py --device cuda --json "$OUT/scorers.json"
   $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
   $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"

@@ -1,0 +1,162 @@
+"""Per-layer cost of training-mode BatchNorm's kernels, PyTorch's against composite formulations.
+
+On an H100 (``docs/benchmarks.md``) the first-order BatchNorm backward of PyTorch (``aten::
+native_batch_norm_backward``) took 339 us per call in a WRN-40-2 GReg step on NCHW tensors, 23 % of the
+step: its NCHW kernel gives each channel one block, so 32-128 blocks do the work. This script times, on the
+activation shapes of WRN-40-2 (ID + outlier batch 384) and ResNet-50 (192), contiguous and channels-last,
+float32 and bfloat16, per call:
+
+- forward: ``F.batch_norm`` (PyTorch's choice: cuDNN where it applies), ``torch.native_batch_norm`` (what
+  ``gradreg.batchnorm`` runs), and ``torch.var_mean`` + one ``addcmul``;
+- first-order backward (gx, gγ, gβ): ``native_batch_norm_backward`` against the same from tensor reductions,
+  ``S1 = Σ gy``, ``S2 = r·(Σ gy·x − μ·S1)``, ``gx = γr·gy − (γr²S2/M)·x + γr(r·μ·S2 − S1)/M``;
+- double backward of that (what GReg's penalty adds): PyTorch's against ``gradreg.batchnorm``'s closed form;
+
+and prints the largest relative difference of each pair. It is the data for the next BatchNorm change; the
+training step itself is timed by ``bench/train_step.py``.
+
+Examples:
+    python bench/batchnorm_kernels.py --device cuda --out bench/results/h100_batchnorm_kernels.md
+    python bench/batchnorm_kernels.py --device cpu --batch-scale 0.05 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from scorers import apply_device_settings, time_interleaved
+
+from gradreg.batchnorm import batch_norm_train
+
+EPS = 1e-5
+# (model, N, C, H) of the distinct BatchNorm inputs of one GReg step (ID + outliers).
+SHAPES = [
+    ("wrn40_2", 384, 32, 32),
+    ("wrn40_2", 384, 64, 16),
+    ("wrn40_2", 384, 128, 8),
+    ("resnet50", 192, 64, 112),
+    ("resnet50", 192, 256, 56),
+    ("resnet50", 192, 512, 28),
+    ("resnet50", 192, 1024, 14),
+    ("resnet50", 192, 2048, 7),
+]
+
+
+def _view(t: Tensor) -> Tensor:
+    return t.reshape(1, -1, 1, 1)
+
+
+def composite_forward(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``y = γ(x − μ)r + β`` from ``torch.var_mean`` (float32 statistics)."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    scale = weight * torch.rsqrt(var.float() + EPS)
+    return torch.addcmul(_view(bias - mean * scale), x, _view(scale)).to(x.dtype)
+
+
+def composite_backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, ...]:
+    """(gx, gγ, gβ) of training-mode BatchNorm from two reductions and two elementwise passes."""
+    m = x.numel() // x.shape[1]
+    s1 = gy.sum(dim=(0, 2, 3), dtype=torch.float32)
+    zero = torch.zeros_like(_view(s1))  # products in float32 also for bf16 inputs
+    s2 = invstd * (torch.addcmul(zero, gy, x).sum(dim=(0, 2, 3)) - mean * s1)
+    a = weight * invstd
+    gx = torch.addcmul(_view(a * (invstd * mean * s2 - s1) / m), x, _view(-a * invstd * s2 / m))
+    return gx.addcmul_(gy, _view(a)).to(x.dtype), s2, s1
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def bench_shape(n: int, c: int, h: int, dtype: torch.dtype, layout: str, args: argparse.Namespace) -> dict:
+    """Median us per call of every variant on one input shape, and the pairs' largest relative differences."""
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
+
+    def rand(*shape: int, dt: torch.dtype = dtype) -> Tensor:
+        t = torch.randn(*shape, generator=gen, device=device).to(dt)
+        return t.contiguous(memory_format=fmt) if t.dim() == 4 else t
+
+    x, gy, ggx = (2 * rand(n, c, h, h) + 0.5 for _ in range(3))
+    weight, bias, ggw = (rand(c, dt=torch.float32) for _ in range(3))
+    _, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.1, EPS)
+    native_backward = partial(
+        torch.ops.aten.native_batch_norm_backward, gy, x, weight, None, None, mean, invstd, True, EPS, [True] * 3
+    )
+    native_grads = native_backward()
+    diffs = {
+        "forward": _rel(composite_forward(x, weight, bias), F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
+        "backward": max(map(_rel, composite_backward(gy, x, weight, mean, invstd), native_grads)),
+    }
+
+    def double_backward(norm: str) -> tuple:
+        """Graph of the first-order backward (create_graph) and the call that runs its backward."""
+        xr, wr, gyr = (t.detach().requires_grad_() for t in (x, weight, gy))
+        if norm == "pytorch":
+            y = F.batch_norm(xr, None, None, wr, bias, True, 0.1, EPS)
+        else:
+            y = batch_norm_train(xr, None, None, wr, bias, 0.1, EPS)
+        grads = torch.autograd.grad(y, (xr, wr), gyr, create_graph=True)
+        # d/dgy too: in a GReg step it flows on into the layers below
+        return lambda: torch.autograd.grad(grads, (xr, wr, gyr), (ggx, ggw), retain_graph=True)
+
+    pytorch_dbw, ours_dbw = double_backward("pytorch"), double_backward("closed_form")
+    diffs["double backward"] = max(map(_rel, ours_dbw(), pytorch_dbw()))
+    cases = [
+        ("forward", "F.batch_norm", lambda: F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
+        ("forward", "native_batch_norm", lambda: torch.native_batch_norm(x, weight, bias, None, None, True, 0.1, EPS)),
+        ("forward", "var_mean + addcmul", lambda: composite_forward(x, weight, bias)),
+        ("backward", "native_batch_norm_backward", native_backward),
+        ("backward", "composite", lambda: composite_backward(gy, x, weight, mean, invstd)),
+        ("double backward", "pytorch", pytorch_dbw),
+        ("double backward", "closed form (gradreg)", ours_dbw),
+    ]
+    timed = time_interleaved([(k, label, fn, 1) for k, label, fn in cases], device, args.warmup, args.repeats)
+    return {"us": {(t["kind"], t["name"]): 1e6 * t["seconds"] for t in timed}, "diffs": diffs}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Time every shape x layout x dtype, print (and optionally write) one markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every batch size (CPU: 0.05)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--out", type=Path, help="write the table here")
+    args = parser.parse_args(argv)
+    apply_device_settings(args.device, args.threads)
+    header, lines = None, []
+    for model, n, c, h in SHAPES:
+        n = max(2, round(n * args.batch_scale))
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in ("contiguous", "channels-last"):
+                r = bench_shape(n, c, h, dtype, layout, args)
+                if header is None:
+                    labels = [f"{kind}: {name} us" for kind, name in r["us"]]
+                    header = ["model", "input", "dtype", "layout", *labels, *(f"{k} rel. diff" for k in r["diffs"])]
+                    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                cells = [model, f"{n}x{c}x{h}x{h}", str(dtype).removeprefix("torch."), layout]
+                cells += [f"{us:.0f}" for us in r["us"].values()] + [f"{d:.1e}" for d in r["diffs"].values()]
+                lines.append("| " + " | ".join(cells) + " |")
+                print(lines[-1], flush=True)
+    command = "python bench/batchnorm_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    text = f"{name}; torch {torch.__version__}; median of {args.repeats} calls\n`{command}`\n\n" + "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
