@@ -68,8 +68,9 @@ MAX_CHUNK_ELEMENTS = 2**27
 # GROUPED_CONV_MIN_KERNEL elements on maps of at least GROUPED_CONV_MIN_POSITIONS output positions, else
 # unfold + batched matmul (for a 1x1 kernel the unfolded input is the input itself, no expansion).
 # Measured per layer on an H100 (bench/purview_engines.py, WRN-40-2 batch 512, ResNet-50 batch 128):
-# grouped is 1.1-2.4x faster for 3x3 and 7x7 kernels on maps >= 28x28, unfold 1.3-4.9x faster for 1x1
-# kernels; on CPU (WRN-40-2, batch 32) grouped is ~3x faster on 32x32 maps and ~2x slower on 8x8 maps.
+# for 3x3 and 7x7 kernels on maps of >= 256 positions grouped is up to 2.4x faster (at most 10 % slower on
+# two small layers), for 1x1 kernels unfold is 1.3-4.9x faster; on CPU (WRN-40-2, batch 32) grouped is ~3x
+# faster on 32x32 maps and ~2x slower on 8x8 maps.
 GROUPED_CONV_MIN_POSITIONS = 256
 GROUPED_CONV_MIN_KERNEL = 2
 # Single-call Linear/Conv2d layers use ghost norms when their cost T²(K+O) is at most this fraction of the
