@@ -74,7 +74,7 @@ class GradRegModule(LightningModule):
         input_mean: per-channel normalization mean of the data pipeline (linked from the datamodule).
         input_std: per-channel normalization std of the data pipeline (linked from the datamodule).
         channels_last: keep the model's 4-D weights and the training batch in channels-last memory format (same
-            results). On an H100 it makes CE / energy-OE steps 1.4-1.7x faster and the WRN-40-2 GReg step 1.23x
+            results). On an H100 it makes CE / energy-OE steps 1.35-1.75x faster and the WRN-40-2 GReg step 1.23x
             faster, the ResNet-50 GReg step 3 % slower (``docs/benchmarks.md``); on a CPU it is usually slower.
     """
 
