@@ -1,14 +1,15 @@
 """Per-layer cost of training-mode BatchNorm's kernels, PyTorch's against composite formulations.
 
-On an H100 (``docs/benchmarks.md``) the first-order BatchNorm backward of PyTorch (``aten::
-native_batch_norm_backward``) took 339 us per call in a WRN-40-2 GReg step on NCHW tensors, 23 % of the
-step: its NCHW kernel gives each channel one block, so 32-128 blocks do the work. This script times, on the
-activation shapes of WRN-40-2 (ID + outlier batch 384) and ResNet-50 (192), contiguous and channels-last,
-float32 and bfloat16, per call:
+On an H100 (``docs/benchmarks.md``) ATen's first-order BatchNorm backward (``native_batch_norm_backward``)
+took 339 us per call in a WRN-40-2 GReg step on NCHW tensors, 23 % of the step (its NCHW kernel gives each
+channel one block, so 32-128 blocks do the work), cuDNN's 259 us in the energy-OE step. This script times,
+on the activation shapes of WRN-40-2 (ID + outlier batch 384) and ResNet-50 (192), contiguous and
+channels-last, float32 and bfloat16, per call:
 
-- forward: ``F.batch_norm`` (PyTorch's choice: cuDNN where it applies), ``torch.native_batch_norm`` (what
-  ``gradreg.batchnorm`` runs), and ``torch.var_mean`` + one ``addcmul``;
-- first-order backward (gx, gγ, gβ): ``native_batch_norm_backward`` against the same from tensor reductions,
+- forward: PyTorch's choice (``F.batch_norm``: cuDNN where it applies; what ``gradreg.batchnorm`` runs),
+  ATen's ``torch.native_batch_norm``, and ``torch.var_mean`` + one ``addcmul``;
+- first-order backward (gx, gγ, gβ): PyTorch's choice (``_batch_norm_impl_index_backward``; what
+  ``gradreg.batchnorm`` runs), ATen's ``native_batch_norm_backward``, and the same from tensor reductions,
   ``S1 = Σ gy``, ``S2 = r·(Σ gy·x − μ·S1)``, ``gx = γr·gy − (γr²S2/M)·x + γr(r·μ·S2 − S1)/M``;
 - double backward of that (what GReg's penalty adds): PyTorch's against ``gradreg.batchnorm``'s closed form;
 
@@ -89,14 +90,23 @@ def bench_shape(n: int, c: int, h: int, dtype: torch.dtype, layout: str, args: a
 
     x, gy, ggx = (2 * rand(n, c, h, h) + 0.5 for _ in range(3))
     weight, bias, ggw = (rand(c, dt=torch.float32) for _ in range(3))
-    _, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.1, EPS)
+    _, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
+        x, weight, bias, None, None, True, 0.1, EPS, torch.backends.cudnn.enabled
+    )
+    chosen_backward = partial(
+        torch.ops.aten._batch_norm_impl_index_backward,
+        *(impl, x, gy, weight, None, None, mean, invstd, True, EPS, [True] * 3, reserve),
+    )
     native_backward = partial(
         torch.ops.aten.native_batch_norm_backward, gy, x, weight, None, None, mean, invstd, True, EPS, [True] * 3
     )
     native_grads = native_backward()
     diffs = {
         "forward": _rel(composite_forward(x, weight, bias), F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
-        "backward": max(map(_rel, composite_backward(gy, x, weight, mean, invstd), native_grads)),
+        "backward": max(
+            max(map(_rel, composite_backward(gy, x, weight, mean, invstd), native_grads)),
+            max(map(_rel, chosen_backward(), native_grads)),
+        ),
     }
 
     def double_backward(norm: str) -> tuple:
@@ -113,9 +123,10 @@ def bench_shape(n: int, c: int, h: int, dtype: torch.dtype, layout: str, args: a
     pytorch_dbw, ours_dbw = double_backward("pytorch"), double_backward("closed_form")
     diffs["double backward"] = max(map(_rel, ours_dbw(), pytorch_dbw()))
     cases = [
-        ("forward", "F.batch_norm", lambda: F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
+        ("forward", "PyTorch's choice", lambda: F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
         ("forward", "native_batch_norm", lambda: torch.native_batch_norm(x, weight, bias, None, None, True, 0.1, EPS)),
         ("forward", "var_mean + addcmul", lambda: composite_forward(x, weight, bias)),
+        ("backward", "PyTorch's choice", chosen_backward),
         ("backward", "native_batch_norm_backward", native_backward),
         ("backward", "composite", lambda: composite_backward(gy, x, weight, mean, invstd)),
         ("double backward", "pytorch", pytorch_dbw),

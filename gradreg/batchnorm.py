@@ -9,7 +9,7 @@ closed form below needs three per-channel reductions and eight elementwise kerne
 1.14x (WRN-40-2) to 1.33x (ResNet-50) faster on an H100 in float32.
 
 Notation per channel, over its M = N·H·W elements: ``x̂ = (x − μ)·r`` with ``r = (σ² + ε)^-½``,
-``y = γ·x̂ + β``. The first backward (native kernel) gives ``gβ = S₁ = Σ gy``, ``gγ = S₂ = Σ gy·x̂`` and
+``y = γ·x̂ + β``. The first backward (PyTorch's kernel) gives ``gβ = S₁ = Σ gy``, ``gγ = S₂ = Σ gy·x̂`` and
 ``gx = (γr/M)(M·gy − S₁ − x̂·S₂)``. For the upstream gradients ``(ggx, ggγ, ggβ)`` of ``(gx, gγ, gβ)`` let
 ``T₁ = Σ ggx``, ``T₂ = Σ ggx·x̂``, ``T₃ = Σ ggx·gy``, ``C = M·T₃ − S₁T₁ − S₂T₂``, ``a = γr/M``. Then
 
@@ -19,9 +19,10 @@ Notation per channel, over its M = N·H·W elements: ``x̂ = (x − μ)·r`` wit
   ``mean(v) = (a·S₂·T₁ + (a·T₂ − ggγ)·S₁)/M``, ``mean(v·x̂) = (a·S₂·T₂ + (a·T₂ − ggγ)·S₂)/M``
 
 (the x-derivative goes through x̂, r and S₂; μ and σ² are functions of x). Checked against autograd's
-own double backward and by ``gradgradcheck`` in ``tests/test_batchnorm.py``. A plain backward (no
-``create_graph``) runs the native kernels, so only double backprop takes the new path; third
-derivatives are not supported. Eval mode is untouched (``nn.BatchNorm*d.forward``).
+own double backward and by ``gradgradcheck`` in ``tests/test_batchnorm.py``. The forward and every first
+backward run the kernels ``nn.BatchNorm`` runs (``aten._batch_norm_impl_index``: cuDNN on CUDA where it
+applies, else ATen's native kernels), so only double backprop takes the new path; third derivatives are not
+supported. Eval mode is untouched (``nn.BatchNorm*d.forward``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,18 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-_native_backward = torch.ops.aten.native_batch_norm_backward
+
+def _first_backward(
+    impl: int, gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, reserve: Tensor,
+    eps: float, mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(gx, gγ, gβ) by the backward kernel of the forward's implementation (``impl``: native, cuDNN, MIOpen)."""
+    # gy in x's memory format, as PyTorch's own BatchNorm backward passes it to cuDNN
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    gy = gy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.ops.aten._batch_norm_impl_index_backward(
+        impl, x, gy, weight, None, None, mean, invstd, True, eps, mask, reserve
+    )
 
 
 class _BatchNormGrad(torch.autograd.Function):
@@ -40,9 +52,11 @@ class _BatchNormGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        gx, gw, gb = _native_backward(gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+        ctx: FunctionCtx, gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+        reserve: Tensor, impl: int, eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        # The forward node's plain backward may run later with the same reserve: cuDNN gets a copy, as in PyTorch.
+        gx, gw, gb = _first_backward(impl, gy, x, weight, mean, invstd, reserve.clone(), eps, [True, True, True])
         ctx.save_for_backward(gy, x, weight, mean, invstd, gw, gb)
         return gx, gw, gb
 
@@ -78,11 +92,11 @@ class _BatchNormGrad(torch.autograd.Function):
             grad_x = torch.addcmul(torch.addcmul(base, ggx, view(-r * p)), gyf, view(-r * q)).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
             grad_w = (r * c / m).to(weight.dtype)
-        return grad_gy, grad_x, grad_w, None, None, None
+        return grad_gy, grad_x, grad_w, None, None, None, None, None
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode BatchNorm (native kernels); under ``create_graph`` its backward is ``_BatchNormGrad``."""
+    """Training-mode BatchNorm (PyTorch's kernels); under ``create_graph`` its backward is ``_BatchNormGrad``."""
 
     @staticmethod
     def forward(
@@ -95,19 +109,22 @@ class _BatchNormTrain(torch.autograd.Function):
         momentum: float,
         eps: float,
     ) -> Tensor:
-        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        # The implementation F.batch_norm would pick (cuDNN where it applies; its saved variance is invstd too).
+        out, mean, invstd, reserve, ctx.impl = torch.ops.aten._batch_norm_impl_index(
+            x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled
+        )
+        ctx.save_for_backward(x, weight, mean, invstd, reserve)
         ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple:
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, invstd, reserve = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: make the backward cheap to differentiate
-            gx, gw, gb = _BatchNormGrad.apply(gy, x, weight, mean, invstd, ctx.eps)
+            gx, gw, gb = _BatchNormGrad.apply(gy, x, weight, mean, invstd, reserve, ctx.impl, ctx.eps)
         else:
             mask = list(ctx.needs_input_grad[:3])
-            gx, gw, gb = _native_backward(gy, x, weight, None, None, mean, invstd, True, ctx.eps, mask)
+            gx, gw, gb = _first_backward(ctx.impl, gy, x, weight, mean, invstd, reserve, ctx.eps, mask)
         if weight is None:
             gw = gb = None
         return gx, gw, gb, None, None, None, None
