@@ -5,7 +5,7 @@ Detection", ECCV 2024, arXiv:2404.12368 (github.com/o4lc/Greg-OOD). The loss is
 ``CE + energy_weight * L_energy + reg_weight * L_grad`` computed from ONE forward pass of the
 concatenated ID + outlier batch (see ``gradreg.losses`` for the deviation from the official second
 forward: BatchNorm statistics are updated once per step). With the regularizer on, the model's
-BatchNorm layers use ``gradreg.batchnorm``'s closed-form double backward (same gradients, fewer kernels).
+BatchNorm and convolution layers use ``gradreg.double_backward`` (same gradients, cheaper double backward).
 
 Methods: ``ce`` (ID cross-entropy only; outliers are not forwarded), ``oe`` (Outlier Exposure),
 ``energy`` (energy margin loss), ``greg`` (energy + the gradient-norm regularizer), ``absent``
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from gradreg.batchnorm import use_double_backward_batchnorm
+from gradreg.double_backward import use_double_backward
 from gradreg.losses import (
     RegScaling,
     absent_class_loss,
@@ -120,8 +120,8 @@ class GradRegModule(LightningModule):
         if input_mean is not None and input_std is not None:
             self.model.set_normalization(input_mean, input_std)
         if self.regularizes:
-            # Same gradients, cheaper double backward through train-mode BatchNorm (gradreg.batchnorm).
-            use_double_backward_batchnorm(self.model)
+            # Same gradients, cheaper double backward through BatchNorm and convolutions (gradreg.double_backward).
+            use_double_backward(self.model)
         if channels_last:  # convolutions then run channels-last whatever their input's layout
             self.model.to(memory_format=torch.channels_last)
         self.sampler = SAMPLERS.build(sampler)

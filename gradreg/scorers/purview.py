@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradreg.batchnorm import DoubleBackwardBatchNorm1d, DoubleBackwardBatchNorm2d, DoubleBackwardBatchNorm3d
+from gradreg.double_backward import original_type
 from gradreg.scorers.base import Scorer
 from gradreg.scorers.registry import SCORERS
 
@@ -203,9 +203,10 @@ def _ghost_sq_norm(m: nn.Linear | nn.Conv2d, a: Tensor, d: Tensor) -> Tensor:
 
 def _factor_shape(m: nn.Module, d: Tensor) -> tuple[int, int, int, int] | None:
     """(g, T, K, O) of :func:`_weight_factors` for a Linear/Conv2d layer (exact types), else None."""
-    if type(m) is nn.Linear:
+    kind = original_type(m)
+    if kind is nn.Linear:
         return 1, d[0].numel() // m.out_features, m.in_features, m.out_features
-    if type(m) is nn.Conv2d:
+    if kind is nn.Conv2d:
         return m.groups, d.shape[2] * d.shape[3], m.weight[0].numel(), m.out_channels // m.groups
     return None
 
@@ -258,17 +259,14 @@ def _layernorm_grads(m: nn.LayerNorm, a: Tensor, d: Tensor) -> list[Tensor]:
     return _affine_grads(m, F.layer_norm(a, m.normalized_shape, eps=m.eps), d, channel_first=False)
 
 
-# Exact types only: a subclass may override forward, which would make the closed forms wrong.
+# Exact types only: a subclass may override forward, which would make the closed forms wrong. GReg
+# training's layers (gradreg.double_backward) count as their originals: only their training-mode backward differs.
 _GRAD_FNS: dict[type[nn.Module], Callable[..., list[Tensor]]] = {
     nn.Linear: _linear_grads,
     nn.Conv2d: _conv2d_grads,
     nn.BatchNorm1d: _batchnorm_grads,
     nn.BatchNorm2d: _batchnorm_grads,
     nn.BatchNorm3d: _batchnorm_grads,
-    # GReg training's BatchNorm: only its training-mode backward differs (gradreg.batchnorm).
-    DoubleBackwardBatchNorm1d: _batchnorm_grads,
-    DoubleBackwardBatchNorm2d: _batchnorm_grads,
-    DoubleBackwardBatchNorm3d: _batchnorm_grads,
     nn.GroupNorm: _groupnorm_grads,
     nn.LayerNorm: _layernorm_grads,
 }
@@ -276,7 +274,7 @@ _GRAD_FNS: dict[type[nn.Module], Callable[..., list[Tensor]]] = {
 
 def _has_closed_form(m: nn.Module) -> bool:
     own = {name for name, _ in m.named_parameters(recurse=False)}
-    return type(m) in _GRAD_FNS and own <= {"weight", "bias"}
+    return original_type(m) in _GRAD_FNS and own <= {"weight", "bias"}
 
 
 def _rows_per_chunk(m: nn.Module, a: Tensor, d: Tensor, ghost: bool) -> int:
@@ -296,7 +294,7 @@ def _layer_sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
     """Squared norm of the per-sample gradient of ``m``'s parameters, summed over the calls of ``m``."""
     a, d = calls[0]
     ghost = len(calls) == 1 and _ghost_is_cheaper(m, d)
-    grad_fn = _GRAD_FNS[type(m)]
+    grad_fn = _GRAD_FNS[original_type(m)]
     rows, n, pieces = _rows_per_chunk(m, a, d, ghost), a.shape[0], []
     for start in range(0, n, rows):
         chunk = slice(start, start + rows)

@@ -1,4 +1,7 @@
-"""Closed-form BatchNorm double backward: numerical checks and equality with PyTorch's own on GReg."""
+"""gradreg.double_backward: BatchNorm's closed form checked numerically, and GReg with the converted layers
+equal to PyTorch's own (gradients, running statistics, bf16 and CUDA accuracy, purview).
+
+Convolution-specific checks: ``test_double_backward_conv.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradreg.batchnorm import DoubleBackwardBatchNorm2d, batch_norm_train, use_double_backward_batchnorm
+from gradreg.double_backward import use_double_backward
+from gradreg.double_backward.batchnorm import DoubleBackwardBatchNorm2d, batch_norm_train
+from gradreg.double_backward.conv import DoubleBackwardConv2d
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.module import GradRegModule
 from gradreg.scorers.purview import purview_layer_norms
@@ -64,13 +69,16 @@ def greg_step_grads(model: nn.Module, x: Tensor, n_in: int) -> tuple[Tensor, lis
     return loss, list(torch.autograd.grad(loss, list(model.parameters())))
 
 
+@pytest.mark.parametrize("layers", [("batchnorm",), ("conv",), ("batchnorm", "conv")], ids="+".join)
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
-def test_greg_gradients_and_running_stats_equal_pytorch_batchnorm(momentum: float | None) -> None:
+def test_greg_gradients_and_running_stats_equal_pytorch(layers: tuple[str, ...], momentum: float | None) -> None:
     torch.manual_seed(0)
     native = ConvBN(momentum).double().train()
-    fast = use_double_backward_batchnorm(copy.deepcopy(native))
-    assert isinstance(fast.body[1], DoubleBackwardBatchNorm2d)
+    fast = use_double_backward(copy.deepcopy(native), layers)
+    assert isinstance(fast.body[1], DoubleBackwardBatchNorm2d) == ("batchnorm" in layers)
+    assert isinstance(fast.body[0], DoubleBackwardConv2d) == ("conv" in layers)
     assert isinstance(fast.body[1], nn.BatchNorm2d)
+    assert isinstance(fast.body[0], nn.Conv2d)
     x = torch.randn(10, 2, 7, 7, dtype=torch.float64)
     for _ in range(2):  # the second step also checks the cumulative-average bookkeeping
         loss_native, grads_native = greg_step_grads(native, x, n_in=4)
@@ -85,7 +93,7 @@ def test_greg_gradients_and_running_stats_equal_pytorch_batchnorm(momentum: floa
 
 
 def errors_vs_float64(device: str, dtype: torch.dtype, channels_last: bool = False) -> tuple[float, float]:
-    """Relative error of all GReg parameter gradients (PyTorch's BatchNorm, ours) against float64 on the CPU."""
+    """Relative error of all GReg parameter gradients (PyTorch's layers, ours) against float64 on the CPU."""
     torch.manual_seed(0)
     native = ConvBN().train()
     x = torch.randn(10, 2, 7, 7)
@@ -93,7 +101,7 @@ def errors_vs_float64(device: str, dtype: torch.dtype, channels_last: bool = Fal
     native, x = native.to(device), x.to(device)
     if channels_last:
         native, x = native.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    fast = use_double_backward_batchnorm(copy.deepcopy(native))
+    fast = use_double_backward(copy.deepcopy(native))
     errors = []
     for model in (native, fast):
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
@@ -104,7 +112,7 @@ def errors_vs_float64(device: str, dtype: torch.dtype, channels_last: bool = Fal
     return errors[0], errors[1]
 
 
-def test_bf16_autocast_is_as_accurate_as_pytorch_batchnorm() -> None:
+def test_bf16_autocast_is_as_accurate_as_pytorch() -> None:
     native, fast = errors_vs_float64("cpu", torch.bfloat16)
     # bf16 activations are coarse on a model this small (native: ~25 % error); ours must not be worse.
     assert fast <= 1.25 * native
@@ -114,7 +122,7 @@ def test_bf16_autocast_is_as_accurate_as_pytorch_batchnorm() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
-def test_cuda_is_as_accurate_as_pytorch_batchnorm(dtype: torch.dtype, channels_last: bool) -> None:
+def test_cuda_is_as_accurate_as_pytorch(dtype: torch.dtype, channels_last: bool) -> None:
     native, fast = errors_vs_float64("cuda", dtype, channels_last)
     assert fast <= 1.25 * native + 1e-6  # + 1e-6: float32 without TF32 can be exact to rounding on both
 
@@ -123,31 +131,48 @@ def test_conversion_keeps_state_and_skips_subclasses() -> None:
     class MyNorm(nn.BatchNorm2d):
         pass
 
-    model = nn.Sequential(nn.BatchNorm2d(3), MyNorm(3), nn.BatchNorm1d(3), nn.SyncBatchNorm(3))
+    class MyConv(nn.Conv2d):
+        pass
+
+    def build() -> nn.Sequential:
+        return nn.Sequential(
+            nn.BatchNorm2d(3), MyNorm(3), nn.BatchNorm1d(3), nn.SyncBatchNorm(3),
+            nn.Conv2d(3, 3, 1), MyConv(3, 3, 1), nn.Conv1d(3, 3, 1), nn.ConvTranspose2d(3, 3, 1),
+        )  # fmt: skip
+
+    model = build()
     keys = list(model.state_dict())
-    use_double_backward_batchnorm(model)
+    use_double_backward(model)
     assert [type(m).__name__ for m in model] == [
         "DoubleBackwardBatchNorm2d",
         "MyNorm",
         "DoubleBackwardBatchNorm1d",
         "SyncBatchNorm",
+        "DoubleBackwardConv2d",
+        "MyConv",
+        "DoubleBackwardConv1d",
+        "ConvTranspose2d",
     ]
     assert list(model.state_dict()) == keys
+    assert [type(m).__name__ for m in use_double_backward(build(), ["conv"])][:5] == [
+        "BatchNorm2d", "MyNorm", "BatchNorm1d", "SyncBatchNorm", "DoubleBackwardConv2d",
+    ]  # fmt: skip
 
 
-def test_module_converts_batchnorm_only_when_the_penalty_is_on() -> None:
-    def bn_types(module: GradRegModule) -> set[str]:
-        return {type(m).__name__ for m in module.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+def test_module_converts_only_when_the_penalty_is_on() -> None:
+    def layer_types(module: GradRegModule) -> set[str]:
+        kinds = (nn.modules.batchnorm._BatchNorm, nn.Conv2d)
+        return {type(m).__name__ for m in module.model.modules() if isinstance(m, kinds)}
 
-    assert bn_types(GradRegModule("wrn40_2", method="greg")) == {"DoubleBackwardBatchNorm2d"}
-    assert bn_types(GradRegModule("wrn40_2", method="greg", reg_weight=0.0)) == {"BatchNorm2d"}
-    assert bn_types(GradRegModule("wrn40_2", method="energy")) == {"BatchNorm2d"}
+    assert layer_types(GradRegModule("wrn40_2", method="greg")) == {"DoubleBackwardBatchNorm2d", "DoubleBackwardConv2d"}
+    assert layer_types(GradRegModule("wrn40_2", method="greg", reg_weight=0.0)) == {"BatchNorm2d", "Conv2d"}
+    assert layer_types(GradRegModule("wrn40_2", method="energy")) == {"BatchNorm2d", "Conv2d"}
 
 
-def test_purview_treats_converted_batchnorm_like_the_original() -> None:
+def test_purview_treats_converted_layers_like_the_originals() -> None:
     torch.manual_seed(0)
     native = ConvBN().double().eval()
-    fast = use_double_backward_batchnorm(copy.deepcopy(native))
+    fast = use_double_backward(copy.deepcopy(native))
     x = torch.randn(3, 2, 7, 7, dtype=torch.float64)
     torch.testing.assert_close(purview_layer_norms(fast, x), purview_layer_norms(native, x), rtol=1e-12, atol=0)
 
@@ -155,7 +180,7 @@ def test_purview_treats_converted_batchnorm_like_the_original() -> None:
 def test_running_stats_off_and_eval_mode() -> None:
     torch.manual_seed(0)
     native = nn.BatchNorm2d(3, track_running_stats=False).double()
-    fast = use_double_backward_batchnorm(copy.deepcopy(native))
+    fast = use_double_backward(copy.deepcopy(native))
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
     torch.testing.assert_close(fast(x), F.batch_norm(x, None, None, native.weight, native.bias, True, 0.1, 1e-5))
     native.eval(), fast.eval()

@@ -19,7 +19,7 @@ Notation per channel, over its M = N·H·W elements: ``x̂ = (x − μ)·r`` wit
   ``mean(v) = (a·S₂·T₁ + (a·T₂ − ggγ)·S₁)/M``, ``mean(v·x̂) = (a·S₂·T₂ + (a·T₂ − ggγ)·S₂)/M``
 
 (the x-derivative goes through x̂, r and S₂; μ and σ² are functions of x). Checked against autograd's
-own double backward and by ``gradgradcheck`` in ``tests/test_batchnorm.py``. The forward and every first
+own double backward and by ``gradgradcheck`` in ``tests/test_double_backward.py``. The forward and every first
 backward run the kernels ``nn.BatchNorm`` runs (``aten._batch_norm_impl_index``: cuDNN on CUDA where it
 applies, else ATen's native kernels), so only double backprop takes the new path; third derivatives are not
 supported. Eval mode is untouched (``nn.BatchNorm*d.forward``).
@@ -171,22 +171,8 @@ class DoubleBackwardBatchNorm3d(_DoubleBackwardBatchNorm, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` with the cheap double backward in training mode."""
 
 
-_CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
+CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: DoubleBackwardBatchNorm1d,
     nn.BatchNorm2d: DoubleBackwardBatchNorm2d,
     nn.BatchNorm3d: DoubleBackwardBatchNorm3d,
 }
-
-
-def use_double_backward_batchnorm(model: nn.Module) -> nn.Module:
-    """Switch every plain ``nn.BatchNorm{1,2,3}d`` of ``model`` to its double-backward variant, in place.
-
-    Parameters, buffers and hooks stay where they are (only the class changes), so the state dict,
-    the optimizer and ``isinstance`` checks are unaffected. Subclasses are left alone: they may
-    override ``forward``.
-    """
-    for module in model.modules():
-        converted = _CONVERSIONS.get(type(module))
-        if converted is not None:
-            module.__class__ = converted
-    return model
