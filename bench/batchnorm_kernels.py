@@ -6,12 +6,15 @@ channel one block, so 32-128 blocks do the work), cuDNN's 259 us in the energy-O
 on the activation shapes of WRN-40-2 (ID + outlier batch 384) and ResNet-50 (192), contiguous and
 channels-last, float32 and bfloat16, per call:
 
-- forward: PyTorch's choice (``F.batch_norm``: cuDNN where it applies; what ``gradreg.batchnorm`` runs),
+- forward: PyTorch's choice (``F.batch_norm``: cuDNN where it applies; what ``gradreg.double_backward.batchnorm``
+  runs),
   ATen's ``torch.native_batch_norm``, and ``torch.var_mean`` + one ``addcmul``;
 - first-order backward (gx, gγ, gβ): PyTorch's choice (``_batch_norm_impl_index_backward``; what
-  ``gradreg.batchnorm`` runs), ATen's ``native_batch_norm_backward``, and the same from tensor reductions,
+  ``gradreg.double_backward.batchnorm`` runs), ATen's ``native_batch_norm_backward``, and the same from tensor
+  reductions,
   ``S1 = Σ gy``, ``S2 = r·(Σ gy·x − μ·S1)``, ``gx = γr·gy − (γr²S2/M)·x + γr(r·μ·S2 − S1)/M``;
-- double backward of that (what GReg's penalty adds): PyTorch's against ``gradreg.batchnorm``'s closed form;
+- double backward of that (what GReg's penalty adds): PyTorch's against the closed form of
+  ``gradreg.double_backward.batchnorm``;
 
 and prints the largest relative difference of each pair. It is the data for the next BatchNorm change; the
 training step itself is timed by ``bench/train_step.py``.
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from scorers import apply_device_settings, time_interleaved
 
-from gradreg.batchnorm import batch_norm_train
+from gradreg.double_backward.batchnorm import batch_norm_train
 
 EPS = 1e-5
 # (model, N, C, H) of the distinct BatchNorm inputs of one GReg step (ID + outliers).

@@ -14,16 +14,20 @@ py=${PYTHON:-python3}
 {
   nvidia-smi -L
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_samplers.py tests/test_batchnorm.py
+  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_samplers.py tests/test_double_backward.py
   $py bench/train_step.py --device cuda --channels-last off --json "$OUT/train_step_contiguous.json"
-  $py bench/batchnorm_kernels.py --device cuda --out "$OUT/batchnorm_kernels.md"
+  # Both kernel tables go to one file (kernels.md): the convolution and BatchNorm double backward per layer.
+  for script in conv_kernels batchnorm_kernels; do
+    $py bench/$script.py --device cuda --out "$OUT/kernels_part.md" && cat "$OUT/kernels_part.md" >> "$OUT/kernels.md"
+    rm -f "$OUT/kernels_part.md"
+  done
   $py bench/scorers.py --device cuda --json "$OUT/scorers.json"
   $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
   $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
-  $py bench/train_step.py --device cuda --json "$OUT/train_step.json"
-  # Profiles of one step, for what is still open in docs/benchmarks.md: GReg in channels-last (its fastest form,
-  # yet 4.9x energy-OE) and ResNet-50 under bf16 (slower than fp32). All three tables go to one file.
-  for spec in "wrn40_2:128:256:32 --precision fp32 --channels-last off --methods energy greg greg_native_bn" \
+  $py bench/train_step.py --device cuda --methods ce energy greg --json "$OUT/train_step.json"
+  # Profiles of one step, for what is still open in docs/benchmarks.md: GReg with and without the convolution
+  # double backward, GReg in channels-last and ResNet-50 under bf16 (slower than fp32). All go to one file.
+  for spec in "wrn40_2:128:256:32 --precision fp32 --channels-last off --methods energy greg greg_native_conv" \
               "wrn40_2:128:256:32 --precision fp32 --channels-last on --methods energy greg" \
               "resnet50:64:128:224 --precision bf16 --channels-last off --methods energy greg"; do
     # shellcheck disable=SC2086  # the spec is split into flags on purpose

@@ -9,8 +9,12 @@ from ``torch.autograd.grad(Phi, x, create_graph=True)``, one backward, one SGD s
   sees the same batch as in the other two).
 - ``energy``: CE + 0.1 * energy margin loss (energy-OE, Liu et al. 2020, arXiv:2010.03759).
 - ``greg``: energy + 1.0 * ``grad_norm_penalty`` (GReg, Sharifi et al. 2024, arXiv:2404.12368), with
-  BatchNorm's double backward in closed form (``gradreg.batchnorm``), as ``GradRegModule`` trains it.
-- ``greg_native_bn``: the same with PyTorch's own BatchNorm double backward (the naive baseline).
+  the cheaper double backward of BatchNorm and convolutions (``gradreg.double_backward``), as
+  ``GradRegModule`` trains it.
+- ``greg_native_conv``: the same with PyTorch's convolution double backward (BatchNorm's closed form
+  only; the ``greg`` rows of result files before the convolution change).
+- ``greg_native``: the same with PyTorch's own double backward everywhere (the naive baseline;
+  ``greg_native_bn`` in older result files).
 
 Speed settings that keep the semantics: ``cudnn.benchmark``; channels-last tensors on CUDA
 (``--channels-last auto``); fused SGD on CUDA (``foreach`` on CPU); ``zero_grad(set_to_none=True)``;
@@ -49,11 +53,12 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gradreg.batchnorm import use_double_backward_batchnorm
+from gradreg.double_backward import use_double_backward
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.models import create_classifier
 
-METHODS = ("ce", "energy", "greg", "greg_native_bn")
+METHODS = ("ce", "energy", "greg", "greg_native_conv", "greg_native")
+GREG_LAYERS = {"greg": ("batchnorm", "conv"), "greg_native_conv": ("batchnorm",), "greg_native": ()}
 BETA_ENERGY = 0.1  # weight of the energy margin loss (energy-OE and GReg)
 LAMBDA_GRAD = 1.0  # weight of the regularizer (GReg's --jacobianLoss)
 
@@ -133,8 +138,7 @@ def _setup(case: Case) -> tuple[nn.Module, torch.optim.Optimizer, Tensor, Tensor
     device = torch.device(case.device)
     torch.manual_seed(0)
     model = create_classifier(case.model, case.num_classes, in_channels=3).to(device).train()
-    if case.method == "greg":
-        use_double_backward_batchnorm(model)
+    use_double_backward(model, GREG_LAYERS.get(case.method, ()))
     if case.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -223,9 +227,10 @@ def markdown_table(results: list[dict]) -> str:
     """One row per (model, batch, precision): median ms per method, GReg/energy-OE ratio, peak memory."""
     memory = "peak GiB" if results and results[0]["device"].startswith("cuda") else "step RSS GiB"
     lines = [
-        "| model | ID + OOD | input | precision | CE ms | energy-OE ms | GReg ms | GReg native-BN ms "
-        f"| GReg / energy-OE | native-BN / energy-OE | {memory} (CE / energy-OE / GReg / native-BN) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | ID + OOD | input | precision | CE ms | energy-OE ms | GReg ms | native-conv ms | native ms "
+        "| GReg / energy-OE | native-conv / energy-OE | native / energy-OE "
+        f"| {memory} (CE / energy-OE / GReg / native-conv / native) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, dict[str, dict]] = {}
     for r in results:
@@ -235,7 +240,7 @@ def markdown_table(results: list[dict]) -> str:
             f"{by_method[m]['median_ms'] / by_method['energy']['median_ms']:.2f}x"
             if m in by_method and "energy" in by_method
             else "-"
-            for m in ("greg", "greg_native_bn")
+            for m in GREG_LAYERS
         ]
         times = " | ".join(_cell(by_method, m, "median_ms") for m in METHODS)
         mems = " / ".join(_cell(by_method, m, "peak_bytes") for m in METHODS)
