@@ -58,6 +58,7 @@ class _BatchNormGrad(torch.autograd.Function):
         # The forward node's plain backward may run later with the same reserve: cuDNN gets a copy, as in PyTorch.
         gx, gw, gb = _first_backward(impl, gy, x, weight, mean, invstd, reserve.clone(), eps, [True, True, True])
         ctx.save_for_backward(gy, x, weight, mean, invstd, gw, gb)
+        ctx.set_materialize_grads(False)  # gγ, gβ are usually unused: no zero tensors for their gradients
         return gx, gw, gb
 
     @staticmethod
@@ -66,32 +67,34 @@ class _BatchNormGrad(torch.autograd.Function):
         f32 = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16/fp16 activations, else x's dtype
         dims = [0, *range(2, x.dim())]
         m = x.numel() // x.shape[1]
-        r = invstd.to(f32)
-        gamma = torch.ones_like(r) if weight is None else weight.to(f32)
-        s1, s2 = s1.to(f32), s2.to(f32)
-        ggw = torch.zeros_like(r) if ggw is None else ggw.to(f32)
-        ggb = torch.zeros_like(r) if ggb is None else ggb.to(f32)
+        r, s1, s2 = invstd.to(f32), s1.to(f32), s2.to(f32)
         xf, gyf = x.to(f32), gy.to(f32)
         ggx = torch.zeros_like(xf) if ggx is None else ggx.to(f32)
 
         def view(t: Tensor) -> Tensor:  # a per-channel vector, broadcast against (N, C, ...)
             return t.reshape(1, -1, *([1] * (x.dim() - 2)))
 
-        x_hat = torch.addcmul(view(-mean.to(f32) * r), xf, view(r))
+        # Per-channel terms with as few kernels as possible: each is a launch, and there are ~20 per layer.
+        gamma_r = r if weight is None else weight.to(f32) * r  # γr = a·M
+        r_m, a = r / m, gamma_r / m
+        x_hat = torch.addcmul(view((mean.to(f32) * r).neg_()), xf, view(r))
         t1, t2, t3 = ggx.sum(dims), (ggx * x_hat).sum(dims), (ggx * gyf).sum(dims)
-        c = m * t3 - s1 * t1 - s2 * t2
-        a = gamma * r / m
+        c = torch.addcmul(torch.addcmul(t3 * m, s1, t1, value=-1), s2, t2, value=-1)
+        q = a * t2 if ggw is None else a * t2 - ggw.to(f32)  # v = p·ggx + q·gy
         grad_gy = grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_gy = torch.addcmul(torch.addcmul(view(ggb - a * t1), x_hat, view(ggw - a * t2)), ggx, view(a * m))
+        if ctx.needs_input_grad[0]:  # a(M·ggx − T₁ − x̂·T₂) + ggγ·x̂ + ggβ = γr·ggx − q·x̂ + (ggβ − a·T₁)
+            shift = (a * t1).neg_() if ggb is None else torch.addcmul(ggb.to(f32), a, t1, value=-1)
+            grad_gy = torch.addcmul(torch.addcmul(view(shift), x_hat, view(q), value=-1), ggx, view(gamma_r))
             grad_gy = grad_gy.to(gy.dtype)
-        if ctx.needs_input_grad[1]:
-            p, q = a * s2, a * t2 - ggw  # v = p·ggx + q·gy
-            mean_v, mean_vx = (p * t1 + q * s1) / m, (p * t2 + q * s2) / m
-            base = torch.addcmul(view(r * mean_v), x_hat, view(r * mean_vx - gamma * r * r * c / (m * m)))
-            grad_x = torch.addcmul(torch.addcmul(base, ggx, view(-r * p)), gyf, view(-r * q)).to(x.dtype)
+        if ctx.needs_input_grad[1]:  # −r(v − mean(v) − x̂·mean(v·x̂)) − (γr²C/M²)·x̂
+            p = a * s2
+            r_mean_v = torch.addcmul(p * t1, q, s1).mul_(r_m)
+            x_hat_coef = torch.addcmul(torch.addcmul(p * t2, q, s2), a, c, value=-1).mul_(r_m)
+            base = torch.addcmul(view(r_mean_v), x_hat, view(x_hat_coef))
+            grad_x = torch.addcmul(torch.addcmul(base, ggx, view(r * p), value=-1), gyf, view(r * q), value=-1)
+            grad_x = grad_x.to(x.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
-            grad_w = (r * c / m).to(weight.dtype)
+            grad_w = (c * r_m).to(weight.dtype)
         return grad_gy, grad_x, grad_w, None, None, None, None, None
 
 
