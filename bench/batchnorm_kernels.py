@@ -37,7 +37,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from scorers import apply_device_settings, time_interleaved
+from scorers import apply_device_settings, kernel_bench_parser, report_table, time_interleaved
 
 from gradreg.double_backward.batchnorm import batch_norm_train
 
@@ -141,13 +141,8 @@ def bench_shape(n: int, c: int, h: int, dtype: torch.dtype, layout: str, args: a
 
 def main(argv: list[str] | None = None) -> None:
     """Time every shape x layout x dtype, print (and optionally write) one markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = kernel_bench_parser(__doc__, warmup=2, repeats=10)
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every batch size (CPU: 0.05)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
-    parser.add_argument("--out", type=Path, help="write the table here")
     args = parser.parse_args(argv)
     apply_device_settings(args.device, args.threads)
     header, lines = None, []
@@ -164,12 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 cells += [f"{us:.0f}" for us in r["us"].values()] + [f"{d:.1e}" for d in r["diffs"].values()]
                 lines.append("| " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
-    command = "python bench/batchnorm_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    text = f"{name}; torch {torch.__version__}; median of {args.repeats} calls\n`{command}`\n\n" + "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report_table("batchnorm_kernels.py", argv, args.device, args.repeats, lines, args.out)
 
 
 if __name__ == "__main__":

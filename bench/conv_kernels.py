@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from scorers import apply_device_settings, time_interleaved
+from scorers import apply_device_settings, kernel_bench_parser, report_table, time_interleaved
 
 from gradreg.models import create_classifier
 
@@ -112,17 +112,12 @@ def bench_layer(layer: tuple, batch: int, dtype: torch.dtype, layout: str, args:
 
 def main(argv: list[str] | None = None) -> None:
     """Time every layer x dtype x layout of every model; print (and optionally write) one markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = kernel_bench_parser(__doc__, warmup=2, repeats=10)
     parser.add_argument(
         "--model", action="append", type=parse_model, help="name:batch:size (default wrn40_2:384:32, resnet50:192:224)"
     )
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--layout", nargs="+", default=["contiguous", "channels-last"])
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
-    parser.add_argument("--out", type=Path, help="write the table here")
     args = parser.parse_args(argv)
     apply_device_settings(args.device, args.threads)
     header = ["model", "input (C, H, W)", "weight", "stride", "count", "dtype", "layout"]
@@ -146,12 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                 cells += [f"**{totals[2] / totals[3]:.2f}x**", ""]
                 lines.append("| " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
-    command = "python bench/conv_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    text = f"{device}; torch {torch.__version__}; median of {args.repeats} calls\n`{command}`\n\n" + "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report_table("conv_kernels.py", argv, args.device, args.repeats, lines, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from scorers import DEFAULT_MODELS, apply_device_settings, environment_line, parse_model_spec, time_interleaved
+from scorers import (
+    DEFAULT_MODELS,
+    apply_device_settings,
+    environment_line,
+    kernel_bench_parser,
+    parse_model_spec,
+    time_interleaved,
+)
 
 from gradreg.models import MODELS
 from gradreg.scorers import purview
@@ -177,13 +184,8 @@ def grid_markdown(end_to_end: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, time every model's layers, print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = kernel_bench_parser(__doc__, warmup=1, repeats=5)
     parser.add_argument("--model", action="append", type=parse_model_spec, help="name:batch:size, repeatable")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
-    parser.add_argument("--out", type=Path, help="write the tables here")
     args = parser.parse_args(argv)
     apply_device_settings(args.device, args.threads)
     rows, end_to_end = [], []

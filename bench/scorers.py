@@ -226,12 +226,35 @@ def markdown_tables(rows: list[dict]) -> str:
     return "\n".join(lines) + ("\n\n" + "\n".join(loops) if len(loops) > 2 else "")
 
 
+def kernel_bench_parser(doc: str, warmup: int, repeats: int) -> argparse.ArgumentParser:
+    """The flags every per-layer kernel benchmark shares: device, warm-up and timed calls, CPU threads, output file."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--out", type=Path, help="write the table(s) here")
+    return parser
+
+
 def apply_device_settings(device: str, threads: int) -> None:
     """CPU threads (0: torch's default) and cuDNN autotuning on CUDA."""
     if threads > 0:
         torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
+
+
+def report_table(
+    script: str, argv: list[str] | None, device: str, repeats: int, lines: list[str], out: Path | None
+) -> None:
+    """Print a markdown table under where it was measured and the command that measured it; write it to ``out``."""
+    command = f"python bench/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    text = f"{where}; torch {torch.__version__}; median of {repeats} calls\n`{command}`\n\n" + "\n".join(lines)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
 
 
 def environment_line(device: str, threads: int) -> str:
