@@ -39,9 +39,9 @@ def _used(t: Tensor | None) -> bool:
     """Whether the running backward pass uses the gradient of ``t`` (the engine's own bookkeeping)."""
     if t is None or not t.requires_grad:
         return False
-    try:
+    try:  # a private function (torch.autograd.graph's multi-grad hooks use it); any doubt means "used"
         return torch._C._will_engine_execute_node(get_gradient_edge(t).node)
-    except RuntimeError:  # PyTorch does not answer for a leaf that autograd.grad captures: it is used
+    except (AttributeError, RuntimeError):  # gone from torch, or a leaf that autograd.grad captures
         return True
 
 
