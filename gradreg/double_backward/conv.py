@@ -45,6 +45,12 @@ def _used(t: Tensor | None) -> bool:
         return True
 
 
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, conv: ConvParams) -> Tensor:
+    """``conv(x, W) + b`` by ATen's ``convolution`` (what ``nn.Conv*d`` runs)."""
+    stride, padding, dilation, groups = conv
+    return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+
+
 def _backward(gy: Tensor, x: Tensor, weight: Tensor, conv: ConvParams, mask: list[bool]) -> tuple:
     """(gx, gW, gb) of ``conv(x, W) + b`` by ATen's ``convolution_backward`` (what ``nn.Conv*d`` runs)."""
     stride, padding, dilation, groups = conv
@@ -67,10 +73,9 @@ class _InputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, ggx: Tensor) -> tuple:
         gy, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
         grad_gy = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_gy = torch.convolution(ggx, weight, None, stride, padding, dilation, False, [0] * len(stride), groups)
+            grad_gy = _forward(ggx, weight, None, ctx.conv)
         if ctx.needs_input_grad[1]:
             grad_w = _backward(gy, ggx, weight, ctx.conv, [False, True, False])[1]
         return grad_gy, grad_w, None, None
@@ -83,8 +88,7 @@ class _Convolution(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, conv: ConvParams) -> Tensor:
         ctx.save_for_backward(x, weight, bias)
         ctx.conv = conv
-        stride, padding, dilation, groups = conv
-        return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+        return _forward(x, weight, bias, conv)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple:
