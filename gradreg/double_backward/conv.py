@@ -117,8 +117,7 @@ class _DoubleBackwardConv:
         device = x.device.type
         if torch.is_autocast_enabled(device):  # the cast autocast would do inside, done where autograd sees it
             dtype = torch.get_autocast_dtype(device)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+            x, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (x, weight, bias))
         conv = (list(self.stride), padding, list(self.dilation), self.groups)
         return _Convolution.apply(x, weight, bias, conv)
 
