@@ -13,23 +13,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradreg.double_backward import use_double_backward
-from gradreg.double_backward.batchnorm import DoubleBackwardBatchNorm2d, batch_norm_train
+from gradreg.double_backward.batchnorm import DoubleBackwardBatchNorm2d, _dot, batch_norm_train
 from gradreg.double_backward.conv import DoubleBackwardConv2d
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.module import GradRegModule
 from gradreg.scorers.purview import purview_layer_norms
 
+# "auto" picks PyTorch's kernels on the CPU; the composite ones are what it picks for NCHW on CUDA.
+KERNELS = ["pytorch", "composite"]
 
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("shape", [(5, 3, 4, 3), (7, 3), (4, 3, 6)], ids=["2d", "1d-vectors", "1d-sequences"])
-def test_first_and_second_derivatives_match_finite_differences(affine: bool, shape: tuple[int, ...]) -> None:
+def test_first_and_second_derivatives_match_finite_differences(
+    affine: bool, shape: tuple[int, ...], kernels: str
+) -> None:
     torch.manual_seed(0)
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x = (3 * torch.randn(*shape, dtype=torch.float64) + 2).requires_grad_(True)  # a mean away from 0
     params = (torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)) if affine else ()
     params = tuple(p.requires_grad_(True) for p in params)
 
     def bn(x: Tensor, *wb: Tensor) -> Tensor:
-        return batch_norm_train(x, None, None, *(wb or (None, None)), momentum=0.1, eps=1e-3)
+        return batch_norm_train(x, None, None, *(wb or (None, None)), momentum=0.1, eps=1e-3, kernels=kernels)
 
     assert torch.autograd.gradcheck(bn, (x, *params), atol=1e-8, rtol=1e-6)
     # Differentiates the vector-Jacobian product (gx, gγ, gβ) w.r.t. x, γ, β and the upstream gradient.
@@ -69,12 +75,18 @@ def greg_step_grads(model: nn.Module, x: Tensor, n_in: int) -> tuple[Tensor, lis
     return loss, list(torch.autograd.grad(loss, list(model.parameters())))
 
 
-@pytest.mark.parametrize("layers", [("batchnorm",), ("conv",), ("batchnorm", "conv")], ids="+".join)
+@pytest.mark.parametrize(
+    ("layers", "kernels"),
+    [(("batchnorm",), "pytorch"), (("batchnorm",), "composite"), (("conv",), "auto"), (("batchnorm", "conv"), "auto")],
+    ids=["batchnorm", "batchnorm-composite", "conv", "batchnorm+conv"],
+)
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
-def test_greg_gradients_and_running_stats_equal_pytorch(layers: tuple[str, ...], momentum: float | None) -> None:
+def test_greg_gradients_and_running_stats_equal_pytorch(
+    layers: tuple[str, ...], kernels: str, momentum: float | None
+) -> None:
     torch.manual_seed(0)
     native = ConvBN(momentum).double().train()
-    fast = use_double_backward(copy.deepcopy(native), layers)
+    fast = use_double_backward(copy.deepcopy(native), layers, batchnorm_kernels=kernels)
     assert isinstance(fast.body[1], DoubleBackwardBatchNorm2d) == ("batchnorm" in layers)
     assert isinstance(fast.body[0], DoubleBackwardConv2d) == ("conv" in layers)
     assert isinstance(fast.body[1], nn.BatchNorm2d)
@@ -87,12 +99,14 @@ def test_greg_gradients_and_running_stats_equal_pytorch(layers: tuple[str, ...],
         for g_fast, g_native in zip(grads_fast, grads_native, strict=True):
             torch.testing.assert_close(g_fast, g_native, rtol=1e-9, atol=1e-12)
         for b_fast, b_native in zip(fast.buffers(), native.buffers(), strict=True):
-            torch.testing.assert_close(b_fast, b_native, rtol=1e-12, atol=0)
+            torch.testing.assert_close(b_fast, b_native, rtol=1e-12, atol=1e-15)
     native.eval(), fast.eval()
-    torch.testing.assert_close(fast(x), native(x), rtol=0, atol=0)
+    torch.testing.assert_close(fast(x), native(x), rtol=1e-12, atol=1e-15)
 
 
-def errors_vs_float64(device: str, dtype: torch.dtype, channels_last: bool = False) -> tuple[float, float]:
+def errors_vs_float64(
+    device: str, dtype: torch.dtype, channels_last: bool = False, kernels: str = "auto"
+) -> tuple[float, float]:
     """Relative error of all GReg parameter gradients (PyTorch's layers, ours) against float64 on the CPU."""
     torch.manual_seed(0)
     native = ConvBN().train()
@@ -101,7 +115,7 @@ def errors_vs_float64(device: str, dtype: torch.dtype, channels_last: bool = Fal
     native, x = native.to(device), x.to(device)
     if channels_last:
         native, x = native.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    fast = use_double_backward(copy.deepcopy(native))
+    fast = use_double_backward(copy.deepcopy(native), batchnorm_kernels=kernels)
     errors = []
     for model in (native, fast):
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
@@ -112,8 +126,9 @@ def errors_vs_float64(device: str, dtype: torch.dtype, channels_last: bool = Fal
     return errors[0], errors[1]
 
 
-def test_bf16_autocast_is_as_accurate_as_pytorch() -> None:
-    native, fast = errors_vs_float64("cpu", torch.bfloat16)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_bf16_autocast_is_as_accurate_as_pytorch(kernels: str) -> None:
+    native, fast = errors_vs_float64("cpu", torch.bfloat16, kernels=kernels)
     # bf16 activations are coarse on a model this small (native: ~25 % error); ours must not be worse.
     assert fast <= 1.25 * native
 
@@ -188,3 +203,51 @@ def test_running_stats_off_and_eval_mode() -> None:
     torch.testing.assert_close(fast(x), F.batch_norm(x, None, None, native.weight, native.bias, True, 0.1, 1e-5))
     native.eval(), fast.eval()
     torch.testing.assert_close(fast(x), native(x), rtol=0, atol=0)
+
+
+def test_bad_kernels_and_single_values_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="unknown BatchNorm kernels 'cudnn'; choose one of auto, composite, pytorch"):
+        use_double_backward(nn.BatchNorm2d(3), batchnorm_kernels="cudnn")
+    layer = use_double_backward(nn.BatchNorm2d(3), batchnorm_kernels="composite")
+    with pytest.raises(ValueError, match=r"more than 1 value per channel, got input \(1, 3, 1, 1\)"):
+        layer(torch.randn(1, 3, 1, 1))
+
+
+def bn_derivatives(x: Tensor, weight: Tensor, gy: Tensor, ggx: Tensor, kernels: str | None) -> list[Tensor]:
+    """y, (gx, gγ, gβ) for the upstream gy, and the (x, γ, gy)-gradients of <ggx, gx> (kernels None: F.batch_norm)."""
+    x, weight, bias, gy = (t.detach().requires_grad_() for t in (x, weight, torch.zeros_like(weight), gy))
+    if kernels is None:
+        y = F.batch_norm(x, None, None, weight, bias, True, 0.1, 1e-5)
+    else:
+        y = batch_norm_train(x, None, None, weight, bias, 0.1, 1e-5, kernels)
+    first = torch.autograd.grad(y, (x, weight, bias), gy, create_graph=True)
+    second = torch.autograd.grad(first[0], (x, weight, gy), ggx)
+    return [t.detach() for t in (y, *first, *second)]
+
+
+@pytest.mark.parametrize("mean", [0.0, 20.0], ids=["centered", "mean-20-sigma"])
+def test_composite_kernels_in_bf16_are_as_accurate_as_pytorchs(mean: float) -> None:
+    torch.manual_seed(0)
+    x, gy, ggx = torch.randn(3, 64, 3, 8, 8).unbind()
+    x, gy = (x + mean).bfloat16(), gy.bfloat16()
+    weight = torch.rand(3) + 0.5
+    exact = bn_derivatives(x.double(), weight.double(), gy.double(), ggx.double(), None)
+    errors = {}
+    for kernels in KERNELS:
+        got = bn_derivatives(x, weight, gy, ggx.bfloat16(), kernels)
+        bf16, f32 = torch.bfloat16, torch.float32
+        assert [g.dtype for g in got] == [bf16, bf16, f32, f32, bf16, f32, bf16]  # activations bf16, γ and β f32
+        errors[kernels] = [float((g.double() - e).norm() / e.norm()) for g, e in zip(got, exact, strict=True)]
+    # Both differ from float64 by bf16 rounding; the composite kernels must not add error (a float32 sum of
+    # gy·x without the mean removed would, at a mean of 20 standard deviations).
+    for composite, pytorch in zip(errors["composite"], errors["pytorch"], strict=True):
+        assert composite <= 1.25 * pytorch + 1e-6
+
+
+def test_per_channel_products_of_bf16_are_summed_in_float32() -> None:
+    torch.manual_seed(0)
+    a, b = (torch.randn(16, 3, 5, 5).bfloat16() for _ in range(2))
+    exact = (a.double() * b.double()).sum((0, 2, 3))
+    got = _dot(a, b, a)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-6)  # a bf16 product: ~1e-3 off

@@ -26,16 +26,23 @@ LAYERS: dict[str, dict[type[nn.Module], type[nn.Module]]] = {
 _ORIGINALS = {new: old for table in LAYERS.values() for old, new in table.items()}
 
 
-def use_double_backward(model: nn.Module, layers: Iterable[str] = tuple(LAYERS)) -> nn.Module:
+def use_double_backward(
+    model: nn.Module, layers: Iterable[str] = tuple(LAYERS), batchnorm_kernels: str = "auto"
+) -> nn.Module:
     """Switch ``model``'s plain layers of the given kinds (``LAYERS``) to their double-backward variants, in place.
 
-    Only exact types are converted: a subclass may override ``forward``.
+    Only exact types are converted: a subclass may override ``forward``. ``batchnorm_kernels``: the forward and
+    first-backward kernels of converted BatchNorm layers (``batchnorm.KERNELS``: ``auto``, ``composite``,
+    ``pytorch``; see ``batchnorm._use_composite``).
     """
+    batchnorm.check_kernels(batchnorm_kernels)
     table = {old: new for kind in layers for old, new in LAYERS[kind].items()}
     for module in model.modules():
         converted = table.get(type(module))
         if converted is not None:
             module.__class__ = converted
+        if isinstance(module, batchnorm.DoubleBackwardBatchNorm):
+            module.kernels = batchnorm_kernels
     return model
 
 

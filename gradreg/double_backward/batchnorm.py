@@ -19,10 +19,22 @@ Notation per channel, over its M = N·H·W elements: ``x̂ = (x − μ)·r`` wit
   ``mean(v) = (a·S₂·T₁ + (a·T₂ − ggγ)·S₁)/M``, ``mean(v·x̂) = (a·S₂·T₂ + (a·T₂ − ggγ)·S₂)/M``
 
 (the x-derivative goes through x̂, r and S₂; μ and σ² are functions of x). Checked against autograd's
-own double backward and by ``gradgradcheck`` in ``tests/test_double_backward.py``. The forward and every first
-backward run the kernels ``nn.BatchNorm`` runs (``aten._batch_norm_impl_index``: cuDNN on CUDA where it
-applies, else ATen's native kernels), so only double backprop takes the new path; third derivatives are not
+own double backward and by ``gradgradcheck`` in ``tests/test_double_backward.py``; third derivatives are not
 supported. Eval mode is untouched (``nn.BatchNorm*d.forward``).
+
+The forward and every first backward run one of two sets of kernels (``kernels``, per layer): ``pytorch``, the
+ones ``nn.BatchNorm`` runs (``aten._batch_norm_impl_index``: cuDNN on CUDA where it applies, else ATen's), or
+``composite``: ``torch.var_mean`` and an ``addcmul`` forward, and a backward from ``x − μ``, two ``torch.sum``
+reductions and two ``addcmul`` passes. ``auto`` (the default) takes the composite kernels for CUDA tensors in
+the (N, C, ...) layout. Reason (deviation from PyTorch's kernels, same results): in the H100 profile of a
+WRN-40-2 GReg step the NCHW BatchNorm kernels were far from the memory bound, ATen's backward took 339 us per
+call on average and cuDNN's 562 us per 384x32x32x32 call (ten times the time to move its data); ATen's kernel
+reduces each channel in one thread block, and these layers have 32-128 channels, while generic ``torch.sum``
+reductions split each channel over many blocks (about 20 us per call on the same activations, in the profile of
+PyTorch's double backward). Channels-last tensors keep cuDNN's NHWC kernels, which were fast. The composite
+kernels move about twice the bytes of an ideal fused kernel; step-level H100 numbers: ``docs/benchmarks.md``.
+Both are as accurate as PyTorch's in float64 and bf16, also with a mean far from zero (the backward centers x
+first, as ATen does).
 """
 
 from __future__ import annotations
@@ -33,12 +45,96 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+KERNELS = ("auto", "composite", "pytorch")
+_COMPOSITE = -1  # ctx.impl of the composite kernels (PyTorch's implementations are 0 native, 1 cuDNN, 2 MIOpen)
+
+
+def check_kernels(kernels: str) -> str:
+    """``kernels`` if it is one of ``KERNELS``, else a ValueError that lists them."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown BatchNorm kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+    return kernels
+
+
+def _dims(x: Tensor) -> list[int]:
+    """The dimensions a per-channel statistic reduces: all but the channels (dim 1)."""
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """A per-channel vector, broadcast against ``x`` (N, C, ...)."""
+    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 activations, else x's dtype: statistics and products are accumulated in it."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _dot(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
+    """Per-channel ``Σ a·b``, the product in ``_acc_dtype(x)`` (no rounding to bf16 before the sum)."""
+    # The zero has all of x's dimensions: a 0-dim float32 tensor would not take part in type promotion.
+    return torch.addcmul(a.new_zeros([1] * x.dim(), dtype=_acc_dtype(x)), a, b).sum(_dims(x))
+
+
+def _use_composite(kernels: str, x: Tensor) -> bool:
+    """``auto``: tensor reductions for CUDA activations in the (N, C, ...) layout, PyTorch's kernels otherwise.
+
+    PyTorch's NCHW BatchNorm kernels reduce each channel in one thread block (ATen) or are as slow (cuDNN): on an
+    H100 a 384x32x32x32 backward took 339-562 us, ten times its memory traffic, while ``torch.sum`` over the same
+    dimensions splits every channel over many blocks. Channels-last inputs get cuDNN's NHWC kernels, which are fast.
+    """
+    if kernels == "auto":
+        return x.is_cuda and x.is_contiguous()
+    return kernels == "composite"
+
+
+def _composite_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+    momentum: float, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(y, μ, r) from ``torch.var_mean`` and one ``addcmul``; running statistics updated as ATen does."""
+    var, mean = torch.var_mean(x.to(_acc_dtype(x)), _dims(x), correction=0)  # Welford, as ATen's kernels
+    invstd = torch.rsqrt(var + eps)
+    if running_mean is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    if running_var is not None:
+        m = x.numel() // x.shape[1]
+        running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)  # unbiased, as ATen stores it
+    scale = invstd if weight is None else weight * invstd
+    shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+    return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x)).to(x.dtype), mean, invstd
+
+
+def _composite_backward(
+    gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, mask: list[bool]
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(gx, gγ, gβ) from the centered input, two reductions and two elementwise passes.
+
+    ``S₁ = Σ gy``, ``S₂ = r·Σ gy·(x − μ)``, ``gx = γr·gy − (γr²S₂/M)·(x − μ) − γr·S₁/M``. ``x − μ`` is formed
+    first, as ATen does: ``Σ gy·x − μS₁`` loses float32 digits to cancellation when |μ| is large against σ.
+    """
+    m = x.numel() // x.shape[1]
+    centered = x - _per_channel(mean, x)  # in the accumulation dtype (μ is float32 for bf16 x)
+    s1 = gy.sum(_dims(x), dtype=_acc_dtype(x))
+    s2 = _dot(gy, centered, x).mul_(invstd)
+    gx = None
+    if mask[0]:
+        a = invstd if weight is None else weight * invstd  # γr
+        gx = torch.addcmul(_per_channel(a * s1 / -m, x), centered, _per_channel(a * invstd * s2 / -m, x))
+        gx = gx.addcmul_(gy, _per_channel(a, x)).to(x.dtype)
+    if weight is not None:
+        s2, s1 = s2.to(weight.dtype), s1.to(weight.dtype)
+    return gx, s2, s1
+
 
 def _first_backward(
     impl: int, gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, reserve: Tensor,
     eps: float, mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(gx, gγ, gβ) by the backward kernel of the forward's implementation (``impl``: native, cuDNN, MIOpen)."""
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """(gx, gγ, gβ) by the kernels of the forward's implementation (``impl``: composite, native, cuDNN, MIOpen)."""
+    if impl == _COMPOSITE:
+        return _composite_backward(gy, x, weight, mean, invstd, mask)
     # gy in x's memory format, as PyTorch's own BatchNorm backward passes it to cuDNN
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     gy = gy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -64,42 +160,40 @@ class _BatchNormGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None) -> tuple:
         gy, x, weight, mean, invstd, s2, s1 = ctx.saved_tensors
-        f32 = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16/fp16 activations, else x's dtype
-        dims = [0, *range(2, x.dim())]
+        f32 = _acc_dtype(x)
         m = x.numel() // x.shape[1]
-        r, s1, s2 = invstd.to(f32), s1.to(f32), s2.to(f32)
-        xf, gyf = x.to(f32), gy.to(f32)
-        ggx = torch.zeros_like(xf) if ggx is None else ggx.to(f32)
+        r, mean, s1, s2 = invstd.to(f32), mean.to(f32), s1.to(f32), s2.to(f32)
+        ggx = torch.zeros_like(x, dtype=f32) if ggx is None else ggx
 
-        def view(t: Tensor) -> Tensor:  # a per-channel vector, broadcast against (N, C, ...)
-            return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+        def view(t: Tensor) -> Tensor:
+            return _per_channel(t, x)
 
-        # Per-channel terms with as few kernels as possible: each is a launch, and there are ~20 per layer.
+        # Per-channel terms with as few kernels as possible (each is a launch, ~20 per layer); bf16 activations
+        # enter the elementwise kernels as they are (mixed-dtype kernels compute in float32, no upcast copies).
         gamma_r = r if weight is None else weight.to(f32) * r  # γr = a·M
         r_m, a = r / m, gamma_r / m
-        x_hat = torch.addcmul(view((mean.to(f32) * r).neg_()), xf, view(r))
-        t1, t2, t3 = ggx.sum(dims), (ggx * x_hat).sum(dims), (ggx * gyf).sum(dims)
+        x_hat = torch.addcmul(view((mean * r).neg_()), x, view(r))
+        t1, t2, t3 = ggx.sum(_dims(x), dtype=f32), _dot(ggx, x_hat, x), _dot(ggx, gy, x)
         c = torch.addcmul(torch.addcmul(t3 * m, s1, t1, value=-1), s2, t2, value=-1)
         q = a * t2 if ggw is None else a * t2 - ggw.to(f32)  # v = p·ggx + q·gy
         grad_gy = grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # a(M·ggx − T₁ − x̂·T₂) + ggγ·x̂ + ggβ = γr·ggx − q·x̂ + (ggβ − a·T₁)
             shift = (a * t1).neg_() if ggb is None else torch.addcmul(ggb.to(f32), a, t1, value=-1)
-            grad_gy = torch.addcmul(torch.addcmul(view(shift), x_hat, view(q), value=-1), ggx, view(gamma_r))
+            grad_gy = torch.addcmul(view(shift), x_hat, view(q), value=-1).addcmul_(ggx, view(gamma_r))
             grad_gy = grad_gy.to(gy.dtype)
         if ctx.needs_input_grad[1]:  # −r(v − mean(v) − x̂·mean(v·x̂)) − (γr²C/M²)·x̂
             p = a * s2
             r_mean_v = torch.addcmul(p * t1, q, s1).mul_(r_m)
             x_hat_coef = torch.addcmul(torch.addcmul(p * t2, q, s2), a, c, value=-1).mul_(r_m)
-            base = torch.addcmul(view(r_mean_v), x_hat, view(x_hat_coef))
-            grad_x = torch.addcmul(torch.addcmul(base, ggx, view(r * p), value=-1), gyf, view(r * q), value=-1)
-            grad_x = grad_x.to(x.dtype)
+            grad_x = torch.addcmul(view(r_mean_v), x_hat, view(x_hat_coef))
+            grad_x = grad_x.addcmul_(ggx, view(r * p), value=-1).addcmul_(gy, view(r * q), value=-1).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
             grad_w = (c * r_m).to(weight.dtype)
         return grad_gy, grad_x, grad_w, None, None, None, None, None
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode BatchNorm (PyTorch's kernels); under ``create_graph`` its backward is ``_BatchNormGrad``."""
+    """Training-mode BatchNorm; under ``create_graph`` its backward is ``_BatchNormGrad``."""
 
     @staticmethod
     def forward(
@@ -111,11 +205,15 @@ class _BatchNormTrain(torch.autograd.Function):
         running_var: Tensor | None,
         momentum: float,
         eps: float,
+        kernels: str,
     ) -> Tensor:
-        # The implementation F.batch_norm would pick (cuDNN where it applies; its saved variance is invstd too).
-        out, mean, invstd, reserve, ctx.impl = torch.ops.aten._batch_norm_impl_index(
-            x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled
-        )
+        if _use_composite(kernels, x):
+            out, mean, invstd = _composite_forward(x, weight, bias, running_mean, running_var, momentum, eps)
+            reserve, ctx.impl = x.new_empty(0), _COMPOSITE
+        else:  # the implementation F.batch_norm would pick (cuDNN where it applies; its saved variance is invstd too)
+            out, mean, invstd, reserve, ctx.impl = torch.ops.aten._batch_norm_impl_index(
+                x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled
+            )
         ctx.save_for_backward(x, weight, mean, invstd, reserve)
         ctx.eps = eps
         return out
@@ -130,7 +228,7 @@ class _BatchNormTrain(torch.autograd.Function):
             gx, gw, gb = _first_backward(ctx.impl, gy, x, weight, mean, invstd, reserve, ctx.eps, mask)
         if weight is None:
             gw = gb = None
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def batch_norm_train(
@@ -141,15 +239,29 @@ def batch_norm_train(
     bias: Tensor | None,
     momentum: float,
     eps: float,
+    kernels: str = "auto",
 ) -> Tensor:
-    """``F.batch_norm(..., training=True)`` with the cheap double backward (running stats updated in place)."""
-    return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+    """``F.batch_norm(..., training=True)`` with the cheap double backward (running stats updated in place).
+
+    ``kernels`` picks the forward and first-backward kernels (``KERNELS``; see ``_use_composite``); the double
+    backward is the closed form either way.
+    """
+    check_kernels(kernels)
+    if x.numel() == x.shape[1]:  # as F.batch_norm: the batch variance of one value is undefined
+        raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got input {tuple(x.shape)}")
+    return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps, kernels)
 
 
-class _DoubleBackwardBatchNorm:
-    """Mixin for ``nn.BatchNorm*d``: training mode goes through :func:`batch_norm_train`."""
+class DoubleBackwardBatchNorm:
+    """Mixin for ``nn.BatchNorm*d``: training mode goes through :func:`batch_norm_train`.
+
+    ``kernels`` (class attribute, settable per layer): which forward and first-backward kernels it runs.
+    """
+
+    kernels: str = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
+        """Training mode: :func:`batch_norm_train` with this layer's kernels; eval mode: ``nn.BatchNorm``'s."""
         if not self.training:
             return super().forward(x)
         self._check_input_dim(x)
@@ -159,18 +271,20 @@ class _DoubleBackwardBatchNorm:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        return batch_norm_train(x, self.running_mean, self.running_var, self.weight, self.bias, momentum, self.eps)
+        return batch_norm_train(
+            x, self.running_mean, self.running_var, self.weight, self.bias, momentum, self.eps, self.kernels
+        )
 
 
-class DoubleBackwardBatchNorm1d(_DoubleBackwardBatchNorm, nn.BatchNorm1d):
+class DoubleBackwardBatchNorm1d(DoubleBackwardBatchNorm, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` with the cheap double backward in training mode."""
 
 
-class DoubleBackwardBatchNorm2d(_DoubleBackwardBatchNorm, nn.BatchNorm2d):
+class DoubleBackwardBatchNorm2d(DoubleBackwardBatchNorm, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with the cheap double backward in training mode."""
 
 
-class DoubleBackwardBatchNorm3d(_DoubleBackwardBatchNorm, nn.BatchNorm3d):
+class DoubleBackwardBatchNorm3d(DoubleBackwardBatchNorm, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` with the cheap double backward in training mode."""
 
 
