@@ -6,18 +6,17 @@ channel one block, so 32-128 blocks do the work), cuDNN's 259 us in the energy-O
 on the activation shapes of WRN-40-2 (ID + outlier batch 384) and ResNet-50 (192), contiguous and
 channels-last, float32 and bfloat16, per call:
 
-- forward: PyTorch's choice (``F.batch_norm``: cuDNN where it applies; what ``gradreg.double_backward.batchnorm``
-  runs),
-  ATen's ``torch.native_batch_norm``, and ``torch.var_mean`` + one ``addcmul``;
-- first-order backward (gx, gγ, gβ): PyTorch's choice (``_batch_norm_impl_index_backward``; what
-  ``gradreg.double_backward.batchnorm`` runs), ATen's ``native_batch_norm_backward``, and the same from tensor
-  reductions,
-  ``S1 = Σ gy``, ``S2 = r·(Σ gy·x − μ·S1)``, ``gx = γr·gy − (γr²S2/M)·x + γr(r·μ·S2 − S1)/M``;
+- forward: PyTorch's choice (``F.batch_norm``: cuDNN where it applies; ``kernels="pytorch"`` of
+  ``gradreg.double_backward.batchnorm``), ATen's ``torch.native_batch_norm``, and gradreg's composite kernels
+  (``torch.var_mean`` + one ``addcmul``; what ``kernels="auto"`` runs for CUDA NCHW inputs);
+- first-order backward (gx, gγ, gβ): PyTorch's choice (``_batch_norm_impl_index_backward``), ATen's
+  ``native_batch_norm_backward``, and gradreg's composite kernels (``x − μ``, two ``torch.sum`` reductions, two
+  ``addcmul`` passes);
 - double backward of that (what GReg's penalty adds): PyTorch's against the closed form of
   ``gradreg.double_backward.batchnorm``;
 
-and prints the largest relative difference of each pair. It is the data for the next BatchNorm change; the
-training step itself is timed by ``bench/train_step.py``.
+and prints the largest relative difference of each pair. It is the per-layer evidence for ``kernels="auto"``;
+the training step itself is timed by ``bench/train_step.py`` (``greg`` against ``greg_pytorch_bn``).
 
 Examples:
     python bench/batchnorm_kernels.py --device cuda --out bench/results/h100_batchnorm_kernels.md
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from scorers import apply_device_settings, kernel_bench_parser, report_table, time_interleaved
 
-from gradreg.double_backward.batchnorm import batch_norm_train
+from gradreg.double_backward.batchnorm import _composite_backward, _composite_forward, batch_norm_train
 
 EPS = 1e-5
 # (model, N, C, H) of the distinct BatchNorm inputs of one GReg step (ID + outliers).
@@ -53,28 +52,6 @@ SHAPES = [
     ("resnet50", 192, 1024, 14),
     ("resnet50", 192, 2048, 7),
 ]
-
-
-def _view(t: Tensor) -> Tensor:
-    return t.reshape(1, -1, 1, 1)
-
-
-def composite_forward(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``y = γ(x − μ)r + β`` from ``torch.var_mean`` (float32 statistics)."""
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-    scale = weight * torch.rsqrt(var.float() + EPS)
-    return torch.addcmul(_view(bias - mean * scale), x, _view(scale)).to(x.dtype)
-
-
-def composite_backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, ...]:
-    """(gx, gγ, gβ) of training-mode BatchNorm from two reductions and two elementwise passes."""
-    m = x.numel() // x.shape[1]
-    s1 = gy.sum(dim=(0, 2, 3), dtype=torch.float32)
-    zero = torch.zeros_like(_view(s1))  # products in float32 also for bf16 inputs
-    s2 = invstd * (torch.addcmul(zero, gy, x).sum(dim=(0, 2, 3)) - mean * s1)
-    a = weight * invstd
-    gx = torch.addcmul(_view(a * (invstd * mean * s2 - s1) / m), x, _view(-a * invstd * s2 / m))
-    return gx.addcmul_(gy, _view(a)).to(x.dtype), s2, s1
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -104,10 +81,12 @@ def bench_shape(n: int, c: int, h: int, dtype: torch.dtype, layout: str, args: a
         torch.ops.aten.native_batch_norm_backward, gy, x, weight, None, None, mean, invstd, True, EPS, [True] * 3
     )
     native_grads = native_backward()
+    composite_forward = partial(_composite_forward, x, weight, bias, None, None, 0.1, EPS)
+    composite_backward = partial(_composite_backward, gy, x, weight, mean, invstd, [True] * 3)
     diffs = {
-        "forward": _rel(composite_forward(x, weight, bias), F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
+        "forward": _rel(composite_forward()[0], F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
         "backward": max(
-            max(map(_rel, composite_backward(gy, x, weight, mean, invstd), native_grads)),
+            max(map(_rel, composite_backward(), native_grads)),
             max(map(_rel, chosen_backward(), native_grads)),
         ),
     }
@@ -118,7 +97,7 @@ def bench_shape(n: int, c: int, h: int, dtype: torch.dtype, layout: str, args: a
         if norm == "pytorch":
             y = F.batch_norm(xr, None, None, wr, bias, True, 0.1, EPS)
         else:
-            y = batch_norm_train(xr, None, None, wr, bias, 0.1, EPS)
+            y = batch_norm_train(xr, None, None, wr, bias, 0.1, EPS, kernels="pytorch")
         grads = torch.autograd.grad(y, (xr, wr), gyr, create_graph=True)
         # d/dgy too: in a GReg step it flows on into the layers below
         return lambda: torch.autograd.grad(grads, (xr, wr, gyr), (ggx, ggw), retain_graph=True)
@@ -128,10 +107,10 @@ def bench_shape(n: int, c: int, h: int, dtype: torch.dtype, layout: str, args: a
     cases = [
         ("forward", "PyTorch's choice", lambda: F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
         ("forward", "native_batch_norm", lambda: torch.native_batch_norm(x, weight, bias, None, None, True, 0.1, EPS)),
-        ("forward", "var_mean + addcmul", lambda: composite_forward(x, weight, bias)),
+        ("forward", "composite (gradreg)", composite_forward),
         ("backward", "PyTorch's choice", chosen_backward),
         ("backward", "native_batch_norm_backward", native_backward),
-        ("backward", "composite", lambda: composite_backward(gy, x, weight, mean, invstd)),
+        ("backward", "composite (gradreg)", composite_backward),
         ("double backward", "pytorch", pytorch_dbw),
         ("double backward", "closed form (gradreg)", ours_dbw),
     ]

@@ -26,8 +26,9 @@ py=${PYTHON:-python3}
   $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
   $py bench/train_step.py --device cuda --methods ce energy greg --json "$OUT/train_step.json"
   # Profiles of one step, for what is still open in docs/benchmarks.md: GReg with and without the convolution
-  # double backward, GReg in channels-last and ResNet-50 under bf16 (slower than fp32). All go to one file.
-  for spec in "wrn40_2:128:256:32 --precision fp32 --channels-last off --methods energy greg greg_native_conv" \
+  # double backward and the composite BatchNorm kernels, GReg in channels-last and ResNet-50 under bf16 (slower
+  # than fp32). All go to one file.
+  for spec in "wrn40_2:128:256:32 --precision fp32 --channels-last off --methods energy greg greg_pytorch_bn greg_native_conv" \
               "wrn40_2:128:256:32 --precision fp32 --channels-last on --methods energy greg" \
               "resnet50:64:128:224 --precision bf16 --channels-last off --methods energy greg"; do
     # shellcheck disable=SC2086  # the spec is split into flags on purpose

@@ -11,7 +11,10 @@ from ``torch.autograd.grad(Phi, x, create_graph=True)``, one backward, one SGD s
 - ``greg``: energy + 1.0 * ``grad_norm_penalty`` (GReg, Sharifi et al. 2024, arXiv:2404.12368), with
   the cheaper double backward of BatchNorm and convolutions (``gradreg.double_backward``), as
   ``GradRegModule`` trains it.
-- ``greg_native_conv``: the same with PyTorch's convolution double backward (BatchNorm's closed form
+- ``greg_pytorch_bn``: the same with PyTorch's BatchNorm kernels for the forward and first backward
+  (``batchnorm_kernels="pytorch"``; ``greg`` takes the composite ones for NCHW on CUDA, i.e. on a CPU
+  the two are the same; the ``greg`` rows of result files before that change).
+- ``greg_native_conv``: ``greg`` with PyTorch's convolution double backward (BatchNorm's closed form
   only; the ``greg`` rows of result files before the convolution change).
 - ``greg_native``: the same with PyTorch's own double backward everywhere (the naive baseline;
   ``greg_native_bn`` in older result files).
@@ -57,8 +60,22 @@ from gradreg.double_backward import use_double_backward
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.models import create_classifier
 
-METHODS = ("ce", "energy", "greg", "greg_native_conv", "greg_native")
-GREG_LAYERS = {"greg": ("batchnorm", "conv"), "greg_native_conv": ("batchnorm",), "greg_native": ()}
+# method -> table label; the GReg variants' converted layers and BatchNorm kernels (gradreg.double_backward)
+LABELS = {
+    "ce": "CE",
+    "energy": "energy-OE",
+    "greg": "GReg",
+    "greg_pytorch_bn": "PyTorch-BN-kernels",
+    "greg_native_conv": "native-conv",
+    "greg_native": "native",
+}
+METHODS = tuple(LABELS)
+GREG_LAYERS = {
+    "greg": (("batchnorm", "conv"), "auto"),
+    "greg_pytorch_bn": (("batchnorm", "conv"), "pytorch"),
+    "greg_native_conv": (("batchnorm",), "auto"),
+    "greg_native": ((), "auto"),
+}
 BETA_ENERGY = 0.1  # weight of the energy margin loss (energy-OE and GReg)
 LAMBDA_GRAD = 1.0  # weight of the regularizer (GReg's --jacobianLoss)
 
@@ -138,7 +155,8 @@ def _setup(case: Case) -> tuple[nn.Module, torch.optim.Optimizer, Tensor, Tensor
     device = torch.device(case.device)
     torch.manual_seed(0)
     model = create_classifier(case.model, case.num_classes, in_channels=3).to(device).train()
-    use_double_backward(model, GREG_LAYERS.get(case.method, ()))
+    layers, batchnorm_kernels = GREG_LAYERS.get(case.method, ((), "auto"))
+    use_double_backward(model, layers, batchnorm_kernels)
     if case.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -224,29 +242,28 @@ def _cell(by_method: dict[str, dict], method: str, key: str) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per (model, batch, precision): median ms per method, GReg/energy-OE ratio, peak memory."""
+    """One row per (model, batch, precision): median ms per method, ratios to energy-OE, peak memory."""
     memory = "peak GiB" if results and results[0]["device"].startswith("cuda") else "step RSS GiB"
-    lines = [
-        "| model | ID + OOD | input | precision | CE ms | energy-OE ms | GReg ms | native-conv ms | native ms "
-        "| GReg / energy-OE | native-conv / energy-OE | native / energy-OE "
-        f"| {memory} (CE / energy-OE / GReg / native-conv / native) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    ratios = [m for m in methods if m in GREG_LAYERS]
+    header = ["model", "ID + OOD", "input", "precision", *(f"{LABELS[m]} ms" for m in methods)]
+    header += [f"{LABELS[m]} / energy-OE" for m in ratios]
+    header.append(f"{memory} ({' / '.join(LABELS[m] for m in methods)})")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple, dict[str, dict]] = {}
     for r in results:
         groups.setdefault((r["model"], r["n_in"], r["n_out"], r["size"], r["precision"]), {})[r["method"]] = r
     for (model, n_in, n_out, size, precision), by_method in groups.items():
-        ratios = [
+        cells = [model, f"{n_in} + {n_out}", f"{size}x{size}", precision]
+        cells += [_cell(by_method, m, "median_ms") for m in methods]
+        cells += [
             f"{by_method[m]['median_ms'] / by_method['energy']['median_ms']:.2f}x"
             if m in by_method and "energy" in by_method
             else "-"
-            for m in GREG_LAYERS
+            for m in ratios
         ]
-        times = " | ".join(_cell(by_method, m, "median_ms") for m in METHODS)
-        mems = " / ".join(_cell(by_method, m, "peak_bytes") for m in METHODS)
-        lines.append(
-            f"| {model} | {n_in} + {n_out} | {size}x{size} | {precision} | {times} | {' | '.join(ratios)} | {mems} |"
-        )
+        cells.append(" / ".join(_cell(by_method, m, "peak_bytes") for m in methods))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
