@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradreg.double_backward import use_double_backward
 from gradreg.double_backward.batchnorm import DoubleBackwardBatchNorm2d, _dot, batch_norm_train
@@ -251,3 +252,44 @@ def test_per_channel_products_of_bf16_are_summed_in_float32() -> None:
     got = _dot(a, b, a)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-6)  # a bf16 product: ~1e-3 off
+
+
+class OpNames(TorchDispatchMode):
+    """Records the names of the ATen ops that run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def forward_ops(x: Tensor, kernels: str) -> set[str]:
+    """ATen ops that a training-mode forward of a converted BatchNorm2d runs on ``x``."""
+    layer = use_double_backward(nn.BatchNorm2d(x.shape[1]), batchnorm_kernels=kernels).to(x.device)
+    with OpNames() as ops:
+        layer(x)
+    return ops.names
+
+
+def test_auto_kernels_are_pytorchs_on_the_cpu() -> None:
+    x = torch.randn(4, 3, 5, 5)
+    assert "var_mean" not in forward_ops(x, "auto")
+    assert "var_mean" not in forward_ops(x, "pytorch")
+    assert "var_mean" in forward_ops(x, "composite")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_kernels_on_cuda_are_composite_for_narrow_nchw_only() -> None:
+    def composite(c: int, channels_last: bool) -> bool:
+        x = torch.randn(4, c, 5, 5, device="cuda")
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        return "var_mean" in forward_ops(x, "auto")
+
+    assert composite(32, channels_last=False)
+    assert composite(128, channels_last=False)
+    assert not composite(256, channels_last=False)
+    assert not composite(32, channels_last=True)

@@ -26,15 +26,16 @@ The forward and every first backward run one of two sets of kernels (``kernels``
 ones ``nn.BatchNorm`` runs (``aten._batch_norm_impl_index``: cuDNN on CUDA where it applies, else ATen's), or
 ``composite``: ``torch.var_mean`` and an ``addcmul`` forward, and a backward from ``x − μ``, two ``torch.sum``
 reductions and two ``addcmul`` passes. ``auto`` (the default) takes the composite kernels for CUDA tensors in
-the (N, C, ...) layout. Reason (deviation from PyTorch's kernels, same results): in the H100 profile of a
-WRN-40-2 GReg step the NCHW BatchNorm kernels were far from the memory bound, ATen's backward took 339 us per
-call on average and cuDNN's 562 us per 384x32x32x32 call (ten times the time to move its data); ATen's kernel
-reduces each channel in one thread block, and these layers have 32-128 channels, while generic ``torch.sum``
-reductions split each channel over many blocks (about 20 us per call on the same activations, in the profile of
-PyTorch's double backward). Channels-last tensors keep cuDNN's NHWC kernels, which were fast. The composite
-kernels move about twice the bytes of an ideal fused kernel; step-level H100 numbers: ``docs/benchmarks.md``.
-Both are as accurate as PyTorch's in float64 and bf16, also with a mean far from zero (the backward centers x
-first, as ATen does).
+the (N, C, ...) layout with at most 128 channels. Reason (deviation from PyTorch's kernels, same results): in
+the H100 profile of a WRN-40-2 GReg step the NCHW BatchNorm kernels were far from the memory bound, ATen's
+backward took 339 us per call on average and cuDNN's 562 us per 384x32x32x32 call (ten times the time to move
+its data); ATen's kernel reduces each channel in one thread block, and these layers have 32-128 channels, while
+generic ``torch.sum`` reductions split each channel over many blocks (about 20 us per call on the same
+activations, in the profile of PyTorch's double backward). Channels-last tensors keep cuDNN's NHWC kernels,
+which were fast, and so do wider layers (ResNet-50's 256-2048 channels), for which there is no measurement yet.
+The composite kernels move about twice the bytes of an ideal fused kernel; step-level H100 numbers:
+``docs/benchmarks.md``. Both are as accurate as PyTorch's in float64 and bf16, also with a mean far from zero
+(the backward centers x first, as ATen does).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 KERNELS = ("auto", "composite", "pytorch")
+AUTO_MAX_CHANNELS = 128  # the widest BatchNorm measured slow with PyTorch's NCHW kernels (WRN-40-2, H100)
 _COMPOSITE = -1  # ctx.impl of the composite kernels (PyTorch's implementations are 0 native, 1 cuDNN, 2 MIOpen)
 
 
@@ -78,14 +80,14 @@ def _dot(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
 
 
 def _use_composite(kernels: str, x: Tensor) -> bool:
-    """``auto``: tensor reductions for CUDA activations in the (N, C, ...) layout, PyTorch's kernels otherwise.
+    """``auto``: composite kernels for CUDA (N, C, ...) tensors with C <= ``AUTO_MAX_CHANNELS``, else PyTorch's.
 
-    PyTorch's NCHW BatchNorm kernels reduce each channel in one thread block (ATen) or are as slow (cuDNN): on an
-    H100 a 384x32x32x32 backward took 339-562 us, ten times its memory traffic, while ``torch.sum`` over the same
-    dimensions splits every channel over many blocks. Channels-last inputs get cuDNN's NHWC kernels, which are fast.
+    The H100 profile (module docstring) showed PyTorch's NCHW kernels slow on 32-128 channels (ATen's reduces a
+    channel in one thread block); wider layers and channels-last inputs (cuDNN's NHWC kernels were fast) keep them
+    until a measurement says otherwise (``bench/batchnorm_kernels.py``).
     """
     if kernels == "auto":
-        return x.is_cuda and x.is_contiguous()
+        return x.is_cuda and x.is_contiguous() and x.shape[1] <= AUTO_MAX_CHANNELS
     return kernels == "composite"
 
 
