@@ -8,7 +8,7 @@ channels-last, float32 and bfloat16, per call:
 
 - forward: PyTorch's choice (``F.batch_norm``: cuDNN where it applies; ``kernels="pytorch"`` of
   ``gradreg.double_backward.batchnorm``), ATen's ``torch.native_batch_norm``, and gradreg's composite kernels
-  (``torch.var_mean`` + one ``addcmul``; what ``kernels="auto"`` runs for CUDA NCHW inputs);
+  (``torch.var_mean`` + one ``addcmul``; what ``kernels="auto"`` runs for CUDA NCHW inputs of at most 128 channels);
 - first-order backward (gx, gγ, gβ): PyTorch's choice (``_batch_norm_impl_index_backward``), ATen's
   ``native_batch_norm_backward``, and gradreg's composite kernels (``x − μ``, two ``torch.sum`` reductions, two
   ``addcmul`` passes);

@@ -12,7 +12,7 @@ from ``torch.autograd.grad(Phi, x, create_graph=True)``, one backward, one SGD s
   the cheaper double backward of BatchNorm and convolutions (``gradreg.double_backward``), as
   ``GradRegModule`` trains it.
 - ``greg_pytorch_bn``: the same with PyTorch's BatchNorm kernels for the forward and first backward
-  (``batchnorm_kernels="pytorch"``; ``greg`` takes the composite ones for NCHW on CUDA, i.e. on a CPU
+  (``batchnorm_kernels="pytorch"``; ``greg`` takes the composite ones for NCHW with <= 128 channels on CUDA, i.e. on a CPU
   the two are the same; the ``greg`` rows of result files before that change).
 - ``greg_native_conv``: ``greg`` with PyTorch's convolution double backward (BatchNorm's closed form
   only; the ``greg`` rows of result files before the convolution change).
