@@ -118,12 +118,13 @@ def _composite_backward(
     """
     m = x.numel() // x.shape[1]
     centered = x - _per_channel(mean, x)  # in the accumulation dtype (μ is float32 for bf16 x)
-    s1 = gy.sum(_dims(x), dtype=_acc_dtype(x))
-    s2 = _dot(gy, centered, x).mul_(invstd)
+    s1 = gy.sum(_dims(x), dtype=centered.dtype)
+    s2 = (gy * centered).sum(_dims(x)).mul_(invstd)  # the product in float32 too
     gx = None
     if mask[0]:
         a = invstd if weight is None else weight * invstd  # γr
-        gx = torch.addcmul(_per_channel(a * s1 / -m, x), centered, _per_channel(a * invstd * s2 / -m, x))
+        k = a / -m
+        gx = torch.addcmul(_per_channel(k * s1, x), centered, _per_channel(k * invstd * s2, x))
         gx = gx.addcmul_(gy, _per_channel(a, x)).to(x.dtype)
     if weight is not None:
         s2, s1 = s2.to(weight.dtype), s1.to(weight.dtype)
@@ -175,7 +176,7 @@ class _BatchNormGrad(torch.autograd.Function):
         gamma_r = r if weight is None else weight.to(f32) * r  # γr = a·M
         r_m, a = r / m, gamma_r / m
         x_hat = torch.addcmul(view((mean * r).neg_()), x, view(r))
-        t1, t2, t3 = ggx.sum(_dims(x), dtype=f32), _dot(ggx, x_hat, x), _dot(ggx, gy, x)
+        t1, t2, t3 = ggx.sum(_dims(x), dtype=f32), (ggx * x_hat).sum(_dims(x)), _dot(ggx, gy, x)
         c = torch.addcmul(torch.addcmul(t3 * m, s1, t1, value=-1), s2, t2, value=-1)
         q = a * t2 if ggw is None else a * t2 - ggw.to(f32)  # v = p·ggx + q·gy
         grad_gy = grad_x = grad_w = None
