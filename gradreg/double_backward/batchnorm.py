@@ -33,7 +33,7 @@ its data); ATen's kernel reduces each channel in one thread block, and these lay
 generic ``torch.sum`` reductions split each channel over many blocks (about 20 us per call on the same
 activations, in the profile of PyTorch's double backward). Channels-last tensors keep cuDNN's NHWC kernels,
 which were fast, and so do wider layers (ResNet-50's 256-2048 channels), for which there is no measurement yet.
-The composite kernels move about twice the bytes of an ideal fused kernel; step-level H100 numbers:
+The composite kernels move about 2.5 times the bytes of an ideal fused kernel; step-level H100 numbers:
 ``docs/benchmarks.md``. Both are as accurate as PyTorch's in float64 and bf16, also with a mean far from zero
 (the backward centers x first, as ATen does).
 """
