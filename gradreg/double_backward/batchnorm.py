@@ -73,12 +73,6 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _dot(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
-    """Per-channel ``Σ a·b``, the product in ``_acc_dtype(x)`` (no rounding to bf16 before the sum)."""
-    # The zero has all of x's dimensions: a 0-dim float32 tensor would not take part in type promotion.
-    return torch.addcmul(a.new_zeros([1] * x.dim(), dtype=_acc_dtype(x)), a, b).sum(_dims(x))
-
-
 def _use_composite(kernels: str, x: Tensor) -> bool:
     """``auto``: composite kernels for CUDA (N, C, ...) tensors with C <= ``AUTO_MAX_CHANNELS``, else PyTorch's.
 
@@ -166,17 +160,19 @@ class _BatchNormGrad(torch.autograd.Function):
         f32 = _acc_dtype(x)
         m = x.numel() // x.shape[1]
         r, mean, s1, s2 = invstd.to(f32), mean.to(f32), s1.to(f32), s2.to(f32)
-        ggx = torch.zeros_like(x, dtype=f32) if ggx is None else ggx
+        # bf16 activations as float32 copies: mixed-dtype kernels were slower on the CPU (1.3x on ResNet-50's layers)
+        xf, gyf = x.to(f32), gy.to(f32)
+        ggx = torch.zeros_like(xf) if ggx is None else ggx.to(f32)
 
         def view(t: Tensor) -> Tensor:
             return _per_channel(t, x)
 
-        # Per-channel terms with as few kernels as possible (each is a launch, ~20 per layer); bf16 activations
-        # enter the elementwise kernels as they are (mixed-dtype kernels compute in float32, no upcast copies).
+        # Per-channel terms with as few kernels as possible: each is a launch, and there are ~20 per layer.
+        dims = _dims(x)
         gamma_r = r if weight is None else weight.to(f32) * r  # γr = a·M
         r_m, a = r / m, gamma_r / m
-        x_hat = torch.addcmul(view((mean * r).neg_()), x, view(r))
-        t1, t2, t3 = ggx.sum(_dims(x), dtype=f32), (ggx * x_hat).sum(_dims(x)), _dot(ggx, gy, x)
+        x_hat = torch.addcmul(view((mean * r).neg_()), xf, view(r))
+        t1, t2, t3 = ggx.sum(dims), (ggx * x_hat).sum(dims), (ggx * gyf).sum(dims)
         c = torch.addcmul(torch.addcmul(t3 * m, s1, t1, value=-1), s2, t2, value=-1)
         q = a * t2 if ggw is None else a * t2 - ggw.to(f32)  # v = p·ggx + q·gy
         grad_gy = grad_x = grad_w = None
@@ -189,7 +185,7 @@ class _BatchNormGrad(torch.autograd.Function):
             r_mean_v = torch.addcmul(p * t1, q, s1).mul_(r_m)
             x_hat_coef = torch.addcmul(torch.addcmul(p * t2, q, s2), a, c, value=-1).mul_(r_m)
             grad_x = torch.addcmul(view(r_mean_v), x_hat, view(x_hat_coef))
-            grad_x = grad_x.addcmul_(ggx, view(r * p), value=-1).addcmul_(gy, view(r * q), value=-1).to(x.dtype)
+            grad_x = grad_x.addcmul_(ggx, view(r * p), value=-1).addcmul_(gyf, view(r * q), value=-1).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
             grad_w = (c * r_m).to(weight.dtype)
         return grad_gy, grad_x, grad_w, None, None, None, None, None
