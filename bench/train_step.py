@@ -12,12 +12,14 @@ from ``torch.autograd.grad(Phi, x, create_graph=True)``, one backward, one SGD s
   the cheaper double backward of BatchNorm and convolutions (``gradreg.double_backward``), as
   ``GradRegModule`` trains it.
 - ``greg_pytorch_bn``: the same with PyTorch's BatchNorm kernels for the forward and first backward
-  (``batchnorm_kernels="pytorch"``; ``greg`` takes the composite ones for NCHW with <= 128 channels on CUDA, i.e. on a CPU
-  the two are the same; the ``greg`` rows of result files before that change).
+  (``batchnorm_kernels="pytorch"``; ``greg`` takes the composite ones for NCHW with <= 128 channels on
+  CUDA, i.e. on a CPU the two are the same; the ``greg`` rows of result files before that change).
 - ``greg_native_conv``: ``greg`` with PyTorch's convolution double backward (BatchNorm's closed form
   only; the ``greg`` rows of result files before the convolution change).
 - ``greg_native``: the same with PyTorch's own double backward everywhere (the naive baseline;
   ``greg_native_bn`` in older result files).
+- ``energy_gradreg_bn``: ``energy`` with gradreg's converted BatchNorm layers (composite kernels where
+  ``greg`` has them): whether they would speed up training without the regularizer too.
 
 Speed settings that keep the semantics: ``cudnn.benchmark``; channels-last tensors on CUDA
 (``--channels-last auto``); fused SGD on CUDA (``foreach`` on CPU); ``zero_grad(set_to_none=True)``;
@@ -60,7 +62,7 @@ from gradreg.double_backward import use_double_backward
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.models import create_classifier
 
-# method -> table label; the GReg variants' converted layers and BatchNorm kernels (gradreg.double_backward)
+# method -> table label
 LABELS = {
     "ce": "CE",
     "energy": "energy-OE",
@@ -68,13 +70,15 @@ LABELS = {
     "greg_pytorch_bn": "PyTorch-BN-kernels",
     "greg_native_conv": "native-conv",
     "greg_native": "native",
+    "energy_gradreg_bn": "energy-OE gradreg-BN",
 }
 METHODS = tuple(LABELS)
-GREG_LAYERS = {
+CONVERTED = {  # method -> (gradreg.double_backward layers, BatchNorm kernels)
     "greg": (("batchnorm", "conv"), "auto"),
     "greg_pytorch_bn": (("batchnorm", "conv"), "pytorch"),
     "greg_native_conv": (("batchnorm",), "auto"),
     "greg_native": ((), "auto"),
+    "energy_gradreg_bn": (("batchnorm",), "auto"),
 }
 BETA_ENERGY = 0.1  # weight of the energy margin loss (energy-OE and GReg)
 LAMBDA_GRAD = 1.0  # weight of the regularizer (GReg's --jacobianLoss)
@@ -155,7 +159,7 @@ def _setup(case: Case) -> tuple[nn.Module, torch.optim.Optimizer, Tensor, Tensor
     device = torch.device(case.device)
     torch.manual_seed(0)
     model = create_classifier(case.model, case.num_classes, in_channels=3).to(device).train()
-    layers, batchnorm_kernels = GREG_LAYERS.get(case.method, ((), "auto"))
+    layers, batchnorm_kernels = CONVERTED.get(case.method, ((), "auto"))
     use_double_backward(model, layers, batchnorm_kernels)
     if case.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -245,7 +249,7 @@ def markdown_table(results: list[dict]) -> str:
     """One row per (model, batch, precision): median ms per method, ratios to energy-OE, peak memory."""
     memory = "peak GiB" if results and results[0]["device"].startswith("cuda") else "step RSS GiB"
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
-    ratios = [m for m in methods if m in GREG_LAYERS]
+    ratios = [m for m in methods if m in CONVERTED]
     header = ["model", "ID + OOD", "input", "precision", *(f"{LABELS[m]} ms" for m in methods)]
     header += [f"{LABELS[m]} / energy-OE" for m in ratios]
     header.append(f"{memory} ({' / '.join(LABELS[m] for m in methods)})")
