@@ -88,6 +88,8 @@ def test_greg_gradients_and_running_stats_equal_pytorch(
     torch.manual_seed(0)
     native = ConvBN(momentum).double().train()
     fast = use_double_backward(copy.deepcopy(native), layers, batchnorm_kernels=kernels)
+    # PyTorch's kernels give bit-identical statistics; the composite ones (other kernels) equal them to rounding.
+    rounding = 1e-15 if kernels == "composite" else 0.0
     assert isinstance(fast.body[1], DoubleBackwardBatchNorm2d) == ("batchnorm" in layers)
     assert isinstance(fast.body[0], DoubleBackwardConv2d) == ("conv" in layers)
     assert isinstance(fast.body[1], nn.BatchNorm2d)
@@ -100,9 +102,9 @@ def test_greg_gradients_and_running_stats_equal_pytorch(
         for g_fast, g_native in zip(grads_fast, grads_native, strict=True):
             torch.testing.assert_close(g_fast, g_native, rtol=1e-9, atol=1e-12)
         for b_fast, b_native in zip(fast.buffers(), native.buffers(), strict=True):
-            torch.testing.assert_close(b_fast, b_native, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(b_fast, b_native, rtol=1e-12, atol=rounding)
     native.eval(), fast.eval()
-    torch.testing.assert_close(fast(x), native(x), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fast(x), native(x), rtol=0 if rounding == 0 else 1e-12, atol=rounding)
 
 
 def errors_vs_float64(
