@@ -51,11 +51,10 @@ AUTO_MAX_CHANNELS = 128  # the widest BatchNorm measured slow with PyTorch's NCH
 _COMPOSITE = -1  # ctx.impl of the composite kernels (PyTorch's implementations are 0 native, 1 cuDNN, 2 MIOpen)
 
 
-def check_kernels(kernels: str) -> str:
-    """``kernels`` if it is one of ``KERNELS``, else a ValueError that lists them."""
+def check_kernels(kernels: str) -> None:
+    """A ValueError that lists ``KERNELS`` unless ``kernels`` is one of them."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown BatchNorm kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
-    return kernels
 
 
 def _dims(x: Tensor) -> list[int]:
