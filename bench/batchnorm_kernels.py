@@ -1,22 +1,17 @@
-"""Per-layer cost of training-mode BatchNorm's kernels, PyTorch's against composite formulations.
+"""Per-layer cost of training-mode BatchNorm's double backward: PyTorch's against gradreg's closed form, eager and
+compiled.
 
-On an H100 (``docs/benchmarks.md``) ATen's first-order BatchNorm backward (``native_batch_norm_backward``)
-took 339 us per call in a WRN-40-2 GReg step on NCHW tensors, 23 % of the step (its NCHW kernel gives each
-channel one block, so 32-128 blocks do the work), cuDNN's 259 us in the energy-OE step. This script times,
-on the activation shapes of WRN-40-2 (ID + outlier batch 384) and ResNet-50 (192), contiguous and
+GReg's penalty back-propagates every BatchNorm layer twice (``gradreg.double_backward.batchnorm``). This script
+times, on the activation shapes of WRN-40-2 (ID + outlier batch 384) and ResNet-50 (192), contiguous and
 channels-last, float32 and bfloat16, per call:
 
-- forward: PyTorch's choice (``F.batch_norm``: cuDNN where it applies; ``kernels="pytorch"`` of
-  ``gradreg.double_backward.batchnorm``), ATen's ``torch.native_batch_norm``, and gradreg's composite kernels
-  (``torch.var_mean`` + one ``addcmul``; what ``kernels="auto"`` runs for CUDA NCHW inputs of at most 128 channels);
-- first-order backward (gx, gγ, gβ): PyTorch's choice (``_batch_norm_impl_index_backward``), ATen's
-  ``native_batch_norm_backward``, and gradreg's composite kernels (``x − μ``, two ``torch.sum`` reductions, two
-  ``addcmul`` passes);
-- double backward of that (what GReg's penalty adds): PyTorch's against the closed form of
-  ``gradreg.double_backward.batchnorm``;
+- forward and first-order backward (gx, gγ, gβ) by PyTorch's kernels (``F.batch_norm``: cuDNN where it applies),
+  for scale: what every training step runs;
+- the double backward of that first-order backward (what GReg's penalty adds): PyTorch's, the closed form in eager
+  mode (``compile_setting="off"``) and compiled (``"on"``; ``auto`` compiles on CUDA with Triton);
 
-and prints the largest relative difference of each pair. It is the per-layer evidence for ``kernels="auto"``;
-the training step itself is timed by ``bench/train_step.py`` (``greg`` against ``greg_pytorch_bn``).
+and prints the largest relative difference of each against PyTorch's. The training step itself is timed by
+``bench/train_step.py`` (``greg`` against ``greg_eager_bn``).
 
 Examples:
     python bench/batchnorm_kernels.py --device cuda --out bench/results/h100_batchnorm_kernels.md
@@ -27,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from scorers import apply_device_settings, kernel_bench_parser, report_table, time_interleaved
 
-from gradreg.double_backward.batchnorm import _composite_backward, _composite_forward, batch_norm_train
+from gradreg.double_backward.batchnorm import batch_norm_train
 
 EPS = 1e-5
 # (model, N, C, H) of the distinct BatchNorm inputs of one GReg step (ID + outliers).
@@ -70,49 +65,32 @@ def bench_shape(n: int, c: int, h: int, dtype: torch.dtype, layout: str, args: a
 
     x, gy, ggx = (2 * rand(n, c, h, h) + 0.5 for _ in range(3))
     weight, bias, ggw = (rand(c, dt=torch.float32) for _ in range(3))
-    _, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
-        x, weight, bias, None, None, True, 0.1, EPS, torch.backends.cudnn.enabled
-    )
-    chosen_backward = partial(
-        torch.ops.aten._batch_norm_impl_index_backward,
-        *(impl, x, gy, weight, None, None, mean, invstd, True, EPS, [True] * 3, reserve),
-    )
-    native_backward = partial(
-        torch.ops.aten.native_batch_norm_backward, gy, x, weight, None, None, mean, invstd, True, EPS, [True] * 3
-    )
-    native_grads = native_backward()
-    composite_forward = partial(_composite_forward, x, weight, bias, None, None, 0.1, EPS)
-    composite_backward = partial(_composite_backward, gy, x, weight, mean, invstd, [True] * 3)
-    diffs = {
-        "forward": _rel(composite_forward()[0], F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
-        "backward": max(
-            max(map(_rel, composite_backward(), native_grads)),
-            max(map(_rel, chosen_backward(), native_grads)),
-        ),
-    }
 
-    def double_backward(norm: str) -> tuple:
-        """Graph of the first-order backward (create_graph) and the call that runs its backward."""
+    def double_backward(setting: str | None) -> Callable[[], tuple]:
+        """The call that runs the backward of the first-order backward's graph (setting None: PyTorch's)."""
         xr, wr, gyr = (t.detach().requires_grad_() for t in (x, weight, gy))
-        if norm == "pytorch":
+        if setting is None:
             y = F.batch_norm(xr, None, None, wr, bias, True, 0.1, EPS)
         else:
-            y = batch_norm_train(xr, None, None, wr, bias, 0.1, EPS, kernels="pytorch")
+            y = batch_norm_train(xr, None, None, wr, bias, 0.1, EPS, setting)
         grads = torch.autograd.grad(y, (xr, wr), gyr, create_graph=True)
         # d/dgy too: in a GReg step it flows on into the layers below
         return lambda: torch.autograd.grad(grads, (xr, wr, gyr), (ggx, ggw), retain_graph=True)
 
-    pytorch_dbw, ours_dbw = double_backward("pytorch"), double_backward("closed_form")
-    diffs["double backward"] = max(map(_rel, ours_dbw(), pytorch_dbw()))
+    xr = x.detach().requires_grad_()
+    y = F.batch_norm(xr, None, None, weight, bias, True, 0.1, EPS)
+    pytorch_dbw, eager_dbw, compiled_dbw = double_backward(None), double_backward("off"), double_backward("on")
+    expected = pytorch_dbw()
+    diffs = {
+        "eager": max(map(_rel, eager_dbw(), expected)),
+        "compiled": max(map(_rel, compiled_dbw(), expected)),
+    }
     cases = [
-        ("forward", "PyTorch's choice", lambda: F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
-        ("forward", "native_batch_norm", lambda: torch.native_batch_norm(x, weight, bias, None, None, True, 0.1, EPS)),
-        ("forward", "composite (gradreg)", composite_forward),
-        ("backward", "PyTorch's choice", chosen_backward),
-        ("backward", "native_batch_norm_backward", native_backward),
-        ("backward", "composite (gradreg)", composite_backward),
-        ("double backward", "pytorch", pytorch_dbw),
-        ("double backward", "closed form (gradreg)", ours_dbw),
+        ("forward", "PyTorch", lambda: F.batch_norm(x, None, None, weight, bias, True, 0.1, EPS)),
+        ("backward", "PyTorch", lambda: torch.autograd.grad(y, xr, gy, retain_graph=True)),
+        ("double backward", "PyTorch", pytorch_dbw),
+        ("double backward", "closed form, eager", eager_dbw),
+        ("double backward", "closed form, compiled", compiled_dbw),
     ]
     timed = time_interleaved([(k, label, fn, 1) for k, label, fn in cases], device, args.warmup, args.repeats)
     return {"us": {(t["kind"], t["name"]): 1e6 * t["seconds"] for t in timed}, "diffs": diffs}

@@ -15,9 +15,10 @@ py=${PYTHON:-python3}
   nvidia-smi -L
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
   $py -m pytest -q -p no:cacheprovider -m gpu tests/test_samplers.py tests/test_double_backward.py
-  # greg_native (PyTorch's double backward everywhere) is left out to save device time: measured in the last run.
+  # greg_native and greg_native_conv (PyTorch's double backward) are left out to save device time: measured at
+  # commit 8552526 (bench/results/h100_train_step.md).
   $py bench/train_step.py --device cuda --channels-last off --json "$OUT/train_step_contiguous.json" \
-    --methods ce energy greg greg_pytorch_bn greg_native_conv energy_gradreg_bn
+    --methods ce energy greg greg_eager_bn
   # Both kernel tables go to one file (kernels.md): the convolution double backward per layer (contiguous only, to
   # keep cuDNN's autotuning of 33 layer shapes x 2 dtypes short), then BatchNorm's kernels per layer.
   $py bench/conv_kernels.py --device cuda --layout contiguous --out "$OUT/kernels.md"
@@ -26,11 +27,10 @@ py=${PYTHON:-python3}
   $py bench/scorers.py --device cuda --json "$OUT/scorers.json"
   $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
   $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
-  $py bench/train_step.py --device cuda --methods ce energy greg --json "$OUT/train_step.json"
-  # Profiles of one step, for what is still open in docs/benchmarks.md: GReg with and without the convolution
-  # double backward and the composite BatchNorm kernels, GReg in channels-last and ResNet-50 under bf16 (slower
-  # than fp32). All go to one file.
-  for spec in "wrn40_2:128:256:32 --precision fp32 --channels-last off --methods energy greg greg_pytorch_bn greg_native_conv" \
+  $py bench/train_step.py --device cuda --methods ce energy greg greg_eager_bn --json "$OUT/train_step.json"
+  # Profiles of one step, for what is still open in docs/benchmarks.md: GReg with the compiled and the eager
+  # BatchNorm double backward, GReg in channels-last and ResNet-50 under bf16. All go to one file.
+  for spec in "wrn40_2:128:256:32 --precision fp32 --channels-last off --methods energy greg greg_eager_bn" \
               "wrn40_2:128:256:32 --precision fp32 --channels-last on --methods energy greg" \
               "resnet50:64:128:224 --precision bf16 --channels-last off --methods energy greg"; do
     # shellcheck disable=SC2086  # the spec is split into flags on purpose

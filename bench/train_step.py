@@ -11,20 +11,20 @@ from ``torch.autograd.grad(Phi, x, create_graph=True)``, one backward, one SGD s
 - ``greg``: energy + 1.0 * ``grad_norm_penalty`` (GReg, Sharifi et al. 2024, arXiv:2404.12368), with
   the cheaper double backward of BatchNorm and convolutions (``gradreg.double_backward``), as
   ``GradRegModule`` trains it.
-- ``greg_pytorch_bn``: the same with PyTorch's BatchNorm kernels for the forward and first backward
-  (``batchnorm_kernels="pytorch"``; ``greg`` takes the composite ones for NCHW with <= 128 channels on
-  CUDA, i.e. on a CPU the two are the same; the ``greg`` rows of result files before that change).
+- ``greg_eager_bn``: the same with BatchNorm's closed-form double backward in eager mode
+  (``batchnorm_compile="off"``; ``greg`` compiles it on CUDA with Triton, so on a CPU the two are the same;
+  the ``greg`` rows of result files before that change). ``greg_pytorch_bn`` in the H100 results of
+  commit 8552526 is this method (it ran PyTorch's BatchNorm kernels, which every method runs now).
 - ``greg_native_conv``: ``greg`` with PyTorch's convolution double backward (BatchNorm's closed form
   only; the ``greg`` rows of result files before the convolution change).
 - ``greg_native``: the same with PyTorch's own double backward everywhere (the naive baseline;
   ``greg_native_bn`` in older result files).
-- ``energy_gradreg_bn``: ``energy`` with gradreg's converted BatchNorm layers (composite kernels where
-  ``greg`` has them): whether they would speed up training without the regularizer too.
 
 Speed settings that keep the semantics: ``cudnn.benchmark``; channels-last tensors on CUDA
 (``--channels-last auto``); fused SGD on CUDA (``foreach`` on CPU); ``zero_grad(set_to_none=True)``;
 everything in float32 (or bf16 autocast with energies and norms in float32), never float64.
-``torch.compile`` is not used: AOTAutograd does not support double backward.
+``torch.compile`` is not used on the model: AOTAutograd does not support double backward (only
+BatchNorm's closed form, a function without autograd, is compiled).
 
 Timing: the methods of one (model, precision) are interleaved step by step in one process (background
 load then hits all of them alike), median over the timed steps. Peak memory:
@@ -67,18 +67,16 @@ LABELS = {
     "ce": "CE",
     "energy": "energy-OE",
     "greg": "GReg",
-    "greg_pytorch_bn": "PyTorch-BN-kernels",
+    "greg_eager_bn": "eager-BN",
     "greg_native_conv": "native-conv",
     "greg_native": "native",
-    "energy_gradreg_bn": "energy-OE gradreg-BN",
 }
 METHODS = tuple(LABELS)
-CONVERTED = {  # method -> (gradreg.double_backward layers, BatchNorm kernels)
+CONVERTED = {  # method -> (gradreg.double_backward layers, BatchNorm compile setting)
     "greg": (("batchnorm", "conv"), "auto"),
-    "greg_pytorch_bn": (("batchnorm", "conv"), "pytorch"),
+    "greg_eager_bn": (("batchnorm", "conv"), "off"),
     "greg_native_conv": (("batchnorm",), "auto"),
     "greg_native": ((), "auto"),
-    "energy_gradreg_bn": (("batchnorm",), "auto"),
 }
 BETA_ENERGY = 0.1  # weight of the energy margin loss (energy-OE and GReg)
 LAMBDA_GRAD = 1.0  # weight of the regularizer (GReg's --jacobianLoss)
@@ -159,8 +157,8 @@ def _setup(case: Case) -> tuple[nn.Module, torch.optim.Optimizer, Tensor, Tensor
     device = torch.device(case.device)
     torch.manual_seed(0)
     model = create_classifier(case.model, case.num_classes, in_channels=3).to(device).train()
-    layers, batchnorm_kernels = CONVERTED.get(case.method, ((), "auto"))
-    use_double_backward(model, layers, batchnorm_kernels)
+    layers, batchnorm_compile = CONVERTED.get(case.method, ((), "auto"))
+    use_double_backward(model, layers, batchnorm_compile)
     if case.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(

@@ -11,32 +11,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradreg.double_backward import use_double_backward
-from gradreg.double_backward.batchnorm import DoubleBackwardBatchNorm2d, batch_norm_train
+from gradreg.double_backward.batchnorm import (
+    DoubleBackwardBatchNorm2d,
+    _closed_form,
+    _closed_form_fn,
+    _compiled_closed_form,
+    batch_norm_train,
+)
 from gradreg.double_backward.conv import DoubleBackwardConv2d
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.module import GradRegModule
 from gradreg.scorers.purview import purview_layer_norms
 
-# "auto" picks PyTorch's kernels on the CPU; the composite ones are what it picks for NCHW on CUDA.
-KERNELS = ["pytorch", "composite"]
 
-
-@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("shape", [(5, 3, 4, 3), (7, 3), (4, 3, 6)], ids=["2d", "1d-vectors", "1d-sequences"])
-def test_first_and_second_derivatives_match_finite_differences(
-    affine: bool, shape: tuple[int, ...], kernels: str
-) -> None:
+def test_first_and_second_derivatives_match_finite_differences(affine: bool, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     x = (3 * torch.randn(*shape, dtype=torch.float64) + 2).requires_grad_(True)  # a mean away from 0
     params = (torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)) if affine else ()
     params = tuple(p.requires_grad_(True) for p in params)
 
     def bn(x: Tensor, *wb: Tensor) -> Tensor:
-        return batch_norm_train(x, None, None, *(wb or (None, None)), momentum=0.1, eps=1e-3, kernels=kernels)
+        return batch_norm_train(x, None, None, *(wb or (None, None)), momentum=0.1, eps=1e-3)
 
     assert torch.autograd.gradcheck(bn, (x, *params), atol=1e-8, rtol=1e-6)
     # Differentiates the vector-Jacobian product (gx, gγ, gβ) w.r.t. x, γ, β and the upstream gradient.
@@ -77,19 +76,17 @@ def greg_step_grads(model: nn.Module, x: Tensor, n_in: int) -> tuple[Tensor, lis
 
 
 @pytest.mark.parametrize(
-    ("layers", "kernels"),
-    [(("batchnorm",), "pytorch"), (("batchnorm",), "composite"), (("conv",), "auto"), (("batchnorm", "conv"), "auto")],
-    ids=["batchnorm", "batchnorm-composite", "conv", "batchnorm+conv"],
+    ("layers", "compile_setting"),
+    [(("batchnorm",), "off"), (("batchnorm",), "on"), (("conv",), "auto"), (("batchnorm", "conv"), "auto")],
+    ids=["batchnorm", "batchnorm-compiled", "conv", "batchnorm+conv"],
 )
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
 def test_greg_gradients_and_running_stats_equal_pytorch(
-    layers: tuple[str, ...], kernels: str, momentum: float | None
+    layers: tuple[str, ...], compile_setting: str, momentum: float | None
 ) -> None:
     torch.manual_seed(0)
     native = ConvBN(momentum).double().train()
-    fast = use_double_backward(copy.deepcopy(native), layers, batchnorm_kernels=kernels)
-    # PyTorch's kernels give bit-identical statistics; the composite ones (other kernels) equal them to rounding.
-    rounding = 1e-15 if kernels == "composite" else 0.0
+    fast = use_double_backward(copy.deepcopy(native), layers, batchnorm_compile=compile_setting)
     assert isinstance(fast.body[1], DoubleBackwardBatchNorm2d) == ("batchnorm" in layers)
     assert isinstance(fast.body[0], DoubleBackwardConv2d) == ("conv" in layers)
     assert isinstance(fast.body[1], nn.BatchNorm2d)
@@ -102,14 +99,12 @@ def test_greg_gradients_and_running_stats_equal_pytorch(
         for g_fast, g_native in zip(grads_fast, grads_native, strict=True):
             torch.testing.assert_close(g_fast, g_native, rtol=1e-9, atol=1e-12)
         for b_fast, b_native in zip(fast.buffers(), native.buffers(), strict=True):
-            torch.testing.assert_close(b_fast, b_native, rtol=1e-12, atol=rounding)
+            torch.testing.assert_close(b_fast, b_native, rtol=0, atol=0)  # the same kernels
     native.eval(), fast.eval()
-    torch.testing.assert_close(fast(x), native(x), rtol=0 if rounding == 0 else 1e-12, atol=rounding)
+    torch.testing.assert_close(fast(x), native(x), rtol=0, atol=0)
 
 
-def errors_vs_float64(
-    device: str, dtype: torch.dtype, channels_last: bool = False, kernels: str = "auto"
-) -> tuple[float, float]:
+def errors_vs_float64(device: str, dtype: torch.dtype, channels_last: bool = False) -> tuple[float, float]:
     """Relative error of all GReg parameter gradients (PyTorch's layers, ours) against float64 on the CPU."""
     torch.manual_seed(0)
     native = ConvBN().train()
@@ -118,7 +113,7 @@ def errors_vs_float64(
     native, x = native.to(device), x.to(device)
     if channels_last:
         native, x = native.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    fast = use_double_backward(copy.deepcopy(native), batchnorm_kernels=kernels)
+    fast = use_double_backward(copy.deepcopy(native))
     errors = []
     for model in (native, fast):
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
@@ -129,9 +124,8 @@ def errors_vs_float64(
     return errors[0], errors[1]
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-def test_bf16_autocast_is_as_accurate_as_pytorch(kernels: str) -> None:
-    native, fast = errors_vs_float64("cpu", torch.bfloat16, kernels=kernels)
+def test_bf16_autocast_is_as_accurate_as_pytorch() -> None:
+    native, fast = errors_vs_float64("cpu", torch.bfloat16)
     # bf16 activations are coarse on a model this small (native: ~25 % error); ours must not be worse.
     assert fast <= 1.25 * native
 
@@ -208,81 +202,56 @@ def test_running_stats_off_and_eval_mode() -> None:
     torch.testing.assert_close(fast(x), native(x), rtol=0, atol=0)
 
 
-def test_bad_kernels_and_single_values_fail_clearly() -> None:
-    with pytest.raises(ValueError, match="unknown BatchNorm kernels 'cudnn'; choose one of auto, composite, pytorch"):
-        use_double_backward(nn.BatchNorm2d(3), batchnorm_kernels="cudnn")
-    layer = use_double_backward(nn.BatchNorm2d(3), batchnorm_kernels="composite")
+def test_bad_compile_setting_and_single_values_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="unknown BatchNorm compile setting 'yes'; choose one of auto, on, off"):
+        use_double_backward(nn.BatchNorm2d(3), batchnorm_compile="yes")
+    layer = use_double_backward(nn.BatchNorm2d(3))
     with pytest.raises(ValueError, match=r"more than 1 value per channel, got input \(1, 3, 1, 1\)"):
         layer(torch.randn(1, 3, 1, 1))
 
 
-def bn_derivatives(x: Tensor, weight: Tensor, gy: Tensor, ggx: Tensor, kernels: str | None) -> list[Tensor]:
-    """y, (gx, gγ, gβ) for the upstream gy, and the (x, γ, gy)-gradients of <ggx, gx> (kernels None: F.batch_norm)."""
+def bn_derivatives(x: Tensor, weight: Tensor, gy: Tensor, ggx: Tensor, compile_setting: str | None) -> list[Tensor]:
+    """y, (gx, gγ, gβ) for the upstream gy, and the (x, γ, gy)-gradients of <ggx, gx> (None: F.batch_norm)."""
     x, weight, bias, gy = (t.detach().requires_grad_() for t in (x, weight, torch.zeros_like(weight), gy))
-    if kernels is None:
+    if compile_setting is None:
         y = F.batch_norm(x, None, None, weight, bias, True, 0.1, 1e-5)
     else:
-        y = batch_norm_train(x, None, None, weight, bias, 0.1, 1e-5, kernels)
+        y = batch_norm_train(x, None, None, weight, bias, 0.1, 1e-5, compile_setting)
     first = torch.autograd.grad(y, (x, weight, bias), gy, create_graph=True)
     second = torch.autograd.grad(first[0], (x, weight, gy), ggx)
     return [t.detach() for t in (y, *first, *second)]
 
 
 @pytest.mark.parametrize("mean", [0.0, 20.0], ids=["centered", "mean-20-sigma"])
-def test_composite_kernels_in_bf16_are_as_accurate_as_pytorchs(mean: float) -> None:
+def test_closed_form_in_bf16_eager_and_compiled_is_as_accurate_as_pytorchs(mean: float) -> None:
     torch.manual_seed(0)
     x, gy, ggx = torch.randn(3, 64, 3, 8, 8).unbind()
     x, gy = (x + mean).bfloat16(), gy.bfloat16()
     weight = torch.rand(3) + 0.5
     exact = bn_derivatives(x.double(), weight.double(), gy.double(), ggx.double(), None)
     errors = {}
-    for kernels in KERNELS:
-        got = bn_derivatives(x, weight, gy, ggx.bfloat16(), kernels)
+    for setting in (None, "off", "on"):
+        got = bn_derivatives(x, weight, gy, ggx.bfloat16(), setting)
         bf16, f32 = torch.bfloat16, torch.float32
         assert [g.dtype for g in got] == [bf16, bf16, f32, f32, bf16, f32, bf16]  # activations bf16, γ and β f32
-        errors[kernels] = [float((g.double() - e).norm() / e.norm()) for g, e in zip(got, exact, strict=True)]
-    # Both differ from float64 by bf16 rounding; the composite kernels must not add error (a float32 sum of
-    # gy·x without the mean removed would, at a mean of 20 standard deviations).
-    for composite, pytorch in zip(errors["composite"], errors["pytorch"], strict=True):
-        assert composite <= 1.25 * pytorch + 1e-6
+        errors[setting] = [float((g.double() - e).norm() / e.norm()) for g, e in zip(got, exact, strict=True)]
+    # All differ from float64 by bf16 rounding; the closed form (float32 arithmetic on x - mu) must not add error.
+    for setting in ("off", "on"):
+        for ours, pytorch in zip(errors[setting], errors[None], strict=True):
+            assert ours <= 1.25 * pytorch + 1e-6
 
 
-class OpNames(TorchDispatchMode):
-    """Records the names of the ATen ops that run."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-def forward_ops(x: Tensor, kernels: str) -> set[str]:
-    """ATen ops that a training-mode forward of a converted BatchNorm2d runs on ``x``."""
-    layer = use_double_backward(nn.BatchNorm2d(x.shape[1]), batchnorm_kernels=kernels).to(x.device)
-    with OpNames() as ops:
-        layer(x)
-    return ops.names
-
-
-def test_auto_kernels_are_pytorchs_on_the_cpu() -> None:
+def test_compiled_only_where_asked_and_nothing_differentiates_it() -> None:
     x = torch.randn(4, 3, 5, 5)
-    assert "var_mean" not in forward_ops(x, "auto")
-    assert "var_mean" not in forward_ops(x, "pytorch")
-    assert "var_mean" in forward_ops(x, "composite")
+    with torch.no_grad():  # the engine runs a plain backward without grad mode
+        assert _closed_form_fn("auto", x) is _closed_form  # CPU: eager (Inductor's C++ kernels are not the point)
+        assert _closed_form_fn("off", x) is _closed_form
+        assert _closed_form_fn("on", x) is _compiled_closed_form()
+    assert _closed_form_fn("on", x) is _closed_form  # grad mode: a third derivative needs the eager ops
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_auto_kernels_on_cuda_are_composite_for_narrow_nchw_only() -> None:
-    def composite(c: int, channels_last: bool) -> bool:
-        x = torch.randn(4, c, 5, 5, device="cuda")
-        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        return "var_mean" in forward_ops(x, "auto")
-
-    assert composite(32, channels_last=False)
-    assert composite(128, channels_last=False)
-    assert not composite(256, channels_last=False)
-    assert not composite(32, channels_last=True)
+def test_auto_compiles_on_cuda() -> None:
+    with torch.no_grad():
+        assert _closed_form_fn("auto", torch.randn(4, 3, 5, 5, device="cuda")) is _compiled_closed_form()

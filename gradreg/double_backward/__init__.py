@@ -27,22 +27,22 @@ _ORIGINALS = {new: old for table in LAYERS.values() for old, new in table.items(
 
 
 def use_double_backward(
-    model: nn.Module, layers: Iterable[str] = tuple(LAYERS), batchnorm_kernels: str = "auto"
+    model: nn.Module, layers: Iterable[str] = tuple(LAYERS), batchnorm_compile: str = "auto"
 ) -> nn.Module:
     """Switch ``model``'s plain layers of the given kinds (``LAYERS``) to their double-backward variants, in place.
 
-    Only exact types are converted: a subclass may override ``forward``. ``batchnorm_kernels``: the forward and
-    first-backward kernels of converted BatchNorm layers (``batchnorm.KERNELS``: ``auto``, ``composite``,
-    ``pytorch``; see ``batchnorm._use_composite``).
+    Only exact types are converted: a subclass may override ``forward``. ``batchnorm_compile``: whether the
+    double backward of converted BatchNorm layers runs compiled (``batchnorm.COMPILE``: ``auto``, ``on``,
+    ``off``; see ``batchnorm._closed_form_fn``).
     """
-    batchnorm.check_kernels(batchnorm_kernels)
+    batchnorm.check_compile(batchnorm_compile)
     table = {old: new for kind in layers for old, new in LAYERS[kind].items()}
     for module in model.modules():
         converted = table.get(type(module))
         if converted is not None:
             module.__class__ = converted
         if isinstance(module, batchnorm.DoubleBackwardBatchNorm):
-            module.kernels = batchnorm_kernels
+            module.compile_setting = batchnorm_compile
     return model
 
 
