@@ -6,6 +6,7 @@ Convolution-specific checks: ``test_double_backward_conv.py``."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -255,3 +256,19 @@ def test_compiled_only_where_asked_and_nothing_differentiates_it() -> None:
 def test_auto_compiles_on_cuda() -> None:
     with torch.no_grad():
         assert _closed_form_fn("auto", torch.randn(4, 3, 5, 5, device="cuda")) is _compiled_closed_form()
+
+
+def test_compiled_closed_form_needs_one_graph_for_all_layer_widths() -> None:
+    # Ten BatchNorm widths: a graph per width (Dynamo's static shapes for parameters) would pass the limit.
+    widths = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    layers = [m for a, b in itertools.pairwise(widths) for m in (nn.Conv2d(a, b, 1), nn.BatchNorm2d(b))]
+    torch.manual_seed(0)
+    native = nn.Sequential(*layers, nn.Flatten(), nn.LazyLinear(3)).double()
+    x = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    native(x)  # materializes the lazy head
+    expected = greg_step_grads(use_double_backward(copy.deepcopy(native), batchnorm_compile="off"), x, n_in=3)[1]
+    _compiled_closed_form.cache_clear()  # a fresh compiled function, whose graphs this test counts
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        got = greg_step_grads(use_double_backward(native, batchnorm_compile="on"), x, n_in=3)[1]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)

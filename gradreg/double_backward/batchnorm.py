@@ -125,7 +125,14 @@ def _compiled_closed_form() -> Callable[..., tuple]:
     # Built on first use: importing the compiler costs a second or two that eager users should not pay. Dynamic
     # shapes from the start: one graph per dtype and memory layout instead of one per layer shape, well under
     # Dynamo's recompile limit (past it Dynamo runs the function eagerly, so a model with many kinds still works).
-    return torch.compile(_closed_form, dynamic=True)
+    compiled = torch.compile(_closed_form, dynamic=True)
+
+    def closed_form(gy: Tensor, x: Tensor, weight: Tensor | None, *rest: Any) -> tuple:
+        # Dynamo gives parameters static shapes (a graph per channel count, past the limit at ResNet-50's 6th
+        # width): γ goes in as a plain tensor (nothing differentiates this call).
+        return compiled(gy, x, None if weight is None else weight.detach(), *rest)
+
+    return closed_form
 
 
 def _closed_form_fn(setting: str, x: Tensor) -> Callable[..., tuple]:
