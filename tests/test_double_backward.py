@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,8 +269,31 @@ def test_compiled_closed_form_needs_one_graph_for_all_layer_widths() -> None:
     x = torch.randn(6, 2, 3, 3, dtype=torch.float64)
     native(x)  # materializes the lazy head
     expected = greg_step_grads(use_double_backward(copy.deepcopy(native), batchnorm_compile="off"), x, n_in=3)[1]
-    _compiled_closed_form.cache_clear()  # a fresh compiled function, whose graphs this test counts
+    torch._dynamo.reset()  # no graphs of earlier tests: this test counts its own
     with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
         got = greg_step_grads(use_double_backward(native, batchnorm_compile="on"), x, n_in=3)[1]
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_closed_form(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    native = ConvBN().double().train()
+    x = torch.randn(10, 2, 7, 7, dtype=torch.float64)
+    expected = greg_step_grads(use_double_backward(copy.deepcopy(native), batchnorm_compile="off"), x, n_in=4)[1]
+    # No cached kernels and no working C++ compiler: Inductor cannot build the graph.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()  # no graphs of earlier tests
+    fast = use_double_backward(native, batchnorm_compile="on")
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-compiler",), "fx_graph_cache": False}):
+        with pytest.warns(RuntimeWarning, match="torch.compile failed for BatchNorm's double backward .*eagerly"):
+            got = greg_step_grads(fast, x, n_in=4)[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second attempt, no second warning
+            got_again = greg_step_grads(fast, x, n_in=4)[1]
+    _compiled_closed_form.cache_clear()  # later tests get a working compiled function
+    for g, g2, e in zip(got, got_again, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g2, e, rtol=1e-9, atol=1e-12)
