@@ -342,13 +342,13 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
             results.extend(group)
-    table = markdown_table(results)
-    env = environment_line(args.device, args.threads, channels_last)
+            # Written after every group: a run cut short (a device time limit) keeps what it measured.
+            env, table = environment_line(args.device, args.threads, channels_last), markdown_table(results)
+            if args.out:
+                args.out.write_text(f"{env}\n\n{table}\n")
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
     print(f"{env}\n\n{table}")
-    if args.out:
-        args.out.write_text(f"{env}\n\n{table}\n")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
     if args.profile:
         first = [Case(*models[0], m, args.precision[0], args.device, channels_last) for m in args.methods]
         args.profile.write_text(profile_tables(first))
