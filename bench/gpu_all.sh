@@ -1,41 +1,44 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only tests, -m gpu), results in $OUT.
-# Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh
-# (bench/results/h100_* are the files of one such run on an H100, renamed with the h100_ prefix.)
+# Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh [steps]
+# "steps" runs only the tests, the training-step tables and the step profile (about 7 minutes on an H100; the whole
+# script takes longer than one device call of 10 minutes).
+# (bench/results/h100_* are the files of such runs on an H100, renamed with the h100_ prefix.)
 # The BackPACK baseline of bench/scorers.py runs if backpack is importable; for a machine without network,
 # install it beside the checkout first: pip install --no-deps --target bench/.deps backpack-for-pytorch einops unfoldNd
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
+PART=${1:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:bench/.deps
 py=${PYTHON:-python3}
-# Most important first, so that a run cut short still returns them; every table is also printed to log.txt
-# (8 files in all: as many as one device call brings back).
+# Most important first, so that a run cut short still returns them (bench/train_step.py writes its files after every
+# model and precision); every table is also printed to log.txt (8 files in all: as many as one device call brings back).
 {
   nvidia-smi -L
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
   $py -m pytest -q -p no:cacheprovider -m gpu tests/test_samplers.py tests/test_double_backward.py
   # greg_native and greg_native_conv (PyTorch's double backward) are left out to save device time: measured at
   # commit 8552526 (bench/results/h100_train_step.md).
+  $py bench/train_step.py --device cuda --methods ce energy greg greg_eager_bn --json "$OUT/train_step.json"
   $py bench/train_step.py --device cuda --channels-last off --json "$OUT/train_step_contiguous.json" \
     --methods ce energy greg greg_eager_bn
-  # Both kernel tables go to one file (kernels.md): the convolution double backward per layer (contiguous only, to
-  # keep cuDNN's autotuning of 33 layer shapes x 2 dtypes short), then BatchNorm's kernels per layer.
-  $py bench/conv_kernels.py --device cuda --layout contiguous --out "$OUT/kernels.md"
-  $py bench/batchnorm_kernels.py --device cuda --out "$OUT/kernels_part.md" && cat "$OUT/kernels_part.md" >> "$OUT/kernels.md"
-  rm -f "$OUT/kernels_part.md"
-  $py bench/scorers.py --device cuda --json "$OUT/scorers.json"
-  $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
-  $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
-  $py bench/train_step.py --device cuda --methods ce energy greg greg_eager_bn --json "$OUT/train_step.json"
-  # Profiles of one step, for what is still open in docs/benchmarks.md: GReg with the compiled and the eager
-  # BatchNorm double backward, GReg in channels-last and ResNet-50 under bf16. All go to one file.
-  for spec in "wrn40_2:128:256:32 --precision fp32 --channels-last off --methods energy greg greg_eager_bn" \
-              "wrn40_2:128:256:32 --precision fp32 --channels-last on --methods energy greg" \
-              "resnet50:64:128:224 --precision bf16 --channels-last off --methods energy greg"; do
+  # Profiles of one step: GReg against energy-OE in channels-last (the fastest layout) and ResNet-50 under bf16.
+  for spec in "wrn40_2:128:256:32 --precision fp32 --channels-last on --methods energy greg" \
+              "resnet50:64:128:224 --precision bf16 --channels-last on --methods energy greg"; do
     # shellcheck disable=SC2086  # the spec is split into flags on purpose
     $py bench/train_step.py --device cuda --repeats 2 --model $spec --profile "$OUT/profile_part.txt" \
       && { echo "# train_step.py --model $spec"; cat "$OUT/profile_part.txt"; } >> "$OUT/profile.txt"
     rm -f "$OUT/profile_part.txt"
   done
+  if [ "$PART" != steps ]; then
+    # Both kernel tables go to one file (kernels.md): the convolution double backward per layer (contiguous only, to
+    # keep cuDNN's autotuning of 33 layer shapes x 2 dtypes short), then BatchNorm's double backward per layer.
+    $py bench/conv_kernels.py --device cuda --layout contiguous --out "$OUT/kernels.md"
+    $py bench/batchnorm_kernels.py --device cuda --out "$OUT/kernels_part.md" && cat "$OUT/kernels_part.md" >> "$OUT/kernels.md"
+    rm -f "$OUT/kernels_part.md"
+    $py bench/scorers.py --device cuda --json "$OUT/scorers.json"
+    $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
+    $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
+  fi
 } 2>&1 | tee "$OUT/log.txt"
