@@ -74,8 +74,8 @@ class GradRegModule(LightningModule):
         input_mean: per-channel normalization mean of the data pipeline (linked from the datamodule).
         input_std: per-channel normalization std of the data pipeline (linked from the datamodule).
         channels_last: keep the model's 4-D weights and the training batch in channels-last memory format (same
-            results). On an H100 it makes CE / energy-OE steps 1.35-1.75x faster and the WRN-40-2 GReg step 1.23x
-            faster, the ResNet-50 GReg step 3 % slower (``docs/benchmarks.md``); on a CPU it is usually slower.
+            results). On an H100 it makes WRN-40-2's CE, energy-OE and GReg steps 1.3-1.5x faster and ResNet-50's GReg
+            step 1.16-1.19x faster (``docs/benchmarks.md``); on a CPU it is usually slower.
     """
 
     def __init__(

@@ -161,9 +161,15 @@ def _closed_form_fn(setting: str, x: Tensor) -> Callable[..., tuple]:
     """
     if setting == "off" or torch.is_grad_enabled():
         return _closed_form
-    if setting == "on" or (x.is_cuda and importlib.util.find_spec("triton") is not None):
+    if setting == "on" or (x.is_cuda and _has_triton()):
         return _compiled_closed_form()
     return _closed_form
+
+
+@functools.cache
+def _has_triton() -> bool:
+    # Once: without Triton installed, find_spec would search sys.path on every layer of every step.
+    return importlib.util.find_spec("triton") is not None
 
 
 class _BatchNormGrad(torch.autograd.Function):
