@@ -19,6 +19,9 @@ from ``torch.autograd.grad(Phi, x, create_graph=True)``, one backward, one SGD s
   only; the ``greg`` rows of result files before the convolution change).
 - ``greg_native``: the same with PyTorch's own double backward everywhere (the naive baseline;
   ``greg_native_bn`` in older result files).
+- ``energy_graph``, ``greg_graph``: ``energy`` and ``greg`` with the forward and backwards of the step replayed
+  from a CUDA graph (``gradreg.cuda_graph.CapturedStep``, ``GradRegModule(cuda_graph=True)``; eager on a CPU).
+  Their ratio column divides ``greg_graph`` by ``energy_graph``.
 
 Speed settings that keep the semantics: ``cudnn.benchmark``; channels-last tensors on CUDA
 (``--channels-last auto``); fused SGD on CUDA (``foreach`` on CPU); ``zero_grad(set_to_none=True)``;
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -58,6 +62,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from gradreg.cuda_graph import CapturedStep, Step
 from gradreg.double_backward import use_double_backward
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.models import create_classifier
@@ -70,6 +75,8 @@ LABELS = {
     "greg_eager_bn": "eager-BN",
     "greg_native_conv": "native-conv",
     "greg_native": "native",
+    "energy_graph": "energy-OE graph",
+    "greg_graph": "GReg graph",
 }
 METHODS = tuple(LABELS)
 CONVERTED = {  # method -> (gradreg.double_backward layers, BatchNorm compile setting)
@@ -77,6 +84,7 @@ CONVERTED = {  # method -> (gradreg.double_backward layers, BatchNorm compile se
     "greg_eager_bn": (("batchnorm", "conv"), "off"),
     "greg_native_conv": (("batchnorm",), "auto"),
     "greg_native": ((), "auto"),
+    "greg_graph": (("batchnorm", "conv"), "auto"),
 }
 BETA_ENERGY = 0.1  # weight of the energy margin loss (energy-OE and GReg)
 LAMBDA_GRAD = 1.0  # weight of the regularizer (GReg's --jacobianLoss)
@@ -95,7 +103,7 @@ class Case:
     device: str
     channels_last: bool
     num_classes: int = 10
-    warmup: int = 3
+    warmup: int = 5  # CapturedStep's 3 eager steps, its capture, one replay
     repeats: int = 10
     threads: int = 0
     m_in: float = -25.0
@@ -111,35 +119,40 @@ def parse_model_spec(spec: str) -> tuple[str, int, int, int]:
         raise argparse.ArgumentTypeError(f"expected name:n_in:n_out:size, got {spec!r}") from None
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x_in: Tensor,
-    y_in: Tensor,
-    x_out: Tensor,
-    case: Case,
-) -> Tensor:
-    """One optimization step of ``case.method``; returns the (detached) loss."""
+def baseline(method: str) -> str:
+    """The method a ratio column divides by: energy-OE, run the same way (eagerly or from a CUDA graph)."""
+    return "energy_graph" if method.endswith("_graph") else "energy"
+
+
+def forward_backward(model: nn.Module, x_in: Tensor, y_in: Tensor, x_out: Tensor, case: Case) -> dict[str, Tensor]:
+    """The loss of ``case.method`` and its backward (gradients into ``.grad``); returns the detached loss."""
     n_in = x_in.shape[0]
     x = torch.cat([x_in, x_out])
     if case.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    regularize = case.method.startswith("greg")
+    method = case.method.removesuffix("_graph")
+    regularize = method.startswith("greg")
     if regularize:
         x.requires_grad_(True)  # the regularizer differentiates w.r.t. the (normalized) input of this forward
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=case.precision == "bf16"):
         logits = model(x)
     loss = F.cross_entropy(logits[:n_in].float(), y_in)
-    if case.method != "ce":
+    if method != "ce":
         e = energy(logits)  # float32 even under autocast
         loss = loss + BETA_ENERGY * energy_margin_loss(e[:n_in], e[n_in:], case.m_in, case.m_out)
         if regularize:
             penalty = grad_norm_penalty(x, e[:n_in], e[n_in:], case.m_in, case.m_out, scaling="code")
             loss = loss + LAMBDA_GRAD * penalty.value
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return {"loss": loss.detach()}
+
+
+def train_step(optimizer: torch.optim.Optimizer, step: Step, x_in: Tensor, y_in: Tensor, x_out: Tensor) -> Tensor:
+    """One optimization step; returns the (detached) loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = step(x_in, y_in, x_out)["loss"]
     optimizer.step()
-    return loss.detach()
+    return loss
 
 
 def _resident_bytes() -> int:
@@ -152,8 +165,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _setup(case: Case) -> tuple[nn.Module, torch.optim.Optimizer, Tensor, Tensor, Tensor]:
-    """Model (train mode), optimizer and a fixed random batch on ``case.device``."""
+def _setup(case: Case) -> tuple[torch.optim.Optimizer, Step, Tensor, Tensor, Tensor]:
+    """Optimizer, the step's forward and backward (model in train mode) and a fixed random batch on ``case.device``."""
     device = torch.device(case.device)
     torch.manual_seed(0)
     model = create_classifier(case.model, case.num_classes, in_channels=3).to(device).train()
@@ -172,7 +185,10 @@ def _setup(case: Case) -> tuple[nn.Module, torch.optim.Optimizer, Tensor, Tensor
     x_in = torch.randn(case.n_in, 3, case.size, case.size, device=device)
     y_in = torch.randint(0, case.num_classes, (case.n_in,), device=device)
     x_out = torch.randn(case.n_out, 3, case.size, case.size, device=device)
-    return model, optimizer, x_in, y_in, x_out
+    step = functools.partial(forward_backward, model, case=case)
+    if case.method.endswith("_graph"):
+        step = CapturedStep(step, model.parameters())
+    return optimizer, step, x_in, y_in, x_out
 
 
 def run_group(cases: list[Case]) -> list[dict]:
@@ -191,20 +207,27 @@ def run_group(cases: list[Case]) -> list[dict]:
         torch.backends.cudnn.benchmark = True
     states = [_setup(case) for case in cases]
     base_rss = _resident_bytes()
-    for case, state in zip(cases, states, strict=True):
-        for _ in range(case.warmup):
-            train_step(*state, case)
+    failed = set()
+    for i, (case, state) in enumerate(zip(cases, states, strict=True)):
+        try:  # the warmup captures the CUDA graphs: a failure there costs one method, not the group's results
+            for _ in range(case.warmup):
+                train_step(*state)
+        except RuntimeError as err:
+            print(f"{case.model} {case.precision} {case.method} left out: {err}", file=sys.stderr, flush=True)
+            failed.add(i)
+    cases = [c for i, c in enumerate(cases) if i not in failed]
+    states = [s for i, s in enumerate(states) if i not in failed]
     _sync(device)
     times: list[list[float]] = [[] for _ in cases]
     peaks = [0] * len(cases)
     losses = [float("nan")] * len(cases)
     for _ in range(first.repeats):
-        for i, (case, state) in enumerate(zip(cases, states, strict=True)):
+        for i, state in enumerate(states):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             start = time.perf_counter()
-            loss = train_step(*state, case)
+            loss = train_step(*state)
             _sync(device)
             times[i].append(1e3 * (time.perf_counter() - start))
             losses[i] = float(loss)
@@ -249,7 +272,7 @@ def markdown_table(results: list[dict]) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     ratios = [m for m in methods if m in CONVERTED]
     header = ["model", "ID + OOD", "input", "precision", *(f"{LABELS[m]} ms" for m in methods)]
-    header += [f"{LABELS[m]} / energy-OE" for m in ratios]
+    header += [f"{LABELS[m]} / {LABELS[baseline(m)]}" for m in ratios]
     header.append(f"{memory} ({' / '.join(LABELS[m] for m in methods)})")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple, dict[str, dict]] = {}
@@ -259,8 +282,8 @@ def markdown_table(results: list[dict]) -> str:
         cells = [model, f"{n_in} + {n_out}", f"{size}x{size}", precision]
         cells += [_cell(by_method, m, "median_ms") for m in methods]
         cells += [
-            f"{by_method[m]['median_ms'] / by_method['energy']['median_ms']:.2f}x"
-            if m in by_method and "energy" in by_method
+            f"{by_method[m]['median_ms'] / by_method[baseline(m)]['median_ms']:.2f}x"
+            if m in by_method and baseline(m) in by_method
             else "-"
             for m in ratios
         ]
@@ -294,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
@@ -365,10 +388,10 @@ def profile_tables(cases: list[Case]) -> str:
     for case in cases:
         state = _setup(case)
         for _ in range(case.warmup):
-            train_step(*state, case)
+            train_step(*state)
         _sync(torch.device(case.device))
         with torch.profiler.profile(activities=activities) as prof:
-            train_step(*state, case)
+            train_step(*state)
             _sync(torch.device(case.device))
         tables.append(f"## {case.model} {case.n_in}+{case.n_out} {case.precision} {case.method}\n")
         tables.append(prof.key_averages().table(sort_by=sort, row_limit=25))

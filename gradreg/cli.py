@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gradreg.data.datasets import DatasetNotFoundError
-from gradreg.module import NonFiniteLossError
+from gradreg.module import NonFiniteLossError, UnsupportedSettingError
 from gradreg.registry import RegistryError
 
 
@@ -26,7 +26,13 @@ class UserError(Exception):
     """A problem the user can fix; reported as one line without a traceback."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, DatasetNotFoundError, RegistryError, NonFiniteLossError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    DatasetNotFoundError,
+    RegistryError,
+    NonFiniteLossError,
+    UnsupportedSettingError,
+)
 
 
 def configure_wandb_env() -> None:

@@ -6,6 +6,7 @@ Detection", ECCV 2024, arXiv:2404.12368 (github.com/o4lc/Greg-OOD). The loss is
 concatenated ID + outlier batch (see ``gradreg.losses`` for the deviation from the official second
 forward: BatchNorm statistics are updated once per step). With the regularizer on, the model's
 BatchNorm and convolution layers use ``gradreg.double_backward`` (same gradients, cheaper double backward).
+With ``cuda_graph`` the forward and both backwards of each step replay from one CUDA graph (``gradreg.cuda_graph``).
 
 Methods: ``ce`` (ID cross-entropy only; outliers are not forwarded), ``oe`` (Outlier Exposure),
 ``energy`` (energy margin loss), ``greg`` (energy + the gradient-norm regularizer), ``absent``
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from gradreg.cuda_graph import CapturedStep
 from gradreg.double_backward import use_double_backward
 from gradreg.losses import (
     RegScaling,
@@ -41,6 +43,10 @@ Method = Literal["ce", "oe", "energy", "greg", "absent"]
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class UnsupportedSettingError(ValueError):
+    """A combination of settings the module cannot train with."""
 
 
 class GradRegModule(LightningModule):
@@ -76,6 +82,10 @@ class GradRegModule(LightningModule):
         channels_last: keep the model's 4-D weights and the training batch in channels-last memory format (same
             results). On an H100 it makes WRN-40-2's CE, energy-OE and GReg steps 1.3-1.5x faster and ResNet-50's GReg
             step 1.16-1.19x faster (``docs/benchmarks.md``); on a CPU it is usually slower.
+        cuda_graph: on CUDA, record the step's forward and backwards in a CUDA graph after 3 eager steps and replay
+            it (``gradreg.cuda_graph.CapturedStep``; same gradients, far fewer kernel launches). Needs a fixed batch
+            (``drop_last``; a smaller batch runs eagerly), one device, no gradient accumulation and no float16 loss
+            scaling. Ignored on the CPU.
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class GradRegModule(LightningModule):
         input_mean: list[float] | None = None,
         input_std: list[float] | None = None,
         channels_last: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -128,6 +139,8 @@ class GradRegModule(LightningModule):
         self.sampler.setup(num_classes=num_classes)
         self.num_classes = num_classes
         self.method = method
+        # The step computes its gradients itself (backward() inside training_step), so that it can be captured.
+        self.captured_step = CapturedStep(self._forward_backward, self.parameters()) if cuda_graph else None
 
     @property
     def uses_outliers(self) -> bool:
@@ -150,8 +163,31 @@ class GradRegModule(LightningModule):
         if self.uses_outliers:
             candidates, _ = batch["outliers"]
             x_out = candidates[self.sampler.select(self.model, candidates, n_id)]
+        # Lightning calls backward on out["loss"], unless the captured step computed the gradients (self.backward).
+        step = self._forward_losses if self.captured_step is None else self.captured_step
+        out = step(x_id, y, x_out)
+        if self.sampler.needs_features:  # POEM fits its posterior to the training features
+            self.sampler.observe(out.pop("feats_id"), out.pop("feats_out"))
 
-        # One forward of ID + outliers; the input must require grad *before* it for GReg's penalty.
+        loss = out.pop("loss")
+        losses = {k.removeprefix("loss/"): v for k, v in out.items() if k.startswith("loss/")}
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(
+                f"non-finite training loss ({terms}) at epoch {self.current_epoch}, step {self.global_step}; "
+                f"lower the learning rate (model.lr={self.hparams.lr}) or check the input data"
+            )
+        kw = {"on_epoch": True, "batch_size": n_id}
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, **kw)
+        stats = {f"train/{k}": v for k, v in out.items() if not k.startswith("loss/")}
+        self.log_dict(stats, on_step=False, **kw)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, **kw)
+        return loss
+
+    def _forward_losses(self, x_id: Tensor, y: Tensor, x_out: Tensor) -> dict[str, Tensor]:
+        """One forward of ID + outliers: ``loss``, its terms ``loss/<name>``, statistics and (for POEM) features."""
+        # The input must require grad *before* the forward for GReg's penalty.
+        n_id = len(x_id)
         regularize = self.regularizes
         x = torch.cat([x_id, x_out])
         if self.hparams.channels_last:  # torch.cat drops the format when a part is empty
@@ -160,41 +196,44 @@ class GradRegModule(LightningModule):
         feats = self.model.features(x)  # = self.model(x) in two halves (every Classifier)
         logits = self.model.fc(feats)
         logits_id, logits_out = logits[:n_id], logits[n_id:]
-        if self.sampler.needs_features:  # POEM fits its posterior to the training features
-            self.sampler.observe(feats[:n_id].detach(), feats[n_id:].detach())
 
-        losses = {"ce": F.cross_entropy(logits_id.float(), y)}
-        stats: dict[str, Tensor] = {}
+        out = {"loss/ce": F.cross_entropy(logits_id.float(), y)}
         if self.method == "oe":
-            losses["oe"] = self.hparams.oe_weight * outlier_exposure_loss(logits_out)
+            out["loss/oe"] = self.hparams.oe_weight * outlier_exposure_loss(logits_out)
         if self.method == "absent":
-            losses["absent"] = self.hparams.absent_weight * absent_class_loss(logits_out)
+            out["loss/absent"] = self.hparams.absent_weight * absent_class_loss(logits_out)
         if self.method in ("energy", "greg"):
             m_in, m_out = self.hparams.m_in, self.hparams.m_out
             e_in, e_out = energy(logits_id), energy(logits_out)
-            losses["energy"] = self.hparams.energy_weight * energy_margin_loss(e_in, e_out, m_in, m_out)
-            stats["energy_id"], stats["energy_out"] = e_in.mean().detach(), e_out.mean().detach()
-            stats["hinge_active"] = torch.cat([e_in < m_in, e_out > m_out]).float().mean()
+            out["loss/energy"] = self.hparams.energy_weight * energy_margin_loss(e_in, e_out, m_in, m_out)
+            out["energy_id"], out["energy_out"] = e_in.mean().detach(), e_out.mean().detach()
+            out["hinge_active"] = torch.cat([e_in < m_in, e_out > m_out]).float().mean()
         if regularize:
             penalty = grad_norm_penalty(x, e_in, e_out, m_in, m_out, self.hparams.reg_scaling)
-            losses["reg"] = self.hparams.reg_weight * penalty.value
-            stats["grad_norm_id"] = penalty.row_norms[:n_id].mean()
-            stats["grad_norm_out"] = penalty.row_norms[n_id:].mean()
+            out["loss/reg"] = self.hparams.reg_weight * penalty.value
+            out["grad_norm_id"] = penalty.row_norms[:n_id].mean()
+            out["grad_norm_out"] = penalty.row_norms[n_id:].mean()
+        out["loss"] = sum(v for k, v in out.items() if k.startswith("loss/"))
+        out["acc"] = (logits_id[:, : self.num_classes].argmax(1) == y).float().mean()
+        if self.sampler.needs_features:
+            out["feats_id"], out["feats_out"] = feats[:n_id].detach(), feats[n_id:].detach()
+        return out
 
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss ({terms}) at epoch {self.current_epoch}, step {self.global_step}; "
-                f"lower the learning rate (model.lr={self.hparams.lr}) or check the input data"
-            )
-        acc = (logits_id[:, : self.num_classes].argmax(1) == y).float().mean()
-        kw = {"on_epoch": True, "batch_size": n_id}
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, **kw)
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=False, **kw)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, **kw)
-        self.log("train/acc", acc, on_step=False, **kw)
-        return loss
+    def _forward_backward(self, x_id: Tensor, y: Tensor, x_out: Tensor) -> dict[str, Tensor]:
+        """The step that ``cuda_graph`` captures: :meth:`_forward_losses` and the backward of its loss."""
+        out = self._forward_losses(x_id, y, x_out)
+        out["loss"].backward()
+        return {k: v.detach() for k, v in out.items()}
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward, unless the captured step computed the gradients already."""
+        if self.captured_step is None:
+            super().backward(loss, *args, **kwargs)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Lightning calls this *after* ``training_step``; a captured step's gradients must survive it."""
+        if self.captured_step is None:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def _eval_step(self, batch: Any, prefix: str) -> None:
         x, y = batch
@@ -209,10 +248,27 @@ class GradRegModule(LightningModule):
         self._eval_step(batch, "test")
 
     def on_fit_start(self) -> None:
-        """NTOM and POEM size their kept block by the number of ID training images."""
+        """NTOM and POEM size their kept block by the number of ID training images; ``cuda_graph``'s limits."""
+        if self.captured_step is not None:
+            self._check_capturable()
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "id_dataset_for"):
             self.sampler.setup(id_train_size=len(dm.id_dataset_for("train")))
+
+    def _check_capturable(self) -> None:
+        trainer = self.trainer
+        problems = {
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}": trainer.accumulate_grad_batches > 1,
+            f"{trainer.world_size} processes": trainer.world_size > 1,
+            f"trainer.precision={trainer.precision}": trainer.precision.startswith("16"),
+        }
+        for setting, unsupported in problems.items():
+            if unsupported:
+                raise UnsupportedSettingError(
+                    f"model.cuda_graph=true does not support {setting} (a captured step writes fresh gradients on "
+                    "one device, without loss scaling); use one device, no accumulation and 32-true or bf16-mixed, "
+                    "or set model.cuda_graph=false"
+                )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the sampler's random state so a resumed run selects the same outliers."""
