@@ -31,9 +31,10 @@ BatchNorm's closed form, a function without autograd, is compiled).
 
 Timing: the methods of one (model, precision) are interleaved step by step in one process (background
 load then hits all of them alike), median over the timed steps. Peak memory:
-``torch.cuda.max_memory_allocated`` over the timed steps on CUDA. On CPU, ``--isolate on`` (the CPU
-default) runs each case alone in a fresh process and reports the peak resident set size minus the
-resident size before the first step (model, optimizer and data excluded), a rough but comparable number;
+``torch.cuda.max_memory_allocated`` over the timed steps on CUDA (for the ``_graph`` methods: over the warmup,
+which includes the eager steps and the capture, since the graph holds its memory pool). On CPU,
+``--isolate on`` (the CPU default) runs each case alone in a fresh process and reports the peak resident set
+size minus the resident size before the first step (model, optimizer and data excluded), a rough but comparable number;
 with ``--isolate off`` the CPU memory column is n/a.
 
 Examples:
@@ -207,19 +208,24 @@ def run_group(cases: list[Case]) -> list[dict]:
         torch.backends.cudnn.benchmark = True
     states = [_setup(case) for case in cases]
     base_rss = _resident_bytes()
-    failed = set()
+    failed, capture_peaks = set(), {}
     for i, (case, state) in enumerate(zip(cases, states, strict=True)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         try:  # the warmup captures the CUDA graphs: a failure there costs one method, not the group's results
             for _ in range(case.warmup):
                 train_step(*state)
         except RuntimeError as err:
             print(f"{case.model} {case.precision} {case.method} left out: {err}", file=sys.stderr, flush=True)
             failed.add(i)
+        if device.type == "cuda" and case.method.endswith("_graph"):
+            # A replay allocates nothing: the graph's memory pool, sized during the capture, is held throughout.
+            capture_peaks[case] = torch.cuda.max_memory_allocated(device)
     cases = [c for i, c in enumerate(cases) if i not in failed]
     states = [s for i, s in enumerate(states) if i not in failed]
     _sync(device)
     times: list[list[float]] = [[] for _ in cases]
-    peaks = [0] * len(cases)
+    peaks = [capture_peaks.get(case, 0) for case in cases]
     losses = [float("nan")] * len(cases)
     for _ in range(first.repeats):
         for i, state in enumerate(states):
