@@ -19,15 +19,25 @@ synchronizes with the host (no ``.item()``, no shapes that depend on values, no 
 its shapes are fixed. Inputs whose shapes, dtypes or strides differ from the first call's (a smaller last batch)
 run eagerly. CPU inputs always run eagerly, so the same code runs on a laptop.
 
-Autocast: the graph must not reuse weights that autocast cast before the capture (its cache lives as long as the
-outer ``autocast`` region, e.g. all of Lightning's ``training_step``, in which an outlier sampler may already have
-run the model). ``step`` therefore runs under a nested ``autocast`` with the cache disabled, so the weights are cast
-inside the graph on every replay.
+Autocast's weight cache lives as long as the outer ``autocast`` region (all of Lightning's ``training_step``, in
+which an outlier sampler may already have run the model), and it matters twice:
+
+- the graph must not read weights cast before the capture: ``step`` runs under a nested ``autocast`` with the cache
+  disabled, so the weights are cast inside the graph on every replay;
+- a cached cast keeps its autograd node alive (PyTorch 2.9 and later give casts cached under ``no_grad`` one), and
+  with it the parameter's gradient accumulator, which remembers the stream it was created on. A backward captured
+  on the graph's stream then accumulates on the default stream and the capture fails ("operation would make the
+  legacy stream depend on a capturing blocking stream"; seen on an H100 with a bf16 forward before the capture).
+  The cache is therefore cleared before the capture.
+
+Should a capture still fail, the step warns once and runs eagerly from then on (a capture executes nothing, so no
+parameter or statistic has changed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -70,8 +80,7 @@ class CapturedStep:
 
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
         """Gradients into ``.grad`` (replacing what was there) and the step's outputs."""
-        for p in self.params:
-            p.grad = None
+        self._clear_grads()
         signature = _signature(inputs)
         if self._signature is None and all(t.is_cuda for t in inputs):
             self._signature = signature  # the shapes to capture: those of the first CUDA call
@@ -81,13 +90,24 @@ class CapturedStep:
             if self._eager_calls < self.warmup:
                 self._eager_calls += 1
                 return self._run_on_side_stream(inputs)
-            self._capture(inputs)
+            try:
+                self._capture(inputs)
+            except RuntimeError as err:
+                message = f"CUDA graph capture failed, the training step runs eagerly: {err}"
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                self._signature = ()  # matches no inputs: eager from now on
+                self._clear_grads()
+                return self.step(*inputs)
         for static, t in zip(self._static_inputs, inputs, strict=True):
             static.copy_(t)
         self.graph.replay()
         for p, grad in zip(self.params, self._grads, strict=True):
             p.grad = grad
         return {k: v.clone() for k, v in self._static_outputs.items()}
+
+    def _clear_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
 
     def _run_on_side_stream(self, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
         # PyTorch's notes warm up on a side stream, as the capture itself runs on one.
@@ -100,6 +120,7 @@ class CapturedStep:
 
     def _capture(self, inputs: tuple[Tensor, ...]) -> None:
         self._static_inputs = tuple(t.clone() for t in inputs)  # clone keeps the strides (channels-last)
+        torch.clear_autocast_cache()  # its casts hold gradient accumulators bound to another stream (docstring)
         graph = torch.cuda.CUDAGraph()
         # The gradients are allocated inside the graph (they are None now): replays write into the same tensors.
         with torch.cuda.graph(graph), _autocast_without_cache():

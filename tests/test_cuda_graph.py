@@ -4,6 +4,7 @@ trains like the default one (CPU: the same code path without a graph; CUDA: with
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,8 @@ def train_both(device: str, bf16: bool, steps: int = 7) -> tuple[nn.Module, nn.M
             opts[0].zero_grad(set_to_none=True)
             expected = greg_step(eager, *batch)
             got = captured(*batch)
-        grads = [(p.grad.clone(), q.grad.clone()) for p, q in zip(eager.parameters(), graphed.parameters())]
+        pairs = zip(eager.parameters(), graphed.parameters(), strict=True)
+        grads = [(p.grad.clone(), q.grad.clone()) for p, q in pairs]
         log.append((expected["loss"], got["loss"], grads))
         for opt in opts:
             opt.step()
@@ -79,12 +81,36 @@ def train_both(device: str, bf16: bool, steps: int = 7) -> tuple[nn.Module, nn.M
 
 
 def test_on_the_cpu_the_step_runs_eagerly_with_fresh_gradients() -> None:
-    eager, graphed, captured, log = train_both("cpu", bf16=False, steps=3)
+    _, _, captured, log = train_both("cpu", bf16=False, steps=3)
     assert captured.graph is None
     for expected, got, grads in log:
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         for e, g in grads:  # fresh gradients each call, not accumulated
             torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_a_failed_capture_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Capture needs CUDA; the failure path is the same on any device, so pretend these inputs are capturable.
+    model = small_net()
+    batch = batches(1, "cpu")[0]
+    expected = greg_step(copy.deepcopy(model), *batch)["loss"]
+    captured = CapturedStep(lambda *b: greg_step(model, *b), model.parameters(), warmup=0)
+    captured._signature = tuple((t.shape, t.dtype, t.device, t.stride()) for t in batch)
+
+    def fail(inputs: tuple) -> None:
+        for p in model.parameters():  # a half-done capture may have left gradients behind
+            p.grad = torch.full_like(p, float("nan"))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(captured, "_capture", fail)
+    with pytest.warns(RuntimeWarning, match="capture failed, the training step runs eagerly: operation not permitted"):
+        got = captured(*batch)["loss"]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        captured(*batch)  # eager from now on, without another attempt or warning
+    assert captured.graph is None
 
 
 @pytest.mark.gpu
@@ -98,7 +124,8 @@ def test_replayed_greg_step_equals_the_eager_step(bf16: bool) -> None:
         torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
         for e, g in grads:
             torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
-    for p, q in zip(eager.state_dict().values(), graphed.state_dict().values()):  # running statistics included
+    # Running statistics included:
+    for p, q in zip(eager.state_dict().values(), graphed.state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, rtol=rtol, atol=atol)
     # Another batch size runs eagerly, with the same result as the eager step.
     x_in, y, x_out = (t.cuda() for t in batches(1, "cuda", n_in=4, n_out=4)[0])
@@ -108,18 +135,20 @@ def test_replayed_greg_step_equals_the_eager_step(bf16: bool) -> None:
     for p in eager.parameters():
         p.grad = None
     torch.testing.assert_close(got, greg_step(eager, x_in, y, x_out)["loss"], rtol=1e-5, atol=1e-6)
-    for e, g in zip(eager.parameters(), graphed_grads):
+    for e, g in zip(eager.parameters(), graphed_grads, strict=True):
         torch.testing.assert_close(g, e.grad, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def fit(tmp_path: Path, cuda_graph: bool, accelerator: str = "cpu", **trainer_kw) -> GradRegModule:
+def fit(
+    tmp_path: Path, cuda_graph: bool, accelerator: str = "cpu", sampler: str | dict = "random", **trainer_kw
+) -> GradRegModule:
     seed_everything(0)
     dm = OODDataModule(batch_size=32, outlier_batch_size=32, augment="none")
     module = GradRegModule(
         arch="small_cnn", arch_kwargs={"in_channels": 1, "width": 8}, num_classes=dm.num_classes, method="greg",
         m_in=-2.0, m_out=-3.0, lr=0.05, schedule="constant", input_mean=dm.input_mean, input_std=dm.input_std,
-        cuda_graph=cuda_graph,
+        cuda_graph=cuda_graph, sampler=sampler,
     )  # fmt: skip
     trainer = Trainer(
         max_steps=8, accelerator=accelerator, devices=1, logger=False, default_root_dir=tmp_path,
@@ -153,3 +182,14 @@ def test_lightning_training_with_a_cuda_graph_matches_eager(tmp_path: Path, prec
     rtol, atol = (2e-2, 2e-3) if precision == "bf16-mixed" else (1e-4, 1e-5)
     for k, v in module.state_dict().items():
         torch.testing.assert_close(v, expected[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.gpu
+@cuda
+def test_greg_plus_under_bf16_captures_after_the_sampler_ran_the_model(tmp_path: Path) -> None:
+    # The energy-cluster sampler runs the model under Lightning's autocast before every step, which leaves cached
+    # casts (with autograd nodes) behind; the capture must not trip over them (gradreg.cuda_graph docstring).
+    sampler = {"name": "energy_cluster", "num_clusters": 4}
+    module = fit(tmp_path, cuda_graph=True, accelerator="gpu", sampler=sampler, precision="bf16-mixed")
+    assert module.captured_step.graph is not None
+    assert all(torch.isfinite(p).all() for p in module.parameters())
