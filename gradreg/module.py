@@ -85,7 +85,7 @@ class GradRegModule(LightningModule):
         cuda_graph: on CUDA, record the step's forward and backwards in a CUDA graph after 3 eager steps and replay
             it (``gradreg.cuda_graph.CapturedStep``; same gradients, far fewer kernel launches). Needs a fixed batch
             (``drop_last``; a smaller batch runs eagerly), one device, no gradient accumulation and no float16 loss
-            scaling. Ignored on the CPU.
+            scaling. Ignored on the CPU; should a capture fail, one warning and the step runs eagerly.
     """
 
     def __init__(
