@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 from torch import Tensor, nn
 
-from gradreg.cuda_graph import CapturedStep
+from gradreg.cuda_graph import CapturedStep, _signature
 from gradreg.data import OODDataModule
 from gradreg.double_backward import use_double_backward
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
@@ -95,7 +95,7 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(monkeypatch: pytest.Monkey
     batch = batches(1, "cpu")[0]
     expected = greg_step(copy.deepcopy(model), *batch)["loss"]
     captured = CapturedStep(lambda *b: greg_step(model, *b), model.parameters(), warmup=0)
-    captured._signature = tuple((t.shape, t.dtype, t.device, t.stride()) for t in batch)
+    captured._signature = _signature(tuple(batch))
 
     def fail(inputs: tuple) -> None:
         for p in model.parameters():  # a half-done capture may have left gradients behind
