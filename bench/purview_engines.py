@@ -56,8 +56,8 @@ GRID = [(positions, ratio) for positions in (1, 256, 1024) for ratio in (0.0, 0.
 
 
 @contextmanager
-def constants(settings: dict[str, float]) -> Iterator[None]:
-    """Set ``purview``'s switch constants for the duration of the block."""
+def constants(settings: dict[str, object]) -> Iterator[None]:
+    """Set ``purview``'s switch constants (or other attributes) for the duration of the block."""
     saved = {name: getattr(purview, name) for name in settings}
     try:
         for name, value in settings.items():
@@ -66,6 +66,20 @@ def constants(settings: dict[str, float]) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(purview, name, value)
+
+
+def layer_calls(model: nn.Module, x: torch.Tensor, layers: list) -> dict[nn.Module, list]:
+    """The (input, output gradient) pairs ``purview`` hands each closed-form layer, kept from one call."""
+    kept: dict[nn.Module, list] = {}
+    reduce = purview._layer_sq_norm
+
+    def keep(m: nn.Module, calls: list) -> torch.Tensor:
+        kept[m] = calls
+        return reduce(m, calls)
+
+    with constants({"_layer_sq_norm": keep}):
+        purview._closed_form_sq_norms(model, x, layers)
+    return kept
 
 
 def engine_norm(engine: str | None, m: nn.Module, calls: list) -> torch.Tensor:
@@ -97,14 +111,14 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> t
     model = MODELS.build(name, num_classes=1000 if size >= 224 else 10, in_channels=3).to(device).eval()
     x = torch.randn(batch, 3, size, size, device=device)
     layers = purview.purview_layers(model)
-    calls = purview._layer_calls(model, x, layers)
+    calls = layer_calls(model, x, layers)
     shapes: Counter = Counter()
     rows: dict[tuple, dict] = {}
-    for layer_name, m in layers:
-        layer_calls = calls.get(layer_name, [])
-        if type(m) not in (nn.Linear, nn.Conv2d) or len(layer_calls) != 1:
+    for _, m in layers:
+        m_calls = calls.get(m, [])
+        if type(m) not in (nn.Linear, nn.Conv2d) or len(m_calls) != 1:
             continue
-        d = layer_calls[0][1]
+        d = m_calls[0][1]
         groups, positions, k, o = purview._factor_shape(m, d)
         stride = getattr(m, "stride", (1, 1))[0]
         key = (type(m).__name__, groups, positions, k, o, stride)
@@ -114,9 +128,9 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> t
         engines = [e for e in ENGINES if e != "grouped" or isinstance(m, nn.Conv2d)]
         if positions * (k + o) > GHOST_SKIP_COST_RATIO * k * o:
             engines.remove("ghost")  # far off the switch point: seconds per call on large maps, never chosen
-        results = {e: engine_norm(e, m, layer_calls) for e in engines}
+        results = {e: engine_norm(e, m, m_calls) for e in engines}
         worst = max((r - results["unfold"]).abs().max() / results["unfold"].abs().max() for r in results.values())
-        cases = [("engine", e, lambda e=e, m=m, c=layer_calls: engine_norm(e, m, c), batch) for e in engines]
+        cases = [("engine", e, lambda e=e, m=m, c=m_calls: engine_norm(e, m, c), batch) for e in engines]
         timed = {t["name"]: 1e3 * t["seconds"] for t in time_interleaved(cases, device, args.warmup, args.repeats)}
         rows[key] = {
             "model": name,

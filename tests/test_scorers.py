@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -436,6 +437,47 @@ def test_im2col_equals_unfold(conv: nn.Conv2d, layout: str) -> None:
 
 def test_purview_layer_names_follow_module_order() -> None:
     assert purview_layer_names(make_zoo()) == ["fc", "conv1", "gn", "conv2", "bn", "scale", "mix", "ln", "proj"]
+
+
+def test_purview_frees_each_output_gradient_during_the_backward(
+    tiny: TinyCNN, batch: Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Single-call layers are reduced inside the backward: when the next layer (in backward order) is
+    # reduced, the previous one's output gradient must be gone. Keeping them all doubles peak memory.
+    seen: list = []
+    alive_at_call: list[int] = []
+    reduce = purview._layer_sq_norm
+
+    def watch(m: nn.Module, calls: list) -> Tensor:
+        alive_at_call.append(sum(ref() is not None for ref in seen))
+        seen.extend(weakref.ref(d) for _, d in calls)
+        return reduce(m, calls)
+
+    monkeypatch.setattr(purview, "_layer_sq_norm", watch)
+    purview_layer_norms(tiny, batch)
+    assert len(alive_at_call) == len(purview_layer_names(tiny)) > 3
+    assert max(alive_at_call) == 0
+
+
+class _EditsLayerInputLater(nn.Module):
+    """A frozen Linear whose input is changed in place after it ran. Autograd keeps no copy of that input
+    (a frozen weight needs none), so only purview's own check can see that its weight gradient would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(2 * 8 * 8, 4), nn.Linear(4, 3)
+        self.fc2.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x.flatten(1)) * 2.0
+        y = self.fc2(h)
+        h.add_(1.0)
+        return y
+
+
+def test_purview_refuses_a_layer_input_modified_in_place_later(batch: Tensor) -> None:
+    with pytest.raises(RuntimeError, match="input of layer 'fc2' was modified in place"):
+        purview_layer_norms(_EditsLayerInputLater().double(), batch)
 
 
 def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:

@@ -28,7 +28,9 @@ of two exact ways per layer (mixed ghost clipping, Bu et al., "Scalable and Effi
 Convolutional Neural Networks with Differential Privacy", NeurIPS 2022): materialize ``D_i U_iᵀ``
 (T·O·K multiply-adds; a grouped convolution for large maps, in chunks of samples), or the "ghost norm"
 ``⟨D_iᵀD_i, U_iᵀU_i⟩`` from two T x T Gram matrices (T²·(O+K); small late feature maps, and
-``‖δ_i‖²‖a_i‖²`` for a Linear on vectors). Layers of any other type, and layers whose weights are used
+``‖δ_i‖²‖a_i‖²`` for a Linear on vectors). Each layer's norm is taken inside the backward, when its output
+gradient arrives, so that neither δ nor the layer input outlives the layer's own backward (peak memory
+close to that of a plain forward + input backward). Layers of any other type, and layers whose weights are used
 outside their own ``forward``, fall back to ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``).
 ``method="vmap"`` uses the fallback for every layer (a cross-check and a baseline).
 
@@ -47,6 +49,7 @@ exposed for that).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -333,26 +336,43 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
     return torch.cat(pieces)
 
 
-def _layer_calls(
-    model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Module]]
-) -> dict[str, list[tuple[Tensor, Tensor]]]:
-    """Input and output gradient of every call of each closed-form layer, from one forward and backward.
+def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Module]]) -> dict[str, Tensor]:
+    """:func:`_layer_sq_norm` of every closed-form layer, from one forward and one backward to the input.
 
-    Keyed by layer name; layers without a closed form, or never called, are absent.
+    A layer called once is reduced inside the backward, as soon as its output gradient arrives, so that
+    the gradient and the layer's input are freed as the backward proceeds (keeping every output gradient
+    until the end doubled ResNet-50's peak memory). A layer called more than once first sums the
+    gradients of its calls, after the backward. Keyed by layer name; layers without a closed form, or
+    never called, are absent.
     """
-    closed = {id(m): name for name, m in layers if _has_closed_form(m)}
-    records: dict[str, list[list]] = {}  # name -> [[input, version, output grad]]
+    closed = {name: m for name, m in layers if _has_closed_form(m)}
+    names = {id(m): name for name, m in closed.items()}
+    records: dict[str, list[list]] = {}  # name -> one [input, its version, output gradient] per call
+    norms: dict[str, Tensor] = {}
+
+    def calls(name: str) -> list[tuple[Tensor, Tensor]]:
+        if any(a._version != version for a, version, _ in records[name]):
+            raise RuntimeError(f"the input of layer '{name}' was modified in place after the layer ran")
+        return [(a, d) for a, _, d in records[name]]
+
+    def on_output_grad(name: str, module: nn.Module, record: list, grad: Tensor) -> None:
+        record[2] = grad
+        if len(records[name]) == 1:  # the forward is over, so the number of calls is final
+            norms[name] = _layer_sq_norm(module, calls(name))
+            del records[name]
+            record.clear()  # the hook outlives this call: drop its references to the tensors
 
     def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        name = names[id(module)]
         a = inputs[0].detach()
         record = [a, a._version, torch.zeros((), dtype=output.dtype, device=output.device).expand_as(output)]
-        records.setdefault(closed[id(module)], []).append(record)
+        records.setdefault(name, []).append(record)
         if output.requires_grad:
             # A tensor hook sees the gradient w.r.t. the returned value even if a later op modifies it
             # in place (``out += identity``), unlike autograd.grad w.r.t. the output tensor itself.
-            output.register_hook(lambda grad: record.__setitem__(2, grad))
+            output.register_hook(functools.partial(on_output_grad, name, module, record))
 
-    handles = [m.register_forward_hook(forward_hook) for _, m in layers if id(m) in closed]
+    handles = [m.register_forward_hook(forward_hook) for m in closed.values()]
     try:
         with torch.enable_grad():
             # The backward runs down to the input so that it reaches every layer's output hook.
@@ -362,10 +382,10 @@ def _layer_calls(
     finally:
         for handle in handles:
             handle.remove()
-    for name, calls in records.items():
-        if any(a._version != version for a, version, _ in calls):
-            raise RuntimeError(f"the input of layer '{name}' was modified in place after the layer ran")
-    return {name: [(a, d) for a, _, d in calls] for name, calls in records.items()}
+    # Layers called more than once, and layers whose output needed no gradient (their d stays zero).
+    for name in list(records):
+        norms[name] = _layer_sq_norm(closed[name], calls(name))
+    return norms
 
 
 def purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod = "hooks") -> Tensor:
@@ -386,15 +406,10 @@ def purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod = "ho
     if method != "hooks":
         raise ValueError(f"unknown purview method '{method}'; valid: hooks, vmap")
 
-    calls = _layer_calls(model, x, layers)
-    columns: list[Tensor | None] = []
-    fallback: list[tuple[str, nn.Module]] = []
-    for name, m in layers:
-        if name not in calls:  # no closed form, or the weights are used outside the module's forward
-            columns.append(None)
-            fallback.append((name, m))
-            continue
-        columns.append(_layer_sq_norm(m, calls[name]))
+    norms = _closed_form_sq_norms(model, x, layers)
+    columns: list[Tensor | None] = [norms.get(name) for name, _ in layers]
+    # No closed form, or the weights are used outside the module's forward: torch.func.
+    fallback = [(name, m) for name, m in layers if name not in norms]
     if fallback:
         slow = _vmap_sq_norms(model, x, fallback).unbind(dim=1)
         slow_iter = iter(slow)
