@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only tests, -m gpu), results in $OUT.
-# Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh [steps]
-# "steps" runs only the tests, the training-step tables and the step profile (about 7 minutes on an H100; the whole
-# script takes longer than one device call of 10 minutes).
+# Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh [all|steps|scorers]
+# "steps" runs only the tests, the training-step tables and the step profile (about 7 minutes on an H100); "scorers"
+# the tests, the scorer table and purview's per-layer engines. The whole script takes longer than one device call of
+# 10 minutes.
 # (bench/results/h100_* are the files of such runs on an H100, renamed with the h100_ prefix.)
 # The BackPACK baseline of bench/scorers.py runs if backpack is importable; for a machine without network,
 # install it beside the checkout first: pip install --no-deps --target bench/.deps backpack-for-pytorch einops unfoldNd
@@ -14,10 +15,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.:bench/.deps
 py=${PYTHON:-python3}
 # Most important first, so that a run cut short still returns them (bench/train_step.py writes its files after every
 # model and precision); every table is also printed to log.txt (8 files in all: as many as one device call brings back).
-{
-  nvidia-smi -L
-  $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_double_backward.py tests/test_samplers.py
+steps() {
   # greg_native, greg_native_conv (PyTorch's double backward) and greg_eager_bn are left out to save device time:
   # measured at commits 8552526 and 80e1397 (bench/results/h100_train_step*.md). The replayed steps run in a process
   # of their own: ResNet-50's two graph memory pools beside the eager steps' cache ran out of memory on an H100.
@@ -28,14 +26,25 @@ py=${PYTHON:-python3}
   # Profile of one step: WRN-40-2 under bf16, channels-last (eager GReg is launch-bound there, the replay is not).
   $py bench/train_step.py --device cuda --repeats 2 --model wrn40_2:128:256:32 --precision bf16 --channels-last on \
     --methods energy greg greg_graph --profile "$OUT/profile.txt"
-  if [ "$PART" != steps ]; then
-    # Both kernel tables go to one file (kernels.md): the convolution double backward per layer (contiguous only, to
-    # keep cuDNN's autotuning of 33 layer shapes x 2 dtypes short), then BatchNorm's double backward per layer.
-    $py bench/conv_kernels.py --device cuda --layout contiguous --out "$OUT/kernels.md"
-    $py bench/batchnorm_kernels.py --device cuda --out "$OUT/kernels_part.md" && cat "$OUT/kernels_part.md" >> "$OUT/kernels.md"
-    rm -f "$OUT/kernels_part.md"
-    $py bench/scorers.py --device cuda --json "$OUT/scorers.json"
-    $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
-    $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json"
-  fi
+}
+kernels() {
+  # Both kernel tables go to one file (kernels.md): the convolution double backward per layer (contiguous only, to
+  # keep cuDNN's autotuning of 33 layer shapes x 2 dtypes short), then BatchNorm's double backward per layer.
+  $py bench/conv_kernels.py --device cuda --layout contiguous --out "$OUT/kernels.md"
+  $py bench/batchnorm_kernels.py --device cuda --out "$OUT/kernels_part.md" && cat "$OUT/kernels_part.md" >> "$OUT/kernels.md"
+  rm -f "$OUT/kernels_part.md"
+}
+scorers() {
+  $py bench/scorers.py --device cuda --json "$OUT/scorers.json"
+  $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
+}
+{
+  nvidia-smi -L
+  $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_double_backward.py tests/test_samplers.py
+  case "$PART" in
+    steps) steps ;;
+    scorers) scorers ;;
+    *) steps; kernels; scorers; $py bench/sampler.py --repeats 20 --warmup 3 --out "$OUT/sampler.json" ;;
+  esac
 } 2>&1 | tee "$OUT/log.txt"
