@@ -193,6 +193,16 @@ def test_scorer_works_under_inference_mode(name: str, tiny: TinyCNN, batch: Tens
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("make", [make_tiny, make_zoo], ids=["tiny", "zoo"])
+def test_scorer_is_the_same_on_a_channels_last_model(name: str, make, batch: Tensor) -> None:
+    # model.channels_last trains and evaluates in this layout (the CIFAR and ImageNet configs).
+    expected = build_cheap(name)(make(), batch)
+    model = make().to(memory_format=torch.channels_last)
+    scores = build_cheap(name)(model, batch.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(scores, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_scorer_is_unaffected_by_in_place_ops_after_hooked_layers(name: str, batch: Tensor) -> None:
     # Zoo(inplace=True) modifies BatchNorm outputs in place (``y += h; relu_``) like torchvision ResNets.
     inplace = build_cheap(name)(make_zoo(inplace=True), batch)
