@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from scorers import input_backward_floor, parse_model_spec
 
 from gradreg.models import MODELS
-from gradreg.scorers import build
+from gradreg.scorers import SCORERS, build
 
 
 def measure(name: str, batch: int, size: int, case: str) -> float:
@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     """Run every (model, case) in a child process and print a markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", type=parse_model_spec, help="name:batch:size, repeatable")
-    parser.add_argument("--cases", nargs="+", default=["floor", "purview"], help="floor and/or scorer names")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["floor", "purview"],
+        choices=["floor", *SCORERS.names()],
+        metavar="CASE",
+        help="floor (forward + input backward) and/or registered scorer names",
+    )
     parser.add_argument("--child", nargs=4, metavar=("NAME", "BATCH", "SIZE", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
