@@ -346,7 +346,6 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     never called, are absent.
     """
     closed = {name: m for name, m in layers if _has_closed_form(m)}
-    names = {id(m): name for name, m in closed.items()}
     records: dict[str, list[list]] = {}  # name -> one [input, its version, output gradient] per call
     norms: dict[str, Tensor] = {}
 
@@ -362,8 +361,7 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
             del records[name]
             record.clear()  # the hook outlives this call: drop its references to the tensors
 
-    def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        name = names[id(module)]
+    def forward_hook(name: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         a = inputs[0].detach()
         record = [a, a._version, torch.zeros((), dtype=output.dtype, device=output.device).expand_as(output)]
         records.setdefault(name, []).append(record)
@@ -372,7 +370,7 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
             # in place (``out += identity``), unlike autograd.grad w.r.t. the output tensor itself.
             output.register_hook(functools.partial(on_output_grad, name, module, record))
 
-    handles = [m.register_forward_hook(forward_hook) for m in closed.values()]
+    handles = [m.register_forward_hook(functools.partial(forward_hook, name)) for name, m in closed.items()]
     try:
         with torch.enable_grad():
             # The backward runs down to the input so that it reaches every layer's output hook.
