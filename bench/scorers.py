@@ -21,6 +21,7 @@ ratios (scorer / floor, loop / batched).
 Examples:
     python bench/scorers.py --device cuda --out bench_scorers_gpu.md
     python bench/scorers.py --device cpu --model wrn40_2:32:32 --repeats 3 --loop-samples 4 --threads 1
+    python bench/scorers.py --device cpu --model wrn40_2:2:8 --scorers purview --skip-loops --count-ops
 """
 
 from __future__ import annotations
@@ -90,6 +91,16 @@ def time_interleaved(
         {"kind": kind, "name": label, "seconds": statistics.median(t), "images": images, "peak_bytes": peak}
         for (kind, label, _, images), t, peak in zip(cases, times, peaks, strict=True)
     ]
+
+
+def count_operators(fn: Callable[[], object]) -> int:
+    """aten operators dispatched by one call of ``fn`` (nested ones included), from ``torch.profiler``.
+
+    Where kernel launches bound a call (small models on a GPU), its time follows this count more than its FLOPs.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
 def forward_floor(model: nn.Module, x: Tensor) -> None:
@@ -181,8 +192,10 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> l
             *library_cases(model, x),
         ]
     rows = []
-    for r in time_interleaved(cases, device, args.warmup, args.repeats):
+    for r, (_, _, fn, _) in zip(time_interleaved(cases, device, args.warmup, args.repeats), cases, strict=True):
         r.update(model=name, batch=batch, size=size, us_per_image=1e6 * r["seconds"] / r["images"])
+        if args.count_ops and r["kind"] != "loop":
+            r["aten_ops"] = count_operators(fn)
         print(f"{name} {r['kind']} {r['name']}: {r['us_per_image']:.1f} us/img", file=sys.stderr, flush=True)
         rows.append(r)
     return rows
@@ -190,10 +203,9 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> l
 
 def markdown_tables(rows: list[dict]) -> str:
     """Scorer table (per image and relative to both floors) and loop table (relative to the batched scorer)."""
-    lines = [
-        "| model | batch | input | scorer | us / image | x forward | x fwd+input bwd | peak GiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    ops = any("aten_ops" in r for r in rows)
+    header = "| model | batch | input | scorer | us / image | x forward | x fwd+input bwd | peak GiB |"
+    lines = [header + (" aten ops |" if ops else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if ops else "")]
     loops = [
         "| model | per-sample method | us / image | batched counterpart | loop / batched |",
         "|---|---|---|---|---|",
@@ -222,6 +234,7 @@ def markdown_tables(rows: list[dict]) -> str:
             lines.append(
                 f"| {model} | {r['batch']} | {r['size']}x{r['size']} | {r['name']} | {r['us_per_image']:.0f} | "
                 f"{r['us_per_image'] / fwd:.2f} | {r['us_per_image'] / bwd:.2f} | {peak} |"
+                + (f" {r['aten_ops']} |" if ops else "")
             )
     return "\n".join(lines) + ("\n\n" + "\n".join(loops) if len(loops) > 2 else "")
 
@@ -282,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-samples", type=int, default=32, help="images timed in the per-sample loops")
     parser.add_argument("--skip-loops", action="store_true")
+    parser.add_argument(
+        "--count-ops", action="store_true", help="add the aten operators one call dispatches (torch.profiler)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument(
         "--chunk-elements",
