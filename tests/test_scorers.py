@@ -363,8 +363,9 @@ def _purview_loop(model: nn.Module, x: Tensor) -> Tensor:
         loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="sum")
         row = []
         for m in modules:
-            grads = torch.autograd.grad(loss, list(m.parameters(recurse=False)), retain_graph=True)
-            row.append(sum(g.square().sum() for g in grads))
+            params = list(m.parameters(recurse=False))
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            row.append(sum((g.square().sum() for g in grads if g is not None), x.new_zeros(())))
         rows.append(torch.stack(row))
     return torch.stack(rows)
 
@@ -488,6 +489,37 @@ class _EditsLayerInputLater(nn.Module):
 def test_purview_refuses_a_layer_input_modified_in_place_later(batch: Tensor) -> None:
     with pytest.raises(RuntimeError, match="input of layer 'fc2' was modified in place"):
         purview_layer_norms(_EditsLayerInputLater().double(), batch)
+
+
+class _CallsNotPerSample(nn.Module):
+    """Layer calls that the closed forms cannot take, each falling back to torch.func: a Linear on rows that are
+    samples x pixels, a frozen Linear on a constant (no gradient reaches its output), and a Linear whose output is
+    never used (its per-sample gradients are zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.pixels, self.unused = nn.Linear(2 * 8 * 8, 4), nn.Linear(2, 4), nn.Linear(4, 4)
+        self.offset = nn.Linear(3, 4).requires_grad_(False)
+        self.register_buffer("code", torch.randn(1, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        pixels = self.pixels(x.flatten(2).mT.reshape(-1, 2)).reshape(n, -1, 4).mean(dim=1)
+        h = self.fc(x.flatten(1))
+        self.unused(h)
+        return torch.tanh(h + pixels) + self.offset(self.code.expand(n, -1))
+
+
+def test_purview_falls_back_for_layer_calls_that_are_not_per_sample(batch: Tensor) -> None:
+    torch.manual_seed(0)
+    model = _CallsNotPerSample().double()
+    # Purview differentiates every layer's parameters, frozen ones too; the loop needs them to require grad.
+    expected = _purview_loop(copy.deepcopy(model).requires_grad_(True), batch)
+    norms = purview_layer_norms(model, batch)
+    assert not norms.requires_grad  # the torch.func fallback stays off the graph of the other parameters
+    torch.testing.assert_close(norms, expected, **REF)
+    assert expected[:, purview_layer_names(model).index("offset")].min() > 0
+    assert torch.all(norms[:, purview_layer_names(model).index("unused")] == 0)
 
 
 def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:

@@ -30,8 +30,10 @@ Convolutional Neural Networks with Differential Privacy", NeurIPS 2022): materia
 ``⟨D_iᵀD_i, U_iᵀU_i⟩`` from two T x T Gram matrices (T²·(O+K); small late feature maps, and
 ``‖δ_i‖²‖a_i‖²`` for a Linear on vectors). Each layer's norm is taken inside the backward, when its output
 gradient arrives, so that neither δ nor the layer input outlives the layer's own backward (peak memory
-close to that of a plain forward + input backward). Layers of any other type, and layers whose weights are used
-outside their own ``forward``, fall back to ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``).
+close to that of a plain forward + input backward). Layers of any other type, layers whose weights are used
+outside their own ``forward``, and layers called on rows that are not the samples (a constant; samples x tokens
+folded into rows) or whose output no gradient reaches (frozen weights on a constant) fall back to ``torch.func``
+(``functional_call`` + ``vmap`` + ``grad``).
 ``method="vmap"`` uses the fallback for every layer (a cross-check and a baseline).
 
 Deviation (sign): ALGORITHMS.md §5 expects large gradients for OOD inputs (ID score = −norm). With
@@ -50,6 +52,7 @@ exposed for that).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -208,9 +211,9 @@ def _factor_shape(m: nn.Module, d: Tensor) -> tuple[int, int, int, int] | None:
     """(g, T, K, O) of :func:`_weight_factors` for a Linear/Conv2d layer (exact types), else None."""
     kind = original_type(m)
     if kind is nn.Linear:
-        return 1, d[0].numel() // m.out_features, m.in_features, m.out_features
+        return 1, math.prod(d.shape[1:]) // m.out_features, m.in_features, m.out_features
     if kind is nn.Conv2d:
-        return m.groups, d.shape[2] * d.shape[3], m.weight[0].numel(), m.out_channels // m.groups
+        return m.groups, d.shape[2] * d.shape[3], math.prod(m.weight.shape[1:]), m.out_channels // m.groups
     return None
 
 
@@ -244,11 +247,12 @@ def _batchnorm_grads(m: nn.modules.batchnorm._BatchNorm, a: Tensor, d: Tensor) -
             "samples, so per-sample gradients are undefined"
         )
     n, c = d.shape[:2]
-    centered = (a - m.running_mean.reshape(1, -1, *([1] * (a.dim() - 2)))).reshape(n, c, 1, -1)
+    centered = a - m.running_mean.reshape(1, -1, *([1] * (a.dim() - 2)))
     grads = []
     if m.weight is not None:
         # Σ δ ⊙ x̂ = rsqrt(var + eps) · Σ δ ⊙ (a − μ), the sum as a batched dot product: no δ ⊙ x̂ tensor.
-        grads.append((centered @ d.reshape(n, c, -1, 1)).reshape(n, c) * torch.rsqrt(m.running_var + m.eps))
+        dot = torch.bmm(centered.reshape(n * c, 1, -1), d.reshape(n * c, -1, 1))
+        grads.append(dot.reshape(n, c) * torch.rsqrt(m.running_var + m.eps))
     if m.bias is not None:
         grads.append(d.reshape(n, c, -1).sum(dim=2))
     return grads
@@ -282,9 +286,11 @@ def _has_closed_form(m: nn.Module) -> bool:
 
 def _rows_per_chunk(m: nn.Module, a: Tensor, d: Tensor, ghost: bool) -> int:
     """Samples per chunk so that per-sample gradients, unfolded inputs and Gram matrices stay under the cap."""
-    per_row = a[0].numel()
+    # Shape arithmetic, not a[0].numel(): indexing dispatches an operator, and the host cost of operators is what
+    # bounds small models on a GPU.
+    per_row = math.prod(a.shape[1:])
     if isinstance(m, nn.Conv2d):
-        per_row += m.weight[0].numel() * d[0, 0].numel()  # unfolded input: C_in·kh·kw per output position
+        per_row += math.prod(m.weight.shape[1:]) * math.prod(d.shape[2:])  # unfolded input: C_in·kh·kw per position
     if ghost:
         groups, positions, _, _ = _factor_shape(m, d)
         per_row += 2 * groups * positions**2  # the two Gram matrices
@@ -293,23 +299,27 @@ def _rows_per_chunk(m: nn.Module, a: Tensor, d: Tensor, ghost: bool) -> int:
     return max(1, min(a.shape[0], MAX_CHUNK_ELEMENTS // per_row))
 
 
+def _sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]], ghost: bool) -> Tensor:
+    """:func:`_layer_sq_norm` of one chunk of samples."""
+    if ghost:
+        return _ghost_sq_norm(m, *calls[0])
+    grad_fn = _GRAD_FNS[original_type(m)]
+    total = grad_fn(m, *calls[0])
+    for a, d in calls[1:]:
+        total = [t + g for t, g in zip(total, grad_fn(m, a, d), strict=True)]
+    # One pass over each per-sample gradient (square + sum would write and read it once more).
+    return functools.reduce(torch.add, [torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in total])
+
+
 def _layer_sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
     """Squared norm of the per-sample gradient of ``m``'s parameters, summed over the calls of ``m``."""
     a, d = calls[0]
     ghost = len(calls) == 1 and _ghost_is_cheaper(m, d)
-    grad_fn = _GRAD_FNS[original_type(m)]
-    rows, n, pieces = _rows_per_chunk(m, a, d, ghost), a.shape[0], []
-    for start in range(0, n, rows):
-        chunk = slice(start, start + rows)
-        if ghost:
-            pieces.append(_ghost_sq_norm(m, a[chunk], d[chunk]))
-            continue
-        total: list[Tensor] | None = None
-        for a_k, d_k in calls:
-            grads = grad_fn(m, a_k[chunk], d_k[chunk])
-            total = grads if total is None else [t + g for t, g in zip(total, grads, strict=True)]
-        pieces.append(sum(g.flatten(1).square().sum(dim=1) for g in total))
-    return torch.cat(pieces)
+    rows, n = _rows_per_chunk(m, a, d, ghost), a.shape[0]
+    if rows >= n:
+        return _sq_norm(m, calls, ghost)
+    chunks = [[(a_k[i : i + rows], d_k[i : i + rows]) for a_k, d_k in calls] for i in range(0, n, rows)]
+    return torch.cat([_sq_norm(m, chunk, ghost) for chunk in chunks])
 
 
 def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Module]]) -> Tensor:
@@ -329,7 +339,10 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
     rows = max(1, MAX_CHUNK_ELEMENTS // max(sum(p.numel() for p in params.values()), 1))
     pieces = []
     for start in range(0, x.shape[0], rows):
-        grads = per_sample_grad(params, x[start : start + rows].detach())
+        # torch.func.grad ignores an outer no_grad; here it keeps the result off the graph of the model's other
+        # parameters, which the loss also depends on.
+        with torch.no_grad():
+            grads = per_sample_grad(params, x[start : start + rows].detach())
         pieces.append(
             torch.stack([sum(grads[n].flatten(1).square().sum(dim=1) for n in names) for names in groups], dim=1)
         )
@@ -342,33 +355,40 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     A layer called once is reduced inside the backward, as soon as its output gradient arrives, so that
     the gradient and the layer's input are freed as the backward proceeds (keeping every output gradient
     until the end doubled ResNet-50's peak memory). A layer called more than once first sums the
-    gradients of its calls, after the backward. Keyed by layer name; layers without a closed form, or
-    never called, are absent.
+    gradients of its calls, after the backward. Keyed by layer name; absent: layers without a closed form,
+    never called, or with a call that is not per sample (see ``forward_hook``).
     """
     closed = {name: m for name, m in layers if _has_closed_form(m)}
     records: dict[str, list[list]] = {}  # name -> one [input, its version, output gradient] per call
+    not_per_sample: set[str] = set()
     norms: dict[str, Tensor] = {}
 
     def calls(name: str) -> list[tuple[Tensor, Tensor]]:
         if any(a._version != version for a, version, _ in records[name]):
             raise RuntimeError(f"the input of layer '{name}' was modified in place after the layer ran")
-        return [(a, d) for a, _, d in records[name]]
+        # A call whose output never got a gradient (it does not reach the loss) contributes nothing.
+        return [(a, d) for a, _, d in records[name] if d is not None]
 
     def on_output_grad(name: str, module: nn.Module, record: list, grad: Tensor) -> None:
         record[2] = grad
-        if len(records[name]) == 1:  # the forward is over, so the number of calls is final
+        # The forward is over, so the number of calls is final.
+        if len(records[name]) == 1 and name not in not_per_sample:
             norms[name] = _layer_sq_norm(module, calls(name))
             del records[name]
             record.clear()  # the hook outlives this call: drop its references to the tensors
 
     def forward_hook(name: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         a = inputs[0].detach()
-        record = [a, a._version, torch.zeros((), dtype=output.dtype, device=output.device).expand_as(output)]
+        if a.shape[0] != x.shape[0] or not output.requires_grad:
+            # Its rows are not the samples (a constant, or samples x tokens folded into rows), or no gradient
+            # reaches its output (frozen weights on a constant): the closed forms do not apply, torch.func does.
+            not_per_sample.add(name)
+            return
+        record = [a, a._version, None]
         records.setdefault(name, []).append(record)
-        if output.requires_grad:
-            # A tensor hook sees the gradient w.r.t. the returned value even if a later op modifies it
-            # in place (``out += identity``), unlike autograd.grad w.r.t. the output tensor itself.
-            output.register_hook(functools.partial(on_output_grad, name, module, record))
+        # A tensor hook sees the gradient w.r.t. the returned value even if a later op modifies it
+        # in place (``out += identity``), unlike autograd.grad w.r.t. the output tensor itself.
+        output.register_hook(functools.partial(on_output_grad, name, module, record))
 
     handles = [m.register_forward_hook(functools.partial(forward_hook, name)) for name, m in closed.items()]
     try:
@@ -380,9 +400,10 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     finally:
         for handle in handles:
             handle.remove()
-    # Layers called more than once, and layers whose output needed no gradient (their d stays zero).
-    for name in list(records):
-        norms[name] = _layer_sq_norm(closed[name], calls(name))
+    # Layers called more than once, and layers whose output never got a gradient (zero).
+    for name in records.keys() - not_per_sample:
+        used = calls(name)
+        norms[name] = _layer_sq_norm(closed[name], used) if used else x.new_zeros(x.shape[0])
     return norms
 
 
