@@ -250,12 +250,22 @@ def _batchnorm_grads(m: nn.modules.batchnorm._BatchNorm, a: Tensor, d: Tensor) -
     centered = a - m.running_mean.reshape(1, -1, *([1] * (a.dim() - 2)))
     grads = []
     if m.weight is not None:
-        # Σ δ ⊙ x̂ = rsqrt(var + eps) · Σ δ ⊙ (a − μ), the sum as a batched dot product: no δ ⊙ x̂ tensor.
-        dot = torch.bmm(centered.reshape(n * c, 1, -1), d.reshape(n * c, -1, 1))
-        grads.append(dot.reshape(n, c) * torch.rsqrt(m.running_var + m.eps))
+        # Σ δ ⊙ x̂ = rsqrt(var + eps) · Σ δ ⊙ (a − μ).
+        if centered.is_contiguous() and d.is_contiguous():
+            # A batched dot product over (N·C) rows: no δ ⊙ (a − μ) tensor.
+            dot = torch.bmm(centered.reshape(n * c, 1, -1), d.reshape(n * c, -1, 1)).reshape(n, c)
+        else:
+            # Channels-last: those rows would copy both tensors, while one product tensor is a single pass.
+            dot = _sum_over_positions(d * centered)
+        grads.append(dot * torch.rsqrt(m.running_var + m.eps))
     if m.bias is not None:
-        grads.append(d.reshape(n, c, -1).sum(dim=2))
+        grads.append(_sum_over_positions(d))
     return grads
+
+
+def _sum_over_positions(t: Tensor) -> Tensor:
+    """Sum of an (N, C, *positions) tensor over its positions, in any memory layout without a copy."""
+    return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
 
 
 def _groupnorm_grads(m: nn.GroupNorm, a: Tensor, d: Tensor) -> list[Tensor]:
