@@ -2,8 +2,8 @@
 # Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only tests, -m gpu), results in $OUT.
 # Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh [all|steps|scorers]
 # "steps" runs only the tests, the training-step tables and the step profile (about 7 minutes on an H100); "scorers"
-# the tests, the scorer table and purview's per-layer engines. The whole script takes longer than one device call of
-# 10 minutes.
+# the tests, the scorer tables (contiguous, and channels-last for three scorers) and purview's per-layer engines (about
+# 4.5 minutes). The whole script takes longer than one device call of 10 minutes.
 # (bench/results/h100_* are the files of such runs on an H100, renamed with the h100_ prefix.)
 # The BackPACK baseline of bench/scorers.py runs if backpack is importable; for a machine without network,
 # install it beside the checkout first: pip install --no-deps --target bench/.deps backpack-for-pytorch einops unfoldNd
@@ -36,6 +36,9 @@ kernels() {
 }
 scorers() {
   $py bench/scorers.py --device cuda --json "$OUT/scorers.json"
+  # The layout the configs evaluate in, for the scorers whose cost depends on it (about 30 s).
+  $py bench/scorers.py --device cuda --channels-last --skip-loops --scorers purview gaia_z odin --count-ops \
+    --json "$OUT/scorers_channels_last.json"
   $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
 }
 {

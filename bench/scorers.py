@@ -177,6 +177,8 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> l
     torch.manual_seed(0)
     model = MODELS.build(name, num_classes=num_classes, in_channels=3).to(device).eval()
     x = torch.randn(batch, 3, size, size, device=device)
+    if args.channels_last:  # the layout the CIFAR and ImageNet configs train and evaluate in
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     x_loop = x[: args.loop_samples]
     cases: list[tuple[str, str, Callable[[], object], int]] = [
         ("floor", "forward", lambda: forward_floor(model, x), batch),
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-samples", type=int, default=32, help="images timed in the per-sample loops")
     parser.add_argument("--skip-loops", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="model weights and inputs in channels-last")
     parser.add_argument(
         "--count-ops", action="store_true", help="add the aten operators one call dispatches (torch.profiler)"
     )
