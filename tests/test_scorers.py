@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
-from gradreg.models import Classifier, SmallCNN
+from gradreg.models import MODELS, Classifier, SmallCNN
 from gradreg.scorers import SCORERS, build, purview
 from gradreg.scorers.gaia import gaia_a_score, gaia_layers, gaia_z_score
 from gradreg.scorers.gradnorm import exgrad_score, gradnorm_score
@@ -403,6 +403,24 @@ def test_purview_matches_per_sample_loop(
     torch.testing.assert_close(norms, expected, **REF)
     torch.testing.assert_close(purview_layer_norms(model, batch, method="vmap"), expected, **REF)
     torch.testing.assert_close(purview_score(model, batch), expected.sum(dim=1), **REF)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels-last"])
+def test_purview_hooks_equal_vmap_on_every_registered_model(name: str, layout: torch.memory_format) -> None:
+    # The closed forms on the real architectures (in-place residual additions, concatenations, strided 1x1
+    # shortcuts, the ImageNet stems), in both layouts, with running statistics away from 0 and 1 so that
+    # BatchNorm's centering matters. torch.func differentiates the same loss one sample at a time.
+    torch.manual_seed(0)
+    model = MODELS.build(name, num_classes=10, in_channels=3).double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1.0, 1.0)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    expected = purview_layer_norms(model, x, method="vmap")
+    got = purview_layer_norms(model.to(memory_format=layout), x.contiguous(memory_format=layout))
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=0.0)
 
 
 def test_purview_picks_ghost_norms_only_where_they_are_cheaper() -> None:
