@@ -317,8 +317,13 @@ def _sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]], ghost: bool) -> T
     total = grad_fn(m, *calls[0])
     for a, d in calls[1:]:
         total = [t + g for t, g in zip(total, grad_fn(m, a, d), strict=True)]
-    # One pass over each per-sample gradient (square + sum would write and read it once more).
-    return functools.reduce(torch.add, [torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in total])
+    return _summed_sq_norms(total)
+
+
+def _summed_sq_norms(grads: list[Tensor]) -> Tensor:
+    """Per-sample squared norms of (N, ...) per-sample gradients, summed over the list: shape (N,)."""
+    # One pass over each gradient (square + sum would write and read it once more).
+    return functools.reduce(torch.add, [torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in grads])
 
 
 def _layer_sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -353,9 +358,7 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
         # parameters, which the loss also depends on.
         with torch.no_grad():
             grads = per_sample_grad(params, x[start : start + rows].detach())
-        pieces.append(
-            torch.stack([sum(grads[n].flatten(1).square().sum(dim=1) for n in names) for names in groups], dim=1)
-        )
+        pieces.append(torch.stack([_summed_sq_norms([grads[n] for n in names]) for names in groups], dim=1))
     return torch.cat(pieces)
 
 
@@ -437,7 +440,7 @@ def purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod = "ho
 
     norms = _closed_form_sq_norms(model, x, layers)
     columns: list[Tensor | None] = [norms.get(name) for name, _ in layers]
-    # No closed form, or the weights are used outside the module's forward: torch.func.
+    # No closed form, weights used outside the module's forward, or a call that is not per sample: torch.func.
     fallback = [(name, m) for name, m in layers if name not in norms]
     if fallback:
         slow = _vmap_sq_norms(model, x, fallback).unbind(dim=1)
