@@ -261,6 +261,27 @@ def test_exgrad_matches_expected_gradient_norm_loop(tiny: TinyCNN, batch: Tensor
     torch.testing.assert_close(exgrad_score(features, tiny.fc(features)), torch.stack(expected), **REF)
 
 
+@pytest.mark.parametrize("gap", [8.0, 12.0, 16.0, 24.0])
+def test_exgrad_keeps_its_precision_in_float32_for_confident_predictions(gap: float) -> None:
+    """ID inputs are the confident ones: ``1 − p_top`` must not be computed as a difference of floats near 1."""
+    logits = torch.zeros(2, 10)
+    logits[:, 3] = gap
+    logits[1, 5] = gap / 2
+    features = torch.rand(2, 4, generator=torch.Generator().manual_seed(0))
+    probs = logits.double().softmax(dim=1)
+    expected = []
+    for h, p in zip(features.double(), probs, strict=True):
+        norms = []
+        for k in range(len(p)):
+            diff = p.clone()
+            diff[k] = -torch.cat([p[:k], p[k + 1 :]]).sum()  # p_k − 1, exact in float64 here
+            norms.append(diff.norm())
+        expected.append(-h.norm() * (p * torch.stack(norms)).sum())
+    scores = exgrad_score(features, logits)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), torch.stack(expected), rtol=1e-5, atol=0.0)
+
+
 @pytest.mark.parametrize(("temperature", "epsilon"), [(1000.0, 0.0014), (1.0, 0.05)])
 def test_odin_matches_per_sample_loop(temperature: float, epsilon: float, tiny: TinyCNN, batch: Tensor) -> None:
     std = tiny.input_std.reshape(-1, 1, 1)

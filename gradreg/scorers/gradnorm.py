@@ -61,7 +61,10 @@ def gradnorm_score(features: Tensor, logits: Tensor, temperature: float = 1.0) -
 def exgrad_score(features: Tensor, logits: Tensor) -> Tensor:
     """Negative ExGrad ``−‖h‖₂·Σ_k p_k‖p − e_k‖₂`` with ``p = softmax(f)``.
 
-    ``‖p − e_k‖₂² = ‖p‖₂² − 2p_k + 1``, so no (N, C, C) tensor is formed.
+    ``‖p − e_k‖₂² = Σ_{j≠k} p_j² + (1 − p_k)²``, for all k at once without an (N, C, C) tensor. For the
+    top class m, ``1 − p_m`` is the sum of the other probabilities: subtracting ``p_m ≈ 1`` from 1 cancels,
+    and confident predictions, the ID ones, would lose most of their digits (0.43 relative error in
+    float32 for a logit gap of 12).
 
     Args:
         features: penultimate features ``h``, shape (N, D).
@@ -75,7 +78,12 @@ def exgrad_score(features: Tensor, logits: Tensor) -> Tensor:
         tensor([-0.])
     """
     probs = torch.softmax(logits, dim=1)
-    sq_dist = (probs.square().sum(dim=1, keepdim=True) - 2.0 * probs + 1.0).clamp_min(0.0)
+    top = probs.argmax(dim=1, keepdim=True)
+    top_p = probs.gather(1, top)
+    others = probs.scatter(1, top, 0.0)
+    complement = (1.0 - probs).scatter(1, top, others.sum(dim=1, keepdim=True))  # 1 − p_k
+    # Σ_{j≠k} p_j² = Σ_{j≠m} p_j² + p_m² − p_k², exactly Σ_{j≠m} p_j² for k = m (no cancellation there).
+    sq_dist = others.square().sum(dim=1, keepdim=True) + (top_p.square() - probs.square()) + complement.square()
     expected = (probs * sq_dist.sqrt()).sum(dim=1)
     return -features.norm(dim=1) * expected
 
