@@ -21,8 +21,9 @@ Model zoo (registry name: architecture, feature size D):
 - ``resnet50``, ``densenet121``: the torchvision ImageNet models (optionally with torchvision weights)
   wrapped into :class:`Classifier` (D = 2048 and 1024).
 
-No module computes an activation in place: GAIA hooks the gradient of BatchNorm outputs, and an
-in-place ReLU (or residual add) on such an output would hand the hook the wrong tensor.
+torchvision's in-place ReLUs are switched to out-of-place ones (same outputs). The scorers would not need
+this: GAIA and purview read gradients through tensor hooks on the values layers return, which in-place ops
+later on do not affect (tested in ``tests/test_scorers.py``); the training benchmarks were measured this way.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
+
+
+def _batchnorms(*modules: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm2d inside ``modules``, in module order."""
+    return [m for module in modules for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
 def _disable_inplace(module: nn.Module) -> None:
@@ -234,6 +240,10 @@ class CifarResNet18(Classifier):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def gaia_layers(self, variant: str) -> list[nn.Module]:
+        """GAIA's official CIFAR hooks: every BatchNorm for GAIA-Z, those of layer3 and layer4 for GAIA-A."""
+        return _batchnorms(self) if variant == "z" else _batchnorms(self.layer3, self.layer4)
 
 
 class _DenseBottleneck(nn.Module):
@@ -406,10 +416,14 @@ class ResNet50(Classifier):
         x = t.layer4(t.layer3(t.layer2(t.layer1(x))))
         return t.avgpool(x).flatten(1)
 
-    def gaia_layers(self) -> list[nn.Module]:
-        """BatchNorm modules of layer3 and layer4, the layers GAIA's official code hooks for ResNets."""
-        blocks = (*self.trunk.layer3.modules(), *self.trunk.layer4.modules())
-        return [m for m in blocks if isinstance(m, nn.BatchNorm2d)]
+    def gaia_layers(self, variant: str) -> list[nn.Module]:
+        """GAIA's official "before head" hooks for ResNets, which its ImageNet runs use for both variants.
+
+        The BatchNorms of layer3 and layer4, plus the layer4 output for GAIA-Z; GAIA-A's last hook only
+        gives its denominator, which the pooled features give here (``gradreg.scorers.gaia``).
+        """
+        layers = _batchnorms(self.trunk.layer3, self.trunk.layer4)
+        return [*layers, self.trunk.layer4] if variant == "z" else layers
 
 
 @MODELS.register("densenet121")

@@ -171,12 +171,13 @@ def test_torchvision_weights_load_trunk_and_recreate_head(
 def test_resnet50_gaia_layers_are_the_batchnorms_of_layer3_and_layer4() -> None:
     model = create_classifier("resnet50", 10)
     assert isinstance(model, ResNet50)
-    layers = model.gaia_layers()
+    layers = model.gaia_layers("a")
     names = {n for n, m in model.named_modules() if any(m is layer for layer in layers)}
     assert all(isinstance(m, nn.BatchNorm2d) for m in layers)
     assert all(n.startswith(("trunk.layer3.", "trunk.layer4.")) for n in names)
     # 6 + 3 bottlenecks with 3 BN each, plus the downsample BN of each stage
     assert len(layers) == (6 + 3) * 3 + 2
+    assert model.gaia_layers("z") == [*layers, model.trunk.layer4]  # GAIA-Z: the "before head" hook too
 
 
 def test_wrn_dropout_is_active_only_in_train_mode() -> None:

@@ -324,55 +324,83 @@ def test_gaia_z_matches_per_sample_loop(tiny: TinyCNN, batch: Tensor) -> None:
     assert ((-scores > 0) & (-scores < 1)).all()  # some, not all, gradient entries are exactly zero
 
 
-def _gaia_a_official_style(model: TinyCNN, x: Tensor, head: nn.Module) -> Tensor:
-    """One sample, reference structure: tensor hooks on every BN output plus ``head`` (the last hook)."""
-    modules = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)] + [head]
-    store: dict[int, Tensor] = {}
-    pooled: list[Tensor] = []
+def _gaia_official_style(model: Classifier, x: Tensor, modules: list[nn.Module], variant: str) -> Tensor:
+    """Per sample, GAIA-OOD's structure (``hook.py``, ``cal_method.py``): one gradient slot per hooked module,
+    filled by a tensor hook on its output; ``modules[-1]`` is the "before head" hook."""
+    scores = []
+    for xi in x:
+        store: dict[int, Tensor] = {}
 
-    def make_hook(i: int):
-        def forward_hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-            out.register_hook(lambda g: store.__setitem__(i, g))
+        def make_hook(k: int, store: dict[int, Tensor] = store):
+            def forward_hook(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+                out.register_hook(lambda g: store.__setitem__(k, g))
 
-        return forward_hook
+            return forward_hook
 
-    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
-    handles.append(model.trunk[6].register_forward_hook(lambda m, i, o: pooled.append(o)))
-    try:
-        x = x.unsqueeze(0).requires_grad_(True)
-        logits = model(x)
-        torch.autograd.grad(F.log_softmax(logits, dim=-1).sum(), x, retain_graph=True)
-        output_component = torch.sqrt(store[len(modules) - 1].mean(dim=(-1, -2)).abs().mean(dim=1))
-        torch.autograd.grad(pooled[0].sum(), x)
-        inner = torch.cat([store[i].mean(dim=(-1, -2)) for i in range(len(modules) - 1)], dim=1).abs()
-        return -((inner / output_component) ** 2).mean()
-    finally:
-        for h in handles:
-            h.remove()
+        handles = [m.register_forward_hook(make_hook(k)) for k, m in enumerate(modules)]
+        try:
+            xi = xi.unsqueeze(0).requires_grad_(True)
+            before_head_data = model.features(xi)
+            logits = model.fc(before_head_data)
+            if variant == "z":  # cal_zero: every hook, the last one included
+                torch.autograd.grad(logits.max(dim=1).values.sum(), xi)
+                ratios = [(store[k] != 0).double().mean(dim=(-1, -2)) for k in range(len(modules))]
+                scores.append(-torch.cat(ratios, dim=1).square().mean())
+            else:  # cal_grad_value: the last hook gives the denominator only
+                torch.autograd.grad(F.log_softmax(logits, dim=-1).sum(), xi, retain_graph=True)
+                output_component = torch.sqrt(store[len(modules) - 1].mean(dim=(-1, -2)).abs().mean(dim=1))
+                torch.autograd.grad(before_head_data.sum(), xi)
+                inner = torch.cat([store[k].mean(dim=(-1, -2)) for k in range(len(modules) - 1)], dim=1).abs()
+                scores.append(-((inner / output_component) ** 2).mean())
+        finally:
+            for h in handles:
+                h.remove()
+    return torch.stack(scores).detach()
+
+
+def _batchnorms(*modules: nn.Module) -> list[nn.Module]:
+    return [m for module in modules for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
 def test_gaia_a_matches_per_sample_loop_with_pooled_head(tiny: TinyCNN, batch: Tensor) -> None:
     # WRN-style: the reference's last hook is the average-pool output, i.e. the features themselves.
-    expected = torch.stack([_gaia_a_official_style(tiny, x, head=tiny.trunk[6]) for x in batch])
-    torch.testing.assert_close(gaia_a_score(tiny, batch), expected.detach(), **REF)
+    expected = _gaia_official_style(tiny, batch, [*_batchnorms(tiny), tiny.trunk[6]], "a")
+    torch.testing.assert_close(gaia_a_score(tiny, batch), expected, **REF)
 
 
 def test_gaia_a_with_feature_map_head_differs_by_the_constant_hw(tiny: TinyCNN, batch: Tensor) -> None:
     # ResNet-style: the reference's last hook is the last feature map (4x4 here), so d² is 16x smaller.
-    expected = torch.stack([_gaia_a_official_style(tiny, x, head=tiny.trunk[5]) for x in batch])
-    torch.testing.assert_close(16.0 * gaia_a_score(tiny, batch), expected.detach(), **REF)
+    expected = _gaia_official_style(tiny, batch, [*_batchnorms(tiny), tiny.trunk[5]], "a")
+    torch.testing.assert_close(16.0 * gaia_a_score(tiny, batch), expected, **REF)
+
+
+@pytest.mark.parametrize(("name", "size"), [("resnet18_cifar", 16), ("resnet50", 64)])
+def test_gaia_on_resnets_uses_the_official_hooks(name: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(MODELS.build(name, num_classes=5).double()).eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    trunk = getattr(model, "trunk", model)
+    before_head = [*_batchnorms(trunk.layer3, trunk.layer4), trunk.layer4]  # hook.py, get_beforehead_hooks
+    # GAIA's README: GAIA-Z with "-hook bn" (every BatchNorm) on CIFAR, "-hook before_head" on ImageNet.
+    z_hooks = _batchnorms(model) if name == "resnet18_cifar" else before_head
+    torch.testing.assert_close(build("gaia_z")(model, x), _gaia_official_style(model, x, z_hooks, "z"), **REF)
+    # GAIA-A: "-hook before_head"; layer4's map is 2x2, so the pooled-feature denominator divides by H·W = 4.
+    expected_a = _gaia_official_style(model, x, before_head, "a")
+    torch.testing.assert_close(4.0 * build("gaia_a")(model, x), expected_a, **REF)
 
 
 def test_gaia_uses_model_gaia_layers_when_defined(batch: Tensor) -> None:
     model = make_tiny()
-    last_bn = model.trunk[4]
-    model.gaia_layers = lambda: [last_bn]  # type: ignore[method-assign]
-    assert gaia_layers(model) == [last_bn]
+    first_bn, last_bn = model.trunk[1], model.trunk[4]
+    model.gaia_layers = lambda variant: [last_bn] if variant == "z" else [first_bn]  # type: ignore[method-assign]
+    assert gaia_layers(model, "z") == [last_bn]
     reference = make_tiny()
     torch.testing.assert_close(build("gaia_z")(model, batch), gaia_z_score(reference, batch, [reference.trunk[4]]))
-    torch.testing.assert_close(build("gaia_a")(model, batch), gaia_a_score(reference, batch, [reference.trunk[4]]))
+    torch.testing.assert_close(build("gaia_a")(model, batch), gaia_a_score(reference, batch, [reference.trunk[1]]))
+    model.gaia_layers = lambda: [last_bn]  # type: ignore[method-assign]
+    assert gaia_layers(model, "z") == gaia_layers(model, "a") == [last_bn]
     with pytest.raises(ValueError, match="gaia_layers"):
-        gaia_layers(nn.Sequential(nn.Linear(2, 2)))
+        gaia_layers(nn.Sequential(nn.Linear(2, 2)), "z")
 
 
 def _purview_loop(model: nn.Module, x: Tensor) -> Tensor:

@@ -8,28 +8,35 @@ Both scores use the gradients of an objective w.r.t. the **outputs** of a set of
 in eval mode for a whole batch at once (eval-mode BatchNorm keeps rows independent, and the backward
 of a sum over the batch gives every row its own gradient). The final ID score is −abnormality.
 
-Hooked layers: ``model.gaia_layers()`` when the model defines it, otherwise every ``BatchNorm2d`` and
-``GroupNorm`` module (the reference ``-hook bn`` choice for CIFAR ResNets and WRN). A model's
-``gaia_layers()`` should list intermediate layers only, not the final feature map: the reference
-"before head" hook is replaced here by the pooled feature vector ``model.features(x)``.
+Hooked layers (``hook.py``): ``model.gaia_layers(variant)`` when the model defines it, with variant
+``"z"`` or ``"a"`` (or ``model.gaia_layers()`` for both), otherwise every ``BatchNorm2d`` and ``GroupNorm``
+module for both. The reference hooks differ by variant and network: GAIA-Z runs with ``-hook bn`` on
+CIFAR (every BatchNorm) and with ``-hook before_head`` on ImageNet; GAIA-A always with
+``-hook before_head`` (WRN: every BatchNorm + the average pool; ResNets: the BatchNorms of ``layer3`` and
+``layer4`` + the ``layer4`` output). In GAIA-Z the last "before head" hook is one more layer; in GAIA-A it
+only gives the denominator, a role the pooled feature vector ``model.features(x)`` plays here, so a
+model's GAIA-A list holds intermediate layers only. :class:`~gradreg.models.CifarResNet18` and
+:class:`~gradreg.models.ResNet50` define the reference choices; WRN's is the default.
 
 Deviation (GAIA-A): the reference takes the denominator from the spatial-mean gradient of the last
 hooked feature map (ResNet: ``layer4`` output; WRN: the average-pool output). Here it is the gradient
 w.r.t. the pooled penultimate vector ``h = features(x)``. When ``h`` is the global average pool of a
-feature map ``F`` of spatial size H×W, ∂/∂F = (∂/∂h) / (H·W) at every position, so the spatial mean
-of ∂/∂F equals (∂/∂h)/(H·W): the abnormality is multiplied by the constant H·W and the ranking is
-unchanged (for WRN, whose reference hook *is* the pooled vector, the values are identical).
+feature map ``F`` of spatial size H×W, ∂/∂F = (∂/∂h) / (H·W) at every position, so ``d²`` is H·W times the
+reference's and the abnormality is the reference's divided by the constant H·W: the ranking is unchanged
+(for WRN, whose reference hook *is* the pooled vector, the values are identical).
 
 Deviation (both): a hooked module that runs several times in one forward contributes one set of
-channels per call (the reference keeps only the last call's gradient).
+channels per call (the reference keeps one gradient per module, that of the first call, whose tensor hook
+fires last in the backward).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,21 +44,25 @@ from torch import Tensor, nn
 from gradreg.scorers.base import Scorer
 from gradreg.scorers.registry import SCORERS
 
+GaiaVariant = Literal["z", "a"]
 
-def gaia_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers whose output gradients GAIA inspects (see the module docstring).
+
+def gaia_layers(model: nn.Module, variant: GaiaVariant) -> list[nn.Module]:
+    """The layers whose output gradients GAIA-Z (``"z"``) or GAIA-A (``"a"``) inspects (module docstring).
 
     Raises:
-        ValueError: when the model has neither ``gaia_layers()`` nor any BatchNorm2d/GroupNorm.
+        ValueError: when the model has neither ``gaia_layers(variant)`` nor any BatchNorm2d/GroupNorm.
     """
-    if callable(getattr(model, "gaia_layers", None)):
-        layers = list(model.gaia_layers())
+    method = getattr(model, "gaia_layers", None)
+    if callable(method):
+        # A gaia_layers() without a parameter serves both variants.
+        layers = list(method(variant) if inspect.signature(method).parameters else method())
     else:
         layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.GroupNorm)]
     if not layers:
         raise ValueError(
-            f"GAIA found no layers to hook in {type(model).__name__}: define gaia_layers() -> list[nn.Module] "
-            "or use BatchNorm2d/GroupNorm layers"
+            f"GAIA found no layers to hook in {type(model).__name__}: define gaia_layers(variant) -> "
+            "list[nn.Module] or use BatchNorm2d/GroupNorm layers"
         )
     return layers
 
@@ -102,12 +113,12 @@ def gaia_z_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
     Args:
         model: classifier with normalized inputs.
         x: inputs, shape (N, ...).
-        layers: layers to hook; default :func:`gaia_layers`.
+        layers: layers to hook; default :func:`gaia_layers` for ``"z"``.
 
     Returns:
         Scores, shape (N,); higher = more in-distribution.
     """
-    layers = gaia_layers(model) if layers is None else layers
+    layers = gaia_layers(model, "z") if layers is None else layers
     with torch.enable_grad():
         # The backward runs down to the input so that every hooked output is reached.
         x = x.detach().requires_grad_(True)
@@ -129,13 +140,13 @@ def gaia_a_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
     Args:
         model: classifier exposing ``features`` and ``fc``; must be in eval mode.
         x: inputs, shape (N, ...).
-        layers: layers to hook; default :func:`gaia_layers`.
+        layers: intermediate layers to hook; default :func:`gaia_layers` for ``"a"``.
 
     Returns:
         Scores, shape (N,); higher = more in-distribution. ``d²`` is clamped to the smallest normal
         float, so an exactly uniform softmax (d = 0) gives a huge abnormality instead of 0/0.
     """
-    layers = gaia_layers(model) if layers is None else layers
+    layers = gaia_layers(model, "a") if layers is None else layers
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         with record_output_grads(layers) as grads:
@@ -152,7 +163,7 @@ def gaia_a_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
 @SCORERS.register("gaia_z")
 @dataclass(frozen=True)
 class GaiaZ(Scorer):
-    """GAIA-Z on ``model.gaia_layers()`` or every BatchNorm2d/GroupNorm."""
+    """GAIA-Z on ``model.gaia_layers("z")`` or every BatchNorm2d/GroupNorm."""
 
     needs_grad: ClassVar[bool] = True
 
@@ -163,7 +174,7 @@ class GaiaZ(Scorer):
 @SCORERS.register("gaia_a")
 @dataclass(frozen=True)
 class GaiaA(Scorer):
-    """GAIA-A on ``model.gaia_layers()`` or every BatchNorm2d/GroupNorm."""
+    """GAIA-A on ``model.gaia_layers("a")`` or every BatchNorm2d/GroupNorm."""
 
     needs_grad: ClassVar[bool] = True
 
