@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradreg.losses import energy
+from gradreg.models import eval_mode
 from gradreg.registry import Registry
 
 __all__ = [
@@ -86,13 +87,8 @@ def _attack_mode(model: nn.Module) -> Iterator[None]:
     Tensors that autograd saves for backward must be created inside this context: an inference tensor
     (created under ``torch.inference_mode()``) can never join autograd, so inputs and labels are cloned here.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _check_budget(epsilon: float, steps: int = 1) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gradreg import metrics, scorers
+from gradreg.models import eval_mode
 from gradreg.scorers import OutputScorer, Scorer
 
 ScorerSpec = str | Mapping[str, Any]
@@ -52,16 +53,11 @@ class ScoredSet:
 
 def score_batch(model: nn.Module, x: Tensor, scorer_map: Mapping[str, Scorer], num_classes: int) -> tuple[dict, Tensor]:
     """Scores of one batch by scorer name and the predicted classes; one forward feeds every OutputScorer."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            x = x.clone()
-            features = model.features(x)
-            logits = model.fc(features)
-            out = {k: s.score_outputs(features, logits) for k, s in scorer_map.items() if isinstance(s, OutputScorer)}
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode(False), torch.no_grad():
+        x = x.clone()
+        features = model.features(x)
+        logits = model.fc(features)
+        out = {k: s.score_outputs(features, logits) for k, s in scorer_map.items() if isinstance(s, OutputScorer)}
     for key, scorer in scorer_map.items():
         if key not in out:
             out[key] = scorer(model, x)

@@ -28,9 +28,10 @@ later on do not affect (tested in ``tests/test_scorers.py``); the training bench
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,22 @@ class Classifier(nn.Module):
         """Record the per-channel normalization the data pipeline applies to inputs."""
         self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
         self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module of ``model`` in eval mode and restore each one's own flag afterwards.
+
+    ``model.train(was_training)`` would not do: it sets every submodule, so a BatchNorm frozen in eval mode
+    inside a training model would come back training (and update its statistics at the next step).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _init_weights(module: nn.Module) -> None:

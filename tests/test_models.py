@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from gradreg.models import MODELS, Classifier, ResNet50, create_classifier, load_pretrained
+from gradreg.models import MODELS, Classifier, ResNet50, create_classifier, eval_mode, load_pretrained
 
 TORCHVISION = {"resnet50", "densenet121"}
 FEATURE_DIM = {
@@ -189,3 +189,21 @@ def test_wrn_dropout_is_active_only_in_train_mode() -> None:
     model.train()
     with torch.no_grad():
         assert not torch.allclose(model(x), model(x))
+
+
+def test_eval_mode_restores_each_modules_own_mode_even_on_error() -> None:
+    model = create_classifier("small_cnn", 3, width=4).train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in frozen:  # fine-tuning with frozen BatchNorm statistics
+        bn.eval()
+    before = [m.training for m in model.modules()]
+
+    def fail() -> None:
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        fail()
+    assert frozen
+    assert [m.training for m in model.modules()] == before

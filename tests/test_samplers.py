@@ -27,7 +27,6 @@ from gradreg.samplers import (
     POEMSampler,
     cluster_extremes,
     cluster_select,
-    eval_mode,
     forward_candidates,
     kmeans,
     kmeans_plusplus,
@@ -220,18 +219,6 @@ def test_dos_score_auto_needs_num_classes_and_reads_the_absent_class():
     with pytest.raises(RegistryError, match="valid"):
         SAMPLERS.build({"name": "dos", "clusters": 3})
 
-
-def test_eval_mode_restores_modes_on_error():
-    model = _model()
-
-    def fail():
-        with eval_mode(model):
-            assert not model.training
-            raise RuntimeError
-
-    with pytest.raises(RuntimeError):
-        fail()
-    assert model.training
 
 
 class _Pool(Dataset):

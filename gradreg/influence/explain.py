@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from gradreg.influence.objective import Batch, TrainLoss, _eval_mode, select_parameters
+from gradreg.influence.objective import Batch, TrainLoss, select_parameters
 from gradreg.influence.solvers import inverse_hvp, make_hvp, per_sample_gradients, score_gradients, top_eigenvalue
+from gradreg.models import eval_mode
 from gradreg.scorers.base import Scorer
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def explain(
     names = select_parameters(model, params)
     like = dict(model.named_parameters())[names[0]].detach()
     gen = torch.Generator().manual_seed(seed)
-    with torch.inference_mode(False), _eval_mode(model):
+    with torch.inference_mode(False), eval_mode(model):
         scores, test_grads = score_gradients(model, scorer, x_test.to(like).clone(), names)
 
         hess_in = _subset(len(id_dataset), hessian_points, gen)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,16 +20,6 @@ TrainLoss = Callable[[nn.Module, Batch], Tensor]
 """``train_loss(model, batch) -> scalar``: the training objective on one batch."""
 
 _HEAD = "fc"
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------------

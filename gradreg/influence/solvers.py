@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from gradreg.influence.objective import Batch, TrainLoss, _eval_mode, _Functional
+from gradreg.influence.objective import Batch, TrainLoss, _Functional
+from gradreg.models import eval_mode
 from gradreg.scorers.base import Scorer
 
 HVP = Callable[[Tensor], Tensor]
@@ -40,7 +41,7 @@ def make_hvp(model: nn.Module, train_loss: TrainLoss, batches: Sequence[Batch], 
     def hvp(v: Tensor) -> Tensor:
         vs = fn.unflatten(v)
         total = torch.zeros_like(v)
-        with _eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             for batch in batches:
                 params = {n: p.requires_grad_() for n, p in fn.params().items()}
                 loss = fn(params, batch)
@@ -68,7 +69,7 @@ def score_gradients(
     """
     fn = _Functional(model, lambda m, x: scorer.score(m, x).sum(), param_names)
     scores, rows = [], []
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         for x in x_test:
             params = {n: p.requires_grad_() for n, p in fn.params().items()}
             score = fn(params, x[None])
@@ -103,7 +104,7 @@ def per_sample_gradients(
         batch = (xi[None], yi[None], None) if part == "id" else (None, None, xi[None])
         return fn(p, batch)
 
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         if mode in ("auto", "vmap"):
             try:
                 out = vmap(grad(single), in_dims=(None, 0, 0 if part == "id" else None))(params, x, y)

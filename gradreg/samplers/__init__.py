@@ -46,7 +46,7 @@ Code: ``base.py`` (the :class:`OutlierSampler` interface, the registry, ``random
 """
 
 from gradreg.kmeans import kmeans, kmeans_plusplus
-from gradreg.samplers.base import SAMPLERS, OutlierSampler, RandomOutliers, eval_mode, forward_candidates
+from gradreg.samplers.base import SAMPLERS, OutlierSampler, RandomOutliers, forward_candidates
 from gradreg.samplers.cluster import DOSSampler, EnergyClusterSampler, cluster_extremes, cluster_select
 from gradreg.samplers.mining import NTOMSampler, POEMSampler, blr_posterior, thompson_sample
 
@@ -61,7 +61,6 @@ __all__ = [
     "blr_posterior",
     "cluster_extremes",
     "cluster_select",
-    "eval_mode",
     "forward_candidates",
     "kmeans",
     "kmeans_plusplus",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -13,24 +11,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from gradreg.losses import energy
+from gradreg.models import eval_mode
 from gradreg.registry import Registry
 
 if TYPE_CHECKING:
     from gradreg.data.outliers import OutlierStream
 
 Score = Literal["auto", "absent", "energy"]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module of ``model`` in eval mode and restore each one's own flag afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def forward_candidates(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,7 @@
 A scorer maps ``(model, x) -> Tensor[N]``, **higher = more in-distribution** (the ID-positive
 convention of the energy/GReg papers). Calling a scorer:
 
-- puts the model in eval mode and restores its previous mode afterwards;
+- puts the model in eval mode and restores each module's previous mode afterwards;
 - leaves parameter ``.grad`` untouched (gradients come from ``torch.autograd.grad`` or ``torch.func``);
 - works when the caller runs under ``torch.inference_mode()`` (Lightning's test loop): the input is
   cloned outside inference mode, because inference tensors can never join autograd
@@ -20,6 +20,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from gradreg.models import eval_mode
+
 
 class Scorer:
     """Base class of all scorers; see the module docstring for the contract."""
@@ -32,15 +34,10 @@ class Scorer:
 
     def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
         """Score ``x`` under the contract of the module docstring; shape (N,)."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode(False):
-                x = x.clone()  # an inference tensor cannot be used in autograd; a clone made here can
-                with torch.set_grad_enabled(self.needs_grad):
-                    return self.score(model, x).detach()
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.inference_mode(False):
+            x = x.clone()  # an inference tensor cannot be used in autograd; a clone made here can
+            with torch.set_grad_enabled(self.needs_grad):
+                return self.score(model, x).detach()
 
 
 class OutputScorer(Scorer):
