@@ -220,7 +220,6 @@ def test_dos_score_auto_needs_num_classes_and_reads_the_absent_class():
         SAMPLERS.build({"name": "dos", "clusters": 3})
 
 
-
 class _Pool(Dataset):
     """Images whose constant pixel value sets the model's score; items are (x, pool index)."""
 

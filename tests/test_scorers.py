@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
+from gradreg.double_backward import use_double_backward
 from gradreg.models import MODELS, Classifier, SmallCNN
 from gradreg.scorers import SCORERS, build, purview
 from gradreg.scorers.gaia import gaia_a_score, gaia_layers, gaia_z_score
@@ -159,6 +160,7 @@ def test_scorer_shape_finite_and_rows_independent(name: str, tiny: TinyCNN, batc
     torch.testing.assert_close(alone, scores[[0, 3]], **TIGHT)
     perm = torch.tensor([3, 0, 4, 1, 2])
     torch.testing.assert_close(scorer(tiny, batch[perm]), scores[perm], **TIGHT)
+    assert scorer(tiny, batch[:0]).shape == (0,)  # e.g. the last, filtered batch of a set
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -456,7 +458,9 @@ def test_purview_matches_per_sample_loop(
 
 @pytest.mark.parametrize("name", MODELS.names())
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels-last"])
-def test_purview_hooks_equal_vmap_on_every_registered_model(name: str, layout: torch.memory_format) -> None:
+def test_purview_hooks_equal_vmap_on_every_registered_model(
+    name: str, layout: torch.memory_format, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The closed forms on the real architectures (in-place residual additions, concatenations, strided 1x1
     # shortcuts, the ImageNet stems), in both layouts, with running statistics away from 0 and 1 so that
     # BatchNorm's centering matters. torch.func differentiates the same loss one sample at a time.
@@ -468,6 +472,13 @@ def test_purview_hooks_equal_vmap_on_every_registered_model(name: str, layout: t
             m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     expected = purview_layer_norms(model, x, method="vmap")
+    if layout == torch.channels_last:  # and with GReg's double-backward layers, as a GReg-trained model has them
+        use_double_backward(model, batchnorm_compile="off")
+
+    def no_fallback(model: nn.Module, x: Tensor, layers: list) -> Tensor:
+        raise AssertionError(f"closed-form layers took the torch.func route: {[n for n, _ in layers]}")
+
+    monkeypatch.setattr(purview, "_vmap_sq_norms", no_fallback)  # every layer of these models has a closed form
     got = purview_layer_norms(model.to(memory_format=layout), x.contiguous(memory_format=layout))
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=0.0)
 
@@ -587,6 +598,28 @@ def test_purview_falls_back_for_layer_calls_that_are_not_per_sample(batch: Tenso
     torch.testing.assert_close(norms, expected, **REF)
     assert expected[:, purview_layer_names(model).index("offset")].min() > 0
     assert torch.all(norms[:, purview_layer_names(model).index("unused")] == 0)
+
+
+class _WeightsUsedElsewhere(nn.Module):
+    """Closed-form layers the hooks cannot see whole: a convolution whose weight a functional call reuses, a
+    Linear tied (transposed) to a decoder, and a Linear called with its input as a keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.enc, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 3), nn.Linear(2, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.conv(x))
+        h = torch.tanh(F.conv2d(h, self.conv.weight, self.conv.bias, padding=1)).mean(dim=(2, 3))
+        h = h + F.linear(torch.tanh(self.enc(h)), self.enc.weight.T)
+        return self.head(input=h)
+
+
+def test_purview_falls_back_for_weights_used_outside_their_layer(batch: Tensor) -> None:
+    torch.manual_seed(0)
+    model = _WeightsUsedElsewhere().double()
+    expected = _purview_loop(model, batch)
+    torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
 
 
 def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:

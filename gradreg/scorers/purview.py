@@ -30,10 +30,11 @@ Convolutional Neural Networks with Differential Privacy", NeurIPS 2022): materia
 ``⟨D_iᵀD_i, U_iᵀU_i⟩`` from two T x T Gram matrices (T²·(O+K); small late feature maps, and
 ``‖δ_i‖²‖a_i‖²`` for a Linear on vectors). Each layer's norm is taken inside the backward, when its output
 gradient arrives, so that neither δ nor the layer input outlives the layer's own backward (peak memory
-close to that of a plain forward + input backward). Layers of any other type, layers whose weights are used
-outside their own ``forward``, and layers called on rows that are not the samples (a constant; samples x tokens
-folded into rows) or whose output no gradient reaches (frozen weights on a constant) fall back to ``torch.func``
-(``functional_call`` + ``vmap`` + ``grad``).
+close to that of a plain forward + input backward). Layers of any other type, layers whose weights are also
+used outside their own calls (tied weights, functional calls; found by counting each trainable parameter's
+uses in the autograd graph before the backward), and layers called with their input as a keyword, on rows
+that are not the samples (a constant; samples x tokens folded into rows) or whose output no gradient
+reaches (frozen weights on a constant) fall back to ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``).
 ``method="vmap"`` uses the fallback for every layer (a cross-check and a baseline).
 
 Deviation (sign): ALGORITHMS.md §5 expects large gradients for OOD inputs (ID score = −norm). With
@@ -362,6 +363,30 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
     return torch.cat(pieces)
 
 
+def _used_outside_their_calls(loss: Tensor, layers: dict[str, nn.Module], calls: dict[str, int]) -> set[str]:
+    """Names of ``layers`` with a parameter that enters the graph of ``loss`` more often than the layer's calls.
+
+    Each call of a closed-form layer uses each of its parameters once. Any further use (a weight tied to
+    another layer, or passed to a function outside the layer's ``forward``) adds a gradient that the layer's
+    output gradient does not carry. Frozen parameters are not in the graph, so their extra uses go unseen.
+    """
+    uses: dict[Tensor, int] = {}
+    seen, stack = {loss.grad_fn}, [loss.grad_fn]
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf, e.g. a parameter
+            if variable is not None:
+                uses[variable] = uses.get(variable, 0) + 1
+            elif node is not None and node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return {
+        name
+        for name, m in layers.items()
+        if any(uses.get(p, 0) > calls.get(name, 0) for p in m.parameters(recurse=False))
+    }
+
+
 def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Module]]) -> dict[str, Tensor]:
     """:func:`_layer_sq_norm` of every closed-form layer, from one forward and one backward to the input.
 
@@ -369,11 +394,13 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     the gradient and the layer's input are freed as the backward proceeds (keeping every output gradient
     until the end doubled ResNet-50's peak memory). A layer called more than once first sums the
     gradients of its calls, after the backward. Keyed by layer name; absent: layers without a closed form,
-    never called, or with a call that is not per sample (see ``forward_hook``).
+    never called, with a call that is not per sample (see ``forward_hook``), or whose parameters are also
+    used outside its calls.
     """
     closed = {name: m for name, m in layers if _has_closed_form(m)}
     records: dict[str, list[list]] = {}  # name -> one [input, its version, output gradient] per call
-    not_per_sample: set[str] = set()
+    num_calls: dict[str, int] = {}
+    fallback: set[str] = set()  # layers left to torch.func
     norms: dict[str, Tensor] = {}
 
     def calls(name: str) -> list[tuple[Tensor, Tensor]]:
@@ -385,18 +412,19 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     def on_output_grad(name: str, module: nn.Module, record: list, grad: Tensor) -> None:
         record[2] = grad
         # The forward is over, so the number of calls is final.
-        if len(records[name]) == 1 and name not in not_per_sample:
+        if len(records[name]) == 1 and name not in fallback:
             norms[name] = _layer_sq_norm(module, calls(name))
             del records[name]
             record.clear()  # the hook outlives this call: drop its references to the tensors
 
     def forward_hook(name: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        a = inputs[0].detach()
-        if a.shape[0] != x.shape[0] or not output.requires_grad:
-            # Its rows are not the samples (a constant, or samples x tokens folded into rows), or no gradient
-            # reaches its output (frozen weights on a constant): the closed forms do not apply, torch.func does.
-            not_per_sample.add(name)
+        num_calls[name] = num_calls.get(name, 0) + 1
+        if not inputs or inputs[0].shape[0] != x.shape[0] or not output.requires_grad:
+            # Its input came as a keyword, its rows are not the samples (a constant, or samples x tokens folded
+            # into rows), or no gradient reaches its output (frozen weights on a constant): torch.func handles it.
+            fallback.add(name)
             return
+        a = inputs[0].detach()
         record = [a, a._version, None]
         records.setdefault(name, []).append(record)
         # A tensor hook sees the gradient w.r.t. the returned value even if a later op modifies it
@@ -409,12 +437,13 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
             # The backward runs down to the input so that it reaches every layer's output hook.
             x_in = x.detach().requires_grad_(True)
             loss = confounding_loss(model(x_in)).sum()
+            fallback.update(_used_outside_their_calls(loss, closed, num_calls))
             torch.autograd.grad(loss, x_in)
     finally:
         for handle in handles:
             handle.remove()
     # Layers called more than once, and layers whose output never got a gradient (zero).
-    for name in records.keys() - not_per_sample:
+    for name in records.keys() - fallback:
         used = calls(name)
         norms[name] = _layer_sq_norm(closed[name], used) if used else x.new_zeros(x.shape[0])
     return norms
@@ -433,14 +462,16 @@ def purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod = "ho
         Tensor of shape (N, L); column ``l`` belongs to ``purview_layer_names(model)[l]``.
     """
     layers = purview_layers(model)
+    if method not in ("hooks", "vmap"):
+        raise ValueError(f"unknown purview method '{method}'; valid: hooks, vmap")
+    if x.shape[0] == 0:
+        return x.new_zeros(0, len(layers))
     if method == "vmap":
         return _vmap_sq_norms(model, x, layers)
-    if method != "hooks":
-        raise ValueError(f"unknown purview method '{method}'; valid: hooks, vmap")
 
     norms = _closed_form_sq_norms(model, x, layers)
     columns: list[Tensor | None] = [norms.get(name) for name, _ in layers]
-    # No closed form, weights used outside the module's forward, or a call that is not per sample: torch.func.
+    # No closed form, a call that is not per sample, or weights also used outside the layer's calls: torch.func.
     fallback = [(name, m) for name, m in layers if name not in norms]
     if fallback:
         slow = _vmap_sq_norms(model, x, fallback).unbind(dim=1)
