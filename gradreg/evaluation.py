@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from gradreg import metrics, scorers
 from gradreg.models import eval_mode
+from gradreg.registry import SettingError
 from gradreg.scorers import OutputScorer, Scorer
 
 ScorerSpec = str | Mapping[str, Any]
@@ -25,7 +26,12 @@ ScorerSpec = str | Mapping[str, Any]
 
 def scorer_key(spec: ScorerSpec) -> str:
     """Display name of a scorer spec: its ``alias`` if given, else its registry name."""
-    return spec if isinstance(spec, str) else str(spec.get("alias", spec.get("name")))
+    if isinstance(spec, str):
+        return spec
+    key = spec.get("alias", spec.get("name"))
+    if not isinstance(key, str) or not key:
+        raise SettingError(f"a scorer's alias must be a non-empty name, got {key!r} in {dict(spec)}")
+    return key
 
 
 def build_scorers(specs: Sequence[ScorerSpec]) -> dict[str, Scorer]:
@@ -34,7 +40,10 @@ def build_scorers(specs: Sequence[ScorerSpec]) -> dict[str, Scorer]:
     for spec in specs:
         key = scorer_key(spec)
         if key in built:
-            raise ValueError(f"scorer '{key}' is listed twice; give one of them an 'alias'")
+            raise SettingError(
+                f"two scorers are named '{key}'; give them distinct aliases "
+                f"(evaluate.py: NAME:alias={key}_2; configs: alias: {key}_2)"
+            )
         built[key] = scorers.build(spec if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "alias"})
     return built
 

@@ -17,6 +17,10 @@ class RegistryError(KeyError):
         return str(self.args[0])
 
 
+class SettingError(RegistryError):
+    """A known setting with a value of the wrong type or out of range; the message names it."""
+
+
 class Registry(Generic[T]):
     """Map short names to factories (classes or functions).
 
@@ -82,4 +86,7 @@ class Registry(Generic[T]):
                 f"unknown setting(s) {', '.join(unknown)} for {self.kind} '{name}'; "
                 f"valid: {', '.join(valid) or '(none)'}"
             )
-        return self.get(name)(**settings)
+        try:
+            return self.get(name)(**settings)
+        except SettingError as err:
+            raise SettingError(f"{self.kind} '{name}': {err}") from None

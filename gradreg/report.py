@@ -93,8 +93,22 @@ def parse_scorer(text: str) -> str | dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"scorer setting '{item}' in '{text}' is not key=value; e.g. odin:temperature=1000")
-        settings[key] = yaml.safe_load(value)
+        settings[key] = _yaml_value(value)
     return {"name": name, **settings}
+
+
+def _yaml_value(text: str) -> Any:
+    """A command-line value read as YAML, except that numbers such as ``1e3`` and ``1e-3`` are numbers.
+
+    PyYAML follows YAML 1.1, which reads an exponent without a dot and a sign as a string.
+    """
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------------

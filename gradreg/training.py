@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -98,11 +99,19 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
         raise UserError(_one_line(err)) from None
 
 
+# A SettingError as Registry.build words it: "scorer 'odin': temperature=0 must be > 0.0".
+_BAD_SETTING = re.compile(r"^[a-z][a-z ]* '[^']+': \w+=")
+
+
 def _one_line(err: BaseException) -> str:
     """Condense a (possibly nested, multi-line) jsonargparse error into its most specific line."""
     lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")] or [type(err).__name__]
-    ours = [line for line in lines if (line.startswith("unknown ") and "known:" in line) or "valid:" in line]
-    if ours:  # a registry error (unknown scorer, sampler, dataset, setting) names the valid choices
+    ours = [
+        line
+        for line in lines
+        if (line.startswith("unknown ") and "known:" in line) or "valid:" in line or _BAD_SETTING.match(line)
+    ]
+    if ours:  # a registry error (unknown scorer, sampler, dataset, setting; a bad value) names the fix
         return ours[0]
     if lines[0].startswith("Parser key") and len(lines) > 1:  # 'Parser key "model.method":' + 'Expected ...'
         return f"{lines[0]} {lines[1]}"

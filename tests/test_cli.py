@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gradreg.cli import evaluate_main, train_main
+from gradreg.report import parse_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
@@ -199,6 +200,32 @@ def test_bad_checkpoints(trained: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
     proc = run_inprocess(evaluate_main, [str(good), "--scorers", "gradnrom"], capsys)
     assert_one_line_error(proc, "gradnrom", "gradnorm")
+
+    # Bad scorer settings stop before any output folder is made.
+    before = sorted(good.parent.iterdir())
+    proc = run_inprocess(evaluate_main, [str(good), "--scorers", "odin:temperature=abc"], capsys)
+    assert_one_line_error(proc, "scorer 'odin'", "temperature='abc' is not a number")
+    proc = run_inprocess(evaluate_main, [str(good), "--scorers", "odin", "odin:temperature=10"], capsys)
+    assert_one_line_error(proc, "two scorers are named 'odin'", "alias")
+    assert sorted(good.parent.iterdir()) == before
+
+
+def test_scorer_settings_on_the_command_line_read_exponents_as_numbers() -> None:
+    # PyYAML (YAML 1.1) alone reads 1e3 and 1e-3 as strings.
+    assert parse_scorer("odin:temperature=1e3,epsilon=1e-3") == {"name": "odin", "temperature": 1e3, "epsilon": 1e-3}
+    assert parse_scorer("margin:subspace=low,block_size=4") == {"name": "margin", "subspace": "low", "block_size": 4}
+    assert parse_scorer("energy") == "energy"
+
+
+def test_bad_scorer_setting_in_config_stops_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad_scorer.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: gradreg.callbacks.OODEvalCallback\n"
+        "      init_args:\n        scorers: [msp, {name: odin, temperature: 0}]\n"
+    )
+    proc = train_inprocess(tmp_path, capsys, "--config", str(config))
+    assert_one_line_error(proc, "scorer 'odin'", "temperature=0 must be > 0")
+    assert not list(tmp_path.glob("runs/*/*.ckpt"))
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import weakref
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from gradreg.double_backward import use_double_backward
 from gradreg.models import MODELS, Classifier, SmallCNN
+from gradreg.registry import SettingError
 from gradreg.scorers import SCORERS, build, purview
 from gradreg.scorers.gaia import gaia_a_score, gaia_layers, gaia_z_score
 from gradreg.scorers.gradnorm import exgrad_score, gradnorm_score
@@ -220,6 +222,32 @@ def test_build_rejects_unknown_names_and_settings() -> None:
         build({"name": "margin", "iters": 3})
     assert build({"name": "odin", "temperature": 10.0}).temperature == 10.0
     assert {"odin", "gradnorm", "exgrad", "gaia_z", "gaia_a", "purview", "margin"} <= set(ALL)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "odin", "temperature": "abc"}, "temperature='abc' is not a number"),
+        ({"name": "odin", "temperature": "1e3"}, "temperature='1e3' is not a number (YAML reads it as text"),
+        ({"name": "odin", "temperature": 0}, "temperature=0 must be > 0"),
+        ({"name": "msp", "temperature": math.nan}, "temperature=nan must be > 0"),
+        ({"name": "odin", "epsilon": -0.5}, "epsilon=-0.5 must be >= 0"),
+        ({"name": "gradnorm", "temperature": True}, "temperature=True is not a number"),
+        ({"name": "margin", "top_k": 1}, "top_k=1 must be >= 2"),
+        ({"name": "margin", "max_iter": 2.5}, "max_iter=2.5 is not an integer"),
+        ({"name": "margin", "block_size": 0}, "block_size=0 must be >= 1"),
+        ({"name": "margin", "subspace": "mid"}, "subspace='mid' is not one of full, low, high"),
+        ({"name": "purview", "method": "Hooks"}, "method='Hooks' is not one of hooks, vmap"),
+    ],
+)
+def test_build_rejects_bad_setting_values(spec: dict, message: str) -> None:
+    with pytest.raises(SettingError, match=rf"^scorer '{spec['name']}': {re.escape(message)}"):
+        build(spec)
+
+
+def test_build_accepts_integers_for_numbers_and_none_where_optional() -> None:
+    assert build({"name": "odin", "temperature": 1000}).temperature == 1000
+    assert build({"name": "margin", "block_size": None, "max_iter": 1}).block_size is None
 
 
 def test_scorers_are_frozen_dataclasses() -> None:

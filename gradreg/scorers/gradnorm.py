@@ -27,6 +27,7 @@ gradient, so the ID score is **−ExGrad**; this ranks ID digits above uniform n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -94,6 +95,7 @@ class GradNorm(OutputScorer):
     """GradNorm in closed form; ``temperature`` is the paper's ``T``."""
 
     temperature: float = 1.0
+    lower_bounds: ClassVar[dict[str, tuple[str, float]]] = {"temperature": (">", 0.0)}
 
     def score_outputs(self, features: Tensor, logits: Tensor) -> Tensor:  # noqa: D102
         return gradnorm_score(features, logits, self.temperature)

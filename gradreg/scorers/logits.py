@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -50,6 +51,7 @@ class MSP(OutputScorer):
     """Maximum softmax probability (optionally temperature-scaled)."""
 
     temperature: float = 1.0
+    lower_bounds: ClassVar[dict[str, tuple[str, float]]] = {"temperature": (">", 0.0)}
 
     def score_outputs(self, features: Tensor, logits: Tensor) -> Tensor:  # noqa: D102
         return msp_score(logits, self.temperature)
@@ -70,6 +72,7 @@ class Energy(OutputScorer):
     """Negative free energy with temperature ``T`` (default 1, as in the energy and GReg papers)."""
 
     temperature: float = 1.0
+    lower_bounds: ClassVar[dict[str, tuple[str, float]]] = {"temperature": (">", 0.0)}
 
     def score_outputs(self, features: Tensor, logits: Tensor) -> Tensor:  # noqa: D102
         return energy_score(logits, self.temperature)

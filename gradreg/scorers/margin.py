@@ -198,6 +198,12 @@ class Margin(Scorer):
     overshoot: float = 0.02
     max_iter: int = 20
     needs_grad: ClassVar[bool] = True
+    lower_bounds: ClassVar[dict[str, tuple[str, float]]] = {
+        "block_size": (">=", 1),
+        "top_k": (">=", 2),  # the predicted class and at least one to cross to
+        "overshoot": (">=", 0.0),
+        "max_iter": (">=", 1),
+    }
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
         return deepfool_margin(model, x, self.subspace, self.block_size, self.top_k, self.overshoot, self.max_iter)

@@ -74,6 +74,7 @@ class ODIN(Scorer):
     temperature: float = 1000.0
     epsilon: float = 0.0014
     needs_grad: ClassVar[bool] = True
+    lower_bounds: ClassVar[dict[str, tuple[str, float]]] = {"temperature": (">", 0.0), "epsilon": (">=", 0.0)}
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
         return odin_score(model, x, self.temperature, self.epsilon)
