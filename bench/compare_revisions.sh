@@ -5,7 +5,10 @@
 # enough; compare the distributions.
 # Usage, from the repository root:
 #   bash bench/compare_revisions.sh export REV [REV ...]   # here: trees of gradreg/ and bench/ in bench/.revs/REV
+#                                                          # (replaces any earlier export)
 #   bash bench/compare_revisions.sh run ROUNDS SCRIPT [ARGS ...]   # there (carry bench/.revs): every tree, ROUNDS times
+# The trees run in one order in odd rounds and in the reverse order in even ones. Every tree gets the same ARGS, so
+# read the printed tables (an --out or --json file would keep only the last process's).
 # Example: export 2869c98^ HEAD, then on the GPU machine:
 #   bash bench/compare_revisions.sh run 4 bench/scorers.py --device cuda --scorers purview --skip-loops
 set -euo pipefail
@@ -13,6 +16,7 @@ root=bench/.revs
 case "${1:-}" in
   export)
     shift
+    rm -rf "$root"
     for rev in "$@"; do
       name=$(git rev-parse --short "$rev")
       mkdir -p "$root/$name"
@@ -23,8 +27,13 @@ case "${1:-}" in
   run)
     rounds=$2 script=$3
     shift 3
+    trees=("$root"/*/)
     for ((i = 1; i <= rounds; i++)); do
-      for tree in "$root"/*/; do
+      order=("${trees[@]}")
+      if ((i % 2 == 0)); then
+        for ((j = 0; j < ${#trees[@]}; j++)); do order[j]=${trees[${#trees[@]} - 1 - j]}; done
+      fi
+      for tree in "${order[@]}"; do
         echo "== round $i, tree ${tree%/}"
         # Each script puts its own tree first on sys.path (bench scripts insert their parent checkout).
         PYTHONUNBUFFERED=1 "${PYTHON:-python3}" "$tree$script" "$@"

@@ -38,6 +38,7 @@ from scorers import (
     time_interleaved,
 )
 
+from gradreg.double_backward import original_type
 from gradreg.models import MODELS
 from gradreg.scorers import purview
 
@@ -116,12 +117,14 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> t
     rows: dict[tuple, dict] = {}
     for _, m in layers:
         m_calls = calls.get(m, [])
-        if type(m) not in (nn.Linear, nn.Conv2d) or len(m_calls) != 1:
+        kind = original_type(m)  # GReg's double-backward layers count as their originals, as in purview
+        if kind not in (nn.Linear, nn.Conv2d) or len(m_calls) != 1:
             continue
         d = m_calls[0][1]
         groups, positions, k, o = purview._factor_shape(m, d)
-        stride = getattr(m, "stride", (1, 1))[0]
-        key = (type(m).__name__, groups, positions, k, o, stride)
+        # Layers alike in every setting that changes the work are timed once and counted.
+        geometry = tuple(getattr(m, a, None) for a in ("kernel_size", "stride", "padding", "dilation"))
+        key = (kind.__name__, groups, positions, k, o, geometry)
         shapes[key] += 1
         if key in rows:
             continue
@@ -152,7 +155,7 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> t
 def markdown(rows: list[dict]) -> str:
     """One table row per layer shape, then per-model totals (ms per batch, summed over layers)."""
     lines = [
-        "| model | layer (type, g, T, K, O, stride) | count | unfold ms | grouped ms | ghost ms | default | fastest |",
+        "| model | layer (type, g, T, K, O, (kernel, stride, padding, dilation)) | count | unfold ms | grouped ms | ghost ms | default | fastest |",
         "|---|---|---|---|---|---|---|---|",
     ]
     totals: dict[str, Counter] = {}

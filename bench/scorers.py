@@ -2,8 +2,8 @@
 
 Everything is measured in one process on the same random batch, model in eval mode, random weights:
 
-- floors: a plain forward (no grad), and a forward plus one backward to the input (what ODIN or any
-  input-gradient scorer needs at least);
+- floors: a plain forward (no grad), a forward plus one backward to the input (what any input-gradient
+  scorer needs at least), and that plus a second forward (ODIN's own floor: it scores the perturbed input);
 - scorers: every name in ``gradreg.scorers.SCORERS`` with its default settings, on the whole batch;
 - per-sample loops (timed on ``--loop-samples`` images, reported per image): GradNorm as the official
   code runs it (batch 1, forward + full backward, L1 norm of the last-layer weight gradient, next to
@@ -115,25 +115,46 @@ def input_backward_floor(model: nn.Module, x: Tensor) -> None:
     torch.autograd.grad(model(x).amax(dim=1).sum(), x)
 
 
+def odin_floor(model: nn.Module, x: Tensor) -> None:
+    """Forward, backward to the input, forward of the moved input: ODIN's own floor."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(x).amax(dim=1).sum(), x)
+    with torch.no_grad():
+        model(x - grad)
+
+
 def gradnorm_official_loop(model: nn.Module, x: Tensor) -> None:
-    """GradNorm as ``gradnorm_ood/test_ood.py`` runs it: batch 1, full backward, L1 of the fc weight grad."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    index = next(i for i, p in enumerate(params) if p is model.fc.weight)
+    """GradNorm as ``gradnorm_ood/test_ood.py::iterate_data_gradnorm`` runs it, step by step.
+
+    Batch 1, an input that requires grad, ``zero_grad``, all-ones target, ``loss.backward()`` through every
+    parameter, L1 norm of the fc weight gradient copied to the host.
+    """
     for xi in x:
-        logits = model(xi.unsqueeze(0))
-        loss = torch.sum(-F.log_softmax(logits, dim=-1), dim=-1).mean()  # all-ones target, T = 1
-        # Gradients of every parameter, as loss.backward() in the official loop computes them.
-        grads = torch.autograd.grad(loss, params)
-        grads[index].abs().sum().item()
+        inputs = xi.unsqueeze(0).requires_grad_(True)
+        model.zero_grad()
+        outputs = model(inputs)
+        targets = torch.ones((1, outputs.shape[1]), device=x.device)
+        loss = torch.mean(torch.sum(-targets * F.log_softmax(outputs, dim=-1), dim=-1))  # T = 1
+        loss.backward()
+        model.fc.weight.grad.abs().sum().item()
+    model.zero_grad()  # no gradients left behind in the other cases' memory
 
 
-def all_layer_norms_loop(model: nn.Module, x: Tensor) -> None:
-    """Per-sample squared gradient norm of every layer, one sample at a time (the naive baseline)."""
-    groups = [list(m.parameters(recurse=False)) for _, m in purview_layers(model)]
-    flat = [p for group in groups for p in group]
+def all_layer_norms_loop(model: nn.Module, x: Tensor) -> Tensor:
+    """Per-sample squared gradient norm of every layer, one sample at a time (the naive baseline), (N, L).
+
+    Kept lean, so that the ratio measures the batching and not the reduction: fused per-tensor norms
+    (``torch._foreach_norm``, as ``clip_grad_norm_`` uses), one sum per layer, no host sync inside the loop.
+    """
+    layers = [list(m.parameters(recurse=False)) for _, m in purview_layers(model)]
+    flat = [p for params in layers for p in params]
+    layer_of = torch.tensor([i for i, params in enumerate(layers) for _ in params], device=x.device)
+    rows = []
     for xi in x:
-        grads = iter(torch.autograd.grad(confounding_loss(model(xi.unsqueeze(0))).sum(), flat))
-        torch.stack([sum(next(grads).square().sum() for _ in group) for group in groups]).cpu()
+        grads = torch.autograd.grad(confounding_loss(model(xi.unsqueeze(0))).sum(), flat)
+        sq = torch.stack(torch._foreach_norm(grads)).square()
+        rows.append(sq.new_zeros(len(layers)).index_add_(0, layer_of, sq))
+    return torch.stack(rows)
 
 
 def backpack_layer_norms(extended: nn.Module, layers: list[nn.Module], x: Tensor) -> Tensor:
@@ -183,6 +204,7 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> l
     cases: list[tuple[str, str, Callable[[], object], int]] = [
         ("floor", "forward", lambda: forward_floor(model, x), batch),
         ("floor", "forward + input backward", lambda: input_backward_floor(model, x), batch),
+        ("floor", "forward + input backward + forward", lambda: odin_floor(model, x), batch),
     ]
     scorers = {n: build(n) for n in args.scorers}
     cases += [("scorer", n, lambda s=s: s(model, x), batch) for n, s in scorers.items()]
@@ -212,16 +234,17 @@ def markdown_tables(rows: list[dict]) -> str:
         "| model | per-sample method | us / image | batched counterpart | loop / batched |",
         "|---|---|---|---|---|",
     ]
-    by_model: dict[str, dict[str, dict]] = {}
+    by_model: dict[str, dict[str, dict]] = {}  # keyed by name:batch:size, so a model may appear twice
     for r in rows:
-        by_model.setdefault(r["model"], {})[r["name"]] = r
+        by_model.setdefault(f"{r['model']}:{r['batch']}:{r['size']}", {})[r["name"]] = r
     counterpart = {
         "gradnorm, official batch-1 loop": "gradnorm",
         "all-layer norms, batch-1 loop": "purview",
         "all-layer norms, torch.func.vmap": "purview",
         "all-layer norms, BackPACK BatchL2Grad": "purview",
     }
-    for model, named in by_model.items():
+    for key, named in by_model.items():
+        model = key.split(":")[0]
         fwd = named["forward"]["us_per_image"]
         bwd = named["forward + input backward"]["us_per_image"]
         for r in named.values():
@@ -326,8 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{env}\n`{command}`\n\n{tables}")
     if args.out:
         args.out.write_text(f"{env}\n`{command}`\n\n{tables}\n")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    if args.json:  # strict JSON: no NaN (CPU rows have no peak memory)
+        clean = [{k: None if v != v else v for k, v in r.items()} for r in rows]
+        args.json.write_text(json.dumps(clean, indent=1))
 
 
 if __name__ == "__main__":
