@@ -155,7 +155,8 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> t
 def markdown(rows: list[dict]) -> str:
     """One table row per layer shape, then per-model totals (ms per batch, summed over layers)."""
     lines = [
-        "| model | layer (type, g, T, K, O, (kernel, stride, padding, dilation)) | count | unfold ms | grouped ms | ghost ms | default | fastest |",
+        "| model | layer (type, g, T, K, O, (kernel, stride, padding, dilation)) | count "
+        "| unfold ms | grouped ms | ghost ms | default | fastest |",
         "|---|---|---|---|---|---|---|---|",
     ]
     totals: dict[str, Counter] = {}
