@@ -301,7 +301,9 @@ def environment_line(device: str, threads: int) -> str:
         where = torch.cuda.get_device_name(torch.device(device))
     else:
         where = f"CPU ({platform.processor() or platform.machine()}, {threads or torch.get_num_threads()} threads)"
-    return f"{where}; torch {torch.__version__}; float32, eval mode, random weights; median per call"
+    tf32 = device.startswith("cuda") and torch.backends.cudnn.allow_tf32  # cuDNN's default for float32 convolutions
+    precision = "float32 (TF32 convolutions)" if tf32 else "float32"
+    return f"{where}; torch {torch.__version__}; {precision}, eval mode, random weights; median per call"
 
 
 def main(argv: list[str] | None = None) -> None:
