@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -35,7 +36,8 @@ class OODEvalCallback(Callback):
 
     Args:
         scorers: scorer specs (names or ``{name: ..., **settings}``), see ``gradreg.scorers``.
-        every_n_epochs: evaluate after every n-th validation during ``fit``.
+        every_n_epochs: during ``fit``, evaluate after the validation of epochs n, 2n, 3n, ... (counting from 1;
+            with ``check_val_every_n_epoch`` > 1, only where both fall on the same epoch).
         max_samples: score at most this many images per set (the first ones; keeps big sets cheap).
         histograms: log score histograms when the logger supports them.
         cache_mb: keep the transformed evaluation images (deterministic: no augmentation) in memory up to this
@@ -57,6 +59,8 @@ class OODEvalCallback(Callback):
         self.histograms = histograms
         self.cache_mb = cache_mb
         self._cache: dict[tuple[str, str], list[tuple[Tensor, Tensor]]] = {}
+        self._cached_datamodule: object | None = None  # the cache holds this datamodule's images
+        self._warned_no_ood: set[str] = set()
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
         if trainer.sanity_checking:
@@ -75,7 +79,12 @@ class OODEvalCallback(Callback):
         if batches is None:
             shard = Subset(dataset, range(trainer.global_rank, n, trainer.world_size))
             dm = trainer.datamodule
-            batches = self._remember(key, DataLoader(shard, batch_size=dm.eval_batch_size, num_workers=dm.num_workers))
+            # A loader draws its base seed from the global generator when it starts: give it its own, so that a
+            # run with this callback shuffles and augments exactly as a run without it.
+            loader = DataLoader(
+                shard, batch_size=dm.eval_batch_size, num_workers=dm.num_workers, generator=torch.Generator()
+            )
+            batches = self._remember(key, loader)
         local = score_loader(pl_module.model, batches, self.scorers, pl_module.device, pl_module.num_classes)
         return local if trainer.world_size == 1 else _gather(trainer, local, n)
 
@@ -97,12 +106,22 @@ class OODEvalCallback(Callback):
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, split: str) -> dict[str, Any]:
         """Score ID ``split`` and every OOD set of that split; log and return the metrics."""
         dm = trainer.datamodule
+        if dm is not self._cached_datamodule:  # the cache is keyed by set name: a new datamodule starts afresh
+            self._cache.clear()
+            self._cached_datamodule = dm
         id_scores = self._score(trainer, pl_module, dm.id_dataset_for(split), (split, "id"))
         per_set: dict[str, dict[str, dict[str, float]]] = {}
         ood_scores: dict[str, ScoredSet] = {}
         for name, dataset in dm.ood_datasets(split).items():
             ood_scores[name] = self._score(trainer, pl_module, dataset, (split, name))
             per_set[name] = set_metrics(id_scores, ood_scores[name])
+        if not per_set and split not in self._warned_no_ood:
+            self._warned_no_ood.add(split)
+            rank_zero_warn(
+                f"OODEvalCallback: the datamodule has no OOD {split} sets "
+                f"({'data.ood_val_sets' if split == 'val' else 'data.ood_sets'} is empty), so no ood/* metrics are "
+                "logged; list some there to monitor OOD detection"
+            )
         per_set_and_mean = {**per_set, "mean": mean_metrics(per_set)} if per_set else {}
         logged = {
             f"ood/{name}/{scorer}/{metric}": values[metric]

@@ -8,6 +8,8 @@ Metrics are computed once over the raw scores of a whole set (``gradreg.metrics`
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,8 +104,18 @@ def score_loader(
 
 
 def set_metrics(id_set: ScoredSet, ood_set: ScoredSet) -> dict[str, dict[str, float]]:
-    """``{scorer: {auroc, fpr95, fpr95_oodpos, aupr_in, aupr_out}}`` of an ID set against one OOD set."""
-    return {k: metrics.ood_metrics(id_set.scores[k], ood_set.scores[k]) for k in id_set.scores}
+    """``{scorer: {auroc, fpr95, fpr95_oodpos, aupr_in, aupr_out}}`` of an ID set against one OOD set.
+
+    A scorer whose scores are not all finite gets NaN metrics and a warning that names it; the others keep theirs.
+    """
+    out = {}
+    for key in id_set.scores:
+        try:
+            out[key] = metrics.ood_metrics(id_set.scores[key], ood_set.scores[key])
+        except ValueError as err:
+            warnings.warn(f"scorer '{key}': {err}; its metrics are NaN", stacklevel=2)
+            out[key] = dict.fromkeys(metrics.OOD_METRICS, math.nan)
+    return out
 
 
 def mean_metrics(per_set: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:

@@ -228,6 +228,9 @@ def aupr_out(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
     return _average_precision(-as_scores(ood_scores, "ood_scores"), -as_scores(id_scores, "id_scores"))
 
 
+OOD_METRICS = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
+
+
 def ood_metrics(id_scores: ArrayLike, ood_scores: ArrayLike) -> dict[str, float]:
     """All OOD metrics of one (ID set, OOD set, scorer) triple.
 

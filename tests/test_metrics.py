@@ -243,3 +243,16 @@ def test_scores_near_100_in_batches_of_one_match_full_set_and_rescaled(
     assert rescaled == full
     # And a sigmoid applied to these saturates in float32: exactly the collapse our metrics avoid.
     assert torch.sigmoid(id_full).eq(1.0).all()
+
+
+def test_set_metrics_gives_nan_to_a_scorer_with_non_finite_scores_only() -> None:
+    from gradreg.evaluation import ScoredSet, set_metrics
+
+    rng = np.random.default_rng(0)
+    id_set = ScoredSet({"msp": rng.normal(1, 1, 20), "broken": np.r_[np.nan, rng.normal(size=19)]})
+    ood_set = ScoredSet({"msp": rng.normal(0, 1, 30), "broken": rng.normal(size=30)})
+    with pytest.warns(UserWarning, match=r"scorer 'broken': id_scores contains 1 non-finite value"):
+        result = set_metrics(id_set, ood_set)
+    assert result["msp"] == ood_metrics(id_set.scores["msp"], ood_set.scores["msp"])
+    assert set(result["broken"]) == set(result["msp"])
+    assert all(math.isnan(v) for v in result["broken"].values())

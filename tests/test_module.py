@@ -198,3 +198,43 @@ def test_callback_cache_gives_the_same_numbers_and_respects_its_cap() -> None:
     assert logged[0] == logged[1] == logged[2]
     assert set(cached._cache) == {("val", "id"), ("val", "digits_heldout"), ("val", "noise")}
     assert not uncached._cache
+
+
+def _fake_trainer(dm: OODDataModule):
+    class FakeTrainer:
+        datamodule, global_rank, world_size, is_global_zero, loggers, global_step = dm, 0, 1, True, [], 0
+
+    return FakeTrainer()
+
+
+def test_callback_leaves_the_global_rng_alone() -> None:
+    # A loader draws its base seed from the global generator; drawing it would change the next epoch's shuffling.
+    model, dm = make("ce")
+    model.log_dict = lambda values, **kw: None
+    state = torch.get_rng_state()
+    OODEvalCallback(scorers=["energy", "odin"], cache_mb=0).evaluate(_fake_trainer(dm), model, "val")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_callback_cache_starts_afresh_for_another_datamodule() -> None:
+    model, _ = make("ce")
+    logged: list[dict] = []
+    model.log_dict = lambda values, **kw: logged.append(dict(values))
+    uniform = OODDataModule(batch_size=32, augment="none")
+    gaussian = OODDataModule(batch_size=32, augment="none", ood_val_sets=[{"name": "noise", "kind": "gaussian"}])
+    callback = OODEvalCallback(scorers=["msp"])
+    callback.evaluate(_fake_trainer(uniform), model, "val")
+    callback.evaluate(_fake_trainer(gaussian), model, "val")
+    fresh = OODEvalCallback(scorers=["msp"])
+    fresh.evaluate(_fake_trainer(gaussian), model, "val")
+    key = "ood/noise/msp/auroc"
+    assert logged[1][key] == logged[2][key] != logged[0][key]
+
+
+def test_callback_warns_when_there_are_no_ood_sets() -> None:
+    model, _ = make("ce")
+    model.log_dict = lambda values, **kw: None
+    dm = OODDataModule(batch_size=32, augment="none", ood_val_sets=[])
+    callback = OODEvalCallback(scorers=["msp"])
+    with pytest.warns(UserWarning, match=r"no OOD val sets \(data.ood_val_sets is empty\)"):
+        callback.evaluate(_fake_trainer(dm), model, "val")
