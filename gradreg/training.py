@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import DatasetNotFoundError
 from gradreg.module import GradRegModule
+from gradreg.registry import RegistryError
 
 RUN_DIR_ENV = "GRADREG_RUN_DIR"
 DEFAULT_LOGGERS = [
@@ -99,20 +99,26 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
         raise UserError(_one_line(err)) from None
 
 
-# A SettingError as Registry.build words it: "scorer 'odin': temperature=0 must be > 0.0".
-_BAD_SETTING = re.compile(r"^[a-z][a-z ]* '[^']+': \w+=")
+def _registry_error(err: BaseException) -> RegistryError | None:
+    """The outermost :class:`RegistryError` behind ``err`` (jsonargparse wraps what a constructor raises)."""
+    queue, seen = [err], set()
+    while queue:
+        e = queue.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RegistryError):
+            return e
+        queue += [e.__cause__, e.__context__]
+    return None
 
 
 def _one_line(err: BaseException) -> str:
     """Condense a (possibly nested, multi-line) jsonargparse error into its most specific line."""
+    registry = _registry_error(err)
+    if registry is not None:  # an unknown scorer, sampler, dataset or setting, a bad value: its message names the fix
+        return str(registry)
     lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")] or [type(err).__name__]
-    ours = [
-        line
-        for line in lines
-        if (line.startswith("unknown ") and "known:" in line) or "valid:" in line or _BAD_SETTING.match(line)
-    ]
-    if ours:  # a registry error (unknown scorer, sampler, dataset, setting; a bad value) names the fix
-        return ours[0]
     if lines[0].startswith("Parser key") and len(lines) > 1:  # 'Parser key "model.method":' + 'Expected ...'
         return f"{lines[0]} {lines[1]}"
     return lines[0]

@@ -225,6 +225,9 @@ def test_bad_scorer_setting_in_config_stops_before_training(tmp_path: Path, caps
     )
     proc = train_inprocess(tmp_path, capsys, "--config", str(config))
     assert_one_line_error(proc, "scorer 'odin'", "temperature=0 must be > 0")
+    config.write_text(config.read_text().replace("{name: odin, temperature: 0}", "msp"))
+    proc = train_inprocess(tmp_path, capsys, "--config", str(config))
+    assert_one_line_error(proc, "two scorers are named 'msp'", "alias")
     assert not list(tmp_path.glob("runs/*/*.ckpt"))
 
 
