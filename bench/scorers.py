@@ -109,16 +109,15 @@ def forward_floor(model: nn.Module, x: Tensor) -> None:
         model(x)
 
 
-def input_backward_floor(model: nn.Module, x: Tensor) -> None:
-    """Forward plus one backward to the input (the cheapest input-gradient computation)."""
+def input_backward_floor(model: nn.Module, x: Tensor) -> Tensor:
+    """Forward plus one backward to the input (the cheapest input-gradient computation); returns the gradient."""
     x = x.detach().requires_grad_(True)
-    torch.autograd.grad(model(x).amax(dim=1).sum(), x)
+    return torch.autograd.grad(model(x).amax(dim=1).sum(), x)[0]
 
 
 def odin_floor(model: nn.Module, x: Tensor) -> None:
     """Forward, backward to the input, forward of the moved input: ODIN's own floor."""
-    x = x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(x).amax(dim=1).sum(), x)
+    grad = input_backward_floor(model, x)
     with torch.no_grad():
         model(x - grad)
 

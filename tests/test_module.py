@@ -181,12 +181,15 @@ def test_callback_in_fit_validate_and_test_restores_train_mode(tmp_path: Path) -
     assert all(before == after for before, after in seen_modes)
 
 
-def test_callback_cache_gives_the_same_numbers_and_respects_its_cap() -> None:
-    model, dm = make("ce")
-
+def _fake_trainer(dm: OODDataModule):
     class FakeTrainer:
         datamodule, global_rank, world_size, is_global_zero, loggers, global_step = dm, 0, 1, True, [], 0
 
+    return FakeTrainer()
+
+
+def test_callback_cache_gives_the_same_numbers_and_respects_its_cap() -> None:
+    model, dm = make("ce")
     logged: list[dict] = []
     model.log_dict = lambda values, **kw: logged.append(dict(values))
     cached, uncached = (
@@ -194,17 +197,10 @@ def test_callback_cache_gives_the_same_numbers_and_respects_its_cap() -> None:
         OODEvalCallback(scorers=["energy", "odin"], cache_mb=0),
     )
     for callback in (cached, cached, uncached):
-        callback.evaluate(FakeTrainer(), model, "val")
+        callback.evaluate(_fake_trainer(dm), model, "val")
     assert logged[0] == logged[1] == logged[2]
     assert set(cached._cache) == {("val", "id"), ("val", "digits_heldout"), ("val", "noise")}
     assert not uncached._cache
-
-
-def _fake_trainer(dm: OODDataModule):
-    class FakeTrainer:
-        datamodule, global_rank, world_size, is_global_zero, loggers, global_step = dm, 0, 1, True, [], 0
-
-    return FakeTrainer()
 
 
 def test_callback_leaves_the_global_rng_alone() -> None:
