@@ -8,19 +8,23 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from gradreg.callbacks import METRICS, OODEvalCallback
 from gradreg.cli import UserError, next_run_dir, point_latest
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
-from gradreg.data.datasets import DatasetNotFoundError
+from gradreg.data.datasets import DatasetNotFoundError, dataset_name
+from gradreg.evaluation import scorer_key
 from gradreg.module import GradRegModule
 from gradreg.registry import RegistryError
 
 RUN_DIR_ENV = "GRADREG_RUN_DIR"
+CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
+OOD_CALLBACK = f"{OODEvalCallback.__module__}.{OODEvalCallback.__name__}"
 DEFAULT_LOGGERS = [
     {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "gradreg"}},
     {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -37,19 +41,22 @@ class GradRegCLI(LightningCLI):
         parser.add_argument("--run.root", type=str, default="runs", help="folder holding one sub-folder per run")
         parser.add_argument("--run.name", type=str | None, default=None, help="run name prefix (default: config stem)")
         parser.add_argument("--run.monitor", type=str, default="val/acc", help="metric that selects best.ckpt")
-        parser.add_argument("--run.mode", type=str, default="max", help="max or min for run.monitor")
+        parser.add_argument("--run.mode", type=Literal["max", "min"], default="max", help="max or min for run.monitor")
         parser.add_argument("--run.resume", type=str | None, default=None, help="checkpoint to resume training from")
 
     def before_instantiate_classes(self) -> None:
-        """Create the run directory and point loggers and checkpoints into it."""
+        """Check the checkpoint settings, create the run directory and point loggers and checkpoints into it."""
         config = self.config
+        best_every_n_epochs = _monitor_every_n_epochs(config)
         config_files = config.get("config") or []
-        stem = Path(str(config_files[-1])).stem if config_files else "run"
+        config.run.name = config.run.name or (Path(str(config_files[-1])).stem if config_files else "run")
         # DDP re-executes this script on the other ranks: they inherit rank 0's run directory.
         inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
-        run_dir = Path(inherited) if inherited else next_run_dir(Path(config.run.root), config.run.name or stem)
+        run_dir = Path(inherited) if inherited else next_run_dir(Path(config.run.root), config.run.name)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
+        if not inherited:  # the config as given, before this run's paths go in: `--config` on it starts a new run
+            (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
         config.trainer.default_root_dir = str(run_dir)
         loggers = config.trainer.logger
         if isinstance(loggers, Namespace):
@@ -61,15 +68,52 @@ class GradRegCLI(LightningCLI):
                 logger.init_args.name = logger.init_args.get("name") or run_dir.name
             elif kind == "CSVLogger":
                 logger.init_args.name, logger.init_args.version = "", ""  # metrics.csv directly in the run dir
-        checkpoint = Namespace(
-            class_path="lightning.pytorch.callbacks.ModelCheckpoint",
-            init_args=Namespace(
-                dirpath=str(run_dir), filename="best", monitor=config.run.monitor, mode=config.run.mode, save_last=True
-            ),
+        # best.ckpt is saved only on epochs that log run.monitor; last.ckpt after every validation.
+        best = {"filename": "best", "monitor": config.run.monitor, "mode": config.run.mode}
+        checkpoints = [{**best, "every_n_epochs": best_every_n_epochs}, {"save_last": True, "save_top_k": 0}]
+        config.trainer.callbacks = [
+            *(config.trainer.callbacks or []),
+            *(Namespace(class_path=CHECKPOINT, init_args=Namespace(dirpath=str(run_dir), **c)) for c in checkpoints),
+        ]
+
+
+def _monitor_every_n_epochs(config: Namespace) -> int:
+    """Check ``run.monitor``; return every how many epochs the monitored metric is logged.
+
+    ``val/acc`` and ``val/loss`` come with every validation; ``ood/{set}/{scorer}/{metric}`` every
+    ``every_n_epochs`` epochs of the :class:`OODEvalCallback` that logs it. Training metrics are refused: they
+    are measured on augmented images (and outliers) while the weights change, not a model selection criterion.
+    """
+    callbacks = config.trainer.callbacks or []
+    if any(c.class_path == CHECKPOINT for c in callbacks):
+        raise UserError(
+            "trainer.callbacks lists a ModelCheckpoint; remove it: train.py saves best.ckpt (by run.monitor) and "
+            "last.ckpt itself"
         )
-        config.trainer.callbacks = [*(config.trainer.callbacks or []), checkpoint]
-        if not inherited:
-            (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
+    monitor = config.run.monitor
+    if monitor in ("val/acc", "val/loss"):
+        return 1
+    logged: dict[tuple[str, str, str], int] = {}  # (set, scorer, metric) -> every_n_epochs of its callback
+    sets = config.data.ood_sets if config.data.ood_val_sets is None else config.data.ood_val_sets
+    for callback in callbacks:
+        if callback.class_path == OOD_CALLBACK and sets:
+            for name in [*map(dataset_name, sets), "mean"]:
+                for scorer in map(scorer_key, callback.init_args.scorers):
+                    logged |= {(name, scorer, m): callback.init_args.every_n_epochs for m in METRICS}
+    parts = tuple(monitor.split("/"))
+    if parts[0] == "ood" and parts[1:] in logged:
+        return logged[parts[1:]]
+    if not logged:
+        raise UserError(
+            f"run.monitor '{monitor}' is not logged by this run; choose val/acc or val/loss (ood/* metrics need an "
+            "OODEvalCallback in trainer.callbacks and sets in data.ood_val_sets)"
+        )
+    choices = ["SET in " + ", ".join(dict.fromkeys(k[0] for k in logged))]
+    choices += ["SCORER in " + ", ".join(dict.fromkeys(k[1] for k in logged)), "METRIC in " + ", ".join(METRICS)]
+    raise UserError(
+        f"run.monitor '{monitor}' is not logged by this run; choose val/acc, val/loss or ood/SET/SCORER/METRIC with "
+        + "; ".join(choices)
+    )
 
 
 def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:

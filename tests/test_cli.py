@@ -247,3 +247,49 @@ def test_evaluate_explain_writes_grids_and_json(trained: Path) -> None:
     assert max(doc["settings"]["relative_residual"]) < 1e-3
     assert (out / "explain" / "00.png").stat().st_size > 1000
     assert (out / "explain" / "01.png").stat().st_size > 1000
+
+
+def test_bad_monitor_stops_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = train_inprocess(tmp_path, capsys, "--run.monitor", "val/accuracy")
+    assert_one_line_error(proc, "run.monitor 'val/accuracy'", "val/acc", "SET in digits_heldout, noise, mean")
+    proc = train_inprocess(tmp_path, capsys, "--run.monitor", "ood/noise/energy/auroc", "--trainer.callbacks", "[]")
+    assert_one_line_error(proc, "run.monitor 'ood/noise/energy/auroc'", "OODEvalCallback")
+    checkpoint = "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"
+    assert_one_line_error(train_inprocess(tmp_path, capsys, checkpoint), "ModelCheckpoint", "remove it")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An ood/* metric logged every other epoch selects best.ckpt on those epochs only; last.ckpt follows every epoch.
+    csv_logger = [
+        "--trainer.logger",
+        '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}}',
+    ]
+    monitor = ["--run.monitor", "ood/mean/energy/auroc", "--trainer.callbacks.every_n_epochs", "2"]
+    proc = train_inprocess(tmp_path, capsys, "--trainer.max_epochs", "3", *monitor, *csv_logger)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = tmp_path / "runs" / "quickstart-001"
+    best = torch.load(first / "best.ckpt", map_location="cpu", weights_only=True)
+    rows = list(csv.DictReader((first / "metrics.csv").read_text().splitlines()))
+    logged = [(int(r["epoch"]), float(r["ood/mean/energy/auroc"])) for r in rows if r["ood/mean/energy/auroc"]]
+    assert [epoch for epoch, _ in logged] == [1]
+    assert best["epoch"] == 1
+    (state,) = [s for key, s in best["callbacks"].items() if "ood/mean/energy/auroc" in key]
+    assert float(state["best_model_score"]) == pytest.approx(logged[0][1])
+
+    # Resuming continues with both checkpoint callbacks' states.
+    resume = ["--run.resume", str(first / "last.ckpt"), "--trainer.max_epochs", "4", *monitor]
+    proc = train_inprocess(tmp_path, capsys, *resume)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = torch.load(tmp_path / "runs" / "quickstart-002" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 3
+
+    # A run's config.yaml starts a new run of the same name and leaves the old one alone.
+    before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
+    args = ["--config", str(first / "config.yaml"), "--trainer.max_epochs", "1", "--run.resume", "null"]
+    proc = run_inprocess(train_main, args, capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "quickstart-003" / "last.ckpt").is_file()
+    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
