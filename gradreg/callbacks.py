@@ -129,8 +129,9 @@ class OODEvalCallback(Callback):
             for scorer, values in by_scorer.items()
             for metric in METRICS
         }
-        # Every rank holds the gathered numbers, so no sync is needed.
-        pl_module.log_dict(logged, sync_dist=False)
+        # Every rank holds the same gathered numbers: a max all-reduce keeps them exact (a mean could round) and
+        # tells Lightning they are synced (one warning per key otherwise).
+        pl_module.log_dict(logged, sync_dist=True, reduce_fx="max")
         if self.histograms and trainer.is_global_zero:
             self._log_media(trainer, id_scores, ood_scores, per_set)
         return per_set_and_mean
