@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from gradreg.evaluation import ScoredSet, ScorerSpec, build_scorers, mean_metrics, score_loader, set_metrics
+from gradreg.evaluation import ScoredSet, ScorerSpec, build_scorers, mean_metrics, sample, score_loader, set_metrics
+from gradreg.registry import SettingError
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 
@@ -38,7 +39,7 @@ class OODEvalCallback(Callback):
         scorers: scorer specs (names or ``{name: ..., **settings}``), see ``gradreg.scorers``.
         every_n_epochs: during ``fit``, evaluate after the validation of epochs n, 2n, 3n, ... (counting from 1;
             with ``check_val_every_n_epoch`` > 1, only where both fall on the same epoch).
-        max_samples: score at most this many images per set (the first ones; keeps big sets cheap).
+        max_samples: score at most this many images per set, a fixed random sample (keeps big sets cheap).
         histograms: log score histograms when the logger supports them.
         cache_mb: keep the transformed evaluation images (deterministic: no augmentation) in memory up to this
             many MiB, so later epochs skip decoding and transforms; 0 disables the cache.
@@ -52,6 +53,9 @@ class OODEvalCallback(Callback):
         histograms: bool = True,
         cache_mb: int = 512,
     ) -> None:
+        for name, value, least in (("every_n_epochs", every_n_epochs, 1), ("max_samples", max_samples, 1)):
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise SettingError(f"OODEvalCallback: {name}={value!r} must be an integer >= {least}")
         self.scorer_specs = list(scorers)
         self.scorers = build_scorers(self.scorer_specs)  # fail at construction on a bad name or setting
         self.every_n_epochs = every_n_epochs
@@ -74,10 +78,10 @@ class OODEvalCallback(Callback):
 
     # ----------------------------------------------------------------------------------------------------------
     def _score(self, trainer: Trainer, pl_module: LightningModule, dataset: Dataset, key: tuple[str, str]) -> ScoredSet:
-        n = len(dataset) if self.max_samples is None else min(len(dataset), self.max_samples)  # type: ignore[arg-type]
+        chosen = sample(dataset, self.max_samples)  # the same images every epoch
         batches = self._cache.get(key)
         if batches is None:
-            shard = Subset(dataset, range(trainer.global_rank, n, trainer.world_size))
+            shard = Subset(chosen, range(trainer.global_rank, len(chosen), trainer.world_size))
             dm = trainer.datamodule
             # A loader draws its base seed from the global generator when it starts: give it its own, so that a
             # run with this callback shuffles and augments exactly as a run without it.
@@ -86,7 +90,7 @@ class OODEvalCallback(Callback):
             )
             batches = self._remember(key, loader)
         local = score_loader(pl_module.model, batches, self.scorers, pl_module.device, pl_module.num_classes)
-        return local if trainer.world_size == 1 else _gather(trainer, local, n)
+        return local if trainer.world_size == 1 else _gather(trainer, local, len(chosen))
 
     def _remember(self, key: tuple[str, str], loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield the loader's batches and cache them if they fit in what is left of ``cache_mb``."""

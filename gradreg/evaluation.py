@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
 
 from gradreg import metrics, scorers
 from gradreg.models import eval_mode
@@ -81,26 +82,34 @@ def score_loader(
     scorer_map: Mapping[str, Scorer],
     device: torch.device | str | None = None,
     num_classes: int | None = None,
-    max_samples: int | None = None,
 ) -> ScoredSet:
-    """Run every scorer over ``batches`` of ``(x, label)``; stop after ``max_samples`` inputs."""
+    """Run every scorer over ``batches`` of ``(x, label)``."""
     device = device or next(model.parameters()).device
     num_classes = num_classes or getattr(model, "num_classes", None) or int(1e9)
     parts: dict[str, list[Tensor]] = {k: [] for k in scorer_map}
-    preds, labels, seen = [], [], 0
+    preds, labels = [], []
     for x, y in batches:
-        if max_samples is not None and seen >= max_samples:
-            break
-        if max_samples is not None:
-            x, y = x[: max_samples - seen], y[: max_samples - seen]
         scores, pred = score_batch(model, x.to(device), scorer_map, num_classes)
         for k, v in scores.items():
             parts[k].append(v.detach().double().cpu())
         preds.append(pred.cpu())
         labels.append(torch.as_tensor(y).cpu())
-        seen += len(x)
     cat = lambda ts: torch.cat(ts).numpy() if ts else np.zeros(0)  # noqa: E731
     return ScoredSet({k: cat(v) for k, v in parts.items()}, cat(preds).astype(np.int64), cat(labels).astype(np.int64))
+
+
+def sample(dataset: Dataset, max_samples: int | None, seed: int = 0) -> Subset:
+    """The whole ``dataset``, or ``max_samples`` of its items drawn at random (the same for a given ``seed``).
+
+    A random sample, not the first items: folder datasets list their images class by class (ImageNet's validation
+    set, Textures, Places365), so their first thousand images cover a few classes only. ``.indices`` holds the
+    items' positions in ``dataset``, in increasing order.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if max_samples is None or n <= max_samples:
+        return Subset(dataset, range(n))
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples]
+    return Subset(dataset, chosen.sort().values.tolist())
 
 
 def set_metrics(id_set: ScoredSet, ood_set: ScoredSet) -> dict[str, dict[str, float]]:

@@ -24,7 +24,7 @@ import math
 import pickle
 import sys
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,14 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor
+from torch.utils.data import Subset
 
 from gradreg import anomalies, plots
 from gradreg.cli import UserError, configure_wandb_env, next_run_dir, require_file
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
-from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, score_loader, set_metrics
+from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, set_metrics
 from gradreg.metrics import accuracy
 from gradreg.module import GradRegModule
 from gradreg.scorers import SCORERS
@@ -62,9 +63,11 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES, help="which groups of sets to run")
     p.add_argument("--data-root", help="override the data root the checkpoint was trained with")
     p.add_argument("--data", nargs="+", default=[], metavar="KEY=VALUE", help="override datamodule settings")
-    p.add_argument("--max-samples", type=int, help="score at most this many images per set")
+    p.add_argument(
+        "--max-samples", type=_positive_int, help="score at most this many images per set (a fixed random sample)"
+    )
     p.add_argument("--epsilons", type=float, nargs="+", default=[2 / 255, 8 / 255], help="attack budgets (pixels)")
-    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--pgd-steps", type=_positive_int, default=10)
     p.add_argument("--corruptions", nargs="+", default=list(DEFAULT_CORRUPTIONS))
     p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images")
@@ -81,6 +84,13 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG histograms and ROC curves")
     p.add_argument("--wandb", choices=("auto", "on", "off"), default="auto", help="auto: on if the run used wandb")
     return p.parse_args(args)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def parse_scorer(text: str) -> str | dict[str, Any]:
@@ -176,45 +186,33 @@ def from_config(path: Path, data_overrides: dict[str, Any]) -> tuple[GradRegModu
 
 
 # --------------------------------------------------------------------------------------------------------------
-Batches = Callable[[], Iterator[tuple[Tensor, Tensor]]]
+Transform = Callable[[Tensor, Tensor], Tensor] | None  # (x, y) -> the inputs to score; None: x itself
 
 
 def anomaly_sets(
-    model: torch.nn.Module, dm: OODDataModule, opts: argparse.Namespace, device: torch.device
-) -> Iterator[tuple[str, str, Batches]]:
-    """(name, group, batches) of the adversarial, corruption and robustness suites."""
-
-    def transformed(loader: Any, fn: Callable[[Tensor, Tensor], Tensor]) -> Batches:
-        return lambda: ((fn(x.to(device), y.to(device)), y) for x, y in loader)
-
-    id_loader = dm.eval_loader(dm.id_dataset_for("test"))
+    model: torch.nn.Module, id_test: Subset, ood_sets: dict[str, Subset], opts: argparse.Namespace, device: torch.device
+) -> Iterator[tuple[str, str, Subset, Transform]]:
+    """(name, group, source set, transform) of the adversarial, corruption and robustness suites."""
     mean, std = model.input_mean, model.input_std
     if "adversarial" in opts.suites:
         for eps in opts.epsilons:
             tag = f"eps{eps * 255:.3g}"
-            yield (
-                f"fgsm_{tag}",
-                "adversarial",
-                transformed(id_loader, lambda x, y, e=eps: anomalies.fgsm(model, x, y, e)),
-            )
-            yield (
-                f"pgd_{tag}",
-                "adversarial",
-                transformed(id_loader, lambda x, y, e=eps: anomalies.pgd(model, x, y, e, steps=opts.pgd_steps)),
-            )
+            yield f"fgsm_{tag}", "adversarial", id_test, lambda x, y, e=eps: anomalies.fgsm(model, x, y, e)
+            pgd = lambda x, y, e=eps: anomalies.pgd(model, x, y, e, steps=opts.pgd_steps)  # noqa: E731
+            yield f"pgd_{tag}", "adversarial", id_test, pgd
     if "corruption" in opts.suites:
         for name in opts.corruptions:
             for sev in opts.severities:
                 gen = torch.Generator(device=device).manual_seed(sev)
                 fn = lambda x, y, n=name, s=sev, g=gen: anomalies.corrupt(x, n, s, mean, std, g)  # noqa: E731
-                yield f"{name}_s{sev}", "corruption", transformed(id_loader, fn)
+                yield f"{name}_s{sev}", "corruption", id_test, fn
     if "robustness" in opts.suites:
         eps = max(opts.epsilons)
-        for name, dataset in dm.ood_datasets("test").items():
+        for name, dataset in ood_sets.items():
             if opts.sets and name not in opts.sets:
                 continue
             attack = lambda x, y, e=eps: anomalies.energy_attack(model, x, e, steps=opts.pgd_steps)  # noqa: E731
-            yield f"attacked/{name}", "robustness", transformed(dm.eval_loader(dataset), attack)
+            yield f"attacked/{name}", "robustness", dataset, attack
 
 
 class ResultWriter:
@@ -284,10 +282,11 @@ class ResultWriter:
         return "\n".join(lines) + "\n"
 
 
-def save_scores(path: Path, scored: ScoredSet) -> None:
-    """Raw scores (one array per scorer) plus predictions and labels of one set."""
+def save_scores(path: Path, scored: ScoredSet, source: Subset) -> None:
+    """Raw scores (one array per scorer), predictions, labels and each row's position in its dataset (``index``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, preds=scored.preds, labels=scored.labels, **{f"score_{k}": v for k, v in scored.scores.items()})
+    scores = {f"score_{k}": v for k, v in scored.scores.items()}
+    np.savez(path, preds=scored.preds, labels=scored.labels, index=np.asarray(source.indices, np.int64), **scores)
 
 
 def print_table(writer: ResultWriter) -> None:
@@ -327,7 +326,8 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     require_datasets({"data": dict(dm.hparams)}, stage="test")  # stop before any work if data is missing
     specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
     scorer_map = build_scorers(specs)
-    ood_sets = dm.ood_datasets("test")  # builds every set now: a missing dataset stops us before any work
+    # Builds every set now (a missing dataset stops us before any work); --max-samples keeps a fixed random sample.
+    ood_sets = {name: sample(d, opts.max_samples) for name, d in dm.ood_datasets("test").items()}
     unknown = sorted(set(opts.sets or []) - set(ood_sets))
     if unknown:
         raise UserError(f"unknown OOD set(s) {', '.join(unknown)}; this checkpoint's sets: {', '.join(ood_sets)}")
@@ -342,15 +342,17 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     model = module.model.to(device).eval()
     print(f"evaluating {ckpt_path} on {device}; writing to {out}")
 
-    def run(batches: Any, desc: str) -> ScoredSet:
+    def run(source: Subset, transform: Transform, desc: str) -> ScoredSet:
         from tqdm.auto import tqdm
 
-        return score_loader(
-            model, tqdm(batches, desc=desc, leave=False), scorer_map, device, dm.num_classes, opts.max_samples
-        )
+        batches: Iterable[tuple[Tensor, Tensor]] = dm.eval_loader(source)
+        if transform is not None:
+            batches = ((transform(x.to(device), y.to(device)), y) for x, y in batches)
+        return score_loader(model, tqdm(batches, desc=desc, leave=False), scorer_map, device, dm.num_classes)
 
-    id_scored = run(dm.eval_loader(dm.id_dataset_for("test")), "id")
-    save_scores(out / "scores" / "id.npz", id_scored)
+    id_test = sample(dm.id_dataset_for("test"), opts.max_samples)
+    id_scored = run(id_test, None, "id")
+    save_scores(out / "scores" / "id.npz", id_scored, id_test)
     header = {
         "checkpoint": str(ckpt_path),
         "scorers": list(scorer_map),
@@ -363,21 +365,21 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     writer = ResultWriter(out, header)
     writer.write()
 
-    jobs: list[tuple[str, str, Any]] = []
+    jobs: list[tuple[str, str, Subset, Transform]] = []
     if "ood" in opts.suites:
         for name, dataset in ood_sets.items():
             if not opts.sets or name in opts.sets:
-                jobs.append((name, "near" if name in dm.near_ood else "far", lambda d=dataset: dm.eval_loader(d)))
-    jobs += list(anomaly_sets(model, dm, opts, device))
+                jobs.append((name, "near" if name in dm.near_ood else "far", dataset, None))
+    jobs += list(anomaly_sets(model, id_test, ood_sets, opts, device))
 
     ood_scored: dict[str, ScoredSet] = {}
-    for name, group, batches in jobs:
+    for name, group, source, transform in jobs:
         try:
-            scored = run(batches(), name)
+            scored = run(source, transform, name)
             if len(scored) == 0:
                 raise ValueError("the set is empty")
             writer.add(name, group, len(scored), set_metrics(id_scored, scored))
-            save_scores(out / "scores" / f"{name.replace('/', '_')}.npz", scored)
+            save_scores(out / "scores" / f"{name.replace('/', '_')}.npz", scored, source)
             if group in ("near", "far"):
                 ood_scored[name] = scored
         except Exception as err:  # one bad set must not lose the others
@@ -391,7 +393,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             plots.score_histograms(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"hist_{scorer}.png")
             plots.roc_curves(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"roc_{scorer}.png")
     if opts.explain and ood_scored:
-        explain_worst(module, dm, id_scored, ood_scored, opts, out / "explain", device)
+        explain_worst(module, dm, id_test, ood_sets, id_scored, ood_scored, opts, out / "explain", device)
     if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
         log_to_wandb(writer, out, ckpt_path)
     print_table(writer)
@@ -402,6 +404,8 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
 def explain_worst(
     module: GradRegModule,
     dm: OODDataModule,
+    id_test: Subset,
+    ood_sets: dict[str, Subset],
     id_scored: ScoredSet,
     ood_scored: dict[str, ScoredSet],
     opts: argparse.Namespace,
@@ -430,8 +434,8 @@ def explain_worst(
         train_rows=rows,
     )
     key = opts.explain_scorer
-    id_test, ood_name = dm.id_dataset_for("test"), next(iter(ood_scored))
-    ood_test = dm.ood_datasets("test")[ood_name]
+    ood_name = next(iter(ood_scored))
+    ood_test = ood_sets[ood_name]
     id_worst, ood_worst = hardest_examples(
         torch.from_numpy(id_scored.scores[key]), torch.from_numpy(ood_scored[ood_name].scores[key]), opts.explain
     )
@@ -442,7 +446,8 @@ def explain_worst(
         model, x_test.to(device), key, objective, id_train, outliers, max_train=opts.explain_train,
         damping=opts.explain_damping, hessian_points=opts.explain_hessian,
         test_is_id=[False] * len(ood_worst) + [True] * len(id_worst),
-        test_ids=[f"{ood_name}/{i}" for i in ood_worst.tolist()] + [f"id/{i}" for i in id_worst.tolist()],
+        test_ids=[f"{ood_name}/{ood_test.indices[i]}" for i in ood_worst.tolist()]
+        + [f"id/{id_test.indices[i]}" for i in id_worst.tolist()],
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     for t in range(len(x_test)):

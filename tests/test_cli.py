@@ -138,8 +138,33 @@ def test_evaluate_writes_consistent_results(trained: Path) -> None:
     assert (out / "results.md").read_text().count("|") > 20
     scores = dict(__import__("numpy").load(out / "scores" / "noise.npz"))
     assert len(scores["score_energy"]) == sets["noise"]["n"]
+    assert scores["index"].tolist() == list(range(sets["noise"]["n"]))  # no --max-samples: every image, in order
     assert (out / "plots" / "hist_energy.png").stat().st_size > 1000
     assert (out / "plots" / "roc_gradnorm.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_evaluate_max_samples_scores_a_fixed_random_sample(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    indices = {}
+    for out in (trained / "sampled", trained / "sampled_again"):
+        args = [str(trained / "runs" / "quickstart-001"), "--out", str(out), "--max-samples", "40", "--no-plots"]
+        args += ["--suites", "ood", "adversarial", "--epsilons", "0.03", "--scorers", "energy", "msp"]
+        proc = run_inprocess(evaluate_main, args, capsys)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        indices[out.name] = {f.stem: np.load(f, allow_pickle=False)["index"] for f in (out / "scores").glob("*.npz")}
+    first, again = indices["sampled"], indices["sampled_again"]
+    assert first.keys() == again.keys() == {"id", "digits_heldout", "noise", "fgsm_eps7.65", "pgd_eps7.65"}
+    for name, index in first.items():
+        assert index.tolist() == again[name].tolist()
+        assert len(index) == 40
+        assert (np.diff(index) > 0).all()
+    assert first["fgsm_eps7.65"].tolist() == first["id"].tolist()  # attacks perturb the sampled ID images
+    assert first["id"].max() >= 40  # a random sample, not the first 40
+    results = json.loads((trained / "sampled" / "results.json").read_text())
+    assert results["id"]["n"] == 40
 
 
 @pytest.mark.slow

@@ -256,3 +256,20 @@ def test_set_metrics_gives_nan_to_a_scorer_with_non_finite_scores_only() -> None
     assert result["msp"] == ood_metrics(id_set.scores["msp"], ood_set.scores["msp"])
     assert set(result["broken"]) == set(result["msp"])
     assert all(math.isnan(v) for v in result["broken"].values())
+
+
+def test_sample_is_a_fixed_random_subset_that_spans_a_class_sorted_set() -> None:
+    from torch.utils.data import TensorDataset
+
+    from gradreg.evaluation import sample
+
+    labels = torch.arange(1000) // 100  # ten classes, listed class by class as in a folder dataset
+    dataset = TensorDataset(torch.zeros(1000, 1), labels)
+    chosen = sample(dataset, 200)
+    assert len(chosen) == 200
+    assert chosen.indices == sorted(set(chosen.indices))
+    assert chosen.indices == sample(dataset, 200).indices  # the same every call
+    assert chosen.indices != sample(dataset, 200, seed=1).indices
+    counts = torch.bincount(labels[chosen.indices], minlength=10)
+    assert counts.min() >= 8  # the first 200 would be classes 0 and 1 only
+    assert list(sample(dataset, None).indices) == list(range(1000)) == list(sample(dataset, 5000).indices)

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
 from gradreg.module import GradRegModule
+from gradreg.registry import SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +125,7 @@ seed_everything(0)
 dm = OODDataModule(eval_batch_size=50)
 model = GradRegModule(arch_kwargs={"in_channels": 1, "width": 8}, num_classes=6,
                       input_mean=dm.input_mean, input_std=dm.input_std)
-callback = OODEvalCallback(scorers=["energy", "odin"], max_samples=None)
+callback = OODEvalCallback(scorers=["energy", "odin"], max_samples=int(sys.argv[3]))
 trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
                   callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
 metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
@@ -140,17 +141,18 @@ def test_callback_under_ddp_matches_one_device(tmp_path: Path) -> None:
     script.write_text(DDP_EVAL)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     results = []
-    for devices in (1, 2):
-        out = tmp_path / f"metrics{devices}.json"
-        proc = subprocess.run([sys.executable, str(script), str(devices), str(out)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    for devices, max_samples in ((1, 151), (2, 151), (1, 10_000)):  # 151: odd, a random sample of each set
+        out = tmp_path / f"metrics{devices}_{max_samples}.json"
+        args = [sys.executable, str(script), str(devices), str(out), str(max_samples)]
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "sync_dist" not in proc.stderr, proc.stderr[-3000:]  # no warning per ood/* key
         results.append(json.loads(out.read_text()))
-    assert results[0].keys() == results[1].keys()
+    assert results[0].keys() == results[1].keys() == results[2].keys()
     assert "ood/digits_heldout/odin/auroc" in results[0]
     for key, value in results[0].items():
         assert results[1][key] == pytest.approx(value, abs=1e-6), key
+    assert results[0] != results[2]  # the sample is a part of each set
 
 
 def test_callback_in_fit_validate_and_test_restores_train_mode(tmp_path: Path) -> None:
@@ -226,6 +228,12 @@ def test_callback_cache_starts_afresh_for_another_datamodule() -> None:
     fresh.evaluate(_fake_trainer(gaussian), model, "val")
     key = "ood/noise/msp/auroc"
     assert logged[1][key] == logged[2][key] != logged[0][key]
+
+
+@pytest.mark.parametrize(("setting", "value"), [("every_n_epochs", 0), ("max_samples", 0), ("every_n_epochs", 1.5)])
+def test_callback_rejects_bad_settings(setting: str, value: object) -> None:
+    with pytest.raises(SettingError, match=rf"OODEvalCallback: {setting}={value} must be an integer >= 1"):
+        OODEvalCallback(**{setting: value})
 
 
 def test_callback_warns_when_there_are_no_ood_sets() -> None:
