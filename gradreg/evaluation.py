@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from gradreg import metrics, scorers
-from gradreg.models import eval_mode
 from gradreg.registry import SettingError
 from gradreg.scorers import OutputScorer, Scorer
+from gradreg.scorers.base import scoring
 
 ScorerSpec = str | Mapping[str, Any]
 
@@ -65,7 +65,7 @@ class ScoredSet:
 
 def score_batch(model: nn.Module, x: Tensor, scorer_map: Mapping[str, Scorer], num_classes: int) -> tuple[dict, Tensor]:
     """Scores of one batch by scorer name and the predicted classes; one forward feeds every OutputScorer."""
-    with eval_mode(model), torch.inference_mode(False), torch.no_grad():
+    with scoring(model), torch.no_grad():
         x = x.clone()
         features = model.features(x)
         logits = model.fc(features)

@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from gradreg.double_backward import use_double_backward
+from gradreg.evaluation import score_batch
 from gradreg.models import MODELS, Classifier, SmallCNN
 from gradreg.registry import SettingError
 from gradreg.scorers import SCORERS, build, purview
@@ -194,6 +195,20 @@ def test_scorer_works_under_inference_mode(name: str, tiny: TinyCNN, batch: Tens
         x = batch.clone()  # an inference tensor, as Lightning's test loop produces
         scores = scorer(tiny, x)
     torch.testing.assert_close(scores, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scorer_refuses_batchnorm_without_running_statistics(name: str, tiny: TinyCNN, batch: Tensor) -> None:
+    # In eval mode such a BatchNorm still normalizes with the batch's statistics: a row's score would change with
+    # the other rows (checked here first, so that the refusal is not a false alarm).
+    tiny.trunk[4] = nn.BatchNorm2d(8, track_running_stats=False).double()
+    with torch.no_grad():
+        coupled = tiny.eval()(batch)[0] - tiny(batch[:1])[0]
+    assert coupled.abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"BatchNorm2d 'trunk.4' has no running statistics"):
+        build_cheap(name)(tiny, batch)
+    with pytest.raises(ValueError, match=r"BatchNorm2d 'trunk.4' has no running statistics"):
+        score_batch(tiny, batch, {name: build_cheap(name)}, num_classes=5)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -3,7 +3,8 @@
 A scorer maps ``(model, x) -> Tensor[N]``, **higher = more in-distribution** (the ID-positive
 convention of the energy/GReg papers). Calling a scorer:
 
-- puts the model in eval mode and restores each module's previous mode afterwards;
+- puts the model in eval mode and restores each module's previous mode afterwards; a BatchNorm without
+  running statistics is refused (it couples the rows of a batch);
 - leaves parameter ``.grad`` untouched (gradients come from ``torch.autograd.grad`` or ``torch.func``);
 - works when the caller runs under ``torch.inference_mode()`` (Lightning's test loop): the input is
   cloned outside inference mode, because inference tensors can never join autograd
@@ -21,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -62,6 +65,24 @@ def _describe(hint: Any) -> str:
     return {float: "a number", int: "an integer", type(None): "None"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+@contextmanager
+def scoring(model: nn.Module) -> Iterator[None]:
+    """Eval mode (each module's own flag restored afterwards) outside ``inference_mode``, for a per-sample model.
+
+    A BatchNorm without running statistics (``track_running_stats=False``) normalizes with the statistics of the
+    batch even in eval mode, so each score would depend on the other inputs: refused with its name.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            raise ValueError(
+                f"{type(m).__name__} '{name}' has no running statistics (track_running_stats=False): it normalizes "
+                "with the batch's statistics in eval mode, so scores would depend on the other inputs; scorers need "
+                "running statistics (or a per-sample norm such as GroupNorm)"
+            )
+    with eval_mode(model), torch.inference_mode(False):
+        yield
+
+
 class Scorer:
     """Base class of all scorers; see the module docstring for the contract."""
 
@@ -86,7 +107,7 @@ class Scorer:
 
     def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
         """Score ``x`` under the contract of the module docstring; shape (N,)."""
-        with eval_mode(model), torch.inference_mode(False):
+        with scoring(model):
             x = x.clone()  # an inference tensor cannot be used in autograd; a clone made here can
             with torch.set_grad_enabled(self.needs_grad):
                 return self.score(model, x).detach()
