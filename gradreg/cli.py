@@ -53,7 +53,12 @@ def configure_wandb_env() -> None:
 
 def next_run_dir(root: Path, name: str) -> Path:
     """Create and return ``root/name-NNN`` with the first free number (atomic ``mkdir``, so never reused)."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(
+            f"cannot create the folder '{root}': a file is in the way; pass a folder (run.root or --out)"
+        ) from None
     taken = [
         int(p.name.rsplit("-", 1)[1])
         for p in root.glob(f"{name}-[0-9][0-9][0-9]*")

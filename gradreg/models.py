@@ -73,6 +73,11 @@ class Classifier(nn.Module):
 
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Record the per-channel normalization the data pipeline applies to inputs."""
+        if not len(mean) == len(std) == self.input_mean.numel():
+            raise ValueError(
+                f"the data has {len(mean)} input channel(s) but the model takes {self.input_mean.numel()}; set the "
+                f"model's in_channels (model.arch_kwargs) to {len(mean)}"
+            )
         self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
         self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
 

@@ -17,6 +17,7 @@ Methods: ``ce`` (ID cross-entropy only; outliers are not forwarded), ``oe`` (Out
 from __future__ import annotations
 
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,9 +37,15 @@ from gradreg.losses import (
     outlier_exposure_loss,
 )
 from gradreg.models import create_classifier, load_pretrained
+from gradreg.registry import Bounds, SettingError, check_settings
 from gradreg.samplers import SAMPLERS
 
 Method = Literal["ce", "oe", "energy", "greg", "absent"]
+BOUNDS: Bounds = {
+    "num_classes": (">=", 1), "energy_weight": (">=", 0.0), "oe_weight": (">=", 0.0), "absent_weight": (">=", 0.0),
+    "reg_weight": (">=", 0.0), "lr": (">", 0.0), "momentum": (">=", 0.0), "weight_decay": (">=", 0.0),
+    "gamma": (">", 0.0), "min_lr": (">=", 0.0),
+}  # fmt: skip
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,6 +125,9 @@ class GradRegModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_settings(self.hparams, typing.get_type_hints(GradRegModule.__init__), BOUNDS, prefix="model.")
+        if m_in > m_out:
+            raise SettingError(f"model.m_in={m_in} must be <= model.m_out={m_out} (ID energies go below m_in)")
         outputs = num_classes + 1 if method == "absent" else num_classes
         kwargs = dict(arch_kwargs or {})
         from_file = pretrained is not None and (

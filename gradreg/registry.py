@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
+import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -19,6 +21,70 @@ class RegistryError(KeyError):
 
 class SettingError(RegistryError):
     """A known setting with a value of the wrong type or out of range; the message names it."""
+
+
+# Lower bounds of numeric settings by name, e.g. {"temperature": (">", 0.0)}; None passes (an optional setting).
+Bounds = Mapping[str, tuple[str, float]]
+
+
+def check_settings(values: Mapping[str, Any], hints: Mapping[str, Any], bounds: Bounds = {}, prefix: str = "") -> None:  # noqa: B006
+    """Raise :class:`SettingError` naming the first value that is not of its annotated type or below its bound.
+
+    Config files and command lines reach constructors as plain values; checking them here makes a temperature of
+    ``"1e3"`` (a string to PyYAML), a negative learning rate or a batch size of 0 fail at once, not mid-run.
+    """
+    for name, value in values.items():
+        hint = hints.get(name, Any)
+        if not _matches(value, hint):
+            raise SettingError(f"{prefix}{name}={value!r} is not {_describe(hint)}{_yaml_note(value, hint)}")
+        op, bound = bounds.get(name, (None, None))
+        if op is not None and value is not None and not (value > bound if op == ">" else value >= bound):
+            raise SettingError(f"{prefix}{name}={value!r} must be {op} {bound}")
+
+
+class Settings:
+    """Mixin for dataclasses whose fields are settings: :func:`check_settings` runs on construction."""
+
+    lower_bounds: ClassVar[Bounds] = {}
+
+    def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
+        check_settings(values, typing.get_type_hints(type(self)), self.lower_bounds)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type (float accepts int; bool is not a number)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint in (float, int):
+        return isinstance(value, int | float if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)  # list[int] -> list: the items are the constructor's business
+
+
+def _yaml_note(value: Any, hint: Any) -> str:
+    """PyYAML (YAML 1.1) reads ``1e3`` and ``1e-3`` as strings: say so where a number was meant."""
+    if isinstance(value, str) and _matches(1.0, hint):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return f" (YAML reads it as text: write {float(value)!r})"
+    return ""
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    names = {float: "a number", int: "an integer", type(None): "None"}
+    return names.get(hint, getattr(origin or hint, "__name__", str(hint)))
 
 
 class Registry(Generic[T]):

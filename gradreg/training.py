@@ -3,30 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import re
 import shutil
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from gradreg.callbacks import METRICS, OODEvalCallback
 from gradreg.cli import UserError, next_run_dir, point_latest
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
-from gradreg.data.datasets import DatasetNotFoundError, dataset_name
+from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import scorer_key
 from gradreg.module import GradRegModule
 from gradreg.registry import RegistryError
 
 RUN_DIR_ENV = "GRADREG_RUN_DIR"
+MIN_KEYS = ("loss", "fpr95", "fpr95_oodpos")  # run.monitor keys where lower is better
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 OOD_CALLBACK = f"{OODEvalCallback.__module__}.{OODEvalCallback.__name__}"
 DEFAULT_LOGGERS = [
-    {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "gradreg"}},
+    {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"project": os.environ.get("WANDB_PROJECT", "gradreg")},
+    },
     {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
 ]
 
@@ -41,13 +49,20 @@ class GradRegCLI(LightningCLI):
         parser.add_argument("--run.root", type=str, default="runs", help="folder holding one sub-folder per run")
         parser.add_argument("--run.name", type=str | None, default=None, help="run name prefix (default: config stem)")
         parser.add_argument("--run.monitor", type=str, default="val/acc", help="metric that selects best.ckpt")
-        parser.add_argument("--run.mode", type=Literal["max", "min"], default="max", help="max or min for run.monitor")
-        parser.add_argument("--run.resume", type=str | None, default=None, help="checkpoint to resume training from")
+        parser.add_argument(
+            "--run.mode", type=Literal["max", "min"] | None, default=None,
+            help="max or min for run.monitor (default: min for loss and fpr95 keys, else max)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--run.resume", type=str | None, default=None, help="checkpoint (or run directory: its last.ckpt) to resume"
+        )
 
     def before_instantiate_classes(self) -> None:
         """Check the checkpoint settings, create the run directory and point loggers and checkpoints into it."""
         config = self.config
         best_every_n_epochs = _monitor_every_n_epochs(config)
+        if config.run.resume is not None:
+            config.run.resume = str(_resume_file(Path(config.run.resume)))
         config_files = config.get("config") or []
         config.run.name = config.run.name or (Path(str(config_files[-1])).stem if config_files else "run")
         # DDP re-executes this script on the other ranks: they inherit rank 0's run directory.
@@ -55,6 +70,9 @@ class GradRegCLI(LightningCLI):
         run_dir = Path(inherited) if inherited else next_run_dir(Path(config.run.root), config.run.name)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
+        # The run directory is new; it holds only config.yaml: Lightning's "not empty" warnings are false alarms.
+        alarm = rf"(Experiment logs|Checkpoint) directory {re.escape(str(run_dir))} exists and is not empty"
+        warnings.filterwarnings("ignore", message=alarm)
         if not inherited:  # the config as given, before this run's paths go in: `--config` on it starts a new run
             (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
         config.trainer.default_root_dir = str(run_dir)
@@ -69,7 +87,8 @@ class GradRegCLI(LightningCLI):
             elif kind == "CSVLogger":
                 logger.init_args.name, logger.init_args.version = "", ""  # metrics.csv directly in the run dir
         # best.ckpt is saved only on epochs that log run.monitor; last.ckpt after every validation.
-        best = {"filename": "best", "monitor": config.run.monitor, "mode": config.run.mode}
+        mode = config.run.mode or ("min" if config.run.monitor.endswith(MIN_KEYS) else "max")
+        best = {"filename": "best", "monitor": config.run.monitor, "mode": mode}
         checkpoints = [{**best, "every_n_epochs": best_every_n_epochs}, {"save_last": True, "save_top_k": 0}]
         config.trainer.callbacks = [
             *(config.trainer.callbacks or []),
@@ -103,6 +122,11 @@ def _monitor_every_n_epochs(config: Namespace) -> int:
     parts = tuple(monitor.split("/"))
     if parts[0] == "ood" and parts[1:] in logged:
         return logged[parts[1:]]
+    if parts[0] == "train":
+        raise UserError(
+            f"run.monitor '{monitor}' is a training metric (augmented images, changing weights), not a model "
+            "selection criterion; choose val/acc, val/loss or an ood/* key"
+        )
     if not logged:
         raise UserError(
             f"run.monitor '{monitor}' is not logged by this run; choose val/acc or val/loss (ood/* metrics need an "
@@ -138,9 +162,11 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             seed_everything_default=0,
             parser_kwargs={"exit_on_error": False},
         )
-    except (argparse.ArgumentError, ValueError, TypeError, KeyError) as err:
+    except BaseException as err:
         discard_unused_run_dir()
-        raise UserError(_one_line(err)) from None
+        if isinstance(err, argparse.ArgumentError | ValueError | TypeError | KeyError | MisconfigurationException):
+            raise UserError(_one_line(err)) from None
+        raise
 
 
 def _registry_error(err: BaseException) -> RegistryError | None:
@@ -163,32 +189,71 @@ def _one_line(err: BaseException) -> str:
     if registry is not None:  # an unknown scorer, sampler, dataset or setting, a bad value: its message names the fix
         return str(registry)
     lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")] or [type(err).__name__]
-    if lines[0].startswith("Parser key") and len(lines) > 1:  # 'Parser key "model.method":' + 'Expected ...'
+    if not lines[0].startswith("Parser key") or len(lines) == 1:
+        return lines[0]
+    if "Union subtypes" not in lines[1]:  # 'Parser key "model.method":' + 'Expected ...'
         return f"{lines[0]} {lines[1]}"
-    return lines[0]
+    # A union (callbacks, loggers, precision): the useful line is the class's own complaint or the allowed values.
+    for line, reason in itertools.pairwise(lines):
+        if line.startswith("Problem with given class_path"):
+            return f"{lines[0]} {line} {reason}"
+    given = next((line.removeprefix("Given value: ") for line in lines if line.startswith("Given value:")), "?")
+    if given.startswith("NestedArg"):  # --trainer.logger.init_args.project X on a list of loggers
+        return f"{lines[0]} holds a list, so a dotted option cannot set one of its items; set it in a config file"
+    allowed = next((line.removeprefix("Subtypes: ") for line in lines if line.startswith("Subtypes:")), "")
+    return f"{lines[0]} {given} is not valid; expected one of the types {allowed}"
 
 
 def discard_unused_run_dir() -> None:
-    """Remove a run directory this process created if it holds nothing but its config (the run never started)."""
+    """Remove a run directory this process created if it holds only its config files (the run never started)."""
     run_dir = os.environ.get(RUN_DIR_ENV)
     if os.environ.get("LOCAL_RANK", "0") != "0" or not run_dir:
         return
     path = Path(run_dir)
-    if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml"}:
+    if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml", "hparams.yaml"}:
         shutil.rmtree(path)
 
 
 def fit(cli: GradRegCLI) -> int:
-    """Check the data, then train; print where the run's files are."""
-    try:  # every dataset the run will read, before any work (the report of `python -m gradreg.data check`)
-        require_datasets(cli.config, stage="fit")
-    except DatasetNotFoundError:
-        discard_unused_run_dir()
+    """Check the data and the checkpoint to resume, then train; print where the run's files are."""
+    try:
+        require_datasets(cli.config, stage="fit")  # every dataset the run reads (`python -m gradreg.data check`)
+        if cli.config.run.resume is not None:
+            _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.run.resume)
+    except BaseException:
+        discard_unused_run_dir()  # a run that failed before writing anything leaves no folder behind
         raise
-    ckpt_path: Any = cli.config.run.resume
-    if ckpt_path is not None and not os.path.isfile(ckpt_path):
-        raise UserError(f"run.resume checkpoint '{ckpt_path}' does not exist; pass a path to a .ckpt file")
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     point_latest(cli.run_dir)
     print(f"run directory: {cli.run_dir}  (evaluate with: python evaluate.py {cli.run_dir})")
     return 0
+
+
+def _resume_file(path: Path) -> Path:
+    """``run.resume`` as a file: a checkpoint, or a run directory's ``last.ckpt``."""
+    if path.is_dir():
+        path = path / "last.ckpt"
+    if not path.is_file():
+        raise UserError(f"run.resume checkpoint '{path}' does not exist; pass a .ckpt file or a run directory")
+    return path
+
+
+def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> None:
+    """Stop with one line if the checkpoint to resume is unreadable, not ours, or does not fit the model."""
+    from gradreg.report import load_checkpoint
+
+    state = load_checkpoint(path)["state_dict"]
+    expected = module.state_dict()
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UserError(
+            f"run.resume checkpoint '{path}' does not fit this model: it has {extra[0]}, which the model has not; "
+            "resume with the config of the run that wrote it"
+        )
+    for key, value in expected.items():
+        if key not in state or state[key].shape != value.shape:
+            found = "missing" if key not in state else f"of shape {tuple(state[key].shape)}"
+            raise UserError(
+                f"run.resume checkpoint '{path}' does not fit this model: {key} is {found}, the model's is "
+                f"{tuple(value.shape)}; resume with the config of the run that wrote it"
+            )

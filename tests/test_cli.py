@@ -205,6 +205,52 @@ def test_missing_dataset_directory(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     proc = train_inprocess(tmp_path, capsys, "--model.lr", "1e30", "--model.schedule", "constant")
     assert_one_line_error(proc, "non-finite training loss", "model.lr")
+    assert not any((tmp_path / "runs").iterdir()), "a run that wrote nothing leaves no folder"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--model.lr", "-0.1"], ["model.lr=-0.1 must be > 0"]),
+        (["--data.batch_size", "0"], ["data.batch_size=0 must be >= 1"]),
+        (["--model.sampler", "{name: energy_cluster, num_clusters: -3}"], ["energy_cluster", "num_clusters=-3"]),
+        (["--model.m_in", "0", "--model.m_out", "-30"], ["model.m_in=0.0 must be <= model.m_out=-30.0"]),
+        (["--model.arch_kwargs", "{in_channels: 3, width: 8}"], ["1 input channel(s) but the model takes 3"]),
+        (["--run.resume", "{tmp}/nowhere"], ["run.resume checkpoint '{tmp}/nowhere/last.ckpt' does not exist"]),
+        (["--run.monitor", "train/acc"], ["'train/acc' is a training metric"]),
+        (["--trainer.precision", "15"], ['"trainer.precision": 15 is not valid', "bf16-mixed"]),
+    ],
+)
+def test_bad_values_stop_before_training(
+    args: list[str], fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "nowhere").mkdir()  # a folder without last.ckpt
+    proc = train_inprocess(tmp_path, capsys, *(a.replace("{tmp}", str(tmp_path)) for a in args))
+    assert_one_line_error(proc, *(f.replace("{tmp}", str(tmp_path)) for f in fragments))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_run_root_that_is_a_file_and_a_callback_typo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    proc = run_inprocess(
+        train_main,
+        ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path / "file")],
+        capsys,
+    )
+    assert_one_line_error(proc, str(tmp_path / "file"), "a file is in the way")
+    config = tmp_path / "typo.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: gradreg.callbacks.OODEvalCallback\n"
+        "      init_args:\n        every_n_epoch: 1\n"
+    )
+    proc = train_inprocess(tmp_path, capsys, "--config", str(config))
+    assert_one_line_error(proc, "OODEvalCallback", "Option 'every_n_epoch' is not accepted")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_accelerator_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_one_line_error(train_inprocess(tmp_path, capsys, "--trainer.accelerator", "gpu"), "gpu")
+    assert not any((tmp_path / "runs").iterdir())
 
 
 @pytest.mark.slow
@@ -305,16 +351,25 @@ def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pyte
     assert float(state["best_model_score"]) == pytest.approx(logged[0][1])
 
     # Resuming continues with both checkpoint callbacks' states.
-    resume = ["--run.resume", str(first / "last.ckpt"), "--trainer.max_epochs", "4", *monitor]
+    resume = ["--run.resume", str(first), "--trainer.max_epochs", "4", *monitor]  # a run directory: its last.ckpt
     proc = train_inprocess(tmp_path, capsys, *resume)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = torch.load(tmp_path / "runs" / "quickstart-002" / "best.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == 3
 
+    proc = train_inprocess(tmp_path, capsys, "--run.resume", str(first), "--model.method", "absent")
+    assert_one_line_error(proc, "does not fit this model", "model.fc.weight is of shape (6, 128)", "(7, 128)")
+    text = tmp_path / "text.ckpt"
+    text.write_text("not a checkpoint")
+    assert_one_line_error(train_inprocess(tmp_path, capsys, "--run.resume", str(text)), "text.ckpt")
+
     # A run's config.yaml starts a new run of the same name and leaves the old one alone.
     before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
     args = ["--config", str(first / "config.yaml"), "--trainer.max_epochs", "1", "--run.resume", "null"]
-    proc = run_inprocess(train_main, args, capsys)
+    proc = run_inprocess(train_main, [*args, "--run.monitor", "val/loss"], capsys)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "quickstart-003" / "last.ckpt").is_file()
+    best = torch.load(tmp_path / "runs" / "quickstart-003" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert [s.get("best_model_score") is not None for s in best["callbacks"].values()] == [True, False]
+    assert "'mode': 'min'" in next(iter(best["callbacks"]))  # lower is better for a loss
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before

@@ -147,7 +147,7 @@ def fit(
     dm = OODDataModule(batch_size=32, outlier_batch_size=32, augment="none")
     module = GradRegModule(
         arch="small_cnn", arch_kwargs={"in_channels": 1, "width": 8}, num_classes=dm.num_classes, method="greg",
-        m_in=-2.0, m_out=-3.0, lr=0.05, schedule="constant", input_mean=dm.input_mean, input_std=dm.input_std,
+        m_in=-3.0, m_out=-1.0, lr=0.05, schedule="constant", input_mean=dm.input_mean, input_std=dm.input_std,
         cuda_graph=cuda_graph, sampler=sampler,
     )  # fmt: skip
     trainer = Trainer(

@@ -18,7 +18,7 @@ from gradreg.data.outliers import OutlierStream
 from gradreg.losses import energy
 from gradreg.models import SmallCNN
 from gradreg.module import GradRegModule
-from gradreg.registry import RegistryError
+from gradreg.registry import RegistryError, SettingError
 from gradreg.samplers import (
     SAMPLERS,
     DOSSampler,
@@ -418,7 +418,7 @@ def test_poem_state_dict_round_trip_restores_the_buffer(tmp_path):
     empty.load_state_dict(POEMSampler().state_dict())
     assert empty._closed == []
     assert empty._open is None
-    with pytest.raises(ValueError, match="sigma_n > 0"):
+    with pytest.raises(SettingError, match=r"sigma_n=0.0 must be > 0.0"):
         POEMSampler(sigma_n=0.0)
 
 

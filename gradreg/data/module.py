@@ -10,6 +10,7 @@ ID training augmentation, as in the official GReg/energy code.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +21,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from gradreg.data.datasets import ID_SPECS, ImageSpec, Transformed, build_dataset, build_transform, dataset_name
 from gradreg.data.outliers import OutlierStream
+from gradreg.registry import Bounds, SettingError, check_settings
 
 DatasetSpec = str | dict[str, Any]
+BOUNDS: Bounds = {
+    "batch_size": (">=", 1), "outlier_batch_size": (">=", 1), "eval_batch_size": (">=", 1), "num_workers": (">=", 0),
+    "image_size": (">=", 1), "val_fraction": (">=", 0.0), "candidates_per_epoch": (">=", 1),
+}  # fmt: skip
 
 
 class OODDataModule(LightningDataModule):
@@ -70,6 +76,9 @@ class OODDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_settings(self.hparams, typing.get_type_hints(OODDataModule.__init__), BOUNDS, prefix="data.")
+        if not val_fraction < 1:
+            raise SettingError(f"data.val_fraction={val_fraction} must be < 1 (the rest of the ID data trains)")
         self.id_dataset = id_dataset
         self.outliers = outliers
         self.ood_sets = list(ood_sets if ood_sets is not None else ["digits_heldout", "noise"])

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from gradreg.losses import energy
 from gradreg.models import eval_mode
-from gradreg.registry import Registry
+from gradreg.registry import Registry, Settings
 
 if TYPE_CHECKING:
     from gradreg.data.outliers import OutlierStream
@@ -46,7 +46,7 @@ def _outlier_scores(logits: Tensor, score: Score, num_classes: int | None) -> Te
 
 # ---------------------------------------------------------------------------------------------------------------
 # Samplers
-class OutlierSampler:
+class OutlierSampler(Settings):
     """Base class: choose which candidates of a step are used as outliers.
 
     Subclasses are dataclasses whose fields are their settings (the registry checks config keys against them).

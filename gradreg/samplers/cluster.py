@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from gradreg.kmeans import kmeans
 from gradreg.losses import energy
+from gradreg.registry import Bounds
 from gradreg.samplers.base import SAMPLERS, Score, _outlier_scores, _SeededSampler, forward_candidates
 
 
@@ -97,6 +99,9 @@ def cluster_select(
     return keep[chosen]
 
 
+KMEANS_BOUNDS: Bounds = {"num_clusters": (">=", 1), "n_init": (">=", 1), "max_iter": (">=", 1)}
+
+
 @SAMPLERS.register("energy_cluster")
 @dataclass
 class EnergyClusterSampler(_SeededSampler):
@@ -121,6 +126,7 @@ class EnergyClusterSampler(_SeededSampler):
     keep_end: int | None = None
     seed: int = 0
     _calls: int = field(default=0, init=False, repr=False)
+    lower_bounds: ClassVar[Bounds] = {**KMEANS_BOUNDS, "keep_start": (">=", 0), "keep_end": (">=", 1)}
 
     def num_selected(self, n_id: int, n_candidates: int) -> int:  # noqa: D102
         return min(n_candidates, n_id * (2 if self.two_way else 1))
@@ -158,6 +164,7 @@ class DOSSampler(_SeededSampler):
     num_classes: int | None = None
     seed: int = 0
     _calls: int = field(default=0, init=False, repr=False)
+    lower_bounds: ClassVar[Bounds] = KMEANS_BOUNDS
 
     def num_selected(self, n_id: int, n_candidates: int) -> int:  # noqa: D102
         return min(n_candidates, n_id)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from gradreg.registry import Bounds
 from gradreg.samplers.base import SAMPLERS, OutlierSampler, Score, _outlier_scores, _seed_from, forward_candidates
 
 if TYPE_CHECKING:
@@ -29,6 +30,12 @@ def _sum_over_ranks(t: Tensor) -> Tensor:
     summed = t.to(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
     torch.distributed.all_reduce(summed)
     return summed.to(t.device)
+
+
+MINER_BOUNDS: Bounds = {
+    "pool_factor": (">=", 1.0), "keep_factor": (">", 0.0), "id_train_size": (">=", 1), "batch_size": (">=", 1),
+    "num_workers": (">=", 0),
+}  # fmt: skip
 
 
 class _PoolMiner(OutlierSampler):
@@ -135,6 +142,7 @@ class NTOMSampler(_PoolMiner):
     score: Score = "auto"
     num_classes: int | None = None
     seed: int = 0
+    lower_bounds: ClassVar[Bounds] = {**MINER_BOUNDS, "quantile": (">=", 0.0)}
 
     def mine(self, model: nn.Module, pool: Dataset, position: int = 0) -> Tensor:
         """Pool indices NTOM keeps for the next epoch (sorted by ascending score, hardest first)."""
@@ -251,15 +259,14 @@ class POEMSampler(_PoolMiner):
     num_workers: int = 0
     seed: int = 0
     needs_features: ClassVar[bool] = True
+    lower_bounds: ClassVar[Bounds] = {
+        **MINER_BOUNDS,
+        "sigma": (">", 0.0),
+        "sigma_n": (">", 0.0),
+        "buffer_epochs": (">=", 1),
+    }
     _closed: list[dict[str, Tensor]] = field(default_factory=list, init=False, repr=False)  # oldest first
     _open: dict[str, Tensor] | None = field(default=None, init=False, repr=False)  # the epoch being observed
-
-    def __post_init__(self) -> None:
-        if self.buffer_epochs < 1 or self.sigma <= 0 or self.sigma_n <= 0:
-            raise ValueError(
-                f"poem needs buffer_epochs >= 1, sigma > 0 and sigma_n > 0, got {self.buffer_epochs}, "
-                f"{self.sigma} and {self.sigma_n}"
-            )
 
     @property
     def label_noise(self) -> float:

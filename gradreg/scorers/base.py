@@ -19,50 +19,15 @@ logits subclass :class:`OutputScorer` so that callers can share one forward pass
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from gradreg.models import eval_mode
-from gradreg.registry import SettingError
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether ``value`` is of the annotated type (float accepts int; bool is not a number)."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint in (float, int):
-        return isinstance(value, int | float if hint is float else int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _yaml_note(value: Any, hint: Any) -> str:
-    """PyYAML (YAML 1.1) reads ``1e3`` and ``1e-3`` as strings: say so where a number was meant."""
-    if isinstance(value, str) and _matches(1.0, hint):
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return " (YAML reads it as text: write 1000 or 1.0e+3)"
-    return ""
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    return {float: "a number", int: "an integer", type(None): "None"}.get(hint, getattr(hint, "__name__", str(hint)))
+from gradreg.registry import Settings
 
 
 @contextmanager
@@ -83,23 +48,10 @@ def scoring(model: nn.Module) -> Iterator[None]:
         yield
 
 
-class Scorer:
+class Scorer(Settings):
     """Base class of all scorers; see the module docstring for the contract."""
 
     needs_grad: ClassVar[bool] = False
-    # Lower bounds of numeric settings, e.g. {"temperature": (">", 0.0)}; None passes (an optional setting).
-    lower_bounds: ClassVar[dict[str, tuple[str, float]]] = {}
-
-    def __post_init__(self) -> None:
-        """Reject a setting of the wrong type or below its bound, naming it (dataclass subclasses)."""
-        hints = typing.get_type_hints(type(self))
-        for field in dataclasses.fields(self):
-            value, hint = getattr(self, field.name), hints[field.name]
-            if not _matches(value, hint):
-                raise SettingError(f"{field.name}={value!r} is not {_describe(hint)}{_yaml_note(value, hint)}")
-            op, bound = self.lower_bounds.get(field.name, (None, None))
-            if op is not None and value is not None and not (value > bound if op == ">" else value >= bound):
-                raise SettingError(f"{field.name}={value!r} must be {op} {bound}")
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         """Return one score per row of ``x`` (higher = more in-distribution), shape (N,)."""
