@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Subset
 from gradreg import metrics, scorers
 from gradreg.registry import SettingError
 from gradreg.scorers import OutputScorer, Scorer
-from gradreg.scorers.base import scoring
+from gradreg.scorers.base import require_head, scoring
 
 ScorerSpec = str | Mapping[str, Any]
 
@@ -65,6 +65,7 @@ class ScoredSet:
 
 def score_batch(model: nn.Module, x: Tensor, scorer_map: Mapping[str, Scorer], num_classes: int) -> tuple[dict, Tensor]:
     """Scores of one batch by scorer name and the predicted classes; one forward feeds every OutputScorer."""
+    require_head(model)  # one forward of features and logits feeds every OutputScorer and the predictions
     with scoring(model), torch.no_grad():
         x = x.clone()
         features = model.features(x)

@@ -212,6 +212,22 @@ def test_scorer_refuses_batchnorm_without_running_statistics(name: str, tiny: Ti
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_scorer_on_a_model_without_features_and_fc(name: str, tiny: TinyCNN, batch: Tensor) -> None:
+    # A plain classifier: scorers that need the penultimate features say so; the others use forward(x).
+    plain = nn.Sequential(tiny.trunk, tiny.fc)
+    for buffer in ("input_mean", "input_std"):  # what odin and margin read
+        plain.register_buffer(buffer, getattr(tiny, buffer))
+    scorer = build_cheap(name)
+    if scorer.needs_head:
+        with pytest.raises(TypeError, match=r"Sequential has no features and no fc: .* wrap the model"):
+            scorer(plain, batch)
+    else:
+        torch.testing.assert_close(scorer(plain, batch), scorer(tiny, batch), **TIGHT)
+    with pytest.raises(TypeError, match=r"Sequential has no features and no fc"):
+        score_batch(plain, batch, {name: scorer}, num_classes=5)
+
+
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("make", [make_tiny, make_zoo], ids=["tiny", "zoo"])
 def test_scorer_is_the_same_on_a_channels_last_model(name: str, make, batch: Tensor) -> None:
     # model.channels_last trains and evaluates in this layout (the CIFAR and ImageNet configs).

@@ -30,6 +30,17 @@ from gradreg.models import eval_mode
 from gradreg.registry import Settings
 
 
+def require_head(model: nn.Module) -> None:
+    """Raise a clear error unless ``model`` has ``features(x)`` and ``fc`` (docs/scorers.md lists what uses them)."""
+    missing = [name for name in ("features", "fc") if not callable(getattr(model, name, None))]
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__} has no {' and no '.join(missing)}: this needs features(x) -> (N, D), the input "
+            "of the last layer, and fc, that layer (forward(x) = fc(features(x))); wrap the model to expose them "
+            "(docs/scorers.md, 'What your model must expose')"
+        )
+
+
 @contextmanager
 def scoring(model: nn.Module) -> Iterator[None]:
     """Eval mode (each module's own flag restored afterwards) outside ``inference_mode``, for a per-sample model.
@@ -52,6 +63,7 @@ class Scorer(Settings):
     """Base class of all scorers; see the module docstring for the contract."""
 
     needs_grad: ClassVar[bool] = False
+    needs_head: ClassVar[bool] = False  #: whether it calls ``model.features`` and ``model.fc`` (else ``model(x)``)
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         """Return one score per row of ``x`` (higher = more in-distribution), shape (N,)."""
@@ -59,6 +71,8 @@ class Scorer(Settings):
 
     def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
         """Score ``x`` under the contract of the module docstring; shape (N,)."""
+        if self.needs_head:
+            require_head(model)
         with scoring(model):
             x = x.clone()  # an inference tensor cannot be used in autograd; a clone made here can
             with torch.set_grad_enabled(self.needs_grad):
@@ -67,6 +81,8 @@ class Scorer(Settings):
 
 class OutputScorer(Scorer):
     """A scorer that is a function of the penultimate features and the logits only."""
+
+    needs_head: ClassVar[bool] = True
 
     def score_outputs(self, features: Tensor, logits: Tensor) -> Tensor:
         """Score from features (N, D) and logits (N, C); shape (N,)."""

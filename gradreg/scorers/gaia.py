@@ -177,6 +177,7 @@ class GaiaA(Scorer):
     """GAIA-A on ``model.gaia_layers("a")`` or every BatchNorm2d/GroupNorm."""
 
     needs_grad: ClassVar[bool] = True
+    needs_head: ClassVar[bool] = True
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
         return gaia_a_score(model, x)
