@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -389,3 +390,23 @@ def test_hardest_examples_are_low_id_and_high_ood_scores() -> None:
     id_idx, ood_idx = hardest_examples(torch.tensor([0.5, -2.0, 1.0]), torch.tensor([-1.0, 3.0, 0.0]), 2)
     assert id_idx.tolist() == [1, 0]
     assert ood_idx.tolist() == [1, 2]
+
+
+def test_auto_damping_doubles_until_cg_meets_no_negative_curvature(monkeypatch: pytest.MonkeyPatch) -> None:
+    explain_module = importlib.import_module("gradreg.influence.explain")  # the package exports a function of that name
+    model = TinyNet().double().eval()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    loss = ce_loss()
+    f, theta = flat_objective(model, loss, (x, y, None))
+    lowest = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, theta)).min())
+    assert lowest < -1e-3  # the tanh net's Hessian is indefinite
+    # An under-estimate of |lambda|_max, as 20 power iterations give when the top eigenvalues are close.
+    monkeypatch.setattr(explain_module, "top_eigenvalue", lambda *args, **kw: 1e-4)
+    common = {"max_train": 8, "hessian_points": 32, "batch_size": 32, "tol": 1e-12}
+    with pytest.warns(UserWarning, match="non-positive curvature"):  # that damping itself fails
+        explain(model, x[:2], "energy", loss, TensorDataset(x, y), damping=1.01e-4, **common)
+    result = explain(model, x[:2], "energy", loss, TensorDataset(x, y), damping="auto", **common)
+    used = result.settings["damping"]
+    assert used > -lowest
+    assert math.log2(used / 1.01e-4) == pytest.approx(round(math.log2(used / 1.01e-4)))  # 1.01e-4 doubled k times
+    assert max(result.settings["relative_residual"]) < 1e-8

@@ -15,7 +15,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from gradreg.influence.objective import Batch, TrainLoss, select_parameters
-from gradreg.influence.solvers import inverse_hvp, make_hvp, per_sample_gradients, score_gradients, top_eigenvalue
+from gradreg.influence.solvers import (
+    IndefiniteError,
+    inverse_hvp,
+    make_hvp,
+    per_sample_gradients,
+    score_gradients,
+    top_eigenvalue,
+)
 from gradreg.models import eval_mode
 from gradreg.scorers.base import Scorer
 
@@ -190,7 +197,9 @@ def explain(
             recursion step, cycling).
         damping: see :func:`inverse_hvp`; ``"auto"`` uses 1.01 times the largest-magnitude Hessian eigenvalue
             (20 power iterations), which makes ``H + damping I`` positive definite for the indefinite Hessians of
-            non-convex networks, at the price of shrinking the influence towards a gradient similarity.
+            non-convex networks, at the price of shrinking the influence towards a gradient similarity. The
+            estimate is a lower bound: where CG still meets non-positive curvature, the damping is doubled and
+            every solve restarts (``settings["damping"]`` holds the value used).
         scale: LiSSA scale; ``None`` estimates it by power iteration on the full Hessian subset.
         depth: LiSSA depth.
         repeats: LiSSA repeats.
@@ -242,7 +251,8 @@ def explain(
         hessian_loss = train_loss if hessian_loss is None else hessian_loss
         full_hvp = make_hvp(model, hessian_loss, batches, names)
         solver_hvp = full_hvp
-        if damping == "auto":  # |lambda|_max makes H + damping I positive definite even where H is indefinite
+        auto = damping == "auto"
+        if auto:  # |lambda|_max makes H + damping I positive definite even where H is indefinite
             damping = 1.01 * top_eigenvalue(full_hvp, test_grads.shape[1], like=like)
         if method == "lissa":
             if scale is None:
@@ -252,12 +262,21 @@ def explain(
             def solver_hvp(v: Tensor) -> Tensor:
                 return next(cycle)(v)
 
-        solutions, residuals = [], []
-        for g in test_grads:
-            s = inverse_hvp(solver_hvp, g, method, damping, scale, depth, repeats, tol, max_iter)
+        for _ in range(64):
+            try:
+                solutions = [
+                    inverse_hvp(solver_hvp, g, method, damping, scale, depth, repeats, tol, max_iter, strict=auto)
+                    for g in test_grads
+                ]
+                break
+            except IndefiniteError:  # power iteration under-estimates |lambda|_max: double until CG succeeds
+                damping = max(2 * damping, 1e-8)
+        else:
+            raise IndefiniteError(f"H + {damping:.3g} I is still not positive definite; pass a damping")
+        residuals = []
+        for g, s in zip(test_grads, solutions, strict=True):
             residual = full_hvp(s) + damping * s - g
             residuals.append(float(residual.norm() / g.norm().clamp_min(torch.finfo(g.dtype).tiny)))
-            solutions.append(s)
         s_test = torch.stack(solutions, dim=1)  # (P, T)
 
         influences = {}

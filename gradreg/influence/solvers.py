@@ -125,8 +125,12 @@ def per_sample_gradients(
 # Inverse Hessian-vector products
 
 
+class IndefiniteError(ArithmeticError):
+    """Conjugate gradients met a direction of non-positive curvature: ``H + damping I`` is not positive definite."""
+
+
 def top_eigenvalue(hvp_fn: HVP, dim: int, iters: int = 20, like: Tensor | None = None) -> float:
-    """Largest-magnitude eigenvalue of ``H`` by power iteration (seeded), ``|lambda|_max``."""
+    """Largest-magnitude eigenvalue of ``H`` by power iteration (seeded), ``|lambda|_max``; a lower bound of it."""
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(dim, generator=gen, dtype=torch.float64)
     if like is not None:
@@ -152,11 +156,13 @@ def inverse_hvp(
     repeats: int = 1,
     tol: float = 1e-6,
     max_iter: int | None = None,
+    strict: bool = False,
 ) -> Tensor:
     """Approximate ``(H + damping I)^-1 v`` from Hessian-vector products.
 
     - ``"cg"``: conjugate gradients; needs a deterministic ``hvp_fn`` and ``H + damping I`` positive definite
-      (stops with a warning on a direction of non-positive curvature). Stops when
+      (on a direction of non-positive curvature it stops with a warning, or raises :class:`IndefiniteError` if
+      ``strict``). Stops when
       ``||residual|| <= tol ||v||`` or after ``max_iter`` (default ``min(P, 200)``) iterations.
     - ``"lissa"``: truncated Neumann series ``h_j = v + h_{j-1} - (H + damping I) h_{j-1} / scale``,
       ``h_0 = v``, result ``h_depth / scale`` averaged over ``repeats`` (``hvp_fn`` may be stochastic, e.g. a new
@@ -174,6 +180,7 @@ def inverse_hvp(
         repeats: LiSSA repeats averaged.
         tol: relative stopping tolerance.
         max_iter: CG iteration cap.
+        strict: CG raises :class:`IndefiniteError` instead of warning.
 
     Returns:
         The solution, shape (P,).
@@ -190,7 +197,10 @@ def inverse_hvp(
             ap = hvp_fn(p) + damping * p
             curvature = p.dot(ap)
             if curvature <= 0:
-                warnings.warn("CG met non-positive curvature; increase damping", stacklevel=2)
+                message = f"CG met non-positive curvature: H + {damping:.3g} I is not positive definite"
+                if strict:
+                    raise IndefiniteError(message)
+                warnings.warn(f"{message}; increase damping", stacklevel=2)
                 break
             alpha = rs / curvature
             x = x + alpha * p
