@@ -163,7 +163,7 @@ def run_main(*args: str) -> tuple[int, str, str]:
 def test_check_command_exit_codes(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(data()))
-    code, out, _ = run_main("check", str(config), "--data_root", str(tmp_path))
+    code, out, _ = run_main("check", str(config), "--data-root", str(tmp_path))
     assert code == 1
     assert "MISSING  id        fashion_mnist" in out
     write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")

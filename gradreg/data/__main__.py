@@ -19,7 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="list every dataset of a config: found where, or where to put it")
     check.add_argument("config", help="a training config, e.g. configs/cifar10.yaml")
-    check.add_argument("--data_root", default=None, help="override the config's data.data_root")
+    check.add_argument(
+        "--data-root", "--data_root", dest="data_root", default=None, help="override the config's data.data_root"
+    )
     check.add_argument("--stage", choices=("fit", "test"), default="fit", help="test: only what evaluation reads")
     classes = commands.add_parser("imagenet-classes", help="print the N ID wnids of GReg's ImageNet protocol")
     classes.add_argument("num_classes", type=int, help="N, e.g. 10, 20, 50 or 100")
