@@ -36,7 +36,7 @@ from gradreg.losses import (
     grad_norm_penalty,
     outlier_exposure_loss,
 )
-from gradreg.models import create_classifier, load_pretrained
+from gradreg.models import MODELS, create_classifier, load_pretrained
 from gradreg.registry import Bounds, SettingError, check_settings
 from gradreg.samplers import SAMPLERS
 
@@ -134,6 +134,11 @@ class GradRegModule(LightningModule):
             "/" in pretrained or Path(pretrained).suffix in (".ckpt", ".pt", ".pth")
         )
         if pretrained and not from_file:
+            if arch in MODELS and "weights" not in MODELS.settings(arch):
+                raise SettingError(
+                    f"model.pretrained={pretrained!r} is not a checkpoint path, and '{arch}' has no torchvision "
+                    "weights to name; pass a .ckpt file"
+                )
             kwargs["weights"] = pretrained  # a torchvision weights name, e.g. IMAGENET1K_V2
         self.model = create_classifier(arch, outputs, **kwargs)
         if from_file:

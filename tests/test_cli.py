@@ -219,6 +219,10 @@ def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
         (["--run.resume", "{tmp}/nowhere"], ["run.resume checkpoint '{tmp}/nowhere/last.ckpt' does not exist"]),
         (["--run.monitor", "train/acc"], ["'train/acc' is a training metric"]),
         (["--trainer.precision", "15"], ['"trainer.precision": 15 is not valid', "bf16-mixed"]),
+        (
+            ["--model.pretrained", "IMAGENET1K_V2"],
+            ["model.pretrained='IMAGENET1K_V2'", "'small_cnn' has no torchvision"],
+        ),
     ],
 )
 def test_bad_values_stop_before_training(
