@@ -377,3 +377,10 @@ def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pyte
     assert [s.get("best_model_score") is not None for s in best["callbacks"].values()] == [True, False]
     assert "'mode': 'min'" in next(iter(best["callbacks"]))  # lower is better for a loss
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
+
+
+def test_wandb_project_comes_from_wandb_project() -> None:
+    code = "from gradreg.training import DEFAULT_LOGGERS as L; print(L[0]['class_path'], L[0]['init_args']['project'])"
+    env = {**os.environ, "WANDB_PROJECT": "my-ood-runs"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["lightning.pytorch.loggers.WandbLogger", "my-ood-runs"], proc.stderr[-2000:]
