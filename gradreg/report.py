@@ -145,6 +145,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     missing = [k for k in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters") if k not in ckpt]
     if not isinstance(ckpt, dict) or missing:
         raise UserError(f"checkpoint '{path}' was not written by gradreg's train.py (missing {', '.join(missing)})")
+    # Non-finite weights score every image NaN: every metric would be NaN with exit code 0.
+    bad = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UserError(
+            f"checkpoint '{path}' holds non-finite weights ({', '.join(bad[:3])}{more}): training diverged; "
+            "evaluate an earlier checkpoint or retrain with a lower model.lr"
+        )
     return ckpt
 
 

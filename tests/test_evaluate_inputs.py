@@ -1,0 +1,57 @@
+"""evaluate.py refuses bad input in one line, before it creates an output folder or scores anything."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradreg.cli import evaluate_main, train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+# Keeps a regression quick: code that accepted these inputs ran the whole benchmark first.
+FAST = ["--max-samples", "16", "--no-plots"]
+
+
+def run_inprocess(args: list[str], capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:
+    """Call evaluate.py's entry point in this process; exit code and output as a subprocess would give them."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 1, no traceback, exactly one ``error:`` line, holding every fragment."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch quickstart run (two training batches): a real checkpoint and the config.yaml train.py wrote."""
+    tmp = tmp_path_factory.mktemp("train")
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp / "runs")]
+    args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    args += ["--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(args)
+    assert exit_info.value.code == 0
+    return tmp / "runs" / "quickstart-001"
+
+
+def test_checkpoint_with_non_finite_weights(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["model.fc.weight"][0, 0] = float("nan")
+    ckpt["state_dict"]["model.fc.bias"][0] = float("inf")
+    diverged = tmp_path / "diverged.ckpt"
+    torch.save(ckpt, diverged)
+    proc = run_inprocess([str(diverged), *FAST, "--suites", "ood"], capsys)
+    assert_one_line_error(proc, str(diverged), "non-finite", "model.fc.weight, model.fc.bias")
+    assert sorted(tmp_path.iterdir()) == [diverged]
