@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import pickle
@@ -47,6 +48,8 @@ from gradreg.scorers import SCORERS
 METRIC_NAMES = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
 SUITES = ("ood", "adversarial", "corruption", "robustness")
 DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness")
+# Top-level sections of a train config: train.py's own, plus those LightningCLI writes into a run's config.yaml.
+CONFIG_SECTIONS = ("seed_everything", "model", "data", "trainer", "run", "optimizer", "lr_scheduler", "ckpt_path")
 
 
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
@@ -185,12 +188,48 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
 
 def from_config(path: Path, data_overrides: dict[str, Any]) -> tuple[GradRegModule, OODDataModule]:
     """Model and datamodule described by a train config (post-hoc evaluation of untrained or pretrained models)."""
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    dm = OODDataModule(**{**(config.get("data") or {}), **data_overrides})
-    model_args = {**(config.get("model") or {}), "num_classes": dm.num_classes}
+    config = read_config(path)
+    dm = OODDataModule(**{**config["data"], **data_overrides})
+    model_args = {**config["model"], "num_classes": dm.num_classes}
+    if not model_args.get("pretrained") and not (model_args.get("arch_kwargs") or {}).get("weights"):
+        # A run's config.yaml describes the model before training: its weights are in the run's checkpoints.
+        run_dir = path.parent if any((path.parent / n).is_file() for n in ("best.ckpt", "last.ckpt")) else "RUN_DIR"
+        print(
+            f"warning: config '{path}' has no model.pretrained: the model is evaluated with random initial weights; "
+            f"to evaluate a trained run, pass its run directory (evaluate.py {run_dir})",
+            file=sys.stderr,
+        )
     module = GradRegModule(**model_args, input_mean=dm.input_mean, input_std=dm.input_std)
     return module, dm
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A train config with its ``model`` and ``data`` sections (empty if absent); typos are one-line errors.
+
+    The valid ``model`` / ``data`` keys are the constructors' arguments; sections other than those two are
+    not used here, but a misspelled one (``dataa:``) would silently evaluate the defaults.
+    """
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        reason = getattr(err, "problem", None) or type(err).__name__
+        raise UserError(f"config '{path}' is not valid YAML ({where}{reason}); fix the file") from None
+    if not isinstance(config, dict):
+        raise UserError(f"config '{path}' is not a mapping of sections ({', '.join(CONFIG_SECTIONS)})")
+    unknown = [key for key in config if key not in CONFIG_SECTIONS]
+    if unknown:
+        raise UserError(f"config '{path}' has unknown section '{unknown[0]}'; valid: {', '.join(CONFIG_SECTIONS)}")
+    for section, cls in (("model", GradRegModule), ("data", OODDataModule)):
+        config[section] = config.get(section) or {}
+        if not isinstance(config[section], dict):
+            raise UserError(f"config '{path}': section '{section}' is not a mapping of settings")
+        valid = list(inspect.signature(cls).parameters)
+        unknown = [key for key in config[section] if key not in valid]
+        if unknown:
+            raise UserError(f"config '{path}': unknown key '{unknown[0]}' in {section}; valid: {', '.join(valid)}")
+    return config
 
 
 # --------------------------------------------------------------------------------------------------------------

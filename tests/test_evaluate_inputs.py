@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -55,3 +56,36 @@ def test_checkpoint_with_non_finite_weights(run_dir: Path, tmp_path: Path, capsy
     proc = run_inprocess([str(diverged), *FAST, "--suites", "ood"], capsys)
     assert_one_line_error(proc, str(diverged), "non-finite", "model.fc.weight, model.fc.bias")
     assert sorted(tmp_path.iterdir()) == [diverged]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("model:\n  arch: small_cnn\n  lr: 0.1: 2\n", ["bad.yaml' is not valid YAML", "line 3"]),
+        ("dataa:\n  batch_size: 8\n", ["unknown section 'dataa'", "seed_everything, model, data, trainer, run"]),
+        ("model:\n  lrr: 0.1\n", ["unknown key 'lrr' in model", "lr, momentum"]),
+        ("data:\n  batch_sise: 8\n", ["unknown key 'batch_sise' in data", "batch_size, outlier_batch_size"]),
+    ],
+)
+def test_bad_config_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # post-hoc results would go to ./runs
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    assert_one_line_error(run_inprocess([str(config), *FAST, "--suites", "ood"], capsys), *fragments)
+    assert sorted(tmp_path.iterdir()) == [config]
+
+
+def test_config_without_weights_warns_once(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The config.yaml of a run (with the sections LightningCLI adds) is valid; it describes the untrained model.
+    out = tmp_path / "out"
+    args = [str(run_dir / "config.yaml"), *FAST, "--suites", "ood", "--scorers", "energy", "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(args)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert exit_info.value.code == 0
+    assert len(warnings) == 1, warnings
+    assert "random initial weights" in warnings[0]
+    assert f"evaluate.py {run_dir}" in warnings[0]
+    assert json.loads((out / "results.json").read_text())["sets"].keys() == {"digits_heldout", "noise"}
