@@ -43,6 +43,7 @@ from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, set_metrics
 from gradreg.metrics import accuracy
 from gradreg.module import GradRegModule
+from gradreg.registry import RegistryError
 from gradreg.scorers import SCORERS
 
 METRIC_NAMES = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
@@ -69,7 +70,13 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-samples", type=_positive_int, help="score at most this many images per set (a fixed random sample)"
     )
-    p.add_argument("--epsilons", type=float, nargs="+", default=[2 / 255, 8 / 255], help="attack budgets (pixels)")
+    p.add_argument(
+        "--epsilons",
+        type=_number_or_fraction,
+        nargs="+",
+        default=[2 / 255, 8 / 255],
+        help="L-inf attack budgets in [0, 1] pixel units, 0 < EPS <= 1; fractions are accepted (default: 2/255 8/255)",
+    )
     p.add_argument("--pgd-steps", type=_positive_int, default=10)
     p.add_argument("--corruptions", nargs="+", default=list(DEFAULT_CORRUPTIONS))
     p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
@@ -94,6 +101,68 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
+
+
+def _number_or_fraction(text: str) -> float:
+    """``"0.03"`` or ``"8/255"``: budgets are usually given in steps of one 8-bit level."""
+    numerator, slash, denominator = text.partition("/")
+    try:
+        return float(numerator) / float(denominator) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number or a fraction such as 8/255") from None
+
+
+def check_options(opts: argparse.Namespace) -> None:
+    """Refuse option values that would fail only after the ID set was scored (or never fail, like ``--epsilons 8``)."""
+    for name in opts.corruptions:
+        try:
+            anomalies.CORRUPTIONS.get(name)
+        except RegistryError as err:
+            raise UserError(f"--corruptions: {err}") from None
+    for severity in opts.severities:
+        if not 1 <= severity <= 5:
+            raise UserError(f"--severities {severity} is not a corruption severity; use 1 (mild) to 5 (strong)")
+    for eps in opts.epsilons:
+        if not 0 < eps <= 1:  # also catches nan
+            hint = f"{eps:g}/255 = {eps / 255:.4f}" if eps > 1 else "8/255 = 0.0314"
+            raise UserError(f"--epsilons {eps:g} is not in (0, 1]: budgets are in [0, 1] pixel units, e.g. {hint}")
+    if opts.explain < 0:
+        raise UserError(f"--explain {opts.explain} must be >= 0 (the number of worst OOD and ID images to explain)")
+    if opts.out:
+        out = Path(opts.out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out '{out}' is a file; choose a new folder (nothing is overwritten)")
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"output folder '{out}' already holds files; choose a new --out (nothing is overwritten)")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--data KEY=VALUE ...`` as a dict (values read as YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--data '{item}' is not KEY=VALUE; e.g. --data eval_batch_size=128")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def resolve_device(text: str) -> torch.device:
+    """``auto`` (cuda if available, else cpu) or a device string, checked against the devices present here."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device '{text}' is not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        found = f"only {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise UserError(f"--device '{text}': this machine has {found}; use --device cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device '{text}': MPS is not available on this machine; use --device cpu (or auto)")
+    return device
 
 
 def parse_scorer(text: str) -> str | dict[str, Any]:
@@ -360,7 +429,9 @@ def print_table(writer: ResultWriter) -> None:
 def evaluate_main(args: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (1 if any set failed)."""
     opts = parse_args(args)
-    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in opts.data)}
+    check_options(opts)
+    device = resolve_device(opts.device)
+    overrides = parse_overrides(opts.data)
     if opts.data_root:
         overrides["data_root"] = opts.data_root
     source = Path(opts.checkpoint)
@@ -381,11 +452,11 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
 
     default_out = (Path("runs"), f"{ckpt_path.stem}-eval") if post_hoc else (ckpt_path.parent, "eval")
     out = Path(opts.out) if opts.out else next_run_dir(*default_out)
-    if opts.out:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"output folder '{out}' already holds files; choose a new --out (nothing is overwritten)")
-        out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
+    if opts.out:  # check_options made sure it is a new or empty folder
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create --out '{out}' ({err.strerror}); choose another folder") from None
     model = module.model.to(device).eval()
     print(f"evaluating {ckpt_path} on {device}; writing to {out}")
 

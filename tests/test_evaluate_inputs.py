@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gradreg.cli import evaluate_main, train_main
+from gradreg.report import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # Keeps a regression quick: code that accepted these inputs ran the whole benchmark first.
@@ -45,6 +46,34 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         train_main(args)
     assert exit_info.value.code == 0
     return tmp / "runs" / "quickstart-001"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--corruptions", "jpeg", "gausian_noise"], ["'gausian_noise'", "gaussian_noise", "impulse_noise"]),
+        (["--severities", "0", "6"], ["--severities 0", "1 (mild) to 5 (strong)"]),
+        (["--epsilons", "-0.01"], ["--epsilons -0.01", "pixel units"]),
+        (["--epsilons", "8"], ["--epsilons 8 ", "8/255 = 0.0314"]),
+        (["--explain", "-1"], ["--explain -1", ">= 0"]),
+        (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
+        (["--device", "cuda:99"], ["--device 'cuda:99'", "--device cpu"]),
+        (["--data", "eval_batch_size"], ["--data 'eval_batch_size' is not KEY=VALUE"]),
+    ],
+)
+def test_bad_option_stops_before_any_output(
+    run_dir: Path, args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = sorted(run_dir.iterdir())
+    assert_one_line_error(run_inprocess([str(run_dir), *FAST, *args], capsys), *fragments)
+    assert sorted(run_dir.iterdir()) == before  # no eval-NNN folder
+
+
+def test_out_naming_a_file_is_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    assert_one_line_error(run_inprocess([str(run_dir), *FAST, "--out", str(notes)], capsys), f"'{notes}' is a file")
+    assert notes.read_text() == "keep me"
 
 
 def test_checkpoint_with_non_finite_weights(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,3 +118,10 @@ def test_config_without_weights_warns_once(run_dir: Path, tmp_path: Path, capsys
     assert "random initial weights" in warnings[0]
     assert f"evaluate.py {run_dir}" in warnings[0]
     assert json.loads((out / "results.json").read_text())["sets"].keys() == {"digits_heldout", "noise"}
+
+
+def test_epsilons_accept_fractions() -> None:
+    assert parse_args(["ckpt", "--epsilons", "8/255", "0.01"]).epsilons == [8 / 255, 0.01]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["ckpt", "--epsilons", "8/x"])
+    assert exit_info.value.code == 2
