@@ -44,7 +44,7 @@ from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, s
 from gradreg.metrics import accuracy
 from gradreg.module import GradRegModule
 from gradreg.registry import RegistryError
-from gradreg.scorers import SCORERS
+from gradreg.scorers import SCORERS, Scorer
 
 METRIC_NAMES = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
 SUITES = ("ood", "adversarial", "corruption", "robustness")
@@ -449,6 +449,10 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     unknown = sorted(set(opts.sets or []) - set(ood_sets))
     if unknown:
         raise UserError(f"unknown OOD set(s) {', '.join(unknown)}; this checkpoint's sets: {', '.join(ood_sets)}")
+    id_test = sample(dm.id_dataset_for("test"), opts.max_samples)
+    model = module.model.to(device).eval()
+    if opts.explain:
+        check_explainable(module, scorer_map, opts.explain_scorer, id_test[0][0][None].to(device))
 
     default_out = (Path("runs"), f"{ckpt_path.stem}-eval") if post_hoc else (ckpt_path.parent, "eval")
     out = Path(opts.out) if opts.out else next_run_dir(*default_out)
@@ -457,7 +461,6 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create --out '{out}' ({err.strerror}); choose another folder") from None
-    model = module.model.to(device).eval()
     print(f"evaluating {ckpt_path} on {device}; writing to {out}")
 
     def run(source: Subset, transform: Transform, desc: str) -> ScoredSet:
@@ -468,7 +471,6 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             batches = ((transform(x.to(device), y.to(device)), y) for x, y in batches)
         return score_loader(model, tqdm(batches, desc=desc, leave=False), scorer_map, device, dm.num_classes)
 
-    id_test = sample(dm.id_dataset_for("test"), opts.max_samples)
     id_scored = run(id_test, None, "id")
     save_scores(out / "scores" / "id.npz", id_scored, id_test)
     header = {
@@ -519,6 +521,37 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     return 1 if writer.failed else 0
 
 
+def check_explainable(module: GradRegModule, scorer_map: dict[str, Scorer], key: str, x: Tensor) -> None:
+    """Refuse an ``--explain`` that would fail after the whole benchmark: its objective and its scorer.
+
+    A scorer is explainable when the influence code can differentiate it w.r.t. the parameters; that is
+    decided by the same call that computes the test gradients (:func:`gradreg.influence.score_gradients`),
+    here on one image ``x`` (1, C, H, W).
+    """
+    from gradreg.influence import score_gradients, select_parameters
+
+    method = module.hparams.method
+    if method not in ("ce", "energy", "greg"):
+        raise UserError(f"--explain supports checkpoints trained with ce, energy or greg, not '{method}'")
+    if key not in scorer_map:
+        raise UserError(f"--explain-scorer '{key}' is not among the evaluated scorers ({', '.join(scorer_map)})")
+    names = select_parameters(module.model)
+
+    def differentiable(scorer: Scorer) -> bool:
+        try:
+            score_gradients(module.model, scorer, x, names)
+        except ValueError:
+            return False
+        return True
+
+    if not differentiable(scorer_map[key]):
+        explainable = [k for k, scorer in scorer_map.items() if differentiable(scorer)]
+        raise UserError(
+            f"--explain-scorer '{key}' is not differentiable w.r.t. the model's parameters; of the evaluated "
+            f"scorers these can be explained: {', '.join(explainable) or 'none (add energy to --scorers)'}"
+        )
+
+
 def explain_worst(
     module: GradRegModule,
     dm: OODDataModule,
@@ -537,11 +570,7 @@ def explain_worst(
     """
     from gradreg.influence import explain, greg_objective, hardest_examples
 
-    hp = module.hparams
-    if hp.method not in ("ce", "energy", "greg"):
-        raise UserError(f"--explain supports checkpoints trained with ce, energy or greg, not '{hp.method}'")
-    if opts.explain_scorer not in id_scored.scores:
-        raise UserError(f"--explain-scorer '{opts.explain_scorer}' is not among the evaluated --scorers")
+    hp = module.hparams  # check_explainable accepted its method and --explain-scorer
     rows = dm.batch_size + module.sampler.num_selected(dm.batch_size, dm.outlier_batch_size)
     objective = greg_objective(
         m_in=hp.m_in,

@@ -56,6 +56,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--epsilons", "-0.01"], ["--epsilons -0.01", "pixel units"]),
         (["--epsilons", "8"], ["--epsilons 8 ", "8/255 = 0.0314"]),
         (["--explain", "-1"], ["--explain -1", ">= 0"]),
+        (["--explain", "1", "--explain-scorer", "energie"], ["'energie'", "energy, exgrad, gaia_a"]),
+        (["--explain", "1", "--explain-scorer", "odin"], ["'odin'", "not differentiable", "explained: energy, exgrad"]),
         (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
         (["--device", "cuda:99"], ["--device 'cuda:99'", "--device cpu"]),
         (["--data", "eval_batch_size"], ["--data 'eval_batch_size' is not KEY=VALUE"]),
