@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import pickle
@@ -42,11 +43,14 @@ from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, set_metrics
 from gradreg.metrics import accuracy
 from gradreg.module import GradRegModule
-from gradreg.scorers import SCORERS
+from gradreg.registry import RegistryError
+from gradreg.scorers import SCORERS, Scorer
 
 METRIC_NAMES = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
 SUITES = ("ood", "adversarial", "corruption", "robustness")
 DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness")
+# Top-level sections of a train config: train.py's own, plus those LightningCLI writes into a run's config.yaml.
+CONFIG_SECTIONS = ("seed_everything", "model", "data", "trainer", "run", "optimizer", "lr_scheduler", "ckpt_path")
 
 
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
@@ -66,7 +70,13 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-samples", type=_positive_int, help="score at most this many images per set (a fixed random sample)"
     )
-    p.add_argument("--epsilons", type=float, nargs="+", default=[2 / 255, 8 / 255], help="attack budgets (pixels)")
+    p.add_argument(
+        "--epsilons",
+        type=_number_or_fraction,
+        nargs="+",
+        default=[2 / 255, 8 / 255],
+        help="L-inf attack budgets in [0, 1] pixel units, 0 < EPS <= 1; fractions are accepted (default: 2/255 8/255)",
+    )
     p.add_argument("--pgd-steps", type=_positive_int, default=10)
     p.add_argument("--corruptions", nargs="+", default=list(DEFAULT_CORRUPTIONS))
     p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
@@ -91,6 +101,68 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
+
+
+def _number_or_fraction(text: str) -> float:
+    """``"0.03"`` or ``"8/255"``: budgets are usually given in steps of one 8-bit level."""
+    numerator, slash, denominator = text.partition("/")
+    try:
+        return float(numerator) / float(denominator) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number or a fraction such as 8/255") from None
+
+
+def check_options(opts: argparse.Namespace) -> None:
+    """Refuse option values that would fail only after the ID set was scored (or never fail, like ``--epsilons 8``)."""
+    for name in opts.corruptions:
+        try:
+            anomalies.CORRUPTIONS.get(name)
+        except RegistryError as err:
+            raise UserError(f"--corruptions: {err}") from None
+    for severity in opts.severities:
+        if not 1 <= severity <= 5:
+            raise UserError(f"--severities {severity} is not a corruption severity; use 1 (mild) to 5 (strong)")
+    for eps in opts.epsilons:
+        if not 0 < eps <= 1:  # also catches nan
+            hint = f"{eps:g}/255 = {eps / 255:.4f}" if eps > 1 else "8/255 = 0.0314"
+            raise UserError(f"--epsilons {eps:g} is not in (0, 1]: budgets are in [0, 1] pixel units, e.g. {hint}")
+    if opts.explain < 0:
+        raise UserError(f"--explain {opts.explain} must be >= 0 (the number of worst OOD and ID images to explain)")
+    if opts.out:
+        out = Path(opts.out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out '{out}' is a file; choose a new folder (nothing is overwritten)")
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"output folder '{out}' already holds files; choose a new --out (nothing is overwritten)")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--data KEY=VALUE ...`` as a dict (values read as YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--data '{item}' is not KEY=VALUE; e.g. --data eval_batch_size=128")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def resolve_device(text: str) -> torch.device:
+    """``auto`` (cuda if available, else cpu) or a device string, checked against the devices present here."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device '{text}' is not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        found = f"only {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise UserError(f"--device '{text}': this machine has {found}; use --device cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device '{text}': MPS is not available on this machine; use --device cpu (or auto)")
+    return device
 
 
 def parse_scorer(text: str) -> str | dict[str, Any]:
@@ -145,6 +217,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     missing = [k for k in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters") if k not in ckpt]
     if not isinstance(ckpt, dict) or missing:
         raise UserError(f"checkpoint '{path}' was not written by gradreg's train.py (missing {', '.join(missing)})")
+    # Non-finite weights score every image NaN: every metric would be NaN with exit code 0.
+    bad = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UserError(
+            f"checkpoint '{path}' holds non-finite weights ({', '.join(bad[:3])}{more}): training diverged; "
+            "evaluate an earlier checkpoint or retrain with a lower model.lr"
+        )
     return ckpt
 
 
@@ -177,12 +257,48 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
 
 def from_config(path: Path, data_overrides: dict[str, Any]) -> tuple[GradRegModule, OODDataModule]:
     """Model and datamodule described by a train config (post-hoc evaluation of untrained or pretrained models)."""
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    dm = OODDataModule(**{**(config.get("data") or {}), **data_overrides})
-    model_args = {**(config.get("model") or {}), "num_classes": dm.num_classes}
+    config = read_config(path)
+    dm = OODDataModule(**{**config["data"], **data_overrides})
+    model_args = {**config["model"], "num_classes": dm.num_classes}
+    if not model_args.get("pretrained") and not (model_args.get("arch_kwargs") or {}).get("weights"):
+        # A run's config.yaml describes the model before training: its weights are in the run's checkpoints.
+        run_dir = path.parent if any((path.parent / n).is_file() for n in ("best.ckpt", "last.ckpt")) else "RUN_DIR"
+        print(
+            f"warning: config '{path}' has no model.pretrained: the model is evaluated with random initial weights; "
+            f"to evaluate a trained run, pass its run directory (evaluate.py {run_dir})",
+            file=sys.stderr,
+        )
     module = GradRegModule(**model_args, input_mean=dm.input_mean, input_std=dm.input_std)
     return module, dm
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A train config with its ``model`` and ``data`` sections (empty if absent); typos are one-line errors.
+
+    The valid ``model`` / ``data`` keys are the constructors' arguments; sections other than those two are
+    not used here, but a misspelled one (``dataa:``) would silently evaluate the defaults.
+    """
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        reason = getattr(err, "problem", None) or type(err).__name__
+        raise UserError(f"config '{path}' is not valid YAML ({where}{reason}); fix the file") from None
+    if not isinstance(config, dict):
+        raise UserError(f"config '{path}' is not a mapping of sections ({', '.join(CONFIG_SECTIONS)})")
+    unknown = [key for key in config if key not in CONFIG_SECTIONS]
+    if unknown:
+        raise UserError(f"config '{path}' has unknown section '{unknown[0]}'; valid: {', '.join(CONFIG_SECTIONS)}")
+    for section, cls in (("model", GradRegModule), ("data", OODDataModule)):
+        config[section] = config.get(section) or {}
+        if not isinstance(config[section], dict):
+            raise UserError(f"config '{path}': section '{section}' is not a mapping of settings")
+        valid = list(inspect.signature(cls).parameters)
+        unknown = [key for key in config[section] if key not in valid]
+        if unknown:
+            raise UserError(f"config '{path}': unknown key '{unknown[0]}' in {section}; valid: {', '.join(valid)}")
+    return config
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -313,7 +429,9 @@ def print_table(writer: ResultWriter) -> None:
 def evaluate_main(args: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (1 if any set failed)."""
     opts = parse_args(args)
-    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in opts.data)}
+    check_options(opts)
+    device = resolve_device(opts.device)
+    overrides = parse_overrides(opts.data)
     if opts.data_root:
         overrides["data_root"] = opts.data_root
     source = Path(opts.checkpoint)
@@ -331,15 +449,18 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     unknown = sorted(set(opts.sets or []) - set(ood_sets))
     if unknown:
         raise UserError(f"unknown OOD set(s) {', '.join(unknown)}; this checkpoint's sets: {', '.join(ood_sets)}")
+    id_test = sample(dm.id_dataset_for("test"), opts.max_samples)
+    model = module.model.to(device).eval()
+    if opts.explain:
+        check_explainable(module, scorer_map, opts.explain_scorer, id_test[0][0][None].to(device))
 
     default_out = (Path("runs"), f"{ckpt_path.stem}-eval") if post_hoc else (ckpt_path.parent, "eval")
     out = Path(opts.out) if opts.out else next_run_dir(*default_out)
-    if opts.out:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"output folder '{out}' already holds files; choose a new --out (nothing is overwritten)")
-        out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
-    model = module.model.to(device).eval()
+    if opts.out:  # check_options made sure it is a new or empty folder
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create --out '{out}' ({err.strerror}); choose another folder") from None
     print(f"evaluating {ckpt_path} on {device}; writing to {out}")
 
     def run(source: Subset, transform: Transform, desc: str) -> ScoredSet:
@@ -350,7 +471,6 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             batches = ((transform(x.to(device), y.to(device)), y) for x, y in batches)
         return score_loader(model, tqdm(batches, desc=desc, leave=False), scorer_map, device, dm.num_classes)
 
-    id_test = sample(dm.id_dataset_for("test"), opts.max_samples)
     id_scored = run(id_test, None, "id")
     save_scores(out / "scores" / "id.npz", id_scored, id_test)
     header = {
@@ -401,6 +521,37 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     return 1 if writer.failed else 0
 
 
+def check_explainable(module: GradRegModule, scorer_map: dict[str, Scorer], key: str, x: Tensor) -> None:
+    """Refuse an ``--explain`` that would fail after the whole benchmark: its objective and its scorer.
+
+    A scorer is explainable when the influence code can differentiate it w.r.t. the parameters; that is
+    decided by the same call that computes the test gradients (:func:`gradreg.influence.score_gradients`),
+    here on one image ``x`` (1, C, H, W).
+    """
+    from gradreg.influence import score_gradients, select_parameters
+
+    method = module.hparams.method
+    if method not in ("ce", "energy", "greg"):
+        raise UserError(f"--explain supports checkpoints trained with ce, energy or greg, not '{method}'")
+    if key not in scorer_map:
+        raise UserError(f"--explain-scorer '{key}' is not among the evaluated scorers ({', '.join(scorer_map)})")
+    names = select_parameters(module.model)
+
+    def differentiable(scorer: Scorer) -> bool:
+        try:
+            score_gradients(module.model, scorer, x, names)
+        except ValueError:
+            return False
+        return True
+
+    if not differentiable(scorer_map[key]):
+        explainable = [k for k, scorer in scorer_map.items() if differentiable(scorer)]
+        raise UserError(
+            f"--explain-scorer '{key}' is not differentiable w.r.t. the model's parameters; of the evaluated "
+            f"scorers these can be explained: {', '.join(explainable) or 'none (add energy to --scorers)'}"
+        )
+
+
 def explain_worst(
     module: GradRegModule,
     dm: OODDataModule,
@@ -419,11 +570,7 @@ def explain_worst(
     """
     from gradreg.influence import explain, greg_objective, hardest_examples
 
-    hp = module.hparams
-    if hp.method not in ("ce", "energy", "greg"):
-        raise UserError(f"--explain supports checkpoints trained with ce, energy or greg, not '{hp.method}'")
-    if opts.explain_scorer not in id_scored.scores:
-        raise UserError(f"--explain-scorer '{opts.explain_scorer}' is not among the evaluated --scorers")
+    hp = module.hparams  # check_explainable accepted its method and --explain-scorer
     rows = dm.batch_size + module.sampler.num_selected(dm.batch_size, dm.outlier_batch_size)
     objective = greg_objective(
         m_in=hp.m_in,

@@ -1,0 +1,129 @@
+"""evaluate.py refuses bad input in one line, before it creates an output folder or scores anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradreg.cli import evaluate_main, train_main
+from gradreg.report import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+# Keeps a regression quick: code that accepted these inputs ran the whole benchmark first.
+FAST = ["--max-samples", "16", "--no-plots"]
+
+
+def run_inprocess(args: list[str], capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:
+    """Call evaluate.py's entry point in this process; exit code and output as a subprocess would give them."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 1, no traceback, exactly one ``error:`` line, holding every fragment."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch quickstart run (two training batches): a real checkpoint and the config.yaml train.py wrote."""
+    tmp = tmp_path_factory.mktemp("train")
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp / "runs")]
+    args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    args += ["--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(args)
+    assert exit_info.value.code == 0
+    return tmp / "runs" / "quickstart-001"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--corruptions", "jpeg", "gausian_noise"], ["'gausian_noise'", "gaussian_noise", "impulse_noise"]),
+        (["--severities", "0", "6"], ["--severities 0", "1 (mild) to 5 (strong)"]),
+        (["--epsilons", "-0.01"], ["--epsilons -0.01", "pixel units"]),
+        (["--epsilons", "8"], ["--epsilons 8 ", "8/255 = 0.0314"]),
+        (["--explain", "-1"], ["--explain -1", ">= 0"]),
+        (["--explain", "1", "--explain-scorer", "energie"], ["'energie'", "energy, exgrad, gaia_a"]),
+        (["--explain", "1", "--explain-scorer", "odin"], ["'odin'", "not differentiable", "explained: energy, exgrad"]),
+        (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
+        (["--device", "cuda:99"], ["--device 'cuda:99'", "--device cpu"]),
+        (["--data", "eval_batch_size"], ["--data 'eval_batch_size' is not KEY=VALUE"]),
+    ],
+)
+def test_bad_option_stops_before_any_output(
+    run_dir: Path, args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = sorted(run_dir.iterdir())
+    assert_one_line_error(run_inprocess([str(run_dir), *FAST, *args], capsys), *fragments)
+    assert sorted(run_dir.iterdir()) == before  # no eval-NNN folder
+
+
+def test_out_naming_a_file_is_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    assert_one_line_error(run_inprocess([str(run_dir), *FAST, "--out", str(notes)], capsys), f"'{notes}' is a file")
+    assert notes.read_text() == "keep me"
+
+
+def test_checkpoint_with_non_finite_weights(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["model.fc.weight"][0, 0] = float("nan")
+    ckpt["state_dict"]["model.fc.bias"][0] = float("inf")
+    diverged = tmp_path / "diverged.ckpt"
+    torch.save(ckpt, diverged)
+    proc = run_inprocess([str(diverged), *FAST, "--suites", "ood"], capsys)
+    assert_one_line_error(proc, str(diverged), "non-finite", "model.fc.weight, model.fc.bias")
+    assert sorted(tmp_path.iterdir()) == [diverged]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("model:\n  arch: small_cnn\n  lr: 0.1: 2\n", ["bad.yaml' is not valid YAML", "line 3"]),
+        ("dataa:\n  batch_size: 8\n", ["unknown section 'dataa'", "seed_everything, model, data, trainer, run"]),
+        ("model:\n  lrr: 0.1\n", ["unknown key 'lrr' in model", "lr, momentum"]),
+        ("data:\n  batch_sise: 8\n", ["unknown key 'batch_sise' in data", "batch_size, outlier_batch_size"]),
+    ],
+)
+def test_bad_config_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # post-hoc results would go to ./runs
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    assert_one_line_error(run_inprocess([str(config), *FAST, "--suites", "ood"], capsys), *fragments)
+    assert sorted(tmp_path.iterdir()) == [config]
+
+
+def test_config_without_weights_warns_once(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The config.yaml of a run (with the sections LightningCLI adds) is valid; it describes the untrained model.
+    out = tmp_path / "out"
+    args = [str(run_dir / "config.yaml"), *FAST, "--suites", "ood", "--scorers", "energy", "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(args)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert exit_info.value.code == 0
+    assert len(warnings) == 1, warnings
+    assert "random initial weights" in warnings[0]
+    assert f"evaluate.py {run_dir}" in warnings[0]
+    assert json.loads((out / "results.json").read_text())["sets"].keys() == {"digits_heldout", "noise"}
+
+
+def test_epsilons_accept_fractions() -> None:
+    assert parse_args(["ckpt", "--epsilons", "8/255", "0.01"]).epsilons == [8 / 255, 0.01]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["ckpt", "--epsilons", "8/x"])
+    assert exit_info.value.code == 2
