@@ -224,8 +224,11 @@ def energy_attack(
 # Corruptions: fn(pixels (N, C, H, W) in [0, 1], severity 1..5, generator) -> same shape in [0, 1].
 
 
+SEVERITIES = range(1, 6)  # 1 (mild) to 5 (strong), as in ImageNet-C
+
+
 def _level(table: Sequence[float], severity: int) -> float:
-    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
+    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
         raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
     return table[severity - 1]
 

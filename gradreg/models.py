@@ -368,6 +368,18 @@ def _verify_weights(enum: type[WeightsEnum], weights: str | None) -> WeightsEnum
         raise ValueError(f"unknown weights '{weights}' for {enum.__name__}; known: {known}") from None
 
 
+@contextlib.contextmanager
+def _fetching(weights: WeightsEnum) -> Iterator[None]:
+    """Loading torchvision weights (from its cache, or downloaded): offline without a cache, one clear line."""
+    try:
+        yield
+    except OSError as err:  # urllib's URLError is an OSError
+        raise ValueError(
+            f"cannot fetch the torchvision weights {weights} ({getattr(err, 'reason', None) or err}); fetch them once "
+            "where there is a network (torchvision caches them under TORCH_HOME) or give model.pretrained a .ckpt file"
+        ) from None
+
+
 def _replace_input_conv(conv: nn.Conv2d, in_channels: int, pretrained: bool) -> nn.Conv2d:
     """A copy of the stem convolution for ``in_channels`` inputs.
 
@@ -428,7 +440,8 @@ class ResNet50(Classifier):
         w = _verify_weights(tv_resnet.ResNet50_Weights, weights)
         trunk = tv_resnet.ResNet(_Bottleneck, [3, 4, 6, 3])
         if w is not None:
-            trunk.load_state_dict(w.get_state_dict(progress=False, check_hash=True))
+            with _fetching(w):
+                trunk.load_state_dict(w.get_state_dict(progress=False, check_hash=True))
             if num_classes == trunk.fc.out_features:
                 self.fc.load_state_dict(trunk.fc.state_dict())
         if in_channels != 3:
@@ -467,7 +480,8 @@ class DenseNet121(Classifier):
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> None:
         super().__init__(num_classes, feature_dim=1024, in_channels=in_channels)
         w = _verify_weights(tv_densenet.DenseNet121_Weights, weights)
-        net = tv_densenet.densenet121(weights=w, progress=False)
+        with _fetching(w):
+            net = tv_densenet.densenet121(weights=w, progress=False)
         if w is not None and num_classes == net.classifier.out_features:
             self.fc.load_state_dict(net.classifier.state_dict())
         trunk = net.features

@@ -120,7 +120,7 @@ def check_options(opts: argparse.Namespace) -> None:
         except RegistryError as err:
             raise UserError(f"--corruptions: {err}") from None
     for severity in opts.severities:
-        if not 1 <= severity <= 5:
+        if severity not in anomalies.SEVERITIES:
             raise UserError(f"--severities {severity} is not a corruption severity; use 1 (mild) to 5 (strong)")
     for eps in opts.epsilons:
         if not 0 < eps <= 1:  # also catches nan
@@ -211,8 +211,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a Lightning checkpoint safely (``weights_only=True``) and check it is one of ours."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except pickle.UnpicklingError:  # weights_only refused an object: not a plain checkpoint of ours
+        raise UserError(
+            f"checkpoint '{path}' holds objects that safe loading (weights_only) refuses; it was not written by "
+            "gradreg's train.py: use one of its .ckpt files"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = "not a torch file" if isinstance(err, KeyError | ValueError) else reason  # a text file: KeyError
         raise UserError(f"checkpoint '{path}' is unreadable or truncated ({reason[:160]}); use another .ckpt") from None
     missing = [k for k in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters") if k not in ckpt]
     if not isinstance(ckpt, dict) or missing:
@@ -233,6 +239,7 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
     # LightningCLI stores private entries (``_instantiator``, ``_class_path``) next to the init arguments.
     dm_hparams = {k: v for k, v in ckpt["datamodule_hyper_parameters"].items() if not k.startswith("_")}
     dm = OODDataModule(**{**dm_hparams, **data_overrides})
+    require_datasets({"data": dict(dm.hparams)}, stage="test")  # a missing dataset stops us before any work
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     arch_kwargs = {k: v for k, v in (hparams.get("arch_kwargs") or {}).items() if k != "weights"}
     # The weights come from the checkpoint: never re-download or re-read the pretraining source.
@@ -259,6 +266,7 @@ def from_config(path: Path, data_overrides: dict[str, Any]) -> tuple[GradRegModu
     """Model and datamodule described by a train config (post-hoc evaluation of untrained or pretrained models)."""
     config = read_config(path)
     dm = OODDataModule(**{**config["data"], **data_overrides})
+    require_datasets({"data": dict(dm.hparams)}, stage="test")  # before building the model (it may download weights)
     model_args = {**config["model"], "num_classes": dm.num_classes}
     if not model_args.get("pretrained") and not (model_args.get("arch_kwargs") or {}).get("weights"):
         # A run's config.yaml describes the model before training: its weights are in the run's checkpoints.
@@ -441,7 +449,6 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
         module, dm = from_config(ckpt_path, overrides) if post_hoc else rebuild(load_checkpoint(ckpt_path), overrides)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot build the model and data ({str(err).splitlines()[0]})") from None
-    require_datasets({"data": dict(dm.hparams)}, stage="test")  # stop before any work if data is missing
     specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
     scorer_map = build_scorers(specs)
     # Builds every set now (a missing dataset stops us before any work); --max-samples keeps a fixed random sample.

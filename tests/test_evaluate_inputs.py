@@ -127,3 +127,14 @@ def test_epsilons_accept_fractions() -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["ckpt", "--epsilons", "8/x"])
     assert exit_info.value.code == 2
+
+
+def test_files_that_are_not_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    text, array = tmp_path / "notes.ckpt", tmp_path / "scores.npy"
+    text.write_text("hi\n")  # torch.load raises a KeyError on it
+    np.save(array, np.zeros(3))  # weights_only refuses numpy's pickled array
+    assert_one_line_error(run_inprocess([str(text), *FAST], capsys), str(text), "not a torch file")
+    assert_one_line_error(run_inprocess([str(array), *FAST], capsys), str(array), "weights_only", "not written by")
+    assert sorted(tmp_path.iterdir()) == [text, array]

@@ -207,3 +207,20 @@ def test_eval_mode_restores_each_modules_own_mode_even_on_error() -> None:
         fail()
     assert frozen
     assert [m.training for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121"])
+def test_torchvision_weights_offline_is_one_clear_error(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
+    import torchvision.models._api
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)  # what WeightsEnum calls
+    with pytest.raises(ValueError, match=r"cannot fetch the torchvision weights .*name resolution.*\.ckpt file"):
+        create_classifier(name, 10, weights="DEFAULT")
