@@ -393,15 +393,11 @@ class ResultWriter:
             f"ID accuracy: {100 * self.header['id']['accuracy']:.2f}% on {self.header['id']['dataset']} "
             f"({self.header['id']['n']} images)",
             "",
-            "| set | group | scorer | AUROC | FPR95 | AUPR-In | AUPR-Out |",
-            "|---|---|---|---|---|---|---|",
+            "| set | group | scorer | AUROC | FPR95 | FPR95 (OOD pos.) | AUPR-In | AUPR-Out |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for row in self.rows():
-            name, group, scorer, auroc, fpr, _, aupr_in, aupr_out = row
-            lines.append(
-                f"| {name} | {group} | {scorer} | {100 * auroc:.2f} | {100 * fpr:.2f} | {100 * aupr_in:.2f} "
-                f"| {100 * aupr_out:.2f} |"
-            )
+        for name, group, scorer, *values in self.rows():
+            lines.append(f"| {name} | {group} | {scorer} | " + " | ".join(f"{100 * v:.2f}" for v in values) + " |")
         lines += [f"\nFAILED {name}: {reason}" for name, reason in self.failed.items()]
         return "\n".join(lines) + "\n"
 
