@@ -51,6 +51,15 @@ def train_inprocess(tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str) 
     return run_inprocess(train_main, args, capsys)
 
 
+def callback_config(path: Path, init_args: str) -> Path:
+    """A config file with one OODEvalCallback whose ``init_args`` hold the YAML line ``init_args``."""
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: gradreg.callbacks.OODEvalCallback\n"
+        f"      init_args:\n        {init_args}\n"
+    )
+    return path
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit code 1, no traceback, one ``error:`` line (a missing-data report may list one line per dataset)."""
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
@@ -242,11 +251,7 @@ def test_run_root_that_is_a_file_and_a_callback_typo(tmp_path: Path, capsys: pyt
         capsys,
     )
     assert_one_line_error(proc, str(tmp_path / "file"), "a file is in the way")
-    config = tmp_path / "typo.yaml"
-    config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: gradreg.callbacks.OODEvalCallback\n"
-        "      init_args:\n        every_n_epoch: 1\n"
-    )
+    config = callback_config(tmp_path / "typo.yaml", "every_n_epoch: 1")
     proc = train_inprocess(tmp_path, capsys, "--config", str(config))
     assert_one_line_error(proc, "OODEvalCallback", "Option 'every_n_epoch' is not accepted")
 
@@ -293,11 +298,7 @@ def test_scorer_settings_on_the_command_line_read_exponents_as_numbers() -> None
 
 
 def test_bad_scorer_setting_in_config_stops_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "bad_scorer.yaml"
-    config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: gradreg.callbacks.OODEvalCallback\n"
-        "      init_args:\n        scorers: [msp, {name: odin, temperature: 0}]\n"
-    )
+    config = callback_config(tmp_path / "bad_scorer.yaml", "scorers: [msp, {name: odin, temperature: 0}]")
     proc = train_inprocess(tmp_path, capsys, "--config", str(config))
     assert_one_line_error(proc, "scorer 'odin'", "temperature=0 must be > 0")
     config.write_text(config.read_text().replace("{name: odin, temperature: 0}", "msp"))
