@@ -83,8 +83,8 @@ class Classifier(nn.Module):
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module of ``model`` in eval mode and restore each one's own flag afterwards.
+def eval_mode(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Put every module of ``model`` in eval mode and restore each one's own flag afterwards; yields the modules.
 
     ``model.train(was_training)`` would not do: it sets every submodule, so a BatchNorm frozen in eval mode
     inside a training model would come back training (and update its statistics at the next step).
@@ -96,7 +96,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     if any(modes):
         model.eval()
     try:
-        yield model
+        yield modules
     finally:
         for m, mode in zip(modules, modes, strict=True):
             if m.training != mode:
