@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,13 @@ def test_imagenet_config_leaves_out_exactly_the_id_classes() -> None:
     n = int(data_section["id_dataset"].removeprefix("imagenet"))
     assert data_section["outliers"]["name"] == "imagefolder_complement"
     assert data_section["outliers"]["id_classes"] == imagenet_subset_wnids(n)
+
+
+def test_format_checks_merges_one_set_in_two_roles(tmp_path: Path) -> None:
+    # Without ood_val_sets the OOD sets are read for validation too: a typo is one line, not two.
+    checks = check_datasets(data(id_dataset="digits", outliers=None, ood_sets=["noize"], ood_val_sets=None), tmp_path)
+    assert [(c.role, c.name) for c in checks] == [("id", "digits"), ("ood", "noize"), ("ood_val", "noize")]
+    text = format_checks(checks, tmp_path)
+    assert text.startswith("1 of 2 datasets are missing")
+    assert len([line for line in text.splitlines() if "noize" in line]) == 1
+    assert re.search(r"MISSING  ood,ood_val  noize +unknown dataset 'noize'", text), text

@@ -208,7 +208,15 @@ def _name_checks(data: Mapping[str, Any]) -> list[DatasetCheck]:
 
 
 def format_checks(checks: Sequence[DatasetCheck], data_root: Path | str, only_missing: bool = False) -> str:
-    """A readable report: a header, one line per dataset (``ok`` / ``MISSING``), and a summary line."""
+    """A readable report: a header, one line per dataset (``ok`` / ``MISSING``), and a summary line.
+
+    A set read in two roles with the same result (``ood`` and ``ood_val`` when ``ood_val_sets`` is unset) is one
+    line naming both roles.
+    """
+    merged: dict[tuple[str, bool, str], list[str]] = {}
+    for c in checks:
+        merged.setdefault((c.name, c.found, c.message), []).append(c.role)
+    checks = [DatasetCheck(",".join(roles), *key) for key, roles in merged.items()]
     missing = [c for c in checks if not c.found]
     shown = missing if only_missing else list(checks)
     width_role = max((len(c.role) for c in shown), default=0)
