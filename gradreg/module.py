@@ -126,7 +126,7 @@ class GradRegModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         check_settings(self.hparams, typing.get_type_hints(GradRegModule.__init__), BOUNDS, prefix="model.")
-        if m_in > m_out:
+        if method in ("energy", "greg") and m_in > m_out:
             raise SettingError(f"model.m_in={m_in} must be <= model.m_out={m_out} (ID energies go below m_in)")
         outputs = num_classes + 1 if method == "absent" else num_classes
         kwargs = dict(arch_kwargs or {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -61,9 +62,11 @@ def _matches(value: Any, hint: Any) -> bool:
         return value in typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint in (float, int):
-        return isinstance(value, int | float if hint is float else int) and not isinstance(value, bool)
-    return isinstance(value, origin or hint)  # list[int] -> list: the items are the constructor's business
+    if hint in (float, int):  # numpy scalars too; bool is an int to Python, not a number of a setting
+        return isinstance(value, numbers.Real if hint is float else numbers.Integral) and not isinstance(value, bool)
+    if origin is list:  # list[int] -> a list or tuple: the items are the constructor's business
+        return isinstance(value, list | tuple)
+    return isinstance(value, origin or hint)
 
 
 def _yaml_note(value: Any, hint: Any) -> str:

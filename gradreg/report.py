@@ -22,6 +22,7 @@ import csv
 import inspect
 import json
 import math
+import os
 import pickle
 import sys
 import zipfile
@@ -608,7 +609,7 @@ def explain_worst(
     residual = max(result.settings["relative_residual"])
     if residual > 0.1:  # an indefinite Hessian (non-convex network) makes CG fail: more damping regularizes it
         print(f"warning: inverse-HVP relative residual up to {residual:.2g}; raise --explain-damping (now "
-              f"{opts.explain_damping}) for trustworthy influence values", file=sys.stderr)  # fmt: skip
+              f"{result.settings['damping']:.3g}) for trustworthy influence values", file=sys.stderr)  # fmt: skip
 
 
 def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path) -> None:
@@ -616,7 +617,12 @@ def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path) -> None:
     configure_wandb_env()
     import wandb
 
-    run = wandb.init(project="gradreg", dir=str(out), name=f"eval-{ckpt_path.parent.name}", job_type="eval")
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "gradreg"),
+        dir=str(out),
+        name=f"eval-{ckpt_path.parent.name}",
+        job_type="eval",
+    )
     columns = ["set", "group", "scorer", *METRIC_NAMES]
     rows = [[v if not isinstance(v, float) or math.isfinite(v) else None for v in r] for r in writer.rows()]
     images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted((out / "plots").glob("*.png"))}

@@ -22,12 +22,14 @@ from gradreg.cli import UserError, next_run_dir, point_latest
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
+from gradreg.data.module import DEFAULT_OOD_SETS
 from gradreg.evaluation import scorer_key
 from gradreg.module import GradRegModule
 from gradreg.registry import RegistryError
 
 RUN_DIR_ENV = "GRADREG_RUN_DIR"
-MIN_KEYS = ("loss", "fpr95", "fpr95_oodpos")  # run.monitor keys where lower is better
+# run.monitor names where lower is better (the last part of the key, without Lightning's _step/_epoch suffix)
+LOWER_IS_BETTER = {"loss", "ce", "oe", "absent", "energy", "reg", "fpr95", "fpr95_oodpos"}
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 OOD_CALLBACK = f"{OODEvalCallback.__module__}.{OODEvalCallback.__name__}"
 DEFAULT_LOGGERS = [
@@ -71,7 +73,7 @@ class GradRegCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
         # The run directory is new; it holds only config.yaml: Lightning's "not empty" warnings are false alarms.
-        alarm = rf"(Experiment logs|Checkpoint) directory {re.escape(str(run_dir))} exists and is not empty"
+        alarm = rf"(Experiment logs|Checkpoint) directory {re.escape(str(run_dir))}/? exists and is not empty"
         warnings.filterwarnings("ignore", message=alarm)
         if not inherited:  # the config as given, before this run's paths go in: `--config` on it starts a new run
             (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
@@ -86,10 +88,13 @@ class GradRegCLI(LightningCLI):
                 logger.init_args.name = logger.init_args.get("name") or run_dir.name
             elif kind == "CSVLogger":
                 logger.init_args.name, logger.init_args.version = "", ""  # metrics.csv directly in the run dir
-        # best.ckpt is saved only on epochs that log run.monitor; last.ckpt after every validation.
-        mode = config.run.mode or ("min" if config.run.monitor.endswith(MIN_KEYS) else "max")
-        best = {"filename": "best", "monitor": config.run.monitor, "mode": mode}
-        checkpoints = [{**best, "every_n_epochs": best_every_n_epochs}, {"save_last": True, "save_top_k": 0}]
+        name = config.run.monitor.rsplit("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
+        best = {"filename": "best", "monitor": config.run.monitor}
+        best["mode"] = config.run.mode or ("min" if name in LOWER_IS_BETTER else "max")
+        if best_every_n_epochs == 1:
+            checkpoints = [{**best, "save_last": True}]
+        else:  # best.ckpt only on the epochs that log run.monitor, last.ckpt after every one
+            checkpoints = [{**best, "every_n_epochs": best_every_n_epochs}, {"save_last": True, "save_top_k": 0}]
         config.trainer.callbacks = [
             *(config.trainer.callbacks or []),
             *(Namespace(class_path=CHECKPOINT, init_args=Namespace(dirpath=str(run_dir), **c)) for c in checkpoints),
@@ -100,20 +105,16 @@ def _monitor_every_n_epochs(config: Namespace) -> int:
     """Check ``run.monitor``; return every how many epochs the monitored metric is logged.
 
     ``val/acc`` and ``val/loss`` come with every validation; ``ood/{set}/{scorer}/{metric}`` every
-    ``every_n_epochs`` epochs of the :class:`OODEvalCallback` that logs it. Training metrics are refused: they
-    are measured on augmented images (and outliers) while the weights change, not a model selection criterion.
+    ``every_n_epochs`` epochs of the :class:`OODEvalCallback` that logs it. ``train/*`` keys depend on the method
+    and are not checked (e.g. ``train/loss_epoch`` for a run without validation).
     """
     callbacks = config.trainer.callbacks or []
-    if any(c.class_path == CHECKPOINT for c in callbacks):
-        raise UserError(
-            "trainer.callbacks lists a ModelCheckpoint; remove it: train.py saves best.ckpt (by run.monitor) and "
-            "last.ckpt itself"
-        )
     monitor = config.run.monitor
-    if monitor in ("val/acc", "val/loss"):
+    if monitor in ("val/acc", "val/loss") or monitor.startswith("train/"):
         return 1
     logged: dict[tuple[str, str, str], int] = {}  # (set, scorer, metric) -> every_n_epochs of its callback
-    sets = config.data.ood_sets if config.data.ood_val_sets is None else config.data.ood_val_sets
+    sets = config.data.ood_sets if config.data.ood_sets is not None else DEFAULT_OOD_SETS
+    sets = sets if config.data.ood_val_sets is None else config.data.ood_val_sets
     for callback in callbacks:
         if callback.class_path == OOD_CALLBACK and sets:
             for name in [*map(dataset_name, sets), "mean"]:
@@ -122,21 +123,16 @@ def _monitor_every_n_epochs(config: Namespace) -> int:
     parts = tuple(monitor.split("/"))
     if parts[0] == "ood" and parts[1:] in logged:
         return logged[parts[1:]]
-    if parts[0] == "train":
-        raise UserError(
-            f"run.monitor '{monitor}' is a training metric (augmented images, changing weights), not a model "
-            "selection criterion; choose val/acc, val/loss or an ood/* key"
-        )
     if not logged:
         raise UserError(
-            f"run.monitor '{monitor}' is not logged by this run; choose val/acc or val/loss (ood/* metrics need an "
-            "OODEvalCallback in trainer.callbacks and sets in data.ood_val_sets)"
+            f"run.monitor '{monitor}' is not logged by this run; choose val/acc, val/loss or a train/* key (ood/* "
+            "metrics need an OODEvalCallback in trainer.callbacks and sets in data.ood_val_sets)"
         )
     choices = ["SET in " + ", ".join(dict.fromkeys(k[0] for k in logged))]
     choices += ["SCORER in " + ", ".join(dict.fromkeys(k[1] for k in logged)), "METRIC in " + ", ".join(METRICS)]
     raise UserError(
-        f"run.monitor '{monitor}' is not logged by this run; choose val/acc, val/loss or ood/SET/SCORER/METRIC with "
-        + "; ".join(choices)
+        f"run.monitor '{monitor}' is not logged by this run; choose val/acc, val/loss, a train/* key or "
+        "ood/SET/SCORER/METRIC with " + "; ".join(choices)
     )
 
 
@@ -166,6 +162,11 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
         discard_unused_run_dir()
         if isinstance(err, argparse.ArgumentError | ValueError | TypeError | KeyError | MisconfigurationException):
             raise UserError(_one_line(err)) from None
+        if isinstance(err, RuntimeError) and "more than one stateful callback" in str(err):
+            raise UserError(
+                "trainer.callbacks holds a ModelCheckpoint with the settings of train.py's own best.ckpt/last.ckpt "
+                "callback (a config.yaml written before train.py stopped storing it?); remove that one"
+            ) from None
         raise
 
 
@@ -194,12 +195,14 @@ def _one_line(err: BaseException) -> str:
     if "Union subtypes" not in lines[1]:  # 'Parser key "model.method":' + 'Expected ...'
         return f"{lines[0]} {lines[1]}"
     # A union (callbacks, loggers, precision): the useful line is the class's own complaint or the allowed values.
+    given = next((line.removeprefix("Given value: ") for line in lines if line.startswith("Given value:")), "?")
+    if given.startswith("NestedArg"):  # --trainer.logger.init_args.project X on the default list of loggers
+        project = " (the wandb project: WANDB_PROJECT=NAME)" if "project" in given else ""
+        key = lines[0].removesuffix(":")
+        return f"{key} holds a list, so a dotted option cannot set one of its items{project}; use a config file"
     for line, reason in itertools.pairwise(lines):
         if line.startswith("Problem with given class_path"):
             return f"{lines[0]} {line} {reason}"
-    given = next((line.removeprefix("Given value: ") for line in lines if line.startswith("Given value:")), "?")
-    if given.startswith("NestedArg"):  # --trainer.logger.init_args.project X on a list of loggers
-        return f"{lines[0]} holds a list, so a dotted option cannot set one of its items; set it in a config file"
     allowed = next((line.removeprefix("Subtypes: ") for line in lines if line.startswith("Subtypes:")), "")
     return f"{lines[0]} {given} is not valid; expected one of the types {allowed}"
 

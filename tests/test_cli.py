@@ -14,6 +14,7 @@ import torch
 
 from gradreg.cli import evaluate_main, train_main
 from gradreg.report import parse_scorer
+from gradreg.training import build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
@@ -226,7 +227,7 @@ def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
         (["--model.m_in", "0", "--model.m_out", "-30"], ["model.m_in=0.0 must be <= model.m_out=-30.0"]),
         (["--model.arch_kwargs", "{in_channels: 3, width: 8}"], ["1 input channel(s) but the model takes 3"]),
         (["--run.resume", "{tmp}/nowhere"], ["run.resume checkpoint '{tmp}/nowhere/last.ckpt' does not exist"]),
-        (["--run.monitor", "train/acc"], ["'train/acc' is a training metric"]),
+        (["--trainer.logger.init_args.project", "x"], ['"trainer.logger" holds a list', "WANDB_PROJECT"]),
         (["--trainer.precision", "15"], ['"trainer.precision": 15 is not valid', "bf16-mixed"]),
         (
             ["--model.pretrained", "IMAGENET1K_V2"],
@@ -330,9 +331,34 @@ def test_bad_monitor_stops_before_training(tmp_path: Path, capsys: pytest.Captur
     assert_one_line_error(proc, "run.monitor 'val/accuracy'", "val/acc", "SET in digits_heldout, noise, mean")
     proc = train_inprocess(tmp_path, capsys, "--run.monitor", "ood/noise/energy/auroc", "--trainer.callbacks", "[]")
     assert_one_line_error(proc, "run.monitor 'ood/noise/energy/auroc'", "OODEvalCallback")
-    checkpoint = "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"
-    assert_one_line_error(train_inprocess(tmp_path, capsys, checkpoint), "ModelCheckpoint", "remove it")
+    # One with the settings of train.py's own (e.g. in a config.yaml of an older version) collides with it.
+    twin = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "val/acc"]
+    proc = train_inprocess(tmp_path, capsys, *twin, "--trainer.callbacks.mode", "max")
+    assert_one_line_error(proc, "holds a ModelCheckpoint with the settings of train.py's own")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_ood_monitor_with_the_default_sets(tmp_path: Path) -> None:
+    # data.ood_sets unset: the datamodule's default sets are evaluated, so their keys may be monitored.
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path), "--trainer.logger"]
+    cli = build_cli([*args, "false", "--data.ood_sets", "null", "--run.monitor", "ood/noise/msp/fpr95"])
+    assert cli.trainer.checkpoint_callback.monitor == "ood/noise/msp/fpr95"
+    assert cli.trainer.checkpoint_callback.mode == "min"
+
+
+def test_train_monitor_without_validation_and_an_extra_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snapshots = tmp_path / "snapshots"
+    extra = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(snapshots)]
+    extra += ["--trainer.callbacks.filename", "{epoch}", "--trainer.callbacks.save_top_k", "-1"]
+    no_val = ["--trainer.limit_val_batches", "0", "--run.monitor", "train/loss_epoch"]
+    proc = train_inprocess(tmp_path, capsys, *no_val, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in snapshots.iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt"]
+    best = torch.load(tmp_path / "runs" / "quickstart-001" / "best.ckpt", map_location="cpu", weights_only=True)
+    (key,) = [k for k in best["callbacks"] if "train/loss_epoch" in k]
+    assert "'mode': 'min'" in key
 
 
 @pytest.mark.slow
@@ -375,7 +401,7 @@ def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pyte
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "quickstart-003" / "last.ckpt").is_file()
     best = torch.load(tmp_path / "runs" / "quickstart-003" / "best.ckpt", map_location="cpu", weights_only=True)
-    assert [s.get("best_model_score") is not None for s in best["callbacks"].values()] == [True, False]
+    assert [s.get("best_model_score") is not None for s in best["callbacks"].values()] == [True]  # best and last
     assert "'mode': 'min'" in next(iter(best["callbacks"]))  # lower is better for a loss
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
 

@@ -24,6 +24,7 @@ from gradreg.data.outliers import OutlierStream
 from gradreg.registry import Bounds, SettingError, check_settings
 
 DatasetSpec = str | dict[str, Any]
+DEFAULT_OOD_SETS: list[DatasetSpec] = ["digits_heldout", "noise"]  # the embedded sets of the quickstart
 BOUNDS: Bounds = {
     "batch_size": (">=", 1), "outlier_batch_size": (">=", 1), "eval_batch_size": (">=", 1), "num_workers": (">=", 0),
     "image_size": (">=", 1), "val_fraction": (">=", 0.0), "candidates_per_epoch": (">=", 1),
@@ -61,7 +62,7 @@ class OODDataModule(LightningDataModule):
         ood_sets: list[DatasetSpec] | None = None,
         near_ood: list[str] | None = None,
         ood_val_sets: list[DatasetSpec] | None = None,
-        data_root: str = "data",
+        data_root: str | Path = "data",
         batch_size: int = 64,
         outlier_batch_size: int = 64,
         eval_batch_size: int = 256,
@@ -81,7 +82,7 @@ class OODDataModule(LightningDataModule):
             raise SettingError(f"data.val_fraction={val_fraction} must be < 1 (the rest of the ID data trains)")
         self.id_dataset = id_dataset
         self.outliers = outliers
-        self.ood_sets = list(ood_sets if ood_sets is not None else ["digits_heldout", "noise"])
+        self.ood_sets = list(ood_sets if ood_sets is not None else DEFAULT_OOD_SETS)
         self.near_ood = list(near_ood or [])
         self.ood_val_sets = ood_val_sets
         self.data_root = Path(data_root)
