@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,27 @@ def test_callback_warns_when_there_are_no_ood_sets() -> None:
     callback = OODEvalCallback(scorers=["msp"])
     with pytest.warns(UserWarning, match=r"no OOD val sets \(data.ood_val_sets is empty\)"):
         callback.evaluate(_fake_trainer(dm), model, "val")
+
+
+def test_constructors_check_values_but_accept_what_python_callers_pass() -> None:
+    import numpy as np
+
+    dm = OODDataModule(data_root=Path("data"), ood_sets=("noise",), batch_size=np.int64(8), mean=(0.5,), std=(0.5,))
+    assert dm.batch_size == 8
+    GradRegModule(
+        lr=np.float32(0.1), milestones=(1, 2), arch_kwargs={"in_channels": 1}, input_mean=[0.3], input_std=[0.3]
+    )
+    GradRegModule(method="ce", m_in=0.0, m_out=-7.0, arch_kwargs={"in_channels": 1})  # margins unused by ce
+    for bad, message in [
+        ({"batch_size": True}, "data.batch_size=True is not an integer"),
+        ({"batch_size": 0}, "data.batch_size=0 must be >= 1"),
+        ({"augment": "cropp"}, "data.augment='cropp' is not one of none, crop, crop_flip, imagenet"),
+    ]:
+        with pytest.raises(SettingError, match=re.escape(message)):
+            OODDataModule(**bad)
+    with pytest.raises(
+        SettingError, match=re.escape("model.lr='1e-3' is not a number (YAML reads it as text: write 0.001)")
+    ):
+        GradRegModule(lr="1e-3")
+    with pytest.raises(SettingError, match=re.escape("model.m_in=0.0 must be <= model.m_out=-7.0")):
+        GradRegModule(method="greg", m_in=0.0, m_out=-7.0, arch_kwargs={"in_channels": 1})
