@@ -73,7 +73,7 @@ class GradRegCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
         # The run directory is new; it holds only config.yaml: Lightning's "not empty" warnings are false alarms.
-        alarm = rf"(Experiment logs|Checkpoint) directory {re.escape(str(run_dir))}/? exists and is not empty"
+        alarm = rf"(Experiment logs|Checkpoint) directory \S*{re.escape(run_dir.name)}/? exists and is not empty"
         warnings.filterwarnings("ignore", message=alarm)
         if not inherited:  # the config as given, before this run's paths go in: `--config` on it starts a new run
             (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
