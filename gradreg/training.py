@@ -21,8 +21,7 @@ from gradreg.callbacks import METRICS, OODEvalCallback
 from gradreg.cli import UserError, next_run_dir, point_latest
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
-from gradreg.data.datasets import dataset_name
-from gradreg.data.module import DEFAULT_OOD_SETS
+from gradreg.data.datasets import DEFAULT_OOD_SETS, dataset_name
 from gradreg.evaluation import scorer_key
 from gradreg.module import GradRegModule
 from gradreg.registry import RegistryError
@@ -62,6 +61,9 @@ class GradRegCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Check the checkpoint settings, create the run directory and point loggers and checkpoints into it."""
         config = self.config
+        # Every dataset the run reads (`python -m gradreg.data check`), before the model is built (it may download
+        # weights) and before anything is written.
+        require_datasets(config, stage="fit")
         best_every_n_epochs = _monitor_every_n_epochs(config)
         if config.run.resume is not None:
             config.run.resume = str(_resume_file(Path(config.run.resume)))
@@ -218,9 +220,8 @@ def discard_unused_run_dir() -> None:
 
 
 def fit(cli: GradRegCLI) -> int:
-    """Check the data and the checkpoint to resume, then train; print where the run's files are."""
+    """Check the checkpoint to resume, then train; print where the run's files are."""
     try:
-        require_datasets(cli.config, stage="fit")  # every dataset the run reads (`python -m gradreg.data check`)
         if cli.config.run.resume is not None:
             _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.run.resume)

@@ -262,3 +262,11 @@ def test_format_checks_merges_one_set_in_two_roles(tmp_path: Path) -> None:
     assert text.startswith("1 of 2 datasets are missing")
     assert len([line for line in text.splitlines() if "noize" in line]) == 1
     assert re.search(r"MISSING  ood,ood_val  noize +unknown dataset 'noize'", text), text
+
+
+def test_unset_ood_sets_mean_the_datamodule_default(tmp_path: Path) -> None:
+    # The datamodule evaluates digits_heldout and noise when data.ood_sets is unset; near_ood may name them.
+    config = data(id_dataset="digits", outliers=None, ood_sets=None, ood_val_sets=None, near_ood=["digits_heldout"])
+    checks = check_datasets(config, data_root=tmp_path)
+    assert all(c.found for c in checks), format_checks(checks, tmp_path)
+    assert [(c.role, c.name) for c in checks if c.role == "ood"] == [("ood", "digits_heldout"), ("ood", "noise")]

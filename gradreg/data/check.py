@@ -20,7 +20,14 @@ from typing import Any, Literal, NamedTuple
 import yaml
 
 from gradreg.data import benchmarks  # noqa: F401  (registers the benchmark readers)
-from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, build_dataset, dataset_name
+from gradreg.data.datasets import (
+    DATASETS,
+    DEFAULT_OOD_SETS,
+    ID_SPECS,
+    DatasetNotFoundError,
+    build_dataset,
+    dataset_name,
+)
 
 DatasetSpec = str | Mapping[str, Any]
 Stage = Literal["fit", "test"]
@@ -77,8 +84,7 @@ def planned_reads(data: Mapping[str, Any], stage: Stage = "fit") -> list[tuple[s
 
     ``fit`` (training) reads everything; ``test`` (evaluating a checkpoint) only the ID and OOD test sets.
     """
-    ood_sets = data.get("ood_sets")
-    ood_sets = list(ood_sets if ood_sets is not None else ["digits_heldout", "noise"])
+    ood_sets = _ood_sets(data)
     id_spec = data.get("id_dataset", "digits")
     if stage == "test":
         return [("id", id_spec, ("test",)), *(("ood", s, ROLE_SPLITS["ood"]) for s in ood_sets)]
@@ -90,6 +96,12 @@ def planned_reads(data: Mapping[str, Any], stage: Stage = "fit") -> list[tuple[s
     val_sets = data.get("ood_val_sets")
     reads += [("ood_val", s, ROLE_SPLITS["ood_val"]) for s in (ood_sets if val_sets is None else val_sets)]
     return reads
+
+
+def _ood_sets(data: Mapping[str, Any]) -> list[DatasetSpec]:
+    """The OOD test sets of a data section (the datamodule's default when ``ood_sets`` is unset)."""
+    ood_sets = data.get("ood_sets")
+    return list(ood_sets if ood_sets is not None else DEFAULT_OOD_SETS)
 
 
 def _as_dict(spec: DatasetSpec) -> dict[str, Any]:
@@ -195,7 +207,7 @@ def check_datasets(
 
 def _name_checks(data: Mapping[str, Any]) -> list[DatasetCheck]:
     """Duplicate display names among the OOD sets, and ``near_ood`` names that no OOD set has."""
-    ood_names = [dataset_name(s) for s in data.get("ood_sets") or [] if isinstance(s, str | Mapping)]  # type: ignore[arg-type]
+    ood_names = [dataset_name(s) for s in _ood_sets(data) if isinstance(s, str | Mapping)]  # type: ignore[arg-type]
     checks = [
         DatasetCheck("ood", name, False, f"two OOD sets are named '{name}': give one of them an alias")
         for name in sorted({n for n in ood_names if ood_names.count(n) > 1})

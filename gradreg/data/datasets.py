@@ -261,6 +261,9 @@ class Transformed(Dataset):
         return self.transform(image), (i if self.return_index else label)
 
 
+DEFAULT_OOD_SETS = ["digits_heldout", "noise"]  # OOD sets of a datamodule without data.ood_sets: the embedded ones
+
+
 def dataset_name(spec: str | dict[str, Any]) -> str:
     """Display name of a dataset spec: its ``alias`` if given, else its registry name."""
     return spec if isinstance(spec, str) else str(spec.get("alias", spec["name"]))

@@ -19,12 +19,19 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from gradreg.data.datasets import ID_SPECS, ImageSpec, Transformed, build_dataset, build_transform, dataset_name
+from gradreg.data.datasets import (
+    DEFAULT_OOD_SETS,
+    ID_SPECS,
+    ImageSpec,
+    Transformed,
+    build_dataset,
+    build_transform,
+    dataset_name,
+)
 from gradreg.data.outliers import OutlierStream
 from gradreg.registry import Bounds, SettingError, check_settings
 
 DatasetSpec = str | dict[str, Any]
-DEFAULT_OOD_SETS: list[DatasetSpec] = ["digits_heldout", "noise"]  # the embedded sets of the quickstart
 BOUNDS: Bounds = {
     "batch_size": (">=", 1), "outlier_batch_size": (">=", 1), "eval_batch_size": (">=", 1), "num_workers": (">=", 0),
     "image_size": (">=", 1), "val_fraction": (">=", 0.0), "candidates_per_epoch": (">=", 1),
