@@ -42,12 +42,11 @@ from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, set_metrics
-from gradreg.metrics import accuracy
+from gradreg.metrics import OOD_METRICS, accuracy
 from gradreg.module import GradRegModule
 from gradreg.registry import RegistryError
 from gradreg.scorers import SCORERS, Scorer
 
-METRIC_NAMES = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
 SUITES = ("ood", "adversarial", "corruption", "robustness")
 DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness")
 # Top-level sections of a train config: train.py's own, plus those LightningCLI writes into a run's config.yaml.
@@ -370,12 +369,12 @@ class ResultWriter:
     def rows(self) -> list[list[Any]]:
         """Table rows: every set, then every group mean."""
         rows = [
-            [name, e["group"], s, *(v[m] for m in METRIC_NAMES)]
+            [name, e["group"], s, *(v[m] for m in OOD_METRICS)]
             for name, e in self.sets.items()
             for s, v in e["metrics"].items()
         ]
         rows += [
-            [f"mean/{g}", g, s, *(v[m] for m in METRIC_NAMES)] for g, by in self.means().items() for s, v in by.items()
+            [f"mean/{g}", g, s, *(v[m] for m in OOD_METRICS)] for g, by in self.means().items() for s, v in by.items()
         ]
         return rows
 
@@ -383,7 +382,7 @@ class ResultWriter:
         """Rewrite results.json, results.csv and results.md."""
         doc = {**self.header, "sets": self.sets, "means": self.means(), "failed": self.failed}
         (self.out / "results.json").write_text(json.dumps(doc, indent=2))
-        columns = ["set", "group", "scorer", *METRIC_NAMES]
+        columns = ["set", "group", "scorer", *OOD_METRICS]
         with open(self.out / "results.csv", "w", newline="") as f:
             csv.writer(f).writerows([columns, *self.rows()])
         (self.out / "results.md").write_text(self.markdown())
@@ -623,7 +622,7 @@ def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path) -> None:
         name=f"eval-{ckpt_path.parent.name}",
         job_type="eval",
     )
-    columns = ["set", "group", "scorer", *METRIC_NAMES]
+    columns = ["set", "group", "scorer", *OOD_METRICS]
     rows = [[v if not isinstance(v, float) or math.isfinite(v) else None for v in r] for r in writer.rows()]
     images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted((out / "plots").glob("*.png"))}
     run.log({"results": wandb.Table(columns=columns, data=rows), **images})

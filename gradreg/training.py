@@ -20,8 +20,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from gradreg.callbacks import METRICS, OODEvalCallback
 from gradreg.cli import UserError, next_run_dir, point_latest
 from gradreg.data import OODDataModule
-from gradreg.data.check import require_datasets
-from gradreg.data.datasets import DEFAULT_OOD_SETS, dataset_name
+from gradreg.data.check import planned_reads, require_datasets
+from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import scorer_key
 from gradreg.module import GradRegModule
 from gradreg.registry import RegistryError
@@ -59,7 +59,7 @@ class GradRegCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Check the checkpoint settings, create the run directory and point loggers and checkpoints into it."""
+        """Check datasets and checkpoint settings, create the run directory, point loggers and checkpoints there."""
         config = self.config
         # Every dataset the run reads (`python -m gradreg.data check`), before the model is built (it may download
         # weights) and before anything is written.
@@ -115,8 +115,7 @@ def _monitor_every_n_epochs(config: Namespace) -> int:
     if monitor in ("val/acc", "val/loss") or monitor.startswith("train/"):
         return 1
     logged: dict[tuple[str, str, str], int] = {}  # (set, scorer, metric) -> every_n_epochs of its callback
-    sets = config.data.ood_sets if config.data.ood_sets is not None else DEFAULT_OOD_SETS
-    sets = sets if config.data.ood_val_sets is None else config.data.ood_val_sets
+    sets = [spec for role, spec, _ in planned_reads(config.data) if role == "ood_val"]  # what the callback scores
     for callback in callbacks:
         if callback.class_path == OOD_CALLBACK and sets:
             for name in [*map(dataset_name, sets), "mean"]:
