@@ -2,9 +2,9 @@
 # Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only tests, -m gpu), results in $OUT.
 # Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh [all|steps|scorers]
 # "steps" runs only the tests, the training-step tables and the step profile (about 7 minutes on an H100); "scorers"
-# the tests, the scorer tables (contiguous, and channels-last for three scorers) and purview's per-layer engines (about
-# 4.5 minutes). The whole script takes longer than one device call of 10 minutes.
-# (bench/results/h100_* are the files of such runs on an H100, renamed with the h100_ prefix.)
+# the tests, the scorer tables (contiguous, and channels-last for three scorers), purview's per-layer engines and
+# GAIA-Z's reductions (about 5 minutes on an H200). The whole script takes longer than one device call of 10 minutes.
+# (bench/results/h100_* and h200_* are the files of such runs on an H100 and an H200, renamed with that prefix.)
 # The BackPACK baseline of bench/scorers.py runs if backpack is importable; for a machine without network,
 # install it beside the checkout first: pip install --no-deps --target bench/.deps backpack-for-pytorch einops unfoldNd
 set -uo pipefail
@@ -40,11 +40,13 @@ scorers() {
   $py bench/scorers.py --device cuda --channels-last --skip-loops --scorers purview gaia_z odin --count-ops \
     --json "$OUT/scorers_channels_last.json"
   $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
+  $py bench/gaia_reduction.py --device cuda --out "$OUT/gaia_z_reduction.md"
 }
 {
   nvidia-smi -L
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_double_backward.py tests/test_samplers.py
+  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_double_backward.py \
+    tests/test_samplers.py tests/test_scorers.py
   case "$PART" in
     steps) steps ;;
     scorers) scorers ;;

@@ -1,4 +1,4 @@
-"""bench/scorers.py: its per-sample baselines compute what they claim, and a tiny run writes its tables."""
+"""bench/scorers.py and bench/gaia_reduction.py: their baselines compute what they claim; tiny runs write tables."""
 
 from __future__ import annotations
 
@@ -47,3 +47,22 @@ def test_tiny_run_writes_one_table_row_per_model_configuration(bench, tmp_path: 
     rows = json.loads(raw.read_text())  # strict JSON: CPU peaks are null, not NaN
     assert {r["batch"] for r in rows} == {2, 3}
     assert all(r["peak_bytes"] is None for r in rows)
+
+
+def test_gaia_reduction_variants_equal_the_scorer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it imports its helpers from bench/scorers.py
+    spec = importlib.util.spec_from_file_location("bench_gaia_reduction", ROOT / "bench" / "gaia_reduction.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = MODELS.build("small_cnn", num_classes=4, in_channels=3, width=4).eval()
+    x = torch.randn(3, 3, 8, 8)
+    expected = build("gaia_z")(model, x)
+    for label, reduce in module.REDUCTIONS.items():
+        if reduce is not None:
+            torch.testing.assert_close(module.gaia_z_with(model, x, reduce), expected, rtol=0, atol=0, msg=label)
+    out = tmp_path / "table.md"
+    module.main(["--device", "cpu", "--model", "small_cnn:2:8", "--warmup", "0", "--repeats", "1", "--out", str(out)])
+    table = out.read_text()
+    for layout in ("contiguous", "channels-last"):
+        assert all(f"| small_cnn | 2 | {layout} | {label} |" in table for label in module.REDUCTIONS)

@@ -22,7 +22,7 @@ from gradreg.evaluation import score_batch
 from gradreg.models import MODELS, Classifier, SmallCNN
 from gradreg.registry import SettingError
 from gradreg.scorers import SCORERS, build, purview
-from gradreg.scorers.gaia import gaia_a_score, gaia_layers, gaia_z_score
+from gradreg.scorers.gaia import _nonzero_fraction, gaia_a_score, gaia_layers, gaia_z_score
 from gradreg.scorers.gradnorm import exgrad_score, gradnorm_score
 from gradreg.scorers.margin import dct_projector, deepfool_margin
 from gradreg.scorers.odin import odin_score
@@ -383,6 +383,19 @@ def test_gaia_z_matches_per_sample_loop(tiny: TinyCNN, batch: Tensor) -> None:
     scores = gaia_z_score(tiny, batch)
     torch.testing.assert_close(scores, torch.stack(expected), **REF)
     assert ((-scores > 0) & (-scores < 1)).all()  # some, not all, gradient entries are exactly zero
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gaia_z_nonzero_fraction_cuda_equals_cpu(dtype: torch.dtype) -> None:
+    """The CUDA route (an L0 norm) counts exactly like the CPU one, also past half precision's 2,048."""
+    g = torch.randn(3, 4, 3000, generator=torch.Generator().manual_seed(0)).relu().to(dtype)
+    expected = (g != 0).double().mean(dim=2)
+    for device in ("cpu", "cuda"):
+        result = _nonzero_fraction(g.to(device))
+        assert result.dtype == torch.float32
+        torch.testing.assert_close(result.double().cpu(), expected, rtol=1e-7, atol=0)
 
 
 def _gaia_official_style(model: Classifier, x: Tensor, modules: list[nn.Module], variant: str) -> Tensor:

@@ -103,6 +103,20 @@ def _per_channel(grad: Tensor) -> Tensor:
     return grad.flatten(2) if grad.dim() > 2 else grad.unsqueeze(2)
 
 
+def _nonzero_fraction(grad: Tensor) -> Tensor:
+    """(N, C, S) -> (N, C): the fraction of the S entries that are not exactly zero.
+
+    On CUDA the L0 "norm" is one reduction pass; ``(g != 0).to(dtype).mean()`` is three passes over two
+    full-size temporaries and made GAIA-Z cost 1.22x its forward + input-backward floor instead of 1.11x
+    (WRN-40-2, H200: ``bench/results/h200_gaia_z_reduction.md``). On the CPU the L0 kernel is the slower
+    one (``bench/results/gaia_z_reduction_cpu.md``). Both count exactly: the scores are identical.
+    """
+    dtype = torch.promote_types(grad.dtype, torch.float32)  # half precision counts exactly only up to 2,048
+    if grad.is_cuda:
+        return torch.linalg.vector_norm(grad, ord=0, dim=2, dtype=dtype) / grad.shape[2]
+    return (grad != 0).to(dtype).mean(dim=2)
+
+
 def gaia_z_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None = None) -> Tensor:
     """GAIA-Z (zero deflation): −mean over hooked channels of r², r = non-zero fraction of the gradient.
 
@@ -125,7 +139,7 @@ def gaia_z_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
         with record_output_grads(layers) as grads:
             logits = model(x)
         torch.autograd.grad(logits.amax(dim=1).sum(), x)
-    ratios = torch.cat([(_per_channel(g) != 0).to(x.dtype).mean(dim=2) for g in grads], dim=1)
+    ratios = torch.cat([_nonzero_fraction(_per_channel(g)) for g in grads], dim=1)
     return -ratios.square().mean(dim=1)
 
 
