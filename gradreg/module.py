@@ -192,7 +192,8 @@ class GradRegModule(LightningModule):
                 f"non-finite training loss ({terms}) at epoch {self.current_epoch}, step {self.global_step}; "
                 f"lower the learning rate (model.lr={self.hparams.lr}) or check the input data"
             )
-        kw = {"on_epoch": True, "batch_size": n_id}
+        # sync_dist: under DDP the logged values (and a train/* run.monitor) are the mean over all ranks, not rank 0's.
+        kw = {"on_epoch": True, "batch_size": n_id, "sync_dist": True}
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, **kw)
         stats = {f"train/{k}": v for k, v in out.items() if not k.startswith("loss/")}
         self.log_dict(stats, on_step=False, **kw)

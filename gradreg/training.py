@@ -69,15 +69,19 @@ class GradRegCLI(LightningCLI):
             config.run.resume = str(_resume_file(Path(config.run.resume)))
         config_files = config.get("config") or []
         config.run.name = config.run.name or (Path(str(config_files[-1])).stem if config_files else "run")
-        # DDP re-executes this script on the other ranks: they inherit rank 0's run directory.
-        inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
-        run_dir = Path(inherited) if inherited else next_run_dir(Path(config.run.root), config.run.name)
-        os.environ[RUN_DIR_ENV] = str(run_dir)
+        if is_rank_zero():
+            run_dir = next_run_dir(Path(config.run.root), config.run.name)
+            os.environ[RUN_DIR_ENV] = str(run_dir)  # Lightning's DDP launcher re-executes this script: ranks inherit it
+        elif RUN_DIR_ENV in os.environ:
+            run_dir = Path(os.environ[RUN_DIR_ENV])
+        else:  # started by torchrun or srun: rank 0 creates the run directory; ModelCheckpoint broadcasts its path
+            # and only rank 0 logs, so nothing is written to this one (it is never created).
+            run_dir = Path(config.run.root) / f"{config.run.name}-rank-{os.environ.get('RANK', 'other')}"
         self.run_dir = run_dir
         # The run directory is new; it holds only config.yaml: Lightning's "not empty" warnings are false alarms.
         alarm = rf"(Experiment logs|Checkpoint) directory \S*{re.escape(run_dir.name)}/? exists and is not empty"
         warnings.filterwarnings("ignore", message=alarm)
-        if not inherited:  # the config as given, before this run's paths go in: `--config` on it starts a new run
+        if is_rank_zero():  # the config as given, before this run's paths go in: `--config` on it starts a new run
             (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
         config.trainer.default_root_dir = str(run_dir)
         loggers = config.trainer.logger
@@ -146,7 +150,7 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             value = arg.split("=", 1)[1]
         if value is not None and not Path(value).is_file():
             raise UserError(f"config file '{value}' does not exist; see configs/ for the shipped configs")
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if is_rank_zero():
         os.environ.pop(RUN_DIR_ENV, None)
     try:
         return GradRegCLI(
@@ -211,7 +215,7 @@ def _one_line(err: BaseException) -> str:
 def discard_unused_run_dir() -> None:
     """Remove a run directory this process created if it holds only its config files (the run never started)."""
     run_dir = os.environ.get(RUN_DIR_ENV)
-    if os.environ.get("LOCAL_RANK", "0") != "0" or not run_dir:
+    if not is_rank_zero() or not run_dir:
         return
     path = Path(run_dir)
     if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml", "hparams.yaml"}:
@@ -227,9 +231,20 @@ def fit(cli: GradRegCLI) -> int:
     except BaseException:
         discard_unused_run_dir()  # a run that failed before writing anything leaves no folder behind
         raise
-    point_latest(cli.run_dir)
-    print(f"run directory: {cli.run_dir}  (evaluate with: python evaluate.py {cli.run_dir})")
+    if is_rank_zero():
+        point_latest(cli.run_dir)
+        print(f"run directory: {cli.run_dir}  (evaluate with: python evaluate.py {cli.run_dir})")
     return 0
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is the global rank 0 its launcher started (or the only process).
+
+    Lightning's DDP launcher starts the other ranks with ``LOCAL_RANK`` (and ``NODE_RANK`` on other nodes),
+    torchrun sets ``RANK``, srun ``SLURM_PROCID``: read in Lightning's order, before any process group exists.
+    """
+    rank = next((os.environ[key] for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID") if key in os.environ), "0")
+    return rank == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def _resume_file(path: Path) -> Path:

@@ -18,6 +18,7 @@ from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
 from gradreg.module import GradRegModule
 from gradreg.registry import SettingError
+from gradreg.training import is_rank_zero
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +99,13 @@ def test_cosine_schedule_decays_to_min_lr(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_ddp_two_cpu_processes_train(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_ddp_two_cpu_processes_train(tmp_path: Path, launcher: str) -> None:
+    """Lightning's launcher re-executes train.py per rank, torchrun starts each rank itself: one run folder each way."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    start = [sys.executable, *(torchrun if launcher == "torchrun" else [])]
     args = [
-        sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        *start, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
         "--run.root", str(tmp_path / "runs"), "--trainer.strategy", "ddp", "--trainer.devices", "2",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
     ]  # fmt: skip
@@ -108,9 +113,35 @@ def test_ddp_two_cpu_processes_train(tmp_path: Path) -> None:
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted((tmp_path / "runs").glob("quickstart-*"))
-    assert [r.name for r in runs] == ["quickstart-001"], "all ranks must share one run directory"
-    assert (runs[0] / "last.ckpt").is_file()
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["latest", "quickstart-001"], "all ranks must share one run directory"
+    assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / "quickstart-001").resolve()
+    assert (tmp_path / "runs" / "quickstart-001" / "last.ckpt").is_file()
+    assert proc.stdout.count("run directory:") == 1  # rank 0 reports it
+    assert "sync_dist" not in proc.stderr  # train/* values are reduced over the ranks
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, True),
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({"RANK": "1", "LOCAL_RANK": "1"}, False),  # torchrun
+        ({"RANK": "2", "LOCAL_RANK": "0"}, False),  # torchrun, second node
+        ({"LOCAL_RANK": "1"}, False),  # Lightning's launcher
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # Lightning's launcher, second node
+        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),  # Lightning's launcher inside one SLURM task
+        ({"SLURM_PROCID": "3"}, False),  # srun
+    ],
+)
+def test_is_rank_zero_reads_the_launchers_variables(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: bool
+) -> None:
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_rank_zero() is expected
 
 
 DDP_EVAL = """
