@@ -112,7 +112,7 @@ def _monitor_every_n_epochs(config: Namespace) -> int:
 
     ``val/acc`` and ``val/loss`` come with every validation; ``ood/{set}/{scorer}/{metric}`` every
     ``every_n_epochs`` epochs of the :class:`OODEvalCallback` that logs it. ``train/*`` keys depend on the method
-    and are not checked (e.g. ``train/loss_epoch`` for a run without validation).
+    (e.g. ``train/loss_epoch`` for a run without validation): :func:`fit` names a missing one after the first epoch.
     """
     callbacks = config.trainer.callbacks or []
     monitor = config.run.monitor
@@ -228,8 +228,15 @@ def fit(cli: GradRegCLI) -> int:
         if cli.config.run.resume is not None:
             _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.run.resume)
-    except BaseException:
+    except BaseException as err:
         discard_unused_run_dir()  # a run that failed before writing anything leaves no folder behind
+        if isinstance(err, MisconfigurationException) and "could not find the monitored key" in str(err):
+            # A train/* run.monitor is checked only here: its keys depend on the method (_monitor_every_n_epochs).
+            logged = sorted(k for k in cli.trainer.callback_metrics if k.startswith("train/"))
+            raise UserError(
+                f"run.monitor '{cli.config.run.monitor}' is not logged by this run (stopped after epoch "
+                f"{cli.trainer.current_epoch}, no checkpoint saved); its train/* keys: {', '.join(logged)}"
+            ) from None
         raise
     if is_rank_zero():
         point_latest(cli.run_dir)

@@ -363,6 +363,18 @@ def test_train_monitor_without_validation_and_an_extra_checkpoint(
     assert "'mode': 'min'" in key
 
 
+def test_unknown_train_monitor_fails_in_one_line_after_the_first_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # train/* keys depend on the method, so a typo is found when the first epoch ends; metrics.csv is kept.
+    csv = ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
+    proc = train_inprocess(tmp_path, capsys, "--run.monitor", "train/lss", "--trainer.max_epochs", "1", *csv)
+    assert_one_line_error(proc, "run.monitor 'train/lss' is not logged", "epoch 0", "train/loss_epoch", "train/reg")
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    assert not list(run_dir.glob("*.ckpt"))
+    assert (run_dir / "metrics.csv").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
