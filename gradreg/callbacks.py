@@ -66,6 +66,14 @@ class OODEvalCallback(Callback):
         self._cached_datamodule: object | None = None  # the cache holds this datamodule's images
         self._warned_no_ood: set[str] = set()
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Stop before the first epoch if a scorer needs what the model lacks (absent: a model of method absent)."""
+        for key, scorer in self.scorers.items():
+            try:
+                scorer.require(pl_module.model)
+            except TypeError as err:
+                raise SettingError(f"OODEvalCallback scorer '{key}': {err}") from None
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
         if trainer.sanity_checking:
             return
@@ -89,7 +97,7 @@ class OODEvalCallback(Callback):
                 shard, batch_size=dm.eval_batch_size, num_workers=dm.num_workers, generator=torch.Generator()
             )
             batches = self._remember(key, loader)
-        local = score_loader(pl_module.model, batches, self.scorers, pl_module.device, pl_module.num_classes)
+        local = score_loader(pl_module.model, batches, self.scorers, pl_module.device)
         return local if trainer.world_size == 1 else _gather(trainer, local, len(chosen))
 
     def _remember(self, key: tuple[str, str], loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:

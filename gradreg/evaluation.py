@@ -63,7 +63,7 @@ class ScoredSet:
         return len(self.preds)
 
 
-def score_batch(model: nn.Module, x: Tensor, scorer_map: Mapping[str, Scorer], num_classes: int) -> tuple[dict, Tensor]:
+def score_batch(model: nn.Module, x: Tensor, scorer_map: Mapping[str, Scorer]) -> tuple[dict, Tensor]:
     """Scores of one batch by scorer name and the predicted classes; one forward feeds every OutputScorer."""
     require_head(model)  # one forward of features and logits feeds every OutputScorer and the predictions
     with scoring(model), torch.no_grad():
@@ -74,7 +74,7 @@ def score_batch(model: nn.Module, x: Tensor, scorer_map: Mapping[str, Scorer], n
     for key, scorer in scorer_map.items():
         if key not in out:
             out[key] = scorer(model, x)
-    return out, logits[:, :num_classes].argmax(1)
+    return out, logits.argmax(1)
 
 
 def score_loader(
@@ -82,15 +82,13 @@ def score_loader(
     batches: Iterable[Any],
     scorer_map: Mapping[str, Scorer],
     device: torch.device | str | None = None,
-    num_classes: int | None = None,
 ) -> ScoredSet:
     """Run every scorer over ``batches`` of ``(x, label)``."""
     device = device or next(model.parameters()).device
-    num_classes = num_classes or getattr(model, "num_classes", None) or int(1e9)
     parts: dict[str, list[Tensor]] = {k: [] for k in scorer_map}
     preds, labels = [], []
     for x, y in batches:
-        scores, pred = score_batch(model, x.to(device), scorer_map, num_classes)
+        scores, pred = score_batch(model, x.to(device), scorer_map)
         for k, v in scores.items():
             parts[k].append(v.detach().double().cpu())
         preds.append(pred.cpu())

@@ -82,6 +82,26 @@ class Classifier(nn.Module):
         self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
 
 
+def add_absent_head(model: Classifier) -> None:
+    """Give ``model`` the extra "absent" class of DOS/NTOM as a head of its own, ``model.absent_fc``.
+
+    Chen et al., "ATOM: Robustifying Out-of-distribution Detection Using Outlier Mining", ECML-PKDD 2021; Jiang et
+    al., "Diverse Outlier Sampling", ICLR 2024. ``model.fc`` keeps the K ID classes, so ``model(x)``, every scorer
+    and every attack see a K-way classifier (energy-style scores use the K ID logits); training and the samplers
+    append the (K+1)-th logit (:func:`logits_with_absent`) and the ``absent`` scorer reads it.
+    """
+    fc = model.fc
+    model.absent_fc = nn.Linear(fc.in_features, 1, device=fc.weight.device, dtype=fc.weight.dtype)
+    nn.init.zeros_(model.absent_fc.bias)  # as _init_weights does for every linear bias
+
+
+def logits_with_absent(model: nn.Module, features: Tensor) -> Tensor:
+    """``model.fc(features)``, with the absent logit as an extra last column when the model has that head."""
+    logits = model.fc(features)
+    head = getattr(model, "absent_fc", None)
+    return logits if head is None else torch.cat([logits, head(features)], dim=1)
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[list[nn.Module]]:
     """Put every module of ``model`` in eval mode and restore each one's own flag afterwards; yields the modules.
@@ -499,7 +519,7 @@ def create_classifier(name: str, num_classes: int, **kwargs: object) -> Classifi
     return MODELS.build(name, num_classes=num_classes, **kwargs)
 
 
-_HEAD_PREFIX = "fc."
+_HEAD_PREFIXES = ("fc.", "absent_fc.")  # heads a fine-tuning run may re-initialize (add_absent_head)
 
 
 def _clip(names: Sequence[str], limit: int = 4) -> str:
@@ -512,9 +532,10 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> list[st
 
     ``source`` is a Lightning checkpoint (its ``state_dict`` holds the model under the ``model.``
     prefix; other entries are ignored) or a plain state dict, read with ``torch.load(weights_only=True)``.
-    Head parameters (``fc.*``) whose shape differs from the model's are skipped with a warning, which
-    is how a model is fine-tuned to a new number of classes. Torchvision weight names are handled by
-    the model constructors (``weights=...``), not here.
+    Head parameters (``fc.*``, ``absent_fc.*``) whose shape differs from the model's, or that only one side has,
+    are skipped with a warning (the model keeps its own): that is how a model is fine-tuned to a new number of
+    classes, or a K-way checkpoint to ``method: absent`` and back. Torchvision weight names are handled by the model
+    constructors (``weights=...``), not here.
 
     Raises:
         ValueError: the file cannot be read as a weights-only checkpoint, or any other key is missing,
@@ -535,11 +556,13 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> list[st
         state = dict(ckpt)
 
     own = model.state_dict()
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    skipped = [k for k in mismatched if k.startswith(_HEAD_PREFIX)]
-    mismatched = [k for k in mismatched if k not in skipped]
+    skipped = [k for k in [*mismatched, *missing, *unexpected] if k.startswith(_HEAD_PREFIXES)]
+    mismatched, missing, unexpected = (
+        [k for k in keys if k not in skipped] for keys in (mismatched, missing, unexpected)
+    )
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -551,12 +574,13 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> list[st
             parts.append(f"shape mismatch (checkpoint vs model): {_clip(shapes)}")
         raise ValueError(f"{source}: does not match {type(model).__name__}: {'; '.join(parts)}")
     if skipped:
+        shape = lambda d, k: tuple(d[k].shape) if k in d else "none"  # noqa: E731
         logger.warning(
-            "%s: head %s has a different shape (%s vs %s); keeping the new head (fine-tuning to new classes)",
+            "%s: head %s differs (%s in the checkpoint, %s in the model); keeping the model's (fine-tuning)",
             source,
             _clip(skipped),
-            tuple(state[skipped[0]].shape),
-            tuple(own[skipped[0]].shape),
+            shape(state, skipped[0]),
+            shape(own, skipped[0]),
         )
     model.load_state_dict({k: (own[k] if k in skipped else state[k]) for k in own})
     return skipped

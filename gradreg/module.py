@@ -10,8 +10,9 @@ With ``cuda_graph`` the forward and both backwards of each step replay from one 
 
 Methods: ``ce`` (ID cross-entropy only; outliers are not forwarded), ``oe`` (Outlier Exposure),
 ``energy`` (energy margin loss), ``greg`` (energy + the gradient-norm regularizer), ``absent``
-(K+1-way classifier with an "absent" class for outliers, the DOS/NTOM baseline; the model then has
-``num_classes + 1`` outputs and accuracy is measured on the first ``num_classes``).
+(K+1-way classifier with an "absent" class for outliers, the DOS/NTOM baseline; the (K+1)-th logit comes from a
+head of its own, ``model.absent_fc`` (:func:`gradreg.models.add_absent_head`): training uses all K+1 logits,
+``model(x)`` and the scorers the K ID classes, and the ``absent`` scorer 1 - p(absent)).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from gradreg.losses import (
     grad_norm_penalty,
     outlier_exposure_loss,
 )
-from gradreg.models import MODELS, create_classifier, load_pretrained
+from gradreg.models import MODELS, add_absent_head, create_classifier, load_pretrained, logits_with_absent
 from gradreg.registry import Bounds, SettingError, check_settings
 from gradreg.samplers import SAMPLERS
 
@@ -128,7 +129,6 @@ class GradRegModule(LightningModule):
         check_settings(self.hparams, typing.get_type_hints(GradRegModule.__init__), BOUNDS, prefix="model.")
         if method in ("energy", "greg") and m_in > m_out:
             raise SettingError(f"model.m_in={m_in} must be <= model.m_out={m_out} (ID energies go below m_in)")
-        outputs = num_classes + 1 if method == "absent" else num_classes
         kwargs = dict(arch_kwargs or {})
         from_file = pretrained is not None and (
             "/" in pretrained or Path(pretrained).suffix in (".ckpt", ".pt", ".pth")
@@ -140,7 +140,9 @@ class GradRegModule(LightningModule):
                     "weights to name; pass a .ckpt file"
                 )
             kwargs["weights"] = pretrained  # a torchvision weights name, e.g. IMAGENET1K_V2
-        self.model = create_classifier(arch, outputs, **kwargs)
+        self.model = create_classifier(arch, num_classes, **kwargs)
+        if method == "absent":
+            add_absent_head(self.model)
         if from_file:
             load_pretrained(self.model, pretrained)
         if input_mean is not None and input_std is not None:
@@ -210,7 +212,7 @@ class GradRegModule(LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(regularize)
         feats = self.model.features(x)  # = self.model(x) in two halves (every Classifier)
-        logits = self.model.fc(feats)
+        logits = logits_with_absent(self.model, feats)  # K ID logits, and the absent one for method absent
         logits_id, logits_out = logits[:n_id], logits[n_id:]
 
         out = {"loss/ce": F.cross_entropy(logits_id.float(), y)}
@@ -253,7 +255,7 @@ class GradRegModule(LightningModule):
 
     def _eval_step(self, batch: Any, prefix: str) -> None:
         x, y = batch
-        logits = self.model(x)[:, : self.num_classes].float()
+        logits = self.model(x).float()
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
 

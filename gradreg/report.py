@@ -454,6 +454,15 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
         raise UserError(f"unknown OOD set(s) {', '.join(unknown)}; this checkpoint's sets: {', '.join(ood_sets)}")
     id_test = sample(dm.id_dataset_for("test"), opts.max_samples)
     model = module.model.to(device).eval()
+    if not opts.scorers:  # every registered scorer that applies (absent: models trained with method absent)
+        scorer_map = {key: scorer for key, scorer in scorer_map.items() if scorer.supports(model)}
+    for key, scorer in scorer_map.items():
+        try:
+            scorer.require(model)
+        except TypeError as err:
+            raise UserError(
+                f"scorer '{key}' does not apply to this checkpoint: {err}; drop it from --scorers"
+            ) from None
     if opts.explain:
         check_explainable(module, scorer_map, opts.explain_scorer, id_test[0][0][None].to(device))
 
@@ -472,7 +481,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
         batches: Iterable[tuple[Tensor, Tensor]] = dm.eval_loader(source)
         if transform is not None:
             batches = ((transform(x.to(device), y.to(device)), y) for x, y in batches)
-        return score_loader(model, tqdm(batches, desc=desc, leave=False), scorer_map, device, dm.num_classes)
+        return score_loader(model, tqdm(batches, desc=desc, leave=False), scorer_map, device)
 
     id_scored = run(id_test, None, "id")
     save_scores(out / "scores" / "id.npz", id_scored, id_test)

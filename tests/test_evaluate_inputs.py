@@ -38,12 +38,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-epoch quickstart run (two training batches): a real checkpoint and the config.yaml train.py wrote."""
-    tmp = tmp_path_factory.mktemp("train")
+    return quick_run(tmp_path_factory.mktemp("train"))
+
+
+def quick_run(tmp: Path, *extra: str) -> Path:
     args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp / "runs")]
     args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
     args += ["--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"]
     with pytest.raises(SystemExit) as exit_info:
-        train_main(args)
+        train_main([*args, *extra])
     assert exit_info.value.code == 0
     return tmp / "runs" / "quickstart-001"
 
@@ -61,6 +64,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
         (["--device", "cuda:99"], ["--device 'cuda:99'", "--device cpu"]),
         (["--data", "eval_batch_size"], ["--data 'eval_batch_size' is not KEY=VALUE"]),
+        (
+            ["--scorers", "energy", "absent"],
+            ["scorer 'absent' does not apply", "method=absent", "drop it from --scorers"],
+        ),
     ],
 )
 def test_bad_option_stops_before_any_output(
@@ -138,3 +145,16 @@ def test_files_that_are_not_checkpoints(tmp_path: Path, capsys: pytest.CaptureFi
     assert_one_line_error(run_inprocess([str(text), *FAST], capsys), str(text), "not a torch file")
     assert_one_line_error(run_inprocess([str(array), *FAST], capsys), str(array), "weights_only", "not written by")
     assert sorted(tmp_path.iterdir()) == [text, array]
+
+
+def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every registered scorer by default; absent only for a model trained with method absent (DOS/NTOM baseline).
+    absent_run = quick_run(tmp_path, "--model.method", "absent", "--model.sampler", "{name: dos}")
+    capsys.readouterr()
+    for run, expected in ((run_dir, False), (absent_run, True)):
+        out = tmp_path / f"eval-{expected}"
+        args = [str(run), *FAST, "--suites", "ood", "--sets", "noise", "--out", str(out)]
+        assert run_inprocess(args, capsys).returncode == 0
+        doc = json.loads((out / "results.json").read_text())
+        assert ("absent" in doc["scorers"]) is expected
+        assert {"energy", "gradnorm", "purview"} <= set(doc["scorers"])

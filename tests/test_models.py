@@ -10,7 +10,15 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from gradreg.models import MODELS, Classifier, ResNet50, create_classifier, eval_mode, load_pretrained
+from gradreg.models import (
+    MODELS,
+    Classifier,
+    ResNet50,
+    add_absent_head,
+    create_classifier,
+    eval_mode,
+    load_pretrained,
+)
 
 TORCHVISION = {"resnet50", "densenet121"}
 FEATURE_DIM = {
@@ -119,6 +127,28 @@ def test_load_pretrained_skips_a_head_of_another_size_with_a_warning(
     assert "fc.weight" in caplog.text
     torch.testing.assert_close(target.fc.weight, head_before, rtol=0, atol=0)
     torch.testing.assert_close(target.conv1.weight, source.conv1.weight, rtol=0, atol=0)
+
+
+def test_load_pretrained_between_k_way_and_absent_class_models(tmp_path: Path) -> None:
+    # Fine-tuning a CE checkpoint as the DOS/NTOM baseline keeps its trained K-way head and adds a fresh absent head;
+    # an absent-class checkpoint loads into a K-way model without its absent head.
+    k_way = create_classifier("small_cnn", 4, in_channels=1)
+    absent = create_classifier("small_cnn", 4, in_channels=1)
+    add_absent_head(absent)
+    fresh = absent.absent_fc.weight.detach().clone()
+    assert load_pretrained(absent, _save(tmp_path, k_way.state_dict(), "k.pt")) == [
+        "absent_fc.weight",
+        "absent_fc.bias",
+    ]
+    torch.testing.assert_close(absent.fc.weight, k_way.fc.weight, rtol=0, atol=0)
+    torch.testing.assert_close(absent.absent_fc.weight, fresh, rtol=0, atol=0)
+    target = create_classifier("small_cnn", 4, in_channels=1)
+    assert load_pretrained(target, _save(tmp_path, absent.state_dict(), "a.pt")) == [
+        "absent_fc.weight",
+        "absent_fc.bias",
+    ]
+    assert not hasattr(target, "absent_fc")
+    torch.testing.assert_close(target.fc.weight, absent.fc.weight, rtol=0, atol=0)
 
 
 def test_load_pretrained_rejects_a_trunk_shape_mismatch(tmp_path: Path) -> None:

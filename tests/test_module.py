@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
@@ -51,6 +52,20 @@ def test_each_method_lowers_its_loss(method: str, tmp_path: Path) -> None:
     losses = epoch_losses(model, dm, tmp_path)
     assert len(losses) == 3
     assert losses[-1] < losses[0], losses
+
+
+def test_absent_method_trains_on_k_plus_one_logits_and_predicts_among_k() -> None:
+    # DOS/NTOM: cross-entropy over K+1 classes for ID images, label K (absent) for outliers; model(x) stays K-way.
+    model, _ = make("absent")
+    torch.manual_seed(0)
+    x_id, y, x_out = torch.randn(5, 1, 8, 8), torch.randint(0, 6, (5,)), torch.randn(3, 1, 8, 8)
+    out = model._forward_losses(x_id, y, x_out)
+    head = model.model
+    weight, bias = torch.cat([head.fc.weight, head.absent_fc.weight]), torch.cat([head.fc.bias, head.absent_fc.bias])
+    logits = F.linear(head.features(torch.cat([x_id, x_out])), weight, bias)  # one (K+1)-way layer
+    torch.testing.assert_close(out["loss/ce"], F.cross_entropy(logits[:5], y))
+    torch.testing.assert_close(out["loss/absent"], F.cross_entropy(logits[5:], torch.full((3,), 6)))
+    assert head(x_id).shape == (5, 6)
 
 
 def test_greg_logs_every_loss_term_and_statistic(tmp_path: Path) -> None:
@@ -185,6 +200,21 @@ def test_callback_under_ddp_matches_one_device(tmp_path: Path) -> None:
     for key, value in results[0].items():
         assert results[1][key] == pytest.approx(value, abs=1e-6), key
     assert results[0] != results[2]  # the sample is a part of each set
+
+
+@pytest.mark.parametrize("method", ["greg", "absent"])
+def test_callback_scores_absent_only_for_an_absent_class_model(method: str, tmp_path: Path) -> None:
+    model, dm = make(method)
+    trainer = Trainer(
+        accelerator="cpu", logger=False, callbacks=[OODEvalCallback(scorers=["energy", "absent"], max_samples=32)],
+        enable_progress_bar=False, limit_val_batches=1, default_root_dir=tmp_path,
+    )  # fmt: skip
+    if method == "greg":  # before any scoring, in one line naming the scorer and the fix
+        with pytest.raises(SettingError, match=r"scorer 'absent': .* needs a model trained with model.method=absent"):
+            trainer.validate(model, datamodule=dm, verbose=False)
+    else:
+        trainer.validate(model, datamodule=dm, verbose=False)
+        assert 0 <= trainer.callback_metrics["ood/noise/absent/auroc"] <= 1
 
 
 def test_callback_in_fit_validate_and_test_restores_train_mode(tmp_path: Path) -> None:

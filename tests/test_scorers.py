@@ -3,31 +3,34 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import re
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.fft
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from gradreg.double_backward import use_double_backward
 from gradreg.evaluation import score_batch
-from gradreg.models import MODELS, Classifier, SmallCNN
+from gradreg.models import MODELS, Classifier, SmallCNN, add_absent_head
 from gradreg.registry import SettingError
 from gradreg.scorers import SCORERS, build, purview
 from gradreg.scorers.gaia import _nonzero_fraction, gaia_a_score, gaia_layers, gaia_z_score
 from gradreg.scorers.gradnorm import exgrad_score, gradnorm_score
+from gradreg.scorers.logits import absent_score
 from gradreg.scorers.margin import dct_projector, deepfool_margin
 from gradreg.scorers.odin import odin_score
 from gradreg.scorers.purview import purview_layer_names, purview_layer_norms, purview_score
 
+ROOT = Path(__file__).resolve().parents[1]
 TIGHT = {"rtol": 1e-8, "atol": 1e-10}  # float64: batched vs per-sample differ only by summation order
 REF = {"rtol": 1e-6, "atol": 1e-9}  # vs an independent per-sample reference
 
@@ -105,15 +108,20 @@ def _randomize_norms(model: nn.Module) -> nn.Module:
 
 
 def make_tiny(seed: int = 0) -> TinyCNN:
+    """TinyCNN in float64 with random norm layers and an absent-class head (which every scorer but absent ignores)."""
     torch.manual_seed(seed)
-    model = _randomize_norms(TinyCNN().double())
+    model = TinyCNN()
+    add_absent_head(model)
+    model = _randomize_norms(model.double())
     model.set_normalization([0.4, 0.5], [0.25, 0.5])
     return model.eval()
 
 
 def make_zoo(inplace: bool = True, seed: int = 0) -> Zoo:
     torch.manual_seed(seed)
-    model = _randomize_norms(Zoo(inplace).double())
+    model = Zoo(inplace)
+    add_absent_head(model)
+    model = _randomize_norms(model.double())
     model.set_normalization([0.4, 0.5], [0.25, 0.5])
     return model.eval()
 
@@ -208,7 +216,7 @@ def test_scorer_refuses_batchnorm_without_running_statistics(name: str, tiny: Ti
     with pytest.raises(ValueError, match=r"BatchNorm2d 'trunk.4' has no running statistics"):
         build_cheap(name)(tiny, batch)
     with pytest.raises(ValueError, match=r"BatchNorm2d 'trunk.4' has no running statistics"):
-        score_batch(tiny, batch, {name: build_cheap(name)}, num_classes=5)
+        score_batch(tiny, batch, {name: build_cheap(name)})
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -224,7 +232,7 @@ def test_scorer_on_a_model_without_features_and_fc(name: str, tiny: TinyCNN, bat
     else:
         torch.testing.assert_close(scorer(plain, batch), scorer(tiny, batch), **TIGHT)
     with pytest.raises(TypeError, match=r"Sequential has no features and no fc"):
-        score_batch(plain, batch, {name: scorer}, num_classes=5)
+        score_batch(plain, batch, {name: scorer})
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -372,6 +380,45 @@ def _bn_output_grads(model: nn.Module, objective_fn, x: Tensor) -> list[Tensor]:
         for h in handles:
             h.remove()
     return grads[::-1]  # hooks fire in backward order
+
+
+def test_absent_is_minus_log_p_absent_and_ranks_as_one_minus_p(tiny: TinyCNN, batch: Tensor) -> None:
+    with torch.no_grad():
+        tiny.absent_fc.bias.fill_(3.0)  # make p(absent) large for some rows and small for others
+        tiny.absent_fc.weight.mul_(20.0)
+    features = tiny.features(batch).detach()
+    p_absent = torch.softmax(torch.cat([tiny.fc(features), tiny.absent_fc(features)], dim=1), dim=1)[:, -1].detach()
+    scores = build("absent")(tiny, batch)
+    torch.testing.assert_close(scores, -torch.log(p_absent), **REF)
+    assert 0.01 < p_absent.min() < p_absent.max() < 0.99  # both ends exercised
+    assert torch.equal(scores.argsort(), (1 - p_absent).argsort())  # DOS/NTOM's 1 - p(absent), same order
+    # No saturation where 1 - p(absent) rounds to 1 in float32: the ranking of very confident rows survives.
+    far = absent_score(torch.tensor([[30.0, 0.0], [31.0, 0.0]]), torch.tensor([[0.0], [0.0]]))
+    assert far[1] > far[0]
+
+
+def test_k_way_scorers_ignore_the_absent_head(batch: Tensor) -> None:
+    # "Energy methods use K logits": making the absent logit dominate changes the absent score only.
+    model = make_tiny()
+    before = {name: build_cheap(name)(model, batch) for name in ALL}
+    with torch.no_grad():
+        model.absent_fc.bias.fill_(50.0)
+    for name in ALL:
+        changed = not torch.allclose(build_cheap(name)(model, batch), before[name], rtol=1e-12, atol=0)
+        assert changed == (name == "absent"), name
+    scores, preds = score_batch(model, batch, {"energy": build("energy")})
+    logits = model.fc(model.features(batch))
+    torch.testing.assert_close(scores["energy"], torch.logsumexp(logits, dim=1), **TIGHT)
+    assert torch.equal(preds, logits.argmax(dim=1))  # among the K ID classes
+
+
+def test_absent_needs_the_absent_head(batch: Tensor) -> None:
+    model = TinyCNN().double().eval()
+    with pytest.raises(TypeError, match=r"TinyCNN has no absent_fc head: .* model.method=absent"):
+        build("absent")(model, batch)
+    assert not build("absent").supports(model)
+    assert build("absent").supports(make_tiny())
+    assert all(build(name).supports(model) for name in ALL if name != "absent")
 
 
 def test_gaia_z_matches_per_sample_loop(tiny: TinyCNN, batch: Tensor) -> None:
@@ -597,7 +644,8 @@ def test_im2col_equals_unfold(conv: nn.Conv2d, layout: str) -> None:
 
 
 def test_purview_layer_names_follow_module_order() -> None:
-    assert purview_layer_names(make_zoo()) == ["fc", "conv1", "gn", "conv2", "bn", "scale", "mix", "ln", "proj"]
+    names = ["fc", "conv1", "gn", "conv2", "bn", "scale", "mix", "ln", "proj", "absent_fc"]
+    assert purview_layer_names(make_zoo()) == names
 
 
 def test_purview_frees_each_output_gradient_during_the_backward(
@@ -616,7 +664,7 @@ def test_purview_frees_each_output_gradient_during_the_backward(
 
     monkeypatch.setattr(purview, "_layer_sq_norm", watch)
     purview_layer_norms(tiny, batch)
-    assert len(alive_at_call) == len(purview_layer_names(tiny)) > 3
+    assert len(alive_at_call) == len(purview_layer_names(tiny)) - 1 > 3  # absent_fc is not called by forward
     assert max(alive_at_call) == 0
 
 
@@ -786,35 +834,21 @@ def test_margin_default_block_is_the_quarter_image(tiny: TinyCNN, batch: Tensor)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sign convention on a model trained on real data: ID digits 0-5 vs uniform noise.
+# Sign convention on a model trained on real data: ID digits 0-5 vs uniform noise, trained as the DOS/NTOM baseline
+# (so that the absent scorer has its head); the recipe is bench/sign_check.py's, which prints the docs' table.
 
 
 @pytest.fixture(scope="module")
-def digits_model() -> tuple[SmallCNN, Tensor, Tensor]:
-    torch.manual_seed(0)
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target)
-    keep = labels < 6
-    images, labels = images[keep], labels[keep]
-    perm = torch.randperm(len(images))
-    images, labels = images[perm], labels[perm]
-    train, test = slice(0, 800), slice(800, 880)
-    mean, std = images[train].mean().item(), images[train].std().item()
-    model = SmallCNN(num_classes=6, in_channels=1, width=8)
-    model.set_normalization([mean], [std])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x_train = (images[train] - mean) / std
-    for _ in range(100):
-        idx = torch.randint(0, x_train.shape[0], (64,))
-        loss = F.cross_entropy(model(x_train[idx]), labels[train][idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    x_id = (images[test] - mean) / std
-    x_noise = (torch.rand(80, 1, 8, 8) - mean) / std
-    assert (model(x_id).argmax(dim=1) == labels[test]).float().mean() > 0.9
+def sign_check():
+    spec = importlib.util.spec_from_file_location("bench_sign_check", ROOT / "bench" / "sign_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits_model(sign_check) -> tuple[SmallCNN, Tensor, Tensor]:
+    model, x_id, x_noise, _ = sign_check.train_digits_model(test_images=80)
     return model, x_id, x_noise
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from gradreg.losses import energy
-from gradreg.models import eval_mode
+from gradreg.models import eval_mode, logits_with_absent
 from gradreg.registry import Registry, Settings
 
 if TYPE_CHECKING:
@@ -21,10 +21,13 @@ Score = Literal["auto", "absent", "energy"]
 
 
 def forward_candidates(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(features, logits)`` of ``x`` in eval mode without gradients (BatchNorm statistics untouched)."""
+    """``(features, logits)`` of ``x`` in eval mode without gradients (BatchNorm statistics untouched).
+
+    The logits end with the absent class's for a model that has one (``method: absent``).
+    """
     with eval_mode(model), torch.no_grad():
         feats = model.features(x)
-        return feats, model.fc(feats)
+        return feats, logits_with_absent(model, feats)
 
 
 def absent_probability(logits: Tensor) -> Tensor:

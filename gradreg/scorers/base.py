@@ -74,10 +74,22 @@ class Scorer(Settings):
         """Return one score per row of ``x`` (higher = more in-distribution), shape (N,)."""
         raise NotImplementedError
 
-    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
-        """Score ``x`` under the contract of the module docstring; shape (N,)."""
+    def require(self, model: nn.Module) -> None:
+        """Raise a TypeError naming what ``model`` lacks for this scorer (``features`` and ``fc`` if ``needs_head``)."""
         if self.needs_head:
             require_head(model)
+
+    def supports(self, model: nn.Module) -> bool:
+        """Whether ``model`` has what this scorer needs (:meth:`require`); ``evaluate.py`` runs those by default."""
+        try:
+            self.require(model)
+        except TypeError:
+            return False
+        return True
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Score ``x`` under the contract of the module docstring; shape (N,)."""
+        self.require(model)
         with scoring(model):
             x = x.clone()  # an inference tensor cannot be used in autograd; a clone made here can
             with torch.set_grad_enabled(self.needs_grad):

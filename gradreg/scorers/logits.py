@@ -6,6 +6,11 @@
   ICML 2022, arXiv:1911.11132.
 - Energy: Liu, Wang, Owens, Li, "Energy-based Out-of-distribution Detection", NeurIPS 2020,
   arXiv:2010.03759; reference code github.com/wetliu/energy_ood. The score is ``-E(x) = T * logsumexp(f/T)``.
+- Absent class: Chen et al. (ATOM/NTOM), ECML-PKDD 2021, arXiv:2006.15207, and Jiang et al. (DOS), ICLR 2024,
+  arXiv:2306.02031, score a (K+1)-way model with ``1 - p(absent)``. Deviation: the score here is
+  ``-log p(absent)``, a strictly increasing function of ``1 - p(absent)`` (same ranking, same AUROC/FPR95), computed
+  as ``softplus(logsumexp(ID logits) - absent logit)`` so that it saturates at neither end: in float32
+  ``1 - p(absent)`` is exactly 1 for every ID image with ``p(absent)`` below about 3e-8, which ties them.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from gradreg.scorers.base import OutputScorer
+from gradreg.scorers.base import OutputScorer, Scorer
 from gradreg.scorers.registry import SCORERS
 
 
@@ -76,3 +82,33 @@ class Energy(OutputScorer):
 
     def score_outputs(self, features: Tensor, logits: Tensor) -> Tensor:  # noqa: D102
         return energy_score(logits, self.temperature)
+
+
+def absent_score(logits: Tensor, absent_logit: Tensor) -> Tensor:
+    """``-log p(absent)`` from the K ID logits (N, K) and the absent logit (N, 1), shape (N,).
+
+    Example:
+        >>> absent_score(torch.zeros(1, 3), torch.zeros(1, 1))  # p(absent) = 1/4
+        tensor([1.3863])
+    """
+    return F.softplus(torch.logsumexp(logits, dim=1) - absent_logit.squeeze(1))
+
+
+@SCORERS.register("absent")
+@dataclass(frozen=True)
+class Absent(Scorer):
+    """DOS/NTOM's score for models trained with ``method: absent``: ``-log p(absent)`` (module docstring)."""
+
+    needs_head: ClassVar[bool] = True
+
+    def require(self, model: nn.Module) -> None:  # noqa: D102
+        super().require(model)
+        if not isinstance(getattr(model, "absent_fc", None), nn.Module):
+            raise TypeError(
+                f"{type(model).__name__} has no absent_fc head: the absent scorer needs a model trained with "
+                "model.method=absent (DOS/NTOM's extra class)"
+            )
+
+    def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
+        features = model.features(x)
+        return absent_score(model.fc(features), model.absent_fc(features))
