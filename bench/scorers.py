@@ -206,6 +206,9 @@ def bench_model(name: str, batch: int, size: int, args: argparse.Namespace) -> l
         ("floor", "forward + input backward + forward", lambda: odin_floor(model, x), batch),
     ]
     scorers = {n: build(n) for n in args.scorers}
+    for n in [n for n, s in scorers.items() if not s.supports(model)]:  # absent: models of method absent only
+        print(f"{name}: skipping {n} (the model lacks what it reads)", file=sys.stderr)
+        del scorers[n]
     cases += [("scorer", n, lambda s=s: s(model, x), batch) for n, s in scorers.items()]
     if not args.skip_loops:
         cases += [

@@ -107,7 +107,7 @@ def _nonzero_fraction(grad: Tensor) -> Tensor:
     """(N, C, S) -> (N, C): the fraction of the S entries that are not exactly zero.
 
     On CUDA the L0 "norm" is one reduction pass; ``(g != 0).to(dtype).mean()`` is three passes over two
-    full-size temporaries and made GAIA-Z cost 1.22x its forward + input-backward floor instead of 1.11x
+    full-size temporaries and made GAIA-Z cost 1.18-1.22x its forward + input-backward floor instead of 1.08-1.11x
     (WRN-40-2, H200: ``bench/results/h200_gaia_z_reduction.md``). On the CPU the L0 kernel is the slower
     one (``bench/results/gaia_z_reduction_cpu.md``). Both count exactly: the scores are identical.
     """
