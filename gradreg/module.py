@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,10 @@ from gradreg.registry import Bounds, SettingError, check_settings
 from gradreg.samplers import SAMPLERS
 
 Method = Literal["ce", "oe", "energy", "greg", "absent"]
+ABSENT_HEAD_HINT = (
+    "a method-absent checkpoint from before the absent class had a head of its own (model.absent_fc; it was the last "
+    "row of model.fc): retrain it, or start from it with model.pretrained (its trunk is kept)"
+)
 BOUNDS: Bounds = {
     "num_classes": (">=", 1), "energy_weight": (">=", 0.0), "oe_weight": (">=", 0.0), "absent_weight": (">=", 0.0),
     "reg_weight": (">=", 0.0), "lr": (">", 0.0), "momentum": (">=", 0.0), "weight_decay": (">=", 0.0),
@@ -168,6 +173,16 @@ class GradRegModule(LightningModule):
     def regularizes(self) -> bool:
         """Whether the step adds GReg's gradient-norm penalty (``greg`` with a positive ``reg_weight``)."""
         return self.hparams.method == "greg" and self.hparams.reg_weight > 0
+
+    def predates_absent_head(self, state: Mapping[str, Tensor]) -> bool:
+        """Whether ``state`` is a ``method: absent`` checkpoint from before ``model.absent_fc`` (K+1 rows in ``fc``)."""
+        fc = state.get("model.fc.weight")
+        return (
+            self.method == "absent"
+            and "model.absent_fc.weight" not in state
+            and fc is not None
+            and fc.shape[0] == self.num_classes + 1
+        )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self.model(x)

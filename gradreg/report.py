@@ -43,7 +43,7 @@ from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, set_metrics
 from gradreg.metrics import OOD_METRICS, accuracy
-from gradreg.module import GradRegModule
+from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
 from gradreg.registry import RegistryError
 from gradreg.scorers import SCORERS, Scorer
 
@@ -244,6 +244,8 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
     arch_kwargs = {k: v for k, v in (hparams.get("arch_kwargs") or {}).items() if k != "weights"}
     # The weights come from the checkpoint: never re-download or re-read the pretraining source.
     module = GradRegModule(**{**hparams, "pretrained": None, "arch_kwargs": arch_kwargs})
+    if module.predates_absent_head(ckpt["state_dict"]):
+        raise UserError(f"the checkpoint is {ABSENT_HEAD_HINT}")
     head = ckpt["state_dict"].get("model.fc.weight")
     if head is not None and head.shape[0] != module.model.fc.out_features:
         raise UserError(

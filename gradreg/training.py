@@ -23,11 +23,12 @@ from gradreg.data import OODDataModule
 from gradreg.data.check import planned_reads, require_datasets
 from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import scorer_key
-from gradreg.module import GradRegModule
+from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
 from gradreg.registry import RegistryError
 
 RUN_DIR_ENV = "GRADREG_RUN_DIR"
 # run.monitor names where lower is better (the last part of the key, without Lightning's _step/_epoch suffix)
+MISSING_MONITOR = "could not find the monitored key"  # Lightning's ModelCheckpoint, when run.monitor is not logged
 LOWER_IS_BETTER = {"loss", "ce", "oe", "absent", "energy", "reg", "fpr95", "fpr95_oodpos"}
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 OOD_CALLBACK = f"{OODEvalCallback.__module__}.{OODEvalCallback.__name__}"
@@ -69,7 +70,9 @@ class GradRegCLI(LightningCLI):
             config.run.resume = str(_resume_file(Path(config.run.resume)))
         config_files = config.get("config") or []
         config.run.name = config.run.name or (Path(str(config_files[-1])).stem if config_files else "run")
-        if is_rank_zero():
+        # Read now: Lightning's launcher removes WORLD_SIZE again when training ends (LightningEnvironment.teardown).
+        self.rank_zero = is_rank_zero()
+        if self.rank_zero:
             run_dir = next_run_dir(Path(config.run.root), config.run.name)
             os.environ[RUN_DIR_ENV] = str(run_dir)  # Lightning's DDP launcher re-executes this script: ranks inherit it
         elif RUN_DIR_ENV in os.environ:
@@ -81,7 +84,7 @@ class GradRegCLI(LightningCLI):
         # The run directory is new; it holds only config.yaml: Lightning's "not empty" warnings are false alarms.
         alarm = rf"(Experiment logs|Checkpoint) directory \S*{re.escape(run_dir.name)}/? exists and is not empty"
         warnings.filterwarnings("ignore", message=alarm)
-        if is_rank_zero():  # the config as given, before this run's paths go in: `--config` on it starts a new run
+        if self.rank_zero:  # the config as given, before this run's paths go in: `--config` on it starts a new run
             (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
         config.trainer.default_root_dir = str(run_dir)
         loggers = config.trainer.logger
@@ -150,7 +153,8 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             value = arg.split("=", 1)[1]
         if value is not None and not Path(value).is_file():
             raise UserError(f"config file '{value}' does not exist; see configs/ for the shipped configs")
-    if is_rank_zero():
+    rank_zero = is_rank_zero()
+    if rank_zero:
         os.environ.pop(RUN_DIR_ENV, None)
     try:
         return GradRegCLI(
@@ -164,7 +168,7 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             parser_kwargs={"exit_on_error": False},
         )
     except BaseException as err:
-        discard_unused_run_dir()
+        discard_unused_run_dir(rank_zero)
         if isinstance(err, argparse.ArgumentError | ValueError | TypeError | KeyError | MisconfigurationException):
             raise UserError(_one_line(err)) from None
         if isinstance(err, RuntimeError) and "more than one stateful callback" in str(err):
@@ -212,10 +216,10 @@ def _one_line(err: BaseException) -> str:
     return f"{lines[0]} {given} is not valid; expected one of the types {allowed}"
 
 
-def discard_unused_run_dir() -> None:
-    """Remove a run directory this process created if it holds only its config files (the run never started)."""
+def discard_unused_run_dir(rank_zero: bool) -> None:
+    """Remove the run directory rank 0 created if it holds only its config files (the run never started)."""
     run_dir = os.environ.get(RUN_DIR_ENV)
-    if not is_rank_zero() or not run_dir:
+    if not rank_zero or not run_dir:
         return
     path = Path(run_dir)
     if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml", "hparams.yaml"}:
@@ -227,31 +231,38 @@ def fit(cli: GradRegCLI) -> int:
     try:
         if cli.config.run.resume is not None:
             _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.run.resume)
+        with warnings.catch_warnings():
+            # Without validation Lightning only warns about a monitor it cannot find, and best.ckpt never appears.
+            warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.run.resume)
     except BaseException as err:
-        discard_unused_run_dir()  # a run that failed before writing anything leaves no folder behind
-        if isinstance(err, MisconfigurationException) and "could not find the monitored key" in str(err):
+        discard_unused_run_dir(cli.rank_zero)  # a run that failed before writing anything leaves no folder behind
+        if isinstance(err, MisconfigurationException | UserWarning) and MISSING_MONITOR in str(err):
             # A train/* run.monitor is checked only here: its keys depend on the method (_monitor_every_n_epochs).
             logged = sorted(k for k in cli.trainer.callback_metrics if k.startswith("train/"))
             raise UserError(
-                f"run.monitor '{cli.config.run.monitor}' is not logged by this run (stopped after epoch "
-                f"{cli.trainer.current_epoch}, no checkpoint saved); its train/* keys: {', '.join(logged)}"
+                f"run.monitor '{cli.config.run.monitor}' is not logged by this run (stopped at its first checkpoint, "
+                f"nothing saved); its train/* keys there: {', '.join(logged)}"
             ) from None
         raise
-    if is_rank_zero():
+    if cli.rank_zero:
         point_latest(cli.run_dir)
         print(f"run directory: {cli.run_dir}  (evaluate with: python evaluate.py {cli.run_dir})")
     return 0
 
 
 def is_rank_zero() -> bool:
-    """Whether this process is the global rank 0 its launcher started (or the only process).
+    """Whether this process is global rank 0 (or the only process), read before any process group exists.
 
-    Lightning's DDP launcher starts the other ranks with ``LOCAL_RANK`` (and ``NODE_RANK`` on other nodes),
-    torchrun sets ``RANK``, srun ``SLURM_PROCID``: read in Lightning's order, before any process group exists.
+    Launchers of several processes set a world size: Lightning's DDP launcher re-executes this script with
+    ``WORLD_SIZE``, ``LOCAL_RANK`` and ``NODE_RANK``, torchrun sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``, srun
+    ``SLURM_NTASKS`` and ``SLURM_PROCID``. Rank 0 is the process whose rank variables all read 0 (an exported
+    ``RANK=0`` does not make Lightning's local rank 1 a rank 0); without a world size above 1 the process is alone
+    and rank 0, whatever variables it inherited from another job.
     """
-    rank = next((os.environ[key] for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID") if key in os.environ), "0")
-    return rank == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    if os.environ.get("WORLD_SIZE", "1") == "1" and os.environ.get("SLURM_NTASKS", "1") == "1":
+        return True
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
 def _resume_file(path: Path) -> Path:
@@ -268,6 +279,8 @@ def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> None:
     from gradreg.report import load_checkpoint
 
     state = load_checkpoint(path)["state_dict"]
+    if module.predates_absent_head(state):
+        raise UserError(f"run.resume checkpoint '{path}' is {ABSENT_HEAD_HINT}")
     expected = module.state_dict()
     extra = sorted(set(state) - set(expected))
     if extra:

@@ -37,8 +37,9 @@ def test_per_sample_loops_equal_the_batched_scorers(bench) -> None:
 def test_tiny_run_writes_one_table_row_per_model_configuration(bench, tmp_path: Path) -> None:
     out, raw = tmp_path / "table.md", tmp_path / "rows.json"
     bench.main([
-        "--device", "cpu", "--model", "small_cnn:2:8", "--model", "small_cnn:3:8", "--scorers", "energy", "odin", "absent",
-        "--warmup", "0", "--repeats", "1", "--loop-samples", "1", "--out", str(out), "--json", str(raw),
+        "--device", "cpu", "--model", "small_cnn:2:8", "--model", "small_cnn:3:8",
+        "--scorers", "energy", "odin", "absent", "--warmup", "0", "--repeats", "1", "--loop-samples", "1",
+        "--out", str(out), "--json", str(raw),
     ])  # fmt: skip
     table = out.read_text()
     assert "| absent |" not in table  # skipped: these models have no absent-class head

@@ -363,16 +363,20 @@ def test_train_monitor_without_validation_and_an_extra_checkpoint(
     assert "'mode': 'min'" in key
 
 
-def test_unknown_train_monitor_fails_in_one_line_after_the_first_epoch(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("validation", [True, False])
+def test_unknown_train_monitor_fails_in_one_line_at_the_first_checkpoint(
+    validation: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # train/* keys depend on the method, so a typo is found when the first epoch ends; metrics.csv is kept.
+    # train/* keys depend on the method, so a typo is found at the first checkpoint. Without validation Lightning
+    # itself only warns (and never writes best.ckpt).
     csv = ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
-    proc = train_inprocess(tmp_path, capsys, "--run.monitor", "train/lss", "--trainer.max_epochs", "1", *csv)
-    assert_one_line_error(proc, "run.monitor 'train/lss' is not logged", "epoch 0", "train/loss_epoch", "train/reg")
+    no_val = [] if validation else ["--trainer.limit_val_batches", "0"]
+    proc = train_inprocess(tmp_path, capsys, "--run.monitor", "train/lss", "--trainer.max_epochs", "1", *csv, *no_val)
+    assert_one_line_error(proc, "run.monitor 'train/lss' is not logged", "nothing saved", "train/reg")
     run_dir = tmp_path / "runs" / "quickstart-001"
     assert not list(run_dir.glob("*.ckpt"))
-    assert (run_dir / "metrics.csv").is_file()
+    # With validation the epoch's metrics were written and are kept; without, nothing was, and no folder is left.
+    assert (run_dir / "metrics.csv").is_file() if validation else not run_dir.exists()
 
 
 @pytest.mark.slow

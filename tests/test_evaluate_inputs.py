@@ -158,3 +158,23 @@ def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys:
         doc = json.loads((out / "results.json").read_text())
         assert ("absent" in doc["scorers"]) is expected
         assert {"energy", "gradnorm", "purview"} <= set(doc["scorers"])
+
+
+def test_absent_checkpoint_of_the_old_layout_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before model.absent_fc, a method-absent model kept the absent class as the last row of model.fc.
+    ckpt_path = quick_run(tmp_path, "--model.method", "absent", "--model.sampler", "{name: dos}") / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    for name in ("weight", "bias"):
+        state[f"model.fc.{name}"] = torch.cat([state[f"model.fc.{name}"], state.pop(f"model.absent_fc.{name}")])
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    capsys.readouterr()
+    proc = run_inprocess([str(old), *FAST, "--suites", "ood"], capsys)
+    assert_one_line_error(proc, "a method-absent checkpoint from before", "retrain it, or start from it")
+    with pytest.raises(SystemExit):
+        train_main(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path / "resumed"),
+                    "--model.method", "absent", "--run.resume", str(old), "--trainer.logger", "false"])  # fmt: skip
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    assert f"run.resume checkpoint '{old}' is a method-absent checkpoint from before" in errors[0]

@@ -140,19 +140,23 @@ def test_ddp_two_cpu_processes_train(tmp_path: Path, launcher: str) -> None:
     ("env", "expected"),
     [
         ({}, True),
-        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
-        ({"RANK": "1", "LOCAL_RANK": "1"}, False),  # torchrun
-        ({"RANK": "2", "LOCAL_RANK": "0"}, False),  # torchrun, second node
-        ({"LOCAL_RANK": "1"}, False),  # Lightning's launcher
-        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # Lightning's launcher, second node
-        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),  # Lightning's launcher inside one SLURM task
-        ({"SLURM_PROCID": "3"}, False),  # srun
+        ({"RANK": "1"}, True),  # left over from another job: a process alone is rank 0
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, True),  # torchrun
+        ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, False),
+        ({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}, False),  # torchrun, second node
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "0", "NODE_RANK": "0"}, True),  # Lightning's launcher
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "NODE_RANK": "0"}, False),
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # Lightning's launcher, second node
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "0"}, False),  # Lightning's launcher with RANK=0 exported
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),  # inside one SLURM task
+        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, True),  # srun
+        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, False),
     ],
 )
 def test_is_rank_zero_reads_the_launchers_variables(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: bool
 ) -> None:
-    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
