@@ -27,8 +27,8 @@ from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
 from gradreg.registry import RegistryError
 
 RUN_DIR_ENV = "GRADREG_RUN_DIR"
-# run.monitor names where lower is better (the last part of the key, without Lightning's _step/_epoch suffix)
 MISSING_MONITOR = "could not find the monitored key"  # Lightning's ModelCheckpoint, when run.monitor is not logged
+# run.monitor names where lower is better (the last part of the key, without Lightning's _step/_epoch suffix)
 LOWER_IS_BETTER = {"loss", "ce", "oe", "absent", "energy", "reg", "fpr95", "fpr95_oodpos"}
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 OOD_CALLBACK = f"{OODEvalCallback.__module__}.{OODEvalCallback.__name__}"
@@ -115,7 +115,7 @@ def _monitor_every_n_epochs(config: Namespace) -> int:
 
     ``val/acc`` and ``val/loss`` come with every validation; ``ood/{set}/{scorer}/{metric}`` every
     ``every_n_epochs`` epochs of the :class:`OODEvalCallback` that logs it. ``train/*`` keys depend on the method
-    (e.g. ``train/loss_epoch`` for a run without validation): :func:`fit` names a missing one after the first epoch.
+    (e.g. ``train/loss_epoch`` for a run without validation): :func:`fit` names a missing one at the first checkpoint.
     """
     callbacks = config.trainer.callbacks or []
     monitor = config.run.monitor
