@@ -152,7 +152,8 @@ class DOSSampler(_SeededSampler):
         n_init: k-means restarts (5 in the DOS code).
         max_iter: k-means iterations.
         score: ``absent`` (probability of the extra K+1-th class), ``energy`` (K-way models) or ``auto``
-            (``absent`` iff the model has ``num_classes + 1`` outputs).
+            (``absent`` iff the model has an absent-class head, so that its candidates get ``num_classes + 1``
+            logits: ``method: absent``).
         num_classes: number of ID classes, for ``auto`` (also set by :meth:`setup`).
         seed: seed of the per-call generators.
     """
