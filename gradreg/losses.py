@@ -33,7 +33,7 @@ from torch import Tensor
 RegScaling = Literal["code", "paper"]
 
 
-def _upcast(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
     """Cast half/bfloat16 to float32; keep float32 and float64 as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -50,7 +50,7 @@ def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
         >>> energy(torch.zeros(2, 4))
         tensor([-1.3863, -1.3863])
     """
-    return -temperature * torch.logsumexp(_upcast(logits) / temperature, dim=1)
+    return -temperature * torch.logsumexp(upcast(logits) / temperature, dim=1)
 
 
 def energy_margin_loss(energy_in: Tensor, energy_out: Tensor, m_in: float = -25.0, m_out: float = -7.0) -> Tensor:
@@ -60,14 +60,14 @@ def energy_margin_loss(energy_in: Tensor, energy_out: Tensor, m_in: float = -25.
 
 def outlier_exposure_loss(logits_out: Tensor) -> Tensor:
     """Cross-entropy from the softmax to the uniform distribution: ``mean[logsumexp(f) - mean_k f_k]``."""
-    logits_out = _upcast(logits_out)
+    logits_out = upcast(logits_out)
     return _mean(torch.logsumexp(logits_out, dim=1) - logits_out.mean(dim=1))
 
 
 def absent_class_loss(logits_out: Tensor) -> Tensor:
     """Cross-entropy of outliers towards the extra (K+1)-th "absent" class, the last logit."""
     target = torch.full((logits_out.shape[0],), logits_out.shape[1] - 1, device=logits_out.device)
-    return _mean(F.cross_entropy(_upcast(logits_out), target, reduction="none"))
+    return _mean(F.cross_entropy(upcast(logits_out), target, reduction="none"))
 
 
 class GradPenalty(NamedTuple):
@@ -122,7 +122,7 @@ def grad_norm_penalty(
     phi = gated_energy_functional(energy_in, energy_out, m_in, m_out, scaling)
     (grad,) = torch.autograd.grad(phi, inputs, create_graph=True)
     # The norm's backward is defined as 0 at a zero row (inactive rows), so no NaN reaches the weights.
-    row_norms = _upcast(grad).flatten(1).norm(dim=1)
+    row_norms = upcast(grad).flatten(1).norm(dim=1)
     n_in = energy_in.shape[0]
     value = _mean(row_norms) if scaling == "code" else _mean(row_norms[:n_in]) + _mean(row_norms[n_in:])
     # Strict inequalities: relu'(0) = 0 in PyTorch, so a sample exactly at its margin contributes nothing.

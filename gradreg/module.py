@@ -37,6 +37,7 @@ from gradreg.losses import (
     energy_margin_loss,
     grad_norm_penalty,
     outlier_exposure_loss,
+    upcast,
 )
 from gradreg.models import MODELS, add_absent_head, create_classifier, load_pretrained, logits_with_absent
 from gradreg.registry import Bounds, SettingError, check_settings
@@ -230,7 +231,7 @@ class GradRegModule(LightningModule):
         logits = logits_with_absent(self.model, feats)  # K ID logits, and the absent one for method absent
         logits_id, logits_out = logits[:n_id], logits[n_id:]
 
-        out = {"loss/ce": F.cross_entropy(logits_id.float(), y)}
+        out = {"loss/ce": F.cross_entropy(upcast(logits_id), y)}
         if self.method == "oe":
             out["loss/oe"] = self.hparams.oe_weight * outlier_exposure_loss(logits_out)
         if self.method == "absent":
@@ -270,7 +271,7 @@ class GradRegModule(LightningModule):
 
     def _eval_step(self, batch: Any, prefix: str) -> None:
         x, y = batch
-        logits = self.model(x).float()
+        logits = upcast(self.model(x))
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
 

@@ -68,6 +68,17 @@ def test_absent_method_trains_on_k_plus_one_logits_and_predicts_among_k() -> Non
     assert head(x_id).shape == (5, 6)
 
 
+def test_float64_model_keeps_float64_cross_entropy() -> None:
+    # "64-true" training: the loss must not be rounded to float32 (relative error ~1e-8) on the way
+    model, _ = make("greg", m_in=-3.0, m_out=-1.0)
+    model.double().eval()  # BatchNorm's running statistics: the rows do not depend on the outliers beside them
+    torch.manual_seed(0)
+    x_id, y, x_out = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 6, (5,)), torch.randn(3, 1, 8, 8)
+    out = model._forward_losses(x_id, y, x_out.double())
+    assert out["loss/ce"].dtype == out["loss"].dtype == torch.float64
+    torch.testing.assert_close(out["loss/ce"], F.cross_entropy(model.model(x_id), y), rtol=1e-15, atol=0)
+
+
 def test_greg_logs_every_loss_term_and_statistic(tmp_path: Path) -> None:
     model, dm = make("greg")
     epoch_losses(model, dm, tmp_path, epochs=1)
