@@ -27,8 +27,8 @@ batched torch implementations on (N, C, H, W) in [0, 1]; any channel count (gray
 come from ``torch.Generator`` so results differ from the numpy originals but are reproducible; gaussian blur
 uses a separable kernel truncated at ``4 sigma`` with edge replication (scipy's ``mode="nearest"``, as
 ``skimage.filters.gaussian``); brightness adds to the HSV value channel exactly, written as a per-pixel rescale
-of RGB (hue and saturation are unchanged by construction); pixelate uses area downsampling and nearest
-upsampling (PIL's BOX filter both ways in the original) with at least one pixel per side; JPEG goes through
+of RGB (hue and saturation are unchanged by construction); pixelate applies PIL's BOX filter both ways as
+two resampling matrices (equal to PIL's float resize to 1e-7) with at least one pixel per side; JPEG goes through
 torchvision's ``encode_jpeg`` / ``decode_jpeg`` (libjpeg, 4:2:0 chroma subsampling for RGB like PIL's default),
 channel counts other than 1 and 3 are compressed channel by channel as grayscale.
 """
@@ -337,14 +337,34 @@ def jpeg(x: Tensor, severity: int, generator: torch.Generator | None = None) -> 
     return (out.to(x.device, x.dtype) / 255.0).clamp(0.0, 1.0)
 
 
+def _box_resize_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """(n_out, n_in) weights of PIL's BOX resampling along one axis (the coefficients of ``ImagingResample``).
+
+    Downsampling averages, with equal weights, the input pixels whose centres fall in each output pixel's box (at
+    32 -> 30 mostly a single pixel, not the 2-3 of an area average); upsampling is nearest-neighbour on pixel centres.
+    """
+    scale = n_in / n_out
+    filter_scale = max(scale, 1.0)
+    support = 0.5 * filter_scale
+    center = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale
+    first = (center - support + 0.5).floor().clamp(min=0)  # PIL's window of candidate inputs, [first, last)
+    last = (center + support + 0.5).floor().clamp(max=n_in)
+    i = torch.arange(n_in, dtype=torch.float64)
+    u = (i - center[:, None] + 0.5) / filter_scale
+    w = ((u > -0.5) & (u <= 0.5) & (i >= first[:, None]) & (i < last[:, None])).double()
+    return (w / w.sum(1, keepdim=True)).to(like.device, like.dtype)
+
+
 @CORRUPTIONS.register("pixelate")
 def pixelate(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
-    """Downsample by ``c = [0.95, 0.9, 0.85, 0.75, 0.65]`` and back (CIFAR-10-C); deterministic."""
+    """Downsample by ``c = [0.95, 0.9, 0.85, 0.75, 0.65]`` and back, PIL's BOX filter, as CIFAR-10-C; deterministic."""
     _check_pixels(x)
     c = _level([0.95, 0.9, 0.85, 0.75, 0.65], severity)
     height, width = x.shape[-2:]
-    small = F.interpolate(x, size=(max(1, int(height * c)), max(1, int(width * c))), mode="area")
-    return F.interpolate(small, size=(height, width), mode="nearest").clamp(0.0, 1.0)
+    small_h, small_w = max(1, int(height * c)), max(1, int(width * c))
+    rows = _box_resize_matrix(small_h, height, x) @ _box_resize_matrix(height, small_h, x)
+    cols = _box_resize_matrix(small_w, width, x) @ _box_resize_matrix(width, small_w, x)
+    return (rows @ x @ cols.T).clamp(0.0, 1.0)
 
 
 def corrupt(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy import ndimage
 from sklearn.datasets import load_digits
 
@@ -251,6 +252,19 @@ def test_gaussian_blur_matches_scipy_nearest_mode() -> None:
         [[ndimage.gaussian_filter(ch, sigma=1.0, mode="nearest", truncate=4.0) for ch in im] for im in images.numpy()]
     )
     np.testing.assert_allclose(out.numpy(), np.clip(ref, 0, 1), atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (8, 8), (28, 20)])
+def test_pixelate_matches_pil_box_resize(size: tuple[int, int]) -> None:
+    # CIFAR-10-C: img.resize((int(w * c), int(h * c)), BOX).resize((w, h), BOX); PIL's float mode "F" avoids rounding
+    height, width = size
+    images = torch.rand(2, 1, height, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for severity, c in enumerate([0.95, 0.9, 0.85, 0.75, 0.65], start=1):
+        out = CORRUPTIONS.get("pixelate")(images, severity, None)
+        for image, result in zip(images[:, 0].numpy().astype(np.float32), out[:, 0].numpy(), strict=True):
+            pil = Image.fromarray(image, mode="F").resize((int(width * c), int(height * c)), Image.BOX)
+            ref = np.asarray(pil.resize((width, height), Image.BOX), dtype=np.float64)
+            np.testing.assert_allclose(result, ref, rtol=0, atol=1e-6)
 
 
 def test_brightness_matches_an_hsv_round_trip() -> None:
