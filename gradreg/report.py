@@ -324,7 +324,8 @@ def anomaly_sets(
         for eps in opts.epsilons:
             tag = f"eps{eps * 255:.3g}"
             yield f"fgsm_{tag}", "adversarial", id_test, lambda x, y, e=eps: anomalies.fgsm(model, x, y, e)
-            pgd = lambda x, y, e=eps: anomalies.pgd(model, x, y, e, steps=opts.pgd_steps)  # noqa: E731
+            gen = torch.Generator(device=device).manual_seed(0)  # PGD's random start: the same in every run
+            pgd = lambda x, y, e=eps, g=gen: anomalies.pgd(model, x, y, e, steps=opts.pgd_steps, generator=g)  # noqa: E731
             yield f"pgd_{tag}", "adversarial", id_test, pgd
     if "corruption" in opts.suites:
         for name in opts.corruptions:

@@ -160,13 +160,18 @@ def test_evaluate_writes_consistent_results(trained: Path) -> None:
 def test_evaluate_max_samples_scores_a_fixed_random_sample(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
 
-    indices = {}
+    indices, scores = {}, {}
     for out in (trained / "sampled", trained / "sampled_again"):
         args = [str(trained / "runs" / "quickstart-001"), "--out", str(out), "--max-samples", "40", "--no-plots"]
         args += ["--suites", "ood", "adversarial", "--epsilons", "0.03", "--scorers", "energy", "msp"]
         proc = run_inprocess(evaluate_main, args, capsys)
         assert proc.returncode == 0, proc.stderr[-3000:]
         indices[out.name] = {f.stem: np.load(f, allow_pickle=False)["index"] for f in (out / "scores").glob("*.npz")}
+        scores[out.name] = {
+            f.stem: np.load(f, allow_pickle=False)["score_energy"] for f in (out / "scores").glob("*.npz")
+        }
+    for name, values in scores["sampled"].items():  # PGD's random start included
+        np.testing.assert_array_equal(values, scores["sampled_again"][name], err_msg=name)
     first, again = indices["sampled"], indices["sampled_again"]
     assert first.keys() == again.keys() == {"id", "digits_heldout", "noise", "fgsm_eps7.65", "pgd_eps7.65"}
     for name, index in first.items():
