@@ -27,9 +27,14 @@ is one candidate threshold ``t`` (a sample is accepted as ID iff ``score >= t``)
 accepted or rejected together. Among the operating points whose TPR (fraction of ID accepted, computed as a
 float64 ratio) is ``>= tpr``, the smallest FPR is returned; with TPR and FPR both non-increasing in ``t`` this is
 the point with the largest such threshold. This equals ``fpr[np.searchsorted(tpr_arr, tpr)]`` on
-``roc_curve(..., drop_intermediate=False)``. The energy_ood / GReg scripts instead pick the operating point whose
-recall is *nearest* to 0.95 (``argmin |recall - 0.95|``), which can sit slightly below 95% TPR; the two agree
-whenever some threshold gives exactly 95% TPR.
+``roc_curve(..., drop_intermediate=False)``. The energy_ood / GReg scripts (``fpr_and_fdr_at_recall``) differ in
+two ways: they pick the recall *nearest* to 0.95 (``argmin |recall - 0.95|``, which can sit slightly below 95% TPR),
+and among the thresholds with that recall the *lowest*, so they also count the OOD samples scored between the last
+accepted ID sample and the next ID sample. Where some threshold gives exactly 95% TPR their value is never below
+ours; on continuous scores the gap is those few OOD samples (under 0.1 percentage point in simulated normal
+scores of 10,000 ID vs 26,032 OOD samples). ``fpr95_oodpos`` likewise uses every ROC point; OpenOOD calls
+``roc_curve`` with its default ``drop_intermediate=True``, which can drop points inside runs of tied scores and
+then report a larger value (never without ties).
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ score is **+margin** (higher = more in-distribution); see ``docs/scorers.md`` an
 
 Deviations: batched over samples (a sample stops moving once its label flips; rows are independent
 in eval mode, so results equal the per-sample loop, which is tested); ``max_iter`` defaults to 20
-instead of 100 for speed (samples that have not flipped by then report the margin reached, a lower
-bound); ``block_size`` defaults to ``min(8, min(H, W) // 4)`` instead of a fixed 8 so that small
+instead of 100 for speed (a sample that has not flipped by then reports ``(1 + overshoot)·‖r‖₂`` of the steps
+taken, which bounds its margin in neither direction: more iterations can end shorter or longer, as in the
+reference at 100); ``block_size`` defaults to ``min(8, min(H, W) // 4)`` instead of a fixed 8 so that small
 images still have distinct low and high blocks. Using the margin as an OOD score is our proposal
 (ALGORITHMS.md §7); the paper measures margins, it does not detect OOD inputs.
 """
