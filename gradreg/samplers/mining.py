@@ -209,8 +209,9 @@ class POEMSampler(_PoolMiner):
     candidate. POEM trains with the energy loss (``method: energy``) and OOD batch = ID batch.
 
     The posterior needs only ``Z^T Z`` and ``Z^T y``: :meth:`observe` adds each training step's rows to the
-    current epoch's ``Z^T Z`` and per-kind feature sums (float64, on the features' device), so memory and the
-    checkpointed state are ``(buffer_epochs + 1) x D^2`` floats however many rows an epoch has (about 4.7 MB
+    current epoch's ``Z^T Z`` and per-kind feature sums (a step's products in float32, or float64 for float64
+    features, summed in float64 on the features' device), so memory and the checkpointed state are
+    ``(buffer_epochs + 1) x D^2`` floats however many rows an epoch has (about 4.7 MB
     for DenseNet-BC-100's D = 342, 168 MB for ResNet-50's D = 2048). Under DDP each epoch's statistics are
     summed over the ranks (all-reduce) when the epoch is closed and when they are checkpointed (so
     :meth:`state_dict` must run on every rank, as Lightning's ``on_save_checkpoint`` does); rank 0's choice
