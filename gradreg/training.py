@@ -100,10 +100,9 @@ class GradRegCLI(LightningCLI):
         name = config.run.monitor.rsplit("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
         best = {"filename": "best", "monitor": config.run.monitor}
         best["mode"] = config.run.mode or ("min" if name in LOWER_IS_BETTER else "max")
-        if best_every_n_epochs == 1:
-            checkpoints = [{**best, "save_last": True}]
-        else:  # best.ckpt only on the epochs that log run.monitor, last.ckpt after every one
-            checkpoints = [{**best, "every_n_epochs": best_every_n_epochs}, {"save_last": True, "save_top_k": 0}]
+        # best.ckpt on the epochs that log run.monitor; last.ckpt after every epoch, from a callback of its own:
+        # since lightning 2.6 `save_last` writes last.ckpt only when the same callback saved a top-k checkpoint.
+        checkpoints = [{**best, "every_n_epochs": best_every_n_epochs}, {"filename": "last", "monitor": None}]
         config.trainer.callbacks = [
             *(config.trainer.callbacks or []),
             *(Namespace(class_path=CHECKPOINT, init_args=Namespace(dirpath=str(run_dir), **c)) for c in checkpoints),

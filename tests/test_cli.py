@@ -401,6 +401,8 @@ def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pyte
     logged = [(int(r["epoch"]), float(r["ood/mean/energy/auroc"])) for r in rows if r["ood/mean/energy/auroc"]]
     assert [epoch for epoch, _ in logged] == [1]
     assert best["epoch"] == 1
+    last = torch.load(first / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 9)  # the end of the last epoch, not of best.ckpt's
     (state,) = [s for key, s in best["callbacks"].items() if "ood/mean/energy/auroc" in key]
     assert float(state["best_model_score"]) == pytest.approx(logged[0][1])
 
@@ -410,6 +412,8 @@ def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pyte
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = torch.load(tmp_path / "runs" / "quickstart-002" / "best.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == 3
+    last = torch.load(tmp_path / "runs" / "quickstart-002" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (3, 12)
 
     proc = train_inprocess(tmp_path, capsys, "--run.resume", str(first), "--model.method", "absent")
     assert_one_line_error(proc, "does not fit this model", "model.absent_fc.weight is missing")
@@ -424,7 +428,7 @@ def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pyte
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "quickstart-003" / "last.ckpt").is_file()
     best = torch.load(tmp_path / "runs" / "quickstart-003" / "best.ckpt", map_location="cpu", weights_only=True)
-    assert [s.get("best_model_score") is not None for s in best["callbacks"].values()] == [True]  # best and last
+    assert [s.get("best_model_score") is not None for s in best["callbacks"].values()] == [True, False]  # best, last
     assert "'mode': 'min'" in next(iter(best["callbacks"]))  # lower is better for a loss
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
 
