@@ -157,19 +157,34 @@ class OODEvalCallback(Callback):
             if kind == "WandbLogger":
                 import wandb
 
-                media: dict[str, Any] = {}
-                for scorer in self.scorers:
-                    media[f"hist/id/{scorer}"] = wandb.Histogram(id_scores.scores[scorer])
-                    for name, scored in ood_scores.items():
-                        media[f"hist/{name}/{scorer}"] = wandb.Histogram(scored.scores[scorer])
+                media: dict[str, Any] = {
+                    f"hist/{name}/{scorer}": wandb.Histogram(values)
+                    for name, scorer, values in _histograms(self.scorers, {"id": id_scores, **ood_scores})
+                }
                 rows = [[n, s, *(v[m] for m in METRICS)] for n, by in per_set.items() for s, v in by.items()]
                 media["ood/table"] = wandb.Table(columns=["set", "scorer", *METRICS], data=rows)
                 logger.experiment.log({**media, "trainer/global_step": step})
             elif kind == "TensorBoardLogger":
-                for scorer in self.scorers:
-                    logger.experiment.add_histogram(f"hist/id/{scorer}", id_scores.scores[scorer], step)
-                    for name, scored in ood_scores.items():
-                        logger.experiment.add_histogram(f"hist/{name}/{scorer}", scored.scores[scorer], step)
+                for name, scorer, values in _histograms(self.scorers, {"id": id_scores, **ood_scores}):
+                    logger.experiment.add_histogram(f"hist/{name}/{scorer}", values, step)
+
+
+def _histograms(scorers: list[str], sets: dict[str, ScoredSet]) -> Iterator[tuple[str, str, np.ndarray]]:
+    """``(set, scorer, finite scores)`` of each histogram that can be drawn.
+
+    A scorer's NaN/inf scores are left out (its metrics already say NaN), and a histogram is skipped where numpy
+    cannot cut the range into 64 bins: a diverged model gives every image the same huge score (e.g. energy 5e14).
+    """
+    for name, scored in sets.items():
+        for scorer in scorers:
+            values = scored.scores[scorer]
+            values = values[np.isfinite(values)]
+            try:
+                np.histogram(values, bins=64)  # wandb.Histogram's default bins
+            except ValueError:
+                continue
+            if values.size:
+                yield name, scorer, values
 
 
 def _gather(trainer: Trainer, local: ScoredSet, n: int) -> ScoredSet:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -13,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
@@ -266,6 +268,26 @@ def _fake_trainer(dm: OODDataModule):
         datamodule, global_rank, world_size, is_global_zero, loggers, global_step = dm, 0, 1, True, [], 0
 
     return FakeTrainer()
+
+
+@pytest.mark.parametrize("bias", [5e14, math.inf])
+def test_callback_histograms_survive_a_diverged_model(bias: float, tmp_path: Path) -> None:
+    # Every image gets the same huge energy (numpy cannot cut [E - 0.5, E + 0.5] into 64 bins at 5e14), or inf/NaN.
+    model, dm = make("ce")
+    model.log_dict = lambda values, **kw: None
+    with torch.no_grad():
+        model.model.fc.weight.zero_()
+        model.model.fc.bias.zero_()
+        model.model.fc.bias[0] = bias
+    trainer = _fake_trainer(dm)
+    trainer.loggers = [WandbLogger(save_dir=str(tmp_path), offline=True)]
+    with pytest.warns(UserWarning, match="NaN") if math.isinf(bias) else contextlib.nullcontext():
+        OODEvalCallback(scorers=["energy", "msp"], cache_mb=0).evaluate(trainer, model, "val")
+    trainer.loggers[0].experiment.finish()
+    records = next(tmp_path.glob("wandb/offline-run-*/*.wandb")).read_bytes()
+    assert b"ood/table" in records
+    assert b"hist/id/energy" not in records
+    assert (b"hist/id/msp" in records) == math.isfinite(bias)  # all 1.0, or all NaN
 
 
 def test_callback_cache_gives_the_same_numbers_and_respects_its_cap() -> None:
