@@ -83,12 +83,14 @@ def score_loader(
     scorer_map: Mapping[str, Scorer],
     device: torch.device | str | None = None,
 ) -> ScoredSet:
-    """Run every scorer over ``batches`` of ``(x, label)``."""
-    device = device or next(model.parameters()).device
+    """Run every scorer over ``batches`` of ``(x, label)``, the inputs cast to the model's device and dtype."""
+    param = next(model.parameters())
+    device = device or param.device
     parts: dict[str, list[Tensor]] = {k: [] for k in scorer_map}
     preds, labels = [], []
     for x, y in batches:
-        scores, pred = score_batch(model, x.to(device), scorer_map)
+        # a model trained with precision "64-true" or "bf16-true" has float64 / bfloat16 weights; loaders give float32
+        scores, pred = score_batch(model, x.to(device, param.dtype), scorer_map)
         for k, v in scores.items():
             parts[k].append(v.detach().double().cpu())
         preds.append(pred.cpu())

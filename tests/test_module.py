@@ -234,6 +234,17 @@ def test_callback_scores_absent_only_for_an_absent_class_model(method: str, tmp_
         assert 0 <= trainer.callback_metrics["ood/noise/absent/auroc"] <= 1
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_callback_scores_a_model_of_another_dtype(precision: str, tmp_path: Path) -> None:
+    model, dm = make("ce")
+    trainer = Trainer(
+        accelerator="cpu", logger=False, callbacks=[OODEvalCallback(scorers=["energy", "gradnorm"], max_samples=32)],
+        enable_progress_bar=False, limit_val_batches=1, default_root_dir=tmp_path, precision=precision,
+    )  # fmt: skip
+    trainer.validate(model, datamodule=dm, verbose=False)
+    assert 0 <= trainer.callback_metrics["ood/noise/gradnorm/auroc"] <= 1
+
+
 def test_callback_in_fit_validate_and_test_restores_train_mode(tmp_path: Path) -> None:
     model, dm = make("greg")
     callback = OODEvalCallback(scorers=["msp", "energy", "odin", "gaia_z"], max_samples=64)
