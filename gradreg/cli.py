@@ -53,6 +53,10 @@ def configure_wandb_env() -> None:
 
 def next_run_dir(root: Path, name: str) -> Path:
     """Create and return ``root/name-NNN`` with the first free number (atomic ``mkdir``, so never reused)."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UserError(
+            f"run name '{name}' must be a plain folder name, without '/'; set run.root for the parent folder"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):

@@ -243,6 +243,8 @@ def fit(cli: GradRegCLI) -> int:
                 f"run.monitor '{cli.config.run.monitor}' is not logged by this run (stopped at its first checkpoint, "
                 f"nothing saved); its train/* keys there: {', '.join(logged)}"
             ) from None
+        if isinstance(err, MisconfigurationException):  # e.g. run.resume past trainer.max_epochs: Lightning says which
+            raise UserError(_one_line(err)) from None
         raise
     if cli.rank_zero:
         point_latest(cli.run_dir)

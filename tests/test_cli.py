@@ -201,6 +201,13 @@ def test_unknown_config_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize("name", ["a/b", "../escape", ".."])
+def test_run_name_must_be_a_folder_name(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = train_inprocess(tmp_path, capsys, "--run.name", name)
+    assert_one_line_error(proc, f"run name '{name}' must be a plain folder name")
+    assert not list(tmp_path.rglob("*-001"))
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     proc = run("train.py", "--config", "configs/nope.yaml", cwd=tmp_path)
     assert_one_line_error(proc, "configs/nope.yaml", "does not exist")
@@ -415,6 +422,8 @@ def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pyte
     last = torch.load(tmp_path / "runs" / "quickstart-002" / "last.ckpt", map_location="cpu", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (3, 12)
 
+    proc = train_inprocess(tmp_path, capsys, "--run.resume", str(first), "--trainer.max_epochs", "1")
+    assert_one_line_error(proc, "current_epoch=2", "max_epochs=1")
     proc = train_inprocess(tmp_path, capsys, "--run.resume", str(first), "--model.method", "absent")
     assert_one_line_error(proc, "does not fit this model", "model.absent_fc.weight is missing")
     text = tmp_path / "text.ckpt"
