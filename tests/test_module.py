@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from gradreg.callbacks import OODEvalCallback
@@ -116,6 +116,31 @@ def test_channels_last_trains_like_contiguous(tmp_path: Path) -> None:
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not conv.weight.is_contiguous()
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-9, atol=0)
+
+
+def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(tmp_path: Path) -> None:
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.labels: dict[int, list[list[int]]] = {}
+
+        def on_train_batch_start(self, trainer: Trainer, pl_module: GradRegModule, batch: dict, batch_idx: int) -> None:
+            self.labels.setdefault(trainer.current_epoch, []).append(batch["id"][1].tolist())
+
+    def fit(epochs: int, ckpt_path: Path | None = None) -> Recorder:
+        model, dm = make("energy")  # seeds everything, as train.py does before a resumed run too
+        recorder = Recorder()
+        trainer = Trainer(
+            max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, callbacks=[recorder],
+        )  # fmt: skip
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / f"{epochs}.ckpt")
+        return recorder
+
+    straight = fit(3).labels
+    assert straight[0] != straight[1] != straight[2]  # a new order every epoch
+    fit(2)
+    assert fit(3, tmp_path / "2.ckpt").labels == {2: straight[2]}
 
 
 def test_cosine_schedule_decays_to_min_lr(tmp_path: Path) -> None:

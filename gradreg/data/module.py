@@ -10,14 +10,17 @@ ID training augmentation, as in the official GReg/energy code.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from gradreg.data.datasets import (
     DEFAULT_OOD_SETS,
@@ -36,6 +39,27 @@ BOUNDS: Bounds = {
     "batch_size": (">=", 1), "outlier_batch_size": (">=", 1), "eval_batch_size": (">=", 1), "num_workers": (">=", 0),
     "image_size": (">=", 1), "val_fraction": (">=", 0.0), "candidates_per_epoch": (">=", 1),
 }  # fmt: skip
+
+
+class EpochShuffle(RandomSampler):
+    """A new order each epoch that is a pure function of ``(seed_everything's seed, data seed, epoch)``.
+
+    ``RandomSampler`` draws its order from the global generator, which a resumed run seeds afresh, so the first
+    epoch after a resume would replay epoch 0's order. Lightning calls :meth:`set_epoch` before each epoch (with the
+    restored count on resume). Under DDP Lightning replaces any ``RandomSampler`` with its ``DistributedSampler``,
+    whose order also follows the epoch. (Augmentations still draw from the process's generator.)
+    """
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)  # type: ignore[arg-type]
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # noqa: D102
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([int(os.environ.get("PL_GLOBAL_SEED", 0)), self.seed, self.epoch])
+        return iter(rng.permutation(self.num_samples).tolist())
 
 
 class OODDataModule(LightningDataModule):
@@ -174,7 +198,7 @@ class OODDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size or self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             **kw,
