@@ -185,6 +185,18 @@ class GradRegModule(LightningModule):
             and fc.shape[0] == self.num_classes + 1
         )
 
+    def state_mismatch(self, state: Mapping[str, Tensor]) -> str | None:
+        """The first way ``state`` does not fit this module (a key it lacks or has extra, a shape), else None."""
+        expected = self.state_dict()
+        extra = sorted(set(state) - set(expected))
+        if extra:
+            return f"it has {extra[0]}, which the model has not"
+        for key, value in expected.items():
+            if key not in state or state[key].shape != value.shape:
+                found = "missing" if key not in state else f"of shape {tuple(state[key].shape)}"
+                return f"{key} is {found}, the model's is {tuple(value.shape)}"
+        return None
+
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self.model(x)
 

@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import sys
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -216,12 +215,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"checkpoint '{path}' holds objects that safe loading (weights_only) refuses; it was not written by "
             "gradreg's train.py: use one of its .ckpt files"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as err:
+    except Exception as err:  # torch.load fails in many ways on a foreign file (IndexError for a few bytes of text)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        reason = "not a torch file" if isinstance(err, KeyError | ValueError) else reason  # a text file: KeyError
+        reason = "not a torch file" if isinstance(err, KeyError | ValueError | IndexError) else reason
         raise UserError(f"checkpoint '{path}' is unreadable or truncated ({reason[:160]}); use another .ckpt") from None
-    missing = [k for k in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters") if k not in ckpt]
-    if not isinstance(ckpt, dict) or missing:
+    keys = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters")
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything: it holds no dict"]
+    if missing:
         raise UserError(f"checkpoint '{path}' was not written by gradreg's train.py (missing {', '.join(missing)})")
     # Non-finite weights score every image NaN: every metric would be NaN with exit code 0.
     bad = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -257,10 +257,13 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
             f"checkpoint was trained on {module.num_classes} classes but the data '{dm.id_dataset}' has "
             f"{dm.num_classes}; evaluate it with the ID dataset it was trained on"
         )
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise UserError(f"checkpoint weights do not fit the model ({str(err).splitlines()[0]})") from None
+    mismatch = module.state_mismatch(ckpt["state_dict"])
+    if mismatch:
+        raise UserError(
+            f"checkpoint weights do not fit the model its hyperparameters describe ({mismatch}): the checkpoint and "
+            "its hyperparameters do not belong together; use a .ckpt written by train.py as it is"
+        )
+    module.load_state_dict(ckpt["state_dict"])
     return module, dm
 
 

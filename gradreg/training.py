@@ -282,17 +282,9 @@ def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> None:
     state = load_checkpoint(path)["state_dict"]
     if module.predates_absent_head(state):
         raise UserError(f"run.resume checkpoint '{path}' is {ABSENT_HEAD_HINT}")
-    expected = module.state_dict()
-    extra = sorted(set(state) - set(expected))
-    if extra:
+    mismatch = module.state_mismatch(state)
+    if mismatch:
         raise UserError(
-            f"run.resume checkpoint '{path}' does not fit this model: it has {extra[0]}, which the model has not; "
-            "resume with the config of the run that wrote it"
+            f"run.resume checkpoint '{path}' does not fit this model: {mismatch}; resume with the config of the run "
+            "that wrote it"
         )
-    for key, value in expected.items():
-        if key not in state or state[key].shape != value.shape:
-            found = "missing" if key not in state else f"of shape {tuple(state[key].shape)}"
-            raise UserError(
-                f"run.resume checkpoint '{path}' does not fit this model: {key} is {found}, the model's is "
-                f"{tuple(value.shape)}; resume with the config of the run that wrote it"
-            )

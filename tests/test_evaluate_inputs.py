@@ -139,12 +139,28 @@ def test_epsilons_accept_fractions() -> None:
 def test_files_that_are_not_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
 
-    text, array = tmp_path / "notes.ckpt", tmp_path / "scores.npy"
+    text, array, short, tensor = (tmp_path / n for n in ("notes.ckpt", "scores.npy", "abc.ckpt", "tensor.ckpt"))
     text.write_text("hi\n")  # torch.load raises a KeyError on it
     np.save(array, np.zeros(3))  # weights_only refuses numpy's pickled array
+    short.write_text("abc")  # an IndexError inside torch's unpickler
+    torch.save(torch.zeros(3), tensor)  # a torch file, but no dict
     assert_one_line_error(run_inprocess([str(text), *FAST], capsys), str(text), "not a torch file")
     assert_one_line_error(run_inprocess([str(array), *FAST], capsys), str(array), "weights_only", "not written by")
-    assert sorted(tmp_path.iterdir()) == [text, array]
+    assert_one_line_error(run_inprocess([str(short), *FAST], capsys), str(short), "not a torch file")
+    assert_one_line_error(run_inprocess([str(tensor), *FAST], capsys), str(tensor), "holds no dict")
+    assert sorted(tmp_path.iterdir()) == sorted([text, array, short, tensor])
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_hyperparameters(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["arch_kwargs"]["width"] *= 2
+    edited = tmp_path / "edited.ckpt"
+    torch.save(ckpt, edited)
+    proc = run_inprocess([str(edited), *FAST, "--suites", "ood"], capsys)
+    assert_one_line_error(proc, "do not fit", "weight is of shape", "the model's is", "do not belong together")
+    assert sorted(tmp_path.iterdir()) == [edited]
 
 
 def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
