@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 
+def pct(value: float | None) -> str:
+    """A metric in %, or "-" for the null that results.json holds for a scorer with non-finite scores."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def main(pairs: list[str]) -> None:
     """Print one table row per ``label=eval_dir`` pair, then a per-set energy AUROC table."""
     docs = {
@@ -20,17 +25,14 @@ def main(pairs: list[str]) -> None:
     print("| method | ID acc | " + " | ".join(scorers) + " |")
     print("|---|---|" + "---|" * len(scorers))
     for label, doc in docs.items():
-        cells = [
-            f"{100 * doc['means']['ood'][s]['auroc']:.1f} / {100 * doc['means']['ood'][s]['fpr95']:.1f}"
-            for s in scorers
-        ]
+        cells = [f"{pct(doc['means']['ood'][s]['auroc'])} / {pct(doc['means']['ood'][s]['fpr95'])}" for s in scorers]
         print(f"| {label} | {100 * doc['id']['accuracy']:.1f} | " + " | ".join(cells) + " |")
     sets = list(next(iter(docs.values()))["sets"])
     print("\nEnergy-score AUROC (%) per set (`attacked/<set>`: the same OOD images after the energy attack):\n")
     print("| method | " + " | ".join(sets) + " |")
     print("|---|" + "---|" * len(sets))
     for label, doc in docs.items():
-        cells = [f"{100 * doc['sets'][s]['metrics']['energy']['auroc']:.1f}" if s in doc["sets"] else "-" for s in sets]
+        cells = [pct(doc["sets"][s]["metrics"]["energy"]["auroc"]) if s in doc["sets"] else "-" for s in sets]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

@@ -206,6 +206,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def _json_null(value: Any) -> Any:
+    """``value`` with NaN/inf floats as None: JSON has neither (strict parsers refuse the bare NaN Python writes)."""
+    if isinstance(value, dict):
+        return {k: _json_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_null(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a Lightning checkpoint safely (``weights_only=True``) and check it is one of ours."""
     try:
@@ -387,7 +396,7 @@ class ResultWriter:
     def write(self) -> None:
         """Rewrite results.json, results.csv and results.md."""
         doc = {**self.header, "sets": self.sets, "means": self.means(), "failed": self.failed}
-        (self.out / "results.json").write_text(json.dumps(doc, indent=2))
+        (self.out / "results.json").write_text(json.dumps(_json_null(doc), indent=2, allow_nan=False))
         columns = ["set", "group", "scorer", *OOD_METRICS]
         with open(self.out / "results.csv", "w", newline="") as f:
             csv.writer(f).writerows([columns, *self.rows()])
@@ -528,6 +537,11 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     if ood_scored and not opts.no_plots:
         for scorer in scorer_map:
             by_set = {n: s.scores[scorer] for n, s in ood_scored.items()}
+            if not all(np.isfinite(v).all() for v in (id_scored.scores[scorer], *by_set.values())):
+                print(
+                    f"warning: scorer '{scorer}' gave non-finite scores (NaN metrics): no plots of it", file=sys.stderr
+                )
+                continue
             plots.score_histograms(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"hist_{scorer}.png")
             plots.roc_curves(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"roc_{scorer}.png")
     if opts.explain and ood_scored:

@@ -163,6 +163,20 @@ def test_checkpoint_whose_weights_do_not_fit_its_hyperparameters(
     assert sorted(tmp_path.iterdir()) == [edited]
 
 
+def test_non_finite_scorer_gets_null_metrics_and_no_plots(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    args = [str(run_dir), "--max-samples", "16", "--suites", "ood", "--out", str(out)]
+    proc = run_inprocess([*args, "--scorers", "msp:temperature=1e-300,alias=broken", "energy"], capsys)  # NaN
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: scorer 'broken' gave non-finite scores" in proc.stderr
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["hist_energy.png", "roc_energy.png"]
+    strict = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert strict["sets"]["noise"]["metrics"]["broken"]["auroc"] is None
+    assert 0 <= strict["sets"]["noise"]["metrics"]["energy"]["auroc"] <= 1
+
+
 def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Every registered scorer by default; absent only for a model trained with method absent (DOS/NTOM baseline).
     absent_run = quick_run(tmp_path, "--model.method", "absent", "--model.sampler", "{name: dos}")
