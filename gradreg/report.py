@@ -111,6 +111,11 @@ def _number_or_fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number or a fraction such as 8/255") from None
 
 
+def epsilon_tag(eps: float) -> str:
+    """The budget's part of an adversarial set's name, in 8-bit levels: 8/255 -> ``eps8``."""
+    return f"eps{eps * 255:.3g}"
+
+
 def check_options(opts: argparse.Namespace) -> None:
     """Refuse option values that would fail only after the ID set was scored (or never fail, like ``--epsilons 8``)."""
     for name in opts.corruptions:
@@ -125,8 +130,28 @@ def check_options(opts: argparse.Namespace) -> None:
         if not 0 < eps <= 1:  # also catches nan
             hint = f"{eps:g}/255 = {eps / 255:.4f}" if eps > 1 else "8/255 = 0.0314"
             raise UserError(f"--epsilons {eps:g} is not in (0, 1]: budgets are in [0, 1] pixel units, e.g. {hint}")
+    seen: dict[str, float] = {}
+    for eps in opts.epsilons:  # the budget names the adversarial sets: two budgets of one name would overwrite
+        if seen.setdefault(epsilon_tag(eps), eps) != eps:
+            raise UserError(
+                f"--epsilons {seen[epsilon_tag(eps)]:g} and {eps:g} both name the sets fgsm_{epsilon_tag(eps)} and "
+                f"pgd_{epsilon_tag(eps)}; give budgets that differ by at least a thousandth of an 8-bit level"
+            )
+    opts.epsilons, opts.corruptions, opts.severities = (
+        list(dict.fromkeys(v))
+        for v in (opts.epsilons, opts.corruptions, opts.severities)  # a repeat runs once
+    )
     if opts.explain < 0:
         raise UserError(f"--explain {opts.explain} must be >= 0 (the number of worst OOD and ID images to explain)")
+    for option in ("explain_train", "explain_hessian"):
+        if getattr(opts, option) < 1:
+            flag = "--" + option.replace("_", "-")
+            raise UserError(f"{flag} {getattr(opts, option)} must be >= 1 (images used by --explain)")
+    if opts.explain_damping != "auto" and not 0 < opts.explain_damping < math.inf:
+        raise UserError(
+            f"--explain-damping {opts.explain_damping:g} must be > 0 (or 'auto'): the damped Hessian must be positive "
+            "definite"
+        )
     if opts.out:
         out = Path(opts.out)
         if out.exists() and not out.is_dir():
@@ -334,7 +359,7 @@ def anomaly_sets(
     mean, std = model.input_mean, model.input_std
     if "adversarial" in opts.suites:
         for eps in opts.epsilons:
-            tag = f"eps{eps * 255:.3g}"
+            tag = epsilon_tag(eps)
             yield f"fgsm_{tag}", "adversarial", id_test, lambda x, y, e=eps: anomalies.fgsm(model, x, y, e)
             gen = torch.Generator(device=device).manual_seed(0)  # PGD's random start: the same in every run
             pgd = lambda x, y, e=eps, g=gen: anomalies.pgd(model, x, y, e, steps=opts.pgd_steps, generator=g)  # noqa: E731

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradreg.cli import evaluate_main, train_main
-from gradreg.report import parse_args
+from gradreg.report import check_options, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # Keeps a regression quick: code that accepted these inputs ran the whole benchmark first.
@@ -59,6 +59,10 @@ def quick_run(tmp: Path, *extra: str) -> Path:
         (["--epsilons", "-0.01"], ["--epsilons -0.01", "pixel units"]),
         (["--epsilons", "8"], ["--epsilons 8 ", "8/255 = 0.0314"]),
         (["--explain", "-1"], ["--explain -1", ">= 0"]),
+        (["--explain", "1", "--explain-train", "0"], ["--explain-train 0 must be >= 1"]),
+        (["--explain-hessian", "0"], ["--explain-hessian 0 must be >= 1"]),
+        (["--explain-damping", "-1"], ["--explain-damping -1 must be > 0 (or 'auto')"]),
+        (["--epsilons", "0.03137", "8/255"], ["0.03137 and 0.0313725", "fgsm_eps8"]),
         (["--explain", "1", "--explain-scorer", "energie"], ["'energie'", "energy, exgrad, gaia_a"]),
         (["--explain", "1", "--explain-scorer", "odin"], ["'odin'", "not differentiable", "explained: energy, exgrad"]),
         (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
@@ -129,8 +133,13 @@ def test_config_without_weights_warns_once(run_dir: Path, tmp_path: Path, capsys
     assert json.loads((out / "results.json").read_text())["sets"].keys() == {"digits_heldout", "noise"}
 
 
-def test_epsilons_accept_fractions() -> None:
+def test_epsilons_accept_fractions_and_repeats_run_once() -> None:
     assert parse_args(["ckpt", "--epsilons", "8/255", "0.01"]).epsilons == [8 / 255, 0.01]
+    opts = parse_args(
+        ["ckpt", "--epsilons", "8/255", "8/255", "--corruptions", "jpeg", "jpeg", "--severities", "2", "2"]
+    )
+    check_options(opts)
+    assert (opts.epsilons, opts.corruptions, opts.severities) == ([8 / 255], ["jpeg"], [2])
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["ckpt", "--epsilons", "8/x"])
     assert exit_info.value.code == 2
