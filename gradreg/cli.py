@@ -63,6 +63,10 @@ def next_run_dir(root: Path, name: str) -> Path:
         raise UserError(
             f"cannot create the folder '{root}': a file is in the way; pass a folder (run.root or --out)"
         ) from None
+    if not os.access(root, os.W_OK | os.X_OK):  # e.g. a shared, read-only folder of checkpoints
+        raise UserError(
+            f"cannot write in '{root}' (permission denied); pass a folder you can write to (run.root or --out)"
+        )
     taken = [
         int(p.name.rsplit("-", 1)[1])
         for p in root.glob(f"{name}-[0-9][0-9][0-9]*")

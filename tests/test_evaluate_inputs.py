@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -143,6 +145,19 @@ def test_epsilons_accept_fractions_and_repeats_run_once() -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["ckpt", "--epsilons", "8/x"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes in read-only folders")
+def test_read_only_checkpoint_folder(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shutil.copy(run_dir / "last.ckpt", shared / "last.ckpt")
+    shared.chmod(0o555)
+    try:
+        proc = run_inprocess([str(shared / "last.ckpt"), *FAST, "--suites", "ood"], capsys)
+    finally:
+        shared.chmod(0o755)
+    assert_one_line_error(proc, f"cannot write in '{shared}'", "--out")
 
 
 def test_files_that_are_not_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
