@@ -9,6 +9,7 @@ Metrics are computed once over the raw scores of a whole set (``gradreg.metrics`
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +32,12 @@ def scorer_key(spec: ScorerSpec) -> str:
     """Display name of a scorer spec: its ``alias`` if given, else its registry name."""
     if isinstance(spec, str):
         return spec
-    key = spec.get("alias", spec.get("name"))
-    if not isinstance(key, str) or not key:
-        raise SettingError(f"a scorer's alias must be a non-empty name, got {key!r} in {dict(spec)}")
+    part = "alias" if "alias" in spec else "name"
+    key = spec.get(part)
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", key):  # it names files and keys
+        raise SettingError(
+            f"a scorer's {part} must be a name of letters, digits, '_', '-' and '.', got {key!r} in {dict(spec)}"
+        )
     return key
 
 

@@ -302,6 +302,10 @@ def test_bad_checkpoints(trained: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert_one_line_error(proc, "scorer 'odin'", "temperature='abc' is not a number")
     proc = run_inprocess(evaluate_main, [str(good), "--scorers", "odin", "odin:temperature=10"], capsys)
     assert_one_line_error(proc, "two scorers are named 'odin'", "alias")
+    proc = run_inprocess(evaluate_main, [str(good), "--scorers", "msp:alias=../../escaped"], capsys)  # names files
+    assert_one_line_error(proc, "scorer's alias must be a name of letters", "'../../escaped'")
+    proc = run_inprocess(evaluate_main, [str(good), "--scorers", ":temperature=1"], capsys)
+    assert_one_line_error(proc, "scorer's name must be")
     assert sorted(good.parent.iterdir()) == before
 
 
