@@ -243,6 +243,11 @@ def fit(cli: GradRegCLI) -> int:
                 f"run.monitor '{cli.config.run.monitor}' is not logged by this run (stopped at its first checkpoint, "
                 f"nothing saved); its train/* keys there: {', '.join(logged)}"
             ) from None
+        if type(err).__module__.startswith("wandb.errors"):  # no network, a wrong key, ...: after wandb's own retries
+            raise UserError(
+                f"wandb could not start the run ({_one_line(err)}); check the network and the login, or set "
+                f"WANDB_MODE=offline to log to disk and `wandb sync` later (wandb's logs: {cli.run_dir / 'wandb'})"
+            ) from None
         if isinstance(err, MisconfigurationException):  # e.g. run.resume past trainer.max_epochs: Lightning says which
             raise UserError(_one_line(err)) from None
         raise

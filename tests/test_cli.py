@@ -111,6 +111,22 @@ def test_train_writes_run_directory(trained: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_wandb_without_its_server_is_one_line(tmp_path: Path) -> None:
+    # A login but no network: wandb retries until its init timeout, then the run stops in one line (was a traceback).
+    key = "0123456789" * 4
+    env = {
+        "WANDB_API_KEY": key,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_INIT_TIMEOUT": "3",
+        "WANDB_MODE": "online",
+    }
+    proc = train(tmp_path, "--trainer.max_epochs", "1", env=env)
+    assert_one_line_error(proc, "wandb could not start the run", "WANDB_MODE=offline")
+    assert not list(tmp_path.glob("runs/*/*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_rerun_never_overwrites(trained: Path) -> None:
     first = trained / "runs" / "quickstart-001" / "last.ckpt"
     before = first.read_bytes()
