@@ -164,7 +164,7 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             save_config_callback=None,  # the resolved config is written to the run dir by before_instantiate_classes
             trainer_defaults={"logger": DEFAULT_LOGGERS, "inference_mode": False},
             seed_everything_default=0,
-            parser_kwargs={"exit_on_error": False},
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},  # --trainer.max_epoch is a typo
         )
     except BaseException as err:
         discard_unused_run_dir(rank_zero)
@@ -198,6 +198,9 @@ def _one_line(err: BaseException) -> str:
     if registry is not None:  # an unknown scorer, sampler, dataset or setting, a bad value: its message names the fix
         return str(registry)
     lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")] or [type(err).__name__]
+    if lines[0].startswith("Problems parsing config"):  # YAML syntax: where, from the parser's own error below it
+        where = re.search(r"line \d+, column \d+", str(err.__cause__ or err.__context__ or ""))
+        return f"{lines[0]} (at {where.group()})" if where else lines[0]
     if not lines[0].startswith("Parser key") or len(lines) == 1:
         return lines[0]
     if "Union subtypes" not in lines[1]:  # 'Parser key "model.method":' + 'Expected ...'

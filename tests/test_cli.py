@@ -211,10 +211,17 @@ def test_evaluate_refuses_to_overwrite(trained: Path) -> None:
     assert (out / "results.json").read_text() == "{}"
 
 
-def test_unknown_config_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    proc = train_inprocess(tmp_path, capsys, "--model.lrr", "0.1")
-    assert_one_line_error(proc, "lrr")
+@pytest.mark.parametrize("option", ["--model.lrr", "--trainer.max_epoch"])  # a prefix of max_epochs is a typo too
+def test_unknown_config_key(option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = train_inprocess(tmp_path, capsys, option, "1")
+    assert_one_line_error(proc, option)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_yaml_syntax_error_says_where(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  lr: [1, 2\n")
+    assert_one_line_error(train_inprocess(tmp_path, capsys, "--config", str(config)), "(at line 2, column 7)")
 
 
 @pytest.mark.parametrize("name", ["a/b", "../escape", ".."])
