@@ -15,6 +15,7 @@ from typing import Literal
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from gradreg.callbacks import METRICS, OODEvalCallback
@@ -39,6 +40,18 @@ DEFAULT_LOGGERS = [
     },
     {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
 ]
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every epoch.
+
+    Since lightning 2.6 ``save_last`` writes ``last.ckpt`` only when the same callback has just saved a top-k
+    checkpoint, so it would stay at ``best.ckpt``'s epoch. A class of its own also gives it a state key that no
+    ``ModelCheckpoint`` of the user's (a periodic snapshot: ``monitor`` None too) can share.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1)
 
 
 class GradRegCLI(LightningCLI):
@@ -100,12 +113,16 @@ class GradRegCLI(LightningCLI):
         name = config.run.monitor.rsplit("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
         best = {"filename": "best", "monitor": config.run.monitor}
         best["mode"] = config.run.mode or ("min" if name in LOWER_IS_BETTER else "max")
-        # best.ckpt on the epochs that log run.monitor; last.ckpt after every epoch, from a callback of its own:
-        # since lightning 2.6 `save_last` writes last.ckpt only when the same callback saved a top-k checkpoint.
-        checkpoints = [{**best, "every_n_epochs": best_every_n_epochs}, {"filename": "last", "monitor": None}]
+        for callback in config.trainer.callbacks or []:  # the user's own: in the run directory too, unless placed
+            if callback.class_path == CHECKPOINT and not callback.init_args.get("dirpath"):
+                callback.init_args.dirpath = str(run_dir)
+        best_ckpt = Namespace(
+            dirpath=str(run_dir), every_n_epochs=best_every_n_epochs, **best
+        )  # when run.monitor is logged
         config.trainer.callbacks = [
             *(config.trainer.callbacks or []),
-            *(Namespace(class_path=CHECKPOINT, init_args=Namespace(dirpath=str(run_dir), **c)) for c in checkpoints),
+            Namespace(class_path=CHECKPOINT, init_args=best_ckpt),
+            Namespace(class_path=f"{__name__}.LastCheckpoint", init_args=Namespace(dirpath=str(run_dir))),
         ]
 
 
@@ -172,8 +189,8 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             raise UserError(_one_line(err)) from None
         if isinstance(err, RuntimeError) and "more than one stateful callback" in str(err):
             raise UserError(
-                "trainer.callbacks holds a ModelCheckpoint with the settings of train.py's own best.ckpt/last.ckpt "
-                "callback (a config.yaml written before train.py stopped storing it?); remove that one"
+                "trainer.callbacks holds a ModelCheckpoint with the settings of train.py's own best.ckpt callback (a "
+                "config.yaml written before train.py stopped storing it?); remove that one"
             ) from None
         raise
 

@@ -390,13 +390,13 @@ def test_ood_monitor_with_the_default_sets(tmp_path: Path) -> None:
 def test_train_monitor_without_validation_and_an_extra_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    snapshots = tmp_path / "snapshots"
-    extra = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(snapshots)]
+    extra = ["--trainer.callbacks+=ModelCheckpoint"]  # without a dirpath: in the run directory, next to best.ckpt
     extra += ["--trainer.callbacks.filename", "{epoch}", "--trainer.callbacks.save_top_k", "-1"]
     no_val = ["--trainer.limit_val_batches", "0", "--run.monitor", "train/loss_epoch"]
     proc = train_inprocess(tmp_path, capsys, *no_val, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in snapshots.iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt"]
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "quickstart-001").glob("*.ckpt"))
+    assert checkpoints == ["best.ckpt", "epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
     best = torch.load(tmp_path / "runs" / "quickstart-001" / "best.ckpt", map_location="cpu", weights_only=True)
     (key,) = [k for k in best["callbacks"] if "train/loss_epoch" in k]
     assert "'mode': 'min'" in key
