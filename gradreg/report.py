@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from lightning.pytorch import seed_everything
 from torch import Tensor
 from torch.utils.data import Subset
 
@@ -40,7 +41,7 @@ from gradreg.cli import UserError, configure_wandb_env, next_run_dir, require_fi
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
-from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, set_metrics
+from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, scorer_key, set_metrics
 from gradreg.metrics import OOD_METRICS, accuracy
 from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
 from gradreg.registry import RegistryError
@@ -221,6 +222,8 @@ def _yaml_value(text: str) -> Any:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory's ``best.ckpt`` (else ``last.ckpt``)."""
     path = Path(path)
+    if path.is_symlink() and path.is_dir():  # runs/latest: name the run itself in results.json and in wandb
+        path = path.parent / path.readlink()
     if path.is_dir():
         for name in ("best.ckpt", "last.ckpt"):
             if (path / name).is_file():
@@ -315,6 +318,8 @@ def from_config(path: Path, data_overrides: dict[str, Any]) -> tuple[GradRegModu
             f"to evaluate a trained run, pass its run directory (evaluate.py {run_dir})",
             file=sys.stderr,
         )
+    seed = config.get("seed_everything")
+    seed_everything(seed if type(seed) is int else 0, verbose=False)  # random initial weights: the same every run
     module = GradRegModule(**model_args, input_mean=dm.input_mean, input_std=dm.input_std)
     return module, dm
 
@@ -527,6 +532,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     save_scores(out / "scores" / "id.npz", id_scored, id_test)
     header = {
         "checkpoint": str(ckpt_path),
+        "options": {**vars(opts), "scorers": {scorer_key(s): s for s in specs if scorer_key(s) in scorer_map}},
         "scorers": list(scorer_map),
         "id": {
             "dataset": dataset_name(dm.id_dataset),

@@ -140,13 +140,16 @@ def test_rerun_never_overwrites(trained: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_evaluate_writes_consistent_results(trained: Path) -> None:
-    out = trained / "eval"
+    out, latest = trained / "eval", trained / "runs" / "latest"
     proc = run(
-        "evaluate.py", str(trained / "runs" / "quickstart-001"), "--out", str(out),
+        "evaluate.py", str(latest), "--out", str(out),
         "--corruptions", "jpeg", "--severities", "5", "--epsilons", str(8 / 255), cwd=trained,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
+    assert results["checkpoint"] == str(latest.parent / latest.readlink() / "best.ckpt")  # the run, not "latest"
+    assert results["options"]["epsilons"] == [8 / 255]
+    assert list(results["options"]["scorers"]) == results["scorers"]
     assert 0.0 <= results["id"]["accuracy"] <= 1.0
     sets = results["sets"]
     assert {"digits_heldout", "noise", "fgsm_eps8", "pgd_eps8", "jpeg_s5", "attacked/noise"} <= set(sets)

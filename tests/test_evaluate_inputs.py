@@ -135,6 +135,22 @@ def test_config_without_weights_warns_once(run_dir: Path, tmp_path: Path, capsys
     assert json.loads((out / "results.json").read_text())["sets"].keys() == {"digits_heldout", "noise"}
 
 
+def test_config_without_weights_scores_the_same_model_every_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    scores = []
+    for out in ("a", "b"):
+        torch.manual_seed(len(out) + len(scores))  # whatever state the global generator is in
+        proc = run_inprocess([config, *FAST, "--suites", "ood", "--scorers", "energy", "--out", out], capsys)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        scores.append(np.load(tmp_path / out / "scores" / "id.npz", allow_pickle=False)["score_energy"])
+    np.testing.assert_array_equal(*scores)
+
+
 def test_epsilons_accept_fractions_and_repeats_run_once() -> None:
     assert parse_args(["ckpt", "--epsilons", "8/255", "0.01"]).epsilons == [8 / 255, 0.01]
     opts = parse_args(
