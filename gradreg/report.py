@@ -168,6 +168,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--data '{item}' is not KEY=VALUE; e.g. --data eval_batch_size=128")
+        valid = list(inspect.signature(OODDataModule).parameters)
+        if key not in valid:
+            raise UserError(f"--data {key}: unknown data setting; valid: {', '.join(valid)}")
         overrides[key] = yaml.safe_load(value)
     return overrides
 

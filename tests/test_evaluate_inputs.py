@@ -70,6 +70,7 @@ def quick_run(tmp: Path, *extra: str) -> Path:
         (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
         (["--device", "cuda:99"], ["--device 'cuda:99'", "--device cpu"]),
         (["--data", "eval_batch_size"], ["--data 'eval_batch_size' is not KEY=VALUE"]),
+        (["--data", "eval_batch_sise=8"], ["--data eval_batch_sise: unknown data setting", "eval_batch_size"]),
         (
             ["--scorers", "energy", "absent"],
             ["scorer 'absent' does not apply", "method=absent", "drop it from --scorers"],
