@@ -118,7 +118,8 @@ def test_channels_last_trains_like_contiguous(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-9, atol=0)
 
 
-def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("num_workers", [0, 1])  # a worker reads the first indices before Lightning's set_epoch
+def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(num_workers: int, tmp_path: Path) -> None:
     class Recorder(Callback):
         def __init__(self) -> None:
             self.labels: dict[int, list[list[int]]] = {}
@@ -128,6 +129,7 @@ def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(tmp_path: Pat
 
     def fit(epochs: int, ckpt_path: Path | None = None) -> Recorder:
         model, dm = make("energy")  # seeds everything, as train.py does before a resumed run too
+        dm.num_workers = num_workers
         recorder = Recorder()
         trainer = Trainer(
             max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

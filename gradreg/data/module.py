@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from gradreg.data.datasets import (
     DEFAULT_OOD_SETS,
@@ -41,25 +40,20 @@ BOUNDS: Bounds = {
 }  # fmt: skip
 
 
-class EpochShuffle(RandomSampler):
-    """A new order each epoch that is a pure function of ``(seed_everything's seed, data seed, epoch)``.
+class EpochShuffle(DistributedSampler):
+    """The ID training order: a new permutation each epoch, a pure function of the seeds, the epoch and the rank.
 
     ``RandomSampler`` draws its order from the global generator, which a resumed run seeds afresh, so the first
-    epoch after a resume would replay epoch 0's order. Lightning calls :meth:`set_epoch` before each epoch (with the
-    restored count on resume). Under DDP Lightning replaces any ``RandomSampler`` with its ``DistributedSampler``,
-    whose order also follows the epoch. (Augmentations still draw from the process's generator.)
+    epoch after a resume would replay epoch 0's order. This sampler starts at the epoch the run is about to train:
+    with worker processes the loader reads the first indices as soon as its iterator exists, before Lightning's
+    ``set_epoch`` of that epoch (which moves it on later epochs). It shards by rank itself (a ``DistributedSampler``,
+    which Lightning leaves in place under DDP); on one device it is a plain permutation.
+    (Augmentations still draw from the process's generator.)
     """
 
-    def __init__(self, data_source: Dataset, seed: int) -> None:
-        super().__init__(data_source)  # type: ignore[arg-type]
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # noqa: D102
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([int(os.environ.get("PL_GLOBAL_SEED", 0)), self.seed, self.epoch])
-        return iter(rng.permutation(self.num_samples).tolist())
 
 
 class OODDataModule(LightningDataModule):
@@ -81,7 +75,7 @@ class OODDataModule(LightningDataModule):
         mean: override of the ID spec's normalization mean.
         std: override of the ID spec's normalization std.
         val_fraction: share of the ID training set held out for validation when the dataset has no val split.
-        seed: seed of the validation split and of the outlier stream.
+        seed: seed of the validation split, of the ID training order (with seed_everything's) and of the outlier stream.
         candidates_per_epoch: outlier candidates drawn per epoch (GReg's ``size_candidate_ood``); ``None`` = the
             whole pool.
     """
@@ -194,11 +188,10 @@ class OODDataModule(LightningDataModule):
         return {dataset_name(s): Transformed(self._build(s, split), eval_tf) for s in specs}
 
     # ----------------------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None, **kw: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int | None = None, **kw: Any) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size or self.eval_batch_size,
-            sampler=EpochShuffle(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             **kw,
@@ -210,12 +203,21 @@ class OODDataModule(LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader | DataLoader:  # noqa: D102
         self.setup("fit")
-        id_loader = self._loader(self.id_dataset_for("train"), shuffle=True, batch_size=self.batch_size, drop_last=True)
+        trainer, dataset = self.trainer, self.id_dataset_for("train")
+        sampler = EpochShuffle(
+            dataset,
+            seed=int(
+                np.random.SeedSequence([int(os.environ.get("PL_GLOBAL_SEED", 0)), self.seed]).generate_state(1)[0]
+            ),
+            epoch=trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0,  # restored on resume
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        id_loader = self._loader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True)
         if self.outlier_stream is None:
             return id_loader
-        # The ID loader sets the epoch length (GReg: iterations = #ID batches); under DDP Lightning shards it.
-        world = self.trainer.world_size if self.trainer is not None else 1
-        outliers = self.outlier_stream.dataloader(self.num_workers, max_batches=max(1, len(id_loader) // world))
+        # The ID loader (this rank's share) sets the epoch length (GReg: iterations = #ID batches).
+        outliers = self.outlier_stream.dataloader(self.num_workers, max_batches=max(1, len(id_loader)))
         return CombinedLoader({"id": id_loader, "outliers": outliers}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:  # noqa: D102
