@@ -51,8 +51,11 @@ def configure_wandb_env() -> None:
         os.environ["WANDB_MODE"] = "offline"
 
 
-def next_run_dir(root: Path, name: str) -> Path:
-    """Create and return ``root/name-NNN`` with the first free number (atomic ``mkdir``, so never reused)."""
+def next_run_dir(root: Path, name: str, option: str) -> Path:
+    """Create and return ``root/name-NNN`` with the first free number (atomic ``mkdir``, so never reused).
+
+    ``option`` is the setting that chooses ``root`` (``run.root``, ``--out``), named in the error lines.
+    """
     if not name or Path(name).name != name or name in (".", ".."):
         raise UserError(
             f"run name '{name}' must be a plain folder name, without '/'; set run.root for the parent folder"
@@ -60,13 +63,13 @@ def next_run_dir(root: Path, name: str) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot create the folder '{root}': a file is in the way; pass a folder ({option})") from None
+    except PermissionError:
         raise UserError(
-            f"cannot create the folder '{root}': a file is in the way; pass a folder (run.root or --out)"
+            f"cannot create the folder '{root}' (permission denied); choose another with {option}"
         ) from None
     if not os.access(root, os.W_OK | os.X_OK):  # e.g. a shared, read-only folder of checkpoints
-        raise UserError(
-            f"cannot write in '{root}' (permission denied); pass a folder you can write to (run.root or --out)"
-        )
+        raise UserError(f"cannot write in '{root}' (permission denied); pass a folder you can write to with {option}")
     taken = [
         int(p.name.rsplit("-", 1)[1])
         for p in root.glob(f"{name}-[0-9][0-9][0-9]*")

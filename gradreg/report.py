@@ -515,7 +515,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
         check_explainable(module, scorer_map, opts.explain_scorer, id_test[0][0][None].to(device))
 
     default_out = (Path("runs"), f"{ckpt_path.stem}-eval") if post_hoc else (ckpt_path.parent, "eval")
-    out = Path(opts.out) if opts.out else next_run_dir(*default_out)
+    out = Path(opts.out) if opts.out else next_run_dir(*default_out, option="--out")
     if opts.out:  # check_options made sure it is a new or empty folder
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,8 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str) -> None:
-        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1)
+        # at every training epoch's end: on validation's end only, it would skip the epochs without validation
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, save_on_train_epoch_end=True)
 
 
 class GradRegCLI(LightningCLI):
@@ -86,7 +87,7 @@ class GradRegCLI(LightningCLI):
         # Read now: Lightning's launcher removes WORLD_SIZE again when training ends (LightningEnvironment.teardown).
         self.rank_zero = is_rank_zero()
         if self.rank_zero:
-            run_dir = next_run_dir(Path(config.run.root), config.run.name)
+            run_dir = next_run_dir(Path(config.run.root), config.run.name, option="run.root")
             os.environ[RUN_DIR_ENV] = str(run_dir)  # Lightning's DDP launcher re-executes this script: ranks inherit it
         elif RUN_DIR_ENV in os.environ:
             run_dir = Path(os.environ[RUN_DIR_ENV])
@@ -113,9 +114,9 @@ class GradRegCLI(LightningCLI):
         name = config.run.monitor.rsplit("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
         best = {"filename": "best", "monitor": config.run.monitor}
         best["mode"] = config.run.mode or ("min" if name in LOWER_IS_BETTER else "max")
-        for callback in config.trainer.callbacks or []:  # the user's own: in the run directory too, unless placed
+        for callback in config.trainer.callbacks or []:  # the user's own: in the run, apart from best.ckpt/last.ckpt
             if callback.class_path == CHECKPOINT and not callback.init_args.get("dirpath"):
-                callback.init_args.dirpath = str(run_dir)
+                callback.init_args.dirpath = str(run_dir / "checkpoints")
         best_ckpt = Namespace(
             dirpath=str(run_dir), every_n_epochs=best_every_n_epochs, **best
         )  # when run.monitor is logged

@@ -393,16 +393,25 @@ def test_ood_monitor_with_the_default_sets(tmp_path: Path) -> None:
 def test_train_monitor_without_validation_and_an_extra_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    extra = ["--trainer.callbacks+=ModelCheckpoint"]  # without a dirpath: in the run directory, next to best.ckpt
+    extra = ["--trainer.callbacks+=ModelCheckpoint"]  # without a dirpath: in the run's checkpoints/, with its last
     extra += ["--trainer.callbacks.filename", "{epoch}", "--trainer.callbacks.save_top_k", "-1"]
+    extra += ["--trainer.callbacks.save_last", "true"]
     no_val = ["--trainer.limit_val_batches", "0", "--run.monitor", "train/loss_epoch"]
     proc = train_inprocess(tmp_path, capsys, *no_val, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "quickstart-001").glob("*.ckpt"))
-    assert checkpoints == ["best.ckpt", "epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    assert sorted(p.name for p in run_dir.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
     best = torch.load(tmp_path / "runs" / "quickstart-001" / "best.ckpt", map_location="cpu", weights_only=True)
     (key,) = [k for k in best["callbacks"] if "train/loss_epoch" in k]
     assert "'mode': 'min'" in key
+
+
+def test_last_checkpoint_follows_epochs_without_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = train_inprocess(tmp_path, capsys, "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = torch.load(tmp_path / "runs" / "quickstart-001" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 9)  # epoch 2 has no validation
 
 
 @pytest.mark.parametrize("validation", [True, False])

@@ -172,9 +172,17 @@ def test_read_only_checkpoint_folder(run_dir: Path, tmp_path: Path, capsys: pyte
     shared.chmod(0o555)
     try:
         proc = run_inprocess([str(shared / "last.ckpt"), *FAST, "--suites", "ood"], capsys)
+        out = shared / "new" / "eval"  # a folder to create under the read-only one
+        post_hoc = run_inprocess([str(ROOT / "configs" / "quickstart.yaml"), *FAST, "--out", str(out)], capsys)
+        with pytest.raises(SystemExit) as train_exit:
+            train_main(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(shared / "runs")])
+        train_err = capsys.readouterr().err
     finally:
         shared.chmod(0o755)
-    assert_one_line_error(proc, f"cannot write in '{shared}'", "--out")
+    assert_one_line_error(proc, f"cannot write in '{shared}'", "with --out")
+    assert_one_line_error(post_hoc, f"cannot create --out '{out}'", "choose another folder")
+    trained = subprocess.CompletedProcess([], train_exit.value.code, "", train_err)
+    assert_one_line_error(trained, f"cannot create the folder '{shared / 'runs'}'", "choose another with run.root")
 
 
 def test_files_that_are_not_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,7 +36,7 @@ from gradreg.registry import Bounds, SettingError, check_settings
 DatasetSpec = str | dict[str, Any]
 BOUNDS: Bounds = {
     "batch_size": (">=", 1), "outlier_batch_size": (">=", 1), "eval_batch_size": (">=", 1), "num_workers": (">=", 0),
-    "image_size": (">=", 1), "val_fraction": (">=", 0.0), "candidates_per_epoch": (">=", 1),
+    "image_size": (">=", 1), "val_fraction": (">=", 0.0), "candidates_per_epoch": (">=", 1), "seed": (">=", 0),
 }  # fmt: skip
 
 
