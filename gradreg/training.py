@@ -11,8 +11,9 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -32,6 +33,7 @@ MISSING_MONITOR = "could not find the monitored key"  # Lightning's ModelCheckpo
 # run.monitor names where lower is better (the last part of the key, without Lightning's _step/_epoch suffix)
 LOWER_IS_BETTER = {"loss", "ce", "oe", "absent", "energy", "reg", "fpr95", "fpr95_oodpos"}
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
+E = TypeVar("E", bound=BaseException)
 OOD_CALLBACK = f"{OODEvalCallback.__module__}.{OODEvalCallback.__name__}"
 DEFAULT_LOGGERS = [
     {
@@ -196,15 +198,15 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
         raise
 
 
-def _registry_error(err: BaseException) -> RegistryError | None:
-    """The outermost :class:`RegistryError` behind ``err`` (jsonargparse wraps what a constructor raises)."""
+def _behind(err: BaseException, kind: type[E]) -> E | None:
+    """The outermost exception of type ``kind`` behind ``err`` (jsonargparse wraps what constructors and YAML raise)."""
     queue, seen = [err], set()
     while queue:
         e = queue.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, RegistryError):
+        if isinstance(e, kind):
             return e
         queue += [e.__cause__, e.__context__]
     return None
@@ -212,13 +214,14 @@ def _registry_error(err: BaseException) -> RegistryError | None:
 
 def _one_line(err: BaseException) -> str:
     """Condense a (possibly nested, multi-line) jsonargparse error into its most specific line."""
-    registry = _registry_error(err)
+    registry = _behind(err, RegistryError)
     if registry is not None:  # an unknown scorer, sampler, dataset or setting, a bad value: its message names the fix
         return str(registry)
+    syntax = _behind(err, yaml.MarkedYAMLError)
+    if syntax is not None and syntax.problem_mark is not None:
+        mark = syntax.problem_mark
+        return f"a config is not valid YAML: {syntax.problem} at line {mark.line + 1}, column {mark.column + 1}"
     lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")] or [type(err).__name__]
-    if lines[0].startswith("Problems parsing config"):  # YAML syntax: where, from the parser's own error below it
-        where = re.search(r"line \d+, column \d+", str(err.__cause__ or err.__context__ or ""))
-        return f"{lines[0]} (at {where.group()})" if where else lines[0]
     if not lines[0].startswith("Parser key") or len(lines) == 1:
         return lines[0]
     if "Union subtypes" not in lines[1]:  # 'Parser key "model.method":' + 'Expected ...'

@@ -221,10 +221,19 @@ def test_unknown_config_key(option: str, tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_yaml_syntax_error_says_where(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("model:\n  lr: [1, 2\n", "did not find expected ',' or ']' at line 3, column 1"),
+        ("model:\n  lr: 0.1\ndata:\n  batch_size: 8\n seed: 3\n", "did not find expected key at line 5, column 2"),
+    ],
+)
+def test_yaml_syntax_error_says_what_and_where(
+    text: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text("model:\n  lr: [1, 2\n")
-    assert_one_line_error(train_inprocess(tmp_path, capsys, "--config", str(config)), "(at line 2, column 7)")
+    config.write_text(text)
+    assert_one_line_error(train_inprocess(tmp_path, capsys, "--config", str(config)), "not valid YAML: " + problem)
 
 
 @pytest.mark.parametrize("name", ["a/b", "../escape", ".."])
