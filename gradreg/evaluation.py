@@ -36,7 +36,8 @@ def scorer_key(spec: ScorerSpec) -> str:
     key = spec.get(part)
     if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", key):  # it names files and keys
         raise SettingError(
-            f"a scorer's {part} must be a name of letters, digits, '_', '-' and '.', got {key!r} in {dict(spec)}"
+            f"a scorer's {part} must be a letter or digit followed by letters, digits, '_', '-' or '.', got {key!r} "
+            f"in {dict(spec)}"
         )
     return key
 

@@ -136,7 +136,7 @@ def check_options(opts: argparse.Namespace) -> None:
         if seen.setdefault(epsilon_tag(eps), eps) != eps:
             raise UserError(
                 f"--epsilons {seen[epsilon_tag(eps)]:g} and {eps:g} both name the sets fgsm_{epsilon_tag(eps)} and "
-                f"pgd_{epsilon_tag(eps)}; give budgets that differ by at least a thousandth of an 8-bit level"
+                f"pgd_{epsilon_tag(eps)}; give budgets whose 8-bit levels differ in their first three digits"
             )
     opts.epsilons, opts.corruptions, opts.severities = (
         list(dict.fromkeys(v))
@@ -163,12 +163,11 @@ def check_options(opts: argparse.Namespace) -> None:
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``--data KEY=VALUE ...`` as a dict (values read as YAML)."""
-    overrides = {}
+    overrides, valid = {}, list(inspect.signature(OODDataModule).parameters)
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--data '{item}' is not KEY=VALUE; e.g. --data eval_batch_size=128")
-        valid = list(inspect.signature(OODDataModule).parameters)
         if key not in valid:
             raise UserError(f"--data {key}: unknown data setting; valid: {', '.join(valid)}")
         overrides[key] = yaml.safe_load(value)
@@ -225,8 +224,10 @@ def _yaml_value(text: str) -> Any:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory's ``best.ckpt`` (else ``last.ckpt``)."""
     path = Path(path)
-    if path.is_symlink() and path.is_dir():  # runs/latest: name the run itself in results.json and in wandb
+    if path.is_dir() and path.is_symlink():  # runs/latest: name the run itself in results.json and in wandb
         path = path.parent / path.readlink()
+    elif path.parent.is_symlink():  # runs/latest/best.ckpt
+        path = path.parent.parent / path.parent.readlink() / path.name
     if path.is_dir():
         for name in ("best.ckpt", "last.ckpt"):
             if (path / name).is_file():

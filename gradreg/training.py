@@ -192,8 +192,9 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             raise UserError(_one_line(err)) from None
         if isinstance(err, RuntimeError) and "more than one stateful callback" in str(err):
             raise UserError(
-                "trainer.callbacks holds a ModelCheckpoint with the settings of train.py's own best.ckpt callback (a "
-                "config.yaml written before train.py stopped storing it?); remove that one"
+                "trainer.callbacks holds a ModelCheckpoint with the monitor, mode and every_n_epochs of train.py's "
+                "own best.ckpt callback (run.monitor, run.mode): change one of them, or remove it (a config.yaml of an "
+                "older version stored train.py's own)"
             ) from None
         raise
 
@@ -269,7 +270,7 @@ def fit(cli: GradRegCLI) -> int:
             ) from None
         if type(err).__module__.startswith("wandb.errors"):  # no network, a wrong key, ...: after wandb's own retries
             raise UserError(
-                f"wandb could not start the run ({_one_line(err)}); check the network and the login, or set "
+                f"wandb failed ({_one_line(err)}); check the network and the login, or set "
                 f"WANDB_MODE=offline to log to disk and `wandb sync` later (wandb's logs: {cli.run_dir / 'wandb'})"
             ) from None
         if isinstance(err, MisconfigurationException):  # e.g. run.resume past trainer.max_epochs: Lightning says which

@@ -121,7 +121,7 @@ def test_wandb_without_its_server_is_one_line(tmp_path: Path) -> None:
         "WANDB_MODE": "online",
     }
     proc = train(tmp_path, "--trainer.max_epochs", "1", env=env)
-    assert_one_line_error(proc, "wandb could not start the run", "WANDB_MODE=offline")
+    assert_one_line_error(proc, "wandb failed", "WANDB_MODE=offline")
     assert not list(tmp_path.glob("runs/*/*.ckpt"))
 
 
@@ -339,7 +339,7 @@ def test_bad_checkpoints(trained: Path, tmp_path: Path, capsys: pytest.CaptureFi
     proc = run_inprocess(evaluate_main, [str(good), "--scorers", "odin", "odin:temperature=10"], capsys)
     assert_one_line_error(proc, "two scorers are named 'odin'", "alias")
     proc = run_inprocess(evaluate_main, [str(good), "--scorers", "msp:alias=../../escaped"], capsys)  # names files
-    assert_one_line_error(proc, "scorer's alias must be a name of letters", "'../../escaped'")
+    assert_one_line_error(proc, "scorer's alias must be a letter or digit followed by", "'../../escaped'")
     proc = run_inprocess(evaluate_main, [str(good), "--scorers", ":temperature=1"], capsys)
     assert_one_line_error(proc, "scorer's name must be")
     assert sorted(good.parent.iterdir()) == before
@@ -388,7 +388,7 @@ def test_bad_monitor_stops_before_training(tmp_path: Path, capsys: pytest.Captur
     # One with the settings of train.py's own (e.g. in a config.yaml of an older version) collides with it.
     twin = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "val/acc"]
     proc = train_inprocess(tmp_path, capsys, *twin, "--trainer.callbacks.mode", "max")
-    assert_one_line_error(proc, "holds a ModelCheckpoint with the settings of train.py's own")
+    assert_one_line_error(proc, "holds a ModelCheckpoint with the monitor, mode and every_n_epochs of train.py's own")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 

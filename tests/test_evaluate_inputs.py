@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradreg.cli import evaluate_main, train_main
-from gradreg.report import check_options, parse_args
+from gradreg.cli import evaluate_main, point_latest, train_main
+from gradreg.report import check_options, parse_args, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Keeps a regression quick: code that accepted these inputs ran the whole benchmark first.
@@ -150,6 +150,15 @@ def test_config_without_weights_scores_the_same_model_every_run(
         assert proc.returncode == 0, proc.stderr[-2000:]
         scores.append(np.load(tmp_path / out / "scores" / "id.npz", allow_pickle=False)["score_energy"])
     np.testing.assert_array_equal(*scores)
+
+
+def test_latest_link_resolves_to_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "quickstart-003"
+    run.mkdir()
+    (run / "best.ckpt").write_bytes(b"")
+    point_latest(run)
+    expected = tmp_path / "quickstart-003" / "best.ckpt"
+    assert resolve_checkpoint(tmp_path / "latest") == resolve_checkpoint(tmp_path / "latest" / "best.ckpt") == expected
 
 
 def test_epsilons_accept_fractions_and_repeats_run_once() -> None:
