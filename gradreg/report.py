@@ -86,7 +86,7 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--explain-hessian", type=int, default=512, help="training images (and outliers) in the Hessian")
     p.add_argument(
         "--explain-damping",
-        type=lambda v: v if v == "auto" else float(v),
+        type=_damping,
         default="auto",
         help="damping of the training Hessian, or 'auto' (its largest-magnitude eigenvalue: always positive definite)",
     )
@@ -97,10 +97,21 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
     return value
+
+
+def _damping(text: str) -> float | str:
+    """``auto`` or a number (checked to be > 0 by :func:`check_options`)."""
+    try:
+        return text if text == "auto" else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number or 'auto'") from None
 
 
 def _number_or_fraction(text: str) -> float:

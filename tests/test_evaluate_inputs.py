@@ -152,6 +152,20 @@ def test_config_without_weights_scores_the_same_model_every_run(
     np.testing.assert_array_equal(*scores)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-samples", "abc"], "'abc' is not a positive integer"),
+        (["--explain-damping", "x"], "'x' is not a number"),
+    ],
+)
+def test_option_syntax_errors_name_the_value(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["ckpt", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_latest_link_resolves_to_the_run(tmp_path: Path) -> None:
     run = tmp_path / "quickstart-003"
     run.mkdir()
