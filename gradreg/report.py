@@ -424,7 +424,9 @@ class ResultWriter:
             groups.setdefault(entry["group"], {})[name] = entry["metrics"]
             if entry["group"] in ("near", "far"):
                 groups.setdefault("ood", {})[name] = entry["metrics"]
-        return {group: mean_metrics(per_set) for group, per_set in groups.items()}
+        first = ("near", "far", "ood")  # then the anomaly suites, in the order they ran
+        ordered = sorted(groups, key=lambda g: first.index(g) if g in first else len(first))
+        return {group: mean_metrics(groups[group]) for group in ordered}
 
     def rows(self) -> list[list[Any]]:
         """Table rows: every set, then every group mean."""

@@ -155,6 +155,7 @@ def test_evaluate_writes_consistent_results(trained: Path) -> None:
     assert {"digits_heldout", "noise", "fgsm_eps8", "pgd_eps8", "jpeg_s5", "attacked/noise"} <= set(sets)
     assert sets["digits_heldout"]["group"] == "near"
     assert sets["noise"]["group"] == "far"
+    assert list(results["means"]) == ["near", "far", "ood", "adversarial", "corruption", "robustness"]
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     for row in rows:
         if row["set"] in sets:
