@@ -669,6 +669,10 @@ def explain_worst(
     x_test = torch.stack([ood_test[i][0] for i in ood_worst] + [id_test[i][0] for i in id_worst])
     id_train, outliers = dm.unaugmented_train_sets()
     model = module.model.to(device)
+    print(  # the solve takes minutes on a CPU; K is clamped to the sets' sizes
+        f"explaining the {len(ood_worst)} highest-scored {ood_name} images and the {len(id_worst)} lowest-scored ID "
+        f"images ({key}) with up to {opts.explain_train} training images and outliers ..."
+    )
     result = explain(
         model, x_test.to(device), key, objective, id_train, outliers, max_train=opts.explain_train,
         damping=opts.explain_damping, hessian_points=opts.explain_hessian,

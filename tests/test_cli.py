@@ -373,6 +373,7 @@ def test_evaluate_explain_writes_grids_and_json(trained: Path) -> None:
         "--no-plots", cwd=trained,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "explaining the 1 highest-scored digits_heldout images and the 1 lowest-scored ID images" in proc.stdout
     doc = json.loads((out / "explain" / "influence.json").read_text())
     assert [t["is_id"] for t in doc["tests"]] == [False, True]
     assert len(doc["tests"][0]["outlier"]["harmful"]) > 0
