@@ -260,9 +260,15 @@ def _json_null(value: Any) -> Any:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a Lightning checkpoint safely (``weights_only=True``) and check it is one of ours."""
+    with open(path, "rb") as f:
+        if f.read(64).startswith(b"version https://git-lfs"):
+            raise UserError(f"checkpoint '{path}' is a Git LFS pointer, not the file; fetch it with: git lfs pull")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refused an object: not a plain checkpoint of ours
+    except pickle.UnpicklingError as err:
+        if "Unsupported operand" in str(err):  # not a pickle at all: a text file, a .npy, ...
+            raise UserError(f"checkpoint '{path}' is unreadable (not a torch file); use another .ckpt") from None
+        # weights_only refused an object: not a plain checkpoint of ours
         raise UserError(
             f"checkpoint '{path}' holds objects that safe loading (weights_only) refuses; it was not written by "
             "gradreg's train.py: use one of its .ckpt files"

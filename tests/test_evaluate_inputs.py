@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -211,16 +212,21 @@ def test_read_only_checkpoint_folder(run_dir: Path, tmp_path: Path, capsys: pyte
 def test_files_that_are_not_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
 
-    text, array, short, tensor = (tmp_path / n for n in ("notes.ckpt", "scores.npy", "abc.ckpt", "tensor.ckpt"))
+    names = ("notes.ckpt", "scores.npy", "abc.ckpt", "tensor.ckpt", "lfs.ckpt", "object.ckpt")
+    text, array, short, tensor, lfs, pickled = (tmp_path / n for n in names)
     text.write_text("hi\n")  # torch.load raises a KeyError on it
-    np.save(array, np.zeros(3))  # weights_only refuses numpy's pickled array
+    np.save(array, np.zeros(3))  # not a pickle at all
     short.write_text("abc")  # an IndexError inside torch's unpickler
     torch.save(torch.zeros(3), tensor)  # a torch file, but no dict
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 99\n")  # a clone without LFS
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, pickled)  # an object weights_only refuses
     assert_one_line_error(run_inprocess([str(text), *FAST], capsys), str(text), "not a torch file")
-    assert_one_line_error(run_inprocess([str(array), *FAST], capsys), str(array), "weights_only", "not written by")
+    assert_one_line_error(run_inprocess([str(array), *FAST], capsys), str(array), "not a torch file")
     assert_one_line_error(run_inprocess([str(short), *FAST], capsys), str(short), "not a torch file")
     assert_one_line_error(run_inprocess([str(tensor), *FAST], capsys), str(tensor), "holds no dict")
-    assert sorted(tmp_path.iterdir()) == sorted([text, array, short, tensor])
+    assert_one_line_error(run_inprocess([str(lfs), *FAST], capsys), str(lfs), "Git LFS pointer", "git lfs pull")
+    assert_one_line_error(run_inprocess([str(pickled), *FAST], capsys), str(pickled), "weights_only", "not written by")
+    assert sorted(tmp_path.iterdir()) == sorted([text, array, short, tensor, lfs, pickled])
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_hyperparameters(
