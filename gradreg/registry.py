@@ -127,7 +127,9 @@ class Registry(Generic[T]):
     def get(self, name: str) -> Callable[..., T]:
         """Return the factory registered as ``name``; unknown names list the valid ones."""
         if name not in self._items:
-            raise RegistryError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}")
+            # '{name:dos}' is a YAML string: a flow mapping needs a space after each colon
+            hint = " (a mapping needs a space after each ':', e.g. {name: value})" if name.startswith("{") else ""
+            raise RegistryError(f"unknown {self.kind} '{name}'{hint}; known: {', '.join(self.names())}")
         return self._items[name]
 
     def settings(self, name: str) -> list[str]:

@@ -275,6 +275,7 @@ def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
         (["--data.batch_size", "0"], ["data.batch_size=0 must be >= 1"]),
         (["--data.seed", "-1"], ["data.seed=-1 must be >= 0"]),
         (["--model.sampler", "{name: energy_cluster, num_clusters: -3}"], ["energy_cluster", "num_clusters=-3"]),
+        (["--model.sampler", "{name:dos}"], ["unknown sampler '{name:dos}'", "a space after each ':'"]),
         (["--model.m_in", "0", "--model.m_out", "-30"], ["model.m_in=0.0 must be <= model.m_out=-30.0"]),
         (["--model.arch_kwargs", "{in_channels: 3, width: 8}"], ["1 input channel(s) but the model takes 3"]),
         (["--run.resume", "{tmp}/nowhere"], ["run.resume checkpoint '{tmp}/nowhere/last.ckpt' does not exist"]),
