@@ -170,8 +170,14 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
         value = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else None
         if arg.startswith("--config="):
             value = arg.split("=", 1)[1]
-        if value is not None and not Path(value).is_file():
-            raise UserError(f"config file '{value}' does not exist; see configs/ for the shipped configs")
+        if value is None:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise UserError(f"config file '{value}' {what}; see configs/ for the shipped configs")
+        if not path.read_bytes().strip():
+            raise UserError(f"config file '{value}' is empty; see configs/ for the shipped configs")
     rank_zero = is_rank_zero()
     if rank_zero:
         os.environ.pop(RUN_DIR_ENV, None)

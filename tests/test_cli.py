@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradreg.cli import evaluate_main, train_main
+from gradreg.cli import UserError, evaluate_main, train_main
 from gradreg.report import parse_scorer
 from gradreg.training import build_cli
 
@@ -247,6 +247,14 @@ def test_run_name_must_be_a_folder_name(name: str, tmp_path: Path, capsys: pytes
 def test_missing_config_file(tmp_path: Path) -> None:
     proc = run("train.py", "--config", "configs/nope.yaml", cwd=tmp_path)
     assert_one_line_error(proc, "configs/nope.yaml", "does not exist")
+
+
+@pytest.mark.parametrize(("name", "what"), [("folder", "is a folder, not a file"), ("empty.yaml", "is empty")])
+def test_config_that_is_a_folder_or_empty(name: str, what: str, tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "empty.yaml").write_text("\n")
+    with pytest.raises(UserError, match=f"config file '.*{name}' {what}"):
+        build_cli(["--config", str(tmp_path / name)])
 
 
 def test_unknown_scorer_in_config(tmp_path: Path) -> None:
