@@ -140,7 +140,7 @@ def check_options(opts: argparse.Namespace) -> None:
             raise UserError(f"--severities {severity} is not a corruption severity; use 1 (mild) to 5 (strong)")
     for eps in opts.epsilons:
         if not 0 < eps <= 1:  # also catches nan
-            hint = f"{eps:g}/255 = {eps / 255:.4f}" if eps > 1 else "8/255 = 0.0314"
+            hint = f"{eps:g}/255 = {eps / 255:.4f}" if 1 < eps < math.inf else "8/255 = 0.0314"
             raise UserError(f"--epsilons {eps:g} is not in (0, 1]: budgets are in [0, 1] pixel units, e.g. {hint}")
     seen: dict[str, float] = {}
     for eps in opts.epsilons:  # the budget names the adversarial sets: two budgets of one name would overwrite

@@ -61,6 +61,7 @@ def quick_run(tmp: Path, *extra: str) -> Path:
         (["--severities", "0", "6"], ["--severities 0", "1 (mild) to 5 (strong)"]),
         (["--epsilons", "-0.01"], ["--epsilons -0.01", "pixel units"]),
         (["--epsilons", "8"], ["--epsilons 8 ", "8/255 = 0.0314"]),
+        (["--epsilons", "inf"], ["--epsilons inf ", "e.g. 8/255 = 0.0314"]),
         (["--explain", "-1"], ["--explain -1", ">= 0"]),
         (["--explain", "1", "--explain-train", "0"], ["--explain-train 0 must be >= 1"]),
         (["--explain-hessian", "0"], ["--explain-hessian 0 must be >= 1"]),
