@@ -276,19 +276,44 @@ def test_textures_from_a_plain_image_folder(tmp_path: Path) -> None:
     assert data[0][1] == -1
 
 
-def test_places365_small_val_layout(tmp_path: Path, skip_md5: None) -> None:
+@pytest.mark.parametrize("source_split", ["val", "test"])
+def test_places365_small_layout(source_split: str, tmp_path: Path, skip_md5: None) -> None:
     folder = tmp_path / "places365"
     folder.mkdir()
     (folder / "categories_places365.txt").write_text("/a/airfield 0\n/b/bakery/shop 1\n")
-    names = [f"Places365_val_{i:08d}.jpg" for i in range(1, 4)]
-    (folder / "places365_val.txt").write_text("".join(f"{n} {i % 2}\n" for i, n in enumerate(names)))
+    names = [f"Places365_{source_split}_{i:08d}.jpg" for i in range(1, 4)]
+    labels = [f" {i % 2}" if source_split == "val" else "" for i in range(3)]  # the test list has no labels
+    (folder / f"places365_{source_split}.txt").write_text(
+        "".join(f"{n}{y}\n" for n, y in zip(names, labels, strict=True))
+    )
     for i, n in enumerate(names):
-        write_image(folder / "val_256" / n, value=i)
-    data = DATASETS.get("places365")(tmp_path, "test")
+        write_image(folder / f"{source_split}_256" / n, value=i)
+    data = DATASETS.get("places365")(tmp_path, "test", source_split=source_split)
     assert len(data) == 3
-    assert data[1][1] == 1
-    with pytest.raises(DatasetNotFoundError, match="test_256"):
-        DATASETS.get("places365")(tmp_path, "test", source_split="test")
+    assert [data[i][1] for i in range(3)] == [-1, -1, -1]  # an OOD set (torchvision gave None for test)
+    assert torch.utils.data.default_collate([data[0][1], data[1][1]]).tolist() == [-1, -1]
+    (folder / f"{source_split}_256" / names[-1]).unlink()  # a partial extract: the check names the first gap
+    with pytest.raises(DatasetNotFoundError, match=f"missing {source_split}_256/{names[-1]}"):
+        DATASETS.get("places365")(tmp_path, "test", source_split=source_split)
+    other = "test" if source_split == "val" else "val"
+    with pytest.raises(DatasetNotFoundError, match=f"{other}_256"):
+        DATASETS.get("places365")(tmp_path, "test", source_split=other)
+
+
+def test_textures_partial_extract_is_missing_data(tmp_path: Path) -> None:
+    write_dtd(tmp_path)
+    (tmp_path / "dtd" / "dtd" / "images" / "zigzagged" / "zigzagged_0002.jpg").unlink()  # the last of test1.txt
+    with pytest.raises(DatasetNotFoundError, match=r"zigzagged_0002\.jpg"):
+        DATASETS.get("textures")(tmp_path, "test")
+
+
+def test_unreadable_image_names_its_file(tmp_path: Path) -> None:
+    write_image(tmp_path / "isun" / "a.jpg", value=0)
+    good = (tmp_path / "isun" / "a.jpg").read_bytes()
+    (tmp_path / "isun" / "b.jpg").write_bytes(good[: len(good) // 2])  # a truncated download
+    data = DATASETS.get("isun")(tmp_path, "test")
+    with pytest.raises(OSError, match=r"cannot read image '.*b\.jpg'"):
+        data[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,3 +487,11 @@ def test_datamodule_reads_benchmark_sets(tmp_path: Path) -> None:
     assert list(ood) == ["lsun_c"]
     assert ood["lsun_c"][0][0].shape == (3, 32, 32)
     assert dm.ood_datasets("val") == {}
+
+
+@pytest.mark.parametrize(("image_size", "resize"), [(None, 256), (128, 146), (448, 512)])
+def test_image_size_keeps_the_center_crop_ratio(image_size: int | None, resize: int) -> None:
+    from gradreg.data import OODDataModule
+
+    spec = OODDataModule(id_dataset="imagenet10", image_size=image_size).spec
+    assert (spec.size, spec.resize) == (image_size or 224, resize)  # evaluation: Resize(resize) + CenterCrop(size)

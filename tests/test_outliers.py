@@ -61,11 +61,20 @@ def test_tinyimages_reader_errors(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"300K_random_images\.npy"):
         build_dataset("tinyimages300k", tmp_path, "train")
     np.save(tmp_path / "floats.npy", np.zeros((2, 32, 32, 3), dtype=np.float32))
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(DatasetNotFoundError, match=r"uint8 array .* got float32"):
         TinyImages300K(tmp_path / "floats.npy")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match=r"Python objects|pickle"):
+    with pytest.raises(DatasetNotFoundError, match=r"uint8 array .* got object"):  # the header only: no unpickling
         TinyImages300K(tmp_path / "objects.npy")
+    (tmp_path / "text.npy").write_text("not numpy")
+    with pytest.raises(DatasetNotFoundError, match=r"not a \.npy file"):
+        TinyImages300K(tmp_path / "text.npy")
+    pool = tmp_path / "tinyimages300k" / "300K_random_images.npy"
+    pool.parent.mkdir()
+    np.save(pool, np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    pool.write_bytes(pool.read_bytes()[:-100])  # an interrupted download: found by the data check, before a run
+    with pytest.raises(DatasetNotFoundError, match=r"truncated \(12316 of 12416 bytes\)"):
+        build_dataset("tinyimages300k", tmp_path, "train")
 
 
 def _png_tree(root: Path, counts: dict[str, int]) -> None:

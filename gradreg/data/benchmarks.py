@@ -124,6 +124,14 @@ def _require(name: str, folder: Path, needed: Sequence[Path], how: str, download
     raise DatasetNotFoundError(name, folder, f"missing {names}{more}; {how}")
 
 
+def _first_and_last(listing: Path, images: Path) -> list[Path]:
+    """The first and last image a list file names (its first column, under ``images``), to catch partial extracts."""
+    if not listing.is_file():
+        return []
+    lines = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    return [images / lines[0], images / lines[-1]] if lines else []
+
+
 def scan_images(folder: Path) -> list[Path]:
     """Every image file under ``folder`` (recursively, links followed, hidden entries skipped), sorted."""
     return sorted(_walk_images(folder))
@@ -211,6 +219,15 @@ def _list_dataset(name: str, root: Path, split: str, list_file: str, list_root: 
     return ImageFiles(*read_list_file(lst, resolve_path(root, list_root, ".")))
 
 
+def read_image(path: Path, mode: str = "RGB") -> Image.Image:
+    """The image at ``path`` in ``mode``; a truncated or unreadable file is an ``OSError`` that names it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (OSError, SyntaxError) as err:  # PIL: truncated data, unidentified formats, broken headers
+        raise OSError(f"cannot read image '{path}' ({err}); replace or delete the file") from err
+
+
 class ImageFiles(Dataset):
     """Images read from files (PIL, converted to RGB) with integer labels (-1 = unlabelled / OOD).
 
@@ -229,8 +246,7 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        with Image.open(self.files[i]) as image:
-            return image.convert("RGB"), self.labels[i]
+        return read_image(self.files[i]), self.labels[i]
 
 
 class ArrayImages(Dataset):
@@ -416,7 +432,8 @@ def _textures_locate(
     labels = [folder / "labels" / f"{s}1.txt" for s in ("train", "val", "test")]
     if path is not None and not (base / "dtd").exists() and _has_images(base):
         return Located(base, _PLAIN_FOLDER)
-    return _require("textures", folder, [folder / "images", *labels], _DTD_HOW.format(base=base), download)
+    listed = [p for listing in labels for p in _first_and_last(listing, folder / "images")]
+    return _require("textures", folder, [folder / "images", *labels, *listed], _DTD_HOW.format(base=base), download)
 
 
 @_register("textures", _textures_locate)
@@ -465,7 +482,8 @@ def _places365_locate(
     devkit = tvd.Places365._BASE_URL + tvd.Places365._DEVKIT_META["standard"][0]
     archive = tvd.Places365._BASE_URL + tvd.Places365._IMAGES_META[(source_split, small)][0]
     how = f"get {devkit} and {archive} and extract both there, or set download: true"
-    needed = [folder / "categories_places365.txt", folder / f"places365_{source_split}.txt", folder / images]
+    listing = folder / f"places365_{source_split}.txt"
+    needed = [folder / "categories_places365.txt", listing, folder / images, *_first_and_last(listing, folder / images)]
     return _require("places365", folder, needed, how, download)
 
 
@@ -487,9 +505,10 @@ def places365(
     if list_file is not None:
         return _list_dataset("places365", root, split, list_file, list_root)
     folder = _places365_locate(root, split, path, source_split, small, list_file, list_root, download).path
-    return _tv_open(
+    dataset = _tv_open(
         "places365", folder, lambda: tvd.Places365(str(folder), split=source_split, small=small, download=download)
     )
+    return ImageFiles([path for path, _ in dataset.imgs])  # OOD: labels -1 (the test list has none: None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -119,6 +119,8 @@ class OODDataModule(LightningDataModule):
         if base is None:
             raise ValueError(f"'{name}' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}")
         overrides = {"size": image_size, "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None}
+        if image_size is not None and base.resize is not None:  # keep the crop ratio: 256 -> 224 is 128 -> 146
+            overrides["resize"] = round(base.resize * image_size / base.size)
         self.spec: ImageSpec = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         self.outlier_stream: OutlierStream | None = None
         self._stream_state: dict | None = None

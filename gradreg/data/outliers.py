@@ -68,7 +68,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, resolve_path
+from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, read_image, resolve_path
 from gradreg.data.datasets import DATASETS, DatasetNotFoundError
 
 __all__ = ["ImageFolderDataset", "OutlierStream", "TinyImages300K", "read_class_list"]
@@ -80,6 +80,32 @@ TINYIMAGES_HOW = (
     "download 300K_random_images.npy (the Outlier Exposure release, "
     "https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy) and put it there, or set path"
 )
+
+
+def check_image_array(path: Path, name: str) -> tuple[int, ...]:
+    """The shape of the uint8 ``(N, H, W, C)`` array in the ``.npy`` file ``path``, read from its header only.
+
+    A missing file, another layout and a truncated download (the header promises more bytes than the file holds)
+    raise :class:`DatasetNotFoundError`, so ``python -m gradreg.data check`` reports them before a run.
+    """
+    if not path.is_file():
+        raise DatasetNotFoundError(name, path, TINYIMAGES_HOW)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            data_start = f.tell()
+    except ValueError as err:
+        raise DatasetNotFoundError(name, path, f"not a .npy file ({err}); {TINYIMAGES_HOW}") from None
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
+        raise DatasetNotFoundError(
+            name, path, f"expected a uint8 array (N, H, W, C), C in (1, 3), as {TINYIMAGES_FILE}, got {dtype} {shape}"
+        )
+    size, expected = path.stat().st_size, data_start + int(np.prod(shape))
+    if size < expected:
+        raise DatasetNotFoundError(name, path, f"the file is truncated ({size} of {expected} bytes); download it again")
+    return tuple(shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,16 +123,8 @@ class TinyImages300K(Dataset):
 
     def __init__(self, path: str | os.PathLike[str], name: str = "tinyimages300k") -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise DatasetNotFoundError(name, self.path, TINYIMAGES_HOW)
-        array = self._open()
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] not in (1, 3):
-            raise ValueError(
-                f"{self.path}: expected a uint8 array of shape (N, H, W, C) with C in (1, 3) as in "
-                f"{TINYIMAGES_FILE} (N x 32 x 32 x 3), got {array.dtype} {array.shape}"
-            )
-        self.shape: tuple[int, ...] = tuple(array.shape)
-        self._array: np.ndarray | None = array
+        self.shape: tuple[int, ...] = check_image_array(self.path, name)
+        self._array: np.ndarray | None = self._open()
 
     def _open(self) -> np.ndarray:
         return np.load(self.path, mmap_mode="r", allow_pickle=False)
@@ -126,8 +144,7 @@ class TinyImages300K(Dataset):
 def _tinyimages_locate(root: Path, split: str, path: str | None = None) -> Located:
     file = resolve_path(root, path, f"tinyimages300k/{TINYIMAGES_FILE}")
     file = file / TINYIMAGES_FILE if file.is_dir() else file
-    if not file.is_file():
-        raise DatasetNotFoundError("tinyimages300k", file, TINYIMAGES_HOW)
+    check_image_array(file, "tinyimages300k")
     return Located(file)
 
 
@@ -219,8 +236,7 @@ class ImageFolderDataset(Dataset):
         return self.root / os.fsdecode(self._files[i])
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        with Image.open(self.file(i)) as image:
-            return image.convert(self.mode), int(self.labels[i])
+        return read_image(self.file(i), self.mode), int(self.labels[i])
 
 
 def _class_folders(root: Path, name: str) -> list[str]:
