@@ -128,7 +128,8 @@ class Registry(Generic[T]):
         """Return the factory registered as ``name``; unknown names list the valid ones."""
         if name not in self._items:
             # '{name:dos}' is a YAML string: a flow mapping needs a space after each colon
-            hint = " (a mapping needs a space after each ':', e.g. {name: value})" if name.startswith("{") else ""
+            brace = isinstance(name, str) and name.startswith("{")
+            hint = " (a mapping needs a space after each ':', e.g. {name: value})" if brace else ""
             raise RegistryError(f"unknown {self.kind} '{name}'{hint}; known: {', '.join(self.names())}")
         return self._items[name]
 

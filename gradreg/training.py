@@ -176,7 +176,13 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
         if not path.is_file():
             what = "is a folder, not a file" if path.is_dir() else "does not exist"
             raise UserError(f"config file '{value}' {what}; see configs/ for the shipped configs")
-        if not path.read_bytes().strip():
+        try:
+            empty = yaml.safe_load(path.read_text()) is None  # nothing, or comments only
+        except yaml.YAMLError:  # the parser reports it below, with its line
+            empty = False
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"config file '{value}' cannot be read as text ({err}); pass a .yaml file") from None
+        if empty:
             raise UserError(f"config file '{value}' is empty; see configs/ for the shipped configs")
     rank_zero = is_rank_zero()
     if rank_zero:
@@ -227,7 +233,8 @@ def _one_line(err: BaseException) -> str:
     syntax = _behind(err, yaml.MarkedYAMLError)
     if syntax is not None and syntax.problem_mark is not None:
         mark = syntax.problem_mark
-        return f"a config is not valid YAML: {syntax.problem} at line {mark.line + 1}, column {mark.column + 1}"
+        problem = syntax.problem or syntax.context
+        return f"a config is not valid YAML: {problem} at line {mark.line + 1}, column {mark.column + 1}"
     lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")] or [type(err).__name__]
     if not lines[0].startswith("Parser key") or len(lines) == 1:
         return lines[0]

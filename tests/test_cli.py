@@ -249,10 +249,20 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert_one_line_error(proc, "configs/nope.yaml", "does not exist")
 
 
-@pytest.mark.parametrize(("name", "what"), [("folder", "is a folder, not a file"), ("empty.yaml", "is empty")])
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("folder", "is a folder, not a file"),
+        ("empty.yaml", "is empty"),
+        ("comments.yaml", "is empty"),
+        ("binary.yaml", "cannot be read as text"),
+    ],
+)
 def test_config_that_is_a_folder_or_empty(name: str, what: str, tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     (tmp_path / "empty.yaml").write_text("\n")
+    (tmp_path / "comments.yaml").write_text("# model:\n#   lr: 0.1\n")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
     with pytest.raises(UserError, match=f"config file '.*{name}' {what}"):
         build_cli(["--config", str(tmp_path / name)])
 
@@ -284,6 +294,7 @@ def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
         (["--data.seed", "-1"], ["data.seed=-1 must be >= 0"]),
         (["--model.sampler", "{name: energy_cluster, num_clusters: -3}"], ["energy_cluster", "num_clusters=-3"]),
         (["--model.sampler", "{name:dos}"], ["unknown sampler '{name:dos}'", "a space after each ':'"]),
+        (["--model.sampler", "{name: null}"], ["unknown sampler 'None'; known:"]),
         (["--model.m_in", "0", "--model.m_out", "-30"], ["model.m_in=0.0 must be <= model.m_out=-30.0"]),
         (["--model.arch_kwargs", "{in_channels: 3, width: 8}"], ["1 input channel(s) but the model takes 3"]),
         (["--run.resume", "{tmp}/nowhere"], ["run.resume checkpoint '{tmp}/nowhere/last.ckpt' does not exist"]),

@@ -118,8 +118,12 @@ def test_channels_last_trains_like_contiguous(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])  # a worker reads the first indices before Lightning's set_epoch
-def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(num_workers: int, tmp_path: Path) -> None:
+# A worker reads the first indices before Lightning's set_epoch; a cosine schedule builds the loader before the
+# fit loop's epoch count is restored.
+@pytest.mark.parametrize(("schedule", "num_workers"), [("constant", 0), ("constant", 1), ("cosine", 1)])
+def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(
+    schedule: str, num_workers: int, tmp_path: Path
+) -> None:
     class Recorder(Callback):
         def __init__(self) -> None:
             self.labels: dict[int, list[list[int]]] = {}
@@ -129,7 +133,7 @@ def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(num_workers: 
 
     def fit(epochs: int, ckpt_path: Path | None = None) -> Recorder:
         model, dm = make("energy")  # seeds everything, as train.py does before a resumed run too
-        dm.num_workers = num_workers
+        dm.num_workers, model.hparams.schedule = num_workers, schedule
         recorder = Recorder()
         trainer = Trainer(
             max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -224,6 +224,8 @@ def read_image(path: Path, mode: str = "RGB") -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert(mode)
+    except FileNotFoundError:
+        raise
     except (OSError, SyntaxError) as err:  # PIL: truncated data, unidentified formats, broken headers
         raise OSError(f"cannot read image '{path}' ({err}); replace or delete the file") from err
 

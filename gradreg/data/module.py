@@ -124,6 +124,7 @@ class OODDataModule(LightningDataModule):
         self.spec: ImageSpec = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         self.outlier_stream: OutlierStream | None = None
         self._stream_state: dict | None = None
+        self._restored_epoch = 0  # the fit loop's epoch count in the checkpoint a run resumes from
         self._sets: dict[str, Dataset] = {}
 
     # ----------------------------------------------------------------------------------------------------------
@@ -211,7 +212,9 @@ class OODDataModule(LightningDataModule):
             seed=int(
                 np.random.SeedSequence([int(os.environ.get("PL_GLOBAL_SEED", 0)), self.seed]).generate_state(1)[0]
             ),
-            epoch=trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0,  # restored on resume
+            epoch=max(
+                self._epoch(), self._restored_epoch
+            ),  # Lightning may build the loader before it restores its loop
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
         )
@@ -234,10 +237,24 @@ class OODDataModule(LightningDataModule):
             self.outlier_stream.advance()
         return batch
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"outlier_stream": self.outlier_stream.state_dict()} if self.outlier_stream is not None else {}
+    def _epoch(self) -> int:
+        """The fit loop's count of epochs (0 without a trainer)."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The outlier stream's position and the epoch count: the ID order of a resumed run's first epoch.
+
+        The datamodule's state is restored before the model's optimizers are set up, and a cosine schedule asks for
+        the number of steps there, which builds the training loader (and its workers read their first indices)
+        before Lightning restores its own epoch count.
+        """
+        state: dict[str, Any] = {"epoch": self._epoch()}
+        if self.outlier_stream is not None:
+            state["outlier_stream"] = self.outlier_stream.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        self._restored_epoch = state_dict.get("epoch", 0)
         self._stream_state = state_dict.get("outlier_stream")
         if self.outlier_stream is not None and self._stream_state is not None:
             self.outlier_stream.load_state_dict(self._stream_state)

@@ -98,6 +98,8 @@ def check_image_array(path: Path, name: str) -> tuple[int, ...]:
             data_start = f.tell()
     except ValueError as err:
         raise DatasetNotFoundError(name, path, f"not a .npy file ({err}); {TINYIMAGES_HOW}") from None
+    except OSError as err:  # e.g. no read permission
+        raise DatasetNotFoundError(name, path, f"cannot be read ({err.strerror})") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
         raise DatasetNotFoundError(
             name, path, f"expected a uint8 array (N, H, W, C), C in (1, 3), as {TINYIMAGES_FILE}, got {dtype} {shape}"
