@@ -144,14 +144,15 @@ def check_options(opts: argparse.Namespace) -> None:
             raise UserError(f"--epsilons {eps:g} is not in (0, 1]: budgets are in [0, 1] pixel units, e.g. {hint}")
     seen: dict[str, float] = {}
     for eps in opts.epsilons:  # the budget names the adversarial sets: two budgets of one name would overwrite
-        if seen.setdefault(epsilon_tag(eps), eps) != eps:
+        tag = epsilon_tag(eps)
+        if seen.setdefault(tag, eps) != eps:
             raise UserError(
-                f"--epsilons {seen[epsilon_tag(eps)]:g} and {eps:g} both name the sets fgsm_{epsilon_tag(eps)} and "
-                f"pgd_{epsilon_tag(eps)}; give budgets whose 8-bit levels differ in their first three digits"
+                f"--epsilons {seen[tag]:g} and {eps:g} both name the sets fgsm_{tag} and pgd_{tag}; give budgets "
+                "whose 8-bit levels differ in their first three digits"
             )
+    # a repeated value runs once
     opts.epsilons, opts.corruptions, opts.severities = (
-        list(dict.fromkeys(v))
-        for v in (opts.epsilons, opts.corruptions, opts.severities)  # a repeat runs once
+        list(dict.fromkeys(v)) for v in (opts.epsilons, opts.corruptions, opts.severities)
     )
     if opts.explain < 0:
         raise UserError(f"--explain {opts.explain} must be >= 0 (the number of worst OOD and ID images to explain)")

@@ -119,9 +119,8 @@ class GradRegCLI(LightningCLI):
         for callback in config.trainer.callbacks or []:  # the user's own: in the run, apart from best.ckpt/last.ckpt
             if callback.class_path == CHECKPOINT and not callback.init_args.get("dirpath"):
                 callback.init_args.dirpath = str(run_dir / "checkpoints")
-        best_ckpt = Namespace(
-            dirpath=str(run_dir), every_n_epochs=best_every_n_epochs, **best
-        )  # when run.monitor is logged
+        # best.ckpt on the epochs that log run.monitor
+        best_ckpt = Namespace(dirpath=str(run_dir), every_n_epochs=best_every_n_epochs, **best)
         config.trainer.callbacks = [
             *(config.trainer.callbacks or []),
             Namespace(class_path=CHECKPOINT, init_args=best_ckpt),

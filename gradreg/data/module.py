@@ -206,18 +206,12 @@ class OODDataModule(LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader | DataLoader:  # noqa: D102
         self.setup("fit")
-        trainer, dataset = self.trainer, self.id_dataset_for("train")
-        sampler = EpochShuffle(
-            dataset,
-            seed=int(
-                np.random.SeedSequence([int(os.environ.get("PL_GLOBAL_SEED", 0)), self.seed]).generate_state(1)[0]
-            ),
-            epoch=max(
-                self._epoch(), self._restored_epoch
-            ),  # Lightning may build the loader before it restores its loop
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-        )
+        dataset = self.id_dataset_for("train")
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        global_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's
+        seed = int(np.random.SeedSequence([global_seed, self.seed]).generate_state(1)[0])
+        epoch = max(self._epoch(), self._restored_epoch)  # Lightning may build the loader before restoring its loop
+        sampler = EpochShuffle(dataset, seed, epoch, num_replicas=world, rank=rank)
         id_loader = self._loader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True)
         if self.outlier_stream is None:
             return id_loader
