@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import inspect
 import os
 import pickle
@@ -32,11 +33,13 @@ def skip_md5(monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision.datasets.cifar
     import torchvision.datasets.places365
     import torchvision.datasets.svhn
+    import torchvision.datasets.utils
 
     def exists(fpath: str, md5: str | None = None) -> bool:
         return os.path.isfile(fpath)
 
-    for module in (torchvision.datasets.cifar, torchvision.datasets.svhn, torchvision.datasets.places365):
+    modules = (torchvision.datasets.cifar, torchvision.datasets.svhn, torchvision.datasets.places365)
+    for module in (*modules, torchvision.datasets.utils):  # the last one: gradreg's own checks before reading
         monkeypatch.setattr(module, "check_integrity", exists)
 
 
@@ -163,6 +166,35 @@ def test_cifar_corrupt_file_is_a_dataset_error(tmp_path: Path) -> None:
     write_cifar10(tmp_path)  # real MD5 checks stay on: the small files fail them
     with pytest.raises(DatasetNotFoundError, match="corrupt"):
         DATASETS.get("cifar10")(tmp_path, "test")
+
+
+def test_locate_checks_published_md5_sums(tmp_path: Path) -> None:
+    """The up-front check (locate) catches a corrupt file, not only reading it (for an OOD set: after training)."""
+    write_cifar10(tmp_path)  # small files: every MD5 differs from the published one
+    with pytest.raises(DatasetNotFoundError, match=r"corrupt or partial: data_batch_1, .* and 3 more \(MD5"):
+        DATASETS.get("cifar10").locate(tmp_path, "test")
+    (tmp_path / "svhn").mkdir()
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"half a file")
+    with pytest.raises(DatasetNotFoundError, match=r"corrupt or partial: test_32x32\.mat"):
+        DATASETS.get("svhn").locate(tmp_path, "test")
+    file = tmp_path / "f.bin"  # and a file whose sum matches passes
+    file.write_bytes(b"gradreg")
+    digest = hashlib.md5(b"gradreg").hexdigest()
+    assert benchmarks._require("x", tmp_path, [file], "how", md5={"f.bin": digest}).path == tmp_path
+    with pytest.raises(DatasetNotFoundError, match=r"f\.bin"):
+        benchmarks._require("x", tmp_path, [file], "how", md5={"f.bin": digest[::-1]})
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_locate_checks_idx_sizes_without_reading(tmp_path: Path, gz: bool) -> None:
+    folder = tmp_path / "FashionMNIST" / "raw"
+    write_idx_set(folder, gz=gz)
+    DATASETS.get("fashion_mnist").locate(tmp_path, "test")
+    images = folder / ("t10k-images-idx3-ubyte" + (".gz" if gz else ""))
+    images.write_bytes(images.read_bytes()[: -(20 if gz else 1)])  # a cut gzip loses its size trailer
+    with pytest.raises(DatasetNotFoundError, match=r"corrupt file: .*t10k-images-idx3-ubyte.*truncated"):
+        DATASETS.get("fashion_mnist").locate(tmp_path, "test")
+    DATASETS.get("fashion_mnist").locate(tmp_path, "train")  # the other split's files are whole
 
 
 def test_download_is_only_announced_by_locate(tmp_path: Path) -> None:

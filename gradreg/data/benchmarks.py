@@ -18,9 +18,11 @@ Splits: ID sets read ``"train"`` and ``"test"`` and raise ``ValueError`` for ``"
 ``val_fraction`` of the training set (unless a ``{split}`` list file has a val list). OOD sets read ``"test"`` (the
 whole published set); ``"val"`` works only with a ``list_file`` (e.g. OpenOOD's ``val_*.txt``), else ``ValueError``.
 
-Each registered factory carries a ``locate`` attribute with the same signature: it checks the files without
-reading them and returns a :class:`Located`, or raises :class:`DatasetNotFoundError` naming the expected path and
-how to get the data. ``gradreg.data.check`` calls it; every factory calls it first, so both say the same thing.
+Each registered factory carries a ``locate`` attribute with the same signature: it checks that the files are
+there (and whole: the published MD5 sums of torchvision's files, the idx headers of (Fashion-)MNIST against their
+sizes; image folders are not read) and returns a :class:`Located`, or raises :class:`DatasetNotFoundError` naming
+the expected path and how to get the data. ``gradreg.data.check`` calls it; every factory calls it first, so
+both say the same thing.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import ast
 import gzip
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -37,6 +39,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets as tvd
+from torchvision.datasets import utils as tv_utils
 
 from gradreg.data._imagenet_wnids import IMAGENET_WNIDS
 from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, ImageSpec
@@ -112,16 +115,37 @@ def _check_split(name: str, split: str, allowed: Sequence[str], hint: str = "") 
         raise ValueError(f"dataset '{name}' has no '{split}' split (it has: {', '.join(allowed)}){hint}")
 
 
-def _require(name: str, folder: Path, needed: Sequence[Path], how: str, download: bool = False) -> Located:
-    """``Located(folder)`` if every path in ``needed`` exists; with ``download`` a note instead of an error."""
+def _require(
+    name: str,
+    folder: Path,
+    needed: Sequence[Path],
+    how: str,
+    download: bool = False,
+    md5: Mapping[str, str] | None = None,
+) -> Located:
+    """``Located(folder)`` if every path in ``needed`` exists; with ``download`` a note instead of an error.
+
+    ``md5`` maps file names in ``folder`` to their published MD5 sums: a file that differs is corrupt or partial,
+    which torchvision would otherwise report only when the set is read (for an OOD test set, after training).
+    """
     missing = [p for p in needed if not p.exists()]
     if not missing:
+        sums = (md5 or {}).items()
+        corrupt = [file for file, digest in sums if not tv_utils.check_integrity(str(folder / file), digest)]
+        if corrupt:
+            what = f"corrupt or partial: {_listed(corrupt)} (MD5 differs from the published sum)"
+            raise DatasetNotFoundError(name, folder, f"{what}; delete and fetch again: {how}")
         return Located(folder)
     if download:
         return Located(folder, "not there yet: torchvision downloads it there (download: true)")
-    names = ", ".join(str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in missing[:4])
-    more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-    raise DatasetNotFoundError(name, folder, f"missing {names}{more}; {how}")
+    names = [str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in missing]
+    raise DatasetNotFoundError(name, folder, f"missing {_listed(names)}; {how}")
+
+
+def _listed(names: Sequence[str]) -> str:
+    """The first four names, and how many more."""
+    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+    return ", ".join(names[:4]) + more
 
 
 def _first_and_last(listing: Path, images: Path) -> list[Path]:
@@ -278,18 +302,15 @@ def _tv_open(name: str, folder: Path, build: Callable[[], Dataset]) -> Dataset:
 # ---------------------------------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100 (torchvision layout: <path>/cifar-10-batches-py/, <path>/cifar-100-python/)
 # torchvision checks every file of both splits, whichever split is read.
-_CIFAR: dict[str, tuple[type[tvd.CIFAR10], str, tuple[str, ...]]] = {
-    "cifar10": (
-        tvd.CIFAR10,
-        "cifar-10-batches-py",
-        (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"),
-    ),
-    "cifar100": (tvd.CIFAR100, "cifar-100-python", ("train", "test", "meta")),
+_CIFAR: dict[str, tuple[type[tvd.CIFAR10], str]] = {
+    "cifar10": (tvd.CIFAR10, "cifar-10-batches-py"),
+    "cifar100": (tvd.CIFAR100, "cifar-100-python"),
 }
 
 
 def _cifar(name: str) -> None:
-    cls, folder_name, files = _CIFAR[name]
+    cls, folder_name = _CIFAR[name]
+    md5 = {file: digest for file, digest in (*cls.train_list, *cls.test_list)} | {cls.meta["filename"]: cls.meta["md5"]}
     archive = cls.url.rsplit("/", 1)[1]
     how = f"get {cls.url} and extract it into {{base}} (tar xzf {archive}), or set download: true"
 
@@ -299,7 +320,7 @@ def _cifar(name: str) -> None:
         if base.name == folder_name:  # path may name the extracted folder itself
             base = base.parent
         folder = base / folder_name
-        return _require(name, folder, [folder / f for f in files], how.format(base=base), download)
+        return _require(name, folder, [folder / f for f in md5], how.format(base=base), download, md5)
 
     def factory(root: Path, split: str, path: str | None = None, download: bool = False) -> Dataset:
         folder = locate(root, split, path, download).path
@@ -331,14 +352,47 @@ def read_idx(path: Path) -> np.ndarray:
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
         raise ValueError(f"{path}: cannot decompress ({err})") from None
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08":  # two zero bytes, then type 0x08 = unsigned byte
-        raise ValueError(f"{path} is not a uint8 idx file")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    if len(data) - offset != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} but holds {len(data) - offset} bytes (truncated?)")
+    shape, offset = _idx_header(data, path)
+    _idx_size(path, shape, offset, len(data))
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape).copy()  # writable, as torch wants
+
+
+def check_idx(path: Path) -> None:
+    """Check an idx file's header against its size without reading the data (a gzip's size is in its trailer).
+
+    Raises:
+        ValueError: the file is not a complete uint8 idx file.
+    """
+    try:
+        with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:
+            head = f.read(4)
+            head += f.read(4 * head[3]) if len(head) == 4 else b""
+        if path.suffix == ".gz":
+            with path.open("rb") as f:  # ISIZE: the uncompressed size modulo 2**32, little-endian
+                f.seek(-4, os.SEEK_END)
+                size = int.from_bytes(f.read(4), "little")
+        else:
+            size = path.stat().st_size
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: cannot decompress ({err})") from None
+    shape, offset = _idx_header(head, path)
+    _idx_size(path, shape, offset, size, modulo=2**32 if path.suffix == ".gz" else None)
+
+
+def _idx_header(head: bytes, path: Path) -> tuple[tuple[int, ...], int]:
+    """The shape and data offset an idx header gives."""
+    if len(head) < 4 or head[:3] != b"\x00\x00\x08":  # two zero bytes, then type 0x08 = unsigned byte
+        raise ValueError(f"{path} is not a uint8 idx file")
+    ndim = head[3]
+    if len(head) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: the header is cut short (truncated?)")
+    return tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)), 4 + 4 * ndim
+
+
+def _idx_size(path: Path, shape: tuple[int, ...], offset: int, size: int, modulo: int | None = None) -> None:
+    expected = offset + int(np.prod(shape))
+    if (expected % modulo if modulo else expected) != size:
+        raise ValueError(f"{path}: header says {shape} but the file holds a different amount of data (truncated?)")
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
@@ -359,7 +413,13 @@ def _mnist_like(name: str, cls: type[tvd.MNIST], debian: str) -> None:
         base = resolve_path(root, path, ".")
         raw = base / cls.__name__ / "raw"  # torchvision's raw_folder
         for folder in (base, raw):
-            if all(_idx_file(folder, stem) for stem in _IDX_FILES[split]):
+            files = [_idx_file(folder, stem) for stem in _IDX_FILES[split]]
+            if all(files):
+                try:
+                    for file in files:
+                        check_idx(file)
+                except ValueError as err:
+                    raise DatasetNotFoundError(name, folder, f"corrupt file: {err}; delete and fetch again") from None
                 return Located(folder)
         if download:
             return Located(raw, "not there yet: torchvision downloads it there (download: true)")
@@ -399,8 +459,8 @@ _mnist_like("mnist", tvd.MNIST, "")
 def _svhn_locate(root: Path, split: str, path: str | None = None, download: bool = False) -> Located:
     _check_split("svhn", split, ("train", "test", "extra"))
     folder = resolve_path(root, path, "svhn")
-    url = tvd.SVHN.split_list[split][0]
-    return _require("svhn", folder, [folder / f"{split}_32x32.mat"], f"get {url}, or set download: true", download)
+    url, file, digest = tvd.SVHN.split_list[split]
+    return _require("svhn", folder, [folder / file], f"get {url}, or set download: true", download, {file: digest})
 
 
 @_register("svhn", _svhn_locate)
@@ -484,9 +544,10 @@ def _places365_locate(
     devkit = tvd.Places365._BASE_URL + tvd.Places365._DEVKIT_META["standard"][0]
     archive = tvd.Places365._BASE_URL + tvd.Places365._IMAGES_META[(source_split, small)][0]
     how = f"get {devkit} and {archive} and extract both there, or set download: true"
-    listing = folder / f"places365_{source_split}.txt"
-    needed = [folder / "categories_places365.txt", listing, folder / images, *_first_and_last(listing, folder / images)]
-    return _require("places365", folder, needed, how, download)
+    lists = dict([tvd.Places365._CATEGORIES_META, tvd.Places365._FILE_LIST_META[source_split]])
+    listing = folder / tvd.Places365._FILE_LIST_META[source_split][0]
+    needed = [*(folder / f for f in lists), folder / images, *_first_and_last(listing, folder / images)]
+    return _require("places365", folder, needed, how, download, lists)
 
 
 @_register("places365", _places365_locate)

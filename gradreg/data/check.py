@@ -8,7 +8,8 @@ The check reads the same splits the datamodule will: the ID set's ``train`` / ``
 the set lacks is fine: the datamodule holds out part of ``train``), the outliers' ``train``, the OOD sets'
 ``test``, and the OOD validation sets' ``val`` (``ood_val_sets`` unset = the OOD sets with ``split="val"``). A
 spec's own ``split`` key wins. Sets with a ``locate`` function (every benchmark reader) are checked without
-reading their images; the others are built.
+reading their images (torchvision's files against their MD5 sums, idx files against their headers); the others are
+built.
 """
 
 from __future__ import annotations
