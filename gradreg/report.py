@@ -82,6 +82,7 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images")
     p.add_argument("--explain-scorer", default="energy", help="differentiable scorer whose value --explain traces")
+    p.add_argument("--explain-set", help="OOD set whose highest-scored images --explain takes (default: the first)")
     p.add_argument("--explain-train", type=int, default=1000, help="training images and outliers scanned by --explain")
     p.add_argument("--explain-hessian", type=int, default=512, help="training images (and outliers) in the Hessian")
     p.add_argument(
@@ -533,6 +534,12 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
                 f"scorer '{key}' does not apply to this checkpoint: {err}; drop it from --scorers"
             ) from None
     if opts.explain:
+        evaluated = [name for name in ood_sets if not opts.sets or name in opts.sets] if "ood" in opts.suites else []
+        if not evaluated:
+            raise UserError("--explain explains OOD test images: run the ood suite on at least one OOD set")
+        opts.explain_set = opts.explain_set or evaluated[0]  # recorded in results.json
+        if opts.explain_set not in evaluated:
+            raise UserError(f"--explain-set '{opts.explain_set}' is not an evaluated OOD set ({', '.join(evaluated)})")
         check_explainable(module, scorer_map, opts.explain_scorer, id_test[0][0][None].to(device))
 
     default_out = (Path("runs"), f"{ckpt_path.stem}-eval") if post_hoc else (ckpt_path.parent, "eval")
@@ -599,7 +606,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
                 continue
             plots.score_histograms(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"hist_{scorer}.png")
             plots.roc_curves(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"roc_{scorer}.png")
-    if opts.explain and ood_scored:
+    if opts.explain and opts.explain_set in ood_scored:  # else the set failed, and said so
         explain_worst(module, dm, id_test, ood_sets, id_scored, ood_scored, opts, out / "explain", device)
     if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
         log_to_wandb(writer, out, ckpt_path)
@@ -650,7 +657,7 @@ def explain_worst(
     out: Path,
     device: torch.device,
 ) -> None:
-    """Cross-loss influence of training images and outliers on the K worst OOD and the K worst ID test images.
+    """Cross-loss influence of training images and outliers on the K worst ``--explain-set`` and ID test images.
 
     The test quantity is ``--explain-scorer`` (default energy); the training objective is the checkpoint's own
     (CE, energy or GReg, with its margins, weights and batch composition).
@@ -668,7 +675,7 @@ def explain_worst(
         train_rows=rows,
     )
     key = opts.explain_scorer
-    ood_name = next(iter(ood_scored))
+    ood_name = opts.explain_set
     ood_test = ood_sets[ood_name]
     id_worst, ood_worst = hardest_examples(
         torch.from_numpy(id_scored.scores[key]), torch.from_numpy(ood_scored[ood_name].scores[key]), opts.explain

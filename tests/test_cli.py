@@ -389,11 +389,11 @@ def test_evaluate_explain_writes_grids_and_json(trained: Path) -> None:
     out = trained / "explained"
     proc = run(
         "evaluate.py", str(trained / "runs" / "quickstart-001"), "--out", str(out), "--suites", "ood",
-        "--scorers", "energy", "msp", "--explain", "1", "--explain-train", "32", "--explain-hessian", "64",
-        "--no-plots", cwd=trained,
+        "--scorers", "energy", "msp", "--explain", "1", "--explain-set", "noise", "--explain-train", "32",
+        "--explain-hessian", "64", "--no-plots", cwd=trained,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "explaining the 1 highest-scored digits_heldout images and the 1 lowest-scored ID images" in proc.stdout
+    assert "explaining the 1 highest-scored noise images and the 1 lowest-scored ID images" in proc.stdout
     doc = json.loads((out / "explain" / "influence.json").read_text())
     assert [t["is_id"] for t in doc["tests"]] == [False, True]
     assert len(doc["tests"][0]["outlier"]["harmful"]) > 0
