@@ -94,7 +94,8 @@ class GradRegModule(LightningModule):
         input_mean: per-channel normalization mean of the data pipeline (linked from the datamodule).
         input_std: per-channel normalization std of the data pipeline (linked from the datamodule).
         channels_last: keep the model's 4-D weights and the training batch in channels-last memory format (same
-            results). On an H100 it makes WRN-40-2's CE, energy-OE and GReg steps 1.3-1.5x faster and ResNet-50's GReg
+            results). On an H100 it makes WRN-40-2's GReg step with ``cuda_graph`` 1.6x (fp32) / 2.3x (bf16) faster,
+            its eager CE and energy-OE steps up to 1.5x faster (its eager bf16 GReg step slower) and ResNet-50's GReg
             step 1.16-1.19x faster (``docs/benchmarks.md``); on a CPU it is usually slower.
         cuda_graph: on CUDA, record the step's forward and backwards in a CUDA graph after 3 eager steps and replay
             it (``gradreg.cuda_graph.CapturedStep``; same gradients, far fewer kernel launches). Needs a fixed batch

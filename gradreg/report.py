@@ -61,7 +61,7 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
         help="a .ckpt file, a run directory (uses best.ckpt, else last.ckpt), or a config .yaml for post-hoc "
         "evaluation of the model it describes (e.g. pretrained torchvision weights)",
     )
-    p.add_argument("--out", help="output folder (must not exist yet); default: <run dir>/eval-NNN")
+    p.add_argument("--out", help="output folder (new or empty); default: <run dir>/eval-NNN")
     p.add_argument("--scorers", nargs="+", help="scorer specs: name or name:key=value,... (default: all)")
     p.add_argument("--sets", nargs="+", help="OOD test sets to evaluate (default: all of the checkpoint's config)")
     p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES, help="which groups of sets to run")

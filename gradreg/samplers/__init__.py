@@ -29,9 +29,10 @@ and returns indices into the candidates; the LightningModule forwards ``cat([x_i
 Clustering uses :func:`gradreg.kmeans.kmeans`: torch k-means++ and Lloyd iterations on the features' device
 (CUDA graphs on a GPU), never scikit-learn on the CPU per step.
 
-Deviations from the official GReg code: the forward pass that scores the candidates runs in eval mode under
-``no_grad`` and restores each module's train/eval flag afterwards (the official code also ends in train mode);
-``max_iter`` defaults to 100 (scikit-learn: 300; the clusterings of 384 points converge long before).
+Deviations from the official GReg code: the forward pass that scores the candidates (in eval mode under
+``no_grad``, as there) restores each module's own train/eval flag afterwards (the official code calls
+``model.train()``); ``max_iter`` defaults to 100 (scikit-learn: 300; the clusterings of 384 points converge long
+before).
 DOS's random fill and k-means seeds come from the sampler's generator, not from numpy's global state.
 POEM's deviations from its official code are listed in :class:`POEMSampler`.
 
