@@ -23,8 +23,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from gradreg.evaluation import ScoredSet, ScorerSpec, build_scorers, mean_metrics, sample, score_loader, set_metrics
 from gradreg.registry import SettingError
+from gradreg.scorers.base import require_head, require_running_stats
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+DATAMODULE_API = ("id_dataset_for", "ood_datasets", "eval_batch_size", "num_workers")  # what the callback reads
 
 
 class OODEvalCallback(Callback):
@@ -67,10 +69,35 @@ class OODEvalCallback(Callback):
         self._warned_no_ood: set[str] = set()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Stop before the first epoch if a scorer needs what the model lacks (absent: a model of method absent)."""
+        """Stop before the first epoch if the module, the datamodule or the model lacks what scoring needs.
+
+        The callback scores ``pl_module.model`` (which needs ``features`` and ``fc`` whatever the scorers: one shared
+        forward gives the predictions and the output scores) on the sets of ``trainer.datamodule``, an
+        :class:`~gradreg.data.OODDataModule` or any datamodule with its ``id_dataset_for``, ``ood_datasets``,
+        ``eval_batch_size`` and ``num_workers``; and a scorer may need more (absent: a model of method absent).
+        """
+        model = getattr(pl_module, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            raise SettingError(
+                f"OODEvalCallback scores pl_module.model, the classifier, and {type(pl_module).__name__} has no "
+                "nn.Module attribute 'model': keep your network there (gradreg.module.GradRegModule does)"
+            )
+        dm = trainer.datamodule
+        missing = [name for name in DATAMODULE_API if not hasattr(dm, name)]
+        if missing:
+            lacks = "there is none" if dm is None else f"{type(dm).__name__} has no {', '.join(missing)}"
+            raise SettingError(
+                f"OODEvalCallback reads its ID and OOD sets from trainer.datamodule, and {lacks}: pass a "
+                f"gradreg.data.OODDataModule as the datamodule, or one with {', '.join(DATAMODULE_API)}"
+            )
+        try:
+            require_head(model)
+            require_running_stats(model)
+        except (TypeError, ValueError) as err:
+            raise SettingError(f"OODEvalCallback: {err}") from None
         for key, scorer in self.scorers.items():
             try:
-                scorer.require(pl_module.model)
+                scorer.require(model)
             except TypeError as err:
                 raise SettingError(f"OODEvalCallback scorer '{key}': {err}") from None
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 from gradreg import metrics, scorers
 from gradreg.registry import SettingError
 from gradreg.scorers import OutputScorer, Scorer
-from gradreg.scorers.base import require_head, scoring
+from gradreg.scorers.base import checked, require_head, scoring
 
 ScorerSpec = str | Mapping[str, Any]
 
@@ -71,10 +71,13 @@ class ScoredSet:
 def score_batch(model: nn.Module, x: Tensor, scorer_map: Mapping[str, Scorer]) -> tuple[dict, Tensor]:
     """Scores of one batch by scorer name and the predicted classes; one forward feeds every OutputScorer."""
     require_head(model)  # one forward of features and logits feeds every OutputScorer and the predictions
+    for scorer in scorer_map.values():
+        if isinstance(scorer, OutputScorer):  # called below through score_outputs, which skips Scorer.__call__'s check
+            scorer.require(model)
     with scoring(model), torch.no_grad():
         x = x.clone()
-        features = model.features(x)
-        logits = model.fc(features)
+        features = checked(model, model.features(x), "features(x)")
+        logits = checked(model, model.fc(features), "fc(features(x))")
         out = {k: s.score_outputs(features, logits) for k, s in scorer_map.items() if isinstance(s, OutputScorer)}
     for key, scorer in scorer_map.items():
         if key not in out:

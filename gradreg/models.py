@@ -138,8 +138,8 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def _batchnorms(*modules: nn.Module) -> list[nn.Module]:
-    """Every BatchNorm2d inside ``modules``, in module order."""
-    return [m for module in modules for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    """Every BatchNorm2d (or SyncBatchNorm: DDP's ``sync_batchnorm``) inside ``modules``, in module order."""
+    return [m for module in modules for m in module.modules() if isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm)]
 
 
 def _disable_inplace(module: nn.Module) -> None:

@@ -371,6 +371,38 @@ def test_callback_cache_starts_afresh_for_another_datamodule() -> None:
     assert logged[1][key] == logged[2][key] != logged[0][key]
 
 
+def test_callback_setup_names_what_a_users_own_module_or_datamodule_lacks() -> None:
+    # In a user's own Trainer these failed with AttributeErrors ('...' object has no attribute 'model' /
+    # 'id_dataset_for'), the datamodule and forward-only-model ones only after the first training epoch.
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    model, dm = make("ce")
+    callback = OODEvalCallback(scorers=["odin", "gaia_z"])
+    callback.setup(_fake_trainer(dm), model, "fit")  # gradreg's own module and datamodule
+
+    class UserModule(LightningModule):
+        def __init__(self, **modules: torch.nn.Module) -> None:
+            super().__init__()
+            for name, module in modules.items():
+                setattr(self, name, module)
+
+    with pytest.raises(SettingError, match=r"scores pl_module.model, .* UserModule has no nn.Module attribute 'model'"):
+        callback.setup(_fake_trainer(dm), UserModule(net=model.model), "fit")
+    with pytest.raises(SettingError, match=r"trainer.datamodule, and there is none: pass a gradreg.data.OODDataModule"):
+        callback.setup(_fake_trainer(None), model, "fit")
+    with pytest.raises(SettingError, match=r"and LightningDataModule has no id_dataset_for, ood_datasets, eval_batch"):
+        callback.setup(_fake_trainer(LightningDataModule()), model, "fit")
+    forward_only = torch.nn.Sequential(model.model.trunk, model.model.fc)  # enough for odin and gaia_z themselves
+    with pytest.raises(SettingError, match=r"OODEvalCallback: Sequential has no features and no fc"):
+        callback.setup(_fake_trainer(dm), UserModule(model=forward_only), "fit")
+    batch_stats = make("ce")[0]
+    batch_stats.model.trunk[1] = torch.nn.BatchNorm2d(
+        batch_stats.model.trunk[1].num_features, track_running_stats=False
+    )
+    with pytest.raises(SettingError, match=r"OODEvalCallback: BatchNorm2d 'trunk.1' has no running statistics"):
+        callback.setup(_fake_trainer(dm), batch_stats, "fit")  # was a ValueError at the first evaluation
+
+
 @pytest.mark.parametrize(("setting", "value"), [("every_n_epochs", 0), ("max_samples", 0), ("every_n_epochs", 1.5)])
 def test_callback_rejects_bad_settings(setting: str, value: object) -> None:
     with pytest.raises(SettingError, match=rf"OODEvalCallback: {setting}={value} must be an integer >= 1"):
@@ -406,5 +438,7 @@ def test_constructors_check_values_but_accept_what_python_callers_pass() -> None
         SettingError, match=re.escape("model.lr='1e-3' is not a number (YAML reads it as text: write 0.001)")
     ):
         GradRegModule(lr="1e-3")
+    with pytest.raises(SettingError, match=re.escape("model.reg_weight=inf must be a finite number")):
+        GradRegModule(reg_weight=float("inf"))  # YAML's .inf
     with pytest.raises(SettingError, match=re.escape("model.m_in=0.0 must be <= model.m_out=-7.0")):
         GradRegModule(method="greg", m_in=0.0, m_out=-7.0, arch_kwargs={"in_channels": 1})

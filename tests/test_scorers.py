@@ -235,6 +235,86 @@ def test_scorer_on_a_model_without_features_and_fc(name: str, tiny: TinyCNN, bat
         score_batch(plain, batch, {name: scorer})
 
 
+class TupleForward(nn.Module):
+    """A user's model whose forward returns ``(logits, features)``; ``features`` and ``fc`` are as required."""
+
+    def __init__(self, inner: TinyCNN) -> None:
+        super().__init__()
+        self.inner, self.fc, self.absent_fc = inner, inner.fc, inner.absent_fc
+        self.register_buffer("input_std", inner.input_std)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.inner.features(x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.inner(x), self.inner.features(x)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scorer_names_a_forward_that_does_not_return_logits(name: str, tiny: TinyCNN, batch: Tensor) -> None:
+    # Scorers that call forward(x) said "'tuple' object has no attribute 'amax'" (gaia_z) and the like.
+    model, scorer = TupleForward(make_tiny()).eval(), build_cheap(name)
+    if scorer.needs_head:  # features and fc only: unaffected
+        torch.testing.assert_close(scorer(model, batch), scorer(make_tiny(), batch), **TIGHT)
+    else:
+        with pytest.raises(TypeError, match=r"TupleForward.forward\(x\) returned tuple: scorers need the logits"):
+            scorer(model, batch)
+
+
+@pytest.mark.parametrize("name", [name for name in ALL if SCORERS.get(name).needs_head])
+def test_scorer_names_features_that_are_not_pooled(name: str, batch: Tensor) -> None:
+    # features(x) as a feature map (the common `self.features = nn.Sequential(...)` idiom): energy returned an
+    # (N, 8, ...) array instead of (N,) where the map's last dimension matched fc's input, else a matmul error.
+    model = make_tiny()
+    model.trunk = model.trunk[:-2]  # no pooling, no flatten: (N, 8, 4, 4)
+    message = r"TinyCNN.features\(x\) returned a 4-D tensor of shape \(5, 8, 4, 4\): scorers need the pooled"
+    with pytest.raises(TypeError, match=message):
+        build_cheap(name)(model, batch)
+    with pytest.raises(TypeError, match=message):
+        score_batch(model, batch, {name: build_cheap(name)})
+
+
+@pytest.mark.parametrize("name", ["gradnorm", "exgrad"])
+def test_last_layer_scorers_need_a_linear_fc(name: str, batch: Tensor) -> None:
+    # With an MLP head as fc, gradnorm's closed form silently differed from the official last-layer gradient.
+    model = make_tiny()
+    model.fc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+    assert not build(name).supports(model)
+    assert build("energy").supports(model)
+    with pytest.raises(TypeError, match=r"TinyCNN.fc is a Sequential, not an nn.Linear"):
+        build(name)(model, batch)
+    with pytest.raises(TypeError, match=r"TinyCNN.fc is a Sequential, not an nn.Linear"):
+        score_batch(model, batch, {name: build(name)})
+
+
+def test_gaia_hooks_syncbatchnorm_and_supports_says_what_it_can_hook(tiny: TinyCNN, batch: Tensor) -> None:
+    # DDP with sync_batchnorm leaves SyncBatchNorm layers, which GAIA's default did not hook ("found no layers").
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(make_tiny()).eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in synced.modules())
+    for name in ("gaia_z", "gaia_a", "purview"):
+        torch.testing.assert_close(build(name)(synced, batch), build(name)(tiny, batch), **TIGHT)
+    plain = make_tiny()
+    plain.trunk[1], plain.trunk[4] = nn.Identity(), nn.Identity()  # nothing to hook
+    for name in ("gaia_z", "gaia_a"):
+        assert not build(name).supports(plain)  # was True, then the call raised
+        with pytest.raises(TypeError, match=r"GAIA found no layers to hook in TinyCNN: define gaia_layers"):
+            build(name)(plain, batch)
+
+
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_purview_under_a_callers_autocast(method: str) -> None:
+    # A caller's autocast made the grouped-convolution route (>= 256 output positions) and torch.func fail with a
+    # backend error ("could not create a primitive descriptor", "expected scalar type BFloat16 but found Float").
+    torch.manual_seed(0)
+    model = _randomize_norms(TinyCNN()).eval()
+    x = torch.randn(2, 2, 32, 32)
+    scorer = build({"name": "purview", "method": method})
+    expected = scorer(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = scorer(model, x)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("make", [make_tiny, make_zoo], ids=["tiny", "zoo"])
 def test_scorer_is_the_same_on_a_channels_last_model(name: str, make, batch: Tensor) -> None:
@@ -269,7 +349,9 @@ def test_build_rejects_unknown_names_and_settings() -> None:
         ({"name": "odin", "temperature": "abc"}, "temperature='abc' is not a number"),
         ({"name": "odin", "temperature": "1e3"}, "temperature='1e3' is not a number (YAML reads it as text"),
         ({"name": "odin", "temperature": 0}, "temperature=0 must be > 0"),
-        ({"name": "msp", "temperature": math.nan}, "temperature=nan must be > 0"),
+        ({"name": "msp", "temperature": math.nan}, "temperature=nan must be a finite number"),
+        ({"name": "odin", "temperature": math.inf}, "temperature=inf must be a finite number"),
+        ({"name": "odin", "epsilon": math.inf}, "epsilon=inf must be a finite number"),
         ({"name": "odin", "epsilon": -0.5}, "epsilon=-0.5 must be >= 0"),
         ({"name": "gradnorm", "temperature": True}, "temperature=True is not a number"),
         ({"name": "margin", "top_k": 1}, "top_k=1 must be >= 2"),

@@ -41,26 +41,53 @@ def require_head(model: nn.Module) -> None:
         )
 
 
+def checked(model: nn.Module, value: object, what: str = "forward(x)") -> Tensor:
+    """``value`` if it is a 2-D tensor, else a TypeError naming what ``model`` returned and what scorers need.
+
+    ``what`` names the call: ``forward(x)`` must give the logits (N, C), ``features(x)`` the pooled vector (N, D).
+    A model returning a tuple or dict, or an unpooled feature map, would otherwise fail deep inside a scorer (or, for
+    the logit scores, return an (N, ...) array of the wrong shape).
+    """
+    if isinstance(value, Tensor) and value.dim() == 2:
+        return value
+    got = type(value).__name__
+    if isinstance(value, Tensor):
+        got = f"a {value.dim()}-D tensor of shape {tuple(value.shape)}"
+    need = "the logits (N, C)" if what == "forward(x)" else "the pooled penultimate vector (N, D)"
+    raise TypeError(
+        f"{type(model).__name__}.{what} returned {got}: scorers need {need}; wrap the model so that it returns them "
+        "(docs/scorers.md, 'What your model must expose')"
+    )
+
+
 def _batch_statistics(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+
+
+def require_running_stats(model: nn.Module) -> None:
+    """Raise a ValueError naming a BatchNorm without running statistics, which would make scores depend on the batch.
+
+    Such a layer (``track_running_stats=False``) normalizes with the statistics of the batch even in eval mode.
+    """
+    for name, m in model.named_modules():
+        if _batch_statistics(m):
+            raise ValueError(
+                f"{type(m).__name__} '{name}' has no running statistics (track_running_stats=False): it normalizes "
+                "with the batch's statistics in eval mode, so scores would depend on the other inputs; scorers need "
+                "running statistics (or a per-sample norm such as GroupNorm)"
+            )
 
 
 @contextmanager
 def scoring(model: nn.Module) -> Iterator[None]:
     """Eval mode (each module's own flag restored afterwards) outside ``inference_mode``, for a per-sample model.
 
-    A BatchNorm without running statistics (``track_running_stats=False``) normalizes with the statistics of the
-    batch even in eval mode, so each score would depend on the other inputs: refused with its name.
+    A BatchNorm without running statistics is refused (:func:`require_running_stats`).
     """
     with eval_mode(model) as modules, torch.inference_mode(False):
         # Checked on the list eval_mode walks anyway: a second walk of the modules costs ~0.1 ms per call (CPU).
         if any(map(_batch_statistics, modules)):
-            name, m = next((n, m) for n, m in model.named_modules() if _batch_statistics(m))
-            raise ValueError(
-                f"{type(m).__name__} '{name}' has no running statistics (track_running_stats=False): it normalizes "
-                "with the batch's statistics in eval mode, so scores would depend on the other inputs; scorers need "
-                "running statistics (or a per-sample norm such as GroupNorm)"
-            )
+            require_running_stats(model)
         yield
 
 
@@ -106,5 +133,5 @@ class OutputScorer(Scorer):
         raise NotImplementedError
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
-        features = model.features(x)
-        return self.score_outputs(features, model.fc(features))
+        features = checked(model, model.features(x), "features(x)")
+        return self.score_outputs(features, checked(model, model.fc(features), "fc(features(x))"))

@@ -8,15 +8,16 @@ Both scores use the gradients of an objective w.r.t. the **outputs** of a set of
 in eval mode for a whole batch at once (eval-mode BatchNorm keeps rows independent, and the backward
 of a sum over the batch gives every row its own gradient). The final ID score is −abnormality.
 
-Hooked layers (``hook.py``): ``model.gaia_layers(variant)`` when the model defines it, with variant
-``"z"`` or ``"a"`` (or ``model.gaia_layers()`` for both), otherwise every ``BatchNorm2d`` and ``GroupNorm``
-module for both. The reference hooks differ by variant and network: GAIA-Z runs with ``-hook bn`` on
-CIFAR (every BatchNorm) and with ``-hook before_head`` on ImageNet; GAIA-A always with
-``-hook before_head`` (WRN: every BatchNorm + the average pool; ResNets: the BatchNorms of ``layer3`` and
-``layer4`` + the ``layer4`` output). In GAIA-Z the last "before head" hook is one more layer; in GAIA-A it
-only gives the denominator, a role the pooled feature vector ``model.features(x)`` plays here, so a
-model's GAIA-A list holds intermediate layers only. :class:`~gradreg.models.CifarResNet18` and
-:class:`~gradreg.models.ResNet50` define the reference choices; WRN's is the default.
+Hooked layers (``hook.py``): ``model.gaia_layers(variant)`` when the model defines it, with variant ``"z"`` or
+``"a"`` (or ``model.gaia_layers()`` for both), otherwise every ``BatchNorm2d``, ``SyncBatchNorm`` (what DDP
+training with ``sync_batchnorm`` leaves in a model) and ``GroupNorm`` module for both. The reference hooks
+differ by variant and network: GAIA-Z runs with ``-hook bn`` on CIFAR (every BatchNorm) and with
+``-hook before_head`` on ImageNet; GAIA-A always with ``-hook before_head`` (WRN: every BatchNorm + the average pool;
+ResNets: the BatchNorms of ``layer3`` and ``layer4`` + the ``layer4`` output). In GAIA-Z the last "before
+head" hook is one more layer; in GAIA-A it only gives the denominator, a role the pooled feature vector
+``model.features(x)`` plays here, so a model's GAIA-A list holds intermediate layers only.
+:class:`~gradreg.models.CifarResNet18` and :class:`~gradreg.models.ResNet50` define the reference choices;
+WRN's is the default.
 
 Deviation (GAIA-A): the reference takes the denominator from the spatial-mean gradient of the last
 hooked feature map (ResNet: ``layer4`` output; WRN: the average-pool output). Here it is the gradient
@@ -41,7 +42,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from gradreg.scorers.base import Scorer
+from gradreg.scorers.base import Scorer, checked
 from gradreg.scorers.registry import SCORERS
 
 GaiaVariant = Literal["z", "a"]
@@ -58,11 +59,11 @@ def gaia_layers(model: nn.Module, variant: GaiaVariant) -> list[nn.Module]:
         # A gaia_layers() without a parameter serves both variants.
         layers = list(method(variant) if inspect.signature(method).parameters else method())
     else:
-        layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.GroupNorm)]
+        layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm | nn.GroupNorm)]
     if not layers:
         raise ValueError(
             f"GAIA found no layers to hook in {type(model).__name__}: define gaia_layers(variant) -> "
-            "list[nn.Module] or use BatchNorm2d/GroupNorm layers"
+            "list[nn.Module] or use BatchNorm2d/SyncBatchNorm/GroupNorm layers"
         )
     return layers
 
@@ -137,7 +138,7 @@ def gaia_z_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
         # The backward runs down to the input so that every hooked output is reached.
         x = x.detach().requires_grad_(True)
         with record_output_grads(layers) as grads:
-            logits = model(x)
+            logits = checked(model, model(x))
         torch.autograd.grad(logits.amax(dim=1).sum(), x)
     ratios = torch.cat([_nonzero_fraction(_per_channel(g)) for g in grads], dim=1)
     return -ratios.square().mean(dim=1)
@@ -164,8 +165,8 @@ def gaia_a_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         with record_output_grads(layers) as grads:
-            features = model.features(x)
-        logits = model.fc(features)
+            features = checked(model, model.features(x), "features(x)")
+        logits = checked(model, model.fc(features), "fc(features(x))")
         # Backward 1 stops at the features, so it reaches none of the hooked layers.
         (feature_grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=1).sum(), features, retain_graph=True)
         torch.autograd.grad(features.sum(), x)
@@ -174,12 +175,24 @@ def gaia_a_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
     return -(channel_means.square() / denom_sq.unsqueeze(1)).mean(dim=1)
 
 
+def _require_layers(model: nn.Module, variant: GaiaVariant) -> None:
+    """:meth:`Scorer.require` of GAIA: a TypeError (so that ``supports`` says False) when there is nothing to hook."""
+    try:
+        gaia_layers(model, variant)
+    except ValueError as err:
+        raise TypeError(str(err)) from None
+
+
 @SCORERS.register("gaia_z")
 @dataclass(frozen=True)
 class GaiaZ(Scorer):
-    """GAIA-Z on ``model.gaia_layers("z")`` or every BatchNorm2d/GroupNorm."""
+    """GAIA-Z on ``model.gaia_layers("z")`` or every BatchNorm2d/SyncBatchNorm/GroupNorm."""
 
     needs_grad: ClassVar[bool] = True
+
+    def require(self, model: nn.Module) -> None:  # noqa: D102
+        super().require(model)
+        _require_layers(model, "z")
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
         return gaia_z_score(model, x)
@@ -188,10 +201,14 @@ class GaiaZ(Scorer):
 @SCORERS.register("gaia_a")
 @dataclass(frozen=True)
 class GaiaA(Scorer):
-    """GAIA-A on ``model.gaia_layers("a")`` or every BatchNorm2d/GroupNorm."""
+    """GAIA-A on ``model.gaia_layers("a")`` or every BatchNorm2d/SyncBatchNorm/GroupNorm."""
 
     needs_grad: ClassVar[bool] = True
     needs_head: ClassVar[bool] = True
+
+    def require(self, model: nn.Module) -> None:  # noqa: D102
+        super().require(model)
+        _require_layers(model, "a")
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
         return gaia_a_score(model, x)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradreg.scorers.base import OutputScorer
 from gradreg.scorers.registry import SCORERS
@@ -89,9 +89,22 @@ def exgrad_score(features: Tensor, logits: Tensor) -> Tensor:
     return -features.norm(dim=1) * expected
 
 
+class LastLayerScorer(OutputScorer):
+    """An :class:`OutputScorer` whose closed form is a gradient of ``fc``'s weight: ``fc`` must be one ``nn.Linear``."""
+
+    def require(self, model: nn.Module) -> None:  # noqa: D102
+        super().require(model)
+        if not isinstance(model.fc, nn.Linear):
+            raise TypeError(
+                f"{type(model).__name__}.fc is a {type(model.fc).__name__}, not an nn.Linear: this scorer's closed "
+                "form is the gradient of the last Linear layer's weight, so features(x) must be that layer's input and "
+                "fc the layer (docs/scorers.md, 'What your model must expose')"
+            )
+
+
 @SCORERS.register("gradnorm")
 @dataclass(frozen=True)
-class GradNorm(OutputScorer):
+class GradNorm(LastLayerScorer):
     """GradNorm in closed form; ``temperature`` is the paper's ``T``."""
 
     temperature: float = 1.0
@@ -103,7 +116,7 @@ class GradNorm(OutputScorer):
 
 @SCORERS.register("exgrad")
 @dataclass(frozen=True)
-class ExGrad(OutputScorer):
+class ExGrad(LastLayerScorer):
     """Negative expected last-layer gradient norm under the model's own predictive distribution."""
 
     def score_outputs(self, features: Tensor, logits: Tensor) -> Tensor:  # noqa: D102

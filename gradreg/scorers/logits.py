@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradreg.scorers.base import OutputScorer, Scorer
+from gradreg.scorers.base import OutputScorer, Scorer, checked
 from gradreg.scorers.registry import SCORERS
 
 
@@ -110,5 +110,5 @@ class Absent(Scorer):
             )
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
-        features = model.features(x)
-        return absent_score(model.fc(features), model.absent_fc(features))
+        features = checked(model, model.features(x), "features(x)")
+        return absent_score(checked(model, model.fc(features), "fc(features(x))"), model.absent_fc(features))

@@ -39,7 +39,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from gradreg.scorers.base import Scorer
+from gradreg.scorers.base import Scorer, checked
 from gradreg.scorers.odin import channel_std
 from gradreg.scorers.registry import SCORERS
 
@@ -170,7 +170,7 @@ def deepfool_margin(
     std = channel_std(model, x)
     project = dct_projector(subspace, x.shape[-2], x.shape[-1], block_size, x.dtype, x.device)
     with torch.no_grad():
-        clean = model(x)
+        clean = checked(model, model(x))
     if clean.shape[1] < 2:
         raise ValueError("a margin needs at least two classes")
     ranked = clean.argsort(dim=1, descending=True)[:, : min(top_k, clean.shape[1])]

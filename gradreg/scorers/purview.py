@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradreg.double_backward import original_type
-from gradreg.scorers.base import Scorer
+from gradreg.scorers.base import Scorer, checked
 from gradreg.scorers.registry import SCORERS
 
 PurviewMethod = Literal["hooks", "vmap"]
@@ -285,6 +285,7 @@ _GRAD_FNS: dict[type[nn.Module], Callable[..., list[Tensor]]] = {
     nn.BatchNorm1d: _batchnorm_grads,
     nn.BatchNorm2d: _batchnorm_grads,
     nn.BatchNorm3d: _batchnorm_grads,
+    nn.SyncBatchNorm: _batchnorm_grads,  # eval mode: the running statistics, as BatchNorm (training mode is refused)
     nn.GroupNorm: _groupnorm_grads,
     nn.LayerNorm: _layernorm_grads,
 }
@@ -349,7 +350,7 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
 
     def sample_loss(p: dict[str, Tensor], xi: Tensor) -> Tensor:
         logits = torch.func.functional_call(model, p, (xi.unsqueeze(0),), strict=False)
-        return confounding_loss(logits).sum()
+        return confounding_loss(checked(model, logits)).sum()
 
     per_sample_grad = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0))
     rows = max(1, MAX_CHUNK_ELEMENTS // max(sum(p.numel() for p in params.values()), 1))
@@ -436,7 +437,7 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
         with torch.enable_grad():
             # The backward runs down to the input so that it reaches every layer's output hook.
             x_in = x.detach().requires_grad_(True)
-            loss = confounding_loss(model(x_in)).sum()
+            loss = confounding_loss(checked(model, model(x_in))).sum()
             fallback.update(_used_outside_their_calls(loss, closed, num_calls))
             torch.autograd.grad(loss, x_in)
     finally:
@@ -460,7 +461,15 @@ def purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod = "ho
 
     Returns:
         Tensor of shape (N, L); column ``l`` belongs to ``purview_layer_names(model)[l]``.
+
+    A caller's autocast is switched off here: the closed forms would mix its half-precision output gradients with
+    full-precision layer inputs, and ``torch.func`` fails on BatchNorm under it.
     """
+    with torch.autocast(x.device.type, enabled=False):
+        return _purview_layer_norms(model, x, method)
+
+
+def _purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod) -> Tensor:
     layers = purview_layers(model)
     if method not in ("hooks", "vmap"):
         raise ValueError(f"unknown purview method '{method}'; valid: hooks, vmap")
