@@ -521,6 +521,25 @@ def test_datamodule_reads_benchmark_sets(tmp_path: Path) -> None:
     assert dm.ood_datasets("val") == {}
 
 
+@pytest.mark.usefixtures("skip_md5")
+def test_ood_set_with_resize_false_is_center_cropped_only(tmp_path: Path) -> None:
+    """GReg's detect.py reads LSUN-C with CenterCrop(32) alone: {name: lsun_c, resize: false} does the same."""
+    from gradreg.data import OODDataModule
+    from gradreg.data.check import check_dataset
+
+    write_cifar10(tmp_path, per_batch=4)
+    image = write_image(tmp_path / "lsun_c" / "0.png", size=36, value=7)
+    specs = ["lsun_c", {"name": "lsun_c", "alias": "lsun_c_crop", "resize": False}]
+    dm = OODDataModule(id_dataset="cifar10", outliers=None, ood_sets=specs, ood_val_sets=[], data_root=str(tmp_path))
+    ood = dm.ood_datasets("test")
+    pixels = torch.from_numpy(np.array(Image.open(image))[2:34, 2:34]).permute(2, 0, 1).float() / 255
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dm.input_mean, dm.input_std))
+    torch.testing.assert_close(ood["lsun_c_crop"][0][0], (pixels - mean) / std)
+    assert not torch.allclose(ood["lsun_c"][0][0], (pixels - mean) / std, atol=1e-3)  # resized 36 -> 32
+    assert check_dataset(specs[1], tmp_path, ["test"])[0]
+    assert not check_dataset({**specs[1], "resize": "no"}, tmp_path, ["test"])[0]
+
+
 @pytest.mark.parametrize(("image_size", "resize"), [(None, 256), (128, 146), (448, 512)])
 def test_image_size_keeps_the_center_crop_ratio(image_size: int | None, resize: int) -> None:
     from gradreg.data import OODDataModule

@@ -213,7 +213,7 @@ def test_config_names_only_registered_parts(path: Path) -> None:
         settings = {"name": spec} if isinstance(spec, str) else dict(spec)
         name = settings.pop("name")
         assert name in DATASETS, f"{path.name}: unknown dataset {name}"
-        assert set(settings) - {"alias", "split"} <= set(DATASETS.settings(name)), f"{path.name}: {spec}"
+        assert set(settings) - {"alias", "split", "resize"} <= set(DATASETS.settings(name)), f"{path.name}: {spec}"
     display = [s if isinstance(s, str) else s.get("alias", s["name"]) for s in data_section.get("ood_sets") or []]
     assert len(display) == len(set(display))
     assert set(data_section.get("near_ood") or []) <= set(display)

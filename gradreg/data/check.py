@@ -126,6 +126,8 @@ def check_dataset(
     """
     settings = _as_dict(spec)
     settings.pop("alias", None)
+    if not isinstance(settings.pop("resize", True), bool):
+        return False, "resize must be true or false (false: center-crop to the ID size without resizing first)"
     if "split" in settings:
         splits = (settings.pop("split"),)
     name = settings.pop("name", None)

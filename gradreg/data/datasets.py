@@ -223,7 +223,7 @@ class ToChannels(torch.nn.Module):
         return x[..., :1, :, :].expand(*x.shape[:-3], self.channels, *x.shape[-2:]).clone()
 
 
-def build_transform(spec: ImageSpec, augment: str = "none") -> Callable[[Any], Tensor]:
+def build_transform(spec: ImageSpec, augment: str = "none", resize: bool = True) -> Callable[[Any], Tensor]:
     """Image -> normalized float tensor of shape (channels, size, size).
 
     Args:
@@ -231,12 +231,16 @@ def build_transform(spec: ImageSpec, augment: str = "none") -> Callable[[Any], T
         augment: ``"none"`` (evaluation: resize + center crop), ``"crop"`` (random crop with
             ``size // 8`` padding), ``"crop_flip"`` (plus horizontal flip: the CIFAR recipe of the
             energy/GReg code), or ``"imagenet"`` (random resized crop + flip).
+        resize: ``False`` skips the resize before the center crop (an OOD set's ``resize: false``, e.g. GReg's
+            ``CenterCrop(32)`` of the 36x36 LSUN-C images).
     """
     ops: list[Callable] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), ToChannels(spec.channels)]
     if augment == "imagenet":
         ops += [v2.RandomResizedCrop(spec.size, antialias=True), v2.RandomHorizontalFlip()]
     else:
-        ops += [v2.Resize(spec.resize or spec.size, antialias=True), v2.CenterCrop(spec.size)]
+        if resize:
+            ops.append(v2.Resize(spec.resize or spec.size, antialias=True))
+        ops.append(v2.CenterCrop(spec.size))
         if augment in ("crop", "crop_flip"):
             ops.append(v2.RandomCrop(spec.size, padding=max(1, spec.size // 8)))
         if augment == "crop_flip":
@@ -264,6 +268,11 @@ class Transformed(Dataset):
 DEFAULT_OOD_SETS = ["digits_heldout", "noise"]  # OOD sets of a datamodule without data.ood_sets: the embedded ones
 
 
+def resizes(spec: str | dict[str, Any]) -> bool:
+    """Whether a set's images are resized before the center crop (``resize: false`` in its spec: crop only)."""
+    return isinstance(spec, str) or spec.get("resize", True) is not False
+
+
 def dataset_name(spec: str | dict[str, Any]) -> str:
     """Display name of a dataset spec: its ``alias`` if given, else its registry name."""
     return spec if isinstance(spec, str) else str(spec.get("alias", spec["name"]))
@@ -279,6 +288,7 @@ def build_dataset(spec: str | dict[str, Any], root: str | Path, split: str, **ex
         spec = {"name": spec}
     spec = dict(spec)
     spec.pop("alias", None)
+    spec.pop("resize", None)  # a transform setting (OODDataModule.ood_datasets), not the reader's
     split = spec.pop("split", split)
     accepted = DATASETS.settings(spec["name"])
     extra = {k: v for k, v in extra.items() if k in accepted and k not in spec}

@@ -29,6 +29,7 @@ from gradreg.data.datasets import (
     build_dataset,
     build_transform,
     dataset_name,
+    resizes,
 )
 from gradreg.data.outliers import OutlierStream
 from gradreg.registry import Bounds, SettingError, check_settings
@@ -187,8 +188,10 @@ class OODDataModule(LightningDataModule):
     def ood_datasets(self, split: Literal["val", "test"] = "test") -> dict[str, Dataset]:
         """Transformed OOD sets by display name; ``split="val"`` gives the sets the per-epoch callback uses."""
         specs = self.ood_sets if split == "test" or self.ood_val_sets is None else self.ood_val_sets
-        eval_tf = build_transform(self.spec, "none")
-        return {dataset_name(s): Transformed(self._build(s, split), eval_tf) for s in specs}
+        return {
+            dataset_name(s): Transformed(self._build(s, split), build_transform(self.spec, "none", resize=resizes(s)))
+            for s in specs
+        }
 
     # ----------------------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batch_size: int | None = None, **kw: Any) -> DataLoader:
