@@ -104,7 +104,8 @@ def run_user_errors(main: Callable[[], int | None]) -> Callable[[], None]:
         try:
             code = main()
         except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr)
+            if not getattr(err, "silent", False):  # raised on every DDP rank alike: rank 0 says it
+                print(f"error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
         raise SystemExit(code or 0)
 

@@ -217,12 +217,7 @@ class GradRegModule(LightningModule):
 
         loss = out.pop("loss")
         losses = {k.removeprefix("loss/"): v for k, v in out.items() if k.startswith("loss/")}
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss ({terms}) at epoch {self.current_epoch}, step {self.global_step}; "
-                f"lower the learning rate (model.lr={self.hparams.lr}) or check the input data"
-            )
+        self._stop_on_non_finite(loss, losses)
         # sync_dist: under DDP the logged values (and a train/* run.monitor) are the mean over all ranks, not rank 0's.
         kw = {"on_epoch": True, "batch_size": n_id, "sync_dist": True}
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, **kw)
@@ -230,6 +225,28 @@ class GradRegModule(LightningModule):
         self.log_dict(stats, on_step=False, **kw)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, **kw)
         return loss
+
+    def _stop_on_non_finite(self, loss: Tensor, losses: dict[str, Tensor]) -> None:
+        """Raise :class:`NonFiniteLossError` on every rank if the loss is NaN or infinite on any of them.
+
+        Under DDP a rank that stopped alone would leave the others waiting in the next collective (or failing in it
+        with a long gloo/NCCL traceback): the loss and its terms are gathered, so every rank stops at the same step
+        with the same message, naming the rank whose loss broke; only rank 0 prints it (``silent`` elsewhere).
+        """
+        values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).double()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rows = self.all_gather(values).reshape(-1, len(values)) if world > 1 else values[None]
+        bad = (~torch.isfinite(rows[:, 0])).nonzero().flatten().tolist()
+        if not bad:
+            return
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, rows[bad[0], 1:].tolist(), strict=True))
+        where = f" on rank {', '.join(map(str, bad))}" if world > 1 else ""
+        err = NonFiniteLossError(
+            f"non-finite training loss{where} ({terms}) at epoch {self.current_epoch}, step {self.global_step}; "
+            f"lower the learning rate (model.lr={self.hparams.lr}) or check the input data"
+        )
+        err.silent = world > 1 and self.global_rank != 0  # type: ignore[attr-defined]
+        raise err
 
     def _forward_losses(self, x_id: Tensor, y: Tensor, x_out: Tensor) -> dict[str, Tensor]:
         """One forward of ID + outliers: ``loss``, its terms ``loss/<name>``, statistics and (for POEM) features."""
@@ -297,13 +314,17 @@ class GradRegModule(LightningModule):
     def on_fit_start(self) -> None:
         """NTOM and POEM size their kept block by the number of ID training images; ``cuda_graph``'s limits."""
         if self.captured_step is not None:
-            self._check_capturable()
+            self.check_capturable(self.trainer)
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "id_dataset_for"):
             self.sampler.setup(id_train_size=len(dm.id_dataset_for("train")))
 
-    def _check_capturable(self) -> None:
-        trainer = self.trainer
+    def check_capturable(self, trainer: Any) -> None:
+        """Raise :class:`UnsupportedSettingError` if ``trainer``'s settings rule out ``cuda_graph``.
+
+        ``train.py`` calls it before ``fit`` too: the loggers (wandb's folder) start before any hook of the module,
+        and under DDP before the other ranks exist, so the line is said once and the run leaves no folder.
+        """
         problems = {
             f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}": trainer.accumulate_grad_batches > 1,
             f"{trainer.world_size} processes": trainer.world_size > 1,

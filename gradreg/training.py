@@ -267,6 +267,8 @@ def fit(cli: GradRegCLI) -> int:
     try:
         if cli.config.run.resume is not None:
             _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
+        if cli.model.captured_step is not None:  # before the loggers and the other DDP ranks start
+            cli.model.check_capturable(cli.trainer)
         with warnings.catch_warnings():
             # Without validation Lightning only warns about a monitor it cannot find, and best.ckpt never appears.
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")

@@ -286,6 +286,13 @@ def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not any((tmp_path / "runs").iterdir()), "a run that wrote nothing leaves no folder"
 
 
+def test_cuda_graph_with_ddp_stops_before_the_run_starts(tmp_path: Path) -> None:
+    """Said once, before wandb or the other rank start, and the run leaves no folder behind."""
+    proc = train(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.cuda_graph", "true")
+    assert_one_line_error(proc, "model.cuda_graph=true does not support 2 processes")
+    assert not any((tmp_path / "runs").iterdir()), "a run that wrote nothing leaves no folder"
+
+
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [

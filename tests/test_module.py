@@ -180,6 +180,41 @@ def test_ddp_two_cpu_processes_train(tmp_path: Path, launcher: str) -> None:
     assert "sync_dist" not in proc.stderr  # train/* values are reduced over the ranks
 
 
+POISON = """
+from lightning.pytorch import Callback
+
+
+class Poison(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:  # a NaN loss on rank 1 only
+            batch["id"][0].fill_(float("nan"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_ddp_nan_loss_on_one_rank_stops_every_rank_in_one_line(tmp_path: Path, launcher: str) -> None:
+    """Every rank stops at the same step (no rank waits in a collective) and only rank 0 prints the error line."""
+    (tmp_path / "poison.py").write_text(POISON)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = [
+        sys.executable, *(torchrun if launcher == "torchrun" else []), str(ROOT / "train.py"),
+        "--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path / "runs"),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "4", "--trainer.logger", "false", "--trainer.callbacks+=poison.Poison",
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]  # rank 0 says it; rank 1 stops silently
+    assert "non-finite training loss on rank 1" in errors[0], errors
+    assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]  # rank 0 stopped too, not in gloo
+    assert not (tmp_path / "runs" / "latest").exists()
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
