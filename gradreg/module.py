@@ -311,13 +311,25 @@ class GradRegModule(LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._eval_step(batch, "test")
 
+    def setup(self, stage: str) -> None:
+        """Before the training loader exists: the per-epoch samplers' ID size and their hook on the outlier loader.
+
+        NTOM and POEM size their kept block by the number of ID training images, and mine the pool when the outlier
+        loader starts an epoch (:meth:`_mine_at_epoch_start`).
+        """
+        dm = self.trainer.datamodule
+        if stage != "fit" or dm is None:
+            return
+        if hasattr(dm, "id_dataset_for"):
+            self.sampler.setup(id_train_size=len(dm.id_dataset_for("train")))
+        stream = getattr(dm, "outlier_stream", None)
+        if self.sampler.per_epoch and stream is not None:
+            stream.on_iteration_start = self._mine_at_epoch_start
+
     def on_fit_start(self) -> None:
-        """NTOM and POEM size their kept block by the number of ID training images; ``cuda_graph``'s limits."""
+        """``cuda_graph``'s limits."""
         if self.captured_step is not None:
             self.check_capturable(self.trainer)
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "id_dataset_for"):
-            self.sampler.setup(id_train_size=len(dm.id_dataset_for("train")))
 
     def check_capturable(self, trainer: Any) -> None:
         """Raise :class:`UnsupportedSettingError` if ``trainer``'s settings rule out ``cuda_graph``.
@@ -345,11 +357,29 @@ class GradRegModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         self.sampler.load_state_dict(checkpoint.get("sampler_state", {}))
 
-    def on_train_epoch_start(self) -> None:
-        """Per-epoch samplers (NTOM, POEM) scan the outlier pool here and restrict the candidate stream."""
-        stream = getattr(self.trainer.datamodule, "outlier_stream", None)
-        if self.sampler.per_epoch and stream is not None:
-            self.sampler.on_train_epoch_start(self.model, stream.pool, stream, self.trainer.datamodule.batch_size)
+    def on_train_epoch_start(self) -> None:  # noqa: D102
+        self._mine_at_epoch_start(known_start=True)
+
+    def on_train_epoch_end(self) -> None:  # noqa: D102
+        dm = self.trainer.datamodule
+        if getattr(dm, "outlier_stream", None) is not None:
+            dm.epoch_start_position = dm.outlier_stream.position
+
+    def _mine_at_epoch_start(self, known_start: bool = False) -> None:
+        """Per-epoch samplers (NTOM, POEM) scan the outlier pool and restrict the candidate stream, once an epoch.
+
+        Called by :meth:`on_train_epoch_start` and when the outlier loader starts an iteration, whichever comes first:
+        a loader with workers reads its first indices when its iterator is created, which Lightning does before
+        ``on_train_epoch_start`` in a fit's first epoch (and, with a cosine schedule, before it restores its loops).
+        The loader's call mines only at a position where an epoch starts (not when a run resumes inside an epoch,
+        whose restriction the checkpoint holds).
+        """
+        dm = self.trainer.datamodule
+        stream = getattr(dm, "outlier_stream", None)
+        if not self.sampler.per_epoch or stream is None or stream.restricted_at == stream.position:
+            return
+        if known_start or stream.position == getattr(dm, "epoch_start_position", None):
+            self.sampler.on_train_epoch_start(self.model, stream.pool, stream, dm.batch_size)
 
     # ----------------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:  # noqa: D102

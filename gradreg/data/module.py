@@ -126,6 +126,8 @@ class OODDataModule(LightningDataModule):
         self.outlier_stream: OutlierStream | None = None
         self._stream_state: dict | None = None
         self._restored_epoch = 0  # the fit loop's epoch count in the checkpoint a run resumes from
+        # The stream position where an epoch starts that has not drawn yet (None: the run stands inside an epoch).
+        self.epoch_start_position: int | None = 0
         self._sets: dict[str, Dataset] = {}
 
     # ----------------------------------------------------------------------------------------------------------
@@ -248,10 +250,22 @@ class OODDataModule(LightningDataModule):
         state: dict[str, Any] = {"epoch": self._epoch()}
         if self.outlier_stream is not None:
             state["outlier_stream"] = self.outlier_stream.state_dict()
+            state["epoch_start"] = self.outlier_stream.position if self._epoch_drawn() else None
         return state
+
+    def _epoch_drawn(self) -> bool:
+        """Whether the current training epoch has drawn all its batches: the stream's position starts the next epoch.
+
+        True for a checkpoint at an epoch's end or at its last validation, False inside an epoch.
+        """
+        if self.trainer is None:
+            return True
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return progress.ready == 0 or progress.ready >= self.trainer.num_training_batches
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
         self._restored_epoch = state_dict.get("epoch", 0)
         self._stream_state = state_dict.get("outlier_stream")
+        self.epoch_start_position = state_dict.get("epoch_start")
         if self.outlier_stream is not None and self._stream_state is not None:
             self.outlier_stream.load_state_dict(self._stream_state)

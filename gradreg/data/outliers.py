@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -374,12 +374,20 @@ class OutlierStream:
         self._segment_start = 0  # position where the current segment began
         self._indices: Tensor | None = None  # the restriction (sorted unique pool indices), None = whole pool
         self._order_cache: tuple[tuple[int, int], Tensor] | None = None
+        # Called when a loader iteration starts, before its first indices: a loader with workers reads them as soon
+        # as its iterator exists, which Lightning creates before on_train_epoch_start in a fit's first epoch.
+        self.on_iteration_start: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ positions and passes
     @property
     def position(self) -> int:
         """Training batches consumed so far: the position of the next batch."""
         return self._position
+
+    @property
+    def restricted_at(self) -> int | None:
+        """The position of the last :meth:`restrict` (``None`` before any)."""
+        return self._segment_start if self._segment > 0 else None
 
     @property
     def num_candidates(self) -> int:
@@ -553,6 +561,8 @@ class _StreamSampler(DistributedSampler):
         return self.num_batches() * self.stream.batch_size
 
     def __iter__(self) -> Iterator[int]:
+        if self.stream.on_iteration_start is not None:
+            self.stream.on_iteration_start()
         start, rank, world = self.stream.position, self.rank, self.num_replicas
         for j in range(self.num_batches()):
             # Computed lazily, batch by batch, so that a restrict() made meanwhile applies to later positions.
