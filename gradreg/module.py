@@ -299,17 +299,42 @@ class GradRegModule(LightningModule):
         if self.captured_step is None:
             super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
-    def _eval_step(self, batch: Any, prefix: str) -> None:
+    def _eval_step(self, batch: Any) -> None:
+        """Add a batch's summed loss, correct predictions and size to the epoch's sums (float64)."""
         x, y = batch
         logits = upcast(self.model(x))
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
+        loss, correct = F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
+        self._eval_sums += torch.stack([loss.double(), correct.double(), loss.new_tensor(len(y), dtype=torch.float64)])
+
+    def _log_eval(self, prefix: str) -> None:
+        """``{prefix}/loss`` and ``{prefix}/acc`` over the whole set: the sums of every rank's shard.
+
+        Means of per-batch or per-rank means would weigh a short last batch or a short shard like a full one.
+        """
+        sums = self._eval_sums
+        if self.trainer.world_size > 1:
+            sums = self.all_gather(sums).reshape(-1, 3).sum(0)
+        loss, correct, n = sums.tolist()
+        if n:  # identical on every rank: sync_dist only keeps Lightning's epoch-level logging check quiet
+            self.log(f"{prefix}/loss", loss / n, sync_dist=True)
+            self.log(f"{prefix}/acc", correct / n, prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_start(self) -> None:  # noqa: D102
+        self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._eval_step(batch, "val")
+        self._eval_step(batch)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._eval_step(batch, "test")
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:  # noqa: D102
+        self._log_eval("test")
 
     def setup(self, stage: str) -> None:
         """Before the training loader exists: the per-epoch samplers' ID size and their hook on the outlier loader.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
+from gradreg.data.module import Strided
 from gradreg.module import GradRegModule
 from gradreg.registry import SettingError
 from gradreg.training import is_rank_zero
@@ -178,6 +181,18 @@ def test_ddp_two_cpu_processes_train(tmp_path: Path, launcher: str) -> None:
     assert (tmp_path / "runs" / "quickstart-001" / "last.ckpt").is_file()
     assert proc.stdout.count("run directory:") == 1  # rank 0 reports it
     assert "sync_dist" not in proc.stderr  # train/* values are reduced over the ranks
+    dm = OODDataModule()  # the quickstart's ID data
+    n_val = len(dm.id_dataset_for("val"))
+    with open(tmp_path / "runs" / "quickstart-001" / "metrics.csv") as f:
+        (acc,) = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
+    assert acc * n_val == pytest.approx(round(acc * n_val), abs=1e-6)  # correct / 217, not / 218 with a padded shard
+
+
+@pytest.mark.parametrize(("n", "world"), [(217, 2), (217, 3), (2, 3)])
+def test_eval_shards_hold_every_item_once(n: int, world: int) -> None:
+    shards = [list(Strided(range(n), world, rank)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))  # no padding duplicates
+    assert [len(Strided(range(n), world, rank)) for rank in range(world)] == [len(shard) for shard in shards]
 
 
 POISON = """
@@ -347,6 +362,20 @@ def _fake_trainer(dm: OODDataModule):
     return FakeTrainer()
 
 
+def _wandb_records(folder: Path, expected: bytes) -> bytes:
+    """The offline run's records, once ``expected`` is among them or after 30 s.
+
+    wandb's service process can still be writing the file when ``finish()`` returns (seen under load: only the
+    8-byte header was there); the callback logs the table and the histograms in one record.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        records = next(folder.glob("wandb/offline-run-*/*.wandb")).read_bytes()
+        if expected in records or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("bias", [5e14, math.inf])
 def test_callback_histograms_survive_a_diverged_model(bias: float, tmp_path: Path) -> None:
     # Every image gets the same huge energy (numpy cannot cut [E - 0.5, E + 0.5] into 64 bins at 5e14), or inf/NaN.
@@ -361,7 +390,7 @@ def test_callback_histograms_survive_a_diverged_model(bias: float, tmp_path: Pat
     with pytest.warns(UserWarning, match="NaN") if math.isinf(bias) else contextlib.nullcontext():
         OODEvalCallback(scorers=["energy", "msp"], cache_mb=0).evaluate(trainer, model, "val")
     trainer.loggers[0].experiment.finish()
-    records = next(tmp_path.glob("wandb/offline-run-*/*.wandb")).read_bytes()
+    records = _wandb_records(tmp_path, b"ood/table")
     assert b"ood/table" in records
     assert b"hist/id/energy" not in records
     assert (b"hist/id/msp" in records) == math.isfinite(bias)  # all 1.0, or all NaN

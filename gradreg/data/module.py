@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +56,23 @@ class EpochShuffle(DistributedSampler):
     def __init__(self, dataset: Dataset, seed: int, epoch: int, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.epoch = epoch
+
+
+class Strided(DistributedSampler):
+    """An evaluation shard: rank ``r`` of ``W`` reads items ``r, r + W, r + 2W, ...``, every item once over the ranks.
+
+    Lightning's own ``DistributedSampler`` pads the shards to equal length with repeated items, which would count
+    twice in ``val/*`` and ``test/*``; it leaves a ``DistributedSampler`` subclass in place.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
 
 
 class OODDataModule(LightningDataModule):
@@ -212,7 +230,7 @@ class OODDataModule(LightningDataModule):
     def train_dataloader(self) -> CombinedLoader | DataLoader:  # noqa: D102
         self.setup("fit")
         dataset = self.id_dataset_for("train")
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        world, rank = self._world_and_rank()
         global_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's
         seed = int(np.random.SeedSequence([global_seed, self.seed]).generate_state(1)[0])
         epoch = max(self._epoch(), self._restored_epoch)  # Lightning may build the loader before restoring its loop
@@ -225,10 +243,17 @@ class OODDataModule(LightningDataModule):
         return CombinedLoader({"id": id_loader, "outliers": outliers}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:  # noqa: D102
-        return self._loader(self.id_dataset_for("val"))
+        return self._eval_shard(self.id_dataset_for("val"))
 
     def test_dataloader(self) -> DataLoader:  # noqa: D102
-        return self._loader(self.id_dataset_for("test"))
+        return self._eval_shard(self.id_dataset_for("test"))
+
+    def _eval_shard(self, dataset: Dataset) -> DataLoader:
+        """This rank's unpadded share of ``dataset`` (the whole of it on one device)."""
+        return self._loader(dataset, sampler=Strided(dataset, *self._world_and_rank()))
+
+    def _world_and_rank(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count consumed outlier batches so a checkpoint resumes the stream exactly where it was."""
