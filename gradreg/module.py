@@ -233,7 +233,9 @@ class GradRegModule(LightningModule):
         with a long gloo/NCCL traceback): the loss and its terms are gathered, so every rank stops at the same step
         with the same message, naming the rank whose loss broke; only rank 0 prints it (``silent`` elsewhere).
         """
-        values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).double()
+        values = torch.stack(
+            [loss.detach(), *(v.detach() for v in losses.values())]
+        ).float()  # MPS has no float64 (a float64 loss past 3e38 counts as diverged)
         world = self.trainer.world_size if self._trainer is not None else 1
         rows = self.all_gather(values).reshape(-1, len(values)) if world > 1 else values[None]
         bad = (~torch.isfinite(rows[:, 0])).nonzero().flatten().tolist()
@@ -304,7 +306,8 @@ class GradRegModule(LightningModule):
         x, y = batch
         logits = upcast(self.model(x))
         loss, correct = F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
-        self._eval_sums += torch.stack([loss.double(), correct.double(), loss.new_tensor(len(y), dtype=torch.float64)])
+        sums = self._eval_sums
+        sums += torch.stack([loss.to(sums.dtype), correct.to(sums.dtype), sums.new_full((), len(y))])
 
     def _log_eval(self, prefix: str) -> None:
         """``{prefix}/loss`` and ``{prefix}/acc`` over the whole set: the sums of every rank's shard.
@@ -320,7 +323,8 @@ class GradRegModule(LightningModule):
             self.log(f"{prefix}/acc", correct / n, prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:  # noqa: D102
-        self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        self._eval_sums = torch.zeros(3, dtype=dtype, device=self.device)
 
     on_test_epoch_start = on_validation_epoch_start
 

@@ -39,8 +39,9 @@ def check_settings(values: Mapping[str, Any], hints: Mapping[str, Any], bounds: 
         hint = hints.get(name, Any)
         if not _matches(value, hint):
             raise SettingError(f"{prefix}{name}={value!r} is not {_describe(hint)}{_yaml_note(value, hint)}")
-        if isinstance(value, numbers.Real) and not math.isfinite(value):  # YAML's .inf and .nan are floats
-            raise SettingError(f"{prefix}{name}={value!r} must be a finite number")
+        items = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in items):  # YAML's .inf and .nan
+            raise SettingError(f"{prefix}{name}={value!r} must be finite")
         op, bound = bounds.get(name, (None, None))
         if op is not None and value is not None and not (value > bound if op == ">" else value >= bound):
             raise SettingError(f"{prefix}{name}={value!r} must be {op} {bound}")

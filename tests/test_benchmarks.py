@@ -17,6 +17,7 @@ from PIL import Image
 from gradreg.data import benchmarks
 from gradreg.data.benchmarks import IMAGENET_WNIDS, imagenet_subset_wnids, read_idx, read_list_file
 from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, Transformed, build_dataset, build_transform
+from gradreg.registry import SettingError
 
 # ALGORITHMS.md 1.4: GReg's 10 ImageNet ID classes, labels 0..9 in this order.
 GREG_IMAGENET10 = [
@@ -183,6 +184,16 @@ def test_locate_checks_published_md5_sums(tmp_path: Path) -> None:
     assert benchmarks._require("x", tmp_path, [file], "how", md5={"f.bin": digest}).path == tmp_path
     with pytest.raises(DatasetNotFoundError, match=r"f\.bin"):
         benchmarks._require("x", tmp_path, [file], "how", md5={"f.bin": digest[::-1]})
+
+
+def test_idx_check_reads_multi_member_gzip_files(tmp_path: Path) -> None:
+    """The gzip trailer gives the size of the last member only: such a file is whole, not truncated."""
+    data = idx_bytes(np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4))
+    (tmp_path / "a.gz").write_bytes(gzip.compress(data[:10]) + gzip.compress(data[10:]))
+    benchmarks.check_idx(tmp_path / "a.gz")
+    (tmp_path / "b.gz").write_bytes(gzip.compress(data[:10]) + gzip.compress(data[10:-1]))
+    with pytest.raises(ValueError, match="truncated"):
+        benchmarks.check_idx(tmp_path / "b.gz")
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -538,6 +549,10 @@ def test_ood_set_with_resize_false_is_center_cropped_only(tmp_path: Path) -> Non
     assert not torch.allclose(ood["lsun_c"][0][0], (pixels - mean) / std, atol=1e-3)  # resized 36 -> 32
     assert check_dataset(specs[1], tmp_path, ["test"])[0]
     assert not check_dataset({**specs[1], "resize": "no"}, tmp_path, ["test"])[0]
+    with pytest.raises(SettingError, match=r"lsun_c_crop: resize='no' is not true or false"):
+        OODDataModule(ood_sets=[{**specs[1], "resize": "no"}])
+    with pytest.raises(SettingError, match=r"data.id_dataset: 'resize' applies to OOD sets only"):
+        OODDataModule(id_dataset={"name": "cifar10", "resize": False})
 
 
 @pytest.mark.parametrize(("image_size", "resize"), [(None, 256), (128, 146), (448, 512)])

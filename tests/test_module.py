@@ -502,7 +502,9 @@ def test_constructors_check_values_but_accept_what_python_callers_pass() -> None
         SettingError, match=re.escape("model.lr='1e-3' is not a number (YAML reads it as text: write 0.001)")
     ):
         GradRegModule(lr="1e-3")
-    with pytest.raises(SettingError, match=re.escape("model.reg_weight=inf must be a finite number")):
+    with pytest.raises(SettingError, match=re.escape("model.reg_weight=inf must be finite")):
         GradRegModule(reg_weight=float("inf"))  # YAML's .inf
+    with pytest.raises(SettingError, match=re.escape("model.input_std=[0.3, nan] must be finite")):
+        GradRegModule(input_std=[0.3, math.nan])
     with pytest.raises(SettingError, match=re.escape("model.m_in=0.0 must be <= model.m_out=-7.0")):
         GradRegModule(method="greg", m_in=0.0, m_out=-7.0, arch_kwargs={"in_channels": 1})

@@ -274,6 +274,15 @@ def test_scorer_names_features_that_are_not_pooled(name: str, batch: Tensor) -> 
         score_batch(model, batch, {name: build_cheap(name)})
 
 
+def test_scorer_names_an_fc_that_does_not_return_logits(batch: Tensor) -> None:
+    model = make_tiny()
+    model.fc = nn.Sequential(model.fc, nn.Unflatten(1, (-1, 1)))  # (N, C, 1)
+    with pytest.raises(
+        TypeError, match=r"TinyCNN.fc\(features\(x\)\) returned a 3-D tensor .*: scorers need the logits"
+    ):
+        build("energy")(model, batch)
+
+
 @pytest.mark.parametrize("name", ["gradnorm", "exgrad"])
 def test_last_layer_scorers_need_a_linear_fc(name: str, batch: Tensor) -> None:
     # With an MLP head as fc, gradnorm's closed form silently differed from the official last-layer gradient.
@@ -349,9 +358,9 @@ def test_build_rejects_unknown_names_and_settings() -> None:
         ({"name": "odin", "temperature": "abc"}, "temperature='abc' is not a number"),
         ({"name": "odin", "temperature": "1e3"}, "temperature='1e3' is not a number (YAML reads it as text"),
         ({"name": "odin", "temperature": 0}, "temperature=0 must be > 0"),
-        ({"name": "msp", "temperature": math.nan}, "temperature=nan must be a finite number"),
-        ({"name": "odin", "temperature": math.inf}, "temperature=inf must be a finite number"),
-        ({"name": "odin", "epsilon": math.inf}, "epsilon=inf must be a finite number"),
+        ({"name": "msp", "temperature": math.nan}, "temperature=nan must be finite"),
+        ({"name": "odin", "temperature": math.inf}, "temperature=inf must be finite"),
+        ({"name": "odin", "epsilon": math.inf}, "epsilon=inf must be finite"),
         ({"name": "odin", "epsilon": -0.5}, "epsilon=-0.5 must be >= 0"),
         ({"name": "gradnorm", "temperature": True}, "temperature=True is not a number"),
         ({"name": "margin", "top_k": 1}, "top_k=1 must be >= 2"),

@@ -376,7 +376,17 @@ def check_idx(path: Path) -> None:
     except (OSError, EOFError) as err:
         raise ValueError(f"{path}: cannot decompress ({err})") from None
     shape, offset = _idx_header(head, path)
-    _idx_size(path, shape, offset, size, modulo=2**32 if path.suffix == ".gz" else None)
+    if path.suffix == ".gz" and (offset + int(np.prod(shape))) % 2**32 != size:
+        size = _gunzipped_size(path)  # the trailer describes only the last member of a multi-member file
+    _idx_size(path, shape, offset, size)
+
+
+def _gunzipped_size(path: Path) -> int:
+    try:
+        with gzip.open(path) as f:
+            return sum(len(chunk) for chunk in iter(lambda: f.read(1 << 20), b""))
+    except (OSError, EOFError) as err:  # a cut file ends before its end-of-stream marker
+        raise ValueError(f"{path}: cannot decompress ({err}; truncated?)") from None
 
 
 def _idx_header(head: bytes, path: Path) -> tuple[tuple[int, ...], int]:
@@ -389,9 +399,8 @@ def _idx_header(head: bytes, path: Path) -> tuple[tuple[int, ...], int]:
     return tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)), 4 + 4 * ndim
 
 
-def _idx_size(path: Path, shape: tuple[int, ...], offset: int, size: int, modulo: int | None = None) -> None:
-    expected = offset + int(np.prod(shape))
-    if (expected % modulo if modulo else expected) != size:
+def _idx_size(path: Path, shape: tuple[int, ...], offset: int, size: int) -> None:
+    if offset + int(np.prod(shape)) != size:
         raise ValueError(f"{path}: header says {shape} but the file holds a different amount of data (truncated?)")
 
 

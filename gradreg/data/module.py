@@ -124,6 +124,14 @@ class OODDataModule(LightningDataModule):
         check_settings(self.hparams, typing.get_type_hints(OODDataModule.__init__), BOUNDS, prefix="data.")
         if not val_fraction < 1:
             raise SettingError(f"data.val_fraction={val_fraction} must be < 1 (the rest of the ID data trains)")
+        for key, specs in (("id_dataset", [id_dataset]), ("outliers", [outliers])):
+            if any(isinstance(s, dict) and "resize" in s for s in specs):
+                raise SettingError(f"data.{key}: 'resize' applies to OOD sets only (ood_sets, ood_val_sets)")
+        for spec in [*(ood_sets or []), *(ood_val_sets or [])]:
+            if isinstance(spec, dict) and not isinstance(spec.get("resize", True), bool):
+                raise SettingError(
+                    f"data.ood_sets: {dataset_name(spec)}: resize={spec['resize']!r} is not true or false"
+                )
         self.id_dataset = id_dataset
         self.outliers = outliers
         self.ood_sets = list(ood_sets if ood_sets is not None else DEFAULT_OOD_SETS)
@@ -250,7 +258,10 @@ class OODDataModule(LightningDataModule):
 
     def _eval_shard(self, dataset: Dataset) -> DataLoader:
         """This rank's unpadded share of ``dataset`` (the whole of it on one device)."""
-        return self._loader(dataset, sampler=Strided(dataset, *self._world_and_rank()))
+        world, rank = self._world_and_rank()
+        if len(dataset) < world:  # type: ignore[arg-type]
+            raise ValueError(f"the ID evaluation set has {len(dataset)} images, fewer than the {world} processes")  # type: ignore[arg-type]
+        return self._loader(dataset, sampler=Strided(dataset, world, rank))
 
     def _world_and_rank(self) -> tuple[int, int]:
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)

@@ -49,9 +49,9 @@ Lightning facts this relies on (checked in lightning 2.6.6): a sized ``CombinedL
 earlier batch has been consumed and the position is exact. ``max_size_cycle`` runs until *every* loader is
 exhausted once, so the outlier loader must not be longer than the ID loader: pass ``max_batches`` (per rank)
 to :meth:`OutlierStream.dataloader`, or size ``candidates_per_epoch``, so that the ID loader sets the epoch.
-Caveat: with ``num_workers > 0`` a DataLoader draws ``2 * num_workers`` batches of indices as soon as it is
-iterated, and Lightning creates the first epoch's iterator before ``on_train_epoch_start``; a restriction made
-there (NTOM) therefore reaches the first epoch only after those prefetched batches.
+With ``num_workers > 0`` a DataLoader draws ``2 * num_workers`` batches of indices as soon as it is iterated, and
+Lightning creates the first epoch's iterator before ``on_train_epoch_start``: a per-epoch restriction (NTOM, POEM)
+is therefore made in :attr:`OutlierStream.on_iteration_start` when the iteration starts an epoch.
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ class ImageFolderDataset(Dataset):
 
 def _class_folders(root: Path, name: str) -> list[str]:
     if not root.is_dir():
-        raise DatasetNotFoundError(name, root, "expected a folder with one sub-folder of images per class")
+        how = "expected a folder with one sub-folder of images per class (ImageNet: ILSVRC-2012's train/, docs/data.md)"
+        raise DatasetNotFoundError(name, root, how)
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not folders:
         raise DatasetNotFoundError(name, root, "the folder has no class sub-folders (root/<class>/<image>)")

@@ -53,7 +53,7 @@ def checked(model: nn.Module, value: object, what: str = "forward(x)") -> Tensor
     got = type(value).__name__
     if isinstance(value, Tensor):
         got = f"a {value.dim()}-D tensor of shape {tuple(value.shape)}"
-    need = "the logits (N, C)" if what == "forward(x)" else "the pooled penultimate vector (N, D)"
+    need = "the pooled penultimate vector (N, D)" if what == "features(x)" else "the logits (N, C)"
     raise TypeError(
         f"{type(model).__name__}.{what} returned {got}: scorers need {need}; wrap the model so that it returns them "
         "(docs/scorers.md, 'What your model must expose')"
