@@ -233,9 +233,8 @@ class GradRegModule(LightningModule):
         with a long gloo/NCCL traceback): the loss and its terms are gathered, so every rank stops at the same step
         with the same message, naming the rank whose loss broke; only rank 0 prints it (``silent`` elsewhere).
         """
-        values = torch.stack(
-            [loss.detach(), *(v.detach() for v in losses.values())]
-        ).float()  # MPS has no float64 (a float64 loss past 3e38 counts as diverged)
+        # float32: MPS has no float64 (a float64 loss past 3e38 counts as diverged)
+        values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).float()
         world = self.trainer.world_size if self._trainer is not None else 1
         rows = self.all_gather(values).reshape(-1, len(values)) if world > 1 else values[None]
         bad = (~torch.isfinite(rows[:, 0])).nonzero().flatten().tolist()
@@ -302,7 +301,7 @@ class GradRegModule(LightningModule):
             super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def _eval_step(self, batch: Any) -> None:
-        """Add a batch's summed loss, correct predictions and size to the epoch's sums (float64)."""
+        """Add a batch's summed loss, correct predictions and size to the epoch's sums (float64; MPS: float32)."""
         x, y = batch
         logits = upcast(self.model(x))
         loss, correct = F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
