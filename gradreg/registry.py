@@ -39,8 +39,7 @@ def check_settings(values: Mapping[str, Any], hints: Mapping[str, Any], bounds: 
         hint = hints.get(name, Any)
         if not _matches(value, hint):
             raise SettingError(f"{prefix}{name}={value!r} is not {_describe(hint)}{_yaml_note(value, hint)}")
-        items = value if isinstance(value, list | tuple) else [value]
-        if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in items):  # YAML's .inf and .nan
+        if not _finite(value):
             raise SettingError(f"{prefix}{name}={value!r} must be finite")
         op, bound = bounds.get(name, (None, None))
         if op is not None and value is not None and not (value > bound if op == ">" else value >= bound):
@@ -55,6 +54,13 @@ class Settings:
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
         check_settings(values, typing.get_type_hints(type(self)), self.lower_bounds)
+
+
+def _finite(value: Any) -> bool:
+    """False for a float that is inf or nan (YAML's ``.inf``, ``.nan``), or a list holding one; integers are finite."""
+    items = value if isinstance(value, list | tuple) else [value]
+    floats = [v for v in items if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral)]
+    return all(math.isfinite(v) for v in floats)
 
 
 def _matches(value: Any, hint: Any) -> bool:

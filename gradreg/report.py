@@ -155,8 +155,8 @@ def check_options(opts: argparse.Namespace) -> None:
     opts.epsilons, opts.corruptions, opts.severities = (
         list(dict.fromkeys(v)) for v in (opts.epsilons, opts.corruptions, opts.severities)
     )
-    if opts.explain_set and not opts.explain:
-        raise UserError(f"--explain-set {opts.explain_set} needs --explain K (the number of images to explain)")
+    if opts.explain_set is not None and not opts.explain:
+        raise UserError(f"--explain-set '{opts.explain_set}' needs --explain K (the number of images to explain)")
     if opts.explain < 0:
         raise UserError(f"--explain {opts.explain} must be >= 0 (the number of worst OOD and ID images to explain)")
     for option in ("explain_train", "explain_hessian"):

@@ -551,8 +551,14 @@ def test_ood_set_with_resize_false_is_center_cropped_only(tmp_path: Path) -> Non
     assert not check_dataset({**specs[1], "resize": "no"}, tmp_path, ["test"])[0]
     with pytest.raises(SettingError, match=r"lsun_c_crop: resize='no' is not true or false"):
         OODDataModule(ood_sets=[{**specs[1], "resize": "no"}])
+    with pytest.raises(SettingError, match=r"data.ood_val_sets: lsun_c_crop: resize='no' is not true or false"):
+        OODDataModule(ood_val_sets=[{**specs[1], "resize": "no"}])
     with pytest.raises(SettingError, match=r"data.id_dataset: 'resize' applies to OOD sets only"):
         OODDataModule(id_dataset={"name": "cifar10", "resize": False})
+    assert check_dataset({"name": "cifar10", "resize": False}, tmp_path, ["test"], role="id") == (
+        False,
+        "'resize' applies to OOD sets only (ood_sets, ood_val_sets)",
+    )
 
 
 @pytest.mark.parametrize(("image_size", "resize"), [(None, 256), (128, 146), (448, 512)])

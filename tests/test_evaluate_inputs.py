@@ -72,7 +72,7 @@ def quick_run(tmp: Path, *extra: str) -> Path:
         (["--explain", "1", "--explain-set", "nois"], ["--explain-set 'nois'", "(digits_heldout, noise)"]),
         (["--explain", "1", "--sets", "noise", "--explain-set", "digits_heldout"], ["OOD set (noise)"]),
         (["--explain", "1", "--suites", "adversarial"], ["--explain explains OOD test images", "ood suite"]),
-        (["--explain-set", "noise"], ["--explain-set noise needs --explain K"]),
+        (["--explain-set", "noise"], ["--explain-set 'noise' needs --explain K"]),
         (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
         (["--device", "cuda:99"], ["--device 'cuda:99'", "--device cpu"]),
         (["--data", "eval_batch_size"], ["--data 'eval_batch_size' is not KEY=VALUE"]),

@@ -188,6 +188,11 @@ def test_ddp_two_cpu_processes_train(tmp_path: Path, launcher: str) -> None:
     assert acc * n_val == pytest.approx(round(acc * n_val), abs=1e-6)  # correct / 217, not / 218 with a padded shard
 
 
+def test_an_empty_eval_set_gives_an_empty_loader() -> None:
+    # val_fraction 0 on a set without a val split (CIFAR, as the official code trains on all 50,000 images)
+    assert len(OODDataModule()._eval_shard(torch.utils.data.Subset(range(5), []))) == 0
+
+
 @pytest.mark.parametrize(("n", "world"), [(217, 2), (217, 3), (2, 3)])
 def test_eval_shards_hold_every_item_once(n: int, world: int) -> None:
     shards = [list(Strided(range(n), world, rank)) for rank in range(world)]
@@ -506,5 +511,6 @@ def test_constructors_check_values_but_accept_what_python_callers_pass() -> None
         GradRegModule(reg_weight=float("inf"))  # YAML's .inf
     with pytest.raises(SettingError, match=re.escape("model.input_std=[0.3, nan] must be finite")):
         GradRegModule(input_std=[0.3, math.nan])
+    GradRegModule(milestones=[10**400])  # an int is finite however large (math.isfinite would overflow)
     with pytest.raises(SettingError, match=re.escape("model.m_in=0.0 must be <= model.m_out=-7.0")):
         GradRegModule(method="greg", m_in=0.0, m_out=-7.0, arch_kwargs={"in_channels": 1})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,14 +124,14 @@ class OODDataModule(LightningDataModule):
         check_settings(self.hparams, typing.get_type_hints(OODDataModule.__init__), BOUNDS, prefix="data.")
         if not val_fraction < 1:
             raise SettingError(f"data.val_fraction={val_fraction} must be < 1 (the rest of the ID data trains)")
-        for key, specs in (("id_dataset", [id_dataset]), ("outliers", [outliers])):
-            if any(isinstance(s, dict) and "resize" in s for s in specs):
+        for key, spec in (("id_dataset", id_dataset), ("outliers", outliers)):
+            if isinstance(spec, Mapping) and "resize" in spec:
                 raise SettingError(f"data.{key}: 'resize' applies to OOD sets only (ood_sets, ood_val_sets)")
-        for spec in [*(ood_sets or []), *(ood_val_sets or [])]:
-            if isinstance(spec, dict) and not isinstance(spec.get("resize", True), bool):
-                raise SettingError(
-                    f"data.ood_sets: {dataset_name(spec)}: resize={spec['resize']!r} is not true or false"
-                )
+        for key, specs in (("ood_sets", ood_sets), ("ood_val_sets", ood_val_sets)):
+            for spec in specs or []:
+                if isinstance(spec, Mapping) and not isinstance(spec.get("resize", True), bool):
+                    what = f"{dataset_name(spec)}: resize={spec['resize']!r}"
+                    raise SettingError(f"data.{key}: {what} is not true or false (false: center crop only)")
         self.id_dataset = id_dataset
         self.outliers = outliers
         self.ood_sets = list(ood_sets if ood_sets is not None else DEFAULT_OOD_SETS)
@@ -259,7 +259,7 @@ class OODDataModule(LightningDataModule):
     def _eval_shard(self, dataset: Dataset) -> DataLoader:
         """This rank's unpadded share of ``dataset`` (the whole of it on one device)."""
         world, rank = self._world_and_rank()
-        if len(dataset) < world:  # type: ignore[arg-type]
+        if 0 < len(dataset) < world:  # type: ignore[arg-type]  # (an empty set: no batches on any rank)
             raise ValueError(f"the ID evaluation set has {len(dataset)} images, fewer than the {world} processes")  # type: ignore[arg-type]
         return self._loader(dataset, sampler=Strided(dataset, world, rank))
 
