@@ -37,4 +37,10 @@ def main(pairs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if not args or any(a.startswith("-") or "=" not in a for a in args):
+        sys.exit(f"usage: python {sys.argv[0]} LABEL=EVAL_DIR ... (each EVAL_DIR holds an evaluate.py results.json)")
+    missing = [a.partition("=")[2] for a in args if not (Path(a.partition("=")[2]) / "results.json").is_file()]
+    if missing:
+        sys.exit(f"error: no results.json in {', '.join(missing)}: pass evaluate.py's output folders (eval-NNN)")
+    main(args)

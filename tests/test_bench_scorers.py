@@ -1,9 +1,11 @@
-"""bench/scorers.py and bench/gaia_reduction.py: their baselines compute what they claim; tiny runs write tables."""
+"""bench/: the scorer baselines compute what they claim; tiny runs write tables; results_table.py reads results."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,22 @@ def test_gaia_reduction_variants_equal_the_scorer(monkeypatch: pytest.MonkeyPatc
     table = out.read_text()
     for layout in ("contiguous", "channels-last"):
         assert all(f"| small_cnn | 2 | {layout} | {label} |" in table for label in module.REDUCTIONS)
+
+
+def test_results_table_reads_evaluate_results(tmp_path: Path) -> None:
+    doc = {
+        "scorers": ["energy", "msp"],
+        "id": {"accuracy": 0.95},
+        "means": {"ood": {"energy": {"auroc": 0.9, "fpr95": 0.25}, "msp": {"auroc": None, "fpr95": None}}},
+        "sets": {"noise": {"metrics": {"energy": {"auroc": 0.8}}}},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    script = [sys.executable, str(ROOT / "bench" / "results_table.py")]
+    out = subprocess.run([*script, f"m={tmp_path}"], capture_output=True, text=True, check=True).stdout
+    assert "| m | 95.0 | 90.0 / 25.0 | - / - |" in out  # null (non-finite scores) as "-"
+    assert "| m | 80.0 |" in out
+    for args, message in [([], "usage:"), (["--help"], "usage:"), ([f"m={tmp_path / 'x'}"], "no results.json in")]:
+        proc = subprocess.run([*script, *args], capture_output=True, text=True)
+        assert proc.returncode == 1
+        assert message in proc.stderr
+        assert "Traceback" not in proc.stderr
