@@ -126,10 +126,9 @@ def check_dataset(
     """
     settings = _as_dict(spec)
     settings.pop("alias", None)
-    resize = settings.pop("resize", True)
-    if role in ("id", "outliers") and "resize" in _as_dict(spec):
+    if role in ("id", "outliers") and "resize" in settings:
         return False, "'resize' applies to OOD sets only (ood_sets, ood_val_sets)"
-    if not isinstance(resize, bool):
+    if not isinstance(settings.pop("resize", True), bool):
         return False, "resize must be true or false (false: center-crop to the ID size without resizing first)"
     if "split" in settings:
         splits = (settings.pop("split"),)
