@@ -19,8 +19,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
+from gradreg.data.module import Strided
 from gradreg.evaluation import ScoredSet, ScorerSpec, build_scorers, mean_metrics, sample, score_loader, set_metrics
 from gradreg.registry import SettingError
 from gradreg.scorers.base import require_head, require_running_stats
@@ -116,12 +117,15 @@ class OODEvalCallback(Callback):
         chosen = sample(dataset, self.max_samples)  # the same images every epoch
         batches = self._cache.get(key)
         if batches is None:
-            shard = Subset(chosen, range(trainer.global_rank, len(chosen), trainer.world_size))
             dm = trainer.datamodule
             # A loader draws its base seed from the global generator when it starts: give it its own, so that a
             # run with this callback shuffles and augments exactly as a run without it.
             loader = DataLoader(
-                shard, batch_size=dm.eval_batch_size, num_workers=dm.num_workers, generator=torch.Generator()
+                chosen,
+                batch_size=dm.eval_batch_size,
+                sampler=Strided(chosen, trainer.world_size, trainer.global_rank),
+                num_workers=dm.num_workers,
+                generator=torch.Generator(),
             )
             batches = self._remember(key, loader)
         local = score_loader(pl_module.model, batches, self.scorers, pl_module.device)

@@ -233,9 +233,11 @@ class GradRegModule(LightningModule):
         with a long gloo/NCCL traceback): the loss and its terms are gathered, so every rank stops at the same step
         with the same message, naming the rank whose loss broke; only rank 0 prints it (``silent`` elsewhere).
         """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 and torch.isfinite(loss):  # the common case: one check, no gather
+            return
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).to(dtype)
-        world = self.trainer.world_size if self._trainer is not None else 1
         rows = self.all_gather(values).reshape(-1, len(values)) if world > 1 else values[None]
         bad = (~torch.isfinite(rows[:, 0])).nonzero().flatten().tolist()
         if not bad:

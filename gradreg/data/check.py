@@ -28,6 +28,7 @@ from gradreg.data.datasets import (
     DatasetNotFoundError,
     build_dataset,
     dataset_name,
+    resize_problem,
 )
 
 DatasetSpec = str | Mapping[str, Any]
@@ -125,11 +126,11 @@ def check_dataset(
         ``(found, message)``.
     """
     settings = _as_dict(spec)
+    problem = resize_problem(settings, role)
+    if problem:
+        return False, problem
     settings.pop("alias", None)
-    if role in ("id", "outliers") and "resize" in settings:
-        return False, "'resize' applies to OOD sets only (ood_sets, ood_val_sets)"
-    if not isinstance(settings.pop("resize", True), bool):
-        return False, "resize must be true or false (false: center-crop to the ID size without resizing first)"
+    settings.pop("resize", None)
     if "split" in settings:
         splits = (settings.pop("split"),)
     name = settings.pop("name", None)

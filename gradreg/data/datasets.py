@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,6 +266,17 @@ class Transformed(Dataset):
 
 
 DEFAULT_OOD_SETS = ["digits_heldout", "noise"]  # OOD sets of a datamodule without data.ood_sets: the embedded ones
+
+
+def resize_problem(spec: Any, role: str) -> str | None:
+    """What is wrong with a spec's ``resize`` key for a set of ``role`` (``id``, ``outliers``, ``ood``...), or None."""
+    if not isinstance(spec, Mapping) or "resize" not in spec:
+        return None
+    if role in ("id", "outliers"):
+        return "'resize' applies to OOD sets only (ood_sets, ood_val_sets)"
+    if not isinstance(spec["resize"], bool):
+        return f"{dataset_name(spec)}: resize={spec['resize']!r} is not true or false (false: center crop only)"
+    return None
 
 
 def resizes(spec: str | dict[str, Any]) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from gradreg.data.datasets import (
     build_dataset,
     build_transform,
     dataset_name,
+    resize_problem,
     resizes,
 )
 from gradreg.data.outliers import OutlierStream
@@ -124,14 +125,11 @@ class OODDataModule(LightningDataModule):
         check_settings(self.hparams, typing.get_type_hints(OODDataModule.__init__), BOUNDS, prefix="data.")
         if not val_fraction < 1:
             raise SettingError(f"data.val_fraction={val_fraction} must be < 1 (the rest of the ID data trains)")
-        for key, spec in (("id_dataset", id_dataset), ("outliers", outliers)):
-            if isinstance(spec, Mapping) and "resize" in spec:
-                raise SettingError(f"data.{key}: 'resize' applies to OOD sets only (ood_sets, ood_val_sets)")
-        for key, specs in (("ood_sets", ood_sets), ("ood_val_sets", ood_val_sets)):
-            for spec in specs or []:
-                if isinstance(spec, Mapping) and not isinstance(spec.get("resize", True), bool):
-                    what = f"{dataset_name(spec)}: resize={spec['resize']!r}"
-                    raise SettingError(f"data.{key}: {what} is not true or false (false: center crop only)")
+        roles = {"id_dataset": ("id", [id_dataset]), "outliers": ("outliers", [outliers])}
+        roles |= {"ood_sets": ("ood", ood_sets or []), "ood_val_sets": ("ood_val", ood_val_sets or [])}
+        for key, (role, specs) in roles.items():
+            for problem in filter(None, (resize_problem(spec, role) for spec in specs)):
+                raise SettingError(f"data.{key}: {problem}")
         self.id_dataset = id_dataset
         self.outliers = outliers
         self.ood_sets = list(ood_sets if ood_sets is not None else DEFAULT_OOD_SETS)
