@@ -123,14 +123,19 @@ def test_cluster_extremes_matches_brute_force(n, k, per_cluster, two_way, seed):
     num_clusters=st.integers(1, 16),
     two_way=st.booleans(),
     trim=st.integers(0, 5),
+    representation=st.sampled_from(["norm", "norm_feature", "norm_batch"]),
     seed=st.integers(0, 1000),
 )
-def test_cluster_select_takes_every_cluster_extreme_then_fills(n_id, ratio, num_clusters, two_way, trim, seed):
+def test_cluster_select_takes_every_cluster_extreme_then_fills(
+    n_id, ratio, num_clusters, two_way, trim, representation, seed
+):
     n = n_id * ratio
     gen = _gen(seed)
     feats, scores = torch.randn(n, 6, generator=gen), torch.randn(n, generator=gen)
     keep_start, keep_end = min(trim, n - 1), None if trim % 2 else n - trim // 2
-    idx = cluster_select(feats, scores, n_id, num_clusters, 2, two_way, 50, keep_start, keep_end, _gen(seed))
+    idx = cluster_select(
+        feats, scores, n_id, num_clusters, 2, two_way, 50, keep_start, keep_end, _gen(seed), representation
+    )
 
     kept = torch.argsort(scores)[keep_start:keep_end]
     assert len(idx) == min(len(kept), n_id * (2 if two_way else 1))
@@ -138,9 +143,15 @@ def test_cluster_select_takes_every_cluster_extreme_then_fills(n_id, ratio, num_
         return
     assert len(set(idx.tolist())) == len(idx)
     assert set(idx.tolist()) <= set(kept.tolist())
-    # Brute-force reference with the same k-means (same generator seed, same inputs).
+    # Brute-force reference with the same k-means (same generator seed, same inputs). The official --repr
+    # normalizations run over all candidates, before the energy slice.
+    points = {
+        "norm": feats / feats.pow(2).sum(1, keepdim=True).sqrt(),
+        "norm_feature": feats / feats.pow(2).sum(0, keepdim=True).sqrt(),
+        "norm_batch": feats / feats.pow(2).sum(1).sqrt().mean(),
+    }[representation]
     k = min(num_clusters, n_id, len(kept))
-    labels, _ = kmeans(torch.nn.functional.normalize(feats[kept], dim=1), k, 2, 50, generator=_gen(seed))
+    labels, _ = kmeans(points[kept], k, 2, 50, generator=_gen(seed))
     extremes = kept[_brute_force_extremes(scores[kept], labels, max(1, n_id // k), two_way)]
     assert idx[: len(extremes)].sort().values.tolist() == extremes.sort().values.tolist()
 
@@ -155,6 +166,27 @@ def test_energy_cluster_keeps_lowest_and_highest_energy_of_each_cluster():
     assert sorted(idx.tolist()) == [0, 7, 8, 15, 16, 23]
     idx = cluster_select(feats, scores, n_id=3, num_clusters=3, two_way=False, generator=_gen(0))
     assert sorted(idx.tolist()) == [0, 8, 16]
+
+
+@pytest.mark.parametrize(
+    ("representation", "invariant_to", "changed_by"),
+    [("norm", "rows", "columns"), ("norm_feature", "columns", "rows"), ("norm_batch", "all", "rows")],
+)
+def test_cluster_representation_ignores_its_own_scaling(representation, invariant_to, changed_by):
+    # Powers of two scale exactly, so an invariant selection is bit-identical; the other scaling must change it.
+    gen = _gen(4)
+    feats, scores = torch.randn(48, 6, generator=gen), torch.randn(48, generator=gen)
+    scales = {
+        "rows": 2.0 ** torch.randint(-4, 5, (48, 1), generator=gen),
+        "columns": 2.0 ** torch.randint(-4, 5, (1, 6), generator=gen),
+        "all": torch.tensor(2.0**-5),
+    }
+
+    def select(x):
+        return cluster_select(x, scores, 8, 8, 3, True, generator=_gen(1), representation=representation).tolist()
+
+    assert select(feats * scales[invariant_to]) == select(feats)
+    assert select(feats * scales[changed_by]) != select(feats)
 
 
 # --------------------------------------------------------------------------------------------- samplers

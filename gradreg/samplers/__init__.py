@@ -8,9 +8,9 @@ and returns indices into the candidates; the LightningModule forwards ``cat([x_i
   Detection", ECCV 2024, arXiv:2404.12368; ``clusterAndChooseSamples`` in ``train_sea.py`` of
   github.com/o4lc/Greg-OOD): eval-mode forward of the candidates, energy ``-logsumexp(f)`` per candidate,
   optional trimming to the ``[keep_start:keep_end]`` slice of the energy-sorted candidates, k-means on the
-  L2-normalized penultimate features with ``k = min(num_clusters, n_id)``, per cluster the lowest-energy member
-  (most ID-like) and, two-way, also the highest-energy one, then a uniformly random fill up to ``n_id``
-  (two-way: ``2 * n_id``) outliers.
+  penultimate features (L2-normalized per candidate by default; ``--repr``: ``representation``) with
+  ``k = min(num_clusters, n_id)``, per cluster the lowest-energy member (most ID-like) and, two-way, also the
+  highest-energy one, then a uniformly random fill up to ``n_id`` (two-way: ``2 * n_id``) outliers.
 - ``dos`` (Jiang, Han, Liu, Zhang, Zhu, "Diversified Outlier Exposure ...", ICLR 2024, arXiv:2306.02031;
   ``train_diverse.py`` of github.com/lygjwy/DOS): the same clustering, per cluster the member with the lowest
   absent-class probability (energy for K-way models), random fill to ``n_id``.

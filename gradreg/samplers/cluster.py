@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,30 @@ from gradreg.kmeans import kmeans
 from gradreg.losses import energy
 from gradreg.registry import Bounds
 from gradreg.samplers.base import SAMPLERS, Score, _outlier_scores, _SeededSampler, forward_candidates
+
+Representation = Literal["norm", "norm_feature", "norm_batch"]
+
+
+def cluster_representation(features: Tensor, representation: Representation = "norm") -> Tensor:
+    """The points k-means clusters: GReg's ``--repr`` choices, computed over the whole candidate batch.
+
+    - ``norm``: each candidate's feature vector scaled to unit L2 norm (the default of every official run).
+    - ``norm_feature``: each feature dimension scaled to unit L2 norm over the candidates (``normFeature``, the
+      official CIFAR-100 WRN-40-2 run).
+    - ``norm_batch``: the features divided by the candidates' mean L2 norm (``normBatch``, the official CIFAR-100
+      ResNet-18 run; k-means is scale-invariant, so this clusters the raw features).
+
+    Example:
+        >>> cluster_representation(torch.tensor([[3.0, 0.0], [4.0, 1.0]]), "norm_feature")
+        tensor([[0.6000, 0.0000],
+                [0.8000, 1.0000]])
+    """
+    features = features.float()
+    if representation == "norm":
+        return F.normalize(features, dim=1)
+    if representation == "norm_feature":
+        return F.normalize(features, dim=0)
+    return features / features.norm(dim=1).mean().clamp_min(1e-12)  # the clamp: all-zero features stay zero
 
 
 def cluster_extremes(scores: Tensor, labels: Tensor, per_cluster: int = 1, two_way: bool = False) -> Tensor:
@@ -57,11 +81,13 @@ def cluster_select(
     keep_start: int = 0,
     keep_end: int | None = None,
     generator: torch.Generator | None = None,
+    representation: Representation = "norm",
 ) -> Tensor:
     """GReg+'s cluster-based selection (``clusterAndChooseSamples``) on precomputed features and scores.
 
     1. Keep the ``[keep_start:keep_end]`` slice of the candidates sorted by ascending score.
-    2. L2-normalize their features; k-means with ``k = min(num_clusters, n_id, kept)``.
+    2. Their :func:`cluster_representation` (computed over all candidates, as in the official code); k-means with
+       ``k = min(num_clusters, n_id, kept)``.
     3. Per cluster the ``s = max(1, n_id // k)`` lowest-score members, two-way also the ``s`` highest.
     4. Fill with uniformly random unselected kept candidates up to ``n_out = n_id`` (two-way ``2 * n_id``),
        at most the number kept.
@@ -77,6 +103,7 @@ def cluster_select(
         keep_start: start of the kept slice of the score-sorted candidates.
         keep_end: end of that slice (``None`` = all).
         generator: random generator on the features' device.
+        representation: what k-means clusters (:func:`cluster_representation`).
 
     Returns:
         LongTensor of distinct indices into the candidates: the per-cluster picks (ascending) then the fill.
@@ -87,7 +114,7 @@ def cluster_select(
     if n_out == 0:
         return keep[:0]
     k = min(num_clusters, n_id, m)
-    feats = F.normalize(features[keep].float(), dim=1)
+    feats = cluster_representation(features, representation)[keep]
     labels, _ = kmeans(feats, k, n_init=n_init, max_iter=max_iter, generator=generator)
     chosen = cluster_extremes(scores[keep], labels, per_cluster=max(1, n_id // k), two_way=two_way)[:n_out]
     if chosen.shape[0] < n_out:
@@ -115,6 +142,9 @@ class EnergyClusterSampler(_SeededSampler):
         max_iter: k-means iterations.
         keep_start: drop the ``keep_start`` lowest-energy candidates first (``--spt``; 0 in GReg+).
         keep_end: keep candidates up to this rank in the energy order (``--ept``; ``None`` = all).
+        representation: what k-means clusters (``--repr``): ``norm`` (each candidate's features L2-normalized,
+            the default), ``norm_feature`` (each feature dimension normalized over the candidates) or
+            ``norm_batch`` (features over their mean norm); see :func:`cluster_representation`.
         seed: seed of the per-call generators.
     """
 
@@ -124,6 +154,7 @@ class EnergyClusterSampler(_SeededSampler):
     max_iter: int = 100
     keep_start: int = 0
     keep_end: int | None = None
+    representation: Representation = "norm"
     seed: int = 0
     _calls: int = field(default=0, init=False, repr=False)
     lower_bounds: ClassVar[Bounds] = {**KMEANS_BOUNDS, "keep_start": (">=", 0), "keep_end": (">=", 1)}
@@ -138,7 +169,7 @@ class EnergyClusterSampler(_SeededSampler):
         gen = generator if generator is not None else self._next_generator(candidates.device)
         return cluster_select(
             feats, energy(logits), n_id, self.num_clusters, self.n_init, self.two_way, self.max_iter,
-            self.keep_start, self.keep_end, gen,
+            self.keep_start, self.keep_end, gen, self.representation,
         )  # fmt: skip
 
 
