@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
-from gradreg.data.module import Strided
+from gradreg.data.module import EpochShuffle, Strided
 from gradreg.module import GradRegModule
 from gradreg.registry import SettingError
 from gradreg.training import is_rank_zero
@@ -121,35 +121,54 @@ def test_channels_last_trains_like_contiguous(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-9, atol=0)
 
 
+class _Drawn(Callback):
+    """Per epoch, each training batch's ID labels and the sums of its augmented ID and outlier pixels."""
+
+    def __init__(self) -> None:
+        self.batches: dict[int, list[tuple]] = {}
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: GradRegModule, batch: dict, batch_idx: int) -> None:
+        drawn = (batch["id"][1].tolist(), batch["id"][0].sum().item(), batch["outliers"][0].sum().item())
+        self.batches.setdefault(trainer.current_epoch, []).append(drawn)
+
+
+def _drawn(tmp_path: Path, epochs: int, num_workers: int, schedule: str, ckpt_path: Path | None = None) -> dict:
+    model, dm = make("energy")  # seeds everything, as train.py does before a resumed run too
+    dm.num_workers, dm.augment, model.hparams.schedule = num_workers, "crop", schedule
+    drawn = _Drawn()
+    trainer = Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[drawn],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(tmp_path / f"{epochs}.ckpt")
+    return drawn.batches
+
+
 # A worker reads the first indices before Lightning's set_epoch; a cosine schedule builds the loader before the
-# fit loop's epoch count is restored.
+# fit loop's epoch count is restored. The augmented pixels must match too, ID images and outliers.
 @pytest.mark.parametrize(("schedule", "num_workers"), [("constant", 0), ("constant", 1), ("cosine", 1)])
 def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(
     schedule: str, num_workers: int, tmp_path: Path
 ) -> None:
-    class Recorder(Callback):
-        def __init__(self) -> None:
-            self.labels: dict[int, list[list[int]]] = {}
-
-        def on_train_batch_start(self, trainer: Trainer, pl_module: GradRegModule, batch: dict, batch_idx: int) -> None:
-            self.labels.setdefault(trainer.current_epoch, []).append(batch["id"][1].tolist())
-
-    def fit(epochs: int, ckpt_path: Path | None = None) -> Recorder:
-        model, dm = make("energy")  # seeds everything, as train.py does before a resumed run too
-        dm.num_workers, model.hparams.schedule = num_workers, schedule
-        recorder = Recorder()
-        trainer = Trainer(
-            max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0, callbacks=[recorder],
-        )  # fmt: skip
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-        trainer.save_checkpoint(tmp_path / f"{epochs}.ckpt")
-        return recorder
-
-    straight = fit(3).labels
+    straight = _drawn(tmp_path, 3, num_workers, schedule)
     assert straight[0] != straight[1] != straight[2]  # a new order every epoch
-    fit(2)
-    assert fit(3, tmp_path / "2.ckpt").labels == {2: straight[2]}
+    _drawn(tmp_path, 2, num_workers, schedule)
+    assert _drawn(tmp_path, 3, num_workers, schedule, tmp_path / "2.ckpt") == {2: straight[2]}
+
+
+def test_worker_processes_do_not_change_the_augmented_batches(tmp_path: Path) -> None:
+    assert _drawn(tmp_path, 1, 2, "constant") == _drawn(tmp_path, 1, 0, "constant")
+
+
+def test_id_augmentations_do_not_depend_on_the_number_of_ranks() -> None:
+    dataset = range(23)
+    alone = sorted(EpochShuffle(dataset, seed=5, epoch=2))
+    shards = [list(EpochShuffle(dataset, seed=5, epoch=2, num_replicas=2, rank=r)) for r in range(2)]
+    assert set(shards[0] + shards[1]) == set(alone)  # (index, seed): the padding repeats one pair
+    assert [i for i, _ in alone] == list(range(23))
+    assert len({seed for _, seed in alone}) == 23
+    assert sorted(EpochShuffle(dataset, seed=5, epoch=3)) != alone  # fresh augmentations each epoch
 
 
 def test_cosine_schedule_decays_to_min_lr(tmp_path: Path) -> None:

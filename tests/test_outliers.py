@@ -8,6 +8,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gradreg.data import outliers  # noqa: F401  (registers the pools)
@@ -204,6 +205,40 @@ def test_resume_mid_pass_draws_the_same_sequence():
 def test_worker_processes_do_not_change_the_stream():
     a, b = OutlierStream(_pool(40), 4, seed=0), OutlierStream(_pool(40), 4, seed=0)
     assert _consume(a, a.dataloader(num_workers=2), 14) == _consume(b, b.dataloader(), 14)
+
+
+def test_augmentations_are_seeded_per_candidate_not_per_process():
+    spec = ImageSpec(num_classes=2, size=8, channels=1, mean=(0.5,), std=(0.5,))
+    images = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    pool = Transformed(ArrayDataset(images, torch.zeros(40)), build_transform(spec, "crop_flip"), return_index=True)
+
+    def pixels(num_workers: int) -> list[Tensor]:
+        stream = OutlierStream(pool, 4, seed=0)
+        batches = []
+        for x, _ in stream.dataloader(num_workers=num_workers, max_batches=12):
+            batches.append(x)
+            stream.advance()
+        return batches
+
+    torch.manual_seed(0)
+    in_process = pixels(0)
+    assert torch.equal(torch.cat(in_process), torch.cat(pixels(2)))  # workers have other generators
+    torch.manual_seed(1)
+    assert torch.equal(torch.cat(in_process), torch.cat(pixels(0)))  # and so has the main process
+    # The crops differ between candidates and between passes (12 batches = 1.2 passes of 40).
+    flat = torch.cat(in_process).flatten(1)
+    assert len({tuple(row.tolist()) for row in flat}) == len(flat)
+
+
+def test_transformed_seeded_items_leave_the_global_generator_alone():
+    spec = ImageSpec(num_classes=2, size=8, channels=1, mean=(0.5,), std=(0.5,))
+    data = Transformed(ArrayDataset(torch.rand(3, 1, 8, 8), torch.zeros(3)), build_transform(spec, "crop_flip"))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = data[(1, 123)][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(data[(1, 123)][0], first)
+    assert any(not torch.equal(data[(1, seed)][0], first) for seed in range(124, 130))
 
 
 def test_restrict_draws_only_from_the_indices_and_survives_a_resume():

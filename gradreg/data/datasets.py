@@ -252,7 +252,13 @@ def build_transform(spec: ImageSpec, augment: str = "none", resize: bool = True)
 
 
 class Transformed(Dataset):
-    """Apply ``transform`` to the images of ``dataset``; with ``return_index`` yield ``(x, index)``."""
+    """Apply ``transform`` to the images of ``dataset``; with ``return_index`` yield ``(x, index)``.
+
+    An item may be asked for as ``(index, seed)``: the transform's random draws (crops, flips) then come from a
+    generator seeded with ``seed``, not from the reading process's, so the training samplers make each augmentation
+    a function of the run's seeds and the sample's place in the run (the same with or without worker processes,
+    on any number of ranks, and after a resume).
+    """
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], Tensor], return_index: bool = False) -> None:
         self.dataset, self.transform, self.return_index = dataset, transform, return_index
@@ -260,9 +266,24 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
         image, label = self.dataset[i]
-        return self.transform(image), (i if self.return_index else label)
+        if seed is None:
+            return self.transform(image), (i if self.return_index else label)
+        # torchvision's transforms draw from the global CPU generator: seed it for this item and put its state back
+        # (torch.fork_rng and torch.manual_seed cost ~100 us an item, these calls ~3 us).
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.transform(image), (i if self.return_index else label)
+        finally:
+            torch.set_rng_state(state)
+
+
+def augmentation_seeds(*key: int, n: int) -> np.ndarray:
+    """``n`` per-sample augmentation seeds (int64, for :class:`Transformed`), a pure function of the ints ``key``."""
+    return np.random.default_rng(list(key)).integers(2**63, size=n)
 
 
 DEFAULT_OOD_SETS = ["digits_heldout", "noise"]  # OOD sets of a datamodule without data.ood_sets: the embedded ones

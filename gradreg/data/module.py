@@ -27,6 +27,7 @@ from gradreg.data.datasets import (
     ID_SPECS,
     ImageSpec,
     Transformed,
+    augmentation_seeds,
     build_dataset,
     build_transform,
     dataset_name,
@@ -50,13 +51,19 @@ class EpochShuffle(DistributedSampler):
     epoch after a resume would replay epoch 0's order. This sampler starts at the epoch the run is about to train:
     with worker processes the loader reads the first indices as soon as its iterator exists, before Lightning's
     ``set_epoch`` of that epoch (which moves it on later epochs). It shards by rank itself (a ``DistributedSampler``,
-    which Lightning leaves in place under DDP); on one device it is a plain permutation.
-    (Augmentations still draw from the process's generator.)
+    which Lightning leaves in place under DDP); on one device it is a plain permutation. It yields ``(index, seed)``:
+    :class:`~gradreg.data.datasets.Transformed` augments image ``index`` of an epoch with the seed drawn for it from
+    the seed and the epoch, whichever process or rank reads it.
     """
 
     def __init__(self, dataset: Dataset, seed: int, epoch: int, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        seeds = augmentation_seeds(self.seed, self.epoch, n=len(self.dataset))  # type: ignore[arg-type]
+        for i in super().__iter__():
+            yield i, int(seeds[i])
 
 
 class Strided(DistributedSampler):

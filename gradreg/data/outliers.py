@@ -29,6 +29,9 @@ sequence of candidate batches indexed by **position** = the number of training b
   iterations, on prefetching or on worker processes. ``advance()`` (called by the datamodule once per consumed
   training batch) moves the position; ``state_dict()`` saves it, so a run resumed from a mid-epoch checkpoint
   draws exactly the candidates the uninterrupted run drew.
+- Each drawn candidate also gets an augmentation seed, drawn per pass from ``(seed, segment, pass)``: the loader's
+  items are ``(pool index, seed)`` and :class:`~gradreg.data.datasets.Transformed` augments with that seed, so
+  the augmented pixels are as deterministic as the indices.
 - :meth:`OutlierStream.restrict` (NTOM's per-epoch mining) starts a new *segment* at the current position:
   later positions draw only from the given pool indices (with new pass orderings); the segment is saved too.
 
@@ -69,7 +72,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, read_image, resolve_path
-from gradreg.data.datasets import DATASETS, DatasetNotFoundError
+from gradreg.data.datasets import DATASETS, DatasetNotFoundError, augmentation_seeds
 
 __all__ = ["ImageFolderDataset", "OutlierStream", "TinyImages300K", "read_class_list"]
 
@@ -374,7 +377,7 @@ class OutlierStream:
         self._segment = 0  # number of restrict() calls
         self._segment_start = 0  # position where the current segment began
         self._indices: Tensor | None = None  # the restriction (sorted unique pool indices), None = whole pool
-        self._order_cache: tuple[tuple[int, int], Tensor] | None = None
+        self._order_cache: tuple[tuple[int, int], Tensor, np.ndarray] | None = None
         # Called when a loader iteration starts, before its first indices: a loader with workers reads them as soon
         # as its iterator exists, which Lightning creates before on_train_epoch_start in a fit's first epoch.
         self.on_iteration_start: Callable[[], None] | None = None
@@ -405,14 +408,15 @@ class OutlierStream:
         world = _dist_info()[1] if world_size is None else world_size
         return self.pass_size() // (self.batch_size * world)
 
-    def _pass_order(self, pass_index: int) -> Tensor:
-        """The pool indices of one pass, in drawing order (cached: one pass is drawn from many times)."""
+    def _pass_order(self, pass_index: int) -> tuple[Tensor, np.ndarray]:
+        """The pool indices of one pass in drawing order and their augmentation seeds (cached: drawn from often)."""
         key = (self._segment, pass_index)
         if self._order_cache is None or self._order_cache[0] != key:
             rng = np.random.default_rng([self.seed, self._segment, pass_index])
             order = torch.from_numpy(rng.permutation(self.num_candidates)[: self.pass_size()])
-            self._order_cache = (key, order if self._indices is None else self._indices[order])
-        return self._order_cache[1]
+            seeds = augmentation_seeds(self.seed, self._segment, pass_index, n=len(order))
+            self._order_cache = (key, order if self._indices is None else self._indices[order], seeds)
+        return self._order_cache[1:]
 
     def batch_indices(self, position: int, rank: int | None = None, world_size: int | None = None) -> Tensor:
         """Pool indices (LongTensor, ``(batch_size,)``) of the candidate batch at ``position`` on ``rank``.
@@ -420,6 +424,18 @@ class OutlierStream:
         ``rank`` / ``world_size`` default to the process group's. Positions before the current segment (before
         the last :meth:`restrict`) are no longer defined.
         """
+        order, _, where = self._batch(position, rank, world_size)
+        return order[where].clone()
+
+    def batch_items(
+        self, position: int, rank: int | None = None, world_size: int | None = None
+    ) -> list[tuple[int, int]]:
+        """``(pool index, augmentation seed)`` of each candidate of :meth:`batch_indices`: the loader's items."""
+        order, seeds, where = self._batch(position, rank, world_size)
+        return list(zip(order[where].tolist(), seeds[where].tolist(), strict=True))
+
+    def _batch(self, position: int, rank: int | None, world_size: int | None) -> tuple[Tensor, np.ndarray, slice]:
+        """The pass of the batch at ``position`` on ``rank`` (its order and seeds) and the batch's slice of it."""
         default_rank, default_world = _dist_info()
         rank = default_rank if rank is None else rank
         world = default_world if world_size is None else world_size
@@ -434,7 +450,7 @@ class OutlierStream:
             raise ValueError(f"position {position} / rank {rank} of {world} is outside the current segment")
         pass_index, block = divmod(offset, per_pass)
         start = (block * world + rank) * self.batch_size
-        return self._pass_order(pass_index)[start : start + self.batch_size].clone()
+        return *self._pass_order(pass_index), slice(start, start + self.batch_size)
 
     # ------------------------------------------------------------------ the API the datamodule uses
     def dataloader(
@@ -561,10 +577,10 @@ class _StreamSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_batches() * self.stream.batch_size
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         if self.stream.on_iteration_start is not None:
             self.stream.on_iteration_start()
         start, rank, world = self.stream.position, self.rank, self.num_replicas
         for j in range(self.num_batches()):
             # Computed lazily, batch by batch, so that a restrict() made meanwhile applies to later positions.
-            yield from self.stream.batch_indices(start + j, rank, world).tolist()
+            yield from self.stream.batch_items(start + j, rank, world)

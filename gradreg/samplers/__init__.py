@@ -40,7 +40,7 @@ Determinism: the randomness of a selection (k-means seeding, random fill) comes 
 candidates' device seeded from ``(seed, number of select calls so far)``; the call counter is the sampler's
 :meth:`~OutlierSampler.state_dict` (save it to resume exactly). ``select(..., generator=g)`` overrides it.
 The stream (:mod:`gradreg.data.outliers`), not the sampler, guarantees that a resumed run sees the same
-candidates; the candidates' pixels also depend on the augmentation RNG of the loader workers.
+candidates, with the same augmentations (each candidate's augmentation is seeded by the stream).
 
 Code: ``base.py`` (the :class:`OutlierSampler` interface, the registry, ``random``), ``cluster.py``
 (``energy_cluster``, ``dos``), ``mining.py`` (``ntom``, ``poem``).
