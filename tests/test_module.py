@@ -157,6 +157,25 @@ def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(
     assert _drawn(tmp_path, 3, num_workers, schedule, tmp_path / "2.ckpt") == {2: straight[2]}
 
 
+def test_resumed_greg_plus_run_ends_with_the_uninterrupted_runs_weights(tmp_path: Path) -> None:
+    # Batches, augmentations, the sampler's k-means draws and the optimizer all resume: bitwise the same weights.
+    def fit(epochs: int, ckpt_path: Path | None = None) -> dict[str, torch.Tensor]:
+        model, dm = make("greg", sampler={"name": "energy_cluster", "num_clusters": 4})
+        dm.num_workers, dm.augment = 1, "crop"
+        trainer = Trainer(
+            max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / f"{epochs}.ckpt")
+        return model.state_dict()
+
+    straight = fit(3)
+    fit(2)
+    resumed = fit(3, tmp_path / "2.ckpt")
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
 def test_worker_processes_do_not_change_the_augmented_batches(tmp_path: Path) -> None:
     assert _drawn(tmp_path, 1, 2, "constant") == _drawn(tmp_path, 1, 0, "constant")
 
