@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 import gradreg.kmeans
 from gradreg.data import OODDataModule
+from gradreg.data.datasets import ArrayDataset, ImageSpec, Transformed, build_transform
 from gradreg.data.outliers import OutlierStream
 from gradreg.losses import energy
 from gradreg.models import SmallCNN
@@ -253,7 +254,8 @@ def test_dos_score_auto_needs_num_classes_and_reads_the_absent_class():
 
 
 class _Pool(Dataset):
-    """Images whose constant pixel value sets the model's score; items are (x, pool index)."""
+    """Images whose constant pixel value sets the model's score; items ``(index, augmentation seed)`` give
+    ``(x, index)`` (the augmentation seed is ignored: no augmentation)."""
 
     def __init__(self, n: int) -> None:
         self.values = torch.randperm(n, generator=_gen(0)).float() / n
@@ -261,7 +263,8 @@ class _Pool(Dataset):
     def __len__(self) -> int:
         return len(self.values)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: tuple[int, int]):
+        i, _ = item
         return torch.full((1, 2, 2), float(self.values[i])), i
 
 
@@ -295,6 +298,19 @@ def test_ntom_skips_the_hardest_quantile_and_keeps_the_next_block():
     sampler.on_train_epoch_start(_PixelModel(), pool, stream, batch_size=4)
     drawn = torch.cat([stream.batch_indices(p) for p in range(10)])
     assert set(drawn.tolist()) <= set(kept.tolist())
+
+
+def test_mining_scans_the_same_augmentations_with_any_number_of_workers():
+    spec = ImageSpec(num_classes=3, size=8, channels=1, mean=(0.5,), std=(0.5,))
+    images = torch.rand(60, 1, 8, 8, generator=_gen(5))
+    pool = Transformed(ArrayDataset(images, torch.zeros(60)), build_transform(spec, "crop"), return_index=True)
+
+    def mine(num_workers: int) -> list[int]:
+        sampler = NTOMSampler(pool_factor=2, keep_factor=1, id_train_size=20, score="energy", batch_size=8)
+        sampler.num_workers = num_workers
+        return sampler.mine(_model(), pool, position=3).tolist()
+
+    assert mine(2) == mine(0)
 
 
 def test_ntom_mining_is_deterministic_and_leaves_the_global_rng_alone():
@@ -386,7 +402,7 @@ def test_poem_thompson_sample_has_the_posterior_moments_and_survives_round_off()
 
 
 class _VectorPool(Dataset):
-    """Items are (a 3-vector "image", pool index); the model's features are the vector itself."""
+    """Items ``(index, augmentation seed)`` give (a 3-vector "image", index); the model's features are the vector."""
 
     def __init__(self, n: int) -> None:
         self.z = torch.randn(n, 3, generator=_gen(1))
@@ -394,7 +410,8 @@ class _VectorPool(Dataset):
     def __len__(self) -> int:
         return len(self.z)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: tuple[int, int]):
+        i, _ = item
         return self.z[i], i
 
 

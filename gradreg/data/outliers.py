@@ -348,8 +348,8 @@ class OutlierStream:
     """Deterministic, resumable, DDP-disjoint stream of candidate outlier batches (see the module docstring).
 
     Args:
-        pool: the outlier pool; the datamodule wraps it with ``Transformed(..., return_index=True)`` so the
-            loader yields ``(x, pool_index)``.
+        pool: the outlier pool, asked for ``(pool index, augmentation seed)`` items; the datamodule wraps it with
+            ``Transformed(..., return_index=True)`` so the loader yields ``(x, pool_index)``.
         batch_size: candidates per training step and rank (GReg+: 6 x the ID batch).
         seed: seed of the pass orderings.
         candidates_per_epoch: images per pass over all ranks (GReg's ``size_candidate_ood``): each pass is a fresh

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from gradreg.data.datasets import augmentation_seeds
 from gradreg.registry import Bounds
 from gradreg.samplers.base import SAMPLERS, OutlierSampler, Score, _outlier_scores, _seed_from, forward_candidates
 
@@ -57,7 +58,11 @@ class _PoolMiner(OutlierSampler):
         return torch.arange(candidates.shape[0], device=candidates.device)
 
     def mine(self, model: nn.Module, pool: Dataset, position: int = 0) -> Tensor:
-        """Pool indices to keep for the epoch that starts at stream ``position``."""
+        """Pool indices to keep for the epoch that starts at stream ``position``.
+
+        ``pool`` is asked for ``(index, augmentation seed)`` items, as the outlier stream asks it (the datamodule's
+        pool is a :class:`~gradreg.data.datasets.Transformed`).
+        """
         raise NotImplementedError
 
     def on_train_epoch_start(self, model: nn.Module, pool: Dataset, stream: OutlierStream, batch_size: int) -> None:
@@ -74,27 +79,22 @@ class _PoolMiner(OutlierSampler):
     ) -> tuple[Tensor, Tensor]:
         """Scores of a window of ``pool_factor * n_keep`` pool images: ``(window pool indices, scores)``.
 
-        The window is contiguous from a random offset, wrapping around; offset and augmentation are seeded from
-        ``(seed, position)`` and the global RNG is left untouched. ``score(features, logits)`` of an eval-mode,
-        no-grad forward gives one score per image.
+        The window is contiguous from a random offset, wrapping around; the offset and each image's augmentation
+        seed come from ``(seed, position)``: the pool is asked for ``(index, seed)`` items, as the outlier stream
+        asks it (:class:`~gradreg.data.datasets.Transformed`), so the scan does not depend on ``num_workers``.
+        ``score(features, logits)`` of an eval-mode, no-grad forward gives one score per image.
         """
         n_pool = len(pool)  # type: ignore[arg-type]
         n_scan = min(n_pool, math.ceil(self.pool_factor * n_keep))
         seed = _seed_from(self.seed, position)
         offset = int(torch.randint(n_pool, (1,), generator=torch.Generator().manual_seed(seed)))
         window = (offset + torch.arange(n_scan)) % n_pool
+        items = list(zip(window.tolist(), augmentation_seeds(seed, n=n_scan).tolist(), strict=True))
         device = next(model.parameters()).device
-        loader = DataLoader(
-            Subset(pool, window.tolist()),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(seed),  # worker seeds
+        loader = DataLoader(  # with a generator of its own: a DataLoader draws its base seed from the global RNG
+            Subset(pool, items), self.batch_size, num_workers=self.num_workers, generator=torch.Generator()
         )
-        scores = []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # augmentation in this process (num_workers=0)
-            for x, _ in loader:
-                scores.append(score(*forward_candidates(model, x.to(device, non_blocking=True))).cpu())
+        scores = [score(*forward_candidates(model, x.to(device, non_blocking=True))).cpu() for x, _ in loader]
         return window, torch.cat(scores)
 
     @staticmethod
@@ -117,8 +117,8 @@ class NTOMSampler(_PoolMiner):
     ``quantile`` of the window and keep the next ``keep = keep_factor * id_train_size`` images; the stream then
     draws only from them and :meth:`select` uses every candidate. NTOM's OOD batch is twice the ID batch.
 
-    The scan is deterministic: its augmentation RNG is seeded from ``(seed, stream.position)`` (the global RNG
-    is left untouched). Under DDP every rank scans the same window and rank 0's choice is broadcast.
+    The scan is deterministic: its window and augmentations are seeded from ``(seed, stream.position)`` (the global
+    RNG is left untouched). Under DDP every rank scans the same window and rank 0's choice is broadcast.
 
     Args:
         quantile: share of the scanned window skipped at the hard end (q = 0.125).
