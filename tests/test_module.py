@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
 from gradreg.data.module import EpochShuffle, Strided
-from gradreg.module import GradRegModule
+from gradreg.module import GradRegModule, UnsupportedSettingError
 from gradreg.registry import SettingError
 from gradreg.training import is_rank_zero
 
@@ -188,6 +188,23 @@ def test_id_augmentations_do_not_depend_on_the_number_of_ranks() -> None:
     assert [i for i, _ in alone] == list(range(23))
     assert len({seed for _, seed in alone}) == 23
     assert sorted(EpochShuffle(dataset, seed=5, epoch=3)) != alone  # fresh augmentations each epoch
+
+
+def test_sync_batchnorm_is_refused_under_the_gradient_penalty_only() -> None:
+    with pytest.raises(UnsupportedSettingError, match=r"trainer\.sync_batchnorm=true"):
+        make("greg")[0].check_sync_batchnorm(True)
+    make("greg")[0].check_sync_batchnorm(False)
+    make("greg", reg_weight=0.0)[0].check_sync_batchnorm(True)
+    make("energy")[0].check_sync_batchnorm(True)
+
+
+def test_sync_batchnorm_in_one_process_trains_greg(tmp_path: Path) -> None:
+    # SyncBatchNorm without a process group is plain BatchNorm: nothing to refuse.
+    model, dm = make("greg")
+    model.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.model)
+    trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2
 
 
 def test_cosine_schedule_decays_to_min_lr(tmp_path: Path) -> None:
