@@ -176,6 +176,18 @@ def test_resumed_greg_plus_run_ends_with_the_uninterrupted_runs_weights(tmp_path
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_training_loaders_leave_the_global_generator_alone(num_workers: int) -> None:
+    # A loader draws its workers' base seed when an iterator starts: every epoch without workers, once per fit with
+    # persistent ones. From the global generator, dropout would then depend on num_workers.
+    dm = OODDataModule(batch_size=32, outlier_batch_size=32, augment="crop", num_workers=num_workers)
+    loader = dm.train_dataloader()
+    state = torch.get_rng_state()
+    batch, *_ = next(iter(loader))
+    assert set(batch) == {"id", "outliers"}
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_worker_processes_do_not_change_the_augmented_batches(tmp_path: Path) -> None:
     assert _drawn(tmp_path, 1, 2, "constant") == _drawn(tmp_path, 1, 0, "constant")
 

@@ -269,21 +269,26 @@ class Transformed(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
         i, seed = item if isinstance(item, tuple) else (item, None)
         image, label = self.dataset[i]
+        target = i if self.return_index else label
         if seed is None:
-            return self.transform(image), (i if self.return_index else label)
+            return self.transform(image), target
         # torchvision's transforms draw from the global CPU generator: seed it for this item and put its state back
         # (torch.fork_rng and torch.manual_seed cost ~100 us an item, these calls ~3 us).
         state = torch.get_rng_state()
         torch.default_generator.manual_seed(seed)
         try:
-            return self.transform(image), (i if self.return_index else label)
+            return self.transform(image), target
         finally:
             torch.set_rng_state(state)
 
 
 def augmentation_seeds(*key: int, n: int) -> np.ndarray:
-    """``n`` per-sample augmentation seeds (int64, for :class:`Transformed`), a pure function of the ints ``key``."""
-    return np.random.default_rng(list(key)).integers(2**63, size=n)
+    """``n`` per-sample augmentation seeds (for :class:`Transformed`), a pure function of the ints ``key``.
+
+    The spawn key keeps them apart from other draws from the same key (the outlier stream orders a pass with
+    ``default_rng(key)``); 32 bits, because torch's CPU generator keeps only a seed's low 32 bits.
+    """
+    return np.random.default_rng(np.random.SeedSequence(list(key), spawn_key=(1,))).integers(2**32, size=n)
 
 
 DEFAULT_OOD_SETS = ["digits_heldout", "noise"]  # OOD sets of a datamodule without data.ood_sets: the embedded ones

@@ -233,6 +233,9 @@ class OODDataModule(LightningDataModule):
             batch_size=batch_size or self.eval_batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Its own generator: a loader draws its workers' base seed when an iterator starts, from the global RNG
+            # otherwise, once per epoch without workers and once per fit with persistent ones (dropout would differ).
+            generator=torch.Generator(),
             **kw,
         )
 

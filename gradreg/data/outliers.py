@@ -483,6 +483,7 @@ class OutlierStream:
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
+            generator=torch.Generator(),  # not the global RNG (see OODDataModule._loader)
         )
 
     def advance(self) -> None:
