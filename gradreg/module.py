@@ -165,6 +165,7 @@ class GradRegModule(LightningModule):
         self.method = method
         # The step computes its gradients itself (backward() inside training_step), so that it can be captured.
         self.captured_step = CapturedStep(self._forward_backward, self.parameters()) if cuda_graph else None
+        self._resumed_rng: dict[str, Tensor | None] | None = None  # a checkpoint's generator states, until training
 
     @property
     def uses_outliers(self) -> bool:
@@ -398,11 +399,27 @@ class GradRegModule(LightningModule):
                 )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the sampler's random state so a resumed run selects the same outliers."""
+        """Keep the sampler's and the global generators' states (outlier selection, dropout masks).
+
+        A resumed run then selects the same outliers and draws the same dropout masks; the data's order and
+        augmentations are seeded by the datamodule's samplers.
+        """
         checkpoint["sampler_state"] = self.sampler.state_dict()
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        checkpoint["rng_state"] = {"cpu": torch.get_rng_state(), "cuda": cuda}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         self.sampler.load_state_dict(checkpoint.get("sampler_state", {}))
+        self._resumed_rng = checkpoint.get("rng_state")  # set when training starts, not when a script loads weights
+
+    def on_train_start(self) -> None:
+        """A resumed run continues the global generators where the checkpoint left them."""
+        if self._resumed_rng is None:
+            return
+        torch.set_rng_state(self._resumed_rng["cpu"])
+        if self._resumed_rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(self._resumed_rng["cuda"], self.device)
+        self._resumed_rng = None
 
     def on_train_epoch_start(self) -> None:  # noqa: D102
         self._mine_at_epoch_start(known_start=True)

@@ -158,9 +158,11 @@ def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(
 
 
 def test_resumed_greg_plus_run_ends_with_the_uninterrupted_runs_weights(tmp_path: Path) -> None:
-    # Batches, augmentations, the sampler's k-means draws and the optimizer all resume: bitwise the same weights.
+    # Batches, augmentations, the sampler's k-means draws, dropout masks and the optimizer all resume: bitwise the
+    # same weights.
     def fit(epochs: int, ckpt_path: Path | None = None) -> dict[str, torch.Tensor]:
         model, dm = make("greg", sampler={"name": "energy_cluster", "num_clusters": 4})
+        model.model.trunk.insert(3, torch.nn.Dropout(0.2))  # after the first conv-BN-ReLU block
         dm.num_workers, dm.augment = 1, "crop"
         trainer = Trainer(
             max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
