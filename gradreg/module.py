@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from torch import Tensor, nn
+from torch import Tensor
 
 from gradreg.cuda_graph import CapturedStep
 from gradreg.double_backward import use_double_backward
@@ -358,26 +358,15 @@ class GradRegModule(LightningModule):
             stream.on_iteration_start = self._mine_at_epoch_start
 
     def on_fit_start(self) -> None:
-        """``cuda_graph``'s limits; no SyncBatchNorm under GReg's penalty (``sync_batchnorm`` has converted by now)."""
+        """``cuda_graph``'s limits; a double backward for the SyncBatchNorm layers ``sync_batchnorm`` has made by now.
+
+        GReg's penalty differentiates the backward, and PyTorch's SyncBatchNorm has none
+        (:mod:`gradreg.double_backward.batchnorm`).
+        """
         if self.captured_step is not None:
             self.check_capturable(self.trainer)
-        synced = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
-        self.check_sync_batchnorm(synced and self.trainer.world_size > 1)
-
-    def check_sync_batchnorm(self, syncs: bool) -> None:
-        """Raise :class:`UnsupportedSettingError` if BatchNorm statistics are synchronized under GReg's penalty.
-
-        The penalty back-propagates through the backward, and the backward of PyTorch's SyncBatchNorm has no
-        derivative (``derivative for batch_norm_backward_elemt is not implemented``, pytorch/pytorch#61222): every
-        rank would fail at its first step. (SyncBatchNorm in one process is plain BatchNorm.) ``train.py`` calls it
-        before ``fit`` with ``trainer.sync_batchnorm`` and the number of processes.
-        """
-        if syncs and self.regularizes:
-            raise UnsupportedSettingError(
-                "trainer.sync_batchnorm=true cannot train GReg's gradient penalty (PyTorch's SyncBatchNorm has no "
-                "double backward); set trainer.sync_batchnorm=false (each rank then normalizes with its own batch, as "
-                "the official DataParallel code's BatchNorm does) or model.reg_weight=0"
-            )
+        if self.regularizes:
+            use_double_backward(self.model)
 
     def check_capturable(self, trainer: Any) -> None:
         """Raise :class:`UnsupportedSettingError` if ``trainer``'s settings rule out ``cuda_graph``.

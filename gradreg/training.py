@@ -269,7 +269,6 @@ def fit(cli: GradRegCLI) -> int:
             _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
         if cli.model.captured_step is not None:  # before the loggers and the other DDP ranks start
             cli.model.check_capturable(cli.trainer)
-        cli.model.check_sync_batchnorm(bool(cli.config.trainer.get("sync_batchnorm")) and cli.trainer.world_size > 1)
         with warnings.catch_warnings():
             # Without validation Lightning only warns about a monitor it cannot find, and best.ckpt never appears.
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")

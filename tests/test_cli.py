@@ -293,14 +293,6 @@ def test_cuda_graph_with_ddp_stops_before_the_run_starts(tmp_path: Path) -> None
     assert not any((tmp_path / "runs").iterdir()), "a run that wrote nothing leaves no folder"
 
 
-def test_sync_batchnorm_with_greg_under_ddp_stops_before_the_run_starts(tmp_path: Path) -> None:
-    # PyTorch's SyncBatchNorm has no double backward: every rank would fail at its first step.
-    args = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.sync_batchnorm", "true"]
-    proc = train(tmp_path, *args)
-    assert_one_line_error(proc, "trainer.sync_batchnorm=true", "model.reg_weight=0")
-    assert not any((tmp_path / "runs").iterdir()), "a run that wrote nothing leaves no folder"
-
-
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [

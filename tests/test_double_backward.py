@@ -165,7 +165,7 @@ def test_conversion_keeps_state_and_skips_subclasses() -> None:
         "DoubleBackwardBatchNorm2d",
         "MyNorm",
         "DoubleBackwardBatchNorm1d",
-        "SyncBatchNorm",
+        "DoubleBackwardSyncBatchNorm",
         "DoubleBackwardConv2d",
         "MyConv",
         "DoubleBackwardConv1d",
@@ -297,3 +297,66 @@ def test_a_failing_compiler_falls_back_to_the_eager_closed_form(
     for g, g2, e in zip(got, got_again, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(g2, e, rtol=1e-9, atol=1e-12)
+
+
+SYNC_BN = """
+import sys
+import torch
+import torch.distributed as dist
+from gradreg.double_backward.batchnorm import DoubleBackwardSyncBatchNorm
+
+dist.init_process_group("gloo")
+rank, world, out = dist.get_rank(), dist.get_world_size(), sys.argv[1]
+torch.set_default_dtype(torch.float64)
+gen = torch.Generator().manual_seed(0)
+x_all, head = 2 * torch.randn(4 * world, 3, 4, 4, generator=gen) + 1, torch.randn(3, 4, 4, generator=gen)
+weight, bias = torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
+bn = DoubleBackwardSyncBatchNorm(3, momentum=0.3)
+with torch.no_grad():
+    bn.weight.copy_(weight)
+    bn.bias.copy_(bias)
+x = x_all.chunk(world)[rank].clone().requires_grad_()
+loss = (bn(x).tanh() * head).sum((1, 2, 3)).pow(2).mean()  # this rank's mean, as under DDP
+(gx,) = torch.autograd.grad(loss, x, create_graph=True)
+(loss + gx.flatten(1).norm(dim=1).mean()).backward()  # GReg's shape: the mean per-sample input-gradient norm
+grads = torch.stack([bn.weight.grad, bn.bias.grad])
+dist.all_reduce(grads)  # DDP's gradient average
+saved = {"gx": gx.detach(), "grads": grads / world, "running": torch.stack([bn.running_mean, bn.running_var])}
+if rank == 0:
+    saved.update(x_all=x_all, head=head, weight=weight, bias=bias)
+torch.save(saved, f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sync_batchnorm_double_backward_over_two_ranks_equals_one_batchnorm_over_their_batch(tmp_path: Path) -> None:
+    # Reference: one process, PyTorch's BatchNorm2d over both ranks' images; each rank's loss is its own mean, the
+    # input gradient is that of their sum (the statistics couple the ranks), DDP averages the weight gradients.
+    import subprocess
+    import sys
+
+    script = tmp_path / "sync_bn.py"
+    script.write_text(SYNC_BN)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*torchrun, str(script), str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    r0 = ranks[0]
+    bn = nn.BatchNorm2d(3, momentum=0.3).double()
+    with torch.no_grad():
+        bn.weight.copy_(r0["weight"])
+        bn.bias.copy_(r0["bias"])
+    x = r0["x_all"].clone().requires_grad_()
+    per_image = (bn(x).tanh() * r0["head"]).sum((1, 2, 3)).pow(2)
+    losses = [part.mean() for part in per_image.chunk(2)]
+    (gx,) = torch.autograd.grad(sum(losses), x, create_graph=True)
+    total = sum(loss + g.flatten(1).norm(dim=1).mean() for loss, g in zip(losses, gx.chunk(2), strict=True)) / 2
+    total.backward()
+
+    for rank, g in zip(ranks, gx.detach().chunk(2), strict=True):
+        torch.testing.assert_close(rank["gx"], g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["grads"], torch.stack([bn.weight.grad, bn.bias.grad]), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["running"], torch.stack([bn.running_mean, bn.running_var]), rtol=1e-12, atol=0)

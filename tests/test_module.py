@@ -22,7 +22,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
 from gradreg.data.module import EpochShuffle, Strided
-from gradreg.module import GradRegModule, UnsupportedSettingError
+from gradreg.double_backward.batchnorm import DoubleBackwardSyncBatchNorm
+from gradreg.module import GradRegModule
 from gradreg.registry import SettingError
 from gradreg.training import is_rank_zero
 
@@ -204,20 +205,15 @@ def test_id_augmentations_do_not_depend_on_the_number_of_ranks() -> None:
     assert sorted(EpochShuffle(dataset, seed=5, epoch=3)) != alone  # fresh augmentations each epoch
 
 
-def test_sync_batchnorm_is_refused_under_the_gradient_penalty_only() -> None:
-    with pytest.raises(UnsupportedSettingError, match=r"trainer\.sync_batchnorm=true"):
-        make("greg")[0].check_sync_batchnorm(True)
-    make("greg")[0].check_sync_batchnorm(False)
-    make("greg", reg_weight=0.0)[0].check_sync_batchnorm(True)
-    make("energy")[0].check_sync_batchnorm(True)
-
-
-def test_sync_batchnorm_in_one_process_trains_greg(tmp_path: Path) -> None:
-    # SyncBatchNorm without a process group is plain BatchNorm: nothing to refuse.
+def test_greg_gives_sync_batchnorm_layers_a_double_backward(tmp_path: Path) -> None:
+    # What sync_batchnorm leaves in the model under DDP; in one process SyncBatchNorm normalizes like BatchNorm.
     model, dm = make("greg")
     model.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.model)
     trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert len(layers) == 3
+    assert all(type(m) is DoubleBackwardSyncBatchNorm for m in layers)
     assert trainer.global_step == 2
 
 

@@ -6,7 +6,8 @@ back-propagated twice. For two layer types PyTorch's derivative of the backward 
 ordinary backward: training-mode BatchNorm (a generic formula with about 30 reductions per layer;
 :mod:`.batchnorm` has a closed form) and convolutions (the weight term as a convolution with the output
 gradient as the filter; :mod:`.conv` uses an ordinary weight gradient instead). Both compute the same
-gradients. :func:`use_double_backward` switches a model's layers to them by changing their class only:
+gradients. PyTorch's SyncBatchNorm has no double backward at all; :mod:`.batchnorm` gives it one.
+:func:`use_double_backward` switches a model's layers to them by changing their class only:
 parameters, buffers, hooks, the state dict and ``isinstance`` checks stay as they were, and eval mode
 runs the original ``forward``.
 """

@@ -36,6 +36,13 @@ form. The compiled function is used only when nothing differentiates the double 
 GReg's ``loss.backward()``. The first GReg step compiles it (seconds, once per dtype and memory layout; Inductor
 caches the kernels on disk); if compiling fails (say, no C compiler for Triton), a warning says so and the eager
 form runs from then on.
+
+SyncBatchNorm (DDP's ``sync_batchnorm``): PyTorch's has no double backward at all (its backward kernels have no
+derivative, pytorch/pytorch#61222). :class:`DoubleBackwardSyncBatchNorm` computes the statistics over all ranks
+with ``torch.distributed.nn``'s differentiable ``all_reduce`` (two per layer: the mean, then the centered second
+moment) and plain tensor ops, so autograd differentiates it to any order, across the ranks: a rank's input gradient
+then includes what its images contribute, through the shared statistics, to the other ranks' losses, as autograd
+through one BatchNorm over the ranks' whole batch would. In one process it is the layer above.
 """
 
 from __future__ import annotations
@@ -253,6 +260,42 @@ def batch_norm_train(
     return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps, compile_setting)
 
 
+def sync_batch_norm_train(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    group: Any = None,
+) -> Tensor:
+    """Training-mode BatchNorm over the batches of all ranks of ``group``, differentiable to any order.
+
+    The statistics (float32 for bf16/fp16 activations) come from ``torch.distributed.nn.functional.all_reduce``;
+    the running statistics are updated in place with the unbiased variance of all ranks' values, as SyncBatchNorm
+    does. Every rank must call it, with the same number of channels.
+    """
+    from torch.distributed.nn.functional import all_reduce
+
+    group = torch.distributed.group.WORLD if group is None else group
+    dims, shape = _dims(x), (1, -1) + (1,) * (x.dim() - 2)
+    xf = x.to(_acc_dtype(x))
+    local = xf.new_full((1,), x.numel() // x.shape[1])
+    sums = all_reduce(torch.cat([xf.sum(dims), local]), group=group)
+    mean, count = sums[:-1] / sums[-1], sums[-1]
+    centered = xf - mean.view(shape)
+    var = all_reduce((centered * centered).sum(dims), group=group) / count
+    out = centered * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        out = out * weight.view(shape) + bias.view(shape)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * count / (count - 1)).to(running_var.dtype), momentum)
+    return out.to(x.dtype)
+
+
 class DoubleBackwardBatchNorm:
     """Mixin for ``nn.BatchNorm*d``: training mode goes through :func:`batch_norm_train`.
 
@@ -266,15 +309,19 @@ class DoubleBackwardBatchNorm:
         if not self.training:
             return super().forward(x)
         self._check_input_dim(x)
-        # Running-statistics bookkeeping exactly as nn.modules.batchnorm._BatchNorm.forward does it.
+        return batch_norm_train(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self._momentum(), self.eps,
+            self.compile_setting,
+        )  # fmt: skip
+
+    def _momentum(self) -> float:
+        """This step's running-statistics momentum; counts the batch, as ``nn.BatchNorm``'s forward does."""
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        return batch_norm_train(
-            x, self.running_mean, self.running_var, self.weight, self.bias, momentum, self.eps, self.compile_setting
-        )
+        return momentum
 
 
 class DoubleBackwardBatchNorm1d(DoubleBackwardBatchNorm, nn.BatchNorm1d):
@@ -289,8 +336,26 @@ class DoubleBackwardBatchNorm3d(DoubleBackwardBatchNorm, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` with the cheap double backward in training mode."""
 
 
+class DoubleBackwardSyncBatchNorm(DoubleBackwardBatchNorm, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` that GReg's penalty can differentiate.
+
+    Training mode over several ranks: :func:`sync_batch_norm_train`; in one process: the cheap double backward of
+    :class:`DoubleBackwardBatchNorm`; eval mode: ``nn.SyncBatchNorm``'s.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        group = self.process_group
+        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        return sync_batch_norm_train(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self._momentum(), self.eps, group
+        )
+
+
 CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: DoubleBackwardBatchNorm1d,
     nn.BatchNorm2d: DoubleBackwardBatchNorm2d,
     nn.BatchNorm3d: DoubleBackwardBatchNorm3d,
+    nn.SyncBatchNorm: DoubleBackwardSyncBatchNorm,
 }
