@@ -269,6 +269,12 @@ def fit(cli: GradRegCLI) -> int:
             _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
         if cli.model.captured_step is not None:  # before the loggers and the other DDP ranks start
             cli.model.check_capturable(cli.trainer)
+        cpu_processes = cli.trainer.world_size > 1 and cli.trainer.strategy.root_device.type == "cpu"
+        if cli.config.trainer.get("sync_batchnorm") and cpu_processes:
+            raise UserError(  # else each rank's DDP fails with a traceback
+                "trainer.sync_batchnorm=true needs GPUs (PyTorch's DDP accepts SyncBatchNorm layers on GPU modules "
+                "only); set trainer.sync_batchnorm=false on the CPU"
+            )
         with warnings.catch_warnings():
             # Without validation Lightning only warns about a monitor it cannot find, and best.ckpt never appears.
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")
