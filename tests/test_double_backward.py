@@ -177,6 +177,15 @@ def test_conversion_keeps_state_and_skips_subclasses() -> None:
     ]  # fmt: skip
 
 
+def test_converting_again_converts_new_layers_and_keeps_earlier_settings() -> None:
+    # GradRegModule converts again at fit start, after DDP's sync_batchnorm replaced its BatchNorm layers.
+    model = use_double_backward(nn.Sequential(nn.BatchNorm2d(3)), batchnorm_compile="off")
+    model.append(nn.SyncBatchNorm(3))
+    use_double_backward(model)
+    assert [type(m).__name__ for m in model] == ["DoubleBackwardBatchNorm2d", "DoubleBackwardSyncBatchNorm"]
+    assert [m.compile_setting for m in model] == ["off", "auto"]
+
+
 def test_module_converts_only_when_the_penalty_is_on() -> None:
     def layer_types(module: GradRegModule) -> set[str]:
         kinds = (nn.modules.batchnorm._BatchNorm, nn.Conv2d)

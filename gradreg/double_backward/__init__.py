@@ -33,15 +33,17 @@ def use_double_backward(
     """Switch ``model``'s plain layers of the given kinds (``LAYERS``) to their double-backward variants, in place.
 
     Only exact types are converted: a subclass may override ``forward``. ``batchnorm_compile``: whether the
-    double backward of converted BatchNorm layers runs compiled (``batchnorm.COMPILE``: ``auto``, ``on``,
-    ``off``; see ``batchnorm._closed_form_fn``).
+    double backward of the BatchNorm layers it converts runs compiled (``batchnorm.COMPILE``: ``auto``, ``on``,
+    ``off``; see ``batchnorm._closed_form_fn``); layers converted before keep theirs (the module converts again the
+    SyncBatchNorm layers DDP's ``sync_batchnorm`` makes).
     """
     batchnorm.check_compile(batchnorm_compile)
     table = {old: new for kind in layers for old, new in LAYERS[kind].items()}
     for module in model.modules():
         converted = table.get(type(module))
-        if converted is not None:
-            module.__class__ = converted
+        if converted is None:
+            continue
+        module.__class__ = converted
         if isinstance(module, batchnorm.DoubleBackwardBatchNorm):
             module.compile_setting = batchnorm_compile
     return model
