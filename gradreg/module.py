@@ -399,7 +399,10 @@ class GradRegModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         self.sampler.load_state_dict(checkpoint.get("sampler_state", {}))
-        self._resumed_rng = checkpoint.get("rng_state")  # set when training starts, not when a script loads weights
+        # Set when a fit resumes and starts training; not for load_from_checkpoint or validate/test(ckpt_path=...),
+        # whose module a later fresh fit would otherwise start from the old run's generators.
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        self._resumed_rng = checkpoint.get("rng_state") if fitting else None
 
     def on_train_start(self) -> None:
         """A resumed run continues the global generators where the checkpoint left them."""

@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
 
 from gradreg.callbacks import METRICS, OODEvalCallback
 from gradreg.cli import UserError, next_run_dir, point_latest
@@ -269,8 +270,9 @@ def fit(cli: GradRegCLI) -> int:
             _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
         if cli.model.captured_step is not None:  # before the loggers and the other DDP ranks start
             cli.model.check_capturable(cli.trainer)
-        cpu_processes = cli.trainer.world_size > 1 and cli.trainer.strategy.root_device.type == "cpu"
-        if cli.config.trainer.get("sync_batchnorm") and cpu_processes:
+        # DDP refuses SyncBatchNorm on the CPU with one process too (strategy=ddp, devices=1)
+        cpu_ddp = isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.strategy.root_device.type == "cpu"
+        if cli.config.trainer.get("sync_batchnorm") and cpu_ddp:
             raise UserError(  # else each rank's DDP fails with a traceback
                 "trainer.sync_batchnorm=true needs GPUs (PyTorch's DDP accepts SyncBatchNorm layers on GPU modules "
                 "only); set trainer.sync_batchnorm=false on the CPU"

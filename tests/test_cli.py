@@ -293,8 +293,10 @@ def test_cuda_graph_with_ddp_stops_before_the_run_starts(tmp_path: Path) -> None
     assert not any((tmp_path / "runs").iterdir()), "a run that wrote nothing leaves no folder"
 
 
-def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(tmp_path: Path) -> None:
-    proc = train(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.sync_batchnorm", "true")
+@pytest.mark.parametrize("devices", ["2", "1"])
+def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: str, tmp_path: Path) -> None:
+    args = ["--trainer.devices", devices, "--trainer.strategy", "ddp", "--trainer.sync_batchnorm", "true"]
+    proc = train(tmp_path, *args)
     assert_one_line_error(proc, "trainer.sync_batchnorm=true needs GPUs")
     assert not any((tmp_path / "runs").iterdir()), "a run that wrote nothing leaves no folder"
 

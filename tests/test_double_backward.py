@@ -334,6 +334,7 @@ saved = {"gx": gx.detach(), "grads": grads / world, "running": torch.stack([bn.r
 if rank == 0:
     saved.update(x_all=x_all, head=head, weight=weight, bias=bias)
 torch.save(saved, f"{out}/rank{rank}.pt")
+del loss, gx  # their graphs hold the all_reduce nodes' process group: alive past destroy, gloo aborts at exit
 dist.destroy_process_group()
 """
 

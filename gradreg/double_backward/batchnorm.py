@@ -39,7 +39,7 @@ form runs from then on.
 
 SyncBatchNorm (DDP's ``sync_batchnorm``): PyTorch's has no double backward at all (its backward kernels have no
 derivative, pytorch/pytorch#61222). :class:`DoubleBackwardSyncBatchNorm` computes the statistics over all ranks
-with ``torch.distributed.nn``'s differentiable ``all_reduce`` (two per layer: the mean, then the centered second
+with PyTorch's differentiable functional ``all_reduce`` (two per layer: the mean, then the centered second
 moment) and plain tensor ops, so autograd differentiates it to any order, across the ranks: a rank's input gradient
 then includes what its images contribute, through the shared statistics, to the other ranks' losses, as autograd
 through one BatchNorm over the ranks' whole batch would. In one process it is the layer above.
@@ -272,20 +272,21 @@ def sync_batch_norm_train(
 ) -> Tensor:
     """Training-mode BatchNorm over the batches of all ranks of ``group``, differentiable to any order.
 
-    The statistics (float32 for bf16/fp16 activations) come from ``torch.distributed.nn.functional.all_reduce``;
-    the running statistics are updated in place with the unbiased variance of all ranks' values, as SyncBatchNorm
-    does. Every rank must call it, with the same number of channels.
+    The statistics (float32 for bf16/fp16 activations) come from the functional ``all_reduce``; the running
+    statistics are updated in place with the unbiased variance of all ranks' values, as SyncBatchNorm does. Every
+    rank must call it, with the same number of channels.
     """
-    from torch.distributed.nn.functional import all_reduce
+    # PyTorch's differentiable collective (torch.distributed.nn's is deprecated): its backward is an all_reduce again
+    from torch.distributed._functional_collectives import all_reduce
 
     group = torch.distributed.group.WORLD if group is None else group
     dims, shape = _dims(x), (1, -1) + (1,) * (x.dim() - 2)
     xf = x.to(_acc_dtype(x))
     local = xf.new_full((1,), x.numel() // x.shape[1])
-    sums = all_reduce(torch.cat([xf.sum(dims), local]), group=group)
+    sums = all_reduce(torch.cat([xf.sum(dims), local]), "sum", group)
     mean, count = sums[:-1] / sums[-1], sums[-1]
     centered = xf - mean.view(shape)
-    var = all_reduce((centered * centered).sum(dims), group=group) / count
+    var = all_reduce((centered * centered).sum(dims), "sum", group) / count
     out = centered * torch.rsqrt(var + eps).view(shape)
     if weight is not None:
         out = out * weight.view(shape) + bias.view(shape)
