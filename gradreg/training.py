@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from gradreg.callbacks import METRICS, OODEvalCallback
@@ -277,6 +278,9 @@ def fit(cli: GradRegCLI) -> int:
                 "trainer.sync_batchnorm=true needs GPUs (PyTorch's DDP accepts SyncBatchNorm layers on GPU modules "
                 "only); set trainer.sync_batchnorm=false on the CPU"
             )
+        for logger in cli.trainer.loggers:  # Lightning passes wandb.init(anonymous=None), which wandb warns about
+            if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous", False) is None:
+                del logger._wandb_init["anonymous"]
         with warnings.catch_warnings():
             # Without validation Lightning only warns about a monitor it cannot find, and best.ckpt never appears.
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")
