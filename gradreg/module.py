@@ -40,6 +40,7 @@ from gradreg.losses import (
     upcast,
 )
 from gradreg.models import MODELS, add_absent_head, create_classifier, load_pretrained, logits_with_absent
+from gradreg.provenance import environment
 from gradreg.registry import Bounds, SettingError, check_settings
 from gradreg.samplers import SAMPLERS
 
@@ -388,7 +389,7 @@ class GradRegModule(LightningModule):
                 )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the sampler's and the global generators' states (outlier selection, dropout masks).
+        """Keep the sampler's and the global generators' states (outlier selection, dropout masks), and the versions.
 
         A resumed run then selects the same outliers and draws the same dropout masks; the data's order and
         augmentations are seeded by the datamodule's samplers.
@@ -396,6 +397,7 @@ class GradRegModule(LightningModule):
         checkpoint["sampler_state"] = self.sampler.state_dict()
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         checkpoint["rng_state"] = {"cpu": torch.get_rng_state(), "cuda": cuda}
+        checkpoint["environment"] = environment(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         self.sampler.load_state_dict(checkpoint.get("sampler_state", {}))

@@ -44,6 +44,7 @@ from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, scorer_key, set_metrics
 from gradreg.metrics import OOD_METRICS, accuracy
 from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
+from gradreg.provenance import environment
 from gradreg.registry import RegistryError
 from gradreg.scorers import SCORERS, Scorer
 
@@ -513,10 +514,13 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     source = Path(opts.checkpoint)
     post_hoc = source.suffix in (".yaml", ".yml")
     ckpt_path = require_file(source, "config", "pass an existing .yaml") if post_hoc else resolve_checkpoint(source)
+    ckpt = None if post_hoc else load_checkpoint(ckpt_path)
+    trained_with = None if ckpt is None else ckpt.get("environment")  # checkpoints of older versions have none
     try:
-        module, dm = from_config(ckpt_path, overrides) if post_hoc else rebuild(load_checkpoint(ckpt_path), overrides)
+        module, dm = from_config(ckpt_path, overrides) if ckpt is None else rebuild(ckpt, overrides)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot build the model and data ({str(err).splitlines()[0]})") from None
+    del ckpt  # the model holds copies of its tensors
     specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
     scorer_map = build_scorers(specs)
     # Builds every set now (a missing dataset stops us before any work); --max-samples keeps a fixed random sample.
@@ -572,6 +576,8 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             "n": len(id_scored),
             "accuracy": accuracy(id_scored.preds, id_scored.labels),
         },
+        "environment": environment(device),  # the code and versions of this evaluation, and of the training run
+        "trained_with": trained_with,
     }
     writer = ResultWriter(out, header)
     writer.write()

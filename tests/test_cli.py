@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from gradreg.cli import UserError, evaluate_main, train_main
+from gradreg.provenance import git_revision
 from gradreg.report import parse_scorer
 from gradreg.training import build_cli
 
@@ -153,6 +155,11 @@ def test_evaluate_writes_consistent_results(trained: Path) -> None:
     assert results["options"]["epsilons"] == [8 / 255]
     assert list(results["options"]["scorers"]) == results["scorers"]
     assert 0.0 <= results["id"]["accuracy"] <= 1.0
+    trained_with = torch.load(latest / "best.ckpt", weights_only=True)["environment"]  # written by the training run
+    assert results["trained_with"] == trained_with
+    for env in (trained_with, results["environment"]):
+        assert env["packages"]["torch"] == torch.__version__
+        assert env["git"] == git_revision(ROOT)  # the checkout that ran the tests (None in an installed copy)
     sets = results["sets"]
     assert {"digits_heldout", "noise", "fgsm_eps8", "pgd_eps8", "jpeg_s5", "attacked/noise"} <= set(sets)
     assert sets["digits_heldout"]["group"] == "near"
@@ -535,3 +542,29 @@ def test_wandb_project_comes_from_wandb_project() -> None:
     env = {**os.environ, "WANDB_PROJECT": "my-ood-runs"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["lightning.pytorch.loggers.WandbLogger", "my-ood-runs"], proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git executable")
+def test_git_revision_names_the_commit_and_uncommitted_changes(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull}  # fmt: skip
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    (repo / "code.py").write_text("a = 1\n")
+    (repo / "sub").mkdir()
+    git("add", "code.py")
+    git("commit", "-q", "-m", "first")
+    commit = git("rev-parse", "HEAD").strip()
+    assert git_revision.__wrapped__(repo) == commit
+    (repo / "notes.txt").write_text("untracked files are not code changes")
+    assert git_revision.__wrapped__(repo) == commit
+    (repo / "code.py").write_text("a = 2\n")
+    assert git_revision.__wrapped__(repo) == commit + "-dirty"
+    # A package installed inside another repository (a venv in a project folder) is not that repository's code.
+    assert git_revision.__wrapped__(repo / "sub") is None
+    assert git_revision.__wrapped__(tmp_path) is None
