@@ -1,46 +1,74 @@
 """Markdown summary of several ``evaluate.py`` runs: ID accuracy and mean AUROC / FPR95 over the OOD sets per scorer.
 
-python bench/results_table.py ce=runs/results/fmnist-ce-001/eval greg=runs/results/fmnist-greg-001/eval
+python bench/results_table.py ce=runs/results/fmnist-ce-seed0-001/eval greg=runs/results/fmnist-greg-seed0-001/eval
+
+A label may name several evaluations, comma-separated (one per seed): its cells are then the mean ± the sample
+standard deviation over them.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 
-def pct(value: float | None) -> str:
-    """A metric in %, or "-" for the null that results.json holds for a scorer with non-finite scores."""
-    return "-" if value is None else f"{100 * value:.1f}"
+def cell(values: list[float | None]) -> str:
+    """Metrics in %: one value, or mean ± sample std; "-" if any is the null results.json holds for NaN scores."""
+    if any(v is None for v in values):
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def main(pairs: list[str]) -> None:
-    """Print one table row per ``label=eval_dir`` pair, then a per-set energy AUROC table."""
-    docs = {
-        label: json.loads((Path(d) / "results.json").read_text()) for label, _, d in (p.partition("=") for p in pairs)
+    """Print one table row per ``label=eval_dir[,eval_dir...]`` argument, then a per-set energy AUROC table."""
+    docs: dict[str, list[dict[str, Any]]] = {
+        label: [json.loads((Path(d) / "results.json").read_text()) for d in dirs.split(",")]
+        for label, _, dirs in (p.partition("=") for p in pairs)
     }
-    scorers = next(iter(docs.values()))["scorers"]
-    print("Mean over the OOD test sets, AUROC / FPR95 (%):\n")
+    first = next(iter(docs.values()))[0]
+    scorers = first["scorers"]
+    runs = sorted({len(runs) for runs in docs.values()})
+    spread = " (mean ± sample standard deviation over " + "/".join(map(str, runs)) + " runs)" if runs != [1] else ""
+    print(f"Mean over the OOD test sets, AUROC / FPR95 (%){spread}:\n")
     print("| method | ID acc | " + " | ".join(scorers) + " |")
     print("|---|---|" + "---|" * len(scorers))
-    for label, doc in docs.items():
-        cells = [f"{pct(doc['means']['ood'][s]['auroc'])} / {pct(doc['means']['ood'][s]['fpr95'])}" for s in scorers]
-        print(f"| {label} | {100 * doc['id']['accuracy']:.1f} | " + " | ".join(cells) + " |")
-    sets = list(next(iter(docs.values()))["sets"])
-    print("\nEnergy-score AUROC (%) per set (`attacked/<set>`: the same OOD images after the energy attack):\n")
+    for label, runs_of in docs.items():
+        cells = [
+            cell([d["means"]["ood"][s]["auroc"] for d in runs_of])
+            + " / "
+            + cell([d["means"]["ood"][s]["fpr95"] for d in runs_of])
+            for s in scorers
+        ]
+        print(f"| {label} | {cell([d['id']['accuracy'] for d in runs_of])} | " + " | ".join(cells) + " |")
+    sets = list(first["sets"])
+    print(
+        f"\nEnergy-score AUROC (%) per set{spread} (`attacked/<set>`: the same OOD images after the energy attack):\n"
+    )
     print("| method | " + " | ".join(sets) + " |")
     print("|---|" + "---|" * len(sets))
-    for label, doc in docs.items():
-        cells = [pct(doc["sets"][s]["metrics"]["energy"]["auroc"]) if s in doc["sets"] else "-" for s in sets]
+    for label, runs_of in docs.items():
+        cells = [
+            cell([d["sets"][s]["metrics"]["energy"]["auroc"] for d in runs_of])
+            if all(s in d["sets"] for d in runs_of)
+            else "-"
+            for s in sets
+        ]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     if not args or any(a.startswith("-") or "=" not in a for a in args):
-        sys.exit(f"usage: python {sys.argv[0]} LABEL=EVAL_DIR ... (each EVAL_DIR holds an evaluate.py results.json)")
-    missing = [a.partition("=")[2] for a in args if not (Path(a.partition("=")[2]) / "results.json").is_file()]
+        sys.exit(
+            f"usage: python {sys.argv[0]} LABEL=EVAL_DIR[,EVAL_DIR...] ... (folders with evaluate.py's results.json)"
+        )
+    dirs = [d for a in args for d in a.partition("=")[2].split(",")]
+    missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
     if missing:
         sys.exit(f"error: no results.json in {', '.join(missing)}: pass evaluate.py's output folders (eval-NNN)")
     main(args)

@@ -84,6 +84,15 @@ def test_results_table_reads_evaluate_results(tmp_path: Path) -> None:
     out = subprocess.run([*script, f"m={tmp_path}"], capture_output=True, text=True, check=True).stdout
     assert "| m | 95.0 | 90.0 / 25.0 | - / - |" in out  # null (non-finite scores) as "-"
     assert "| m | 80.0 |" in out
+    # Two seeds: mean ± sample std (n - 1); AUROC 0.9 and 0.8: 85.0 ± 7.1, ID accuracy 0.95 and 0.85: 90.0 ± 7.1
+    second = tmp_path / "seed1"
+    second.mkdir()
+    doc["id"]["accuracy"], doc["means"]["ood"]["energy"] = 0.85, {"auroc": 0.8, "fpr95": 0.35}
+    (second / "results.json").write_text(json.dumps(doc))
+    out = subprocess.run([*script, f"m={tmp_path},{second}"], capture_output=True, text=True, check=True).stdout
+    assert "| m | 90.0 ± 7.1 | 85.0 ± 7.1 / 30.0 ± 7.1 | - / - |" in out
+    assert "| m | 80.0 ± 0.0 |" in out
+    assert "over 2 runs" in out
     for args, message in [([], "usage:"), (["--help"], "usage:"), ([f"m={tmp_path / 'x'}"], "no results.json in")]:
         proc = subprocess.run([*script, *args], capture_output=True, text=True)
         assert proc.returncode == 1
