@@ -23,18 +23,21 @@ PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "numpy", "wandb
 
 def environment(device: torch.device) -> dict[str, Any]:
     """The gradreg version and git revision, Python, :data:`PACKAGES` versions, and the name of ``device``."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine() or device.type
     return {
         "gradreg": gradreg.__version__,
         "git": git_revision(Path(gradreg.__file__).resolve().parent.parent),
         "python": platform.python_version(),
         "packages": _package_versions(),
         "cuda_build": torch.version.cuda,  # the CUDA version torch was built with (None: a CPU build)
-        "device": f"{device.type}: {name}",
+        "device": _device_name(device),
     }
+
+
+@functools.cache  # platform.processor() runs `uname -p`, and checkpoints are saved every epoch
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"{device.type}: {platform.processor() or platform.machine() or 'unknown'}"
 
 
 @functools.cache
