@@ -45,7 +45,7 @@ scorers() {
 {
   nvidia-smi -L
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_double_backward.py \
+  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_double_backward.py tests/test_module.py \
     tests/test_samplers.py tests/test_scorers.py
   case "$PART" in
     steps) steps ;;

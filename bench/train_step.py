@@ -19,6 +19,10 @@ from ``torch.autograd.grad(Phi, x, create_graph=True)``, one backward, one SGD s
   only; the ``greg`` rows of result files before the convolution change).
 - ``greg_native``: the same with PyTorch's own double backward everywhere (the naive baseline;
   ``greg_native_bn`` in older result files).
+- ``greg_sync``: ``greg`` with the BatchNorm layers that DDP's ``sync_batchnorm`` makes
+  (``DoubleBackwardSyncBatchNorm``) forced onto their multi-rank path, ``sync_batch_norm_train``, in one
+  process: its two ``all_reduce`` calls run over a process group of one (NCCL on CUDA, gloo on CPU), so the
+  column is the compute cost of synchronized statistics without the communication between GPUs.
 - ``energy_graph``, ``greg_graph``: ``energy`` and ``greg`` with the forward and backwards of the step replayed
   from a CUDA graph (``gradreg.cuda_graph.CapturedStep``, ``GradRegModule(cuda_graph=True)``; eager on a CPU).
   Their ratio column divides ``greg_graph`` by ``energy_graph``.
@@ -65,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from gradreg.cuda_graph import CapturedStep, Step
 from gradreg.double_backward import use_double_backward
+from gradreg.double_backward.batchnorm import DoubleBackwardSyncBatchNorm
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.models import create_classifier
 
@@ -78,6 +83,7 @@ LABELS = {
     "greg_native": "native",
     "energy_graph": "energy-OE graph",
     "greg_graph": "GReg graph",
+    "greg_sync": "GReg sync-BN",
 }
 METHODS = tuple(LABELS)
 CONVERTED = {  # method -> (gradreg.double_backward layers, BatchNorm compile setting)
@@ -86,6 +92,7 @@ CONVERTED = {  # method -> (gradreg.double_backward layers, BatchNorm compile se
     "greg_native_conv": (("batchnorm",), "auto"),
     "greg_native": ((), "auto"),
     "greg_graph": (("batchnorm", "conv"), "auto"),
+    "greg_sync": (("batchnorm", "conv"), "auto"),
 }
 BETA_ENERGY = 0.1  # weight of the energy margin loss (energy-OE and GReg)
 LAMBDA_GRAD = 1.0  # weight of the regularizer (GReg's --jacobianLoss)
@@ -166,13 +173,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class OneRankSyncBatchNorm(DoubleBackwardSyncBatchNorm):
+    """``DoubleBackwardSyncBatchNorm`` on its multi-rank path (``sync_batch_norm_train``) in a process group of one."""
+
+    def across_ranks(self) -> bool:
+        return self.training
+
+
+def _sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with the layers of DDP's ``sync_batchnorm``, in a process group of one (created once)."""
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def _setup(case: Case) -> tuple[torch.optim.Optimizer, Step, Tensor, Tensor, Tensor]:
     """Optimizer, the step's forward and backward (model in train mode) and a fixed random batch on ``case.device``."""
     device = torch.device(case.device)
     torch.manual_seed(0)
     model = create_classifier(case.model, case.num_classes, in_channels=3).to(device).train()
+    if case.method == "greg_sync":
+        model = _sync_batchnorm(model, device)
     layers, batchnorm_compile = CONVERTED.get(case.method, ((), "auto"))
     use_double_backward(model, layers, batchnorm_compile)
+    for module in model.modules():
+        if type(module) is DoubleBackwardSyncBatchNorm:
+            module.__class__ = OneRankSyncBatchNorm
     if case.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(

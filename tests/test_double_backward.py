@@ -6,6 +6,7 @@ Convolution-specific checks: ``test_double_backward_conv.py``."""
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from gradreg.double_backward.batchnorm import (
     _closed_form_fn,
     _compiled_closed_form,
     batch_norm_train,
+    sync_batch_norm_train,
 )
 from gradreg.double_backward.conv import DoubleBackwardConv2d
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
@@ -370,3 +372,39 @@ def test_sync_batchnorm_double_backward_over_two_ranks_equals_one_batchnorm_over
         torch.testing.assert_close(rank["gx"], g, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(rank["grads"], torch.stack([bn.weight.grad, bn.bias.grad]), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(rank["running"], torch.stack([bn.running_mean, bn.running_var]), rtol=1e-12, atol=0)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+def test_sync_statistics_in_a_group_of_one_equal_batchnorm_to_the_second_derivative(device: str) -> None:
+    # DDP's sync_batchnorm on GPUs runs sync_batch_norm_train with NCCL's all_reduce. A group of one checks its
+    # arithmetic and the collective's autograd on each device against PyTorch's BatchNorm (the sums over ranks: the
+    # two-process test above).
+    import torch.distributed as dist
+
+    group = {"backend": "nccl", "device_id": torch.device("cuda", 0)} if device == "cuda" else {"backend": "gloo"}
+    dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **group)
+    try:
+        gen = torch.Generator(device).manual_seed(0)
+        x = (2 * torch.randn(8, 3, 5, 5, generator=gen, device=device, dtype=torch.float64) + 1).requires_grad_()
+        head = torch.randn(3, 5, 5, generator=gen, device=device, dtype=torch.float64)
+        native = nn.BatchNorm2d(3, momentum=0.3).to(device, torch.float64)
+        with torch.no_grad():
+            native.weight.uniform_(0.5, 1.5, generator=gen)
+            native.bias.normal_(generator=gen)
+        running = [native.running_mean.clone(), native.running_var.clone()]
+        params = [p.detach().clone().requires_grad_() for p in (native.weight, native.bias)]
+        synced = functools.partial(sync_batch_norm_train, running_mean=running[0], running_var=running[1],
+                                   weight=params[0], bias=params[1], momentum=0.3, eps=native.eps)  # fmt: skip
+        results = []
+        for bn, wb in ((native, [native.weight, native.bias]), (synced, params)):
+            loss = (bn(x).tanh() * head).sum((1, 2, 3)).pow(2).mean()
+            (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+            results.append([gx, *torch.autograd.grad(loss + gx.flatten(1).norm(dim=1).mean(), [x, *wb])])
+        for got, expected in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.stack(running), torch.stack([native.running_mean, native.running_var]))
+    finally:
+        dist.destroy_process_group()

@@ -253,6 +253,27 @@ def test_ddp_two_cpu_processes_train(tmp_path: Path, launcher: str) -> None:
     assert acc * n_val == pytest.approx(round(acc * n_val), abs=1e-6)  # correct / 217, not / 218 with a padded shard
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_ddp_with_sync_batchnorm_trains_greg_on_a_gpu(tmp_path: Path, precision: str) -> None:
+    """GReg's double backward through DDP's reducer (NCCL) and its SyncBatchNorm layers: a whole train.py run."""
+    args = [
+        sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        "--run.root", str(tmp_path / "runs"), "--trainer.accelerator", "gpu", "--trainer.strategy", "ddp",
+        "--trainer.devices", "1", "--trainer.sync_batchnorm", "true", "--trainer.precision", precision,
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.logger", "false",
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "runs" / "quickstart-001" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+
+
 def test_an_empty_eval_set_gives_an_empty_loader() -> None:
     # val_fraction 0 on a set without a val split (CIFAR, as the official code trains on all 50,000 images)
     assert len(OODDataModule()._eval_shard(torch.utils.data.Subset(range(5), []))) == 0

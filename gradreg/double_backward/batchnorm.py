@@ -344,14 +344,17 @@ class DoubleBackwardSyncBatchNorm(DoubleBackwardBatchNorm, nn.SyncBatchNorm):
     :class:`DoubleBackwardBatchNorm`; eval mode: ``nn.SyncBatchNorm``'s.
     """
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def across_ranks(self) -> bool:
+        """Whether this forward normalizes with the statistics of every rank (training, several ranks)."""
         group = self.process_group
-        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1):
+        return self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if not self.across_ranks():
             return super().forward(x)
         self._check_input_dim(x)
-        return sync_batch_norm_train(
-            x, self.running_mean, self.running_var, self.weight, self.bias, self._momentum(), self.eps, group
-        )
+        args = (self.running_mean, self.running_var, self.weight, self.bias, self._momentum(), self.eps)
+        return sync_batch_norm_train(x, *args, self.process_group)
 
 
 CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
