@@ -52,8 +52,11 @@ class Settings:
     lower_bounds: ClassVar[Bounds] = {}
 
     def __post_init__(self) -> None:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
-        check_settings(values, typing.get_type_hints(type(self)), self.lower_bounds)
+        check_settings(self.settings(), typing.get_type_hints(type(self)), self.lower_bounds)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by name, defaults included: what the object computes with (results.json records it)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
 
 
 def _finite(value: Any) -> bool:

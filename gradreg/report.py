@@ -41,7 +41,16 @@ from gradreg.cli import UserError, configure_wandb_env, next_run_dir, require_fi
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
-from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, scorer_key, set_metrics
+from gradreg.evaluation import (
+    ScoredSet,
+    ScorerSpec,
+    build_scorers,
+    mean_metrics,
+    sample,
+    score_loader,
+    scorer_key,
+    set_metrics,
+)
 from gradreg.metrics import OOD_METRICS, accuracy
 from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
 from gradreg.provenance import environment
@@ -567,9 +576,10 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
 
     id_scored = run(id_test, None, "id")
     save_scores(out / "scores" / "id.npz", id_scored, id_test)
+    given = {scorer_key(s): s for s in specs}
     header = {
         "checkpoint": str(ckpt_path),
-        "options": {**vars(opts), "scorers": {scorer_key(s): s for s in specs if scorer_key(s) in scorer_map}},
+        "options": {**vars(opts), "scorers": {k: scorer_record(given[k], s) for k, s in scorer_map.items()}},
         "scorers": list(scorer_map),
         "id": {
             "dataset": dataset_name(dm.id_dataset),
@@ -621,6 +631,11 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     print_table(writer)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
     return 1 if writer.failed else 0
+
+
+def scorer_record(spec: ScorerSpec, scorer: Scorer) -> dict[str, Any]:
+    """``spec`` as a mapping with every setting the scorer ran with, defaults included: what was computed."""
+    return {**({"name": spec} if isinstance(spec, str) else spec), **scorer.settings()}
 
 
 def check_explainable(module: GradRegModule, scorer_map: dict[str, Scorer], key: str, x: Tensor) -> None:

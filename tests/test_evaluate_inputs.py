@@ -260,6 +260,19 @@ def test_non_finite_scorer_gets_null_metrics_and_no_plots(
     assert 0 <= strict["sets"]["noise"]["metrics"]["energy"]["auroc"] <= 1
 
 
+def test_results_record_every_scorer_setting(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Defaults included: results.json says what was computed, whichever settings were given.
+    out = tmp_path / "out"
+    args = [str(run_dir), *FAST, "--suites", "ood", "--sets", "noise", "--out", str(out)]
+    proc = run_inprocess([*args, "--scorers", "odin:epsilon=0.001", "msp:alias=msp_t2,temperature=2", "energy"], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["options"]["scorers"] == {
+        "odin": {"name": "odin", "temperature": 1000.0, "epsilon": 0.001},
+        "msp_t2": {"name": "msp", "alias": "msp_t2", "temperature": 2},
+        "energy": {"name": "energy", "temperature": 1.0},
+    }
+
+
 def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Every registered scorer by default; absent only for a model trained with method absent (DOS/NTOM baseline).
     absent_run = quick_run(tmp_path, "--model.method", "absent", "--model.sampler", "{name: dos}")
