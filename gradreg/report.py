@@ -27,7 +27,7 @@ import pickle
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -63,9 +63,16 @@ DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contras
 CONFIG_SECTIONS = ("seed_everything", "model", "data", "trainer", "run", "optimizer", "lr_scheduler", "ckpt_path")
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Mistakes on the command line end like every other bad input (and train.py's): one line, exit code 1."""
+
+    def error(self, message: str) -> NoReturn:  # argparse's own prints the usage block and exits with 2
+        raise UserError(f"{message}; see python evaluate.py --help")
+
+
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options of ``evaluate.py``."""
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p = _ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "checkpoint",
         help="a .ckpt file, a run directory (uses best.ckpt, else last.ckpt), or a config .yaml for post-hoc "
@@ -113,7 +120,7 @@ def _positive_int(text: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer >= 1")
     return value
 
 
@@ -131,7 +138,7 @@ def _number_or_fraction(text: str) -> float:
     try:
         return float(numerator) / float(denominator) if slash else float(text)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number or a fraction such as 8/255") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number in (0, 1] or a fraction such as 8/255") from None
 
 
 def epsilon_tag(eps: float) -> str:
