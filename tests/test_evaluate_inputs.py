@@ -246,6 +246,18 @@ def test_files_that_are_not_checkpoints(tmp_path: Path, capsys: pytest.CaptureFi
     assert sorted(tmp_path.iterdir()) == sorted([text, array, short, tensor, lfs, pickled])
 
 
+def test_truncated_checkpoint_says_why_in_a_whole_sentence(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = run_dir / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    proc = run_inprocess([str(truncated), *FAST], capsys)
+    # torch's first sentence, whole; not cut in the middle of the advice that follows it
+    assert_one_line_error(proc, f"'{truncated}' is unreadable or truncated (", "failed finding central directory); use")
+    assert sorted(tmp_path.iterdir()) == [truncated]
+
+
 def test_checkpoint_whose_weights_do_not_fit_its_hyperparameters(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
