@@ -322,6 +322,11 @@ def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: st
         (["--model.m_in", "0", "--model.m_out", "-30"], ["model.m_in=0.0 must be <= model.m_out=-30.0"]),
         (["--model.arch_kwargs", "{in_channels: 3, width: 8}"], ["1 input channel(s) but the model takes 3"]),
         (["--run.resume", "{tmp}/nowhere"], ["run.resume checkpoint '{tmp}/nowhere/last.ckpt' does not exist"]),
+        (
+            ["--model.pretrained", "{tmp}/no.ckpt"],
+            ["model.pretrained '{tmp}/no.ckpt' does not exist", "pass an existing"],
+        ),
+        (["--model.pretrained", "{tmp}/nowhere"], ["model.pretrained '{tmp}/nowhere' is a folder, not a file"]),
         (["--trainer.logger.init_args.project", "x"], ['"trainer.logger" holds a list', "WANDB_PROJECT"]),
         (["--trainer.precision", "15"], ['"trainer.precision": 15 is not valid', "bf16-mixed"]),
         (

@@ -116,6 +116,10 @@ def test_checkpoint_with_non_finite_weights(run_dir: Path, tmp_path: Path, capsy
         ("dataa:\n  batch_size: 8\n", ["unknown section 'dataa'", "seed_everything, model, data, trainer, run"]),
         ("model:\n  lrr: 0.1\n", ["unknown key 'lrr' in model", "lr, momentum"]),
         ("data:\n  batch_sise: 8\n", ["unknown key 'batch_sise' in data", "batch_size, outlier_batch_size"]),
+        (
+            "data:\n  id_dataset: digits\n  ood_sets: [noise]\nmodel:\n  pretrained: no.ckpt\n",
+            ["model.pretrained 'no.ckpt' does not exist", "pass an existing .ckpt"],
+        ),
     ],
 )
 def test_bad_config_is_one_line(
