@@ -83,7 +83,9 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _yaml_note(value: Any, hint: Any) -> str:
-    """PyYAML (YAML 1.1) reads ``1e3`` and ``1e-3`` as strings: say so where a number was meant."""
+    """PyYAML (YAML 1.1) reads ``1e3``, ``1e-3`` and ``None`` as strings: say so where a number or null was meant."""
+    if value == "None" and _matches(None, hint):
+        return " (YAML reads None as text: write null)"
     if isinstance(value, str) and _matches(1.0, hint):
         try:
             float(value)

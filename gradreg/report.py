@@ -239,11 +239,13 @@ def parse_scorer(text: str) -> str | dict[str, Any]:
 
 
 def _yaml_value(text: str) -> Any:
-    """A command-line value read as YAML, except that numbers such as ``1e3`` and ``1e-3`` are numbers.
+    """A command-line value read as YAML, except that ``1e3`` and ``1e-3`` are numbers and ``None`` is null.
 
     PyYAML follows YAML 1.1, which reads an exponent without a dot and a sign as a string.
     """
     value = yaml.safe_load(text)
+    if value == "None":  # YAML's null is null, ~ or nothing; Python users write None
+        return None
     if isinstance(value, str):
         try:
             return float(value)

@@ -395,9 +395,11 @@ def test_bad_checkpoints(trained: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert sorted(good.parent.iterdir()) == before
 
 
-def test_scorer_settings_on_the_command_line_read_exponents_as_numbers() -> None:
-    # PyYAML (YAML 1.1) alone reads 1e3 and 1e-3 as strings.
+def test_scorer_settings_on_the_command_line_read_exponents_as_numbers_and_none_as_null() -> None:
+    # PyYAML (YAML 1.1) alone reads 1e3, 1e-3 and None as strings.
     assert parse_scorer("odin:temperature=1e3,epsilon=1e-3") == {"name": "odin", "temperature": 1e3, "epsilon": 1e-3}
+    for null in ("None", "null", "~"):
+        assert parse_scorer(f"margin:block_size={null}") == {"name": "margin", "block_size": None}
     assert parse_scorer("margin:subspace=low,block_size=4") == {"name": "margin", "subspace": "low", "block_size": 4}
     assert parse_scorer("energy") == "energy"
 
