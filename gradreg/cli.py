@@ -6,7 +6,7 @@ reused, so nothing is overwritten), writes the resolved ``config.yaml`` there, c
 dataset exists, and calls ``trainer.fit``. ``runs/latest`` points at the newest run.
 
 User mistakes (a missing config or dataset, a typo in a key, an unknown scorer, a bad checkpoint, a
-NaN loss) end with one ``error: ...`` line on stderr and exit code 1 (2 for command-line syntax).
+NaN loss, a mistyped option) end with one ``error: ...`` line on stderr and exit code 1.
 """
 
 from __future__ import annotations

@@ -141,6 +141,9 @@ class GradRegModule(LightningModule):
         from_file = pretrained is not None and (
             "/" in pretrained or Path(pretrained).suffix in (".ckpt", ".pt", ".pth")
         )
+        if from_file and not Path(pretrained).is_file():  # else torch.load's "[Errno 2] ..." inside a longer line
+            found = "is a folder, not a file" if Path(pretrained).is_dir() else "does not exist"
+            raise SettingError(f"model.pretrained '{pretrained}' {found}; pass an existing .ckpt, .pt or .pth file")
         if pretrained and not from_file:
             if arch in MODELS and "weights" not in MODELS.settings(arch):
                 raise SettingError(

@@ -52,8 +52,11 @@ class Settings:
     lower_bounds: ClassVar[Bounds] = {}
 
     def __post_init__(self) -> None:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
-        check_settings(values, typing.get_type_hints(type(self)), self.lower_bounds)
+        check_settings(self.settings(), typing.get_type_hints(type(self)), self.lower_bounds)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by name, defaults included: what the object computes with (results.json records it)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
 
 
 def _finite(value: Any) -> bool:
@@ -80,7 +83,9 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _yaml_note(value: Any, hint: Any) -> str:
-    """PyYAML (YAML 1.1) reads ``1e3`` and ``1e-3`` as strings: say so where a number was meant."""
+    """PyYAML (YAML 1.1) reads ``1e3``, ``1e-3`` and ``None`` as strings: say so where a number or null was meant."""
+    if value == "None" and _matches(None, hint):
+        return " (YAML reads None as text: write null)"
     if isinstance(value, str) and _matches(1.0, hint):
         try:
             float(value)

@@ -27,7 +27,7 @@ import pickle
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -41,7 +41,16 @@ from gradreg.cli import UserError, configure_wandb_env, next_run_dir, require_fi
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
-from gradreg.evaluation import ScoredSet, build_scorers, mean_metrics, sample, score_loader, scorer_key, set_metrics
+from gradreg.evaluation import (
+    ScoredSet,
+    ScorerSpec,
+    build_scorers,
+    mean_metrics,
+    sample,
+    score_loader,
+    scorer_key,
+    set_metrics,
+)
 from gradreg.metrics import OOD_METRICS, accuracy
 from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
 from gradreg.provenance import environment
@@ -54,9 +63,16 @@ DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contras
 CONFIG_SECTIONS = ("seed_everything", "model", "data", "trainer", "run", "optimizer", "lr_scheduler", "ckpt_path")
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Mistakes on the command line end like every other bad input (and train.py's): one line, exit code 1."""
+
+    def error(self, message: str) -> NoReturn:  # argparse's own prints the usage block and exits with 2
+        raise UserError(f"{message}; see python evaluate.py --help")
+
+
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options of ``evaluate.py``."""
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p = _ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "checkpoint",
         help="a .ckpt file, a run directory (uses best.ckpt, else last.ckpt), or a config .yaml for post-hoc "
@@ -104,7 +120,7 @@ def _positive_int(text: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer >= 1")
     return value
 
 
@@ -122,7 +138,7 @@ def _number_or_fraction(text: str) -> float:
     try:
         return float(numerator) / float(denominator) if slash else float(text)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number or a fraction such as 8/255") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number in (0, 1] or a fraction such as 8/255") from None
 
 
 def epsilon_tag(eps: float) -> str:
@@ -223,11 +239,13 @@ def parse_scorer(text: str) -> str | dict[str, Any]:
 
 
 def _yaml_value(text: str) -> Any:
-    """A command-line value read as YAML, except that numbers such as ``1e3`` and ``1e-3`` are numbers.
+    """A command-line value read as YAML, except that ``1e3`` and ``1e-3`` are numbers and ``None`` is null.
 
     PyYAML follows YAML 1.1, which reads an exponent without a dot and a sign as a string.
     """
     value = yaml.safe_load(text)
+    if value == "None":  # YAML's null is null, ~ or nothing; Python users write None
+        return None
     if isinstance(value, str):
         try:
             return float(value)
@@ -279,9 +297,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "gradreg's train.py: use one of its .ckpt files"
         ) from None
     except Exception as err:  # torch.load fails in many ways on a foreign file (IndexError for a few bytes of text)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # The first sentence says what failed (for a truncated file: "... failed finding central directory"); torch
+        # follows it with sentences of advice.
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
         reason = "not a torch file" if isinstance(err, KeyError | ValueError | IndexError) else reason
-        raise UserError(f"checkpoint '{path}' is unreadable or truncated ({reason[:160]}); use another .ckpt") from None
+        raise UserError(f"checkpoint '{path}' is unreadable or truncated ({reason}); use another .ckpt") from None
     keys = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters")
     missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything: it holds no dict"]
     if missing:
@@ -567,9 +588,10 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
 
     id_scored = run(id_test, None, "id")
     save_scores(out / "scores" / "id.npz", id_scored, id_test)
+    given = {scorer_key(s): s for s in specs}
     header = {
         "checkpoint": str(ckpt_path),
-        "options": {**vars(opts), "scorers": {scorer_key(s): s for s in specs if scorer_key(s) in scorer_map}},
+        "options": {**vars(opts), "scorers": {k: scorer_record(given[k], s) for k, s in scorer_map.items()}},
         "scorers": list(scorer_map),
         "id": {
             "dataset": dataset_name(dm.id_dataset),
@@ -621,6 +643,11 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     print_table(writer)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
     return 1 if writer.failed else 0
+
+
+def scorer_record(spec: ScorerSpec, scorer: Scorer) -> dict[str, Any]:
+    """``spec`` as a mapping with every setting the scorer ran with, defaults included: what was computed."""
+    return {**({"name": spec} if isinstance(spec, str) else spec), **scorer.settings()}
 
 
 def check_explainable(module: GradRegModule, scorer_map: dict[str, Scorer], key: str, x: Tensor) -> None:

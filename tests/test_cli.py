@@ -322,6 +322,11 @@ def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: st
         (["--model.m_in", "0", "--model.m_out", "-30"], ["model.m_in=0.0 must be <= model.m_out=-30.0"]),
         (["--model.arch_kwargs", "{in_channels: 3, width: 8}"], ["1 input channel(s) but the model takes 3"]),
         (["--run.resume", "{tmp}/nowhere"], ["run.resume checkpoint '{tmp}/nowhere/last.ckpt' does not exist"]),
+        (
+            ["--model.pretrained", "{tmp}/no.ckpt"],
+            ["model.pretrained '{tmp}/no.ckpt' does not exist", "pass an existing"],
+        ),
+        (["--model.pretrained", "{tmp}/nowhere"], ["model.pretrained '{tmp}/nowhere' is a folder, not a file"]),
         (["--trainer.logger.init_args.project", "x"], ['"trainer.logger" holds a list', "WANDB_PROJECT"]),
         (["--trainer.precision", "15"], ['"trainer.precision": 15 is not valid', "bf16-mixed"]),
         (
@@ -390,9 +395,11 @@ def test_bad_checkpoints(trained: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert sorted(good.parent.iterdir()) == before
 
 
-def test_scorer_settings_on_the_command_line_read_exponents_as_numbers() -> None:
-    # PyYAML (YAML 1.1) alone reads 1e3 and 1e-3 as strings.
+def test_scorer_settings_on_the_command_line_read_exponents_as_numbers_and_none_as_null() -> None:
+    # PyYAML (YAML 1.1) alone reads 1e3, 1e-3 and None as strings.
     assert parse_scorer("odin:temperature=1e3,epsilon=1e-3") == {"name": "odin", "temperature": 1e3, "epsilon": 1e-3}
+    for null in ("None", "null", "~"):
+        assert parse_scorer(f"margin:block_size={null}") == {"name": "margin", "block_size": None}
     assert parse_scorer("margin:subspace=low,block_size=4") == {"name": "margin", "subspace": "low", "block_size": 4}
     assert parse_scorer("energy") == "energy"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradreg.cli import evaluate_main, point_latest, train_main
+from gradreg.cli import UserError, evaluate_main, point_latest, train_main
 from gradreg.report import check_options, parse_args, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +116,10 @@ def test_checkpoint_with_non_finite_weights(run_dir: Path, tmp_path: Path, capsy
         ("dataa:\n  batch_size: 8\n", ["unknown section 'dataa'", "seed_everything, model, data, trainer, run"]),
         ("model:\n  lrr: 0.1\n", ["unknown key 'lrr' in model", "lr, momentum"]),
         ("data:\n  batch_sise: 8\n", ["unknown key 'batch_sise' in data", "batch_size, outlier_batch_size"]),
+        (
+            "data:\n  id_dataset: digits\n  ood_sets: [noise]\nmodel:\n  pretrained: no.ckpt\n",
+            ["model.pretrained 'no.ckpt' does not exist", "pass an existing .ckpt"],
+        ),
     ],
 )
 def test_bad_config_is_one_line(
@@ -159,17 +163,30 @@ def test_config_without_weights_scores_the_same_model_every_run(
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "fragments"),
     [
-        (["--max-samples", "abc"], "'abc' is not a positive integer"),
-        (["--explain-damping", "x"], "'x' is not a number"),
+        (["--max-samples", "abc"], ["--max-samples: 'abc' is not an integer >= 1"]),
+        (["--max-samples", "0"], ["--max-samples: '0' is not an integer >= 1"]),
+        (["--pgd-steps", "0"], ["--pgd-steps: '0' is not an integer >= 1"]),
+        (["--epsilons", "abc"], ["--epsilons: 'abc' is not a number in (0, 1] or a fraction such as 8/255"]),
+        (["--suites", "foo"], ["--suites: invalid choice: 'foo'", "'ood', 'adversarial', 'corruption', 'robustness'"]),
+        (["--explain-damping", "x"], ["--explain-damping: 'x' is not a number"]),
+        (["--bogus"], ["unrecognized arguments: --bogus", "see python evaluate.py --help"]),
     ],
 )
-def test_option_syntax_errors_name_the_value(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(["ckpt", *args])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+def test_option_syntax_errors_are_one_line(
+    tmp_path: Path, args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Like every other bad input (and train.py): one error line, no usage block, exit code 1.
+    proc = run_inprocess([str(tmp_path / "ckpt"), *args], capsys)
+    assert_one_line_error(proc, *fragments)
+    assert "usage:" not in proc.stderr
+
+
+def test_help_still_prints_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    proc = run_inprocess(["--help"], capsys)
+    assert proc.returncode == 0
+    assert "--max-samples" in proc.stdout
 
 
 def test_latest_link_resolves_to_the_run(tmp_path: Path) -> None:
@@ -188,9 +205,8 @@ def test_epsilons_accept_fractions_and_repeats_run_once() -> None:
     )
     check_options(opts)
     assert (opts.epsilons, opts.corruptions, opts.severities) == ([8 / 255], ["jpeg"], [2])
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserError, match="'8/x' is not a number"):
         parse_args(["ckpt", "--epsilons", "8/x"])
-    assert exit_info.value.code == 2
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes in read-only folders")
@@ -234,6 +250,18 @@ def test_files_that_are_not_checkpoints(tmp_path: Path, capsys: pytest.CaptureFi
     assert sorted(tmp_path.iterdir()) == sorted([text, array, short, tensor, lfs, pickled])
 
 
+def test_truncated_checkpoint_says_why_in_a_whole_sentence(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = run_dir / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    proc = run_inprocess([str(truncated), *FAST], capsys)
+    # torch's first sentence, whole; not cut in the middle of the advice that follows it
+    assert_one_line_error(proc, f"'{truncated}' is unreadable or truncated (", "failed finding central directory); use")
+    assert sorted(tmp_path.iterdir()) == [truncated]
+
+
 def test_checkpoint_whose_weights_do_not_fit_its_hyperparameters(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -258,6 +286,19 @@ def test_non_finite_scorer_gets_null_metrics_and_no_plots(
     strict = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert strict["sets"]["noise"]["metrics"]["broken"]["auroc"] is None
     assert 0 <= strict["sets"]["noise"]["metrics"]["energy"]["auroc"] <= 1
+
+
+def test_results_record_every_scorer_setting(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Defaults included: results.json says what was computed, whichever settings were given.
+    out = tmp_path / "out"
+    args = [str(run_dir), *FAST, "--suites", "ood", "--sets", "noise", "--out", str(out)]
+    proc = run_inprocess([*args, "--scorers", "odin:epsilon=0.001", "msp:alias=msp_t2,temperature=2", "energy"], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["options"]["scorers"] == {
+        "odin": {"name": "odin", "temperature": 1000.0, "epsilon": 0.001},
+        "msp_t2": {"name": "msp", "alias": "msp_t2", "temperature": 2},
+        "energy": {"name": "energy", "temperature": 1.0},
+    }
 
 
 def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

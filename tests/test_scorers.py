@@ -366,6 +366,10 @@ def test_build_rejects_unknown_names_and_settings() -> None:
         ({"name": "margin", "top_k": 1}, "top_k=1 must be >= 2"),
         ({"name": "margin", "max_iter": 2.5}, "max_iter=2.5 is not an integer"),
         ({"name": "margin", "block_size": 0}, "block_size=0 must be >= 1"),
+        (
+            {"name": "margin", "block_size": "None"},
+            "block_size='None' is not an integer or None (YAML reads None as text: write null)",
+        ),
         ({"name": "margin", "subspace": "mid"}, "subspace='mid' is not one of full, low, high"),
         ({"name": "purview", "method": "Hooks"}, "method='Hooks' is not one of hooks, vmap"),
     ],
