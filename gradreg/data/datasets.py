@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from gradreg.registry import Registry
+from gradreg.registry import Registry, RegistryError, SettingError
 
 DATASETS: Registry[Dataset] = Registry("dataset")
 
@@ -49,6 +49,10 @@ class DatasetNotFoundError(FileNotFoundError):
     def __init__(self, name: str, expected: Path | str, how: str = "") -> None:
         self.name, self.expected = name, str(expected)
         super().__init__(f"dataset '{name}' not found at {expected}" + (f"; {how}" if how else ""))
+
+
+class DatasetSpecError(SettingError):
+    """A mistake in the config's dataset specs, not in the files: one line naming the value and the valid ones."""
 
 
 @dataclass(frozen=True)
@@ -294,15 +298,34 @@ def augmentation_seeds(*key: int, n: int) -> np.ndarray:
 DEFAULT_OOD_SETS = ["digits_heldout", "noise"]  # OOD sets of a datamodule without data.ood_sets: the embedded ones
 
 
-def resize_problem(spec: Any, role: str) -> str | None:
-    """What is wrong with a spec's ``resize`` key for a set of ``role`` (``id``, ``outliers``, ``ood``...), or None."""
-    if not isinstance(spec, Mapping) or "resize" not in spec:
-        return None
-    if role in ("id", "outliers"):
-        return "'resize' applies to OOD sets only (ood_sets, ood_val_sets)"
-    if not isinstance(spec["resize"], bool):
-        return f"{dataset_name(spec)}: resize={spec['resize']!r} is not true or false (false: center crop only)"
-    return None
+def check_spec(spec: Any, role: str = "ood") -> None:
+    """Raise :class:`DatasetSpecError` if ``spec`` is no valid spec of a set of ``role`` (``id``, ``outliers``...).
+
+    Only the spec is read, no file: what it finds is a mistake of the config itself.
+    """
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise DatasetSpecError(f"{spec!r} is not a dataset spec: give a registry name or a mapping with 'name'")
+    name = spec["name"]
+    if role == "id" and name not in ID_SPECS:  # also a typo: the ID datasets are the choices
+        raise DatasetSpecError(f"'{name}' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}")
+    try:
+        settings = DATASETS.settings(name)
+    except RegistryError as err:  # an unknown name: the registry's message lists the known ones
+        raise DatasetSpecError(str(err)) from None
+    unknown = [str(key) for key in spec if key not in {"name", "alias", "split", "resize", *settings}]
+    if unknown:
+        valid = ", ".join(s for s in settings if s not in ("root", "split"))
+        raise DatasetSpecError(
+            f"unknown setting(s) {', '.join(unknown)} for dataset '{name}'; valid: {valid or '(none)'}"
+        )
+    if "resize" in spec and role in ("id", "outliers"):
+        raise DatasetSpecError("'resize' applies to OOD sets only (ood_sets, ood_val_sets)")
+    if not isinstance(spec.get("resize", True), bool):
+        raise DatasetSpecError(
+            f"{dataset_name(spec)}: resize={spec['resize']!r} is not true or false (false: center crop only)"
+        )
 
 
 def resizes(spec: str | dict[str, Any]) -> bool:
@@ -310,7 +333,7 @@ def resizes(spec: str | dict[str, Any]) -> bool:
     return isinstance(spec, str) or spec.get("resize", True) is not False
 
 
-def dataset_name(spec: str | dict[str, Any]) -> str:
+def dataset_name(spec: str | Mapping[str, Any]) -> str:
     """Display name of a dataset spec: its ``alias`` if given, else its registry name."""
     return spec if isinstance(spec, str) else str(spec.get("alias", spec["name"]))
 
