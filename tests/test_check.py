@@ -17,8 +17,8 @@ from PIL import Image
 from gradreg.cli import train_main
 from gradreg.data import OODDataModule
 from gradreg.data.__main__ import main
-from gradreg.data.check import MissingDatasetsError, check_datasets, format_checks, require_datasets
-from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, DatasetSpecError
+from gradreg.data.check import MissingDatasetsError, check_datasets, check_specs, format_checks, require_datasets
+from gradreg.data.datasets import ID_SPECS, DatasetNotFoundError, DatasetSpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -112,7 +112,21 @@ def test_spec_split_alias_and_settings_are_honoured(tmp_path: Path) -> None:
 SPEC_MISTAKES = [
     ({"id_dataset": "digitz"}, ["data.id_dataset: 'digitz' is not an ID dataset", "cifar10, cifar100, digits,"]),
     ({"id_dataset": "lsun_c"}, ["data.id_dataset: 'lsun_c' is not an ID dataset", "fashion_mnist"]),
-    ({"outliers": {"name": "tinyimages300k", "pth": "x.npy"}}, ["data.outliers: unknown setting(s) pth", "path"]),
+    (
+        {"outliers": {"name": "tinyimages300k", "pth": "x.npy"}},
+        [
+            "data.outliers: unknown key(s) pth in the spec of dataset 'tinyimages300k'",
+            "valid: name, alias, split, resize, path",
+        ],
+    ),
+    (  # every valid key: the spec's own and the reader's settings
+        {"ood_sets": [{"name": "noise", "bogus": 1}]},
+        ["dataset 'noise'; valid: name, alias, split, resize, num, size, channels, kind\n"],
+    ),
+    (  # download: true is documented for torchvision's sets
+        {"ood_sets": [{"name": "lsun_c", "download": True}]},
+        ["unknown key(s) download", "download works for cifar10, cifar100, fashion_mnist, mnist, places365, svhn, "],
+    ),
     ({"ood_sets": ["lsnu_c"]}, ["data.ood_sets: unknown dataset 'lsnu_c'", "lsun_c, lsun_r"]),
     ({"ood_sets": [{"nmae": "svhn"}]}, ["data.ood_sets: {'nmae': 'svhn'} is not a dataset spec", "'name'"]),
     (
@@ -154,6 +168,13 @@ def test_spec_mistakes_stop_train_py_in_one_line(tmp_path: Path, capsys: pytest.
         f"error: data.id_dataset: 'digitz' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}"
     ], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_key_the_error_lists_is_valid(tmp_path: Path) -> None:
+    # The keys an unknown-key error lists (test above) are the ones a spec may have: all of them at once pass.
+    spec = {"name": "noise", "alias": "n", "split": "test", "resize": False, "num": 4, "size": 8, "channels": 1}
+    checks = check_datasets(data(id_dataset="digits", ood_sets=[{**spec, "kind": "gaussian"}]), tmp_path)
+    assert all(c.found for c in checks), format_checks(checks, tmp_path)
 
 
 def test_download_true_passes_without_downloading(tmp_path: Path) -> None:
@@ -224,12 +245,6 @@ def test_imagenet_classes_command() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def dataset_specs(data_section: dict[str, Any]) -> list[Any]:
-    specs = [data_section["id_dataset"], data_section.get("outliers")]
-    specs += list(data_section.get("ood_sets") or []) + list(data_section.get("ood_val_sets") or [])
-    return [s for s in specs if s is not None]
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_config_names_only_registered_parts(path: Path) -> None:
     from gradreg.evaluation import build_scorers
@@ -240,16 +255,7 @@ def test_config_names_only_registered_parts(path: Path) -> None:
     model, data_section = config["model"], config["data"]
     assert model["arch"] in MODELS
     SAMPLERS.build(model.get("sampler", "random"))
-    id_spec = data_section["id_dataset"]
-    assert (id_spec if isinstance(id_spec, str) else id_spec["name"]) in ID_SPECS
-    for spec in dataset_specs(data_section):
-        settings = {"name": spec} if isinstance(spec, str) else dict(spec)
-        name = settings.pop("name")
-        assert name in DATASETS, f"{path.name}: unknown dataset {name}"
-        assert set(settings) - {"alias", "split", "resize"} <= set(DATASETS.settings(name)), f"{path.name}: {spec}"
-    display = [s if isinstance(s, str) else s.get("alias", s["name"]) for s in data_section.get("ood_sets") or []]
-    assert len(display) == len(set(display))
-    assert set(data_section.get("near_ood") or []) <= set(display)
+    check_specs(data_section)  # registered datasets and settings, distinct names, near_ood among the OOD sets
     for callback in config.get("trainer", {}).get("callbacks") or []:
         build_scorers(callback["init_args"].get("scorers", []))
 

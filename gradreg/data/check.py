@@ -27,6 +27,7 @@ from gradreg.data.datasets import (
     DATASETS,
     DEFAULT_OOD_SETS,
     ID_SPECS,
+    SPEC_KEYS,
     DatasetNotFoundError,
     DatasetSpecError,
     build_dataset,
@@ -133,12 +134,11 @@ def check_dataset(
         DatasetSpecError: the spec itself is wrong (:func:`~gradreg.data.datasets.check_spec`).
     """
     check_spec(spec, role)
-    settings = _as_dict(spec)
-    settings.pop("alias", None)
-    settings.pop("resize", None)
-    if "split" in settings:
-        splits = (settings.pop("split"),)
-    name = settings.pop("name")
+    spec = _as_dict(spec)
+    name = spec["name"]
+    if "split" in spec:
+        splits = (spec["split"],)
+    settings = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
     locate = getattr(DATASETS.get(name), "locate", None)
     places: list[str] = []
     sizes: list[str] = []

@@ -296,6 +296,13 @@ def augmentation_seeds(*key: int, n: int) -> np.ndarray:
 
 
 DEFAULT_OOD_SETS = ["digits_heldout", "noise"]  # OOD sets of a datamodule without data.ood_sets: the embedded ones
+SPEC_KEYS = ("name", "alias", "split", "resize")  # the keys of every spec; build_dataset keeps them from the reader
+_READER_ARGS = ("root", "split")  # every reader's first arguments: the datamodule passes them, not the spec
+
+
+def spec_keys(name: str) -> list[str]:
+    """Every key a spec of dataset ``name`` may have: :data:`SPEC_KEYS`, then its reader's settings."""
+    return [*SPEC_KEYS, *(s for s in DATASETS.settings(name) if s not in _READER_ARGS)]
 
 
 def check_spec(spec: Any, role: str = "ood") -> None:
@@ -311,14 +318,16 @@ def check_spec(spec: Any, role: str = "ood") -> None:
     if role == "id" and name not in ID_SPECS:  # also a typo: the ID datasets are the choices
         raise DatasetSpecError(f"'{name}' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}")
     try:
-        settings = DATASETS.settings(name)
+        valid = spec_keys(name)
     except RegistryError as err:  # an unknown name: the registry's message lists the known ones
         raise DatasetSpecError(str(err)) from None
-    unknown = [str(key) for key in spec if key not in {"name", "alias", "split", "resize", *settings}]
+    unknown = [str(key) for key in spec if key not in valid]
     if unknown:
-        valid = ", ".join(s for s in settings if s not in ("root", "split"))
+        hint = ""
+        if "download" in unknown:  # docs/data.md offers download: true, but only torchvision's sets can fetch
+            hint = f"; download works for {', '.join(n for n in DATASETS.names() if 'download' in spec_keys(n))} only"
         raise DatasetSpecError(
-            f"unknown setting(s) {', '.join(unknown)} for dataset '{name}'; valid: {valid or '(none)'}"
+            f"unknown key(s) {', '.join(unknown)} in the spec of dataset '{name}'; valid: {', '.join(valid)}{hint}"
         )
     if "resize" in spec and role in ("id", "outliers"):
         raise DatasetSpecError("'resize' applies to OOD sets only (ood_sets, ood_val_sets)")
@@ -346,10 +355,8 @@ def build_dataset(spec: str | dict[str, Any], root: str | Path, split: str, **ex
     """
     if isinstance(spec, str):
         spec = {"name": spec}
-    spec = dict(spec)
-    spec.pop("alias", None)
-    spec.pop("resize", None)  # a transform setting (OODDataModule.ood_datasets), not the reader's
-    split = spec.pop("split", split)
+    split = spec.get("split", split)
+    settings = {k: v for k, v in spec.items() if k not in SPEC_KEYS}  # the reader's own (resize: the transform's)
     accepted = DATASETS.settings(spec["name"])
-    extra = {k: v for k, v in extra.items() if k in accepted and k not in spec}
-    return DATASETS.build(spec, root=Path(root), split=split, **extra)
+    extra = {k: v for k, v in extra.items() if k in accepted and k not in settings}
+    return DATASETS.build({"name": spec["name"], **settings}, root=Path(root), split=split, **extra)
