@@ -127,6 +127,10 @@ SPEC_MISTAKES = [
         {"ood_sets": [{"name": "lsun_c", "download": True}]},
         ["unknown key(s) download", "download works for cifar10, cifar100, fashion_mnist, mnist, places365, svhn, "],
     ),
+    (  # not Python's "missing 1 required positional argument: 'list_file'"
+        {"ood_sets": [{"name": "imagelist", "alias": "tin"}]},
+        ["data.ood_sets: dataset 'imagelist' needs list_file, e.g. {name: imagelist, list_file: ...}\n"],
+    ),
     ({"ood_sets": ["lsnu_c"]}, ["data.ood_sets: unknown dataset 'lsnu_c'", "lsun_c, lsun_r"]),
     ({"ood_sets": [{"nmae": "svhn"}]}, ["data.ood_sets: {'nmae': 'svhn'} is not a dataset spec", "'name'"]),
     (

@@ -22,6 +22,7 @@ OOD (far)     noise        uniform noise images, 256 per split (seed 1 val / 2 t
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -305,6 +306,14 @@ def spec_keys(name: str) -> list[str]:
     return [*SPEC_KEYS, *(s for s in DATASETS.settings(name) if s not in _READER_ARGS)]
 
 
+def required_settings(name: str) -> list[str]:
+    """The settings of dataset ``name`` that a spec must give (its reader's arguments without a default)."""
+    params = inspect.signature(DATASETS.get(name)).parameters
+    return [
+        s for s in DATASETS.settings(name) if s not in _READER_ARGS and params[s].default is inspect.Parameter.empty
+    ]
+
+
 def check_spec(spec: Any, role: str = "ood") -> None:
     """Raise :class:`DatasetSpecError` if ``spec`` is no valid spec of a set of ``role`` (``id``, ``outliers``...).
 
@@ -329,6 +338,10 @@ def check_spec(spec: Any, role: str = "ood") -> None:
         raise DatasetSpecError(
             f"unknown key(s) {', '.join(unknown)} in the spec of dataset '{name}'; valid: {', '.join(valid)}{hint}"
         )
+    missing = [setting for setting in required_settings(name) if setting not in spec]
+    if missing:  # the reader would fail with Python's "missing 1 required positional argument"
+        example = ", ".join(f"{setting}: ..." for setting in missing)
+        raise DatasetSpecError(f"dataset '{name}' needs {', '.join(missing)}, e.g. {{name: {name}, {example}}}")
     if "resize" in spec and role in ("id", "outliers"):
         raise DatasetSpecError("'resize' applies to OOD sets only (ood_sets, ood_val_sets)")
     if not isinstance(spec.get("resize", True), bool):
