@@ -82,7 +82,7 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--scorers", nargs="+", help="scorer specs: name or name:key=value,... (default: all)")
     p.add_argument("--sets", nargs="+", help="OOD test sets to evaluate (default: all of the checkpoint's config)")
     p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES, help="which groups of sets to run")
-    p.add_argument("--data-root", help="override the data root the checkpoint was trained with")
+    p.add_argument("--data-root", "--data_root", help="override the data root the checkpoint was trained with")
     p.add_argument("--data", nargs="+", default=[], metavar="KEY=VALUE", help="override datamodule settings")
     p.add_argument(
         "--max-samples", type=_positive_int, help="score at most this many images per set (a fixed random sample)"

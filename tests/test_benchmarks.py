@@ -548,17 +548,16 @@ def test_ood_set_with_resize_false_is_center_cropped_only(tmp_path: Path) -> Non
     torch.testing.assert_close(ood["lsun_c_crop"][0][0], (pixels - mean) / std)
     assert not torch.allclose(ood["lsun_c"][0][0], (pixels - mean) / std, atol=1e-3)  # resized 36 -> 32
     assert check_dataset(specs[1], tmp_path, ["test"])[0]
-    assert not check_dataset({**specs[1], "resize": "no"}, tmp_path, ["test"])[0]
+    with pytest.raises(SettingError, match=r"^lsun_c_crop: resize='no' is not true or false"):
+        check_dataset({**specs[1], "resize": "no"}, tmp_path, ["test"])
     with pytest.raises(SettingError, match=r"lsun_c_crop: resize='no' is not true or false"):
         OODDataModule(ood_sets=[{**specs[1], "resize": "no"}])
     with pytest.raises(SettingError, match=r"data.ood_val_sets: lsun_c_crop: resize='no' is not true or false"):
         OODDataModule(ood_val_sets=[{**specs[1], "resize": "no"}])
     with pytest.raises(SettingError, match=r"data.id_dataset: 'resize' applies to OOD sets only"):
         OODDataModule(id_dataset={"name": "cifar10", "resize": False})
-    assert check_dataset({"name": "cifar10", "resize": False}, tmp_path, ["test"], role="id") == (
-        False,
-        "'resize' applies to OOD sets only (ood_sets, ood_val_sets)",
-    )
+    with pytest.raises(SettingError, match=r"^'resize' applies to OOD sets only \(ood_sets, ood_val_sets\)$"):
+        check_dataset({"name": "cifar10", "resize": False}, tmp_path, ["test"], role="id")
 
 
 @pytest.mark.parametrize(("image_size", "resize"), [(None, 256), (128, 146), (448, 512)])

@@ -14,9 +14,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from gradreg.cli import train_main
+from gradreg.data import OODDataModule
 from gradreg.data.__main__ import main
-from gradreg.data.check import MissingDatasetsError, check_datasets, format_checks, require_datasets
-from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError
+from gradreg.data.check import MissingDatasetsError, check_datasets, check_specs, format_checks, require_datasets
+from gradreg.data.datasets import ID_SPECS, DatasetNotFoundError, DatasetSpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -107,20 +109,76 @@ def test_spec_split_alias_and_settings_are_honoured(tmp_path: Path) -> None:
     assert checks["ood_val", "digits"].message == "built in (test 216 images)"
 
 
-def test_config_mistakes_are_reported_not_raised(tmp_path: Path) -> None:
-    config = data(
-        id_dataset="lsun_c",  # not an ID dataset
-        outliers={"name": "tinyimages300k", "pth": "x.npy"},  # typo in a setting
-        ood_sets=["lsnu_c", "noise", {"name": "noise", "kind": "gaussian"}],  # typo, duplicate display name
-        near_ood=["svhn"],  # not among the OOD sets
-    )
-    write_image(tmp_path / "lsun_c" / "a.png")
-    checks = by_name(check_datasets(config, data_root=tmp_path))
-    assert "not an ID dataset" in checks["id", "lsun_c"].message
-    assert "unknown setting(s) pth" in checks["outliers", "tinyimages300k"].message
-    assert "unknown dataset 'lsnu_c'" in checks["ood", "lsnu_c"].message
-    assert "give one of them an alias" in checks["ood", "noise"].message
-    assert not checks["near_ood", "svhn"].found
+SPEC_MISTAKES = [
+    ({"id_dataset": "digitz"}, ["data.id_dataset: 'digitz' is not an ID dataset", "cifar10, cifar100, digits,"]),
+    ({"id_dataset": "lsun_c"}, ["data.id_dataset: 'lsun_c' is not an ID dataset", "fashion_mnist"]),
+    (
+        {"outliers": {"name": "tinyimages300k", "pth": "x.npy"}},
+        [
+            "data.outliers: unknown key(s) pth in the spec of dataset 'tinyimages300k'",
+            "valid: name, alias, split, resize, path",
+        ],
+    ),
+    (  # every valid key: the spec's own and the reader's settings
+        {"ood_sets": [{"name": "noise", "bogus": 1}]},
+        ["dataset 'noise'; valid: name, alias, split, resize, num, size, channels, kind\n"],
+    ),
+    (  # download: true is documented for torchvision's sets
+        {"ood_sets": [{"name": "lsun_c", "download": True}]},
+        ["unknown key(s) download", "download works for cifar10, cifar100, fashion_mnist, mnist, places365, svhn, "],
+    ),
+    (  # not Python's "missing 1 required positional argument: 'list_file'"
+        {"ood_sets": [{"name": "imagelist", "alias": "tin"}]},
+        ["data.ood_sets: dataset 'imagelist' needs list_file, e.g. {name: imagelist, list_file: ...}\n"],
+    ),
+    ({"ood_sets": ["lsnu_c"]}, ["data.ood_sets: unknown dataset 'lsnu_c'", "lsun_c, lsun_r"]),
+    ({"ood_sets": [{"nmae": "svhn"}]}, ["data.ood_sets: {'nmae': 'svhn'} is not a dataset spec", "'name'"]),
+    (
+        {"ood_sets": ["noise", {"name": "noise", "kind": "gaussian"}]},
+        ["data.ood_sets: two sets are named 'noise'", "alias"],
+    ),
+    ({"ood_val_sets": ["noise", "noise"]}, ["data.ood_val_sets: two sets are named 'noise'", "alias"]),
+    ({"near_ood": ["svhn"]}, ["data.near_ood: 'svhn' is not the name of an OOD set", "choose from lsun_c"]),
+    ({"ood_sets": [{"name": "lsun_c", "resize": "no"}]}, ["data.ood_sets: lsun_c: resize='no' is not true or false"]),
+]
+
+
+@pytest.mark.parametrize(("mistake", "fragments"), SPEC_MISTAKES, ids=[str(m) for m, _ in SPEC_MISTAKES])
+def test_spec_mistakes_are_one_error_line(tmp_path: Path, mistake: dict[str, Any], fragments: list[str]) -> None:
+    # A wrong config is no listing of what is missing on disk: one error line names the value and the choices.
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data(**mistake)))
+    code, out, err = run_main("check", str(config), "--data-root", str(tmp_path))
+    assert (code, out) == (1, "")
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: data."), err
+    for fragment in fragments:
+        assert fragment in err, err
+    with pytest.raises(DatasetSpecError) as raised:
+        require_datasets(config, data_root=tmp_path)
+    assert f"error: {raised.value}\n" == err  # the same line from train.py and evaluate.py (gradreg.cli prints it)
+    with pytest.raises(DatasetSpecError, match=re.escape(str(raised.value))):
+        OODDataModule(**data(**mistake)["data"])  # a datamodule in the user's own Trainer says the same
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_spec_mistakes_stop_train_py_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*args, "--data.id_dataset", "digitz"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert [line for line in err.splitlines() if "digitz" in line or "error" in line] == [
+        f"error: data.id_dataset: 'digitz' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}"
+    ], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_key_the_error_lists_is_valid(tmp_path: Path) -> None:
+    # The keys an unknown-key error lists (test above) are the ones a spec may have: all of them at once pass.
+    spec = {"name": "noise", "alias": "n", "split": "test", "resize": False, "num": 4, "size": 8, "channels": 1}
+    checks = check_datasets(data(id_dataset="digits", ood_sets=[{**spec, "kind": "gaussian"}]), tmp_path)
+    assert all(c.found for c in checks), format_checks(checks, tmp_path)
 
 
 def test_download_true_passes_without_downloading(tmp_path: Path) -> None:
@@ -191,12 +249,6 @@ def test_imagenet_classes_command() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def dataset_specs(data_section: dict[str, Any]) -> list[Any]:
-    specs = [data_section["id_dataset"], data_section.get("outliers")]
-    specs += list(data_section.get("ood_sets") or []) + list(data_section.get("ood_val_sets") or [])
-    return [s for s in specs if s is not None]
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_config_names_only_registered_parts(path: Path) -> None:
     from gradreg.evaluation import build_scorers
@@ -207,16 +259,7 @@ def test_config_names_only_registered_parts(path: Path) -> None:
     model, data_section = config["model"], config["data"]
     assert model["arch"] in MODELS
     SAMPLERS.build(model.get("sampler", "random"))
-    id_spec = data_section["id_dataset"]
-    assert (id_spec if isinstance(id_spec, str) else id_spec["name"]) in ID_SPECS
-    for spec in dataset_specs(data_section):
-        settings = {"name": spec} if isinstance(spec, str) else dict(spec)
-        name = settings.pop("name")
-        assert name in DATASETS, f"{path.name}: unknown dataset {name}"
-        assert set(settings) - {"alias", "split", "resize"} <= set(DATASETS.settings(name)), f"{path.name}: {spec}"
-    display = [s if isinstance(s, str) else s.get("alias", s["name"]) for s in data_section.get("ood_sets") or []]
-    assert len(display) == len(set(display))
-    assert set(data_section.get("near_ood") or []) <= set(display)
+    check_specs(data_section)  # registered datasets and settings, distinct names, near_ood among the OOD sets
     for callback in config.get("trainer", {}).get("callbacks") or []:
         build_scorers(callback["init_args"].get("scorers", []))
 
@@ -255,13 +298,14 @@ def test_imagenet_config_leaves_out_exactly_the_id_classes() -> None:
 
 
 def test_format_checks_merges_one_set_in_two_roles(tmp_path: Path) -> None:
-    # Without ood_val_sets the OOD sets are read for validation too: a typo is one line, not two.
-    checks = check_datasets(data(id_dataset="digits", outliers=None, ood_sets=["noize"], ood_val_sets=None), tmp_path)
-    assert [(c.role, c.name) for c in checks] == [("id", "digits"), ("ood", "noize"), ("ood_val", "noize")]
+    # Without ood_val_sets the OOD sets are read for validation too: a missing list is one line, not two.
+    spec = {"name": "imagelist", "alias": "tin", "list_file": "lists/tin.txt"}
+    checks = check_datasets(data(id_dataset="digits", outliers=None, ood_sets=[spec], ood_val_sets=None), tmp_path)
+    assert [(c.role, c.name) for c in checks] == [("id", "digits"), ("ood", "tin"), ("ood_val", "tin")]
     text = format_checks(checks, tmp_path)
     assert text.startswith("1 of 2 datasets are missing")
-    assert len([line for line in text.splitlines() if "noize" in line]) == 1
-    assert re.search(r"MISSING  ood,ood_val  noize +unknown dataset 'noize'", text), text
+    assert len([line for line in text.splitlines() if "tin" in line]) == 1
+    assert re.search(r"MISSING  ood,ood_val  tin +not found at .*tin.txt; the list_file does not exist", text), text
 
 
 def test_unset_ood_sets_mean_the_datamodule_default(tmp_path: Path) -> None:

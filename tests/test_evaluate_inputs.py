@@ -198,6 +198,12 @@ def test_latest_link_resolves_to_the_run(tmp_path: Path) -> None:
     assert resolve_checkpoint(tmp_path / "latest") == resolve_checkpoint(tmp_path / "latest" / "best.ckpt") == expected
 
 
+def test_data_root_takes_both_spellings_of_the_data_check() -> None:
+    # docs/data.md: `python -m gradreg.data check` takes --data-root and --data_root; so does evaluate.py.
+    for option in ("--data-root", "--data_root"):
+        assert parse_args(["ckpt", option, "/datasets"]).data_root == "/datasets"
+
+
 def test_epsilons_accept_fractions_and_repeats_run_once() -> None:
     assert parse_args(["ckpt", "--epsilons", "8/255", "0.01"]).epsilons == [8 / 255, 0.01]
     opts = parse_args(

@@ -1,9 +1,10 @@
 """Dataset tools: ``python -m gradreg.data check CONFIG`` and ``python -m gradreg.data imagenet-classes N``.
 
 ``check CONFIG [--data_root DIR] [--stage fit|test]`` lists every dataset of a config, found where or where to put
-it; exit code 0 if every one was found, 1 if any is missing or invalid (or the config cannot be read), 2 for a
-command-line mistake. ``imagenet-classes N`` prints the N ID wnids of GReg's ImageNet protocol, one per line in
-label order (an ``id_classes_file`` for the ``imagefolder_complement`` outlier pool).
+it; exit code 0 if every one was found, 1 if any is missing or invalid (or the config cannot be read, or a
+dataset spec in it is wrong: one ``error:`` line), 2 for a command-line mistake. ``imagenet-classes N`` prints the
+N ID wnids of GReg's ImageNet protocol, one per line in label order (an ``id_classes_file`` for the
+``imagefolder_complement`` outlier pool).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
     from gradreg.data.check import check_datasets, data_section, format_checks, load_config
+    from gradreg.data.datasets import DatasetSpecError
 
     try:
         config = load_config(args.config)
         root = args.data_root if args.data_root is not None else data_section(config).get("data_root", "data")
         checks = check_datasets(config, root, args.stage)
-    except (OSError, ValueError, TypeError, yaml.YAMLError) as err:  # unreadable config or YAML syntax error
+    # An unreadable config, a YAML syntax error or a mistake in its dataset specs: one line; missing files: the report
+    except (OSError, ValueError, TypeError, yaml.YAMLError, DatasetSpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(format_checks(checks, root))

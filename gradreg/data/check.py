@@ -2,7 +2,9 @@
 
 ``python -m gradreg.data check CONFIG`` prints one line per dataset (ID, outliers, OOD test and OOD validation
 sets) saying where it was found or exactly where to put it, and exits with 1 if anything is missing. Training
-and evaluation call :func:`require_datasets` first, so a missing set stops a run before any work starts.
+and evaluation call :func:`require_datasets` first, so a missing set stops a run before any work starts. A mistake
+in the config's dataset specs themselves (:func:`check_specs`) is no such listing but one error line, raised
+before any file is looked at.
 
 The check reads the same splits the datamodule will: the ID set's ``train`` / ``val`` / ``test`` (a ``val`` that
 the set lacks is fine: the datamodule holds out part of ``train``), the outliers' ``train``, the OOD sets'
@@ -25,10 +27,12 @@ from gradreg.data.datasets import (
     DATASETS,
     DEFAULT_OOD_SETS,
     ID_SPECS,
+    SPEC_KEYS,
     DatasetNotFoundError,
+    DatasetSpecError,
     build_dataset,
+    check_spec,
     dataset_name,
-    resize_problem,
 )
 
 DatasetSpec = str | Mapping[str, Any]
@@ -40,13 +44,14 @@ ROLE_SPLITS: dict[str, tuple[str, ...]] = {
     "ood": ("test",),
     "ood_val": ("val",),
 }
+CONFIG_KEYS = {"id": "id_dataset", "outliers": "outliers", "ood": "ood_sets", "ood_val": "ood_val_sets"}  # by role
 
 
 class DatasetCheck(NamedTuple):
     """The outcome for one dataset of a config."""
 
     role: str
-    """``id``, ``outliers``, ``ood``, ``ood_val`` or ``near_ood`` (a name in ``near_ood`` that no OOD set has)."""
+    """``id``, ``outliers``, ``ood`` or ``ood_val``."""
     name: str
     """Display name (the spec's ``alias`` or its registry name)."""
     found: bool
@@ -124,22 +129,16 @@ def check_dataset(
 
     Returns:
         ``(found, message)``.
+
+    Raises:
+        DatasetSpecError: the spec itself is wrong (:func:`~gradreg.data.datasets.check_spec`).
     """
-    settings = _as_dict(spec)
-    problem = resize_problem(settings, role)
-    if problem:
-        return False, problem
-    settings.pop("alias", None)
-    settings.pop("resize", None)
-    if "split" in settings:
-        splits = (settings.pop("split"),)
-    name = settings.pop("name", None)
-    if name not in DATASETS:
-        return False, f"unknown dataset '{name}'; known: {', '.join(DATASETS.names())}"
-    unknown = sorted(set(settings) - set(DATASETS.settings(name)))
-    if unknown:
-        valid = ", ".join(s for s in DATASETS.settings(name) if s not in ("root", "split"))
-        return False, f"unknown setting(s) {', '.join(unknown)} for dataset '{name}'; valid: {valid or '(none)'}"
+    check_spec(spec, role)
+    spec = _as_dict(spec)
+    name = spec["name"]
+    if "split" in spec:
+        splits = (spec["split"],)
+    settings = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
     locate = getattr(DATASETS.get(name), "locate", None)
     places: list[str] = []
     sizes: list[str] = []
@@ -188,41 +187,47 @@ def check_datasets(
 
     Returns:
         One :class:`DatasetCheck` per dataset and role, in config order.
+
+    Raises:
+        DatasetSpecError: a dataset spec of the config is wrong (:func:`check_specs`).
     """
     data = data_section(load_config(config))
+    check_specs(data)
     root = Path(data_root if data_root is not None else data.get("data_root", "data"))
-    id_spec = data.get("id_dataset", "digits")
-    id_name = _as_dict(id_spec).get("name")
-    image_spec = ID_SPECS.get(id_name) if isinstance(id_name, str) else None
-    extra = {"size": image_spec.size, "channels": image_spec.channels} if image_spec else {}
+    image_spec = ID_SPECS[_as_dict(data.get("id_dataset", "digits"))["name"]]
+    extra = {"size": image_spec.size, "channels": image_spec.channels}
     checks: list[DatasetCheck] = []
     for role, spec, splits in planned_reads(data, stage):
+        found, message = check_dataset(spec, root, splits, role, **extra)
+        checks.append(DatasetCheck(role, dataset_name(spec), found, message))
+    return checks
+
+
+def check_specs(data: Mapping[str, Any]) -> None:
+    """Raise :class:`DatasetSpecError` at the first mistake in the dataset specs of a ``data`` section.
+
+    A mistake of the config itself (an unknown dataset or setting, two sets of one name, a ``near_ood`` name that no
+    OOD set has) is one line naming the value and the valid choices; every spec is checked, whatever the stage.
+    What is missing on disk is :func:`check_datasets`' report instead.
+    """
+    reads = planned_reads(data)
+    for role, spec, _ in reads:
         try:
-            display = dataset_name(spec)  # type: ignore[arg-type]
-        except (KeyError, TypeError, AttributeError):
-            checks.append(DatasetCheck(role, str(spec), False, "a dataset spec is a name or a mapping with 'name'"))
-            continue
-        if role == "id" and image_spec is None:
-            found, message = False, f"'{display}' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}"
-        else:
-            found, message = check_dataset(spec, root, splits, role, **extra)
-        checks.append(DatasetCheck(role, display, found, message))
-    checks += _name_checks(data)
-    return checks
-
-
-def _name_checks(data: Mapping[str, Any]) -> list[DatasetCheck]:
-    """Duplicate display names among the OOD sets, and ``near_ood`` names that no OOD set has."""
-    ood_names = [dataset_name(s) for s in _ood_sets(data) if isinstance(s, str | Mapping)]  # type: ignore[arg-type]
-    checks = [
-        DatasetCheck("ood", name, False, f"two OOD sets are named '{name}': give one of them an alias")
-        for name in sorted({n for n in ood_names if ood_names.count(n) > 1})
-    ]
+            check_spec(spec, role)
+        except DatasetSpecError as err:
+            raise DatasetSpecError(f"data.{CONFIG_KEYS[role]}: {err}") from None
+    names = {role: [dataset_name(s) for r, s, _ in reads if r == role] for role in ("ood", "ood_val")}
+    for role, listed in names.items():
+        twice = [name for name in dict.fromkeys(listed) if listed.count(name) > 1]
+        if twice:  # sets are keyed by their display name: one would hide the other
+            raise DatasetSpecError(
+                f"data.{CONFIG_KEYS[role]}: two sets are named '{twice[0]}'; give one of them an alias "
+                f"(alias: {twice[0]}_2)"
+            )
     for name in data.get("near_ood") or []:
-        if name not in ood_names:
-            known = ", ".join(ood_names) or "(none)"
-            checks.append(DatasetCheck("near_ood", name, False, f"near_ood names '{name}', not an OOD set ({known})"))
-    return checks
+        if name not in names["ood"]:
+            known = ", ".join(names["ood"]) or "(none)"
+            raise DatasetSpecError(f"data.near_ood: '{name}' is not the name of an OOD set; choose from {known}")
 
 
 def format_checks(checks: Sequence[DatasetCheck], data_root: Path | str, only_missing: bool = False) -> str:

@@ -22,6 +22,7 @@ OOD (far)     noise        uniform noise images, 256 per split (seed 1 val / 2 t
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from gradreg.registry import Registry
+from gradreg.registry import Registry, RegistryError, SettingError
 
 DATASETS: Registry[Dataset] = Registry("dataset")
 
@@ -49,6 +50,10 @@ class DatasetNotFoundError(FileNotFoundError):
     def __init__(self, name: str, expected: Path | str, how: str = "") -> None:
         self.name, self.expected = name, str(expected)
         super().__init__(f"dataset '{name}' not found at {expected}" + (f"; {how}" if how else ""))
+
+
+class DatasetSpecError(SettingError):
+    """A mistake in the config's dataset specs, not in the files: one line naming the value and the valid ones."""
 
 
 @dataclass(frozen=True)
@@ -292,17 +297,57 @@ def augmentation_seeds(*key: int, n: int) -> np.ndarray:
 
 
 DEFAULT_OOD_SETS = ["digits_heldout", "noise"]  # OOD sets of a datamodule without data.ood_sets: the embedded ones
+SPEC_KEYS = ("name", "alias", "split", "resize")  # the keys of every spec; build_dataset keeps them from the reader
+_READER_ARGS = ("root", "split")  # every reader's first arguments: the datamodule passes them, not the spec
 
 
-def resize_problem(spec: Any, role: str) -> str | None:
-    """What is wrong with a spec's ``resize`` key for a set of ``role`` (``id``, ``outliers``, ``ood``...), or None."""
-    if not isinstance(spec, Mapping) or "resize" not in spec:
-        return None
-    if role in ("id", "outliers"):
-        return "'resize' applies to OOD sets only (ood_sets, ood_val_sets)"
-    if not isinstance(spec["resize"], bool):
-        return f"{dataset_name(spec)}: resize={spec['resize']!r} is not true or false (false: center crop only)"
-    return None
+def spec_keys(name: str) -> list[str]:
+    """Every key a spec of dataset ``name`` may have: :data:`SPEC_KEYS`, then its reader's settings."""
+    return [*SPEC_KEYS, *(s for s in DATASETS.settings(name) if s not in _READER_ARGS)]
+
+
+def required_settings(name: str) -> list[str]:
+    """The settings of dataset ``name`` that a spec must give (its reader's arguments without a default)."""
+    params = inspect.signature(DATASETS.get(name)).parameters
+    return [
+        s for s in DATASETS.settings(name) if s not in _READER_ARGS and params[s].default is inspect.Parameter.empty
+    ]
+
+
+def check_spec(spec: Any, role: str = "ood") -> None:
+    """Raise :class:`DatasetSpecError` if ``spec`` is no valid spec of a set of ``role`` (``id``, ``outliers``...).
+
+    Only the spec is read, no file: what it finds is a mistake of the config itself.
+    """
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise DatasetSpecError(f"{spec!r} is not a dataset spec: give a registry name or a mapping with 'name'")
+    name = spec["name"]
+    if role == "id" and name not in ID_SPECS:  # also a typo: the ID datasets are the choices
+        raise DatasetSpecError(f"'{name}' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}")
+    try:
+        valid = spec_keys(name)
+    except RegistryError as err:  # an unknown name: the registry's message lists the known ones
+        raise DatasetSpecError(str(err)) from None
+    unknown = [str(key) for key in spec if key not in valid]
+    if unknown:
+        hint = ""
+        if "download" in unknown:  # docs/data.md offers download: true, but only torchvision's sets can fetch
+            hint = f"; download works for {', '.join(n for n in DATASETS.names() if 'download' in spec_keys(n))} only"
+        raise DatasetSpecError(
+            f"unknown key(s) {', '.join(unknown)} in the spec of dataset '{name}'; valid: {', '.join(valid)}{hint}"
+        )
+    missing = [setting for setting in required_settings(name) if setting not in spec]
+    if missing:  # the reader would fail with Python's "missing 1 required positional argument"
+        example = ", ".join(f"{setting}: ..." for setting in missing)
+        raise DatasetSpecError(f"dataset '{name}' needs {', '.join(missing)}, e.g. {{name: {name}, {example}}}")
+    if "resize" in spec and role in ("id", "outliers"):
+        raise DatasetSpecError("'resize' applies to OOD sets only (ood_sets, ood_val_sets)")
+    if not isinstance(spec.get("resize", True), bool):
+        raise DatasetSpecError(
+            f"{dataset_name(spec)}: resize={spec['resize']!r} is not true or false (false: center crop only)"
+        )
 
 
 def resizes(spec: str | dict[str, Any]) -> bool:
@@ -310,7 +355,7 @@ def resizes(spec: str | dict[str, Any]) -> bool:
     return isinstance(spec, str) or spec.get("resize", True) is not False
 
 
-def dataset_name(spec: str | dict[str, Any]) -> str:
+def dataset_name(spec: str | Mapping[str, Any]) -> str:
     """Display name of a dataset spec: its ``alias`` if given, else its registry name."""
     return spec if isinstance(spec, str) else str(spec.get("alias", spec["name"]))
 
@@ -323,10 +368,8 @@ def build_dataset(spec: str | dict[str, Any], root: str | Path, split: str, **ex
     """
     if isinstance(spec, str):
         spec = {"name": spec}
-    spec = dict(spec)
-    spec.pop("alias", None)
-    spec.pop("resize", None)  # a transform setting (OODDataModule.ood_datasets), not the reader's
-    split = spec.pop("split", split)
+    split = spec.get("split", split)
+    settings = {k: v for k, v in spec.items() if k not in SPEC_KEYS}  # the reader's own (resize: the transform's)
     accepted = DATASETS.settings(spec["name"])
-    extra = {k: v for k, v in extra.items() if k in accepted and k not in spec}
-    return DATASETS.build(spec, root=Path(root), split=split, **extra)
+    extra = {k: v for k, v in extra.items() if k in accepted and k not in settings}
+    return DATASETS.build({"name": spec["name"], **settings}, root=Path(root), split=split, **extra)

@@ -22,6 +22,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from gradreg.data.check import check_specs
 from gradreg.data.datasets import (
     DEFAULT_OOD_SETS,
     ID_SPECS,
@@ -31,7 +32,6 @@ from gradreg.data.datasets import (
     build_dataset,
     build_transform,
     dataset_name,
-    resize_problem,
     resizes,
 )
 from gradreg.data.outliers import OutlierStream
@@ -132,11 +132,7 @@ class OODDataModule(LightningDataModule):
         check_settings(self.hparams, typing.get_type_hints(OODDataModule.__init__), BOUNDS, prefix="data.")
         if not val_fraction < 1:
             raise SettingError(f"data.val_fraction={val_fraction} must be < 1 (the rest of the ID data trains)")
-        roles = {"id_dataset": ("id", [id_dataset]), "outliers": ("outliers", [outliers])}
-        roles |= {"ood_sets": ("ood", ood_sets or []), "ood_val_sets": ("ood_val", ood_val_sets or [])}
-        for key, (role, specs) in roles.items():
-            for problem in filter(None, (resize_problem(spec, role) for spec in specs)):
-                raise SettingError(f"data.{key}: {problem}")
+        check_specs(self.hparams)
         self.id_dataset = id_dataset
         self.outliers = outliers
         self.ood_sets = list(ood_sets if ood_sets is not None else DEFAULT_OOD_SETS)
@@ -146,10 +142,7 @@ class OODDataModule(LightningDataModule):
         self.batch_size, self.outlier_batch_size, self.eval_batch_size = batch_size, outlier_batch_size, eval_batch_size
         self.num_workers, self.augment, self.val_fraction, self.seed = num_workers, augment, val_fraction, seed
         self.candidates_per_epoch = candidates_per_epoch
-        name = dataset_name(id_dataset)
-        base = ID_SPECS.get(id_dataset if isinstance(id_dataset, str) else id_dataset["name"])
-        if base is None:
-            raise ValueError(f"'{name}' is not an ID dataset; known: {', '.join(sorted(ID_SPECS))}")
+        base = ID_SPECS[id_dataset if isinstance(id_dataset, str) else id_dataset["name"]]
         overrides = {"size": image_size, "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None}
         if image_size is not None and base.resize is not None:  # keep the crop ratio: 256 -> 224 is 128 -> 146
             overrides["resize"] = round(base.resize * image_size / base.size)
