@@ -16,6 +16,7 @@ from typing import Literal, TypeVar
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -57,6 +58,27 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str) -> None:
         # at every training epoch's end: on validation's end only, it would skip the epochs without validation
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, save_on_train_epoch_end=True)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``best.ckpt``: a ``ModelCheckpoint`` on ``run.monitor`` that waits for the run's first validation.
+
+    ``trainer.max_steps`` inside an epoch ends training before that epoch's validation. Before any validation has run,
+    a ``val/*`` or ``ood/*`` monitor has no value yet: no mistake, only no ``best.ckpt`` (``last.ckpt`` is written).
+    A ``train/*`` key (logged by every epoch, cut short or not) or a run without validation keeps Lightning's check
+    of a missing monitor, which :func:`fit` turns into an error.
+    """
+
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        # ModelCheckpoint's key: checkpoints of earlier versions resume this state, and a user's ModelCheckpoint with
+        # the same settings still collides with it (build_cli says so)
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        waiting = trainer.enable_validation and not self.monitor.startswith("train/")
+        if not waiting or self.monitor in trainer.callback_metrics:
+            super().on_train_epoch_end(trainer, pl_module)
 
 
 class GradRegCLI(LightningCLI):
@@ -125,7 +147,7 @@ class GradRegCLI(LightningCLI):
         best_ckpt = Namespace(dirpath=str(run_dir), every_n_epochs=best_every_n_epochs, **best)
         config.trainer.callbacks = [
             *(config.trainer.callbacks or []),
-            Namespace(class_path=CHECKPOINT, init_args=best_ckpt),
+            Namespace(class_path=f"{__name__}.BestCheckpoint", init_args=best_ckpt),
             Namespace(class_path=f"{__name__}.LastCheckpoint", init_args=Namespace(dirpath=str(run_dir))),
         ]
 
@@ -304,6 +326,11 @@ def fit(cli: GradRegCLI) -> int:
         raise
     if cli.rank_zero:
         point_latest(cli.run_dir)
+        if not (cli.run_dir / "best.ckpt").is_file():  # e.g. trainer.max_steps within the first validated epoch
+            print(
+                f"no best.ckpt: training ended before run.monitor '{cli.config.run.monitor}' was first logged "
+                "(evaluate.py takes last.ckpt)"
+            )
         print(f"run directory: {cli.run_dir}  (evaluate with: python evaluate.py {cli.run_dir})")
     return 0
 

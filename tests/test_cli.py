@@ -470,6 +470,19 @@ def test_last_checkpoint_follows_epochs_without_validation(tmp_path: Path, capsy
     assert (last["epoch"], last["global_step"]) == (2, 9)  # epoch 2 has no validation
 
 
+def test_max_steps_within_the_first_epoch_writes_last_ckpt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Training stops before the epoch's validation: val/acc has no value yet, which is no mistake.
+    proc = train_inprocess(tmp_path, capsys, "--trainer.max_steps", "2")  # 3 batches an epoch
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no best.ckpt: training ended before run.monitor 'val/acc' was first logged" in proc.stdout
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    assert sorted(p.name for p in run_dir.glob("*.ckpt")) == ["last.ckpt"]
+    assert torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    # Without validation val/acc never comes: still one line, at the same checkpoint.
+    proc = train_inprocess(tmp_path, capsys, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    assert_one_line_error(proc, "run.monitor 'val/acc' is not logged")
+
+
 @pytest.mark.parametrize("validation", [True, False])
 def test_unknown_train_monitor_fails_in_one_line_at_the_first_checkpoint(
     validation: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
