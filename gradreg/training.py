@@ -276,13 +276,19 @@ def _one_line(err: BaseException) -> str:
     return f"{lines[0]} {given} is not valid; expected one of the types {allowed}"
 
 
-def discard_unused_run_dir(rank_zero: bool) -> None:
-    """Remove the run directory rank 0 created if it holds only its config files (the run never started)."""
+def discard_unused_run_dir(rank_zero: bool, logs: bool = False) -> None:
+    """Remove the run directory rank 0 created if it holds only its config files (the run never started).
+
+    With ``logs`` its ``metrics.csv`` may be there too: a run stopped before its first checkpoint by a mistake in its
+    settings has nothing to resume or evaluate. A checkpoint keeps the folder, and so does a wandb run (wandb names
+    the folder as the process exits).
+    """
     run_dir = os.environ.get(RUN_DIR_ENV)
     if not rank_zero or not run_dir:
         return
     path = Path(run_dir)
-    if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml", "hparams.yaml"}:
+    unused = {"config.yaml", "hparams.yaml", *(["metrics.csv"] if logs else [])}
+    if path.is_dir() and {p.name for p in path.iterdir()} <= unused:
         shutil.rmtree(path)
 
 
@@ -308,13 +314,16 @@ def fit(cli: GradRegCLI) -> int:
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.run.resume)
     except BaseException as err:
-        discard_unused_run_dir(cli.rank_zero)  # a run that failed before writing anything leaves no folder behind
-        if isinstance(err, MisconfigurationException | UserWarning) and MISSING_MONITOR in str(err):
+        missing_monitor = isinstance(err, MisconfigurationException | UserWarning) and MISSING_MONITOR in str(err)
+        # A run that failed before writing anything leaves no folder behind, nor does one a run.monitor it does not
+        # log stopped at its first checkpoint (its metrics.csv is of no use).
+        discard_unused_run_dir(cli.rank_zero, logs=missing_monitor)
+        if missing_monitor:
             # A train/* run.monitor is checked only here: its keys depend on the method (_monitor_every_n_epochs).
             logged = sorted(k for k in cli.trainer.callback_metrics if k.startswith("train/"))
             raise UserError(
                 f"run.monitor '{cli.config.run.monitor}' is not logged by this run (stopped at its first checkpoint, "
-                f"nothing saved); its train/* keys there: {', '.join(logged)}"
+                f"without saving it); its train/* keys there: {', '.join(logged)}"
             ) from None
         if type(err).__module__.startswith("wandb.errors"):  # no network, a wrong key, ...: after wandb's own retries
             raise UserError(

@@ -492,11 +492,18 @@ def test_unknown_train_monitor_fails_in_one_line_at_the_first_checkpoint(
     csv = ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
     no_val = [] if validation else ["--trainer.limit_val_batches", "0"]
     proc = train_inprocess(tmp_path, capsys, "--run.monitor", "train/lss", "--trainer.max_epochs", "1", *csv, *no_val)
-    assert_one_line_error(proc, "run.monitor 'train/lss' is not logged", "nothing saved", "train/reg")
-    run_dir = tmp_path / "runs" / "quickstart-001"
-    assert not list(run_dir.glob("*.ckpt"))
-    # With validation the epoch's metrics were written and are kept; without, nothing was, and no folder is left.
-    assert (run_dir / "metrics.csv").is_file() if validation else not run_dir.exists()
+    assert_one_line_error(proc, "run.monitor 'train/lss' is not logged", "without saving it", "train/reg")
+    # Nothing to resume or evaluate: no folder is left, also where validation had written the epoch's metrics.csv.
+    assert not (tmp_path / "runs" / "quickstart-001").exists()
+
+
+def test_unknown_train_monitor_keeps_a_folder_that_holds_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snapshots = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1"]
+    proc = train_inprocess(tmp_path, capsys, "--run.monitor", "train/lss", "--trainer.max_epochs", "1", *snapshots)
+    assert_one_line_error(proc, "run.monitor 'train/lss' is not logged")
+    assert list((tmp_path / "runs" / "quickstart-001" / "checkpoints").glob("*.ckpt"))
 
 
 @pytest.mark.slow
