@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import yaml
 from jsonargparse import Namespace
@@ -186,8 +186,24 @@ def _monitor_every_n_epochs(config: Namespace) -> int:
     )
 
 
+def _batch_limits_int_first() -> None:
+    """Make ``--trainer.limit_train_batches 1`` one batch, as the ``Trainer`` documents, not 1.0 (the whole epoch).
+
+    The ``Trainer`` declares its ``limit_*_batches`` ``Optional[Union[int, float]]``, but CPython caches unions by
+    equality, and ``Union[float, int] == Union[int, float]``: the ``Optional[Union[float, int]]`` built first (by
+    ``lightning.fabric``) comes back, and jsonargparse, trying float first, reads 1 as 1.0
+    (Lightning-AI/pytorch-lightning#21259). A ``|`` union keeps its order. A type another Lightning version changes
+    is left alone.
+    """
+    annotations = Trainer.__init__.__annotations__
+    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        if set(get_args(annotations.get(name))) == {int, float, type(None)}:
+            annotations[name] = int | float | None
+
+
 def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
     """Parse the command line (``--config FILE`` and dotted overrides) and instantiate every object."""
+    _batch_limits_int_first()  # before jsonargparse reads (and caches) the Trainer's signature
     argv = list(sys.argv[1:] if args is None else args)
     for i, arg in enumerate(argv):  # a missing config file is the most common mistake: say so in one line
         value = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else None

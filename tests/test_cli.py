@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from gradreg.cli import UserError, evaluate_main, train_main
 from gradreg.provenance import git_revision
@@ -444,6 +445,17 @@ def test_ood_monitor_with_the_default_sets(tmp_path: Path) -> None:
     cli = build_cli([*args, "false", "--data.ood_sets", "null", "--run.monitor", "ood/noise/msp/fpr95"])
     assert cli.trainer.checkpoint_callback.monitor == "ood/noise/msp/fpr95"
     assert cli.trainer.checkpoint_callback.mode == "min"
+
+
+@pytest.mark.parametrize(("value", "limit"), [("1", 1), ("1.0", 1.0), ("0.5", 0.5), ("3", 3)])
+def test_batch_limit_1_is_one_batch(value: str, limit: float, tmp_path: Path) -> None:
+    # The Trainer reads an int as a number of batches and a float as a fraction: 1 is one batch, 1.0 the whole epoch.
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path), "--trainer.logger"]
+    cli = build_cli([*args, "false", "--trainer.limit_train_batches", value, "--trainer.limit_val_batches", value])
+    for got in (cli.trainer.limit_train_batches, cli.trainer.limit_val_batches):
+        assert (got, type(got)) == (limit, type(limit))
+    saved = yaml.safe_load((tmp_path / "quickstart-001" / "config.yaml").read_text())["trainer"]  # --config on it
+    assert (saved["limit_train_batches"], type(saved["limit_train_batches"])) == (limit, type(limit))
 
 
 def test_train_monitor_without_validation_and_an_extra_checkpoint(
