@@ -11,11 +11,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -57,6 +58,27 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str) -> None:
         # at every training epoch's end: on validation's end only, it would skip the epochs without validation
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, save_on_train_epoch_end=True)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``best.ckpt``: a ``ModelCheckpoint`` on ``run.monitor`` that waits for the run's first validation.
+
+    ``trainer.max_steps`` inside an epoch ends training before that epoch's validation. Before any validation has run,
+    a ``val/*`` or ``ood/*`` monitor has no value yet: no mistake, only no ``best.ckpt`` (``last.ckpt`` is written).
+    A ``train/*`` key (logged by every epoch, cut short or not) or a run without validation keeps Lightning's check
+    of a missing monitor, which :func:`fit` turns into an error.
+    """
+
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        # ModelCheckpoint's key: checkpoints of earlier versions resume this state, and a user's ModelCheckpoint with
+        # the same settings still collides with it (build_cli says so)
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        waiting = trainer.enable_validation and not self.monitor.startswith("train/")
+        if not waiting or self.monitor in trainer.callback_metrics:
+            super().on_train_epoch_end(trainer, pl_module)
 
 
 class GradRegCLI(LightningCLI):
@@ -125,7 +147,7 @@ class GradRegCLI(LightningCLI):
         best_ckpt = Namespace(dirpath=str(run_dir), every_n_epochs=best_every_n_epochs, **best)
         config.trainer.callbacks = [
             *(config.trainer.callbacks or []),
-            Namespace(class_path=CHECKPOINT, init_args=best_ckpt),
+            Namespace(class_path=f"{__name__}.BestCheckpoint", init_args=best_ckpt),
             Namespace(class_path=f"{__name__}.LastCheckpoint", init_args=Namespace(dirpath=str(run_dir))),
         ]
 
@@ -164,8 +186,24 @@ def _monitor_every_n_epochs(config: Namespace) -> int:
     )
 
 
+def _batch_limits_int_first() -> None:
+    """Make ``--trainer.limit_train_batches 1`` one batch, as the ``Trainer`` documents, not 1.0 (the whole epoch).
+
+    The ``Trainer`` declares its ``limit_*_batches`` ``Optional[Union[int, float]]``, but CPython caches unions by
+    equality, and ``Union[float, int] == Union[int, float]``: the ``Optional[Union[float, int]]`` built first (by
+    ``lightning.fabric``) comes back, and jsonargparse, trying float first, reads 1 as 1.0
+    (Lightning-AI/pytorch-lightning#21259). A ``|`` union keeps its order. A type another Lightning version changes
+    is left alone.
+    """
+    annotations = Trainer.__init__.__annotations__
+    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        if set(get_args(annotations.get(name))) == {int, float, type(None)}:
+            annotations[name] = int | float | None
+
+
 def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
     """Parse the command line (``--config FILE`` and dotted overrides) and instantiate every object."""
+    _batch_limits_int_first()  # before jsonargparse reads (and caches) the Trainer's signature
     argv = list(sys.argv[1:] if args is None else args)
     for i, arg in enumerate(argv):  # a missing config file is the most common mistake: say so in one line
         value = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else None
@@ -254,13 +292,19 @@ def _one_line(err: BaseException) -> str:
     return f"{lines[0]} {given} is not valid; expected one of the types {allowed}"
 
 
-def discard_unused_run_dir(rank_zero: bool) -> None:
-    """Remove the run directory rank 0 created if it holds only its config files (the run never started)."""
+def discard_unused_run_dir(rank_zero: bool, logs: bool = False) -> None:
+    """Remove the run directory rank 0 created if it holds only its config files (the run never started).
+
+    With ``logs`` its ``metrics.csv`` may be there too: a run stopped before its first checkpoint by a mistake in its
+    settings has nothing to resume or evaluate. A checkpoint keeps the folder, and so does a wandb run (wandb names
+    the folder as the process exits).
+    """
     run_dir = os.environ.get(RUN_DIR_ENV)
     if not rank_zero or not run_dir:
         return
     path = Path(run_dir)
-    if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml", "hparams.yaml"}:
+    unused = {"config.yaml", "hparams.yaml", *(["metrics.csv"] if logs else [])}
+    if path.is_dir() and {p.name for p in path.iterdir()} <= unused:
         shutil.rmtree(path)
 
 
@@ -286,13 +330,16 @@ def fit(cli: GradRegCLI) -> int:
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.run.resume)
     except BaseException as err:
-        discard_unused_run_dir(cli.rank_zero)  # a run that failed before writing anything leaves no folder behind
-        if isinstance(err, MisconfigurationException | UserWarning) and MISSING_MONITOR in str(err):
+        missing_monitor = isinstance(err, MisconfigurationException | UserWarning) and MISSING_MONITOR in str(err)
+        # A run that failed before writing anything leaves no folder behind, nor does one a run.monitor it does not
+        # log stopped at its first checkpoint (its metrics.csv is of no use).
+        discard_unused_run_dir(cli.rank_zero, logs=missing_monitor)
+        if missing_monitor:
             # A train/* run.monitor is checked only here: its keys depend on the method (_monitor_every_n_epochs).
             logged = sorted(k for k in cli.trainer.callback_metrics if k.startswith("train/"))
             raise UserError(
                 f"run.monitor '{cli.config.run.monitor}' is not logged by this run (stopped at its first checkpoint, "
-                f"nothing saved); its train/* keys there: {', '.join(logged)}"
+                f"without saving it); its train/* keys there: {', '.join(logged)}"
             ) from None
         if type(err).__module__.startswith("wandb.errors"):  # no network, a wrong key, ...: after wandb's own retries
             raise UserError(
@@ -304,6 +351,11 @@ def fit(cli: GradRegCLI) -> int:
         raise
     if cli.rank_zero:
         point_latest(cli.run_dir)
+        if not (cli.run_dir / "best.ckpt").is_file():  # e.g. trainer.max_steps within the first validated epoch
+            print(
+                f"no best.ckpt: training ended before run.monitor '{cli.config.run.monitor}' was first logged "
+                "(evaluate.py takes last.ckpt)"
+            )
         print(f"run directory: {cli.run_dir}  (evaluate with: python evaluate.py {cli.run_dir})")
     return 0
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from gradreg.cli import UserError, evaluate_main, train_main
 from gradreg.provenance import git_revision
@@ -453,6 +454,17 @@ def test_ood_monitor_with_the_default_sets(tmp_path: Path) -> None:
     assert cli.trainer.checkpoint_callback.mode == "min"
 
 
+@pytest.mark.parametrize(("value", "limit"), [("1", 1), ("1.0", 1.0), ("0.5", 0.5), ("3", 3)])
+def test_batch_limit_1_is_one_batch(value: str, limit: float, tmp_path: Path) -> None:
+    # The Trainer reads an int as a number of batches and a float as a fraction: 1 is one batch, 1.0 the whole epoch.
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path), "--trainer.logger"]
+    cli = build_cli([*args, "false", "--trainer.limit_train_batches", value, "--trainer.limit_val_batches", value])
+    for got in (cli.trainer.limit_train_batches, cli.trainer.limit_val_batches):
+        assert (got, type(got)) == (limit, type(limit))
+    saved = yaml.safe_load((tmp_path / "quickstart-001" / "config.yaml").read_text())["trainer"]  # --config on it
+    assert (saved["limit_train_batches"], type(saved["limit_train_batches"])) == (limit, type(limit))
+
+
 def test_train_monitor_without_validation_and_an_extra_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -477,6 +489,19 @@ def test_last_checkpoint_follows_epochs_without_validation(tmp_path: Path, capsy
     assert (last["epoch"], last["global_step"]) == (2, 9)  # epoch 2 has no validation
 
 
+def test_max_steps_within_the_first_epoch_writes_last_ckpt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Training stops before the epoch's validation: val/acc has no value yet, which is no mistake.
+    proc = train_inprocess(tmp_path, capsys, "--trainer.max_steps", "2")  # 3 batches an epoch
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no best.ckpt: training ended before run.monitor 'val/acc' was first logged" in proc.stdout
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    assert sorted(p.name for p in run_dir.glob("*.ckpt")) == ["last.ckpt"]
+    assert torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    # Without validation val/acc never comes: still one line, at the same checkpoint.
+    proc = train_inprocess(tmp_path, capsys, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    assert_one_line_error(proc, "run.monitor 'val/acc' is not logged")
+
+
 @pytest.mark.parametrize("validation", [True, False])
 def test_unknown_train_monitor_fails_in_one_line_at_the_first_checkpoint(
     validation: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -486,11 +511,18 @@ def test_unknown_train_monitor_fails_in_one_line_at_the_first_checkpoint(
     csv = ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
     no_val = [] if validation else ["--trainer.limit_val_batches", "0"]
     proc = train_inprocess(tmp_path, capsys, "--run.monitor", "train/lss", "--trainer.max_epochs", "1", *csv, *no_val)
-    assert_one_line_error(proc, "run.monitor 'train/lss' is not logged", "nothing saved", "train/reg")
-    run_dir = tmp_path / "runs" / "quickstart-001"
-    assert not list(run_dir.glob("*.ckpt"))
-    # With validation the epoch's metrics were written and are kept; without, nothing was, and no folder is left.
-    assert (run_dir / "metrics.csv").is_file() if validation else not run_dir.exists()
+    assert_one_line_error(proc, "run.monitor 'train/lss' is not logged", "without saving it", "train/reg")
+    # Nothing to resume or evaluate: no folder is left, also where validation had written the epoch's metrics.csv.
+    assert not (tmp_path / "runs" / "quickstart-001").exists()
+
+
+def test_unknown_train_monitor_keeps_a_folder_that_holds_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snapshots = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1"]
+    proc = train_inprocess(tmp_path, capsys, "--run.monitor", "train/lss", "--trainer.max_epochs", "1", *snapshots)
+    assert_one_line_error(proc, "run.monitor 'train/lss' is not logged")
+    assert list((tmp_path / "runs" / "quickstart-001" / "checkpoints").glob("*.ckpt"))
 
 
 @pytest.mark.slow
