@@ -314,7 +314,8 @@ SYNC_BN = """
 import sys
 import torch
 import torch.distributed as dist
-from gradreg.double_backward.batchnorm import DoubleBackwardSyncBatchNorm
+from torch.distributed._functional_collectives import all_reduce
+from gradreg.double_backward.batchnorm import DoubleBackwardSyncBatchNorm, sync_batch_norm_train
 
 dist.init_process_group("gloo")
 rank, world, out = dist.get_rank(), dist.get_world_size(), sys.argv[1]
@@ -333,10 +334,30 @@ loss = (bn(x).tanh() * head).sum((1, 2, 3)).pow(2).mean()  # this rank's mean, a
 grads = torch.stack([bn.weight.grad, bn.bias.grad])
 dist.all_reduce(grads)  # DDP's gradient average
 saved = {"gx": gx.detach(), "grads": grads / world, "running": torch.stack([bn.running_mean, bn.running_var])}
+
+
+def autograd_bn(x, w, b):  # BatchNorm over the ranks in plain ops and differentiable all_reduces: exact to any order
+    total = lambda t: all_reduce(t, "sum", dist.group.WORLD)
+    view = lambda t: t.view(1, -1, 1, 1)
+    count = total(x.new_full((1,), x.numel() // x.shape[1]))
+    centered = x - view(total(x.sum((0, 2, 3))) / count)
+    var = total(centered.square().sum((0, 2, 3))) / count
+    return centered * view(torch.rsqrt(var + 1e-5) * w) + view(b)
+
+
+for name, norm in [("closed_form", lambda x, w, b: sync_batch_norm_train(x, None, None, w, b, 0.1, 1e-5)),
+                   ("autograd", autograd_bn)]:  # the penalty differentiates gx, gγ and gβ (upstream ggx, ggγ, ggβ)
+    w, b = (t.clone().requires_grad_() for t in (weight, bias))
+    loss = (norm(x, w, b).tanh() * head).sum((1, 2, 3)).pow(2).mean()
+    gx, gw, gb = torch.autograd.grad(loss, [x, w, b], create_graph=True)
+    penalty = gx.flatten(1).norm(dim=1).mean() + gw.square().sum() + (gw * gb).sum()  # ggγ differs between ranks
+    saved[name] = [t.detach() for t in (gx, gw, gb, *torch.autograd.grad(loss + penalty, [x, w, b]))]
+    for grad in saved[name][4:]:  # DDP sums the ranks' weight gradients: only the sum is defined, not the shares
+        dist.all_reduce(grad)
+    del loss, gx, gw, gb, penalty  # their graphs hold the process group: alive past destroy, gloo aborts at exit
 if rank == 0:
     saved.update(x_all=x_all, head=head, weight=weight, bias=bias)
 torch.save(saved, f"{out}/rank{rank}.pt")
-del loss, gx  # their graphs hold the all_reduce nodes' process group: alive past destroy, gloo aborts at exit
 dist.destroy_process_group()
 """
 
@@ -372,6 +393,9 @@ def test_sync_batchnorm_double_backward_over_two_ranks_equals_one_batchnorm_over
         torch.testing.assert_close(rank["gx"], g, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(rank["grads"], torch.stack([bn.weight.grad, bn.bias.grad]), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(rank["running"], torch.stack([bn.running_mean, bn.running_var]), rtol=1e-12, atol=0)
+        # with upstream gradients of gγ and gβ as well, against autograd through plain ops and all_reduces
+        for got, expected in zip(rank["closed_form"], rank["autograd"], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -401,8 +425,9 @@ def test_sync_statistics_in_a_group_of_one_equal_batchnorm_to_the_second_derivat
         results = []
         for bn, wb in ((native, [native.weight, native.bias]), (synced, params)):
             loss = (bn(x).tanh() * head).sum((1, 2, 3)).pow(2).mean()
-            (gx,) = torch.autograd.grad(loss, x, create_graph=True)
-            results.append([gx, *torch.autograd.grad(loss + gx.flatten(1).norm(dim=1).mean(), [x, *wb])])
+            gx, gw, gb = torch.autograd.grad(loss, [x, *wb], create_graph=True)
+            penalty = gx.flatten(1).norm(dim=1).mean() + gw.square().sum() + (gw * gb).sum()  # ggx, ggγ and ggβ
+            results.append([gx, gw, gb, *torch.autograd.grad(loss + penalty, [x, *wb])])
         for got, expected in zip(results[1], results[0], strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(torch.stack(running), torch.stack([native.running_mean, native.running_var]))

@@ -92,13 +92,16 @@ def _first_backward(
 def _closed_form(
     gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, s1: Tensor, s2: Tensor,
     ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None, needs: tuple[bool, bool, bool],
+    count: Tensor | None = None, reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """(∂/∂gy, ∂/∂x, ∂/∂γ) of the first backward for the upstream (ggx, ggγ, ggβ): the formulas above.
 
-    ``needs``: which of the three to compute. Pure tensor code, so that ``torch.compile`` can fuse it.
+    ``needs``: which of the three to compute. Pure tensor code, so that ``torch.compile`` can fuse it. Over several
+    ranks (:func:`sync_batch_norm_train`): ``count`` is M of all ranks, ``reduce`` sums a stack of per-channel
+    vectors over the ranks, and ``s1``, ``s2`` (as ``gy``, ``x``, ``ggx``, ``ggγ``, ``ggβ``) are this rank's.
     """
     f32 = _acc_dtype(x)
-    m = x.numel() // x.shape[1]
+    m = x.numel() // x.shape[1] if count is None else count
     r, mean, s1, s2 = invstd.to(f32), mean.to(f32), s1.to(f32), s2.to(f32)
     # bf16 activations as float32 copies: mixed-dtype kernels were slower on the CPU (1.3x on ResNet-50's layers)
     xf, gyf = x.to(f32), gy.to(f32)
@@ -113,21 +116,29 @@ def _closed_form(
     r_m, a = r / m, gamma_r / m
     x_hat = torch.addcmul(view((mean * r).neg_()), xf, view(r))
     t1, t2, t3 = ggx.sum(dims), (ggx * x_hat).sum(dims), (ggx * gyf).sum(dims)
-    c = torch.addcmul(torch.addcmul(t3 * m, s1, t1, value=-1), s2, t2, value=-1)
-    q = a * t2 if ggw is None else a * t2 - ggw.to(f32)  # v = p·ggx + q·gy
+    ggw = None if ggw is None else ggw.to(f32)
+    # Σ over all ranks of ggγ·S₁ and ggγ·S₂ (ggγ may differ between ranks): the terms of mean(v) and mean(v·x̂)
+    u1, u2 = (0, 0) if ggw is None else (ggw * s1, ggw * s2)
+    g1, g2, g_t1, g_t2, g_t3 = s1, s2, t1, t2, t3  # the sums over all ranks
+    if reduce is not None:
+        g1, g2, g_t1, g_t2, g_t3, *u = reduce(torch.stack([s1, s2, t1, t2, t3, *([u1, u2] if ggw is not None else [])]))
+        u1, u2 = u or (0, 0)
+    c = torch.addcmul(torch.addcmul(g_t3 * m, g1, g_t1, value=-1), g2, g_t2, value=-1)
+    q = a * g_t2 if ggw is None else a * g_t2 - ggw  # v = p·ggx + q·gy
     grad_gy = grad_x = grad_w = None
     if needs[0]:  # a(M·ggx − T₁ − x̂·T₂) + ggγ·x̂ + ggβ = γr·ggx − q·x̂ + (ggβ − a·T₁)
-        shift = (a * t1).neg_() if ggb is None else torch.addcmul(ggb.to(f32), a, t1, value=-1)
+        shift = (a * g_t1).neg_() if ggb is None else torch.addcmul(ggb.to(f32), a, g_t1, value=-1)
         grad_gy = torch.addcmul(view(shift), x_hat, view(q), value=-1).addcmul_(ggx, view(gamma_r))
         grad_gy = grad_gy.to(gy.dtype)
     if needs[1]:  # −r(v − mean(v) − x̂·mean(v·x̂)) − (γr²C/M²)·x̂
-        p = a * s2
-        r_mean_v = torch.addcmul(p * t1, q, s1).mul_(r_m)
-        x_hat_coef = torch.addcmul(torch.addcmul(p * t2, q, s2), a, c, value=-1).mul_(r_m)
+        p, aq = a * g2, a * g_t2
+        r_mean_v = (torch.addcmul(p * g_t1, aq, g1) - u1).mul_(r_m)
+        x_hat_coef = (torch.addcmul(torch.addcmul(p * g_t2, aq, g2), a, c, value=-1) - u2).mul_(r_m)
         grad_x = torch.addcmul(view(r_mean_v), x_hat, view(x_hat_coef))
         grad_x = grad_x.addcmul_(ggx, view(r * p), value=-1).addcmul_(gyf, view(r * q), value=-1).to(x.dtype)
-    if weight is not None and needs[2]:
-        grad_w = (c * r_m).to(weight.dtype)
+    if weight is not None and needs[2]:  # this rank's share of r·C/M: the shares of all ranks add up to it
+        c_here = c if reduce is None else torch.addcmul(torch.addcmul(t3 * m, g1, t1, value=-1), g2, t2, value=-1)
+        grad_w = (c_here * r_m).to(weight.dtype)
     return grad_gy, grad_x, grad_w
 
 
@@ -260,6 +271,94 @@ def batch_norm_train(
     return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps, compile_setting)
 
 
+def _all_reduce(group: Any) -> Callable[[Tensor], Tensor]:
+    """Sum over the ranks of ``group``; PyTorch's functional collective: autograd differentiates it again."""
+    from torch.distributed._functional_collectives import all_reduce
+
+    return functools.partial(all_reduce, reduceOp="sum", group=group)
+
+
+def _sync_first_backward(
+    gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, count: Tensor, group: Any,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(gx, S₂, S₁) of BatchNorm over all ranks: gx from the sums of all ranks; S₁ = Σ gy, S₂ = Σ gy·x̂ this rank's.
+
+    S₂ and S₁ are this rank's gγ and gβ: DDP averages them over the ranks, as after PyTorch's SyncBatchNorm.
+    """
+    f32, dims, shape = _acc_dtype(x), _dims(x), (1, -1) + (1,) * (x.dim() - 2)
+    gyf, r = gy.to(f32), invstd.view(shape)
+    x_hat = (x.to(f32) - mean.view(shape)) * r
+    s1, s2 = gyf.sum(dims), (gyf * x_hat).sum(dims)
+    g1, g2 = _all_reduce(group)(torch.stack([s1, s2]))
+    gamma_r = r if weight is None else weight.to(f32).view(shape) * r  # gx = γr·(gy − S₁/M − x̂·S₂/M)
+    gx = torch.addcmul(-g1.view(shape) / count, x_hat, -g2.view(shape) / count).add_(gyf).mul_(gamma_r)
+    return gx.to(x.dtype), s2, s1
+
+
+class _SyncBatchNormGrad(torch.autograd.Function):
+    """(gy, x, γ) -> (gx, gγ, gβ) of training-mode BatchNorm over all ranks, with the closed-form backward above."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, count: Tensor,
+        group: Any,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        gx, s2, s1 = _sync_first_backward(gy, x, weight, mean, invstd, count, group)
+        ctx.save_for_backward(gy, x, weight, mean, invstd, s2, s1, count)
+        ctx.group = group
+        ctx.set_materialize_grads(False)
+        return gx, s2, s1
+
+    @staticmethod
+    def backward(ctx: Any, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None) -> tuple:
+        gy, x, weight, mean, invstd, s2, s1, count = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        grads = _closed_form(gy, x, weight, mean, invstd, s1, s2, ggx, ggw, ggb, needs, count, _all_reduce(ctx.group))
+        return *grads, None, None, None, None
+
+
+class _SyncBatchNormTrain(torch.autograd.Function):
+    """Training-mode BatchNorm with the statistics of all ranks; under ``create_graph``: ``_SyncBatchNormGrad``."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+        running_var: Tensor | None, momentum: float, eps: float, group: Any,
+    ) -> Tensor:  # fmt: skip
+        f32, dims, shape = _acc_dtype(x), _dims(x), (1, -1) + (1,) * (x.dim() - 2)
+        # One collective: every rank's count, mean and sum of squared deviations (its row of a sum over the ranks,
+        # an all_gather on every backend), combined as Chan et al. do: as stable as two passes over all values.
+        var, mean = (t.nan_to_num() for t in torch.var_mean(x.to(f32), dims, correction=0))  # empty batch: NaN
+        n = var.new_full((1,), x.numel() // x.shape[1])
+        stats = var.new_zeros(torch.distributed.get_world_size(group), 1 + 2 * x.shape[1])
+        torch.cat([n, mean, var * n], out=stats[torch.distributed.get_rank(group)])
+        torch.distributed.all_reduce(stats, group=group)
+        counts, means, m2 = stats[:, :1], stats[:, 1 : 1 + x.shape[1]], stats[:, 1 + x.shape[1] :]
+        count = counts.sum()
+        mean = (counts * means).sum(0) / count
+        var = (m2 + counts * (means - mean).square()).sum(0) / count
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None and running_var is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * count / (count - 1)).to(running_var.dtype), momentum)
+        scale = invstd if weight is None else weight.to(f32) * invstd  # y = x·γr + (β − μ·γr)
+        shift = -mean * scale if bias is None else torch.addcmul(bias.to(f32), mean, scale, value=-1)
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        ctx.group = group
+        return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple:
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: make the backward cheap to differentiate
+            gx, gw, gb = _SyncBatchNormGrad.apply(gy, x, weight, mean, invstd, count, ctx.group)
+        else:
+            gx, gw, gb = _sync_first_backward(gy, x, weight, mean, invstd, count, ctx.group)
+        if weight is None:
+            gw = gb = None
+        return gx, gw, gb, None, None, None, None, None
+
+
 def sync_batch_norm_train(
     x: Tensor,
     running_mean: Tensor | None,
@@ -270,31 +369,17 @@ def sync_batch_norm_train(
     eps: float,
     group: Any = None,
 ) -> Tensor:
-    """Training-mode BatchNorm over the batches of all ranks of ``group``, differentiable to any order.
+    """Training-mode BatchNorm over the batches of all ranks of ``group``, with the cheap double backward.
 
-    The statistics (float32 for bf16/fp16 activations) come from the functional ``all_reduce``; the running
-    statistics are updated in place with the unbiased variance of all ranks' values, as SyncBatchNorm does. Every
-    rank must call it, with the same number of channels.
+    The statistics (float32 for bf16/fp16 activations) come from one ``all_gather`` of each rank's count, mean and
+    sum of squared deviations; the running statistics are updated in place with the unbiased variance of all ranks'
+    values, as SyncBatchNorm does. Each backward sums two (first backward) or up to seven (double backward)
+    per-channel vectors over the ranks. Every rank must call it, with the same number of channels.
     """
-    # PyTorch's differentiable collective (torch.distributed.nn's is deprecated): its backward is an all_reduce again
-    from torch.distributed._functional_collectives import all_reduce
-
+    if x.numel() == x.shape[1]:  # a rank with one value per channel: PyTorch's SyncBatchNorm refuses it too
+        raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got input {tuple(x.shape)}")
     group = torch.distributed.group.WORLD if group is None else group
-    dims, shape = _dims(x), (1, -1) + (1,) * (x.dim() - 2)
-    xf = x.to(_acc_dtype(x))
-    local = xf.new_full((1,), x.numel() // x.shape[1])
-    sums = all_reduce(torch.cat([xf.sum(dims), local]), "sum", group)
-    mean, count = sums[:-1] / sums[-1], sums[-1]
-    centered = xf - mean.view(shape)
-    var = all_reduce((centered * centered).sum(dims), "sum", group) / count
-    out = centered * torch.rsqrt(var + eps).view(shape)
-    if weight is not None:
-        out = out * weight.view(shape) + bias.view(shape)
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * count / (count - 1)).to(running_var.dtype), momentum)
-    return out.to(x.dtype)
+    return _SyncBatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps, group)
 
 
 class DoubleBackwardBatchNorm:
