@@ -11,11 +11,13 @@ NaN loss, a mistyped option) end with one ``error: ...`` line on stderr and exit
 
 from __future__ import annotations
 
+import argparse
 import netrc
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from gradreg.data.datasets import DatasetNotFoundError
 from gradreg.module import NonFiniteLossError, UnsupportedSettingError
@@ -24,6 +26,14 @@ from gradreg.registry import RegistryError
 
 class UserError(Exception):
     """A problem the user can fix; reported as one line without a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose mistakes end like every other bad input: a :class:`UserError` (one line, exit code 1)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise the mistake (argparse's own prints the usage block and exits with 2)."""
+        raise UserError(f"{message}; see {self.prog} --help")
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (

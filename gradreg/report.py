@@ -27,7 +27,7 @@ import pickle
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from gradreg import anomalies, plots
-from gradreg.cli import UserError, configure_wandb_env, next_run_dir, require_file
+from gradreg.cli import ArgumentParser, UserError, configure_wandb_env, next_run_dir, require_file
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
@@ -63,16 +63,9 @@ DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contras
 CONFIG_SECTIONS = ("seed_everything", "model", "data", "trainer", "run", "optimizer", "lr_scheduler", "ckpt_path")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """Mistakes on the command line end like every other bad input (and train.py's): one line, exit code 1."""
-
-    def error(self, message: str) -> NoReturn:  # argparse's own prints the usage block and exits with 2
-        raise UserError(f"{message}; see python evaluate.py --help")
-
-
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options of ``evaluate.py``."""
-    p = _ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "checkpoint",
         help="a .ckpt file, a run directory (uses best.ckpt, else last.ckpt), or a config .yaml for post-hoc "

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from gradreg.cli import train_main
+from gradreg.cli import run_user_errors, train_main
 from gradreg.data import OODDataModule
 from gradreg.data.__main__ import main
 from gradreg.data.check import MissingDatasetsError, check_datasets, check_specs, format_checks, require_datasets
@@ -213,10 +213,28 @@ def test_format_checks_lists_every_set(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 def run_main(*args: str) -> tuple[int, str, str]:
+    """``python -m gradreg.data ARGS`` in this process: exit code, stdout, stderr."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        run_user_errors(lambda: main(list(args)))()
+    return exit_info.value.code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["check"], "the following arguments are required: config; see python -m gradreg.data check --help"),
+        (["check", "c.yaml", "--stage", "train"], "argument --stage: invalid choice: 'train'"),
+        (["imagenet-classes", "1000"], "num_classes must be between 1 and 999"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(args: list[str], message: str) -> None:
+    code, out, err = run_main(*args)
+    assert (code, out) == (1, "")
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1, err
+    assert message in err
 
 
 def test_check_command_exit_codes(tmp_path: Path) -> None:

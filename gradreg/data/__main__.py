@@ -1,22 +1,22 @@
 """Dataset tools: ``python -m gradreg.data check CONFIG`` and ``python -m gradreg.data imagenet-classes N``.
 
 ``check CONFIG [--data_root DIR] [--stage fit|test]`` lists every dataset of a config, found where or where to put
-it; exit code 0 if every one was found, 1 if any is missing or invalid (or the config cannot be read, or a
-dataset spec in it is wrong: one ``error:`` line), 2 for a command-line mistake. ``imagenet-classes N`` prints the
+it; exit code 0 if every one was found, 1 if any is missing or invalid (or the config cannot be read, a dataset spec
+in it is wrong, or the command line is: one ``error:`` line). ``imagenet-classes N`` prints the
 N ID wnids of GReg's ImageNet protocol, one per line in label order (an ``id_classes_file`` for the
 ``imagefolder_complement`` outlier pool).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
+
+from gradreg.cli import ArgumentParser, UserError, run_user_errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m gradreg.data", description="Dataset tools of gradreg.")
+    """Run the command line; returns the exit code (mistakes raise :class:`~gradreg.cli.UserError`)."""
+    parser = ArgumentParser(prog="python -m gradreg.data", description="Dataset tools of gradreg.")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="list every dataset of a config: found where, or where to put it")
     check.add_argument("config", help="a training config, e.g. configs/cifar10.yaml")
@@ -47,11 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks = check_datasets(config, root, args.stage)
     # An unreadable config, a YAML syntax error or a mistake in its dataset specs: one line; missing files: the report
     except (OSError, ValueError, TypeError, yaml.YAMLError, DatasetSpecError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise UserError(str(err)) from None
     print(format_checks(checks, root))
     return 0 if all(c.found for c in checks) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_user_errors(main)()
