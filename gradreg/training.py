@@ -124,6 +124,9 @@ class GradRegCLI(LightningCLI):
         # The run directory is new; it holds only config.yaml: Lightning's "not empty" warnings are false alarms.
         alarm = rf"(Experiment logs|Checkpoint) directory \S*{re.escape(run_dir.name)}/? exists and is not empty"
         warnings.filterwarnings("ignore", message=alarm)
+        # A resumed run writes to a new directory by design (README: its best.ckpt is the best of its own epochs), which
+        # Lightning's ModelCheckpoint warns about on every resume.
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
         if self.rank_zero:  # the config as given, before this run's paths go in: `--config` on it starts a new run
             (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
         config.trainer.default_root_dir = str(run_dir)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -549,8 +550,11 @@ def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pyte
 
     # Resuming continues with both checkpoint callbacks' states.
     resume = ["--run.resume", str(first), "--trainer.max_epochs", "4", *monitor]  # a run directory: its last.ckpt
-    proc = train_inprocess(tmp_path, capsys, *resume)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proc = train_inprocess(tmp_path, capsys, *resume)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]  # a new run directory is no news
     resumed = torch.load(tmp_path / "runs" / "quickstart-002" / "best.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == 3
     last = torch.load(tmp_path / "runs" / "quickstart-002" / "last.ckpt", map_location="cpu", weights_only=True)
