@@ -355,6 +355,17 @@ for name, norm in [("closed_form", lambda x, w, b: sync_batch_norm_train(x, None
     for grad in saved[name][4:]:  # DDP sums the ranks' weight gradients: only the sum is defined, not the shares
         dist.all_reduce(grad)
     del loss, gx, gw, gb, penalty  # their graphs hold the process group: alive past destroy, gloo aborts at exit
+
+# Unequal batches (rank 0 holds a single vector, as a last batch may): the statistics of all 6 rows, output and
+# input gradient against BatchNorm1d over them.
+rows = 2 * torch.randn(6, 3, generator=gen) + 1
+mine = rows[:1] if rank == 0 else rows[1:]
+mine = mine.clone().requires_grad_()
+running = [torch.zeros(3), torch.ones(3)]
+y = sync_batch_norm_train(mine, *running, weight, bias, 0.3, 1e-5)
+(gx_rows,) = torch.autograd.grad((y.tanh() * torch.arange(1.0, 4.0)).sum(), mine)
+saved["rows"] = {"rows": rows, "y": y.detach(), "gx": gx_rows, "running": torch.stack(running)}
+del y
 if rank == 0:
     saved.update(x_all=x_all, head=head, weight=weight, bias=bias)
 torch.save(saved, f"{out}/rank{rank}.pt")
@@ -396,6 +407,18 @@ def test_sync_batchnorm_double_backward_over_two_ranks_equals_one_batchnorm_over
         # with upstream gradients of gγ and gβ as well, against autograd through plain ops and all_reduces
         for got, expected in zip(rank["closed_form"], rank["autograd"], strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+    bn1d = nn.BatchNorm1d(3, momentum=0.3).double()
+    with torch.no_grad():
+        bn1d.weight.copy_(r0["weight"])
+        bn1d.bias.copy_(r0["bias"])
+    rows = r0["rows"]["rows"].clone().requires_grad_()
+    y = bn1d(rows)
+    (gx_rows,) = torch.autograd.grad((y.tanh() * torch.arange(1.0, 4.0)).sum(), rows)
+    for rank, part in zip(ranks, (slice(0, 1), slice(1, 6)), strict=True):
+        torch.testing.assert_close(rank["rows"]["y"], y[part].detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["rows"]["gx"], gx_rows[part], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["rows"]["running"], torch.stack([bn1d.running_mean, bn1d.running_var]))
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -333,7 +333,7 @@ class _SyncBatchNormTrain(torch.autograd.Function):
         f32, dims, shape = _acc_dtype(x), _dims(x), (1, -1) + (1,) * (x.dim() - 2)
         # One collective: every rank's count, mean and sum of squared deviations (its row of a sum over the ranks,
         # an all_gather on every backend), combined as Chan et al. do: as stable as two passes over all values.
-        var, mean = (t.nan_to_num() for t in torch.var_mean(x.to(f32), dims, correction=0))  # empty batch: NaN
+        var, mean = (t.nan_to_num() for t in torch.var_mean(x.to(f32), dims, correction=0))  # NaN for no values
         n = var.new_full((1,), x.numel() // x.shape[1])
         stats = var.new_zeros(torch.distributed.get_world_size(group), 1 + 2 * x.shape[1])
         torch.cat([n, mean, var * n], out=stats[torch.distributed.get_rank(group)])
@@ -376,14 +376,14 @@ def sync_batch_norm_train(
 ) -> Tensor:
     """Training-mode BatchNorm over the batches of all ranks of ``group``, with the cheap double backward.
 
-    The statistics (float32 for bf16/fp16 activations) come from one ``all_gather`` of each rank's count, mean and
-    sum of squared deviations; the running statistics are updated in place with the unbiased variance of all ranks'
+    The statistics (float32 for bf16/fp16 activations) come from one collective of each rank's count, mean and sum
+    of squared deviations; the running statistics are updated in place with the unbiased variance of all ranks'
     values, as SyncBatchNorm does. Each backward sums two (first backward) or up to seven (double backward)
     per-channel vectors over the ranks. Every rank must call it, with the same number of channels.
     """
-    if x.numel() == x.shape[1]:  # a rank with one value per channel: PyTorch's SyncBatchNorm refuses it too
-        raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got input {tuple(x.shape)}")
     group = torch.distributed.group.WORLD if group is None else group
+    if x.numel() == x.shape[1] and torch.distributed.get_world_size(group) < 2:  # as PyTorch's SyncBatchNorm
+        raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got input {tuple(x.shape)}")
     return _SyncBatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps, group)
 
 
