@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only tests, -m gpu), results in $OUT.
 # Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh [all|steps|scorers]
-# "steps" runs only the tests, the training-step tables and the step profile (about 7 minutes on an H100); "scorers"
+# "steps" runs only the tests, the training-step tables and the step profile (about 9 minutes on an H100); "scorers"
 # the tests, the scorer tables (contiguous, and channels-last for three scorers), purview's per-layer engines and
 # GAIA-Z's reductions (about 5 minutes on an H200). The whole script takes longer than one device call of 10 minutes.
 # (bench/results/h100_* and h200_* are the files of such runs on an H100 and an H200, renamed with that prefix.)
@@ -21,6 +21,8 @@ steps() {
   # of their own: ResNet-50's two graph memory pools beside the eager steps' cache ran out of memory on an H100.
   $py bench/train_step.py --device cuda --methods energy_graph greg_graph --json "$OUT/train_step_graph.json"
   $py bench/train_step.py --device cuda --methods ce energy greg --json "$OUT/train_step.json"
+  # DDP's sync_batchnorm layers on their multi-rank path in a process group of one (docs/benchmarks.md)
+  $py bench/train_step.py --device cuda --methods energy greg greg_sync --json "$OUT/train_step_sync.json"
   $py bench/train_step.py --device cuda --channels-last off --model wrn40_2:128:256:32 \
     --methods energy greg energy_graph greg_graph --json "$OUT/train_step_contiguous.json"
   # Profile of one step: WRN-40-2 under bf16, channels-last (eager GReg is launch-bound there, the replay is not).
