@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerStatus
 
 from gradreg.callbacks import METRICS, OODEvalCallback
 from gradreg.cli import UserError, next_run_dir, point_latest
@@ -107,7 +108,8 @@ class GradRegCLI(LightningCLI):
         require_datasets(config, stage="fit")
         best_every_n_epochs = _monitor_every_n_epochs(config)
         if config.run.resume is not None:
-            config.run.resume = str(_resume_file(Path(config.run.resume)))
+            # Resolved: config.yaml must name this checkpoint, not runs/latest (which then points at this run)
+            config.run.resume = str(_resume_file(Path(config.run.resume)).resolve())
         config_files = config.get("config") or []
         config.run.name = config.run.name or (Path(str(config_files[-1])).stem if config_files else "run")
         # Read now: Lightning's launcher removes WORLD_SIZE again when training ends (LightningEnvironment.teardown).
@@ -333,6 +335,7 @@ def fit(cli: GradRegCLI) -> int:
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.run.resume)
     except BaseException as err:
+        _end_progress_line(cli)
         missing_monitor = isinstance(err, MisconfigurationException | UserWarning) and MISSING_MONITOR in str(err)
         # A run that failed before writing anything leaves no folder behind, nor does one a run.monitor it does not
         # log stopped at its first checkpoint (its metrics.csv is of no use).
@@ -353,6 +356,13 @@ def fit(cli: GradRegCLI) -> int:
             raise UserError(_one_line(err)) from None
         raise
     if cli.rank_zero:
+        if not (cli.run_dir / "last.ckpt").is_file():  # Lightning returns quietly when there is nothing to train
+            _end_progress_line(cli)
+            discard_unused_run_dir(cli.rank_zero, logs=True)
+            raise UserError(
+                "this run trained no step (trainer.max_epochs, max_steps or limit_train_batches is 0, or run.resume "
+                "names a run that already reached them); nothing saved: raise the limit"
+            )
         point_latest(cli.run_dir)
         if not (cli.run_dir / "best.ckpt").is_file():  # e.g. trainer.max_steps within the first validated epoch
             print(
@@ -361,6 +371,13 @@ def fit(cli: GradRegCLI) -> int:
             )
         print(f"run directory: {cli.run_dir}  (evaluate with: python evaluate.py {cli.run_dir})")
     return 0
+
+
+def _end_progress_line(cli: GradRegCLI) -> None:
+    """End the line a progress bar left the cursor on (rank 0): an error that follows gets a line of its own."""
+    started = cli.trainer.state.status != TrainerStatus.INITIALIZING
+    if cli.rank_zero and started and cli.trainer.progress_bar_callback is not None:
+        print(file=sys.stderr, flush=True)
 
 
 def is_rank_zero() -> bool:

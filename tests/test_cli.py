@@ -503,6 +503,32 @@ def test_max_steps_within_the_first_epoch_writes_last_ckpt(tmp_path: Path, capsy
     assert_one_line_error(proc, "run.monitor 'val/acc' is not logged")
 
 
+@pytest.mark.parametrize("limit", [["--trainer.max_steps", "0"], ["--trainer.limit_train_batches", "0"], "resume"])
+def test_a_run_that_trains_no_step_is_an_error(
+    limit: list[str] | str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Lightning returns without training, and evaluate.py would find no checkpoint in the folder.
+    if limit == "resume":  # a finished run resumed with the same max_epochs
+        assert train_inprocess(tmp_path, capsys).returncode == 0
+        limit = ["--run.resume", str(tmp_path / "runs" / "latest")]
+    proc = train_inprocess(tmp_path, capsys, *limit)
+    assert_one_line_error(proc, "this run trained no step", "nothing saved")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == (
+        ["latest", "quickstart-001"] if "--run.resume" in limit else []
+    )
+
+
+def test_resume_through_latest_records_the_checkpoint_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # runs/latest moves to the resumed run: its config.yaml must name the first run's checkpoint, not the link.
+    assert train_inprocess(tmp_path, capsys).returncode == 0
+    resume = ["--run.resume", str(tmp_path / "runs" / "latest"), "--trainer.max_epochs", "3"]
+    assert train_inprocess(tmp_path, capsys, *resume).returncode == 0
+    config = yaml.safe_load((tmp_path / "runs" / "quickstart-002" / "config.yaml").read_text())
+    assert config["run"]["resume"] == str((tmp_path / "runs" / "quickstart-001" / "last.ckpt").resolve())
+
+
 @pytest.mark.parametrize("validation", [True, False])
 def test_unknown_train_monitor_fails_in_one_line_at_the_first_checkpoint(
     validation: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
