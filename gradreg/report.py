@@ -371,12 +371,16 @@ def read_config(path: Path) -> dict[str, Any]:
     not used here, but a misspelled one (``dataa:``) would silently evaluate the defaults.
     """
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         reason = getattr(err, "problem", None) or type(err).__name__
         raise UserError(f"config '{path}' is not valid YAML ({where}{reason}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"config '{path}' cannot be read as text ({err}); pass a .yaml file") from None
+    if config is None:  # nothing, or comments only: as train.py says
+        raise UserError(f"config '{path}' is empty; see configs/ for the shipped configs")
     if not isinstance(config, dict):
         raise UserError(f"config '{path}' is not a mapping of sections ({', '.join(CONFIG_SECTIONS)})")
     unknown = [key for key in config if key not in CONFIG_SECTIONS]

@@ -260,6 +260,25 @@ def test_check_command_reports_unreadable_configs(tmp_path: Path) -> None:
     assert err.startswith("error:")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("data:\n  id_datset: digits\n", "unknown key 'id_datset' in data; valid: id_dataset,"),
+        ("dta:\n  id_dataset: digits\n", "unknown section 'dta'"),
+        ("# nothing yet\n", "is empty"),
+        (None, "is a folder, not a file"),
+    ],
+)
+def test_check_command_refuses_what_train_py_refuses(text: str | None, message: str, tmp_path: Path) -> None:
+    # Else the check would report the default datasets as found, for a config train.py cannot run.
+    config = tmp_path / "c.yaml"
+    config.mkdir() if text is None else config.write_text(text)
+    code, out, err = run_main("check", str(config))
+    assert (code, out) == (1, "")
+    assert err.startswith("error: ")
+    assert message in err
+
+
 def test_imagenet_classes_command() -> None:
     code, out, _ = run_main("imagenet-classes", "3")
     assert code == 0

@@ -10,6 +10,7 @@ N ID wnids of GReg's ImageNet protocol, one per line in label order (an ``id_cla
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from gradreg.cli import ArgumentParser, UserError, run_user_errors
 
@@ -36,18 +37,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(imagenet_subset_wnids(args.num_classes)))
         return 0
 
-    import yaml
+    from gradreg.data.check import check_datasets, data_section, format_checks
+    from gradreg.report import read_config
 
-    from gradreg.data.check import check_datasets, data_section, format_checks, load_config
-    from gradreg.data.datasets import DatasetSpecError
-
-    try:
-        config = load_config(args.config)
-        root = args.data_root if args.data_root is not None else data_section(config).get("data_root", "data")
-        checks = check_datasets(config, root, args.stage)
-    # An unreadable config, a YAML syntax error or a mistake in its dataset specs: one line; missing files: the report
-    except (OSError, ValueError, TypeError, yaml.YAMLError, DatasetSpecError) as err:
-        raise UserError(str(err)) from None
+    path = Path(args.config)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UserError(f"config file '{path}' {what}; pass a training config such as configs/quickstart.yaml")
+    config = read_config(path)  # as evaluate.py reads one: YAML errors and misspelled sections or keys are one line
+    root = args.data_root if args.data_root is not None else data_section(config).get("data_root", "data")
+    checks = check_datasets(config, root, args.stage)  # a mistake in a dataset spec: one line; missing files: a report
     print(format_checks(checks, root))
     return 0 if all(c.found for c in checks) else 1
 
