@@ -31,7 +31,8 @@ def main(pairs: list[str]) -> None:
         for label, _, dirs in (p.partition("=") for p in pairs)
     }
     first = next(iter(docs.values()))[0]
-    scorers = first["scorers"]
+    # every scorer of any evaluation, in order of appearance; one that an evaluation lacks is "-" in its cells
+    scorers = list(dict.fromkeys(s for runs_of in docs.values() for d in runs_of for s in d["scorers"]))
     runs = sorted({len(runs) for runs in docs.values()})
     spread = " (mean ± sample standard deviation over " + "/".join(map(str, runs)) + " runs)" if runs != [1] else ""
     print(f"Mean over the OOD test sets, AUROC / FPR95 (%){spread}:\n")
@@ -39,9 +40,9 @@ def main(pairs: list[str]) -> None:
     print("|---|---|" + "---|" * len(scorers))
     for label, runs_of in docs.items():
         cells = [
-            cell([d["means"]["ood"][s]["auroc"] for d in runs_of])
+            cell([d["means"]["ood"].get(s, {}).get("auroc") for d in runs_of])
             + " / "
-            + cell([d["means"]["ood"][s]["fpr95"] for d in runs_of])
+            + cell([d["means"]["ood"].get(s, {}).get("fpr95") for d in runs_of])
             for s in scorers
         ]
         print(f"| {label} | {cell([d['id']['accuracy'] for d in runs_of])} | " + " | ".join(cells) + " |")
@@ -53,9 +54,7 @@ def main(pairs: list[str]) -> None:
     print("|---|" + "---|" * len(sets))
     for label, runs_of in docs.items():
         cells = [
-            cell([d["sets"][s]["metrics"]["energy"]["auroc"] for d in runs_of])
-            if all(s in d["sets"] for d in runs_of)
-            else "-"
+            cell([d["sets"].get(s, {}).get("metrics", {}).get("energy", {}).get("auroc") for d in runs_of])
             for s in sets
         ]
         print(f"| {label} | " + " | ".join(cells) + " |")
@@ -63,10 +62,12 @@ def main(pairs: list[str]) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    usage = f"usage: python {sys.argv[0]} LABEL=EVAL_DIR[,EVAL_DIR...] ... (folders with evaluate.py's results.json)"
+    if args in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__}")
+        sys.exit(0)
     if not args or any(a.startswith("-") or "=" not in a for a in args):
-        sys.exit(
-            f"usage: python {sys.argv[0]} LABEL=EVAL_DIR[,EVAL_DIR...] ... (folders with evaluate.py's results.json)"
-        )
+        sys.exit(usage)
     dirs = [d for a in args for d in a.partition("=")[2].split(",")]
     missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
     if missing:

@@ -93,7 +93,18 @@ def test_results_table_reads_evaluate_results(tmp_path: Path) -> None:
     assert "| m | 90.0 ± 7.1 | 85.0 ± 7.1 / 30.0 ± 7.1 | - / - |" in out
     assert "| m | 80.0 ± 0.0 |" in out
     assert "over 2 runs" in out
-    for args, message in [([], "usage:"), (["--help"], "usage:"), ([f"m={tmp_path / 'x'}"], "no results.json in")]:
+    # An evaluation with other scorers (and no energy): its missing cells are "-"
+    other = tmp_path / "other"
+    other.mkdir()
+    means = {"ood": {"gradnorm": {"auroc": 0.7, "fpr95": 0.5}}}
+    (other / "results.json").write_text(json.dumps({**doc, "scorers": ["gradnorm"], "sets": {}, "means": means}))
+    out = subprocess.run([*script, f"m={tmp_path}", f"g={other}"], capture_output=True, text=True, check=True).stdout
+    assert "| method | ID acc | energy | msp | gradnorm |" in out
+    assert "| g | 85.0 | - / - | - / - | 70.0 / 50.0 |" in out
+    assert "| g | - |" in out
+    help_ = subprocess.run([*script, "--help"], capture_output=True, text=True, check=True).stdout
+    assert help_.startswith("usage:")
+    for args, message in [([], "usage:"), (["-x"], "usage:"), ([f"m={tmp_path / 'x'}"], "no results.json in")]:
         proc = subprocess.run([*script, *args], capture_output=True, text=True)
         assert proc.returncode == 1
         assert message in proc.stderr
