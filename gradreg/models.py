@@ -527,6 +527,15 @@ def _clip(names: Sequence[str], limit: int = 4) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def load_error_reason(err: BaseException) -> str:
+    """What a failed ``torch.load`` says went wrong: its first sentence.
+
+    For a truncated file "... failed finding central directory"; torch follows it with sentences of advice.
+    """
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
+
+
 def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> list[str]:
     """Load weights from a checkpoint file into ``model`` (in place); returns the skipped head keys.
 
@@ -543,9 +552,8 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> list[st
     """
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors are long and multi-line; keep the first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{source}: cannot load as a weights-only checkpoint: {first}") from err
+    except Exception as err:  # unpickling errors are long and multi-line
+        raise ValueError(f"{source}: cannot load as a weights-only checkpoint: {load_error_reason(err)}") from err
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{source}: expected a state dict or a Lightning checkpoint, got {type(ckpt).__name__}")
     if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
@@ -572,7 +580,10 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> list[st
         if mismatched:
             shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
             parts.append(f"shape mismatch (checkpoint vs model): {_clip(shapes)}")
-        raise ValueError(f"{source}: does not match {type(model).__name__}: {'; '.join(parts)}")
+        raise ValueError(
+            f"{source}: does not match {type(model).__name__}: {'; '.join(parts)}; pass a checkpoint of the same "
+            "model.arch and model.arch_kwargs (only the head may differ)"
+        )
     if skipped:
         shape = lambda d, k: tuple(d[k].shape) if k in d else "none"  # noqa: E731
         logger.warning(

@@ -52,6 +52,7 @@ from gradreg.evaluation import (
     set_metrics,
 )
 from gradreg.metrics import OOD_METRICS, accuracy
+from gradreg.models import load_error_reason
 from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
 from gradreg.provenance import environment
 from gradreg.registry import RegistryError
@@ -290,11 +291,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "gradreg's train.py: use one of its .ckpt files"
         ) from None
     except Exception as err:  # torch.load fails in many ways on a foreign file (IndexError for a few bytes of text)
-        # The first sentence says what failed (for a truncated file: "... failed finding central directory"); torch
-        # follows it with sentences of advice.
-        text = str(err).strip()
-        reason = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
-        reason = "not a torch file" if isinstance(err, KeyError | ValueError | IndexError) else reason
+        reason = "not a torch file" if isinstance(err, KeyError | ValueError | IndexError) else load_error_reason(err)
         raise UserError(f"checkpoint '{path}' is unreadable or truncated ({reason}); use another .ckpt") from None
     keys = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters")
     missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything: it holds no dict"]

@@ -101,6 +101,15 @@ def test_load_pretrained_round_trips_and_rejects_mismatch(name: str, tmp_path: P
     assert "bad.pt" in message
     assert first_key in message
     assert "not_a_layer.weight" in message
+    assert message.endswith("pass a checkpoint of the same model.arch and model.arch_kwargs (only the head may differ)")
+
+
+def test_load_pretrained_says_why_a_truncated_file_fails_in_one_sentence(tmp_path: Path) -> None:
+    path = _save(tmp_path, create_classifier("small_cnn", 4).state_dict())
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cannot load as a weights-only checkpoint") as err:
+        load_pretrained(create_classifier("small_cnn", 4), path)
+    assert str(err.value).endswith("failed finding central directory")  # not torch's paragraph of advice after it
 
 
 def test_load_pretrained_reads_lightning_checkpoints(tmp_path: Path) -> None:
