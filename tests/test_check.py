@@ -138,7 +138,10 @@ SPEC_MISTAKES = [
         ["data.ood_sets: two sets are named 'noise'", "alias"],
     ),
     ({"ood_val_sets": ["noise", "noise"]}, ["data.ood_val_sets: two sets are named 'noise'", "alias"]),
-    ({"near_ood": ["svhn"]}, ["data.near_ood: 'svhn' is not the name of an OOD set", "choose from lsun_c"]),
+    (
+        {"near_ood": ["svhn"]},
+        ["data.near_ood: 'svhn' is not the name of an OOD set", "choose from lsun_c", "--data near_ood=[...]"],
+    ),
     ({"ood_sets": [{"name": "lsun_c", "resize": "no"}]}, ["data.ood_sets: lsun_c: resize='no' is not true or false"]),
 ]
 

@@ -227,7 +227,10 @@ def check_specs(data: Mapping[str, Any]) -> None:
     for name in data.get("near_ood") or []:
         if name not in names["ood"]:
             known = ", ".join(names["ood"]) or "(none)"
-            raise DatasetSpecError(f"data.near_ood: '{name}' is not the name of an OOD set; choose from {known}")
+            raise DatasetSpecError(
+                f"data.near_ood: '{name}' is not the name of an OOD set; choose from {known}, or leave it out of "
+                "data.near_ood (evaluate.py: --data near_ood=[...])"
+            )
 
 
 def format_checks(checks: Sequence[DatasetCheck], data_root: Path | str, only_missing: bool = False) -> str:
