@@ -148,8 +148,8 @@ def evaluate_main(args: Sequence[str] | None = None) -> None:
 
 
 def require_file(path: str | Path, what: str, fix: str) -> Path:
-    """Return ``path`` if it is an existing file, else raise a one-line :class:`UserError`."""
+    """Return ``path`` if it is an existing file, else raise a one-line :class:`UserError` (missing, or a folder)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what} '{path}' does not exist; {fix}")
+        raise UserError(f"{what} '{path}' {'is a folder, not a file' if path.is_dir() else 'does not exist'}; {fix}")
     return path

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from gradreg.callbacks import METRICS, OODEvalCallback
-from gradreg.cli import UserError, next_run_dir, point_latest
+from gradreg.cli import UserError, next_run_dir, point_latest, require_file
 from gradreg.data import OODDataModule
 from gradreg.data.check import planned_reads, require_datasets
 from gradreg.data.datasets import dataset_name
@@ -216,10 +216,7 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             value = arg.split("=", 1)[1]
         if value is None:
             continue
-        path = Path(value)
-        if not path.is_file():
-            what = "is a folder, not a file" if path.is_dir() else "does not exist"
-            raise UserError(f"config file '{value}' {what}; see configs/ for the shipped configs")
+        path = require_file(value, "config file", "see configs/ for the shipped configs")
         try:
             empty = yaml.safe_load(path.read_text()) is None  # nothing, or comments only
         except yaml.YAMLError:  # the parser reports it below, with its line

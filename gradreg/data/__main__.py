@@ -10,9 +10,8 @@ N ID wnids of GReg's ImageNet protocol, one per line in label order (an ``id_cla
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from gradreg.cli import ArgumentParser, UserError, run_user_errors
+from gradreg.cli import ArgumentParser, require_file, run_user_errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,10 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gradreg.data.check import check_datasets, data_section, format_checks
     from gradreg.report import read_config
 
-    path = Path(args.config)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise UserError(f"config file '{path}' {what}; pass a training config such as configs/quickstart.yaml")
+    path = require_file(args.config, "config file", "pass a training config such as configs/quickstart.yaml")
     config = read_config(path)  # as evaluate.py reads one: YAML errors and misspelled sections or keys are one line
     root = args.data_root if args.data_root is not None else data_section(config).get("data_root", "data")
     checks = check_datasets(config, root, args.stage)  # a mistake in a dataset spec: one line; missing files: a report
