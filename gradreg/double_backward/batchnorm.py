@@ -128,7 +128,11 @@ def _closed_form(
     if reduce is not None:
         g1, g2, g_t1, g_t2, g_t3, *u = reduce(torch.stack([s1, s2, t1, t2, t3, *([u1, u2] if ggw is not None else [])]))
         u1, u2 = u or (0, 0)
-    c = torch.addcmul(torch.addcmul(g_t3 * m, g1, g_t1, value=-1), g2, g_t2, value=-1)
+
+    def m_t3_s1_t1_s2_t2(t1: Tensor, t2: Tensor, t3: Tensor) -> Tensor:  # C = M·T₃ − S₁T₁ − S₂T₂
+        return torch.addcmul(torch.addcmul(t3 * m, g1, t1, value=-1), g2, t2, value=-1)
+
+    c = m_t3_s1_t1_s2_t2(g_t1, g_t2, g_t3)
     q = a * g_t2 if ggw is None else a * g_t2 - ggw  # v = p·ggx + q·gy
     grad_gy = grad_x = grad_w = None
     if needs[0]:  # a(M·ggx − T₁ − x̂·T₂) + ggγ·x̂ + ggβ = γr·ggx − q·x̂ + (ggβ − a·T₁)
@@ -142,7 +146,7 @@ def _closed_form(
         grad_x = torch.addcmul(view(r_mean_v), x_hat, view(x_hat_coef))
         grad_x = grad_x.addcmul_(ggx, view(r * p), value=-1).addcmul_(gyf, view(r * q), value=-1).to(x.dtype)
     if weight is not None and needs[2]:  # this rank's share of r·C/M: the shares of all ranks add up to it
-        c_here = c if reduce is None else torch.addcmul(torch.addcmul(t3 * m, g1, t1, value=-1), g2, t2, value=-1)
+        c_here = c if reduce is None else m_t3_s1_t1_s2_t2(t1, t2, t3)
         grad_w = (c_here * r_m).to(weight.dtype)
     return grad_gy, grad_x, grad_w
 
