@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import itertools
 import os
 import re
@@ -99,6 +100,16 @@ class GradRegCLI(LightningCLI):
         parser.add_argument(
             "--run.resume", type=str | None, default=None, help="checkpoint (or run directory: its last.ckpt) to resume"
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str] | None) -> None:
+        """Parse as LightningCLI does; an unknown key (a typo) gets the valid keys it may have meant."""
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            hint = _unknown_key_hint(str(err), list(parser.get_defaults().keys()))
+            if hint is None:
+                raise
+            raise UserError(f"{_one_line(err)}; {hint}") from None
 
     def before_instantiate_classes(self) -> None:
         """Check datasets and checkpoint settings, create the run directory, point loggers and checkpoints there."""
@@ -250,6 +261,27 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
                 "older version stored train.py's own)"
             ) from None
         raise
+
+
+def _unknown_key_hint(message: str, keys: list[str]) -> str | None:
+    """The valid keys a mistyped one may have meant, from jsonargparse's message (command line or config file)."""
+    found = (
+        re.search(r"unrecognized arguments: --([\w.]+)", message)
+        or re.search(r"Group '(\w+)' does not accept option '([\w.]+)'", message)
+        or re.match(r"Option '([\w.]+)' is not accepted", message)
+    )
+    if found is None:
+        return None
+    key = ".".join(found.groups()).replace("init_args.", "")
+    leaf, group = key.rsplit(".", 1)[-1], key.split(".", 1)[0]
+    # A key in the wrong section (--data_root, --max_epochs), else a misspelling.
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+    if close:
+        return f"did you mean {' or '.join(close)}?"
+    section = [k.removeprefix(f"{group}.") for k in keys if k.startswith(f"{group}.")]
+    if "." in key and section:
+        return f"{group} takes {', '.join(section)}"
+    return None
 
 
 def _behind(err: BaseException, kind: type[E]) -> E | None:

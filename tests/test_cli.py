@@ -346,6 +346,26 @@ def test_bad_values_stop_before_training(
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("args", "yaml_text", "hint"),
+    [
+        (["--model.reg_wieght", "1"], "model:\n  reg_wieght: 1\n", "did you mean model.reg_weight?"),
+        (["--data_root", "x"], "data_root: x\n", "did you mean data.data_root?"),
+        (["--trainer.max_epoch", "1"], "trainer:\n  max_epoch: 1\n", "did you mean trainer.max_epochs?"),
+        (["--data.batch_sise", "4"], "data:\n  init_args:\n    batch_sise: 4\n", "did you mean data.batch_size?"),
+        (["--run.zzz", "1"], "run:\n  zzz: 1\n", "run takes root, name, monitor, mode, resume"),
+    ],
+)
+def test_mistyped_keys_name_the_key_meant(
+    args: list[str], yaml_text: str, hint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the command line and in a config file: the typo, then the valid key(s) it may have meant."""
+    assert_one_line_error(train_inprocess(tmp_path, capsys, *args), args[0].removeprefix("--"), hint)
+    (tmp_path / "typo.yaml").write_text(yaml_text)
+    assert_one_line_error(train_inprocess(tmp_path, capsys, "--config", str(tmp_path / "typo.yaml")), hint)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_run_root_that_is_a_file_and_a_callback_typo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "file").write_text("")
     proc = run_inprocess(
