@@ -230,6 +230,7 @@ def run_main(*args: str) -> tuple[int, str, str]:
         (["check", "c.yaml", "--stage", "train"], "argument --stage: invalid choice: 'train'"),
         (["imagenet-classes", "1000"], "num_classes must be between 1 and 999"),
         (["bogus"], "invalid choice: 'bogus'"),
+        (["check", "c.yaml", "--bogus"], "unrecognized arguments: --bogus; see python -m gradreg.data check --help"),
     ],
 )
 def test_command_line_mistakes_are_one_line(args: list[str], message: str) -> None:
