@@ -314,6 +314,13 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
     dm_hparams = {k: v for k, v in ckpt["datamodule_hyper_parameters"].items() if not k.startswith("_")}
     dm = OODDataModule(**{**dm_hparams, **data_overrides})
     require_datasets({"data": dict(dm.hparams)}, stage="test")  # a missing dataset stops us before any work
+    trained_size = OODDataModule(**dm_hparams).spec.size if data_overrides else dm.spec.size
+    if dm.spec.size != trained_size:  # allowed (test-time resolution studies), but not the benchmark's protocol
+        print(
+            f"warning: the checkpoint was trained on {trained_size} px images and is evaluated on {dm.spec.size} px "
+            "(--data image_size): its scores are not comparable with those at the training size",
+            file=sys.stderr,
+        )
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     arch_kwargs = {k: v for k, v in (hparams.get("arch_kwargs") or {}).items() if k != "weights"}
     # The weights come from the checkpoint: never re-download or re-read the pretraining source.

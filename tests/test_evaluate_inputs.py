@@ -307,6 +307,18 @@ def test_results_record_every_scorer_setting(run_dir: Path, tmp_path: Path, caps
     }
 
 
+def test_another_image_size_than_training_warns(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [str(run_dir), *FAST, "--suites", "ood", "--sets", "noise", "--scorers", "energy"]
+    proc = run_inprocess([*args, "--out", str(tmp_path / "a"), "--data", "image_size=16"], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: the checkpoint was trained on 8 px images and is evaluated on 16 px" in proc.stderr
+    proc = run_inprocess([*args, "--out", str(tmp_path / "b"), "--data", "image_size=8"], capsys)  # the same size
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning" not in proc.stderr
+
+
 def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Every registered scorer by default; absent only for a model trained with method absent (DOS/NTOM baseline).
     absent_run = quick_run(tmp_path, "--model.method", "absent", "--model.sampler", "{name: dos}")
