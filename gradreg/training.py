@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -217,9 +218,21 @@ def _batch_limits_int_first() -> None:
             annotations[name] = int | float | None
 
 
+def _silence_lightning_noise() -> None:
+    """Drop two lines Lightning prints on every run that no setting of a run can act on.
+
+    Its advertisement for its own cloud logger, and a deprecation warning of its pytree helper under torch >= 2.9
+    (a Lightning-internal call: Lightning-AI/pytorch-lightning#21326).
+    """
+    tip = "💡 Tip: For seamless cloud logging"
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith(tip))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
     """Parse the command line (``--config FILE`` and dotted overrides) and instantiate every object."""
     _batch_limits_int_first()  # before jsonargparse reads (and caches) the Trainer's signature
+    _silence_lightning_noise()
     argv = list(sys.argv[1:] if args is None else args)
     for i, arg in enumerate(argv):  # a missing config file is the most common mistake: say so in one line
         value = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else None
