@@ -928,6 +928,19 @@ def test_margin_default_block_is_the_quarter_image(tiny: TinyCNN, batch: Tensor)
     torch.testing.assert_close((project(v) * v).sum(), project(v).square().sum())  # ...and self-adjoint
 
 
+@pytest.mark.parametrize("subspace", ["low", "high"])
+def test_margin_subspaces_refuse_inputs_that_are_not_images(subspace: str) -> None:
+    # On (N, D) vectors the 2-D DCT would run over (batch, features): with N == D it mixed the rows silently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"images \(N, C, H, W\), got an input of shape \(6, 6\); use subspace='full'"):
+        build({"name": "margin", "subspace": subspace, "max_iter": 1})(model, x)
+    full = build({"name": "margin", "max_iter": 3})
+    alone = torch.cat([full(model, x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(full(model, x), alone, **TIGHT)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sign convention on a model trained on real data: ID digits 0-5 vs uniform noise, trained as the DOS/NTOM baseline
 # (so that the absent scorer has its head); the recipe is bench/sign_check.py's, which prints the docs' table.
