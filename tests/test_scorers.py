@@ -837,6 +837,15 @@ def test_purview_falls_back_for_weights_used_outside_their_layer(batch: Tensor) 
     torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
 
 
+def test_purview_is_exact_with_a_users_forward_hook_that_replaces_an_output(tiny: TinyCNN, batch: Tensor) -> None:
+    # The closed forms need the gradient w.r.t. the layer's own output, not w.r.t. what a user's hook returns.
+    tiny.trunk[3].register_forward_hook(lambda module, inputs, output: 2.0 * output)
+    tiny.trunk[4].register_forward_pre_hook(lambda module, inputs: (inputs[0] - 0.5,))
+    expected = _purview_loop(tiny, batch)
+    torch.testing.assert_close(purview_layer_norms(tiny, batch), expected, **REF)
+    torch.testing.assert_close(purview_layer_norms(tiny, batch, method="vmap"), expected, **REF)
+
+
 def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:
     tiny.train()
     with pytest.raises(ValueError, match="eval-mode BatchNorm2d"):

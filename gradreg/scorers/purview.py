@@ -432,7 +432,11 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
         # in place (``out += identity``), unlike autograd.grad w.r.t. the output tensor itself.
         output.register_hook(functools.partial(on_output_grad, name, module, record))
 
-    handles = [m.register_forward_hook(functools.partial(forward_hook, name)) for name, m in closed.items()]
+    # Ahead of the caller's own forward hooks: one that returns a new output (``o * 2``) would otherwise hand us that
+    # value, whose gradient is not the layer's output gradient.
+    handles = [
+        m.register_forward_hook(functools.partial(forward_hook, name), prepend=True) for name, m in closed.items()
+    ]
     try:
         with torch.enable_grad():
             # The backward runs down to the input so that it reaches every layer's output hook.
