@@ -846,6 +846,26 @@ def test_purview_is_exact_with_a_users_forward_hook_that_replaces_an_output(tiny
     torch.testing.assert_close(purview_layer_norms(tiny, batch, method="vmap"), expected, **REF)
 
 
+class _ScalarScale(TinyCNN):
+    """TinyCNN whose logits are multiplied by a learnable 0-dim parameter of the root module (torch.func route)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * super().forward(x)
+
+
+def test_purview_takes_a_scalar_parameter(batch: Tensor) -> None:
+    torch.manual_seed(0)
+    model = _ScalarScale().double().eval()
+    assert purview_layer_names(model)[0] == ""
+    expected = _purview_loop(model, batch)
+    torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
+    torch.testing.assert_close(purview_layer_norms(model, batch, method="vmap"), expected, **REF)
+
+
 def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:
     tiny.train()
     with pytest.raises(ValueError, match="eval-mode BatchNorm2d"):

@@ -324,8 +324,11 @@ def _sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]], ghost: bool) -> T
 
 def _summed_sq_norms(grads: list[Tensor]) -> Tensor:
     """Per-sample squared norms of (N, ...) per-sample gradients, summed over the list: shape (N,)."""
-    # One pass over each gradient (square + sum would write and read it once more).
-    return functools.reduce(torch.add, [torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in grads])
+    # One pass over each gradient (square + sum would write and read it once more). reshape, not flatten(1): the
+    # per-sample gradient of a 0-dim parameter (a learnable scale) is (N,).
+    return functools.reduce(
+        torch.add, [torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square() for g in grads]
+    )
 
 
 def _layer_sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
