@@ -689,7 +689,7 @@ def test_purview_hooks_equal_vmap_on_every_registered_model(
     if layout == torch.channels_last:  # and with GReg's double-backward layers, as a GReg-trained model has them
         use_double_backward(model, batchnorm_compile="off")
 
-    def no_fallback(model: nn.Module, x: Tensor, layers: list) -> Tensor:
+    def no_fallback(model: nn.Module, x: Tensor, layers: list, everywhere: bool = True) -> Tensor:
         raise AssertionError(f"closed-form layers took the torch.func route: {[n for n, _ in layers]}")
 
     monkeypatch.setattr(purview, "_vmap_sq_norms", no_fallback)  # every layer of these models has a closed form
@@ -864,6 +864,22 @@ def test_purview_takes_a_scalar_parameter(batch: Tensor) -> None:
     expected = _purview_loop(model, batch)
     torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
     torch.testing.assert_close(purview_layer_norms(model, batch, method="vmap"), expected, **REF)
+
+
+def test_purview_names_full_backward_hooks_that_torch_func_cannot_run_through(batch: Tensor) -> None:
+    torch.manual_seed(0)
+    tiny = TinyCNN().double().eval()  # no absent head: its layers all have closed forms, and all are called
+    tiny.fc.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    expected = _purview_loop(tiny, batch)
+    torch.testing.assert_close(purview_layer_norms(tiny, batch), expected, **REF)  # closed forms: no torch.func
+    with pytest.raises(ValueError, match=r"method='vmap'.* of module\(s\) 'fc': remove them .* or use method='hooks'"):
+        purview_layer_norms(tiny, batch, method="vmap")
+    tiny.trunk[1] = Scale(4).double()  # no closed form: the hooks route sends it to torch.func
+    tiny.trunk[0].register_full_backward_pre_hook(lambda module, grad_output: None)
+    with pytest.raises(
+        ValueError, match=r"sends it layer\(s\) 'trunk.1'.* of module\(s\) 'fc', 'trunk.0': remove them while scoring$"
+    ):
+        build("purview")(tiny, batch)
 
 
 def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:
