@@ -348,6 +348,8 @@ def test_build_rejects_unknown_names_and_settings() -> None:
         build({"name": "odin", "temp": 10.0})
     with pytest.raises(KeyError, match="valid: subspace, block_size, top_k, overshoot, max_iter"):
         build({"name": "margin", "iters": 3})
+    with pytest.raises(KeyError, match=r"unknown scorer '\['odin'\]'; known: absent, energy"):
+        build({"name": ["odin"]})  # unhashable: a bare TypeError before
     assert build({"name": "odin", "temperature": 10.0}).temperature == 10.0
     assert {"odin", "gradnorm", "exgrad", "gaia_z", "gaia_a", "purview", "margin"} <= set(ALL)
 
