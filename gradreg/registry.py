@@ -141,7 +141,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Callable[..., T]:
         """Return the factory registered as ``name``; unknown names list the valid ones."""
-        if name not in self._items:
+        # A list or mapping (a YAML typo such as name: [odin]) is unhashable: `in` would raise a bare TypeError.
+        if not isinstance(name, str) or name not in self._items:
             # '{name:dos}' is a YAML string: a flow mapping needs a space after each colon
             brace = isinstance(name, str) and name.startswith("{")
             hint = " (a mapping needs a space after each ':', e.g. {name: value})" if brace else ""

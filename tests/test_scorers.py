@@ -348,6 +348,8 @@ def test_build_rejects_unknown_names_and_settings() -> None:
         build({"name": "odin", "temp": 10.0})
     with pytest.raises(KeyError, match="valid: subspace, block_size, top_k, overshoot, max_iter"):
         build({"name": "margin", "iters": 3})
+    with pytest.raises(KeyError, match=r"unknown scorer '\['odin'\]'; known: absent, energy"):
+        build({"name": ["odin"]})  # unhashable: a bare TypeError before
     assert build({"name": "odin", "temperature": 10.0}).temperature == 10.0
     assert {"odin", "gradnorm", "exgrad", "gaia_z", "gaia_a", "purview", "margin"} <= set(ALL)
 
@@ -689,7 +691,7 @@ def test_purview_hooks_equal_vmap_on_every_registered_model(
     if layout == torch.channels_last:  # and with GReg's double-backward layers, as a GReg-trained model has them
         use_double_backward(model, batchnorm_compile="off")
 
-    def no_fallback(model: nn.Module, x: Tensor, layers: list) -> Tensor:
+    def no_fallback(model: nn.Module, x: Tensor, layers: list, everywhere: bool = True) -> Tensor:
         raise AssertionError(f"closed-form layers took the torch.func route: {[n for n, _ in layers]}")
 
     monkeypatch.setattr(purview, "_vmap_sq_norms", no_fallback)  # every layer of these models has a closed form
@@ -837,6 +839,51 @@ def test_purview_falls_back_for_weights_used_outside_their_layer(batch: Tensor) 
     torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
 
 
+def test_purview_is_exact_with_a_users_forward_hook_that_replaces_an_output(tiny: TinyCNN, batch: Tensor) -> None:
+    # The closed forms need the gradient w.r.t. the layer's own output, not w.r.t. what a user's hook returns.
+    tiny.trunk[3].register_forward_hook(lambda module, inputs, output: 2.0 * output)
+    tiny.trunk[4].register_forward_pre_hook(lambda module, inputs: (inputs[0] - 0.5,))
+    expected = _purview_loop(tiny, batch)
+    torch.testing.assert_close(purview_layer_norms(tiny, batch), expected, **REF)
+    torch.testing.assert_close(purview_layer_norms(tiny, batch, method="vmap"), expected, **REF)
+
+
+class _ScalarScale(TinyCNN):
+    """TinyCNN whose logits are multiplied by a learnable 0-dim parameter of the root module (torch.func route)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * super().forward(x)
+
+
+def test_purview_takes_a_scalar_parameter(batch: Tensor) -> None:
+    torch.manual_seed(0)
+    model = _ScalarScale().double().eval()
+    assert purview_layer_names(model)[0] == ""
+    expected = _purview_loop(model, batch)
+    torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
+    torch.testing.assert_close(purview_layer_norms(model, batch, method="vmap"), expected, **REF)
+
+
+def test_purview_names_full_backward_hooks_that_torch_func_cannot_run_through(batch: Tensor) -> None:
+    torch.manual_seed(0)
+    tiny = TinyCNN().double().eval()  # no absent head: its layers all have closed forms, and all are called
+    tiny.fc.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    expected = _purview_loop(tiny, batch)
+    torch.testing.assert_close(purview_layer_norms(tiny, batch), expected, **REF)  # closed forms: no torch.func
+    with pytest.raises(ValueError, match=r"method='vmap'.* of module\(s\) 'fc': remove them .* or use method='hooks'"):
+        purview_layer_norms(tiny, batch, method="vmap")
+    tiny.trunk[1] = Scale(4).double()  # no closed form: the hooks route sends it to torch.func
+    tiny.trunk[0].register_full_backward_pre_hook(lambda module, grad_output: None)
+    with pytest.raises(
+        ValueError, match=r"sends it layer\(s\) 'trunk.1'.* of module\(s\) 'fc', 'trunk.0': remove them while scoring$"
+    ):
+        build("purview")(tiny, batch)
+
+
 def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:
     tiny.train()
     with pytest.raises(ValueError, match="eval-mode BatchNorm2d"):
@@ -926,6 +973,19 @@ def test_margin_default_block_is_the_quarter_image(tiny: TinyCNN, batch: Tensor)
     v = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(project(project(v)), project(v))  # an orthogonal projector is idempotent...
     torch.testing.assert_close((project(v) * v).sum(), project(v).square().sum())  # ...and self-adjoint
+
+
+@pytest.mark.parametrize("subspace", ["low", "high"])
+def test_margin_subspaces_refuse_inputs_that_are_not_images(subspace: str) -> None:
+    # On (N, D) vectors the 2-D DCT would run over (batch, features): with N == D it mixed the rows silently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"images \(N, C, H, W\), got an input of shape \(6, 6\); use subspace='full'"):
+        build({"name": "margin", "subspace": subspace, "max_iter": 1})(model, x)
+    full = build({"name": "margin", "max_iter": 3})
+    alone = torch.cat([full(model, x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(full(model, x), alone, **TIGHT)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -156,8 +156,9 @@ def deepfool_margin(
 
     Args:
         model: classifier with normalized inputs (``input_std`` buffer, std 1 if absent), eval mode.
-        x: normalized images, shape (N, C, H, W).
-        subspace: ``"full"``, ``"low"`` or ``"high"`` DCT block (see :func:`dct_projector`).
+        x: normalized images, shape (N, C, H, W) (any shape (N, ...) for ``"full"``).
+        subspace: ``"full"``, ``"low"`` or ``"high"`` DCT block (see :func:`dct_projector`); the blocks need
+            images (N, C, H, W), other inputs are refused.
         block_size: DCT block side; default :func:`default_block_size`.
         top_k: number of top-ranked classes searched (10 in the reference).
         overshoot: final overshoot factor (0.02 in the reference).
@@ -167,6 +168,13 @@ def deepfool_margin(
         Margins, shape (N,).
     """
     x = x.detach()
+    if subspace != "full" and x.dim() != 4:
+        # The DCT runs over the last two dimensions: on (N, D) vectors those would be the batch and the features,
+        # and the projection would mix the rows of the batch.
+        raise ValueError(
+            f"margin subspace '{subspace}' projects on a 2-D DCT block of images (N, C, H, W), got an input of shape "
+            f"{tuple(x.shape)}; use subspace='full' for other inputs"
+        )
     std = channel_std(model, x)
     project = dct_projector(subspace, x.shape[-2], x.shape[-1], block_size, x.dtype, x.device)
     with torch.no_grad():

@@ -324,8 +324,11 @@ def _sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]], ghost: bool) -> T
 
 def _summed_sq_norms(grads: list[Tensor]) -> Tensor:
     """Per-sample squared norms of (N, ...) per-sample gradients, summed over the list: shape (N,)."""
-    # One pass over each gradient (square + sum would write and read it once more).
-    return functools.reduce(torch.add, [torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in grads])
+    # One pass over each gradient (square + sum would write and read it once more). reshape, not flatten(1): the
+    # per-sample gradient of a 0-dim parameter (a learnable scale) is (N,).
+    return functools.reduce(
+        torch.add, [torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square() for g in grads]
+    )
 
 
 def _layer_sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -339,8 +342,42 @@ def _layer_sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
     return torch.cat([_sq_norm(m, chunk, ghost) for chunk in chunks])
 
 
-def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Module]]) -> Tensor:
-    """(N, len(layers)) squared per-sample gradient norms with ``torch.func`` (any layer type)."""
+def _require_no_full_backward_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], everywhere: bool) -> None:
+    """A ValueError naming the modules with full backward hooks, which ``torch.func`` cannot differentiate through.
+
+    ``register_full_backward_hook`` and ``register_full_backward_pre_hook`` wrap a module's call in an
+    ``autograd.Function`` that functorch transforms refuse with a message about ``setup_context``.
+    """
+    nn_module = nn.modules.module
+    if nn_module._global_backward_pre_hooks or (
+        nn_module._global_backward_hooks and nn_module._global_is_full_backward_hook
+    ):
+        hooked = "every module (a global hook, register_module_full_backward_hook or _pre_hook)"
+    else:
+        names = [
+            repr(name) for name, m in model.named_modules() if m._get_backward_hooks()[0] or m._get_backward_pre_hooks()
+        ]
+        if not names:
+            return
+        hooked = f"module(s) {', '.join(names)}"
+    route = (
+        "method='vmap'"
+        if everywhere
+        else f"method='hooks' sends it layer(s) {', '.join(repr(name) for name, _ in layers)}: see purview_layer_norms"
+    )
+    raise ValueError(
+        f"purview differentiates with torch.func ({route}), which cannot run through the full backward hooks "
+        f"(register_full_backward_hook, register_full_backward_pre_hook) of {hooked}: remove them while scoring"
+        + (", or use method='hooks'" if everywhere else "")
+    )
+
+
+def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Module]], everywhere: bool = True) -> Tensor:
+    """(N, len(layers)) squared per-sample gradient norms with ``torch.func`` (any layer type).
+
+    ``everywhere``: whether this is ``method="vmap"`` (else the fallback of ``"hooks"``), for the error message.
+    """
+    _require_no_full_backward_hooks(model, layers, everywhere)
     groups: list[list[str]] = []
     params: dict[str, Tensor] = {}
     for prefix, m in layers:
@@ -432,7 +469,11 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
         # in place (``out += identity``), unlike autograd.grad w.r.t. the output tensor itself.
         output.register_hook(functools.partial(on_output_grad, name, module, record))
 
-    handles = [m.register_forward_hook(functools.partial(forward_hook, name)) for name, m in closed.items()]
+    # Ahead of the caller's own forward hooks: one that returns a new output (``o * 2``) would otherwise hand us that
+    # value, whose gradient is not the layer's output gradient.
+    handles = [
+        m.register_forward_hook(functools.partial(forward_hook, name), prepend=True) for name, m in closed.items()
+    ]
     try:
         with torch.enable_grad():
             # The backward runs down to the input so that it reaches every layer's output hook.
@@ -483,7 +524,7 @@ def _purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod) -> 
     # No closed form, a call that is not per sample, or weights also used outside the layer's calls: torch.func.
     fallback = [(name, m) for name, m in layers if name not in norms]
     if fallback:
-        slow = _vmap_sq_norms(model, x, fallback).unbind(dim=1)
+        slow = _vmap_sq_norms(model, x, fallback, everywhere=False).unbind(dim=1)
         slow_iter = iter(slow)
         columns = [next(slow_iter) if c is None else c for c in columns]
     return torch.stack(columns, dim=1)
