@@ -342,42 +342,11 @@ def _layer_sq_norm(m: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
     return torch.cat([_sq_norm(m, chunk, ghost) for chunk in chunks])
 
 
-def _require_no_full_backward_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], everywhere: bool) -> None:
-    """A ValueError naming the modules with full backward hooks, which ``torch.func`` cannot differentiate through.
-
-    ``register_full_backward_hook`` and ``register_full_backward_pre_hook`` wrap a module's call in an
-    ``autograd.Function`` that functorch transforms refuse with a message about ``setup_context``.
-    """
-    nn_module = nn.modules.module
-    if nn_module._global_backward_pre_hooks or (
-        nn_module._global_backward_hooks and nn_module._global_is_full_backward_hook
-    ):
-        hooked = "every module (a global hook, register_module_full_backward_hook or _pre_hook)"
-    else:
-        names = [
-            repr(name) for name, m in model.named_modules() if m._get_backward_hooks()[0] or m._get_backward_pre_hooks()
-        ]
-        if not names:
-            return
-        hooked = f"module(s) {', '.join(names)}"
-    route = (
-        "method='vmap'"
-        if everywhere
-        else f"method='hooks' sends it layer(s) {', '.join(repr(name) for name, _ in layers)}: see purview_layer_norms"
-    )
-    raise ValueError(
-        f"purview differentiates with torch.func ({route}), which cannot run through the full backward hooks "
-        f"(register_full_backward_hook, register_full_backward_pre_hook) of {hooked}: remove them while scoring"
-        + (", or use method='hooks'" if everywhere else "")
-    )
-
-
 def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Module]], everywhere: bool = True) -> Tensor:
     """(N, len(layers)) squared per-sample gradient norms with ``torch.func`` (any layer type).
 
     ``everywhere``: whether this is ``method="vmap"`` (else the fallback of ``"hooks"``), for the error message.
     """
-    _require_no_full_backward_hooks(model, layers, everywhere)
     groups: list[list[str]] = []
     params: dict[str, Tensor] = {}
     for prefix, m in layers:
@@ -395,8 +364,19 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
     for start in range(0, x.shape[0], rows):
         # torch.func.grad ignores an outer no_grad; here it keeps the result off the graph of the model's other
         # parameters, which the loss also depends on.
-        with torch.no_grad():
-            grads = per_sample_grad(params, x[start : start + rows].detach())
+        try:
+            with torch.no_grad():
+                grads = per_sample_grad(params, x[start : start + rows].detach())
+        except RuntimeError as err:
+            if "setup_context" not in str(err):
+                raise
+            # functorch refuses an autograd.Function without setup_context; full backward hooks wrap modules in one.
+            route = "method='vmap'" if everywhere else f"method='hooks' sends it {', '.join(n for n, _ in layers)}"
+            raise ValueError(
+                f"purview differentiates with torch.func here ({route}), which cannot run through full backward hooks "
+                "(register_full_backward_hook, register_full_backward_pre_hook) or an autograd.Function without "
+                f"setup_context: remove them while scoring{', or use method=hooks' if everywhere else ''}"
+            ) from None
         pieces.append(torch.stack([_summed_sq_norms([grads[n] for n in names]) for names in groups], dim=1))
     return torch.cat(pieces)
 
