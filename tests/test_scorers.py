@@ -373,6 +373,7 @@ def test_build_rejects_unknown_names_and_settings() -> None:
             "block_size='None' is not an integer or None (YAML reads None as text: write null)",
         ),
         ({"name": "margin", "subspace": "mid"}, "subspace='mid' is not one of full, low, high"),
+        ({"name": "margin", "block_size": 4}, "block_size=4 applies to subspace 'low' or 'high' only"),
         ({"name": "purview", "method": "Hooks"}, "method='Hooks' is not one of hooks, vmap"),
     ],
 )

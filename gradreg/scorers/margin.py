@@ -39,6 +39,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from gradreg.registry import SettingError
 from gradreg.scorers.base import Scorer, checked
 from gradreg.scorers.odin import channel_std
 from gradreg.scorers.registry import SCORERS
@@ -213,6 +214,11 @@ class Margin(Scorer):
         "overshoot": (">=", 0.0),
         "max_iter": (">=", 1),
     }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.subspace == "full" and self.block_size is not None:  # it would be ignored: say so
+            raise SettingError(f"block_size={self.block_size} applies to subspace 'low' or 'high' only, not 'full'")
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
         return deepfool_margin(model, x, self.subspace, self.block_size, self.top_k, self.overshoot, self.max_iter)
