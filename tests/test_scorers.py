@@ -860,6 +860,36 @@ class _ScalarScale(TinyCNN):
         return self.scale * super().forward(x)
 
 
+def test_purview_scores_a_layer_never_called_without_torch_func(
+    tiny: TinyCNN, batch: Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The absent head of a method=absent model: forward(x) never calls it, so its gradient is zero.
+    add_absent_head(tiny)
+    tiny.double()
+    expected = _purview_loop(tiny, batch)
+    assert expected[:, -1].abs().max() == 0
+    fell_back: list[list[str]] = []
+    vmap_sq_norms = purview._vmap_sq_norms
+
+    def recorded(model: nn.Module, x: Tensor, layers: list, everywhere: bool = True) -> Tensor:
+        fell_back.append([name for name, _ in layers])
+        return vmap_sq_norms(model, x, layers, everywhere)
+
+    monkeypatch.setattr(purview, "_vmap_sq_norms", recorded)
+    torch.testing.assert_close(purview_layer_norms(tiny, batch), expected, **REF)
+    assert fell_back == []
+    # Frozen, its weights are in no graph: a use outside its calls would go unseen, so torch.func decides.
+    tiny.absent_fc.requires_grad_(False)
+    torch.testing.assert_close(purview_layer_norms(tiny, batch), expected, **REF)
+    assert fell_back == [["absent_fc"]]
+    # Trainable and used outside its calls (its bias added to the logits): torch.func, and the use counts.
+    tiny.absent_fc.requires_grad_(True)
+    forward = tiny.forward
+    monkeypatch.setattr(tiny, "forward", lambda x: forward(x) + tiny.absent_fc.bias)
+    torch.testing.assert_close(purview_layer_norms(tiny, batch), _purview_loop(tiny, batch), **REF)
+    assert fell_back[-1] == ["absent_fc"]
+
+
 def test_purview_takes_a_scalar_parameter(batch: Tensor) -> None:
     torch.manual_seed(0)
     model = _ScalarScale().double().eval()

@@ -412,8 +412,8 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     the gradient and the layer's input are freed as the backward proceeds (keeping every output gradient
     until the end doubled ResNet-50's peak memory). A layer called more than once first sums the
     gradients of its calls, after the backward. Keyed by layer name; absent: layers without a closed form,
-    never called, with a call that is not per sample (see ``forward_hook``), or whose parameters are also
-    used outside its calls.
+    never called with a frozen weight, with a call that is not per sample (see ``forward_hook``), or whose
+    parameters are also used outside its calls.
     """
     closed = {name: m for name, m in layers if _has_closed_form(m)}
     records: dict[str, list[list]] = {}  # name -> one [input, its version, output gradient] per call
@@ -468,6 +468,11 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     for name in records.keys() - fallback:
         used = calls(name)
         norms[name] = _layer_sq_norm(closed[name], used) if used else x.new_zeros(x.shape[0])
+    # Never called, and no weight of it in the graph: zero (the absent head of method=absent models). A frozen
+    # weight is in no graph, so its use elsewhere would go unseen: such layers stay with torch.func.
+    for name in closed.keys() - num_calls.keys() - fallback:
+        if all(p.requires_grad for p in closed[name].parameters(recurse=False)):
+            norms[name] = x.new_zeros(x.shape[0])
     return norms
 
 
