@@ -401,9 +401,10 @@ def fit(cli: GradRegCLI) -> int:
         if not (cli.run_dir / "last.ckpt").is_file():  # Lightning returns quietly when there is nothing to train
             _end_progress_line(cli)
             discard_unused_run_dir(cli.rank_zero, logs=True)
+            kept = f" (its wandb run stays in {cli.run_dir})" if cli.run_dir.is_dir() else ""
             raise UserError(
                 "this run trained no step (trainer.max_epochs, max_steps or limit_train_batches is 0, or run.resume "
-                "names a run that already reached them); nothing saved: raise the limit"
+                f"names a run that already reached them); no checkpoint written{kept}: raise the limit"
             )
         point_latest(cli.run_dir)
         if not (cli.run_dir / "best.ckpt").is_file():  # e.g. trainer.max_steps within the first validated epoch

@@ -534,10 +534,19 @@ def test_a_run_that_trains_no_step_is_an_error(
         assert train_inprocess(tmp_path, capsys).returncode == 0
         limit = ["--run.resume", str(tmp_path / "runs" / "latest")]
     proc = train_inprocess(tmp_path, capsys, *limit)
-    assert_one_line_error(proc, "this run trained no step", "nothing saved")
+    assert_one_line_error(proc, "this run trained no step", "no checkpoint written: raise the limit")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == (
         ["latest", "quickstart-001"] if "--run.resume" in limit else []
     )
+
+
+@pytest.mark.slow
+def test_a_run_that_trains_no_step_with_wandb_says_where_its_wandb_run_stays(tmp_path: Path) -> None:
+    proc = train(tmp_path, "--trainer.max_steps", "0")  # wandb offline: its run is named as the process exits
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    assert_one_line_error(proc, "this run trained no step", f"no checkpoint written (its wandb run stays in {run_dir})")
+    assert (run_dir / "wandb").is_dir()
+    assert not list(run_dir.glob("*.ckpt"))
 
 
 def test_resume_through_latest_records_the_checkpoint_itself(
