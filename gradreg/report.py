@@ -105,7 +105,13 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG histograms and ROC curves")
     p.add_argument("--wandb", choices=("auto", "on", "off"), default="auto", help="auto: on if the run used wandb")
-    return p.parse_args(args)
+    opts = p.parse_args(args)
+    if not opts.explain:  # --explain-* settings alone would be ignored
+        given = [k for k in vars(opts) if k.startswith("explain_") and getattr(opts, k) != p.get_default(k)]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            p.error(f"{flags} {'needs' if len(given) == 1 else 'need'} --explain K (the number of images to explain)")
+    return opts
 
 
 def _positive_int(text: str) -> int:
@@ -166,8 +172,6 @@ def check_options(opts: argparse.Namespace) -> None:
     opts.epsilons, opts.corruptions, opts.severities = (
         list(dict.fromkeys(v)) for v in (opts.epsilons, opts.corruptions, opts.severities)
     )
-    if opts.explain_set is not None and not opts.explain:
-        raise UserError(f"--explain-set '{opts.explain_set}' needs --explain K (the number of images to explain)")
     if opts.explain < 0:
         raise UserError(f"--explain {opts.explain} must be >= 0 (the number of worst OOD and ID images to explain)")
     for option in ("explain_train", "explain_hessian"):
