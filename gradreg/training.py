@@ -218,14 +218,17 @@ def _batch_limits_int_first() -> None:
             annotations[name] = int | float | None
 
 
+def _not_a_litlogger_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
+
+
 def _silence_lightning_noise() -> None:
     """Drop two lines Lightning prints on every run that no setting of a run can act on.
 
     Its advertisement for its own cloud logger, and a deprecation warning of its pytree helper under torch >= 2.9
-    (a Lightning-internal call: Lightning-AI/pytorch-lightning#21326).
+    (a Lightning-internal call: Lightning-AI/pytorch-lightning#21326). Both filters are added once per process.
     """
-    tip = "💡 Tip: For seamless cloud logging"
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith(tip))
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_litlogger_tip)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
