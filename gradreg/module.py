@@ -70,7 +70,8 @@ class GradRegModule(LightningModule):
     Args:
         arch: model registry name (``small_cnn``, ``wrn40_2``, ``resnet18_cifar``, ``densenet_bc_100``,
             ``resnet50``, ``densenet121``).
-        num_classes: number of ID classes (linked from the datamodule by the CLI).
+        num_classes: number of ID classes (linked from the datamodule by the CLI; a Trainer's datamodule with
+            another ``num_classes`` is refused when the run starts).
         arch_kwargs: extra model settings (e.g. ``{dropout: 0.3}`` or ``{weights: IMAGENET1K_V2}``).
         method: training objective, see the module docstring.
         m_in: energy margin for ID samples (pushed below it).
@@ -92,8 +93,10 @@ class GradRegModule(LightningModule):
         min_lr: final learning rate of the cosine schedule.
         pretrained: a checkpoint path to fine-tune from (the head is re-initialized if its shape differs) or a
             torchvision weights name for the torchvision architectures (e.g. ``IMAGENET1K_V2``).
-        input_mean: per-channel normalization mean of the data pipeline (linked from the datamodule).
-        input_std: per-channel normalization std of the data pipeline (linked from the datamodule).
+        input_mean: per-channel normalization mean of the data pipeline (linked from the datamodule by the CLI;
+            left out with ``input_std``, the Trainer's datamodule's is taken when the run starts, and a different
+            one given is refused).
+        input_std: per-channel normalization std of the data pipeline (see ``input_mean``).
         channels_last: keep the model's 4-D weights and the training batch in channels-last memory format (same
             results). On an H100 it makes WRN-40-2's GReg step with ``cuda_graph`` 1.6x (fp32) / 2.3x (bf16) faster,
             its eager CE and energy-OE steps up to 1.5x faster (its eager bf16 GReg step slower) and ResNet-50's GReg
@@ -349,17 +352,57 @@ class GradRegModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Before the training loader exists: the per-epoch samplers' ID size and their hook on the outlier loader.
 
+        First, in every stage, the datamodule's classes and normalization are matched (:meth:`_match_datamodule`).
         NTOM and POEM size their kept block by the number of ID training images, and mine the pool when the outlier
         loader starts an epoch (:meth:`_mine_at_epoch_start`).
         """
         dm = self.trainer.datamodule
-        if stage != "fit" or dm is None:
+        if dm is None:
+            return
+        self._match_datamodule(dm)
+        if stage != "fit":
             return
         if hasattr(dm, "id_dataset_for"):
             self.sampler.setup(id_train_size=len(dm.id_dataset_for("train")))
         stream = getattr(dm, "outlier_stream", None)
         if self.sampler.per_epoch and stream is not None:
             stream.on_iteration_start = self._mine_at_epoch_start
+
+    def _match_datamodule(self, dm: Any) -> None:
+        """Check ``num_classes`` against the datamodule's, and take its normalization if none was given.
+
+        ``train.py`` links both from the datamodule; in a user's own ``Trainer`` a module built without them had the
+        default 10 classes (a 6-class set then trained 4 logits that no label reaches, skewing energy and MSP) and
+        normalization buffers of mean 0, std 1 (ODIN's and the attacks' epsilons then in the wrong units).
+        """
+        n = getattr(dm, "num_classes", None)
+        if isinstance(n, int) and n != self.num_classes:
+            raise SettingError(
+                f"GradRegModule has num_classes={self.num_classes} but the datamodule's ID data has {n} classes; "
+                "build it with num_classes=datamodule.num_classes"
+            )
+        mean, std = getattr(dm, "input_mean", None), getattr(dm, "input_std", None)
+        if mean is None or std is None:
+            return
+        hp = self.hparams
+        if hp.input_mean is None and hp.input_std is None:
+            self.model.set_normalization(mean, std)  # a channel mismatch is one line naming model.arch_kwargs
+            hp.input_mean, hp.input_std = list(mean), list(std)  # so that the checkpoint's hyperparameters say it
+            return
+        given = (hp.input_mean, hp.input_std)
+        if (
+            given[0] is None
+            or given[1] is None
+            or not all(
+                len(a) == len(b) and all(math.isclose(u, v, rel_tol=1e-6) for u, v in zip(a, b, strict=True))
+                for a, b in zip(given, (mean, std), strict=True)
+            )
+        ):
+            raise SettingError(
+                f"GradRegModule has input_mean={hp.input_mean}, input_std={hp.input_std} but the datamodule normalizes "
+                f"with mean {list(mean)}, std {list(std)}; build it with input_mean=datamodule.input_mean, "
+                "input_std=datamodule.input_std (or leave both out to take the datamodule's)"
+            )
 
     def on_fit_start(self) -> None:
         """``cuda_graph``'s limits; a double backward for the SyncBatchNorm layers ``sync_batchnorm`` has made by now.

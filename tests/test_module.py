@@ -600,3 +600,27 @@ def test_constructors_check_values_but_accept_what_python_callers_pass() -> None
     GradRegModule(milestones=[10**400])  # an int is finite however large (math.isfinite would overflow)
     with pytest.raises(SettingError, match=re.escape("model.m_in=0.0 must be <= model.m_out=-7.0")):
         GradRegModule(method="greg", m_in=0.0, m_out=-7.0, arch_kwargs={"in_channels": 1})
+
+
+def test_a_users_trainer_matches_the_datamodules_classes_and_normalization(tmp_path: Path) -> None:
+    # train.py links num_classes, input_mean and input_std from the datamodule; in a user's own Trainer a module built
+    # without them silently trained 10 logits on the 6 digit classes, with normalization buffers of mean 0, std 1.
+    dm = OODDataModule(batch_size=32, outlier_batch_size=32, augment="none")
+    trainer_kw = {
+        "max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "accelerator": "cpu", "logger": False,
+        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+    }  # fmt: skip
+    arch = {"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 8}}
+    with pytest.raises(SettingError, match=r"num_classes=10 but the datamodule's ID data has 6 classes; build it wit"):
+        Trainer(**trainer_kw).fit(GradRegModule(**arch, method="ce"), datamodule=dm)
+    model = GradRegModule(**arch, num_classes=dm.num_classes, method="ce")
+    Trainer(**trainer_kw).fit(model, datamodule=dm)
+    assert model.model.input_std.tolist() == pytest.approx(dm.input_std)
+    assert model.model.input_mean.tolist() == pytest.approx(dm.input_mean)
+    assert model.hparams.input_std == pytest.approx(dm.input_std)  # the checkpoint's hyperparameters say it too
+    wrong = GradRegModule(**arch, num_classes=dm.num_classes, method="ce", input_mean=[0.0], input_std=[1.0])
+    with pytest.raises(SettingError, match=r"input_std=\[1.0\] but the datamodule normalizes with mean"):
+        Trainer(**trainer_kw).validate(wrong, datamodule=dm)
+    three = GradRegModule(arch="small_cnn", arch_kwargs={"in_channels": 3, "width": 8}, num_classes=6, method="ce")
+    with pytest.raises(ValueError, match=r"the data has 1 input channel\(s\) but the model takes 3"):
+        Trainer(**trainer_kw).fit(three, datamodule=dm)
