@@ -49,6 +49,11 @@ ABSENT_HEAD_HINT = (
     "a method-absent checkpoint from before the absent class had a head of its own (model.absent_fc; it was the last "
     "row of model.fc): retrain it, or start from it with model.pretrained (its trunk is kept)"
 )
+OUTLIERS_HINT = (
+    "model.method={method!r} trains on auxiliary outliers, and the training batches have none (data.outliers is "
+    "null, or the loader gives (x, y) batches, not {{'id': (x, y), 'outliers': (x, index)}}): set data.outliers, e.g. "
+    "digits_outliers, or use model.method='ce'"
+)
 BOUNDS: Bounds = {
     "num_classes": (">=", 1), "energy_weight": (">=", 0.0), "oe_weight": (">=", 0.0), "absent_weight": (">=", 0.0),
     "reg_weight": (">=", 0.0), "lr": (">", 0.0), "momentum": (">=", 0.0), "weight_decay": (">=", 0.0),
@@ -215,6 +220,8 @@ class GradRegModule(LightningModule):
         n_id = len(x_id)
         x_out = x_id[:0]
         if self.uses_outliers:
+            if not isinstance(batch, dict) or "outliers" not in batch:  # e.g. a user's own loader of (x, y) batches
+                raise SettingError(OUTLIERS_HINT.format(method=self.method))
             candidates, _ = batch["outliers"]
             x_out = candidates[self.sampler.select(self.model, candidates, n_id)]
         # Lightning calls backward on out["loss"], unless the captured step computed the gradients (self.backward).
@@ -362,6 +369,8 @@ class GradRegModule(LightningModule):
         self._match_datamodule(dm)
         if stage != "fit":
             return
+        if self.uses_outliers and hasattr(dm, "outliers") and dm.outliers is None:
+            raise SettingError(OUTLIERS_HINT.format(method=self.method))
         if hasattr(dm, "id_dataset_for"):
             self.sampler.setup(id_train_size=len(dm.id_dataset_for("train")))
         stream = getattr(dm, "outlier_stream", None)

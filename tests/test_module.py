@@ -624,3 +624,19 @@ def test_a_users_trainer_matches_the_datamodules_classes_and_normalization(tmp_p
     three = GradRegModule(arch="small_cnn", arch_kwargs={"in_channels": 3, "width": 8}, num_classes=6, method="ce")
     with pytest.raises(ValueError, match=r"the data has 1 input channel\(s\) but the model takes 3"):
         Trainer(**trainer_kw).fit(three, datamodule=dm)
+
+
+@pytest.mark.parametrize("method", ["oe", "greg"])
+def test_an_outlier_method_without_outliers_stops_in_one_line(method: str) -> None:
+    # Was a TypeError at the first step ("list indices must be integers or slices, not str"), train.py included.
+    model, _ = make(method)
+    trainer_kw = {
+        "max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 0, "accelerator": "cpu", "logger": False,
+        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+    }  # fmt: skip
+    hint = rf"model.method='{method}' trains on auxiliary outliers, and the training batches have none"
+    with pytest.raises(SettingError, match=hint):
+        Trainer(**trainer_kw).fit(model, datamodule=OODDataModule(batch_size=32, outliers=None))
+    id_only = OODDataModule(batch_size=32).id_dataset_for("train")  # a user's own loader of (x, y) batches
+    with pytest.raises(SettingError, match=hint):
+        Trainer(**trainer_kw).fit(model, train_dataloaders=torch.utils.data.DataLoader(id_only, batch_size=32))
