@@ -299,6 +299,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint '{path}' is unreadable or truncated ({reason}); use another .ckpt") from None
     keys = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters")
     missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything: it holds no dict"]
+    if missing == ["datamodule_hyper_parameters"]:  # a GradRegModule fitted in a user's Trainer without a datamodule
+        raise UserError(
+            f"checkpoint '{path}' holds no datamodule settings (datamodule_hyper_parameters), which evaluate.py "
+            "rebuilds the data from: it was fitted without a datamodule; fit with datamodule=gradreg.data."
+            "OODDataModule(...), as train.py does"
+        )
     if missing:
         raise UserError(f"checkpoint '{path}' was not written by gradreg's train.py (missing {', '.join(missing)})")
     # Non-finite weights score every image NaN: every metric would be NaN with exit code 0.

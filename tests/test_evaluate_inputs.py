@@ -351,3 +351,22 @@ def test_absent_checkpoint_of_the_old_layout_is_named(tmp_path: Path, capsys: py
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1
     assert f"run.resume checkpoint '{old}' is a method-absent checkpoint from before" in errors[0]
+
+
+def test_checkpoint_fitted_without_a_datamodule_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A GradRegModule fitted in a user's own Trainer on plain loaders: was "not written by gradreg's train.py".
+    from lightning.pytorch import Trainer
+
+    from gradreg.data import OODDataModule
+    from gradreg.module import GradRegModule
+
+    dm = OODDataModule(batch_size=32)
+    model = GradRegModule(arch_kwargs={"in_channels": 1, "width": 8}, num_classes=dm.num_classes, method="ce")
+    trainer = Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(dm.id_dataset_for("train"), batch_size=32))
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    proc = run_inprocess([str(tmp_path / "plain.ckpt"), *FAST], capsys)
+    assert_one_line_error(proc, "holds no datamodule settings", "datamodule=gradreg.data.OODDataModule(...)")
