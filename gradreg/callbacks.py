@@ -56,9 +56,15 @@ class OODEvalCallback(Callback):
         histograms: bool = True,
         cache_mb: int = 512,
     ) -> None:
-        for name, value, least in (("every_n_epochs", every_n_epochs, 1), ("max_samples", max_samples, 1)):
-            if value is not None and (not isinstance(value, int) or value < least):
+        for name, value, least in (
+            ("every_n_epochs", every_n_epochs, 1), ("max_samples", max_samples, 1), ("cache_mb", cache_mb, 0)
+        ):  # fmt: skip
+            if (value is not None or name == "cache_mb") and (
+                not isinstance(value, int) or isinstance(value, bool) or value < least
+            ):
                 raise SettingError(f"OODEvalCallback: {name}={value!r} must be an integer >= {least}")
+        if not isinstance(histograms, bool):  # a string such as "false" is truthy
+            raise SettingError(f"OODEvalCallback: histograms={histograms!r} must be true or false")
         self.scorer_specs = list(scorers)
         self.scorers = build_scorers(self.scorer_specs)  # fail at construction on a bad name or setting
         self.every_n_epochs = every_n_epochs

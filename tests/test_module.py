@@ -558,10 +558,21 @@ def test_callback_setup_names_what_a_users_own_module_or_datamodule_lacks() -> N
         callback.setup(_fake_trainer(dm), batch_stats, "fit")  # was a ValueError at the first evaluation
 
 
-@pytest.mark.parametrize(("setting", "value"), [("every_n_epochs", 0), ("max_samples", 0), ("every_n_epochs", 1.5)])
-def test_callback_rejects_bad_settings(setting: str, value: object) -> None:
-    with pytest.raises(SettingError, match=rf"OODEvalCallback: {setting}={value} must be an integer >= 1"):
+@pytest.mark.parametrize(
+    ("setting", "value", "least"),
+    [("every_n_epochs", 0, 1), ("max_samples", 0, 1), ("every_n_epochs", 1.5, 1), ("cache_mb", -1, 0),
+     ("cache_mb", None, 0), ("max_samples", True, 1)],
+)  # fmt: skip
+def test_callback_rejects_bad_settings(setting: str, value: object, least: int) -> None:
+    # cache_mb=-1 silently cached nothing, cache_mb=None failed at the first evaluation (a TypeError)
+    with pytest.raises(SettingError, match=rf"OODEvalCallback: {setting}={value} must be an integer >= {least}"):
         OODEvalCallback(**{setting: value})
+    OODEvalCallback(cache_mb=0, max_samples=None)
+
+
+def test_callback_rejects_a_histograms_setting_that_is_not_a_bool() -> None:
+    with pytest.raises(SettingError, match=r"OODEvalCallback: histograms='false' must be true or false"):
+        OODEvalCallback(histograms="false")  # was truthy: histograms were logged
 
 
 def test_callback_warns_when_there_are_no_ood_sets() -> None:
