@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -398,15 +398,12 @@ class GradRegModule(LightningModule):
             self.model.set_normalization(mean, std)  # a channel mismatch is one line naming model.arch_kwargs
             hp.input_mean, hp.input_std = list(mean), list(std)  # so that the checkpoint's hyperparameters say it
             return
-        given = (hp.input_mean, hp.input_std)
-        if (
-            given[0] is None
-            or given[1] is None
-            or not all(
-                len(a) == len(b) and all(math.isclose(u, v, rel_tol=1e-6) for u, v in zip(a, b, strict=True))
-                for a, b in zip(given, (mean, std), strict=True)
-            )
-        ):
+
+        def same(given: Sequence[float] | None, expected: Sequence[float]) -> bool:
+            close = all(math.isclose(g, e, rel_tol=1e-6) for g, e in zip(given or [], expected, strict=False))
+            return given is not None and len(given) == len(expected) and close
+
+        if not (same(hp.input_mean, mean) and same(hp.input_std, std)):
             raise SettingError(
                 f"GradRegModule has input_mean={hp.input_mean}, input_std={hp.input_std} but the datamodule normalizes "
                 f"with mean {list(mean)}, std {list(std)}; build it with input_mean=datamodule.input_mean, "
