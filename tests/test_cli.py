@@ -668,3 +668,25 @@ def test_git_revision_names_the_commit_and_uncommitted_changes(tmp_path: Path) -
     # A package installed inside another repository (a venv in a project folder) is not that repository's code.
     assert git_revision.__wrapped__(repo / "sub") is None
     assert git_revision.__wrapped__(tmp_path) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_readme_training_in_your_own_code_runs_and_evaluates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's plain-Trainer example, as written, then evaluate.py on the checkpoint it says to take."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Training in your own code") :]
+    code = section[
+        section.index("```python\n") + len("```python\n") : section.index("```\n", section.index("```python"))
+    ]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})  # our own README's example, nothing a data file holds
+    (ckpt,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    capsys.readouterr()
+    args = [str(ckpt), "--suites", "ood", "--scorers", "energy", "--max-samples", "32", "--no-plots", "--wandb", "off"]
+    proc = run_inprocess(evaluate_main, args, capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((ckpt.parent / "eval-001" / "results.json").read_text())
+    assert doc["id"]["accuracy"] > 1 / 6  # two epochs of GReg+ on the six digit classes beat chance
