@@ -28,9 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     classes.add_argument("num_classes", type=int, help="N, e.g. 10, 20, 50 or 100")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse reports them at the top level: point at the command's own --help
-        {"check": check, "imagenet-classes": classes}[args.command].error(
-            f"unrecognized arguments: {' '.join(unknown)}"
-        )
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
 
     if args.command == "imagenet-classes":
         from gradreg.data.benchmarks import IMAGENET_WNIDS, imagenet_subset_wnids
