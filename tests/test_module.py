@@ -11,12 +11,14 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from gradreg.callbacks import OODEvalCallback
@@ -179,6 +181,39 @@ def test_resumed_greg_plus_run_ends_with_the_uninterrupted_runs_weights(tmp_path
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
+# A periodic checkpoint inside epoch 1 (every_n_train_steps): the resumed run trains the rest of that epoch on the
+# batches of the uninterrupted run, with no "dataloader is not resumable" warning. NTOM must not mine again.
+@pytest.mark.parametrize(
+    ("method", "sampler", "schedule", "num_workers"),
+    [("greg", "energy_cluster", "cosine", 1), ("absent", "ntom", "constant", 0)],
+)
+def test_run_resumed_inside_an_epoch_ends_with_the_uninterrupted_runs_weights(
+    method: str, sampler: str, schedule: str, num_workers: int, tmp_path: Path
+) -> None:
+    def fit(ckpt_path: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        model, dm = make(method, sampler={"name": sampler})
+        model.hparams.schedule = schedule
+        model.model.trunk.insert(3, torch.nn.Dropout(0.2))
+        dm.num_workers, dm.augment = num_workers, "crop"
+        drawn = _Drawn()
+        snapshots = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=23, save_top_k=-1)
+        trainer = Trainer(
+            max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, callbacks=[drawn, snapshots],
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        assert not [w for w in caught if "not resumable" in str(w.message)]
+        assert trainer.num_training_batches == 20  # so step 23 is inside epoch 1
+        return model.state_dict(), drawn.batches
+
+    straight, straight_drawn = fit()
+    resumed, resumed_drawn = fit(tmp_path / "step=23.ckpt")
+    assert resumed_drawn == {1: straight_drawn[1][3:]}
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_training_loaders_leave_the_global_generator_alone(num_workers: int) -> None:
     # A loader draws its workers' base seed when an iterator starts: every epoch without workers, once per fit with
@@ -203,6 +238,15 @@ def test_id_augmentations_do_not_depend_on_the_number_of_ranks() -> None:
     assert [i for i, _ in alone] == list(range(23))
     assert len({seed for _, seed in alone}) == 23
     assert sorted(EpochShuffle(dataset, seed=5, epoch=3)) != alone  # fresh augmentations each epoch
+
+
+def test_id_order_resumed_inside_an_epoch_goes_on_from_there() -> None:
+    dataset = range(23)
+    shard = list(EpochShuffle(dataset, seed=5, epoch=2, num_replicas=2, rank=1))
+    resumed = EpochShuffle(dataset, seed=5, epoch=2, num_replicas=2, rank=1, drawn=4)
+    assert list(resumed) == shard[4:]
+    resumed.set_epoch(3)  # the next epoch is whole
+    assert list(resumed) == list(EpochShuffle(dataset, seed=5, epoch=3, num_replicas=2, rank=1))
 
 
 def test_greg_gives_sync_batchnorm_layers_a_double_backward(tmp_path: Path) -> None:

@@ -202,6 +202,23 @@ def test_resume_mid_pass_draws_the_same_sequence():
     assert seen == expected
 
 
+def test_loader_resumed_inside_an_epoch_yields_the_rest_of_it_first():
+    full = OutlierStream(_pool(43), 4, seed=7)
+    expected = _consume(full, full.dataloader(max_batches=5), 10)
+    resumed = OutlierStream(_pool(43), 4, seed=7)
+    resumed.load_state_dict(full.state_dict() | {"position": 2})  # checkpointed after 2 batches of epoch 0
+    loader = resumed.dataloader(max_batches=5, drawn=2)
+    assert len(loader) == 5  # Lightning counts the epoch's batches from the checkpoint's count on
+    sizes = []
+    for _ in range(2):
+        sizes.append(sum(1 for _ in loader))
+        for _ in range(sizes[-1]):
+            resumed.advance()
+    assert sizes == [3, 5]  # the rest of epoch 0, then epoch 1
+    resumed.load_state_dict(full.state_dict() | {"position": 2})
+    assert _consume(resumed, loader, 8) == expected[2:]
+
+
 def test_worker_processes_do_not_change_the_stream():
     a, b = OutlierStream(_pool(40), 4, seed=0), OutlierStream(_pool(40), 4, seed=0)
     assert _consume(a, a.dataloader(num_workers=2), 14) == _consume(b, b.dataloader(), 14)

@@ -10,6 +10,7 @@ ID training augmentation, as in the official GReg/energy code.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import typing
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from gradreg.data.datasets import (
     dataset_name,
     resizes,
 )
-from gradreg.data.outliers import OutlierStream
+from gradreg.data.outliers import OutlierStream, TrainingLoader
 from gradreg.registry import Bounds, SettingError, check_settings
 
 DatasetSpec = str | dict[str, Any]
@@ -53,16 +54,21 @@ class EpochShuffle(DistributedSampler):
     ``set_epoch`` of that epoch (which moves it on later epochs). It shards by rank itself (a ``DistributedSampler``,
     which Lightning leaves in place under DDP); on one device it is a plain permutation. It yields ``(index, seed)``:
     :class:`~gradreg.data.datasets.Transformed` augments image ``index`` of an epoch with the seed drawn for it from
-    the seed and the epoch, whichever process or rank reads it.
+    the seed and the epoch, whichever process or rank reads it. A run resumed inside ``epoch`` passes ``drawn``, the
+    items of that epoch its checkpoint had already trained on (this rank's), and goes on from there.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self, dataset: Dataset, seed: int, epoch: int, num_replicas: int = 1, rank: int = 0, drawn: int = 0
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.epoch = epoch
+        self._resumed = (epoch, drawn)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         seeds = augmentation_seeds(self.seed, self.epoch, n=len(self.dataset))  # type: ignore[arg-type]
-        for i in super().__iter__():
+        skip = self._resumed[1] if self.epoch == self._resumed[0] else 0
+        for i in itertools.islice(super().__iter__(), skip, None):
             yield i, int(seeds[i])
 
 
@@ -150,6 +156,7 @@ class OODDataModule(LightningDataModule):
         self.outlier_stream: OutlierStream | None = None
         self._stream_state: dict | None = None
         self._restored_epoch = 0  # the fit loop's epoch count in the checkpoint a run resumes from
+        self._restored_batches = 0  # and the training batches of that epoch it had taken (0: at an epoch's end)
         # The stream position where an epoch starts that has not drawn yet (None: the run stands inside an epoch).
         self.epoch_start_position: int | None = 0
         self._sets: dict[str, Dataset] = {}
@@ -220,8 +227,10 @@ class OODDataModule(LightningDataModule):
         }
 
     # ----------------------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int | None = None, **kw: Any) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self, dataset: Dataset, batch_size: int | None = None, loader: type[DataLoader] = DataLoader, **kw: Any
+    ) -> DataLoader:
+        return loader(
             dataset,
             batch_size=batch_size or self.eval_batch_size,
             num_workers=self.num_workers,
@@ -243,12 +252,13 @@ class OODDataModule(LightningDataModule):
         global_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's
         seed = int(np.random.SeedSequence([global_seed, self.seed]).generate_state(1)[0])
         epoch = max(self._epoch(), self._restored_epoch)  # Lightning may build the loader before restoring its loop
-        sampler = EpochShuffle(dataset, seed, epoch, num_replicas=world, rank=rank)
-        id_loader = self._loader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+        drawn = self._restored_batches if epoch == self._restored_epoch else 0
+        sampler = EpochShuffle(dataset, seed, epoch, num_replicas=world, rank=rank, drawn=drawn * self.batch_size)
+        id_loader = self._loader(dataset, self.batch_size, TrainingLoader, sampler=sampler, drop_last=True)
         if self.outlier_stream is None:
             return id_loader
         # The ID loader (this rank's share) sets the epoch length (GReg: iterations = #ID batches).
-        outliers = self.outlier_stream.dataloader(self.num_workers, max_batches=max(1, len(id_loader)))
+        outliers = self.outlier_stream.dataloader(self.num_workers, max_batches=max(1, len(id_loader)), drawn=drawn)
         return CombinedLoader({"id": id_loader, "outliers": outliers}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:  # noqa: D102
@@ -278,30 +288,37 @@ class OODDataModule(LightningDataModule):
         return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The outlier stream's position and the epoch count: the ID order of a resumed run's first epoch.
+        """The outlier stream's position, the epoch count and the batches it has taken: where a resumed run goes on.
 
         The datamodule's state is restored before the model's optimizers are set up, and a cosine schedule asks for
         the number of steps there, which builds the training loader (and its workers read their first indices)
-        before Lightning restores its own epoch count.
+        before Lightning restores its own loops.
         """
-        state: dict[str, Any] = {"epoch": self._epoch()}
+        batches = self._epoch_batches()
+        state: dict[str, Any] = {"epoch": self._epoch(), "epoch_batches": batches}
         if self.outlier_stream is not None:
             state["outlier_stream"] = self.outlier_stream.state_dict()
-            state["epoch_start"] = self.outlier_stream.position if self._epoch_drawn() else None
+            state["epoch_start"] = self.outlier_stream.position if batches == 0 else None
         return state
 
-    def _epoch_drawn(self) -> bool:
-        """Whether the current training epoch has drawn all its batches: the stream's position starts the next epoch.
+    def _epoch_batches(self) -> int:
+        """The training batches of the current epoch that a run resumed from a checkpoint taken now will not repeat.
 
-        True for a checkpoint at an epoch's end or at its last validation, False inside an epoch.
+        Lightning resumes inside an epoch that it started and did not finish (a periodic ``every_n_train_steps``
+        checkpoint, a validation inside the epoch), after the batches it processed. At an epoch's end or its last
+        validation, and for a run stopped by ``max_steps`` (Lightning counts its epoch as finished), the next epoch
+        starts afresh: 0.
         """
         if self.trainer is None:
-            return True
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return progress.ready == 0 or progress.ready >= self.trainer.num_training_batches
+            return 0
+        epochs = self.trainer.fit_loop.epoch_progress.total
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        inside = epochs.started == epochs.ready and epochs.processed == epochs.started - 1
+        return batches if inside and batches < self.trainer.num_training_batches else 0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
         self._restored_epoch = state_dict.get("epoch", 0)
+        self._restored_batches = state_dict.get("epoch_batches", 0)  # checkpoints of earlier versions: none
         self._stream_state = state_dict.get("outlier_stream")
         self.epoch_start_position = state_dict.get("epoch_start")
         if self.outlier_stream is not None and self._stream_state is not None:

@@ -460,6 +460,7 @@ class OutlierStream:
         max_batches: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        drawn: int = 0,
     ) -> DataLoader:
         """A loader of ``(x, pool_index)`` batches of ``batch_size`` (drop_last) from the current position on.
 
@@ -472,10 +473,12 @@ class OutlierStream:
                 batches per epoch so that Lightning's ``max_size_cycle`` keeps the ID loader's epoch length.
             rank: this process's rank (default: the process group's; for tests and non-Lightning use).
             world_size: number of ranks (default: the process group's).
+            drawn: batches of the first iteration already drawn before a checkpoint (a run resumed inside an epoch):
+                the iteration that starts at the current position yields only the rest of ``max_batches``.
         """
-        sampler = _StreamSampler(self, max_batches, rank, world_size)
+        sampler = _StreamSampler(self, max_batches, rank, world_size, drawn)
         self.batch_indices(self._position, sampler.rank, sampler.num_replicas)  # fail now if a pass is too small
-        return DataLoader(
+        return TrainingLoader(
             self.pool,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -543,6 +546,23 @@ class OutlierStream:
         self._order_cache = None
 
 
+class TrainingLoader(DataLoader):
+    """A training loader that tells Lightning it resumes inside an epoch (``state_dict``/``load_state_dict``).
+
+    Where it stands is the datamodule's state, not its own: :class:`~gradreg.data.OODDataModule` checkpoints the
+    epoch, the batches taken and the outlier stream's position, and builds its loaders from them. Lightning hands a
+    loader its own state only if it restores its loops before it builds the loader, which it does not when a cosine
+    schedule asks for the number of steps first. Without these methods Lightning warns that a run resumed inside an
+    epoch does not resume exactly, which here it does.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 class _StreamSampler(DistributedSampler):
     """Yields, batch by batch, the pool indices of the stream's next positions on this rank.
 
@@ -551,11 +571,12 @@ class _StreamSampler(DistributedSampler):
     """
 
     def __init__(
-        self, stream: OutlierStream, max_batches: int | None, rank: int | None, world_size: int | None
+        self, stream: OutlierStream, max_batches: int | None, rank: int | None, world_size: int | None, drawn: int
     ) -> None:
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be positive, got {max_batches}")
         self.stream, self.max_batches = stream, max_batches
+        self._resumed = (stream.position, drawn)  # the resumed iteration starts where the stream stands now
         self._rank, self._world = rank, world_size
         self.epoch, self.seed, self.shuffle, self.drop_last = 0, stream.seed, True, True
 
@@ -582,6 +603,7 @@ class _StreamSampler(DistributedSampler):
         if self.stream.on_iteration_start is not None:
             self.stream.on_iteration_start()
         start, rank, world = self.stream.position, self.rank, self.num_replicas
-        for j in range(self.num_batches()):
+        skip = self._resumed[1] if start == self._resumed[0] else 0
+        for j in range(self.num_batches() - skip):
             # Computed lazily, batch by batch, so that a restrict() made meanwhile applies to later positions.
             yield from self.stream.batch_items(start + j, rank, world)
