@@ -42,7 +42,7 @@ from gradreg.losses import (
 from gradreg.models import MODELS, add_absent_head, create_classifier, load_pretrained, logits_with_absent
 from gradreg.provenance import environment
 from gradreg.registry import Bounds, SettingError, check_settings
-from gradreg.samplers import SAMPLERS
+from gradreg.samplers import SAMPLERS, RandomOutliers
 
 Method = Literal["ce", "oe", "energy", "greg", "absent"]
 ABSENT_HEAD_HINT = (
@@ -87,7 +87,7 @@ class GradRegModule(LightningModule):
         reg_weight: weight of GReg's gradient-norm regularizer (lambda_gradS = 1); 0 computes no extra backward.
         reg_scaling: ``code`` (official code's scaling, the default) or ``paper`` (see ``grad_norm_penalty``).
         sampler: outlier sampler spec: ``random`` (GReg) or ``{name: energy_cluster, ...}`` (GReg+), ``dos``, ``ntom``,
-            ``poem``.
+            ``poem``; ``ce`` takes only ``random`` (it trains on no outliers).
         lr: initial learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
@@ -145,6 +145,13 @@ class GradRegModule(LightningModule):
         check_settings(self.hparams, typing.get_type_hints(GradRegModule.__init__), BOUNDS, prefix="model.")
         if method in ("energy", "greg") and m_in > m_out:
             raise SettingError(f"model.m_in={m_in} must be <= model.m_out={m_out} (ID energies go below m_in)")
+        self.sampler = SAMPLERS.build(sampler)  # before the model: its settings fail before any weights load
+        if method == "ce" and not isinstance(self.sampler, RandomOutliers):  # ce forwards no outliers to select
+            raise SettingError(
+                f"model.sampler={sampler!r} selects outliers, and model.method='ce' trains on none; leave "
+                "model.sampler out (or set it to random), or use a method that trains on outliers (oe, energy, greg, "
+                "absent)"
+            )
         kwargs = dict(arch_kwargs or {})
         from_file = pretrained is not None and (
             "/" in pretrained or Path(pretrained).suffix in (".ckpt", ".pt", ".pth")
@@ -171,7 +178,6 @@ class GradRegModule(LightningModule):
             use_double_backward(self.model)
         if channels_last:  # convolutions then run channels-last whatever their input's layout
             self.model.to(memory_format=torch.channels_last)
-        self.sampler = SAMPLERS.build(sampler)
         self.sampler.setup(num_classes=num_classes)
         self.num_classes = num_classes
         self.method = method

@@ -333,6 +333,8 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
         )
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     arch_kwargs = {k: v for k, v in (hparams.get("arch_kwargs") or {}).items() if k != "weights"}
+    if hparams.get("method") == "ce":  # ce ignored a sampler, refused since: a checkpoint from before may name one
+        hparams["sampler"] = "random"
     # The weights come from the checkpoint: never re-download or re-read the pretraining source.
     module = GradRegModule(**{**hparams, "pretrained": None, "arch_kwargs": arch_kwargs})
     if module.predates_absent_head(ckpt["state_dict"]):

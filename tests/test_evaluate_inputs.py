@@ -370,3 +370,23 @@ def test_checkpoint_fitted_without_a_datamodule_says_so(tmp_path: Path, capsys: 
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     proc = run_inprocess([str(tmp_path / "plain.ckpt"), *FAST], capsys)
     assert_one_line_error(proc, "holds no datamodule settings", "datamodule=gradreg.data.OODDataModule(...)")
+
+
+def test_ce_checkpoint_naming_an_outlier_sampler_still_evaluates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ce ignored its sampler before GradRegModule refused one; such checkpoints stay evaluable.
+    from gradreg.data import OODDataModule
+    from gradreg.module import GradRegModule
+
+    dm = OODDataModule(batch_size=32)
+    model = GradRegModule(arch_kwargs={"in_channels": 1, "width": 8}, num_classes=dm.num_classes, method="ce")
+    ckpt = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": {**model.hparams, "sampler": {"name": "dos"}},
+        "datamodule_hyper_parameters": dict(dm.hparams),
+    }
+    torch.save(ckpt, tmp_path / "ce.ckpt")
+    args = [str(tmp_path / "ce.ckpt"), *FAST, "--suites", "ood", "--sets", "noise", "--scorers", "energy"]
+    proc = run_inprocess([*args, "--out", str(tmp_path / "out")], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
