@@ -602,9 +602,10 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     id_scored = run(id_test, None, "id")
     save_scores(out / "scores" / "id.npz", id_scored, id_test)
     given = {scorer_key(s): s for s in specs}
+    shape = id_test[0][0].shape  # of every scored image (the OOD sets are resized to the ID size)
     header = {
         "checkpoint": str(ckpt_path),
-        "options": {**vars(opts), "scorers": {k: scorer_record(given[k], s) for k, s in scorer_map.items()}},
+        "options": {**vars(opts), "scorers": {k: scorer_record(given[k], s, shape) for k, s in scorer_map.items()}},
         "scorers": list(scorer_map),
         "id": {
             "dataset": dataset_name(dm.id_dataset),
@@ -658,9 +659,9 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     return 1 if writer.failed else 0
 
 
-def scorer_record(spec: ScorerSpec, scorer: Scorer) -> dict[str, Any]:
-    """``spec`` as a mapping with every setting the scorer ran with, defaults included: what was computed."""
-    return {**({"name": spec} if isinstance(spec, str) else spec), **scorer.settings()}
+def scorer_record(spec: ScorerSpec, scorer: Scorer, input_shape: Sequence[int]) -> dict[str, Any]:
+    """``spec`` as a mapping with every setting the scorer ran with on ``input_shape``, defaults resolved."""
+    return {**({"name": spec} if isinstance(spec, str) else spec), **scorer.settings_for(input_shape)}
 
 
 def check_explainable(module: GradRegModule, scorer_map: dict[str, Scorer], key: str, x: Tensor) -> None:

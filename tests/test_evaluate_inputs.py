@@ -308,6 +308,20 @@ def test_results_record_every_scorer_setting(run_dir: Path, tmp_path: Path, caps
     }
 
 
+def test_results_record_the_margin_block_the_image_size_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Was block_size null: the default is resolved from the image size when the scorer runs (8 px digits: 2).
+    monkeypatch.chdir(tmp_path)
+    args = [str(ROOT / "configs" / "quickstart.yaml"), *FAST, "--suites", "ood", "--sets", "noise", "--out", "out"]
+    proc = run_inprocess([*args, "--scorers", "margin:subspace=low,max_iter=1", "energy"], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scorers = json.loads((tmp_path / "out" / "results.json").read_text())["options"]["scorers"]
+    assert scorers["margin"] == {"name": "margin", "subspace": "low", "block_size": 2, "top_k": 10, "overshoot": 0.02,
+                                 "max_iter": 1}  # fmt: skip
+    assert scorers["energy"] == {"name": "energy", "temperature": 1.0}
+
+
 def test_another_image_size_than_training_warns(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
