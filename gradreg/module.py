@@ -39,7 +39,14 @@ from gradreg.losses import (
     outlier_exposure_loss,
     upcast,
 )
-from gradreg.models import MODELS, add_absent_head, create_classifier, load_pretrained, logits_with_absent
+from gradreg.models import (
+    MODELS,
+    add_absent_head,
+    create_classifier,
+    load_pretrained,
+    logits_with_absent,
+    read_weights,
+)
 from gradreg.provenance import environment
 from gradreg.registry import Bounds, SettingError, check_settings
 from gradreg.samplers import SAMPLERS, RandomOutliers
@@ -169,8 +176,13 @@ class GradRegModule(LightningModule):
         self.model = create_classifier(arch, num_classes, **kwargs)
         if method == "absent":
             add_absent_head(self.model)
+        # The training run behind a gradreg checkpoint's weights (evaluate.py CONFIG records it as trained_with).
+        self.pretrained_environment: dict[str, Any] | None = None
         if from_file:
-            load_pretrained(self.model, pretrained)
+            checkpoint = read_weights(pretrained)  # read once: the weights, and the environment of their run
+            load_pretrained(self.model, pretrained, checkpoint)
+            if "state_dict" in checkpoint:
+                self.pretrained_environment = checkpoint.get("environment")
         if input_mean is not None and input_std is not None:
             self.model.set_normalization(input_mean, input_std)
         if self.regularizes:

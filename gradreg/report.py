@@ -549,11 +549,12 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     post_hoc = source.suffix in (".yaml", ".yml")
     ckpt_path = require_file(source, "config", "pass an existing .yaml") if post_hoc else resolve_checkpoint(source)
     ckpt = None if post_hoc else load_checkpoint(ckpt_path)
-    trained_with = None if ckpt is None else ckpt.get("environment")  # checkpoints of older versions have none
     try:
         module, dm = from_config(ckpt_path, overrides) if ckpt is None else rebuild(ckpt, overrides)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot build the model and data ({str(err).splitlines()[0]})") from None
+    # checkpoints of older versions have none; a config's, its model.pretrained's if that is a gradreg checkpoint
+    trained_with = module.pretrained_environment if ckpt is None else ckpt.get("environment")
     del ckpt  # the model holds copies of its tensors
     specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
     scorer_map = build_scorers(specs)

@@ -404,3 +404,27 @@ def test_ce_checkpoint_naming_an_outlier_sampler_still_evaluates(
     args = [str(tmp_path / "ce.ckpt"), *FAST, "--suites", "ood", "--sets", "noise", "--scorers", "energy"]
     proc = run_inprocess([*args, "--out", str(tmp_path / "out")], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_config_evaluation_records_the_run_behind_its_pretrained_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Was trained_with null: model.pretrained may be a gradreg checkpoint, whose environment says what trained it.
+    from gradreg.module import GradRegModule
+    from gradreg.provenance import environment
+
+    monkeypatch.chdir(tmp_path)
+    model = GradRegModule(arch_kwargs={"in_channels": 1, "width": 8}, num_classes=6, method="ce")
+    trained_with = environment(torch.device("cpu"))
+    torch.save({"state_dict": model.state_dict(), "environment": trained_with}, tmp_path / "gradreg.ckpt")
+    torch.save(model.model.state_dict(), tmp_path / "plain.pt")  # a state dict says nothing of its training
+    for weights, expected in (("gradreg.ckpt", trained_with), ("plain.pt", None)):
+        config = tmp_path / f"{Path(weights).stem}.yaml"
+        config.write_text(
+            f"model:\n  arch_kwargs: {{in_channels: 1, width: 8}}\n  method: ce\n  pretrained: {tmp_path / weights}\n"
+            "data:\n  id_dataset: digits\n  ood_sets: [noise]\n"
+        )
+        args = [str(config), *FAST, "--suites", "ood", "--scorers", "energy", "--out", config.stem]
+        proc = run_inprocess(args, capsys)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((tmp_path / config.stem / "results.json").read_text())["trained_with"] == expected
