@@ -261,7 +261,7 @@ def ood_metrics(id_scores: ArrayLike, ood_scores: ArrayLike) -> dict[str, float]
 
 
 def accuracy(logits_or_preds: ArrayLike, targets: ArrayLike) -> float:
-    """Top-1 accuracy from logits (N, C) (argmax over classes) or predicted labels (N,).
+    """Top-1 accuracy from logits (N, C) (argmax over classes) or predicted labels (N,), integers or integral floats.
 
     Example:
         >>> accuracy(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0]))
@@ -275,6 +275,13 @@ def accuracy(logits_or_preds: ArrayLike, targets: ArrayLike) -> float:
         preds = preds.argmax(dim=1)
     elif preds.ndim != 1:
         raise ValueError(f"expected logits (N, C) or labels (N,), got shape {tuple(preds.shape)}")
+    elif preds.is_floating_point():  # .long() below would truncate 0.7 to label 0
+        fractional = preds[preds.frac() != 0]  # inf and NaN too (their frac is NaN)
+        if fractional.numel():
+            raise ValueError(
+                f"predictions (N,) hold non-integral values such as {fractional[0].item():g}, not labels; pass "
+                "logits (N, C) or integer labels (N,)"
+            )
     if preds.shape[0] != target.shape[0]:
         raise ValueError(f"{preds.shape[0]} predictions but {target.shape[0]} targets")
     if target.numel() == 0:

@@ -536,11 +536,29 @@ def load_error_reason(err: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
 
 
-def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> list[str]:
+def read_weights(source: str | os.PathLike[str]) -> Mapping[str, object]:
+    """A checkpoint file read safely (``torch.load(weights_only=True)``, onto the CPU): a state dict or a Lightning one.
+
+    Raises:
+        ValueError: the file cannot be read as a weights-only checkpoint, or holds no mapping (one line naming it).
+    """
+    try:
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors are long and multi-line
+        raise ValueError(f"{source}: cannot load as a weights-only checkpoint: {load_error_reason(err)}") from err
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{source}: expected a state dict or a Lightning checkpoint, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def load_pretrained(
+    model: nn.Module, source: str | os.PathLike[str], checkpoint: Mapping[str, object] | None = None
+) -> list[str]:
     """Load weights from a checkpoint file into ``model`` (in place); returns the skipped head keys.
 
     ``source`` is a Lightning checkpoint (its ``state_dict`` holds the model under the ``model.``
-    prefix; other entries are ignored) or a plain state dict, read with ``torch.load(weights_only=True)``.
+    prefix; other entries are ignored) or a plain state dict, read with :func:`read_weights`; a caller that reads
+    other entries too passes the file as read there as ``checkpoint`` (it is then not read again).
     Head parameters (``fc.*``, ``absent_fc.*``) whose shape differs from the model's, or that only one side has,
     are skipped with a warning (the model keeps its own): that is how a model is fine-tuned to a new number of
     classes, or a K-way checkpoint to ``method: absent`` and back. Torchvision weight names are handled by the model
@@ -550,12 +568,7 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> list[st
         ValueError: the file cannot be read as a weights-only checkpoint, or any other key is missing,
             unexpected or of a different shape (one line naming the file and the mismatch).
     """
-    try:
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors are long and multi-line
-        raise ValueError(f"{source}: cannot load as a weights-only checkpoint: {load_error_reason(err)}") from err
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{source}: expected a state dict or a Lightning checkpoint, got {type(ckpt).__name__}")
+    ckpt = read_weights(source) if checkpoint is None else checkpoint
     if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         if not state:

@@ -39,10 +39,17 @@ from gradreg.losses import (
     outlier_exposure_loss,
     upcast,
 )
-from gradreg.models import MODELS, add_absent_head, create_classifier, load_pretrained, logits_with_absent
+from gradreg.models import (
+    MODELS,
+    add_absent_head,
+    create_classifier,
+    load_pretrained,
+    logits_with_absent,
+    read_weights,
+)
 from gradreg.provenance import environment
 from gradreg.registry import Bounds, SettingError, check_settings
-from gradreg.samplers import SAMPLERS
+from gradreg.samplers import SAMPLERS, RandomOutliers
 
 Method = Literal["ce", "oe", "energy", "greg", "absent"]
 ABSENT_HEAD_HINT = (
@@ -87,7 +94,7 @@ class GradRegModule(LightningModule):
         reg_weight: weight of GReg's gradient-norm regularizer (lambda_gradS = 1); 0 computes no extra backward.
         reg_scaling: ``code`` (official code's scaling, the default) or ``paper`` (see ``grad_norm_penalty``).
         sampler: outlier sampler spec: ``random`` (GReg) or ``{name: energy_cluster, ...}`` (GReg+), ``dos``, ``ntom``,
-            ``poem``.
+            ``poem``; ``ce`` takes only ``random`` (it trains on no outliers).
         lr: initial learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
@@ -145,6 +152,13 @@ class GradRegModule(LightningModule):
         check_settings(self.hparams, typing.get_type_hints(GradRegModule.__init__), BOUNDS, prefix="model.")
         if method in ("energy", "greg") and m_in > m_out:
             raise SettingError(f"model.m_in={m_in} must be <= model.m_out={m_out} (ID energies go below m_in)")
+        self.sampler = SAMPLERS.build(sampler)  # before the model: its settings fail before any weights load
+        if method == "ce" and not isinstance(self.sampler, RandomOutliers):  # ce forwards no outliers to select
+            raise SettingError(
+                f"model.sampler={sampler!r} selects outliers, and model.method='ce' trains on none; leave "
+                "model.sampler out (or set it to random), or use a method that trains on outliers (oe, energy, greg, "
+                "absent)"
+            )
         kwargs = dict(arch_kwargs or {})
         from_file = pretrained is not None and (
             "/" in pretrained or Path(pretrained).suffix in (".ckpt", ".pt", ".pth")
@@ -162,8 +176,13 @@ class GradRegModule(LightningModule):
         self.model = create_classifier(arch, num_classes, **kwargs)
         if method == "absent":
             add_absent_head(self.model)
+        # The training run behind a gradreg checkpoint's weights (evaluate.py CONFIG records it as trained_with).
+        self.pretrained_environment: dict[str, Any] | None = None
         if from_file:
-            load_pretrained(self.model, pretrained)
+            checkpoint = read_weights(pretrained)  # read once: the weights, and the environment of their run
+            load_pretrained(self.model, pretrained, checkpoint)
+            if "state_dict" in checkpoint:
+                self.pretrained_environment = checkpoint.get("environment")
         if input_mean is not None and input_std is not None:
             self.model.set_normalization(input_mean, input_std)
         if self.regularizes:
@@ -171,7 +190,6 @@ class GradRegModule(LightningModule):
             use_double_backward(self.model)
         if channels_last:  # convolutions then run channels-last whatever their input's layout
             self.model.to(memory_format=torch.channels_last)
-        self.sampler = SAMPLERS.build(sampler)
         self.sampler.setup(num_classes=num_classes)
         self.num_classes = num_classes
         self.method = method

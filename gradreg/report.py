@@ -333,6 +333,8 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
         )
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     arch_kwargs = {k: v for k, v in (hparams.get("arch_kwargs") or {}).items() if k != "weights"}
+    if hparams.get("method") == "ce":  # ce ignored a sampler, refused since: a checkpoint from before may name one
+        hparams["sampler"] = "random"
     # The weights come from the checkpoint: never re-download or re-read the pretraining source.
     module = GradRegModule(**{**hparams, "pretrained": None, "arch_kwargs": arch_kwargs})
     if module.predates_absent_head(ckpt["state_dict"]):
@@ -547,11 +549,12 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     post_hoc = source.suffix in (".yaml", ".yml")
     ckpt_path = require_file(source, "config", "pass an existing .yaml") if post_hoc else resolve_checkpoint(source)
     ckpt = None if post_hoc else load_checkpoint(ckpt_path)
-    trained_with = None if ckpt is None else ckpt.get("environment")  # checkpoints of older versions have none
     try:
         module, dm = from_config(ckpt_path, overrides) if ckpt is None else rebuild(ckpt, overrides)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot build the model and data ({str(err).splitlines()[0]})") from None
+    # checkpoints of older versions have none; a config's, its model.pretrained's if that is a gradreg checkpoint
+    trained_with = module.pretrained_environment if ckpt is None else ckpt.get("environment")
     del ckpt  # the model holds copies of its tensors
     specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
     scorer_map = build_scorers(specs)
@@ -600,9 +603,10 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     id_scored = run(id_test, None, "id")
     save_scores(out / "scores" / "id.npz", id_scored, id_test)
     given = {scorer_key(s): s for s in specs}
+    shape = id_test[0][0].shape  # of every scored image (the OOD sets are resized to the ID size)
     header = {
         "checkpoint": str(ckpt_path),
-        "options": {**vars(opts), "scorers": {k: scorer_record(given[k], s) for k, s in scorer_map.items()}},
+        "options": {**vars(opts), "scorers": {k: scorer_record(given[k], s, shape) for k, s in scorer_map.items()}},
         "scorers": list(scorer_map),
         "id": {
             "dataset": dataset_name(dm.id_dataset),
@@ -656,9 +660,9 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     return 1 if writer.failed else 0
 
 
-def scorer_record(spec: ScorerSpec, scorer: Scorer) -> dict[str, Any]:
-    """``spec`` as a mapping with every setting the scorer ran with, defaults included: what was computed."""
-    return {**({"name": spec} if isinstance(spec, str) else spec), **scorer.settings()}
+def scorer_record(spec: ScorerSpec, scorer: Scorer, input_shape: Sequence[int]) -> dict[str, Any]:
+    """``spec`` as a mapping with every setting the scorer ran with on ``input_shape``, defaults resolved."""
+    return {**({"name": spec} if isinstance(spec, str) else spec), **scorer.settings_for(input_shape)}
 
 
 def check_explainable(module: GradRegModule, scorer_map: dict[str, Scorer], key: str, x: Tensor) -> None:

@@ -324,6 +324,7 @@ def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: st
         (["--model.sampler", "{name:dos}"], ["unknown sampler '{name:dos}'", "a space after each ':'"]),
         (["--model.sampler", "{name: null}"], ["unknown sampler 'None'; known:"]),
         (["--model.m_in", "0", "--model.m_out", "-30"], ["model.m_in=0.0 must be <= model.m_out=-30.0"]),
+        (["--model.method", "ce", "--model.sampler", "dos"], ["model.sampler='dos' selects outliers", "ce"]),
         (["--model.arch_kwargs", "{in_channels: 3, width: 8}"], ["1 input channel(s) but the model takes 3"]),
         (["--run.resume", "{tmp}/nowhere"], ["run.resume checkpoint '{tmp}/nowhere/last.ckpt' does not exist"]),
         (

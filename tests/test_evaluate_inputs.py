@@ -308,6 +308,20 @@ def test_results_record_every_scorer_setting(run_dir: Path, tmp_path: Path, caps
     }
 
 
+def test_results_record_the_margin_block_the_image_size_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Was block_size null: the default is resolved from the image size when the scorer runs (8 px digits: 2).
+    monkeypatch.chdir(tmp_path)
+    args = [str(ROOT / "configs" / "quickstart.yaml"), *FAST, "--suites", "ood", "--sets", "noise", "--out", "out"]
+    proc = run_inprocess([*args, "--scorers", "margin:subspace=low,max_iter=1", "energy"], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scorers = json.loads((tmp_path / "out" / "results.json").read_text())["options"]["scorers"]
+    assert scorers["margin"] == {"name": "margin", "subspace": "low", "block_size": 2, "top_k": 10, "overshoot": 0.02,
+                                 "max_iter": 1}  # fmt: skip
+    assert scorers["energy"] == {"name": "energy", "temperature": 1.0}
+
+
 def test_another_image_size_than_training_warns(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -370,3 +384,47 @@ def test_checkpoint_fitted_without_a_datamodule_says_so(tmp_path: Path, capsys: 
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     proc = run_inprocess([str(tmp_path / "plain.ckpt"), *FAST], capsys)
     assert_one_line_error(proc, "holds no datamodule settings", "datamodule=gradreg.data.OODDataModule(...)")
+
+
+def test_ce_checkpoint_naming_an_outlier_sampler_still_evaluates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ce ignored its sampler before GradRegModule refused one; such checkpoints stay evaluable.
+    from gradreg.data import OODDataModule
+    from gradreg.module import GradRegModule
+
+    dm = OODDataModule(batch_size=32)
+    model = GradRegModule(arch_kwargs={"in_channels": 1, "width": 8}, num_classes=dm.num_classes, method="ce")
+    ckpt = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": {**model.hparams, "sampler": {"name": "dos"}},
+        "datamodule_hyper_parameters": dict(dm.hparams),
+    }
+    torch.save(ckpt, tmp_path / "ce.ckpt")
+    args = [str(tmp_path / "ce.ckpt"), *FAST, "--suites", "ood", "--sets", "noise", "--scorers", "energy"]
+    proc = run_inprocess([*args, "--out", str(tmp_path / "out")], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_config_evaluation_records_the_run_behind_its_pretrained_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Was trained_with null: model.pretrained may be a gradreg checkpoint, whose environment says what trained it.
+    from gradreg.module import GradRegModule
+    from gradreg.provenance import environment
+
+    monkeypatch.chdir(tmp_path)
+    model = GradRegModule(arch_kwargs={"in_channels": 1, "width": 8}, num_classes=6, method="ce")
+    trained_with = environment(torch.device("cpu"))
+    torch.save({"state_dict": model.state_dict(), "environment": trained_with}, tmp_path / "gradreg.ckpt")
+    torch.save(model.model.state_dict(), tmp_path / "plain.pt")  # a state dict says nothing of its training
+    for weights, expected in (("gradreg.ckpt", trained_with), ("plain.pt", None)):
+        config = tmp_path / f"{Path(weights).stem}.yaml"
+        config.write_text(
+            f"model:\n  arch_kwargs: {{in_channels: 1, width: 8}}\n  method: ce\n  pretrained: {tmp_path / weights}\n"
+            "data:\n  id_dataset: digits\n  ood_sets: [noise]\n"
+        )
+        args = [str(config), *FAST, "--suites", "ood", "--scorers", "energy", "--out", config.stem]
+        proc = run_inprocess(args, capsys)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((tmp_path / config.stem / "results.json").read_text())["trained_with"] == expected

@@ -154,6 +154,14 @@ def test_accuracy_rejects_bad_shapes(logits: torch.Tensor, targets: torch.Tensor
         accuracy(logits, targets)
 
 
+@pytest.mark.parametrize("preds", [[0.7, 1.2], torch.tensor([0.0, math.nan]), np.array([1.0, np.inf])])
+def test_accuracy_refuses_float_predictions_that_are_not_labels(preds: object) -> None:
+    # 1-D floats were truncated to labels: [0.7, 1.2] scored as [0, 1], a perfect accuracy.
+    with pytest.raises(ValueError, match=r"non-integral values such as .*; pass logits \(N, C\) or integer labels"):
+        accuracy(preds, [0, 1])
+    assert accuracy(torch.tensor([0.0, 1.0]), [0, 0]) == 0.5  # integral floats are labels
+
+
 # Errors.
 
 

@@ -657,6 +657,16 @@ def test_constructors_check_values_but_accept_what_python_callers_pass() -> None
         GradRegModule(method="greg", m_in=0.0, m_out=-7.0, arch_kwargs={"in_channels": 1})
 
 
+@pytest.mark.parametrize("sampler", ["dos", {"name": "energy_cluster", "two_way": True}, "ntom", "poem"])
+def test_ce_refuses_an_outlier_sampler_it_would_ignore(sampler: str | dict) -> None:
+    # ce forwards no outliers: the sampler was built and silently never used.
+    with pytest.raises(SettingError, match=re.escape(f"model.sampler={sampler!r} selects outliers, and model.method")):
+        GradRegModule(method="ce", sampler=sampler, arch_kwargs={"in_channels": 1})
+    for default in ("random", {"name": "random"}):
+        assert GradRegModule(method="ce", sampler=default, arch_kwargs={"in_channels": 1}).method == "ce"
+    GradRegModule(method="oe", sampler=sampler, arch_kwargs={"in_channels": 1})  # an outlier method uses it
+
+
 def test_a_users_trainer_matches_the_datamodules_classes_and_normalization(tmp_path: Path) -> None:
     # train.py links num_classes, input_mean and input_std from the datamodule; in a user's own Trainer a module built
     # without them silently trained 10 logits on the 6 digit classes, with normalization buffers of mean 0, std 1.

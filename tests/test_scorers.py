@@ -1004,6 +1004,15 @@ def test_margin_default_block_is_the_quarter_image(tiny: TinyCNN, batch: Tensor)
     torch.testing.assert_close((project(v) * v).sum(), project(v).square().sum())  # ...and self-adjoint
 
 
+def test_margin_settings_for_an_image_size_resolve_the_default_block() -> None:
+    # results.json records these: block_size null said nothing of the block the scores were computed with.
+    assert build({"name": "margin", "subspace": "low"}).settings_for((1, 8, 8))["block_size"] == 2
+    assert build({"name": "margin", "subspace": "high"}).settings_for((3, 224, 224))["block_size"] == 8
+    assert build({"name": "margin", "subspace": "low", "block_size": 3}).settings_for((1, 8, 8))["block_size"] == 3
+    assert build("margin").settings_for((1, 8, 8))["block_size"] is None  # the full space has no block
+    assert build("odin").settings_for((1, 8, 8)) == build("odin").settings()
+
+
 @pytest.mark.parametrize("subspace", ["low", "high"])
 def test_margin_subspaces_refuse_inputs_that_are_not_images(subspace: str) -> None:
     # On (N, D) vectors the 2-D DCT would run over (batch, features): with N == D it mixed the rows silently.

@@ -19,9 +19,9 @@ logits subclass :class:`OutputScorer` so that callers can share one forward pass
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +100,10 @@ class Scorer(Settings):
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         """Return one score per row of ``x`` (higher = more in-distribution), shape (N,)."""
         raise NotImplementedError
+
+    def settings_for(self, input_shape: Sequence[int]) -> dict[str, Any]:
+        """:meth:`settings` as the scorer computes with on inputs of ``input_shape`` (C, H, W): defaults resolved."""
+        return self.settings()
 
     def require(self, model: nn.Module) -> None:
         """Raise a TypeError naming what ``model`` lacks for this scorer (``features`` and ``fc`` if ``needs_head``)."""

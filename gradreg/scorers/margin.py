@@ -32,9 +32,9 @@ images still have distinct low and high blocks. Using the margin as an OOD score
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -219,6 +219,12 @@ class Margin(Scorer):
         super().__post_init__()
         if self.subspace == "full" and self.block_size is not None:  # it would be ignored: say so
             raise SettingError(f"block_size={self.block_size} applies to subspace 'low' or 'high' only, not 'full'")
+
+    def settings_for(self, input_shape: Sequence[int]) -> dict[str, Any]:  # noqa: D102
+        settings = self.settings()
+        if self.subspace != "full" and self.block_size is None:  # dct_projector resolves it from the image size
+            settings["block_size"] = default_block_size(*input_shape[-2:])
+        return settings
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
         return deepfool_margin(model, x, self.subspace, self.block_size, self.top_k, self.overshoot, self.max_iter)
