@@ -36,6 +36,7 @@ channel counts other than 1 and 3 are compressed channel by channel as grayscale
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -92,11 +93,15 @@ def _attack_mode(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _check_budget(epsilon: float, steps: int = 1) -> None:
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0 (pixel units, e.g. 8/255), got {epsilon}")
+def _check_budget(epsilon: float, steps: int = 1, step_size: float | None = None) -> None:
+    if not 0 <= epsilon < math.inf:  # also refuses NaN, which passed ``epsilon < 0`` and gave NaN images
+        raise ValueError(
+            f"epsilon must be >= 0 and finite (pixel units, e.g. 8/255; 1 already allows any image), got {epsilon}"
+        )
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if step_size is not None and not 0 <= step_size < math.inf:  # a negative step would descend the objective
+        raise ValueError(f"step_size must be >= 0 and finite (pixel units), got {step_size}")
 
 
 def _linf_ascent(
@@ -180,7 +185,7 @@ def pgd(
     Returns:
         Normalized adversarial inputs, same shape and dtype as ``x``, detached.
     """
-    _check_budget(epsilon, steps)
+    _check_budget(epsilon, steps, step_size)
     step = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
     with _attack_mode(model):
         x = x.clone()
@@ -213,7 +218,7 @@ def energy_attack(
     Returns:
         Normalized perturbed inputs, same shape and dtype as ``x_ood``, detached.
     """
-    _check_budget(epsilon, steps)
+    _check_budget(epsilon, steps, step_size)
     step = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
     with _attack_mode(model):
         # Ascent on -E (= T * logsumexp(f / T)) is descent on the energy.

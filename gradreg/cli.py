@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import netrc
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from gradreg.data.datasets import DatasetNotFoundError
 from gradreg.module import NonFiniteLossError, UnsupportedSettingError
@@ -29,7 +30,16 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse`` whose mistakes end like every other bad input: a :class:`UserError` (one line, exit code 1)."""
+    """``argparse`` whose mistakes end like every other bad input: a :class:`UserError` (one line, exit code 1).
+
+    Values such as ``-8/255`` and ``-1e-3`` are read as values, as ``-1`` and ``-0.5`` are, so that the option's
+    own check names them (argparse took them for unknown options: "expected at least one argument").
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        number = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+        self._negative_number_matcher = re.compile(rf"^-{number}(/{number})?$")
 
     def error(self, message: str) -> NoReturn:
         """Raise the mistake (argparse's own prints the usage block and exits with 2)."""

@@ -357,6 +357,9 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
             "its hyperparameters do not belong together; use a .ckpt written by train.py as it is"
         )
     module.load_state_dict(ckpt["state_dict"])
+    # The attacks, corruptions, ODIN and the margin convert to pixels with these buffers: they must describe the
+    # normalization of the images this evaluation feeds the model (--data mean/std can change it).
+    module.model.set_normalization(dm.input_mean, dm.input_std)
     return module, dm
 
 

@@ -167,7 +167,20 @@ def test_energy_attack_lowers_the_energy_of_ood_inputs(trained: SmallCNN, digits
     assert (_pixels(trained, x_adv) - _pixels(trained, noise)).abs().max() <= 8 / 255 + 1e-5
 
 
-@pytest.mark.parametrize("call", [lambda m, x, y: fgsm(m, x, y, -0.1), lambda m, x, y: pgd(m, x, y, 0.1, steps=-1)])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, y: fgsm(m, x, y, -0.1),
+        lambda m, x, y: pgd(m, x, y, 0.1, steps=-1),
+        # NaN passed ``epsilon < 0`` and returned NaN images; inf (default step inf) gave NaN where the gradient is 0
+        lambda m, x, y: fgsm(m, x, y, float("nan")),
+        lambda m, x, y: pgd(m, x, y, float("inf")),
+        lambda m, x, y: energy_attack(m, x, float("nan")),
+        # a negative step descends the loss: the "attack" made the inputs easier
+        lambda m, x, y: pgd(m, x, y, 0.1, step_size=-0.01),
+        lambda m, x, y: energy_attack(m, x, 0.1, step_size=float("nan")),
+    ],
+)
 def test_attacks_reject_bad_budgets(trained: SmallCNN, test_batch: tuple, call) -> None:
     x, y = test_batch
     with pytest.raises(ValueError, match="must be >= 0"):

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradreg.anomalies import CORRUPTIONS
 from gradreg.cli import UserError, evaluate_main, point_latest, train_main
-from gradreg.report import check_options, parse_args, resolve_checkpoint
+from gradreg.evaluation import sample
+from gradreg.report import anomaly_sets, check_options, load_checkpoint, parse_args, rebuild, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Keeps a regression quick: code that accepted these inputs ran the whole benchmark first.
@@ -60,6 +62,9 @@ def quick_run(tmp: Path, *extra: str) -> Path:
         (["--corruptions", "jpeg", "gausian_noise"], ["'gausian_noise'", "gaussian_noise", "impulse_noise"]),
         (["--severities", "0", "6"], ["--severities 0", "1 (mild) to 5 (strong)"]),
         (["--epsilons", "-0.01"], ["--epsilons -0.01", "pixel units"]),
+        # argparse took these for options: "expected at least one argument" / "unrecognized arguments: -1e-3"
+        (["--epsilons", "-8/255"], ["--epsilons -0.0313725 is not in (0, 1]", "pixel units"]),
+        (["--epsilons", "8/255", "-1e-3"], ["--epsilons -0.001 is not in (0, 1]", "pixel units"]),
         (["--epsilons", "8"], ["--epsilons 8 ", "8/255 = 0.0314"]),
         (["--epsilons", "inf"], ["--epsilons inf ", "e.g. 8/255 = 0.0314"]),
         (["--explain", "-1"], ["--explain -1", ">= 0"]),
@@ -332,6 +337,28 @@ def test_another_image_size_than_training_warns(
     proc = run_inprocess([*args, "--out", str(tmp_path / "b"), "--data", "image_size=8"], capsys)  # the same size
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "warning" not in proc.stderr
+
+
+def test_attacks_and_corruptions_use_the_normalization_of_the_evaluated_data(run_dir: Path) -> None:
+    # --data mean/std changes what the loader feeds the model; the budgets and clamps in pixel units must follow it
+    # (they used the checkpoint's buffers: 8/255 became 10.6/255 and adversarial pixels reached 1.04).
+    module, dm = rebuild(load_checkpoint(run_dir / "last.ckpt"), {"mean": [0.5], "std": [0.5]})
+    model = module.model.eval()
+    assert (model.input_mean.tolist(), model.input_std.tolist()) == ([0.5], [0.5])
+    suites = ["--suites", "adversarial", "corruption", "--corruptions", "contrast", "--severities", "5"]
+    opts = parse_args(["ckpt", *suites, "--epsilons", "8/255", "--pgd-steps", "2"])
+    check_options(opts)
+    id_test = sample(dm.id_dataset_for("test"), 32)
+    x, y = next(iter(dm.eval_loader(id_test)))
+    clean = x * 0.5 + 0.5
+    for name, group, _, transform in anomaly_sets(model, id_test, {}, opts, torch.device("cpu")):
+        out = transform(x, y) * 0.5 + 0.5
+        if group == "adversarial":
+            assert (out - clean).abs().max() <= 8 / 255 + 1e-6, name
+            assert out.min() >= 0, name
+            assert out.max() <= 1 + 1e-6, name
+        else:
+            torch.testing.assert_close(out, CORRUPTIONS.get("contrast")(clean, 5), rtol=0, atol=1e-6)
 
 
 def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
