@@ -31,7 +31,9 @@ uses a separable kernel truncated at ``4 sigma`` with edge replication (scipy's 
 of RGB (hue and saturation are unchanged by construction); pixelate applies PIL's BOX filter both ways as
 two resampling matrices (equal to PIL's float resize to 1e-7) with at least one pixel per side; JPEG goes through
 torchvision's ``encode_jpeg`` / ``decode_jpeg`` (libjpeg, 4:2:0 chroma subsampling for RGB like PIL's default),
-channel counts other than 1 and 3 are compressed channel by channel as grayscale.
+channel counts other than 1 and 3 are compressed channel by channel as grayscale; the corrupted images stay float
+(CIFAR-10-C stores them as uint8, truncated, about -0.5/255 on average), and only JPEG is quantized. ``evaluate.py``
+seeds each corruption and severity with its own generator.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -324,11 +325,18 @@ def rebuild(ckpt: dict[str, Any], data_overrides: dict[str, Any]) -> tuple[GradR
     dm_hparams = {k: v for k, v in ckpt["datamodule_hyper_parameters"].items() if not k.startswith("_")}
     dm = OODDataModule(**{**dm_hparams, **data_overrides})
     require_datasets({"data": dict(dm.hparams)}, stage="test")  # a missing dataset stops us before any work
-    trained_size = OODDataModule(**dm_hparams).spec.size if data_overrides else dm.spec.size
-    if dm.spec.size != trained_size:  # allowed (test-time resolution studies), but not the benchmark's protocol
+    trained = OODDataModule(**dm_hparams).spec if data_overrides else dm.spec
+    if dm.spec.size != trained.size:  # allowed (test-time resolution studies), but not the benchmark's protocol
         print(
-            f"warning: the checkpoint was trained on {trained_size} px images and is evaluated on {dm.spec.size} px "
+            f"warning: the checkpoint was trained on {trained.size} px images and is evaluated on {dm.spec.size} px "
             "(--data image_size): its scores are not comparable with those at the training size",
+            file=sys.stderr,
+        )
+    if (dm.spec.mean, dm.spec.std) != (trained.mean, trained.std):
+        print(
+            f"warning: the checkpoint was trained on images normalized with mean {list(trained.mean)}, std "
+            f"{list(trained.std)} and is evaluated with mean {list(dm.spec.mean)}, std {list(dm.spec.std)} (--data "
+            "mean/std): the model sees other inputs than in training",
             file=sys.stderr,
         )
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
@@ -435,7 +443,8 @@ def anomaly_sets(
     if "corruption" in opts.suites:
         for name in opts.corruptions:
             for sev in opts.severities:
-                gen = torch.Generator(device=device).manual_seed(sev)
+                # One seed per set: the noise corruptions of one severity would otherwise share their draws.
+                gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{name}_s{sev}".encode()))
                 fn = lambda x, y, n=name, s=sev, g=gen: anomalies.corrupt(x, n, s, mean, std, g)  # noqa: E731
                 yield f"{name}_s{sev}", "corruption", id_test, fn
     if "robustness" in opts.suites:

@@ -337,6 +337,10 @@ def test_another_image_size_than_training_warns(
     proc = run_inprocess([*args, "--out", str(tmp_path / "b"), "--data", "image_size=8"], capsys)  # the same size
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "warning" not in proc.stderr
+    proc = run_inprocess([*args, "--out", str(tmp_path / "c"), "--data", "mean=[0.5]", "std=[0.5]"], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: the checkpoint was trained on images normalized with mean" in proc.stderr
+    assert "is evaluated with mean [0.5], std [0.5] (--data mean/std)" in proc.stderr
 
 
 def test_attacks_and_corruptions_use_the_normalization_of_the_evaluated_data(run_dir: Path) -> None:
@@ -359,6 +363,20 @@ def test_attacks_and_corruptions_use_the_normalization_of_the_evaluated_data(run
             assert out.max() <= 1 + 1e-6, name
         else:
             torch.testing.assert_close(out, CORRUPTIONS.get("contrast")(clean, 5), rtol=0, atol=1e-6)
+
+
+def test_noise_corruptions_of_one_severity_draw_independent_noise(run_dir: Path) -> None:
+    # Every set was seeded by its severity alone: gaussian and speckle noise drew the same normals (correlation 1.0).
+    module, _ = rebuild(load_checkpoint(run_dir / "last.ckpt"), {})
+    model = module.model.eval()
+    opts = parse_args(["ckpt", "--suites", "corruption", "--corruptions", "gaussian_noise", "speckle_noise",
+                       "--severities", "3"])  # fmt: skip
+    check_options(opts)
+    x = torch.full((64, 1, 8, 8), 0.5)  # mid-grey pixels: no clamping, speckle noise = 0.5 x gaussian's draws
+    x = (x - model.input_mean.reshape(1, -1, 1, 1)) / model.input_std.reshape(1, -1, 1, 1)
+    noise = [(t(x, None) - x).flatten() for _, _, _, t in anomaly_sets(model, [], {}, opts, torch.device("cpu"))]
+    assert len(noise) == 2
+    assert torch.corrcoef(torch.stack(noise))[0, 1].abs() < 0.1
 
 
 def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
