@@ -214,6 +214,28 @@ def test_run_resumed_inside_an_epoch_ends_with_the_uninterrupted_runs_weights(
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
+# A snapshot after an epoch's last batch (every_n_train_steps dividing the epoch's length): Lightning resumes with the
+# next epoch, whose ID order a loader with workers reads when its iterator is made, before set_epoch.
+def test_run_resumed_after_an_epochs_last_batch_draws_the_next_epoch(tmp_path: Path) -> None:
+    def fit(ckpt_path: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        model, dm = make("energy")
+        dm.num_workers, dm.augment = 1, "crop"
+        drawn = _Drawn()
+        snapshots = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=20, save_top_k=-1)
+        trainer = Trainer(
+            max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, callbacks=[drawn, snapshots],
+        )  # fmt: skip
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        assert trainer.num_training_batches == 20  # so step 20 is epoch 0's last batch
+        return model.state_dict(), drawn.batches
+
+    straight, straight_drawn = fit()
+    resumed, resumed_drawn = fit(tmp_path / "step=20.ckpt")
+    assert resumed_drawn == {1: straight_drawn[1]}
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_training_loaders_leave_the_global_generator_alone(num_workers: int) -> None:
     # A loader draws its workers' base seed when an iterator starts: every epoch without workers, once per fit with

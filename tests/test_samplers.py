@@ -554,6 +554,7 @@ def test_per_epoch_mining_resumed_inside_an_epoch_keeps_its_block(tmp_path):
     (inside,) = tmp_path.glob("epoch=1-step=25.ckpt")
     resumed, _ = _mining_fit(tmp_path, "ntom", 1, "constant", ckpt_path=str(inside))
     assert sorted(resumed.kept) == [2 * steps]  # only at the start of epoch 2
-    # The rest of epoch 1 draws from the checkpoint's block (Lightning replays the ID batches of an epoch resumed
-    # inside, so the weights, and epoch 2's block, differ from the uninterrupted run's).
+    # The rest of epoch 1 draws from the checkpoint's block, and epoch 2 mines the uninterrupted run's block.
     assert resumed.drawn[1] == straight.drawn[1][(25 - steps) * dm.outlier_batch_size :]
+    assert resumed.kept[2 * steps].tolist() == straight.kept[2 * steps].tolist()
+    assert resumed.drawn[2] == straight.drawn[2]

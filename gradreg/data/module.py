@@ -155,7 +155,7 @@ class OODDataModule(LightningDataModule):
         self.spec: ImageSpec = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         self.outlier_stream: OutlierStream | None = None
         self._stream_state: dict | None = None
-        self._restored_epoch = 0  # the fit loop's epoch count in the checkpoint a run resumes from
+        self._restored_epoch = 0  # the epoch a run resumed from a checkpoint trains first
         self._restored_batches = 0  # and the training batches of that epoch it had taken (0: at an epoch's end)
         # The stream position where an epoch starts that has not drawn yet (None: the run stands inside an epoch).
         self.epoch_start_position: int | None = 0
@@ -288,33 +288,39 @@ class OODDataModule(LightningDataModule):
         return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The outlier stream's position, the epoch count and the batches it has taken: where a resumed run goes on.
+        """The outlier stream's position, the epoch to train next and its batches taken: where a resumed run goes on.
 
         The datamodule's state is restored before the model's optimizers are set up, and a cosine schedule asks for
         the number of steps there, which builds the training loader (and its workers read their first indices)
         before Lightning restores its own loops.
         """
-        batches = self._epoch_batches()
-        state: dict[str, Any] = {"epoch": self._epoch(), "epoch_batches": batches}
+        epoch, batches = self._resume_point()
+        state: dict[str, Any] = {"epoch": epoch, "epoch_batches": batches}
         if self.outlier_stream is not None:
             state["outlier_stream"] = self.outlier_stream.state_dict()
             state["epoch_start"] = self.outlier_stream.position if batches == 0 else None
         return state
 
-    def _epoch_batches(self) -> int:
-        """The training batches of the current epoch that a run resumed from a checkpoint taken now will not repeat.
+    def _resume_point(self) -> tuple[int, int]:
+        """The epoch a run resumed from a checkpoint taken now trains first, and the batches of it already trained.
 
         Lightning resumes inside an epoch that it started and did not finish (a periodic ``every_n_train_steps``
-        checkpoint, a validation inside the epoch), after the batches it processed. At an epoch's end or its last
-        validation, and for a run stopped by ``max_steps`` (Lightning counts its epoch as finished), the next epoch
-        starts afresh: 0.
+        checkpoint, a validation inside the epoch), after the batches it processed. A checkpoint after an epoch's
+        last batch (``on_train_batch_end``, or the validation that follows it) goes on with the next epoch, which
+        Lightning counts only once it has restored its loops: its number is recorded here, since a loader with workers
+        reads its first indices as soon as its iterator exists, before ``set_epoch``. At an epoch's end, and for a run
+        stopped by ``max_steps`` (Lightning counts its epoch as finished), the fit loop's count is that next epoch.
         """
         if self.trainer is None:
-            return 0
+            return 0, 0
         epochs = self.trainer.fit_loop.epoch_progress.total
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         inside = epochs.started == epochs.ready and epochs.processed == epochs.started - 1
-        return batches if inside and batches < self.trainer.num_training_batches else 0
+        if not inside:
+            return self._epoch(), 0
+        if batches < self.trainer.num_training_batches:
+            return self._epoch(), batches
+        return self._epoch() + 1, 0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
         self._restored_epoch = state_dict.get("epoch", 0)
