@@ -311,6 +311,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_closed_form(
 
 
 SYNC_BN = """
+import os
 import sys
 import torch
 import torch.distributed as dist
@@ -369,7 +370,10 @@ del y
 if rank == 0:
     saved.update(x_all=x_all, head=head, weight=weight, bias=bias)
 torch.save(saved, f"{out}/rank{rank}.pt")
-dist.destroy_process_group()
+dist.barrier()  # both ranks have saved their results
+# No teardown: once (in CI, not in 39 local runs) gloo's threads aborted the exit ("terminate called without an
+# active exception", SIGABRT) after everything was saved; what this test checks is in the files.
+os._exit(0)
 """
 
 

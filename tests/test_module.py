@@ -181,14 +181,19 @@ def test_resumed_greg_plus_run_ends_with_the_uninterrupted_runs_weights(tmp_path
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
-# A periodic checkpoint inside epoch 1 (every_n_train_steps): the resumed run trains the rest of that epoch on the
-# batches of the uninterrupted run, with no "dataloader is not resumable" warning. NTOM must not mine again.
+# Periodic checkpoints (every_n_train_steps) in epoch 1, or after epoch 0's last batch, where Lightning goes on with
+# epoch 1 (a loader with workers reads its first ID indices before set_epoch): the resumed run trains epoch 1 on the
+# uninterrupted run's batches, with no "dataloader is not resumable" warning. NTOM must not mine again.
 @pytest.mark.parametrize(
-    ("method", "sampler", "schedule", "num_workers"),
-    [("greg", "energy_cluster", "cosine", 1), ("absent", "ntom", "constant", 0)],
+    ("method", "sampler", "schedule", "num_workers", "step"),
+    [
+        ("greg", "energy_cluster", "cosine", 1, 23),
+        ("absent", "ntom", "constant", 0, 23),
+        ("energy", "random", "constant", 1, 20),
+    ],
 )
-def test_run_resumed_inside_an_epoch_ends_with_the_uninterrupted_runs_weights(
-    method: str, sampler: str, schedule: str, num_workers: int, tmp_path: Path
+def test_run_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_runs_weights(
+    method: str, sampler: str, schedule: str, num_workers: int, step: int, tmp_path: Path
 ) -> None:
     def fit(ckpt_path: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         model, dm = make(method, sampler={"name": sampler})
@@ -196,7 +201,7 @@ def test_run_resumed_inside_an_epoch_ends_with_the_uninterrupted_runs_weights(
         model.model.trunk.insert(3, torch.nn.Dropout(0.2))
         dm.num_workers, dm.augment = num_workers, "crop"
         drawn = _Drawn()
-        snapshots = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=23, save_top_k=-1)
+        snapshots = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=step, save_top_k=-1)
         trainer = Trainer(
             max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0, callbacks=[drawn, snapshots],
@@ -205,34 +210,12 @@ def test_run_resumed_inside_an_epoch_ends_with_the_uninterrupted_runs_weights(
             warnings.simplefilter("always")
             trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
         assert not [w for w in caught if "not resumable" in str(w.message)]
-        assert trainer.num_training_batches == 20  # so step 23 is inside epoch 1
+        assert trainer.num_training_batches == 20  # so the step is in epoch 1 or at epoch 0's end
         return model.state_dict(), drawn.batches
 
     straight, straight_drawn = fit()
-    resumed, resumed_drawn = fit(tmp_path / "step=23.ckpt")
-    assert resumed_drawn == {1: straight_drawn[1][3:]}
-    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
-
-
-# A snapshot after an epoch's last batch (every_n_train_steps dividing the epoch's length): Lightning resumes with the
-# next epoch, whose ID order a loader with workers reads when its iterator is made, before set_epoch.
-def test_run_resumed_after_an_epochs_last_batch_draws_the_next_epoch(tmp_path: Path) -> None:
-    def fit(ckpt_path: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-        model, dm = make("energy")
-        dm.num_workers, dm.augment = 1, "crop"
-        drawn = _Drawn()
-        snapshots = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=20, save_top_k=-1)
-        trainer = Trainer(
-            max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, callbacks=[drawn, snapshots],
-        )  # fmt: skip
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-        assert trainer.num_training_batches == 20  # so step 20 is epoch 0's last batch
-        return model.state_dict(), drawn.batches
-
-    straight, straight_drawn = fit()
-    resumed, resumed_drawn = fit(tmp_path / "step=20.ckpt")
-    assert resumed_drawn == {1: straight_drawn[1]}
+    resumed, resumed_drawn = fit(tmp_path / f"step={step}.ckpt")
+    assert resumed_drawn == {1: straight_drawn[1][step - 20 :]}
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
