@@ -270,20 +270,26 @@ def accuracy(logits_or_preds: ArrayLike, targets: ArrayLike) -> float:
         0.6666666666666666
     """
     preds = torch.as_tensor(logits_or_preds).detach().cpu()
-    target = torch.as_tensor(targets).detach().cpu().reshape(-1)
+    target = _labels(torch.as_tensor(targets).detach().cpu().reshape(-1), "targets", "integer labels")
     if preds.ndim == 2:
         preds = preds.argmax(dim=1)
     elif preds.ndim != 1:
         raise ValueError(f"expected logits (N, C) or labels (N,), got shape {tuple(preds.shape)}")
-    elif preds.is_floating_point():  # .long() below would truncate 0.7 to label 0
-        fractional = preds[preds.frac() != 0]  # inf and NaN too (their frac is NaN)
-        if fractional.numel():
-            raise ValueError(
-                f"predictions (N,) hold non-integral values such as {fractional[0].item():g}, not labels; pass "
-                "logits (N, C) or integer labels (N,)"
-            )
+    else:
+        preds = _labels(preds, "predictions (N,)", "logits (N, C) or integer labels (N,)")
     if preds.shape[0] != target.shape[0]:
         raise ValueError(f"{preds.shape[0]} predictions but {target.shape[0]} targets")
     if target.numel() == 0:
         raise ValueError("accuracy of an empty set is undefined")
-    return float((preds.long() == target.long()).double().mean())
+    return float((preds == target).double().mean())
+
+
+def _labels(values: Tensor, what: str, expected: str) -> Tensor:
+    """``values`` as int64 labels; floats with a fractional part (inf and NaN too) are refused, not truncated."""
+    if values.is_floating_point():
+        fractional = values[values.frac() != 0]  # the frac of inf and NaN is NaN
+        if fractional.numel():
+            raise ValueError(
+                f"{what} hold non-integral values such as {fractional[0].item():g}, not labels; pass {expected}"
+            )
+    return values.long()
