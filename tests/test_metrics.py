@@ -160,7 +160,9 @@ def test_accuracy_refuses_float_predictions_that_are_not_labels(preds: object) -
     with pytest.raises(ValueError, match=r"non-integral values such as .*; pass logits \(N, C\) or integer labels"):
         accuracy(preds, [0, 1])
     assert accuracy(torch.tensor([0.0, 1.0]), [0, 0]) == 0.5  # integral floats are labels
-    with pytest.raises(ValueError, match=r"targets hold non-integral values such as 0.5, not labels; pass integer labels"):
+    with pytest.raises(
+        ValueError, match=r"targets hold non-integral values such as 0.5, not labels; pass integer labels"
+    ):
         accuracy([0, 1], [0.5, 1.0])
     assert accuracy([0, 1], torch.tensor([0.0, 0.0])) == 0.5
 
