@@ -374,6 +374,21 @@ def test_folder_sets_read_every_image_at_any_depth(tmp_path: Path) -> None:
     assert label == -1
 
 
+def test_folder_readers_do_not_follow_a_link_back_up(tmp_path: Path) -> None:
+    """os.walk(followlinks=True) would list every image below such a link dozens of times (until ELOOP)."""
+    from gradreg.data.outliers import ImageFolderDataset
+
+    write_image(tmp_path / "isun" / "test" / "a.png", value=0)
+    write_image(tmp_path / "elsewhere" / "b.png", value=1)
+    (tmp_path / "isun" / "test" / "up").symlink_to("..")  # a loop
+    (tmp_path / "isun" / "linked").symlink_to(tmp_path / "elsewhere")  # an ordinary linked folder: read
+    data = DATASETS.get("isun")(tmp_path, "test")
+    assert [f.relative_to(tmp_path / "isun").as_posix() for f in data.files] == ["linked/b.png", "test/a.png"]
+    write_image(tmp_path / "tree" / "c1" / "x.png", value=2)
+    (tmp_path / "tree" / "c1" / "loop").symlink_to(tmp_path / "tree")
+    assert len(ImageFolderDataset(tmp_path / "tree")) == 1
+
+
 @pytest.mark.parametrize("name", ["lsun_r", "isun", "inaturalist", "sun", "places", "ssb_hard", "ninco", "openimage_o"])
 def test_every_folder_set_reads_its_folder(tmp_path: Path, name: str) -> None:
     write_image(tmp_path / name / "x" / "1.jpg")
