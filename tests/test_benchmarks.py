@@ -445,6 +445,14 @@ def test_read_list_file_rejects_bad_labels(tmp_path: Path) -> None:
         read_list_file(tmp_path / "l.txt", tmp_path)
 
 
+@pytest.mark.parametrize("extras", ["{'label': None}", "{'label': 1.7}", "{'label': '3'}", "{'label': True}"])
+def test_read_list_file_rejects_labels_that_are_no_integers(extras: str, tmp_path: Path) -> None:
+    """OpenOOD's extras dict must hold an int label: None was a TypeError naming no line, 1.7 silently became 1."""
+    (tmp_path / "l.txt").write_text(f"a.jpg {{'label': 0}}\nb.jpg {extras}\n")
+    with pytest.raises(ValueError, match=r"l\.txt:2: cannot read a label"):
+        read_list_file(tmp_path / "l.txt", tmp_path)
+
+
 def test_imagelist_reads_any_list(tmp_path: Path) -> None:
     write_image(tmp_path / "tin" / "x.png")
     (tmp_path / "val_tin.txt").write_text("tin/x.png 0\n")

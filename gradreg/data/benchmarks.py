@@ -207,7 +207,9 @@ def _parse_label(text: str) -> int:
     except (ValueError, SyntaxError):
         extras = None
     if isinstance(extras, dict) and "label" in extras:
-        return int(extras["label"])
+        label = extras["label"]
+        if isinstance(label, int) and not isinstance(label, bool):  # int() would cut 1.7 to 1 and fail on None
+            return label
     raise ValueError(f"cannot read a label from {text!r}")
 
 
