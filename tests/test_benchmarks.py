@@ -374,6 +374,21 @@ def test_folder_sets_read_every_image_at_any_depth(tmp_path: Path) -> None:
     assert label == -1
 
 
+def test_folder_readers_do_not_follow_a_link_back_up(tmp_path: Path) -> None:
+    """os.walk(followlinks=True) would list every image below such a link dozens of times (until ELOOP)."""
+    from gradreg.data.outliers import ImageFolderDataset
+
+    write_image(tmp_path / "isun" / "test" / "a.png", value=0)
+    write_image(tmp_path / "elsewhere" / "b.png", value=1)
+    (tmp_path / "isun" / "test" / "up").symlink_to("..")  # a loop
+    (tmp_path / "isun" / "linked").symlink_to(tmp_path / "elsewhere")  # an ordinary linked folder: read
+    data = DATASETS.get("isun")(tmp_path, "test")
+    assert [f.relative_to(tmp_path / "isun").as_posix() for f in data.files] == ["linked/b.png", "test/a.png"]
+    write_image(tmp_path / "tree" / "c1" / "x.png", value=2)
+    (tmp_path / "tree" / "c1" / "loop").symlink_to(tmp_path / "tree")
+    assert len(ImageFolderDataset(tmp_path / "tree")) == 1
+
+
 @pytest.mark.parametrize("name", ["lsun_r", "isun", "inaturalist", "sun", "places", "ssb_hard", "ninco", "openimage_o"])
 def test_every_folder_set_reads_its_folder(tmp_path: Path, name: str) -> None:
     write_image(tmp_path / name / "x" / "1.jpg")
@@ -427,6 +442,14 @@ def test_split_template_list_files_give_id_splits(tmp_path: Path) -> None:
 def test_read_list_file_rejects_bad_labels(tmp_path: Path) -> None:
     (tmp_path / "l.txt").write_text("a.jpg 1\nb.jpg one\n")
     with pytest.raises(ValueError, match=r"l\.txt:2"):
+        read_list_file(tmp_path / "l.txt", tmp_path)
+
+
+@pytest.mark.parametrize("extras", ["{'label': None}", "{'label': 1.7}", "{'label': '3'}", "{'label': True}"])
+def test_read_list_file_rejects_labels_that_are_no_integers(extras: str, tmp_path: Path) -> None:
+    """OpenOOD's extras dict must hold an int label: None was a TypeError naming no line, 1.7 silently became 1."""
+    (tmp_path / "l.txt").write_text(f"a.jpg {{'label': 0}}\nb.jpg {extras}\n")
+    with pytest.raises(ValueError, match=r"l\.txt:2: cannot read a label"):
         read_list_file(tmp_path / "l.txt", tmp_path)
 
 

@@ -158,13 +158,32 @@ def _first_and_last(listing: Path, images: Path) -> list[Path]:
 
 
 def scan_images(folder: Path) -> list[Path]:
-    """Every image file under ``folder`` (recursively, links followed, hidden entries skipped), sorted."""
+    """Every image file under ``folder`` (recursively, links followed but not loops, hidden entries skipped), sorted."""
     return sorted(_walk_images(folder))
 
 
-def _walk_images(folder: Path) -> Iterator[Path]:
+def walk_tree(folder: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(folder, followlinks=True)`` without hidden folders, in sorted order, and without loops.
+
+    A link to a folder the walk is already inside of (``a/b/up -> ../..``) is not entered: ``os.walk`` would follow
+    it until the path is too long, listing every image below it dozens of times.
+    """
+    chains = {os.fspath(folder): (os.path.realpath(folder),)}  # the real folders on the way to each pending one
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        chain = chains.pop(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            sub = os.path.join(dirpath, d)
+            real = os.path.realpath(sub)
+            if not d.startswith(".") and real not in chain:
+                chains[sub] = (*chain, real)
+                keep.append(d)
+        dirnames[:] = keep
+        yield dirpath, dirnames, filenames
+
+
+def _walk_images(folder: Path) -> Iterator[Path]:
+    for dirpath, _, filenames in walk_tree(folder):
         for f in filenames:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
                 yield Path(dirpath, f)
@@ -188,7 +207,9 @@ def _parse_label(text: str) -> int:
     except (ValueError, SyntaxError):
         extras = None
     if isinstance(extras, dict) and "label" in extras:
-        return int(extras["label"])
+        label = extras["label"]
+        if isinstance(label, int) and not isinstance(label, bool):  # int() would cut 1.7 to 1 and fail on None
+            return label
     raise ValueError(f"cannot read a label from {text!r}")
 
 

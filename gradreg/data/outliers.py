@@ -71,7 +71,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, read_image, resolve_path
+from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, read_image, resolve_path, walk_tree
 from gradreg.data.datasets import DATASETS, DatasetNotFoundError, augmentation_seeds
 
 __all__ = ["ImageFolderDataset", "OutlierStream", "TinyImages300K", "read_class_list"]
@@ -179,8 +179,9 @@ class ImageFolderDataset(Dataset):
     """Images of a ``root/<class>/**/<image>`` tree, read with PIL and converted to ``mode`` (RGB by default).
 
     Classes are the sub-folders of ``root`` in sorted order; labels are indices into :attr:`classes` (the sorted
-    included classes). Hidden files and folders are skipped; links are followed. File names are kept in one
-    numpy byte array, so an ImageNet-sized tree costs tens of MB and does not grow in forked workers.
+    included classes). Hidden files and folders are skipped; links are followed, except one back to a folder above
+    it. File names are kept in one numpy byte array, so an ImageNet-sized tree costs tens of MB and does not grow in
+    forked workers.
 
     Args:
         root: the tree's root folder.
@@ -219,8 +220,7 @@ class ImageFolderDataset(Dataset):
         labels: list[int] = []
         suffixes = {e.lower() for e in extensions}
         for label, cls in enumerate(self.classes):
-            for dirpath, dirnames, filenames in os.walk(self.root / cls, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for dirpath, _, filenames in walk_tree(self.root / cls):
                 rel = os.path.relpath(dirpath, self.root)
                 for f in sorted(filenames):
                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in suffixes:
