@@ -411,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def profile_tables(cases: list[Case]) -> str:
-    """``torch.profiler`` operator tables (top 25 by device time) of one warmed-up step of each case."""
+    """``torch.profiler`` operator tables of one warmed-up step of each case: the top 25 by device time, then (on
+    CUDA, where a launch-bound step hides behind its device time) the top 15 by the host's own time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cases[0].device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
@@ -428,6 +429,8 @@ def profile_tables(cases: list[Case]) -> str:
             _sync(torch.device(case.device))
         tables.append(f"## {case.model} {case.n_in}+{case.n_out} {case.precision} {case.method}\n")
         tables.append(prof.key_averages().table(sort_by=sort, row_limit=25))
+        if sort != "cpu_time_total":
+            tables.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return "\n".join(tables)
 
 

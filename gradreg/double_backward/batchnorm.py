@@ -18,9 +18,10 @@ Notation per channel, over its M = N·H·W elements: ``x̂ = (x − μ)·r`` wit
 - ``∂/∂x = −r(v − mean(v) − x̂·mean(v·x̂)) − (γr²C/M²)·x̂`` with ``v = a·S₂·ggx + (a·T₂ − ggγ)·gy``,
   ``mean(v) = (a·S₂·T₁ + (a·T₂ − ggγ)·S₁)/M``, ``mean(v·x̂) = (a·S₂·T₂ + (a·T₂ − ggγ)·S₂)/M``
 
-(the x-derivative goes through x̂, r and S₂; μ and σ² are functions of x). Checked against autograd's
-own double backward and by ``gradgradcheck`` in ``tests/test_double_backward.py``; third derivatives are not
-supported. Eval mode is untouched (``nn.BatchNorm*d.forward``).
+(the x-derivative goes through x̂, r and S₂; μ and σ² are functions of x). Checked against autograd's own double
+backward and by ``gradgradcheck`` in ``tests/test_double_backward.py``. A third derivative raises an error, as
+through PyTorch's own BatchNorm (μ and r are saved as constants, so it would come out wrong). Eval mode is untouched
+(``nn.BatchNorm*d.forward``).
 
 The forward and every first backward run the kernels ``nn.BatchNorm`` runs (``aten._batch_norm_impl_index``:
 cuDNN on CUDA where it applies, else ATen's). Composite kernels for them (``torch.var_mean``, ``torch.sum`` and
@@ -32,8 +33,7 @@ per-channel vectors: launch-bound on a GPU. ``compile_setting`` (per layer; ``au
 ``torch.compile`` on CUDA where Triton is installed (``on`` forces it, also on the CPU; ``off`` keeps it eager),
 which fuses it into a few kernels: on an H100 3.2 instead of 12.8 ms of GPU time per WRN-40-2 GReg step. Deviation
 from the reference code (which has neither): same values up to float32 rounding order, tested against the eager
-form. The compiled function is used only when nothing differentiates the double backward again (no grad mode), as in
-GReg's ``loss.backward()``. The first GReg step compiles it (seconds, once per dtype and memory layout; Inductor
+form. The first GReg step compiles it (seconds, once per dtype and memory layout; Inductor
 caches the kernels on disk); if compiling fails (say, no C compiler for Triton), a warning says so and the eager
 form runs from then on.
 
@@ -181,12 +181,8 @@ def _compiled_closed_form() -> Callable[..., tuple]:
 
 
 def _closed_form_fn(setting: str, x: Tensor) -> Callable[..., tuple]:
-    """:func:`_closed_form`, compiled for ``on``, and for ``auto`` where Inductor fuses it (CUDA with Triton).
-
-    Compiled code is used only without grad mode, that is when nothing differentiates the double backward again
-    (GReg's ``loss.backward()``); under ``create_graph`` the eager ops keep higher derivatives exact.
-    """
-    if setting == "off" or torch.is_grad_enabled():
+    """:func:`_closed_form`, compiled for ``on``, and for ``auto`` where Inductor fuses it (CUDA with Triton)."""
+    if setting == "off":
         return _closed_form
     if setting == "on" or (x.is_cuda and _has_triton()):
         return _compiled_closed_form()
@@ -197,6 +193,39 @@ def _closed_form_fn(setting: str, x: Tensor) -> Callable[..., tuple]:
 def _has_triton() -> bool:
     # Once: without Triton installed, find_spec would search sys.path on every layer of every step.
     return importlib.util.find_spec("triton") is not None
+
+
+class _NoDerivative(torch.autograd.Function):
+    """Passes on the first ``n`` tensors (the rest only tie them to the graph); differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, n: int, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+        return tuple(None if t is None else t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple:
+        raise RuntimeError(
+            "gradreg's training-mode BatchNorm has no third derivative (nor has PyTorch's): differentiate it at most "
+            "twice, or put the layer in eval mode"
+        )
+
+
+def _no_third_derivative(backward: Callable[..., tuple]) -> Callable[..., tuple]:
+    """A double backward's ``backward`` without grad mode; under ``create_graph`` differentiating its results raises.
+
+    Left to autograd, a third derivative would come out wrong: μ and r are saved as constants
+    (``torch.autograd.function.once_differentiable`` misses the dependence through the saved tensors).
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Tensor | None) -> tuple:
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return results
+        return _NoDerivative.apply(len(results), *results, *grads, *ctx.saved_tensors)
+
+    return wrapper
 
 
 class _BatchNormGrad(torch.autograd.Function):
@@ -215,6 +244,7 @@ class _BatchNormGrad(torch.autograd.Function):
         return gx, gw, gb
 
     @staticmethod
+    @_no_third_derivative
     def backward(ctx: Any, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None) -> tuple:
         gy, x, weight, mean, invstd, s2, s1 = ctx.saved_tensors
         closed_form = _closed_form_fn(ctx.compile_setting, x)
@@ -281,10 +311,18 @@ def batch_norm_train(
 
 
 def _all_reduce(group: Any) -> Callable[[Tensor], Tensor]:
-    """Sum over the ranks of ``group``; PyTorch's functional collective: autograd differentiates it again."""
-    from torch.distributed._functional_collectives import all_reduce
+    """Sum over the ranks of ``group`` of a freshly stacked tensor, in place (nothing differentiates it).
 
-    return functools.partial(all_reduce, reduceOp="sum", group=group)
+    Not PyTorch's functional collective: its result is a tensor subclass that sends every later op through Python,
+    76 of the 271 ms of host time of a WRN-40-2 GReg step with synchronized statistics on an H100
+    (``docs/benchmarks.md``).
+    """
+
+    def reduce(t: Tensor) -> Tensor:
+        torch.distributed.all_reduce(t, group=group)
+        return t
+
+    return reduce
 
 
 def _sync_first_backward(
@@ -319,6 +357,7 @@ class _SyncBatchNormGrad(torch.autograd.Function):
         return gx, s2, s1
 
     @staticmethod
+    @_no_third_derivative
     def backward(ctx: Any, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None) -> tuple:
         gy, x, weight, mean, invstd, s2, s1, count = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
