@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         first = [Case(*models[0], m, args.precision[0], args.device, channels_last) for m in args.methods]
         args.profile.write_text(profile_tables(first))
+    if torch.distributed.is_initialized():  # greg_sync's group of one (NCCL warns at exit otherwise)
+        torch.distributed.destroy_process_group()
 
 
 def profile_tables(cases: list[Case]) -> str:
