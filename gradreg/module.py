@@ -368,6 +368,10 @@ class GradRegModule(LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._eval_step(batch)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """``Trainer.predict``: the logits of a batch of images, or of ``(images, labels, ...)`` batches."""
+        return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
     def on_validation_epoch_end(self) -> None:  # noqa: D102
         self._log_eval("val")
 

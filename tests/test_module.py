@@ -76,6 +76,22 @@ def test_absent_method_trains_on_k_plus_one_logits_and_predicts_among_k() -> Non
     assert head(x_id).shape == (5, 6)
 
 
+def test_trainer_predict_gives_the_eval_mode_logits_of_each_batch(tmp_path: Path) -> None:
+    model, dm = make("greg")
+    dm.setup("test")
+    loader = torch.utils.data.DataLoader(dm.id_dataset_for("test"), batch_size=64)  # (images, labels) batches
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    batches = trainer.predict(model, dataloaders=loader)
+    images = [x for x, _ in loader]
+    assert len(batches) == len(images) > 1
+    model.eval()  # BatchNorm's running statistics, as in the prediction
+    with torch.no_grad():
+        for got, x in zip(batches, images, strict=True):
+            torch.testing.assert_close(got, model(x))
+        bare = torch.utils.data.DataLoader(images[0], batch_size=64)  # batches of images alone
+        assert torch.equal(trainer.predict(model, dataloaders=bare)[0], batches[0])
+
+
 def test_float64_model_keeps_float64_cross_entropy() -> None:
     # "64-true" training: the loss must not be rounded to float32 (relative error ~1e-8) on the way
     model, _ = make("greg", m_in=-3.0, m_out=-1.0)
