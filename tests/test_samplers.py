@@ -230,6 +230,17 @@ def test_energy_cluster_sampler_sizes_and_determinism():
     assert c.select(model, cand, n_id=6).tolist() == first[1].tolist()
 
 
+@pytest.mark.parametrize(
+    ("keep_start", "keep_end", "two_way", "n_id"),
+    [(0, None, True, 8), (16, None, True, 16), (0, 20, True, 16), (5, 30, False, 30), (39, None, False, 4)],
+)
+def test_energy_cluster_num_selected_counts_the_kept_slice(keep_start, keep_end, two_way, n_id):
+    # The influence report sizes the training batch by num_selected: it must say what select returns.
+    model, cand = _model(), torch.randn(40, 1, 8, 8, generator=_gen(7))
+    sampler = EnergyClusterSampler(num_clusters=4, keep_start=keep_start, keep_end=keep_end, two_way=two_way)
+    assert sampler.num_selected(n_id, 40) == len(sampler.select(model, cand, n_id, generator=_gen(0)))
+
+
 def test_energy_cluster_selection_uses_model_energy_and_features():
     model, cand = _model(), torch.randn(30, 1, 8, 8, generator=_gen(2))
     feats, logits = forward_candidates(model, cand)

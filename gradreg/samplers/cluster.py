@@ -160,7 +160,8 @@ class EnergyClusterSampler(_SeededSampler):
     lower_bounds: ClassVar[Bounds] = {**KMEANS_BOUNDS, "keep_start": (">=", 0), "keep_end": (">=", 1)}
 
     def num_selected(self, n_id: int, n_candidates: int) -> int:  # noqa: D102
-        return min(n_candidates, n_id * (2 if self.two_way else 1))
+        kept = len(range(n_candidates)[self.keep_start : self.keep_end])  # the [keep_start:keep_end] slice
+        return min(kept, n_id * (2 if self.two_way else 1))
 
     def select(  # noqa: D102
         self, model: nn.Module, candidates: Tensor, n_id: int, generator: torch.Generator | None = None
