@@ -216,6 +216,32 @@ def test_predicted_leave_one_out_effects_correlate_with_retraining() -> None:
     assert pearson > 0.9
 
 
+def test_hessian_batches_average_to_the_mean_objective_when_the_sets_differ_in_size() -> None:
+    # make_hvp averages mean_in + mean_out over the Hessian batches: with 64 ID images, 4 outliers and batch_size 8
+    # (8 batches) half of the batches had no outlier, so the outlier term of H carried half its weight.
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,))
+    x_out = torch.randn(4, 4, dtype=torch.float64) + 1.0
+    model = FixedFeatures(3, 4, in_channels=1).double().eval()
+
+    def loss(model: nn.Module, batch) -> Tensor:  # per-row terms: CE on ID images, a squared LSE on outliers
+        x_in, y_in, x_o = batch
+        total = x.new_zeros(())
+        if x_in is not None:
+            total = total + F.cross_entropy(model(x_in), y_in)
+        if x_o is not None:
+            total = total + torch.logsumexp(model(x_o), 1).pow(2).mean()
+        return total
+
+    sets = (TensorDataset(x, y), TensorDataset(x_out, torch.zeros(4)))
+    common = {"damping": 0.1, "tol": 1e-12, "max_iter": 100, "max_train": None, "hessian_points": 64}
+    chunked = explain(model, x[:2], "energy", loss, *sets, batch_size=8, **common)
+    whole = explain(model, x[:2], "energy", loss, *sets, batch_size=64, **common)
+    assert chunked.settings["hessian_points"] == [64, 4]
+    torch.testing.assert_close(chunked.id_influence, whole.id_influence, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(chunked.outlier_influence, whole.outlier_influence, rtol=1e-8, atol=1e-10)
+
+
 # ------------------------------------------------------------------------------------------------- GReg objective
 
 
