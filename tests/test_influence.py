@@ -162,6 +162,18 @@ def test_lissa_reports_divergence() -> None:
         inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=2.0, depth=10_000)
 
 
+def test_lissa_reports_a_slow_divergence_that_stays_finite() -> None:
+    def hvp(v: Tensor) -> Tensor:
+        return torch.tensor([1.0, 10.0], dtype=v.dtype) * v
+
+    # scale 4.9 < (lambda_max + damping) / 2 = 5: the series grows by 1.04 a step and stays finite for 1000 steps
+    # in float32 (it used to return 2e16 where the answer is 0.1)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=4.9)
+    converged = inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=5.5, tol=1e-7)
+    torch.testing.assert_close(converged, torch.tensor([1.0, 0.1]))
+
+
 # ------------------------------------------------------------------------------------------------- convex case
 
 
