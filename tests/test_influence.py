@@ -418,6 +418,34 @@ def test_explain_greg_end_to_end_writes_grid_and_json(method: str, tmp_path) -> 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_helpful_and_harmful_lists_hold_only_points_that_push_the_score_that_way(tmp_path) -> None:
+    influence = torch.tensor([[0.5, -0.2, 0.0, 0.3], [0.5, -0.2, 0.0, 0.3]])
+    result = InfluenceResult(
+        test_scores=torch.zeros(2),
+        id_indices=torch.tensor([10, 11, 12, 13]),
+        id_influence=influence,
+        outlier_indices=torch.tensor([20, 21, 22, 23]),
+        outlier_influence=-influence.abs(),  # no outlier raises the score
+        test_is_id=[True, False],
+        test_ids=[0, 1],
+        param_names=["fc.weight"],
+    )
+    # ID test image: helpful = raises its score, harmful = lowers it; a zero influence is neither
+    assert result.top(0, 3, "id", "helpful")[0].tolist() == [10, 13]
+    assert result.top(0, 3, "id", "harmful")[0].tolist() == [11]
+    # OOD test image: the other way round
+    assert result.top(1, 3, "id", "helpful")[0].tolist() == [11]
+    assert result.top(1, 3, "id", "harmful")[0].tolist() == [10, 13]
+    assert result.top(1, 3, "outlier", "helpful")[0].tolist() == [20, 23, 21]
+    assert result.top(1, 3, "outlier", "harmful")[0].tolist() == []
+    entry = result.to_dict(k=3)["tests"][1]
+    assert [e["index"] for e in entry["outlier"]["harmful"]] == []
+    assert [e["influence"] for e in entry["id"]["harmful"]] == pytest.approx([0.5, 0.3])
+    data = TensorDataset(torch.randn(30, 1, 4, 4), torch.zeros(30, dtype=torch.long))
+    assert list(result.grid_rows(1, 3, data, data)) == ["ID helpful", "ID harmful", "outlier helpful"]
+    assert result.save_grid(1, torch.randn(1, 4, 4), tmp_path / "g.png", data, data, k=3).stat().st_size > 0
+
+
 def test_explanation_grid_handles_rgb_images(tmp_path) -> None:
     rows = {"ID helpful": (torch.randn(2, 3, 8, 8), [4, 5], [0.1, 0.05])}
     path = save_explanation_grid(torch.randn(3, 8, 8), rows, tmp_path / "g.png", [0.5] * 3, [0.2] * 3)

@@ -57,13 +57,17 @@ class InfluenceResult:
         subset: Literal["id", "outlier"] = "id",
         kind: Literal["helpful", "harmful"] = "helpful",
     ) -> tuple[Tensor, Tensor]:
-        """Dataset indices and influences of the ``k`` most helpful or harmful points for test image ``test``."""
+        """Dataset indices and influences of the ``k`` most helpful or harmful points for test image ``test``.
+
+        Only points that push the score that way count: fewer than ``k`` (none) where fewer do.
+        """
         indices, influence = (
             (self.id_indices, self.id_influence) if subset == "id" else (self.outlier_indices, self.outlier_influence)
         )
         values = influence[test]
         raise_score = (self.test_is_id[test] is not False) == (kind == "helpful")
-        order = torch.argsort(values, descending=raise_score)[:k]
+        order = torch.argsort(values, descending=raise_score)
+        order = order[(values[order] > 0 if raise_score else values[order] < 0)][:k]
         return indices[order], values[order]
 
     def to_dict(self, k: int = 10, full: bool = False) -> dict[str, Any]:
@@ -115,8 +119,9 @@ class InfluenceResult:
                 continue
             for kind in ("helpful", "harmful"):
                 idx, val = self.top(test, k, "id" if subset == "ID" else "outlier", kind)
-                images = torch.stack([torch.as_tensor(data[i][0]) for i in idx.tolist()])
-                rows[f"{subset} {kind}"] = (images, idx.tolist(), val.tolist())
+                if idx.numel():  # no point pushes the score that way: no row
+                    images = torch.stack([torch.as_tensor(data[i][0]) for i in idx.tolist()])
+                    rows[f"{subset} {kind}"] = (images, idx.tolist(), val.tolist())
         return rows
 
     def save_grid(
