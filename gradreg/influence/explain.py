@@ -59,7 +59,7 @@ class InfluenceResult:
     ) -> tuple[Tensor, Tensor]:
         """Dataset indices and influences of the ``k`` most helpful or harmful points for test image ``test``.
 
-        Only points that push the score that way count: fewer than ``k`` (none) where fewer do.
+        Only points that push the score that way (an influence of that sign, not 0) are listed: maybe fewer than ``k``.
         """
         indices, influence = (
             (self.id_indices, self.id_influence) if subset == "id" else (self.outlier_indices, self.outlier_influence)

@@ -169,8 +169,8 @@ def inverse_hvp(
       mini-batch per call). Converges when ``scale > (lambda_max + damping) / 2`` and ``H + damping I`` is positive
       definite; ``scale=None`` uses ``1.1 |lambda|_max + damping`` from 20 power iterations. Stops early when an
       update is below ``tol`` relative to ``h``. The ``j``-th update is ``(I - (H + damping I) / scale)^j v``, no
-      longer than ``v`` while the series converges: a longer one (or a non-finite value) raises
-      :class:`FloatingPointError`.
+      longer than ``v`` while the series converges (for a stochastic ``hvp_fn``: while every call's ``H`` meets the
+      condition): a longer one (or a non-finite value) raises :class:`FloatingPointError`.
 
     Args:
         hvp_fn: ``v -> H v`` on flat vectors.
