@@ -162,6 +162,18 @@ def test_lissa_reports_divergence() -> None:
         inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=2.0, depth=10_000)
 
 
+def test_lissa_reports_a_slow_divergence_that_stays_finite() -> None:
+    def hvp(v: Tensor) -> Tensor:
+        return torch.tensor([1.0, 10.0], dtype=v.dtype) * v
+
+    # scale 4.9 < (lambda_max + damping) / 2 = 5: the series grows by 1.04 a step and stays finite for 1000 steps
+    # in float32 (it used to return 2e16 where the answer is 0.1)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=4.9)
+    converged = inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=5.5, tol=1e-7)
+    torch.testing.assert_close(converged, torch.tensor([1.0, 0.1]))
+
+
 # ------------------------------------------------------------------------------------------------- convex case
 
 
@@ -214,6 +226,32 @@ def test_predicted_leave_one_out_effects_correlate_with_retraining() -> None:
         model.load_state_dict(state)
     pearson = torch.corrcoef(torch.tensor([predicted, actual]))[0, 1]
     assert pearson > 0.9
+
+
+def test_hessian_batches_average_to_the_mean_objective_when_the_sets_differ_in_size() -> None:
+    # make_hvp averages mean_in + mean_out over the Hessian batches: with 64 ID images, 4 outliers and batch_size 8
+    # (8 batches) half of the batches had no outlier, so the outlier term of H carried half its weight.
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,))
+    x_out = torch.randn(4, 4, dtype=torch.float64) + 1.0
+    model = FixedFeatures(3, 4, in_channels=1).double().eval()
+
+    def loss(model: nn.Module, batch) -> Tensor:  # per-row terms: CE on ID images, a squared LSE on outliers
+        x_in, y_in, x_o = batch
+        total = x.new_zeros(())
+        if x_in is not None:
+            total = total + F.cross_entropy(model(x_in), y_in)
+        if x_o is not None:
+            total = total + torch.logsumexp(model(x_o), 1).pow(2).mean()
+        return total
+
+    sets = (TensorDataset(x, y), TensorDataset(x_out, torch.zeros(4)))
+    common = {"damping": 0.1, "tol": 1e-12, "max_iter": 100, "max_train": None, "hessian_points": 64}
+    chunked = explain(model, x[:2], "energy", loss, *sets, batch_size=8, **common)
+    whole = explain(model, x[:2], "energy", loss, *sets, batch_size=64, **common)
+    assert chunked.settings["hessian_points"] == [64, 4]
+    torch.testing.assert_close(chunked.id_influence, whole.id_influence, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(chunked.outlier_influence, whole.outlier_influence, rtol=1e-8, atol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------------- GReg objective
@@ -378,6 +416,34 @@ def test_explain_greg_end_to_end_writes_grid_and_json(method: str, tmp_path) -> 
         1, x_test[1], tmp_path / "grid" / "ood_9.png", id_data, outlier_data, k=3, mean=[0.5], std=[0.25]
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_helpful_and_harmful_lists_hold_only_points_that_push_the_score_that_way(tmp_path) -> None:
+    influence = torch.tensor([[0.5, -0.2, 0.0, 0.3], [0.5, -0.2, 0.0, 0.3]])
+    result = InfluenceResult(
+        test_scores=torch.zeros(2),
+        id_indices=torch.tensor([10, 11, 12, 13]),
+        id_influence=influence,
+        outlier_indices=torch.tensor([20, 21, 22, 23]),
+        outlier_influence=-influence.abs(),  # no outlier raises the score
+        test_is_id=[True, False],
+        test_ids=[0, 1],
+        param_names=["fc.weight"],
+    )
+    # ID test image: helpful = raises its score, harmful = lowers it; a zero influence is neither
+    assert result.top(0, 3, "id", "helpful")[0].tolist() == [10, 13]
+    assert result.top(0, 3, "id", "harmful")[0].tolist() == [11]
+    # OOD test image: the other way round
+    assert result.top(1, 3, "id", "helpful")[0].tolist() == [11]
+    assert result.top(1, 3, "id", "harmful")[0].tolist() == [10, 13]
+    assert result.top(1, 3, "outlier", "helpful")[0].tolist() == [20, 23, 21]
+    assert result.top(1, 3, "outlier", "harmful")[0].tolist() == []
+    entry = result.to_dict(k=3)["tests"][1]
+    assert [e["index"] for e in entry["outlier"]["harmful"]] == []
+    assert [e["influence"] for e in entry["id"]["harmful"]] == pytest.approx([0.5, 0.3])
+    data = TensorDataset(torch.randn(30, 1, 4, 4), torch.zeros(30, dtype=torch.long))
+    assert list(result.grid_rows(1, 3, data, data)) == ["ID helpful", "ID harmful", "outlier helpful"]
+    assert result.save_grid(1, torch.randn(1, 4, 4), tmp_path / "g.png", data, data, k=3).stat().st_size > 0
 
 
 def test_explanation_grid_handles_rgb_images(tmp_path) -> None:

@@ -57,13 +57,17 @@ class InfluenceResult:
         subset: Literal["id", "outlier"] = "id",
         kind: Literal["helpful", "harmful"] = "helpful",
     ) -> tuple[Tensor, Tensor]:
-        """Dataset indices and influences of the ``k`` most helpful or harmful points for test image ``test``."""
+        """Dataset indices and influences of the ``k`` most helpful or harmful points for test image ``test``.
+
+        Only points that push the score that way (an influence of that sign, not 0) are listed: maybe fewer than ``k``.
+        """
         indices, influence = (
             (self.id_indices, self.id_influence) if subset == "id" else (self.outlier_indices, self.outlier_influence)
         )
         values = influence[test]
         raise_score = (self.test_is_id[test] is not False) == (kind == "helpful")
-        order = torch.argsort(values, descending=raise_score)[:k]
+        order = torch.argsort(values, descending=raise_score)
+        order = order[(values[order] > 0 if raise_score else values[order] < 0)][:k]
         return indices[order], values[order]
 
     def to_dict(self, k: int = 10, full: bool = False) -> dict[str, Any]:
@@ -115,8 +119,9 @@ class InfluenceResult:
                 continue
             for kind in ("helpful", "harmful"):
                 idx, val = self.top(test, k, "id" if subset == "ID" else "outlier", kind)
-                images = torch.stack([torch.as_tensor(data[i][0]) for i in idx.tolist()])
-                rows[f"{subset} {kind}"] = (images, idx.tolist(), val.tolist())
+                if idx.numel():  # no point pushes the score that way: no row
+                    images = torch.stack([torch.as_tensor(data[i][0]) for i in idx.tolist()])
+                    rows[f"{subset} {kind}"] = (images, idx.tolist(), val.tolist())
         return rows
 
     def save_grid(
@@ -182,8 +187,10 @@ def explain(
     ``I(z, x_test) = -grad S(x_test)^T (H + damping I)^-1 grad L_train(z)``, with ``S`` the scorer's ID-score,
     ``L_train(z)`` the training objective on the single point ``z`` and ``H`` the Hessian of the mean objective
     over ``hessian_points`` ID images and ``hessian_points`` outliers (seeded random subsets, batched in pairs of
-    ``batch_size`` ID + ``batch_size`` outliers). One inverse-HVP per test image; the per-sample training gradients
-    are computed once and shared by all test images. The model runs in eval mode and is restored afterwards.
+    about ``batch_size`` ID + ``batch_size`` outliers; all pairs hold equally many points of each set, so a set is cut
+    to a multiple of the number of pairs, and a set smaller than that number lowers it: ``settings["hessian_points"]``
+    holds the numbers used). One inverse-HVP per test image; the per-sample training gradients are computed once and
+    shared by all test images. The model runs in eval mode and is restored afterwards.
 
     Args:
         model: trained classifier (``features``, ``fc``).
@@ -239,6 +246,10 @@ def explain(
         hess_in = _subset(len(id_dataset), hessian_points, gen)
         hess_out = [] if outlier_dataset is None else _subset(len(outlier_dataset), hessian_points, gen)
         chunks = max(1, math.ceil(max(len(hess_in), len(hess_out)) / batch_size))
+        # make_hvp averages the per-batch objectives mean_in + mean_out: that is the mean objective only if every
+        # batch holds as many points of each set as the others (a set left out of a batch loses that batch's weight)
+        chunks = min([chunks, *(len(h) for h in (hess_in, hess_out) if h)])
+        hess_in, hess_out = (h[: len(h) // chunks * chunks] for h in (hess_in, hess_out))
         batches: list[Batch] = []
         for idx_in, idx_out in zip(
             torch.tensor_split(torch.tensor(hess_in), chunks),

@@ -168,7 +168,9 @@ def inverse_hvp(
       ``h_0 = v``, result ``h_depth / scale`` averaged over ``repeats`` (``hvp_fn`` may be stochastic, e.g. a new
       mini-batch per call). Converges when ``scale > (lambda_max + damping) / 2`` and ``H + damping I`` is positive
       definite; ``scale=None`` uses ``1.1 |lambda|_max + damping`` from 20 power iterations. Stops early when an
-      update is below ``tol`` relative to ``h``.
+      update is below ``tol`` relative to ``h``. The ``j``-th update is ``(I - (H + damping I) / scale)^j v``, no
+      longer than ``v`` while the series converges (for a stochastic ``hvp_fn``: while every call's ``H`` meets the
+      condition): a longer one (or a non-finite value) raises :class:`FloatingPointError`.
 
     Args:
         hvp_fn: ``v -> H v`` on flat vectors.
@@ -213,13 +215,15 @@ def inverse_hvp(
         if scale is None:
             scale = 1.1 * top_eigenvalue(hvp_fn, v.numel(), like=v) + damping
         estimate = torch.zeros_like(v)
+        bound = v.norm() * (1 + 1e-4)  # rounding: an update of a convergent series can equal v's length
         for _ in range(repeats):
             h = v.clone()
             for _ in range(depth):
                 update = v - (hvp_fn(h) + damping * h) / scale
                 h = h + update
                 step, size = update.norm(), h.norm()
-                if not (torch.isfinite(step) and torch.isfinite(size)):
+                # a slowly growing series stays finite for thousands of steps: its updates outgrow v long before
+                if not (torch.isfinite(step) and torch.isfinite(size)) or step > bound:
                     raise FloatingPointError("LiSSA diverged; raise scale or damping")
                 if step <= tol * size:
                     break
