@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -387,6 +388,33 @@ def test_folder_readers_do_not_follow_a_link_back_up(tmp_path: Path) -> None:
     write_image(tmp_path / "tree" / "c1" / "x.png", value=2)
     (tmp_path / "tree" / "c1" / "loop").symlink_to(tmp_path / "tree")
     assert len(ImageFolderDataset(tmp_path / "tree")) == 1
+
+
+def test_a_broken_link_is_named_by_the_check_and_by_every_folder_reader(tmp_path: Path) -> None:
+    """It counted as an image: the check said ok, and reading it raised a FileNotFoundError later (after training)."""
+    from gradreg.data.check import check_dataset
+
+    name = "isun"
+    write_image(tmp_path / name / "test" / "a.png")
+    link, target = tmp_path / name / "test" / "b.png", tmp_path / "moved.png"
+    link.symlink_to(target)
+    (tmp_path / name / "notes.txt").symlink_to(tmp_path / "moved.txt")  # not an image: not looked at
+    why = f"it is a broken link (to {target}, which does not exist); fix or delete it"
+    assert check_dataset(name, tmp_path, ["test"]) == (False, f"not found at {link}; {why}")
+    with pytest.raises(DatasetNotFoundError, match=f"^{re.escape(f'dataset {name!r} not found at {link}; {why}')}$"):
+        DATASETS.get(name)(tmp_path, "test")
+    write_image(target)  # the link is whole again
+    assert len(DATASETS.get(name)(tmp_path, "test")) == 2
+    # the class trees: ImageNet (its val set is read after training) and the imagefolder pools
+    for wnid in GREG_IMAGENET10:
+        write_image(tmp_path / "imagenet" / "val" / wnid / "a.JPEG")
+    link = tmp_path / "imagenet" / "val" / GREG_IMAGENET10[4] / "b.JPEG"
+    link.symlink_to("../../gone.JPEG")
+    why = "it is a broken link (to ../../gone.JPEG, which does not exist); fix or delete it"
+    for spec in ("imagenet10", {"name": "imagefolder", "path": "imagenet/val"}):
+        assert check_dataset(spec, tmp_path, ["test"]) == (False, f"not found at {link}; {why}")
+        with pytest.raises(DatasetNotFoundError, match=re.escape(f"not found at {link}; {why}")):
+            build_dataset(spec, tmp_path, "test")
 
 
 @pytest.mark.parametrize("name", ["lsun_r", "isun", "inaturalist", "sun", "places", "ssb_hard", "ninco", "openimage_o"])
