@@ -180,8 +180,9 @@ class ImageFolderDataset(Dataset):
 
     Classes are the sub-folders of ``root`` in sorted order; labels are indices into :attr:`classes` (the sorted
     included classes). Hidden files and folders are skipped; links are followed, except one back to a folder above
-    it; an image that is a broken link raises :class:`DatasetNotFoundError` naming it. File names are kept in one
-    numpy byte array, so an ImageNet-sized tree costs tens of MB and does not grow in forked workers.
+    it; an image that is a broken link, and a class folder without images, raise :class:`DatasetNotFoundError`
+    naming them. File names are kept in one numpy byte array, so an ImageNet-sized tree costs tens of MB and does not
+    grow in forked workers.
 
     Args:
         root: the tree's root folder.
@@ -219,15 +220,23 @@ class ImageFolderDataset(Dataset):
         files: list[bytes] = []
         labels: list[int] = []
         suffixes = {e.lower() for e in extensions}
+        empty: list[str] = []  # class folders without images
         for label, cls in enumerate(self.classes):
+            before = len(files)
             for dirpath, images in walk_images(self.root / cls, name, suffixes):
                 rel = os.path.relpath(dirpath, self.root)
                 files += [os.fsencode(os.path.join(rel, f)) for f in images]
                 labels += [label] * len(images)
+            if len(files) == before:
+                empty.append(cls)
         if not files:
             raise DatasetNotFoundError(
                 name, self.root, f"no images ({', '.join(sorted(suffixes))}) in the {len(self.classes)} class folders"
             )
+        if empty:  # e.g. ImageNet's val/ after a failed valprep.sh: a class the test would never see
+            more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+            how = f"{len(empty)} of its {len(self.classes)} class folders hold no images: {', '.join(empty[:5])}{more}"
+            raise DatasetNotFoundError(name, self.root, f"{how}; extract them again (ImageNet's val/: sort it again)")
         self._files = np.array(files, dtype=np.bytes_)
         self.labels = np.array(labels, dtype=np.int64)
 
