@@ -341,7 +341,7 @@ def jpeg(x: Tensor, severity: int, generator: torch.Generator | None = None) -> 
     else:  # JPEG has no 2- or 4+-channel mode: compress each channel as a grayscale image
         groups = [img[c : c + 1] for img in images for c in range(images.shape[1])]
     decoded = [decode_jpeg(encode_jpeg(g.contiguous(), quality=quality), mode=ImageReadMode.UNCHANGED) for g in groups]
-    out = torch.stack(decoded).reshape(images.shape)
+    out = torch.stack(decoded).reshape(images.shape) if decoded else images  # an empty batch stays empty
     return (out.to(x.device, x.dtype) / 255.0).clamp(0.0, 1.0)
 
 

@@ -247,6 +247,16 @@ def test_corruptions_are_deterministic_under_a_seeded_generator(name: str) -> No
         assert not torch.equal(fn(images, 3, torch.Generator().manual_seed(6)), first)
 
 
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_corruptions_keep_an_empty_batch(name: str, channels: int) -> None:
+    """jpeg stacked the list of compressed images, which an empty batch leaves empty (torch.stack raised)."""
+    images = _smooth_images(channels)[:0]
+    out = CORRUPTIONS.get(name)(images, 3, torch.Generator().manual_seed(0))
+    assert (out.shape, out.dtype) == (images.shape, images.dtype)
+    assert corrupt(images, name, 3, [0.5] * channels, [0.25] * channels).shape == images.shape
+
+
 @pytest.mark.parametrize("severity", [0, 6, 2.5, True])
 def test_corruptions_reject_bad_severity(severity: object) -> None:
     with pytest.raises(ValueError, match="severity"):
