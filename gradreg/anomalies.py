@@ -215,12 +215,14 @@ def energy_attack(
         epsilon: L-inf budget in [0, 1] pixel units (e.g. 8/255).
         steps: number of signed-gradient steps.
         step_size: step in pixel units; default ``2.5 * epsilon / steps``.
-        temperature: energy temperature ``T``.
+        temperature: energy temperature ``T`` (> 0 and finite).
 
     Returns:
         Normalized perturbed inputs, same shape and dtype as ``x_ood``, detached.
     """
     _check_budget(epsilon, steps, step_size)
+    if not 0 < temperature < math.inf:  # 0, NaN and inf give NaN gradients; a negative T is another objective
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
     step = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
     with _attack_mode(model):
         # Ascent on -E (= T * logsumexp(f / T)) is descent on the energy.

@@ -187,6 +187,13 @@ def test_attacks_reject_bad_budgets(trained: SmallCNN, test_batch: tuple, call) 
         call(trained, x, y)
 
 
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_energy_attack_rejects_a_bad_temperature(trained: SmallCNN, test_batch: tuple, temperature: float) -> None:
+    x, _ = test_batch
+    with pytest.raises(ValueError, match=f"^temperature must be > 0 and finite, got {temperature}$"):
+        energy_attack(trained, x, 0.1, temperature=temperature)
+
+
 # Corruptions.
 
 
