@@ -215,12 +215,14 @@ def energy_attack(
         epsilon: L-inf budget in [0, 1] pixel units (e.g. 8/255).
         steps: number of signed-gradient steps.
         step_size: step in pixel units; default ``2.5 * epsilon / steps``.
-        temperature: energy temperature ``T``.
+        temperature: energy temperature ``T`` (> 0 and finite).
 
     Returns:
         Normalized perturbed inputs, same shape and dtype as ``x_ood``, detached.
     """
     _check_budget(epsilon, steps, step_size)
+    if not 0 < temperature < math.inf:  # 0, NaN and inf give NaN gradients; a negative T is another objective
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
     step = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
     with _attack_mode(model):
         # Ascent on -E (= T * logsumexp(f / T)) is descent on the energy.
@@ -341,7 +343,7 @@ def jpeg(x: Tensor, severity: int, generator: torch.Generator | None = None) -> 
     else:  # JPEG has no 2- or 4+-channel mode: compress each channel as a grayscale image
         groups = [img[c : c + 1] for img in images for c in range(images.shape[1])]
     decoded = [decode_jpeg(encode_jpeg(g.contiguous(), quality=quality), mode=ImageReadMode.UNCHANGED) for g in groups]
-    out = torch.stack(decoded).reshape(images.shape)
+    out = torch.stack(decoded).reshape(images.shape) if decoded else images  # an empty batch stays empty
     return (out.to(x.device, x.dtype) / 255.0).clamp(0.0, 1.0)
 
 

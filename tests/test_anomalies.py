@@ -187,6 +187,13 @@ def test_attacks_reject_bad_budgets(trained: SmallCNN, test_batch: tuple, call) 
         call(trained, x, y)
 
 
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_energy_attack_rejects_a_bad_temperature(trained: SmallCNN, test_batch: tuple, temperature: float) -> None:
+    x, _ = test_batch
+    with pytest.raises(ValueError, match=f"^temperature must be > 0 and finite, got {temperature}$"):
+        energy_attack(trained, x, 0.1, temperature=temperature)
+
+
 # Corruptions.
 
 
@@ -245,6 +252,16 @@ def test_corruptions_are_deterministic_under_a_seeded_generator(name: str) -> No
     torch.testing.assert_close(fn(images, 3, torch.Generator().manual_seed(5)), first, rtol=0, atol=0)
     if name in STOCHASTIC:
         assert not torch.equal(fn(images, 3, torch.Generator().manual_seed(6)), first)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_corruptions_keep_an_empty_batch(name: str, channels: int) -> None:
+    """jpeg stacked the list of compressed images, which an empty batch leaves empty (torch.stack raised)."""
+    images = _smooth_images(channels)[:0]
+    out = CORRUPTIONS.get(name)(images, 3, torch.Generator().manual_seed(0))
+    assert (out.shape, out.dtype) == (images.shape, images.dtype)
+    assert corrupt(images, name, 3, [0.5] * channels, [0.25] * channels).shape == images.shape
 
 
 @pytest.mark.parametrize("severity", [0, 6, 2.5, True])

@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -389,6 +390,33 @@ def test_folder_readers_do_not_follow_a_link_back_up(tmp_path: Path) -> None:
     assert len(ImageFolderDataset(tmp_path / "tree")) == 1
 
 
+def test_a_broken_link_is_named_by_the_check_and_by_every_folder_reader(tmp_path: Path) -> None:
+    """It counted as an image: the check said ok, and reading it raised a FileNotFoundError later (after training)."""
+    from gradreg.data.check import check_dataset
+
+    name = "isun"
+    write_image(tmp_path / name / "test" / "a.png")
+    link, target = tmp_path / name / "test" / "b.png", tmp_path / "moved.png"
+    link.symlink_to(target)
+    (tmp_path / name / "notes.txt").symlink_to(tmp_path / "moved.txt")  # not an image: not looked at
+    why = f"it is a broken link (to {target}, which does not exist); fix or delete it"
+    assert check_dataset(name, tmp_path, ["test"]) == (False, f"not found at {link}; {why}")
+    with pytest.raises(DatasetNotFoundError, match=f"^{re.escape(f'dataset {name!r} not found at {link}; {why}')}$"):
+        DATASETS.get(name)(tmp_path, "test")
+    write_image(target)  # the link is whole again
+    assert len(DATASETS.get(name)(tmp_path, "test")) == 2
+    # the class trees: ImageNet (its val set is read after training) and the imagefolder pools
+    for wnid in GREG_IMAGENET10:
+        write_image(tmp_path / "imagenet" / "val" / wnid / "a.JPEG")
+    link = tmp_path / "imagenet" / "val" / GREG_IMAGENET10[4] / "b.JPEG"
+    link.symlink_to("../../gone.JPEG")
+    why = "it is a broken link (to ../../gone.JPEG, which does not exist); fix or delete it"
+    for spec in ("imagenet10", {"name": "imagefolder", "path": "imagenet/val"}):
+        assert check_dataset(spec, tmp_path, ["test"]) == (False, f"not found at {link}; {why}")
+        with pytest.raises(DatasetNotFoundError, match=re.escape(f"not found at {link}; {why}")):
+            build_dataset(spec, tmp_path, "test")
+
+
 @pytest.mark.parametrize("name", ["lsun_r", "isun", "inaturalist", "sun", "places", "ssb_hard", "ninco", "openimage_o"])
 def test_every_folder_set_reads_its_folder(tmp_path: Path, name: str) -> None:
     write_image(tmp_path / name / "x" / "1.jpg")
@@ -516,13 +544,39 @@ def test_imagenet_missing_class_folders_are_named(tmp_path: Path) -> None:
         DATASETS.get("imagenet1k")(tmp_path, "test")
 
 
+def test_imagenet_empty_class_folders_are_named(tmp_path: Path) -> None:
+    """A failed valprep.sh leaves class folders empty: the check said ok, and a class had no test images."""
+    from gradreg.data.check import check_dataset
+
+    val = tmp_path / "imagenet" / "val"
+    for wnid in GREG_IMAGENET10:
+        (val / wnid).mkdir(parents=True)
+    for wnid in GREG_IMAGENET10[:8]:
+        write_image(val / wnid / "a.JPEG")
+    write_image(val / "n01440764" / "a.JPEG")  # not an ID class
+    empty = f"class folders hold no images: {GREG_IMAGENET10[8]}, {GREG_IMAGENET10[9]}; extract them again"
+    why = f"2 of its 10 {empty} (ImageNet's val/: sort it again)"
+    assert check_dataset("imagenet10", tmp_path, ["test"]) == (False, f"not found at {val}; {why}")
+    with pytest.raises(DatasetNotFoundError, match=re.escape(why)):
+        DATASETS.get("imagenet10")(tmp_path, "test")
+    complement = {"name": "imagefolder_complement", "path": "imagenet/val", "id_classes": GREG_IMAGENET10[:1]}
+    for spec, read in (({"name": "imagefolder", "path": "imagenet/val"}, 11), (complement, 10)):
+        why = f"2 of its {read} {empty}"
+        found, message = check_dataset(spec, tmp_path, ["train"], role="outliers")
+        assert (found, message.startswith(f"not found at {val}; {why}")) == (False, True), message
+        with pytest.raises(DatasetNotFoundError, match=re.escape(why)):
+            build_dataset(spec, tmp_path, "train")
+
+
 def test_imagenet1k_labels_follow_the_sorted_wnids(tmp_path: Path) -> None:
     val = tmp_path / "imagenet" / "val"
-    for wnid in IMAGENET_WNIDS:
+    image = write_image(tmp_path / "a.JPEG").read_bytes()
+    for i, wnid in enumerate(IMAGENET_WNIDS):  # every class folder needs an image
         (val / wnid).mkdir(parents=True)
-    write_image(val / "n01443537" / "ILSVRC2012_val_00000001.JPEG")
-    write_image(val / "n15075141" / "ILSVRC2012_val_00000002.JPEG")
-    assert DATASETS.get("imagenet1k")(tmp_path, "test").labels.tolist() == [1, 999]
+        (val / wnid / f"ILSVRC2012_val_{i + 1:08d}.JPEG").write_bytes(image)
+    data = DATASETS.get("imagenet1k")(tmp_path, "test")
+    assert data.labels.tolist() == list(range(1000))
+    assert [data.file(i).parent.name for i in (1, 999)] == ["n01443537", "n15075141"]
 
 
 def test_benchmarks_module_exports_exist() -> None:

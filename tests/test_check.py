@@ -254,6 +254,21 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     assert out.startswith("all 3 datasets found")
 
 
+def test_check_command_names_a_broken_link(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data()))
+    write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
+    write_image(tmp_path / "lsun_c" / "a.png")
+    (tmp_path / "lsun_c" / "b.png").symlink_to("nowhere/b.png")
+    code, out, _ = run_main("check", str(config), "--data-root", str(tmp_path))
+    assert code == 1
+    assert out.startswith("1 of 3 datasets are missing or invalid")
+    line = f"  MISSING  ood       lsun_c           not found at {tmp_path / 'lsun_c' / 'b.png'}; it is a broken link"
+    assert [x for x in out.splitlines() if "MISSING" in x] == [
+        f"{line} (to nowhere/b.png, which does not exist); fix or delete it"
+    ]
+
+
 def test_check_command_reports_unreadable_configs(tmp_path: Path) -> None:
     code, _, err = run_main("check", str(tmp_path / "nope.yaml"))
     assert code == 1

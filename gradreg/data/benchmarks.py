@@ -20,9 +20,9 @@ whole published set); ``"val"`` works only with a ``list_file`` (e.g. OpenOOD's 
 
 Each registered factory carries a ``locate`` attribute with the same signature: it checks that the files are
 there (and whole: the published MD5 sums of torchvision's files, the idx headers of (Fashion-)MNIST against their
-sizes; image folders are not read) and returns a :class:`Located`, or raises :class:`DatasetNotFoundError` naming
-the expected path and how to get the data. ``gradreg.data.check`` calls it; every factory calls it first, so
-both say the same thing.
+sizes; image folders are listed, not read, so that a broken link is named) and returns a :class:`Located`, or
+raises :class:`DatasetNotFoundError` naming the expected path and how to get the data. ``gradreg.data.check`` calls
+it; every factory calls it first (a class tree's reader lists the tree itself, once), so both say the same thing.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import ast
 import gzip
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -157,40 +157,63 @@ def _first_and_last(listing: Path, images: Path) -> list[Path]:
     return [images / lines[0], images / lines[-1]] if lines else []
 
 
-def scan_images(folder: Path) -> list[Path]:
-    """Every image file under ``folder`` (recursively, links followed but not loops, hidden entries skipped), sorted."""
-    return sorted(_walk_images(folder))
+def scan_images(folder: Path, name: str = "images") -> list[Path]:
+    """Every image file under ``folder`` (recursively, as :func:`walk_images` lists them), sorted.
 
-
-def walk_tree(folder: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk(folder, followlinks=True)`` without hidden folders, in sorted order, and without loops.
-
-    A link to a folder the walk is already inside of (``a/b/up -> ../..``) is not entered: ``os.walk`` would follow
-    it until the path is too long, listing every image below it dozens of times.
+    ``name`` is the dataset named in the error for a broken link.
     """
-    chains = {os.fspath(folder): (os.path.realpath(folder),)}  # the real folders on the way to each pending one
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        chain = chains.pop(dirpath)
-        keep = []
-        for d in sorted(dirnames):
-            sub = os.path.join(dirpath, d)
-            real = os.path.realpath(sub)
-            if not d.startswith(".") and real not in chain:
-                chains[sub] = (*chain, real)
-                keep.append(d)
-        dirnames[:] = keep
-        yield dirpath, dirnames, filenames
+    return sorted(_walk_images(folder, name))
 
 
-def _walk_images(folder: Path) -> Iterator[Path]:
-    for dirpath, _, filenames in walk_tree(folder):
-        for f in filenames:
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
-                yield Path(dirpath, f)
+def walk_images(
+    folder: str | os.PathLike[str], name: str = "images", extensions: Collection[str] = IMAGE_EXTENSIONS
+) -> Iterator[tuple[str, list[str]]]:
+    """``(dirpath, image names)`` for every folder under ``folder``, as ``os.walk(folder, followlinks=True)``.
+
+    Sorted (file names, and the sub-folders depth first), without hidden files and folders and without loops: a link
+    to a folder the walk is already inside of (``a/b/up -> ../..``) is not entered: ``os.walk`` would follow it until
+    the path is too long, listing every image below it dozens of times. An image that is a link to nothing (its
+    target moved or deleted) raises :class:`DatasetNotFoundError` naming it (``name``: the dataset): read after the
+    check, it would stop a run later, an OOD test set after training.
+    """
+    suffixes = {e.lower() for e in extensions}
+    pending = [(os.fspath(folder), (os.path.realpath(folder),))]  # a folder and the real folders on the way to it
+    while pending:
+        dirpath, chain = pending.pop()
+        try:
+            with os.scandir(dirpath) as listing:
+                entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:  # as os.walk: a folder that cannot be listed is left out
+            continue
+        images: list[str] = []
+        folders: list[tuple[str, tuple[str, ...]]] = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError:  # as os.walk: e.g. a link to itself
+                is_dir = False
+            if is_dir:
+                real = os.path.realpath(entry.path)
+                if real not in chain:
+                    folders.append((entry.path, (*chain, real)))
+            elif os.path.splitext(entry.name)[1].lower() in suffixes:
+                if entry.is_symlink() and not os.path.exists(entry.path):
+                    how = f"it is a broken link (to {os.readlink(entry.path)}, which does not exist); fix or delete it"
+                    raise DatasetNotFoundError(name, entry.path, how)
+                images.append(entry.name)
+        yield dirpath, images
+        pending += reversed(folders)
 
 
-def _has_images(folder: Path) -> bool:
-    return folder.is_dir() and next(_walk_images(folder), None) is not None
+def _walk_images(folder: Path, name: str) -> Iterator[Path]:
+    for dirpath, images in walk_images(folder, name):
+        for f in images:
+            yield Path(dirpath, f)
+
+
+def _has_images(folder: Path, name: str) -> bool:
+    """Whether ``folder`` holds images; lists all of them, so that a broken link is found by the check."""
+    return folder.is_dir() and bool(scan_images(folder, name))
 
 
 def _parse_label(text: str) -> int:
@@ -526,7 +549,7 @@ def _textures_locate(
     base = resolve_path(root, path, ".")
     folder = base / "dtd" / "dtd"
     labels = [folder / "labels" / f"{s}1.txt" for s in ("train", "val", "test")]
-    if path is not None and not (base / "dtd").exists() and _has_images(base):
+    if path is not None and not (base / "dtd").exists() and _has_images(base, "textures"):
         return Located(base, _PLAIN_FOLDER)
     listed = [p for listing in labels for p in _first_and_last(listing, folder / "images")]
     return _require("textures", folder, [folder / "images", *labels, *listed], _DTD_HOW.format(base=base), download)
@@ -550,7 +573,7 @@ def textures(
         return _list_dataset("textures", root, split, list_file, list_root)
     loc = _textures_locate(root, split, path, list_file, list_root, download)
     if loc.note == _PLAIN_FOLDER:
-        return ImageFiles(scan_images(loc.path))
+        return ImageFiles(scan_images(loc.path, "textures"))
     base = str(loc.path.parent.parent)
     parts = [tvd.DTD(base, split=s, partition=1, download=download) for s in ("train", "val", "test")]
     return ConcatDataset(parts)
@@ -637,7 +660,7 @@ def _folder_set(name: str, how: str) -> None:
             return _locate_list(name, root, split, list_file, list_root)
         _check_split(name, split, ("test",), _OOD_SPLIT_HINT)
         folder = resolve_path(root, path, name)
-        if not _has_images(folder):
+        if not _has_images(folder, name):
             raise DatasetNotFoundError(name, folder, f"no images there; {how} (any sub-folder depth)")
         return Located(folder)
 
@@ -646,7 +669,7 @@ def _folder_set(name: str, how: str) -> None:
     ) -> Dataset:
         if list_file is not None:
             return _list_dataset(name, root, split, list_file, list_root)
-        return ImageFiles(scan_images(locate(root, split, path).path))
+        return ImageFiles(scan_images(locate(root, split, path).path, name))
 
     factory.__doc__ = f"OOD image folder ``<data_root>/{name}/`` (every image below it, labels -1)."
     _register(name, locate)(factory)
@@ -684,7 +707,7 @@ def _tinyimagenet_locate(
     if (folder / "tiny-imagenet-200").is_dir():  # the zip extracted into the folder
         folder = folder / "tiny-imagenet-200"
     sub = folder / ("train" if split == "train" else "val")
-    if not _has_images(sub):
+    if not _has_images(sub, "tinyimagenet"):
         raise DatasetNotFoundError("tinyimagenet", sub, f"no images there; {_TIN_HOW}")
     return Located(sub)
 
@@ -696,7 +719,7 @@ def tinyimagenet(
     """TinyImageNet (200 ImageNet classes, 64x64): ``test`` = the 10,000 ``val/`` images, ``train`` = ``train/``."""
     if list_file is not None:
         return _list_dataset("tinyimagenet", root, split, list_file, list_root)
-    return ImageFiles(scan_images(_tinyimagenet_locate(root, split, path).path))
+    return ImageFiles(scan_images(_tinyimagenet_locate(root, split, path).path, "tinyimagenet"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -723,6 +746,13 @@ def imagenet_subset_wnids(num_classes: int, seed: int = IMAGENET_SUBSET_SEED) ->
 
 
 def _imagenet_classes(name: str, root: Path, split: str, path: str | None, wnids: Sequence[str]) -> Located:
+    """The locate of ImageNet: the class folders are there, and their images as the reader lists them (none read)."""
+    folder = _imagenet_folder(name, root, split, path, wnids)
+    _read_classes(name, folder, wnids)  # a broken link is named here, not when it is read (val: after training)
+    return Located(folder)
+
+
+def _imagenet_folder(name: str, root: Path, split: str, path: str | None, wnids: Sequence[str]) -> Path:
     _check_split(name, split, ("train", "test"))
     folder = resolve_path(root, path, "imagenet") / ("train" if split == "train" else "val")
     if not folder.is_dir():
@@ -731,7 +761,7 @@ def _imagenet_classes(name: str, root: Path, split: str, path: str | None, wnids
     if missing:
         how = f"{len(missing)} of its {len(wnids)} class folders are missing (e.g. {', '.join(missing[:3])}); "
         raise DatasetNotFoundError(name, folder, how + _IMAGENET_HOW)
-    return Located(folder)
+    return folder
 
 
 def _read_classes(name: str, folder: Path, wnids: Sequence[str]) -> Dataset:
@@ -760,7 +790,9 @@ def imagenet1k(
     """
     if list_file is not None:
         return _list_dataset("imagenet1k", root, split, list_file, list_root)
-    return _read_classes("imagenet1k", _imagenet1k_locate(root, split, path).path, IMAGENET_WNIDS)
+    return _read_classes(
+        "imagenet1k", _imagenet_folder("imagenet1k", root, split, path, IMAGENET_WNIDS), IMAGENET_WNIDS
+    )
 
 
 def _imagenet_subset(n: int) -> None:
@@ -770,7 +802,8 @@ def _imagenet_subset(n: int) -> None:
         return _imagenet_classes(name, root, split, path, imagenet_subset_wnids(n))
 
     def factory(root: Path, split: str, path: str | None = None) -> Dataset:
-        return _read_classes(name, locate(root, split, path).path, imagenet_subset_wnids(n))
+        wnids = imagenet_subset_wnids(n)
+        return _read_classes(name, _imagenet_folder(name, root, split, path, wnids), wnids)
 
     factory.__doc__ = f"GReg's ImageNet-{n}: the {n} classes of :func:`imagenet_subset_wnids` (labels 0..{n - 1})."
     _register(name, locate)(factory)

@@ -71,7 +71,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, read_image, resolve_path, walk_tree
+from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, read_image, resolve_path, walk_images
 from gradreg.data.datasets import DATASETS, DatasetNotFoundError, augmentation_seeds
 
 __all__ = ["ImageFolderDataset", "OutlierStream", "TinyImages300K", "read_class_list"]
@@ -180,8 +180,9 @@ class ImageFolderDataset(Dataset):
 
     Classes are the sub-folders of ``root`` in sorted order; labels are indices into :attr:`classes` (the sorted
     included classes). Hidden files and folders are skipped; links are followed, except one back to a folder above
-    it. File names are kept in one numpy byte array, so an ImageNet-sized tree costs tens of MB and does not grow in
-    forked workers.
+    it; an image that is a broken link, and a class folder without images, raise :class:`DatasetNotFoundError`
+    naming them. File names are kept in one numpy byte array, so an ImageNet-sized tree costs tens of MB and does not
+    grow in forked workers.
 
     Args:
         root: the tree's root folder.
@@ -219,17 +220,23 @@ class ImageFolderDataset(Dataset):
         files: list[bytes] = []
         labels: list[int] = []
         suffixes = {e.lower() for e in extensions}
+        empty: list[str] = []  # class folders without images
         for label, cls in enumerate(self.classes):
-            for dirpath, _, filenames in walk_tree(self.root / cls):
+            before = len(files)
+            for dirpath, images in walk_images(self.root / cls, name, suffixes):
                 rel = os.path.relpath(dirpath, self.root)
-                for f in sorted(filenames):
-                    if not f.startswith(".") and os.path.splitext(f)[1].lower() in suffixes:
-                        files.append(os.fsencode(os.path.join(rel, f)))
-                        labels.append(label)
+                files += [os.fsencode(os.path.join(rel, f)) for f in images]
+                labels += [label] * len(images)
+            if len(files) == before:
+                empty.append(cls)
         if not files:
             raise DatasetNotFoundError(
                 name, self.root, f"no images ({', '.join(sorted(suffixes))}) in the {len(self.classes)} class folders"
             )
+        if empty:  # e.g. ImageNet's val/ after a failed valprep.sh: a class the test would never see
+            more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+            how = f"{len(empty)} of its {len(self.classes)} class folders hold no images: {', '.join(empty[:5])}{more}"
+            raise DatasetNotFoundError(name, self.root, f"{how}; extract them again (ImageNet's val/: sort it again)")
         self._files = np.array(files, dtype=np.bytes_)
         self.labels = np.array(labels, dtype=np.int64)
 
@@ -254,18 +261,22 @@ def _class_folders(root: Path, name: str) -> list[str]:
     return folders
 
 
-def _imagefolder_locate(root: Path, split: str, path: str | None = None) -> Located:
+def _imagefolder_path(root: Path, split: str, path: str | None) -> Path:
     if path is None:
         raise ValueError("dataset 'imagefolder' needs path: the folder holding one sub-folder per class")
-    folder = resolve_path(root, path.replace("{split}", split), "")
-    _class_folders(folder, "imagefolder")
+    return resolve_path(root, path.replace("{split}", split), "")
+
+
+def _imagefolder_locate(root: Path, split: str, path: str | None = None) -> Located:
+    folder = _imagefolder_path(root, split, path)
+    ImageFolderDataset(folder)  # lists the tree (images are not read): a broken link is reported as the reader does
     return Located(folder)
 
 
 @DATASETS.register("imagefolder")
 def imagefolder(root: Path, split: str, path: str | None = None) -> Dataset:
     """Every image of ``path/<class>/**`` (labels = sorted class index); a ``{split}`` in ``path`` becomes the split."""
-    return ImageFolderDataset(_imagefolder_locate(root, split, path).path)
+    return ImageFolderDataset(_imagefolder_path(root, split, path))
 
 
 imagefolder.locate = _imagefolder_locate  # type: ignore[attr-defined]
@@ -307,6 +318,7 @@ def _complement_locate(
     id_classes: list[str] | None = None,
 ) -> Located:
     folder, listed = _complement_classes(root, path, id_classes_file, id_classes)
+    ImageFolderDataset(folder, exclude=sorted(set(listed)), name="imagefolder_complement")  # as the reader lists it
     return Located(folder, f"all classes but the {len(set(listed))} ID classes")
 
 
