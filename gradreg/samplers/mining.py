@@ -82,7 +82,8 @@ class _PoolMiner(OutlierSampler):
         The window is contiguous from a random offset, wrapping around; the offset and each image's augmentation
         seed come from ``(seed, position)``: the pool is asked for ``(index, seed)`` items, as the outlier stream
         asks it (:class:`~gradreg.data.datasets.Transformed`), so the scan does not depend on ``num_workers``.
-        ``score(features, logits)`` of an eval-mode, no-grad forward gives one score per image.
+        ``score(features, logits)`` of an eval-mode, no-grad forward gives one score per image. Training then draws
+        fresh augmentations of the kept images (the official code trains on the scored tensors; ``docs/training.md``).
         """
         n_pool = len(pool)  # type: ignore[arg-type]
         n_scan = min(n_pool, math.ceil(self.pool_factor * n_keep))
