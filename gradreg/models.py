@@ -528,10 +528,15 @@ def _clip(names: Sequence[str], limit: int = 4) -> str:
 
 
 def load_error_reason(err: BaseException) -> str:
-    """What a failed ``torch.load`` says went wrong: its first sentence.
+    """What a failed ``torch.load`` says went wrong: its first sentence, or "not a torch file".
 
-    For a truncated file "... failed finding central directory"; torch follows it with sentences of advice.
+    For a truncated file "... failed finding central directory"; torch follows it with sentences of advice. A file that
+    is no torch file at all (random bytes, text, a .npy) fails in many ways: an unknown pickle opcode ("Unsupported
+    operand", which torch reports as "Weights only load failed" with advice to drop ``weights_only``), a ``KeyError``,
+    ``ValueError`` or ``IndexError``.
     """
+    if isinstance(err, KeyError | ValueError | IndexError) or "Unsupported operand" in str(err):
+        return "not a torch file"
     text = str(err).strip()
     return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
 
@@ -545,7 +550,10 @@ def read_weights(source: str | os.PathLike[str]) -> Mapping[str, object]:
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors are long and multi-line
-        raise ValueError(f"{source}: cannot load as a weights-only checkpoint: {load_error_reason(err)}") from err
+        raise ValueError(
+            f"{source}: cannot load as a weights-only checkpoint ({load_error_reason(err)}); pass a .ckpt, .pt or .pth "
+            "file of the model's weights"
+        ) from err
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{source}: expected a state dict or a Lightning checkpoint, got {type(ckpt).__name__}")
     return ckpt

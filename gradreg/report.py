@@ -296,7 +296,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "gradreg's train.py: use one of its .ckpt files"
         ) from None
     except Exception as err:  # torch.load fails in many ways on a foreign file (IndexError for a few bytes of text)
-        reason = "not a torch file" if isinstance(err, KeyError | ValueError | IndexError) else load_error_reason(err)
+        reason = load_error_reason(err)
         raise UserError(f"checkpoint '{path}' is unreadable or truncated ({reason}); use another .ckpt") from None
     keys = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters")
     missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything: it holds no dict"]

@@ -109,7 +109,23 @@ def test_load_pretrained_says_why_a_truncated_file_fails_in_one_sentence(tmp_pat
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="cannot load as a weights-only checkpoint") as err:
         load_pretrained(create_classifier("small_cnn", 4), path)
-    assert str(err.value).endswith("failed finding central directory")  # not torch's paragraph of advice after it
+    message = str(err.value)
+    assert "failed finding central directory);" in message  # not torch's paragraph of advice after it
+    assert message.endswith("pass a .ckpt, .pt or .pth file of the model's weights")
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"hello world\n", b""], ids=["bytes", "text", "empty"])
+def test_load_pretrained_names_a_file_that_is_no_checkpoint_in_one_line(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "weights.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="cannot load as a weights-only checkpoint") as err:
+        load_pretrained(create_classifier("small_cnn", 4), path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(path) in message
+    assert "weights_only" not in message  # torch's advice to load it unsafely does not apply to random bytes
+    assert ("(EOFError)" if not content else "(not a torch file)") in message
+    assert message.endswith("pass a .ckpt, .pt or .pth file of the model's weights")
 
 
 def test_load_pretrained_reads_lightning_checkpoints(tmp_path: Path) -> None:
