@@ -88,10 +88,14 @@ _OOD_SPLIT_HINT = (
 # Generic pieces: locations, image lists, folder scans, array images
 @dataclass(frozen=True)
 class Located:
-    """Where a dataset's files are (or will be downloaded to, with a ``note`` saying so)."""
+    """Where a dataset's files are (or will be downloaded to, with a ``note`` saying so).
+
+    ``images``: for a plain image folder, its images as the check listed them (the reader takes them as they are).
+    """
 
     path: Path
     note: str = ""
+    images: tuple[Path, ...] = ()
 
 
 def _register(name: str, locate: Callable[..., Located]) -> Callable[[F], F]:
@@ -211,9 +215,9 @@ def _walk_images(folder: Path, name: str) -> Iterator[Path]:
             yield Path(dirpath, f)
 
 
-def _has_images(folder: Path, name: str) -> bool:
-    """Whether ``folder`` holds images; lists all of them, so that a broken link is found by the check."""
-    return folder.is_dir() and bool(scan_images(folder, name))
+def _images_in(folder: Path, name: str) -> tuple[Path, ...]:
+    """The images under ``folder`` (none if it is no folder); all are listed, so that the check names a broken link."""
+    return tuple(scan_images(folder, name)) if folder.is_dir() else ()
 
 
 def _parse_label(text: str) -> int:
@@ -549,8 +553,8 @@ def _textures_locate(
     base = resolve_path(root, path, ".")
     folder = base / "dtd" / "dtd"
     labels = [folder / "labels" / f"{s}1.txt" for s in ("train", "val", "test")]
-    if path is not None and not (base / "dtd").exists() and _has_images(base, "textures"):
-        return Located(base, _PLAIN_FOLDER)
+    if path is not None and not (base / "dtd").exists() and (images := _images_in(base, "textures")):
+        return Located(base, _PLAIN_FOLDER, images)
     listed = [p for listing in labels for p in _first_and_last(listing, folder / "images")]
     return _require("textures", folder, [folder / "images", *labels, *listed], _DTD_HOW.format(base=base), download)
 
@@ -573,7 +577,7 @@ def textures(
         return _list_dataset("textures", root, split, list_file, list_root)
     loc = _textures_locate(root, split, path, list_file, list_root, download)
     if loc.note == _PLAIN_FOLDER:
-        return ImageFiles(scan_images(loc.path, "textures"))
+        return ImageFiles(loc.images)
     base = str(loc.path.parent.parent)
     parts = [tvd.DTD(base, split=s, partition=1, download=download) for s in ("train", "val", "test")]
     return ConcatDataset(parts)
@@ -660,16 +664,17 @@ def _folder_set(name: str, how: str) -> None:
             return _locate_list(name, root, split, list_file, list_root)
         _check_split(name, split, ("test",), _OOD_SPLIT_HINT)
         folder = resolve_path(root, path, name)
-        if not _has_images(folder, name):
+        images = _images_in(folder, name)
+        if not images:
             raise DatasetNotFoundError(name, folder, f"no images there; {how} (any sub-folder depth)")
-        return Located(folder)
+        return Located(folder, images=images)
 
     def factory(
         root: Path, split: str, path: str | None = None, list_file: str | None = None, list_root: str | None = None
     ) -> Dataset:
         if list_file is not None:
             return _list_dataset(name, root, split, list_file, list_root)
-        return ImageFiles(scan_images(locate(root, split, path).path, name))
+        return ImageFiles(locate(root, split, path).images)
 
     factory.__doc__ = f"OOD image folder ``<data_root>/{name}/`` (every image below it, labels -1)."
     _register(name, locate)(factory)
@@ -707,9 +712,10 @@ def _tinyimagenet_locate(
     if (folder / "tiny-imagenet-200").is_dir():  # the zip extracted into the folder
         folder = folder / "tiny-imagenet-200"
     sub = folder / ("train" if split == "train" else "val")
-    if not _has_images(sub, "tinyimagenet"):
+    images = _images_in(sub, "tinyimagenet")
+    if not images:
         raise DatasetNotFoundError("tinyimagenet", sub, f"no images there; {_TIN_HOW}")
-    return Located(sub)
+    return Located(sub, images=images)
 
 
 @_register("tinyimagenet", _tinyimagenet_locate)
@@ -719,7 +725,7 @@ def tinyimagenet(
     """TinyImageNet (200 ImageNet classes, 64x64): ``test`` = the 10,000 ``val/`` images, ``train`` = ``train/``."""
     if list_file is not None:
         return _list_dataset("tinyimagenet", root, split, list_file, list_root)
-    return ImageFiles(scan_images(_tinyimagenet_locate(root, split, path).path, "tinyimagenet"))
+    return ImageFiles(_tinyimagenet_locate(root, split, path).images)
 
 
 # ---------------------------------------------------------------------------------------------------------------

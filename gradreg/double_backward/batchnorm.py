@@ -33,9 +33,8 @@ per-channel vectors: launch-bound on a GPU. ``compile_setting`` (per layer; ``au
 ``torch.compile`` on CUDA where Triton is installed (``on`` forces it, also on the CPU; ``off`` keeps it eager),
 which fuses it into a few kernels: on an H100 3.2 instead of 12.8 ms of GPU time per WRN-40-2 GReg step. Deviation
 from the reference code (which has neither): same values up to float32 rounding order, tested against the eager
-form. The first GReg step compiles it (seconds, once per dtype and memory layout; Inductor
-caches the kernels on disk); if compiling fails (say, no C compiler for Triton), a warning says so and the eager
-form runs from then on.
+form. The first GReg step compiles it (seconds, once per dtype and memory layout; Inductor caches the kernels on
+disk); if compiling fails (say, no C compiler for Triton), a warning says so and the eager form runs from then on.
 
 SyncBatchNorm (DDP's ``sync_batchnorm``): PyTorch's has no double backward at all (its backward kernels have no
 derivative, pytorch/pytorch#61222). :class:`DoubleBackwardSyncBatchNorm` normalizes with the statistics of all ranks
