@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gradreg.data.datasets import DatasetNotFoundError
+from gradreg.data.datasets import DatasetNotFoundError, UnreadableImageError
 from gradreg.module import NonFiniteLossError, UnsupportedSettingError
 from gradreg.registry import RegistryError
 
@@ -49,6 +49,7 @@ class ArgumentParser(argparse.ArgumentParser):
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UserError,
     DatasetNotFoundError,
+    UnreadableImageError,
     RegistryError,
     NonFiniteLossError,
     UnsupportedSettingError,
@@ -117,6 +118,18 @@ def point_latest(run_dir: Path) -> None:
         pass
 
 
+def error_message(err: BaseException) -> str:
+    """The error's own message; for one a DataLoader worker re-raised, the worker's (not PyTorch's wrapper text).
+
+    PyTorch re-raises a worker's exception as the same type with the message "Caught X in DataLoader worker process
+    N." followed by the worker's traceback, whose last line is "module.X: <the original message>".
+    """
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        text = text.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
+    return text
+
+
 def run_user_errors(main: Callable[[], int | None]) -> Callable[[], None]:
     """Wrap an entry point: user errors become one ``error:`` line and exit code 1."""
 
@@ -125,7 +138,7 @@ def run_user_errors(main: Callable[[], int | None]) -> Callable[[], None]:
             code = main()
         except USER_ERRORS as err:
             if not getattr(err, "silent", False):  # raised on every DDP rank alike: rank 0 says it
-                print(f"error: {err}", file=sys.stderr)
+                print(f"error: {error_message(err)}", file=sys.stderr)
             raise SystemExit(1) from None
         raise SystemExit(code or 0)
 

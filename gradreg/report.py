@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from gradreg import anomalies, plots
-from gradreg.cli import ArgumentParser, UserError, configure_wandb_env, next_run_dir, require_file
+from gradreg.cli import ArgumentParser, UserError, configure_wandb_env, error_message, next_run_dir, require_file
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
@@ -649,7 +649,8 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             if group in ("near", "far"):
                 ood_scored[name] = scored
         except Exception as err:  # one bad set must not lose the others
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            message = error_message(err)
+            reason = f"{type(err).__name__}: {message.splitlines()[0] if message else ''}"
             print(f"error: set '{name}' failed: {reason}", file=sys.stderr)
             writer.fail(name, reason)
 

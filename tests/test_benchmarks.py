@@ -14,10 +14,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import datasets as tvd
 
 from gradreg.data import benchmarks
 from gradreg.data.benchmarks import IMAGENET_WNIDS, imagenet_subset_wnids, read_idx, read_list_file
-from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, Transformed, build_dataset, build_transform
+from gradreg.data.datasets import (
+    DATASETS,
+    ID_SPECS,
+    DatasetNotFoundError,
+    Transformed,
+    UnreadableImageError,
+    build_dataset,
+    build_transform,
+)
 from gradreg.registry import SettingError
 
 # ALGORITHMS.md 1.4: GReg's 10 ImageNet ID classes, labels 0..9 in this order.
@@ -311,6 +320,10 @@ def test_textures_uses_every_dtd_image(tmp_path: Path) -> None:
     data = DATASETS.get("textures")(tmp_path, "test")
     assert len(data) == total == 6
     assert isinstance(data[0][0], Image.Image)
+    # The images and the order of torchvision's DTD over its partition-1 train, val and test lists.
+    reference = [image for s in ("train", "val", "test") for image, _ in tvd.DTD(str(tmp_path), split=s)]
+    assert [np.asarray(image).tolist() for image, _ in data] == [np.asarray(image).tolist() for image in reference]
+    assert {label for _, label in data} == {-1}  # an OOD set: no class labels, as every other one
 
 
 def test_textures_from_a_plain_image_folder(tmp_path: Path) -> None:
@@ -355,9 +368,12 @@ def test_unreadable_image_names_its_file(tmp_path: Path) -> None:
     write_image(tmp_path / "isun" / "a.jpg", value=0)
     good = (tmp_path / "isun" / "a.jpg").read_bytes()
     (tmp_path / "isun" / "b.jpg").write_bytes(good[: len(good) // 2])  # a truncated download
+    (tmp_path / "isun" / "c.jpg").write_bytes(b"")
     data = DATASETS.get("isun")(tmp_path, "test")
-    with pytest.raises(OSError, match=r"cannot read image '.*b\.jpg'"):
+    with pytest.raises(UnreadableImageError, match=r"cannot read image '.*b\.jpg' \(Truncated File Read"):
         data[1]
+    with pytest.raises(UnreadableImageError, match=r"cannot read image '.*c\.jpg' \(an empty file\); replace or"):
+        data[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------

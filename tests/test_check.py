@@ -269,6 +269,36 @@ def test_check_command_names_a_broken_link(tmp_path: Path) -> None:
     ]
 
 
+def test_check_command_reads_every_image_and_names_the_unreadable(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data(ood_sets=["lsun_c", {"name": "isun", "path": "lsun_c"}])))
+    write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
+    for i in range(70):  # more than one loader batch
+        write_image(tmp_path / "lsun_c" / f"{i:02d}.png")
+    code, out, _ = run_main("check", str(config), "--data-root", str(tmp_path), "--read-images", "--workers", "0")
+    assert code == 0
+    assert "  ok          lsun_c test: 70 images read" in out.splitlines()
+
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # compresses little
+    Image.fromarray(noise).save(tmp_path / "lsun_c" / "05.png")
+    good = (tmp_path / "lsun_c" / "05.png").read_bytes()
+    (tmp_path / "lsun_c" / "05.png").write_bytes(good[: len(good) // 2])  # a cut download
+    (tmp_path / "lsun_c" / "07.png").write_bytes(b"")
+    (tmp_path / "lsun_c" / "69.png").write_text("not an image")
+    code, out, _ = run_main("check", str(config), "--data-root", str(tmp_path), "--read-images", "--workers", "1")
+    assert code == 1
+    lines = out.splitlines()
+    start = lines.index("  UNREADABLE  lsun_c test: 3 of 70")  # the listing found all (it reads no image)
+    assert lines[start + 1 : start + 4] == [
+        f"      cannot read image '{tmp_path / 'lsun_c' / '05.png'}' (image file is truncated)",
+        f"      cannot read image '{tmp_path / 'lsun_c' / '07.png'}' (an empty file)",
+        f"      cannot read image '{tmp_path / 'lsun_c' / '69.png'}' (cannot identify image file)",
+    ]
+    assert "  UNREADABLE  isun test: 3 of 70" in lines  # each set of a config is read, under its own name
+    assert "  ok          fashion_mnist train: 4 images read" in lines
+    assert lines[-1] == "6 unreadable images: replace or delete each file (or re-extract its dataset)"
+
+
 def test_check_command_reports_unreadable_configs(tmp_path: Path) -> None:
     code, _, err = run_main("check", str(tmp_path / "nope.yaml"))
     assert code == 1

@@ -11,9 +11,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from gradreg.cli import UserError, evaluate_main, train_main
 from gradreg.provenance import git_revision
@@ -293,6 +295,22 @@ def test_missing_dataset_directory(tmp_path: Path, capsys: pytest.CaptureFixture
     assert_one_line_error(proc, "tinyimages300k", str(tmp_path / "nowhere"))
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_an_unreadable_image_stops_with_one_line(
+    workers: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With loader workers, PyTorch re-raises the worker's error with its traceback as the message: one line still.
+    pool = tmp_path / "pool" / "a"
+    pool.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(pool / "good.png")
+    for name in ("empty0.png", "empty1.png", "empty2.png"):
+        (pool / name).write_bytes(b"")
+    spec = f"{{name: imagefolder, path: {tmp_path / 'pool'}}}"
+    args = ["--data.outliers", spec, "--data.outlier_batch_size", "4", "--data.num_workers", workers]
+    proc = train_inprocess(tmp_path, capsys, *args)
+    assert_one_line_error(proc, f"cannot read image '{pool}", "(an empty file); replace or delete the file")
+
+
 def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     proc = train_inprocess(tmp_path, capsys, "--model.lr", "1e30", "--model.schedule", "constant")
     assert_one_line_error(proc, "non-finite training loss", "model.lr")
@@ -320,6 +338,11 @@ def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: st
         (["--model.lr", "-0.1"], ["model.lr=-0.1 must be > 0"]),
         (["--data.batch_size", "0"], ["data.batch_size=0 must be >= 1"]),
         (["--data.seed", "-1"], ["data.seed=-1 must be >= 0"]),
+        (["--data.candidates_per_epoch", "4"], ["data.candidates_per_epoch=4 is fewer than one outlier batch (data."]),
+        (
+            ["--data.outliers", "{name: imagefolder, path: {tmp}/nowhere}"],
+            ["data.outliers: 'imagefolder' holds 2 images, fewer than one outlier batch", "outlier_batch_size=32"],
+        ),
         (["--model.sampler", "{name: energy_cluster, num_clusters: -3}"], ["energy_cluster", "num_clusters=-3"]),
         (["--model.sampler", "{name:dos}"], ["unknown sampler '{name:dos}'", "a space after each ':'"]),
         (["--model.sampler", "{name: null}"], ["unknown sampler 'None'; known:"]),
@@ -343,7 +366,9 @@ def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: st
 def test_bad_values_stop_before_training(
     args: list[str], fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (tmp_path / "nowhere").mkdir()  # a folder without last.ckpt
+    for name in ("a/1.png", "a/2.png"):  # a folder without last.ckpt, an image folder of two images
+        (tmp_path / "nowhere" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "nowhere" / name)
     proc = train_inprocess(tmp_path, capsys, *(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert_one_line_error(proc, *(f.replace("{tmp}", str(tmp_path)) for f in fragments))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

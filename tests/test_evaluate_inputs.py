@@ -9,8 +9,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from gradreg.anomalies import CORRUPTIONS
 from gradreg.cli import UserError, evaluate_main, point_latest, train_main
@@ -473,3 +475,23 @@ def test_config_evaluation_records_the_run_behind_its_pretrained_checkpoint(
         proc = run_inprocess(args, capsys)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads((tmp_path / config.stem / "results.json").read_text())["trained_with"] == expected
+
+
+def test_a_set_with_an_unreadable_image_fails_alone_with_its_file_named(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Read by a loader worker, whose error PyTorch re-raises with the worker's traceback as its message.
+    folder = tmp_path / "isun"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"")
+    sets = f"ood_sets=[{{name: isun, path: {folder}}}, noise]"
+    args = [str(run_dir), *FAST, "--suites", "ood", "--scorers", "energy", "--out", str(tmp_path / "out")]
+    proc = run_inprocess([*args, "--data", sets, "near_ood=[]", "num_workers=1"], capsys)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # a failed set fails the run, after the others are scored
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    reason = f"UnreadableImageError: cannot read image '{folder / '3.png'}' (an empty file); replace or delete the file"
+    assert results["failed"]["isun"].startswith(reason)
+    assert f"error: set 'isun' failed: {reason}" in proc.stderr
+    assert "auroc" in results["sets"]["noise"]["metrics"]["energy"]  # the other set is scored

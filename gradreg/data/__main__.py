@@ -1,17 +1,22 @@
 """Dataset tools: ``python -m gradreg.data check CONFIG`` and ``python -m gradreg.data imagenet-classes N``.
 
-``check CONFIG [--data_root DIR] [--stage fit|test]`` lists every dataset of a config, found where or where to put
-it; exit code 0 if every one was found, 1 if any is missing or invalid (or the config cannot be read, a dataset spec
-in it is wrong, or the command line is: one ``error:`` line). ``imagenet-classes N`` prints the
+``check CONFIG [--data_root DIR] [--stage fit|test] [--read-images [--workers N]]`` lists every dataset of a config,
+found where or where to put it, and with ``--read-images`` then reads every image of every set (N loader processes)
+and names the unreadable files; exit code 0 if every one was found (and read), 1 if any is missing, invalid or
+unreadable (or the config cannot be read, a dataset spec in it is wrong, or the command line is: one ``error:``
+line). ``imagenet-classes N`` prints the
 N ID wnids of GReg's ImageNet protocol, one per line in label order (an ``id_classes_file`` for the
 ``imagefolder_complement`` outlier pool).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from gradreg.cli import ArgumentParser, require_file, run_user_errors
+
+MAX_LISTED = 20  # unreadable files listed per set
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,6 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--data-root", "--data_root", dest="data_root", default=None, help="override the config's data.data_root"
     )
     check.add_argument("--stage", choices=("fit", "test"), default="fit", help="test: only what evaluation reads")
+    check.add_argument(
+        "--read-images", action="store_true", help="then read every image, to find empty, truncated or foreign files"
+    )
+    check.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="reader processes of --read-images"
+    )
     classes = commands.add_parser("imagenet-classes", help="print the N ID wnids of GReg's ImageNet protocol")
     classes.add_argument("num_classes", type=int, help="N, e.g. 10, 20, 50 or 100")
     args, unknown = parser.parse_known_args(argv)
@@ -38,15 +49,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(imagenet_subset_wnids(args.num_classes)))
         return 0
 
-    from gradreg.data.check import check_datasets, data_section, format_checks
+    from gradreg.data.check import check_datasets, data_section, format_checks, unreadable_images
     from gradreg.report import read_config
+
+    if args.workers < 0:
+        check.error(f"--workers must be 0 (read in this process) or more, got {args.workers}")
 
     path = require_file(args.config, "config file", "pass a training config such as configs/quickstart.yaml")
     config = read_config(path)  # as evaluate.py reads one: YAML errors and misspelled sections or keys are one line
     root = args.data_root if args.data_root is not None else data_section(config).get("data_root", "data")
     checks = check_datasets(config, root, args.stage)  # a mistake in a dataset spec: one line; missing files: a report
     print(format_checks(checks, root))
-    return 0 if all(c.found for c in checks) else 1
+    if not all(c.found for c in checks):
+        return 1
+    if not args.read_images:
+        return 0
+    print(f"reading every image ({args.workers} reader processes):", flush=True)
+    bad = 0
+    for name, total, failed in unreadable_images(config, root, args.stage, args.workers):
+        bad += len(failed)
+        status = (
+            f"ok          {name}: {total} images read"
+            if not failed
+            else f"UNREADABLE  {name}: {len(failed)} of {total}"
+        )
+        print(f"  {status}")
+        for reason in failed[:MAX_LISTED]:
+            print(f"      {reason}")
+        if len(failed) > MAX_LISTED:
+            print(f"      ... and {len(failed) - MAX_LISTED} more")
+    if bad:
+        print(f"{bad} unreadable images: replace or delete each file (or re-extract its dataset)")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ from typing import TypeVar
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision.datasets import utils as tv_utils
 
 from gradreg.data._imagenet_wnids import IMAGENET_WNIDS
-from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, ImageSpec
+from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, ImageSpec, UnreadableImageError
 
 __all__ = [
     "IMAGENET_SUBSET_SEED",
@@ -293,14 +293,15 @@ def _list_dataset(name: str, root: Path, split: str, list_file: str, list_root: 
 
 
 def read_image(path: Path, mode: str = "RGB") -> Image.Image:
-    """The image at ``path`` in ``mode``; a truncated or unreadable file is an ``OSError`` that names it."""
+    """The image at ``path`` in ``mode``; a truncated or unreadable file is an :class:`UnreadableImageError`."""
     try:
         with Image.open(path) as image:
             return image.convert(mode)
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError) as err:  # PIL: truncated data, unidentified formats, broken headers
-        raise OSError(f"cannot read image '{path}' ({err}); replace or delete the file") from err
+        reason = "an empty file" if os.path.getsize(path) == 0 else str(err).replace(f" '{path}'", "")
+        raise UnreadableImageError(f"cannot read image '{path}' ({reason}){UnreadableImageError.FIX}") from err
 
 
 class ImageFiles(Dataset):
@@ -568,7 +569,7 @@ def textures(
     list_root: str | None = None,
     download: bool = False,
 ) -> Dataset:
-    """Describable Textures (DTD): all 5,640 images (the OOD convention), via torchvision's ``DTD``.
+    """Describable Textures (DTD): all 5,640 images (the OOD convention), in torchvision's ``DTD`` layout and order.
 
     DTD's own train/val/test lists of partition 1 together hold every image once. A ``path`` to a plain folder of
     images (the tarball's ``dtd/images``) is read as such.
@@ -578,9 +579,11 @@ def textures(
     loc = _textures_locate(root, split, path, list_file, list_root, download)
     if loc.note == _PLAIN_FOLDER:
         return ImageFiles(loc.images)
-    base = str(loc.path.parent.parent)
-    parts = [tvd.DTD(base, split=s, partition=1, download=download) for s in ("train", "val", "test")]
-    return ConcatDataset(parts)
+    if download:  # torchvision fetches and extracts the archive where it is missing
+        tvd.DTD(str(loc.path.parent.parent), partition=1, download=True)
+    # The images are read here (not by torchvision's DTD) so that an unreadable one is named as in every other set.
+    listed = [(loc.path / "labels" / f"{s}1.txt").read_text().split() for s in ("train", "val", "test")]
+    return ImageFiles([loc.path / "images" / name for names in listed for name in names])
 
 
 # ---------------------------------------------------------------------------------------------------------------

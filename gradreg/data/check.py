@@ -11,7 +11,8 @@ the set lacks is fine: the datamodule holds out part of ``train``), the outliers
 ``test``, and the OOD validation sets' ``val`` (``ood_val_sets`` unset = the OOD sets with ``split="val"``). A
 spec's own ``split`` key wins. Sets with a ``locate`` function (every benchmark reader) are checked without
 reading their images (torchvision's files against their MD5 sums, idx files against their headers); the others are
-built.
+built. ``--read-images`` (:func:`unreadable_images`) then reads every image the way the datamodule will, to find
+the empty, truncated or foreign files that would stop a run when its loader reaches them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
+from torch.utils.data import DataLoader, Dataset
 
 from gradreg.data import benchmarks  # noqa: F401  (registers the benchmark readers)
 from gradreg.data.datasets import (
@@ -30,6 +32,7 @@ from gradreg.data.datasets import (
     SPEC_KEYS,
     DatasetNotFoundError,
     DatasetSpecError,
+    UnreadableImageError,
     build_dataset,
     check_spec,
     dataset_name,
@@ -201,6 +204,59 @@ def check_datasets(
         found, message = check_dataset(spec, root, splits, role, **extra)
         checks.append(DatasetCheck(role, dataset_name(spec), found, message))
     return checks
+
+
+class _ReadEach(Dataset):
+    """Item ``i``: ``""`` if item ``i`` of ``dataset`` can be read, else why not (so the loader goes on)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> str:
+        try:
+            self.dataset[i]
+        except UnreadableImageError as err:
+            return str(err).removesuffix(UnreadableImageError.FIX)
+        return ""
+
+
+def unreadable_images(
+    config: Mapping[str, Any] | str | Path | Any,
+    data_root: str | Path | None = None,
+    stage: Stage = "fit",
+    num_workers: int = 0,
+) -> list[tuple[str, int, list[str]]]:
+    """Read every item of every dataset a config reads (as the datamodule does, before its transforms).
+
+    Meant to run after :func:`check_datasets` found every set. Returns ``(name and split, number of items, why each
+    unreadable one cannot be read)`` per dataset split, each split once (``ood`` and ``ood_val`` may share one).
+    """
+    data = data_section(load_config(config))
+    root = Path(data_root if data_root is not None else data.get("data_root", "data"))
+    image_spec = ID_SPECS[_as_dict(data.get("id_dataset", "digits"))["name"]]
+    extra = {"size": image_spec.size, "channels": image_spec.channels}
+    results: list[tuple[str, int, list[str]]] = []
+    seen: set[tuple[str, str]] = set()
+    for role, spec, splits in planned_reads(data, stage):
+        spec = _as_dict(spec)
+        for split in (spec["split"],) if "split" in spec else splits:
+            key = (yaml.safe_dump(spec, sort_keys=True), split)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                dataset = build_dataset(spec, root, split, **extra)
+            except ValueError:
+                if role == "id" and split == "val":
+                    continue  # no val split: the datamodule holds out part of train (as check_dataset)
+                raise
+            loader = DataLoader(_ReadEach(dataset), batch_size=64, num_workers=num_workers, collate_fn=list)
+            failed = [reason for batch in loader for reason in batch if reason]
+            results.append((f"{dataset_name(spec)} {split}", len(dataset), failed))  # type: ignore[arg-type]
+    return results
 
 
 def check_specs(data: Mapping[str, Any]) -> None:

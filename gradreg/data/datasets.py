@@ -52,6 +52,15 @@ class DatasetNotFoundError(FileNotFoundError):
         super().__init__(f"dataset '{name}' not found at {expected}" + (f"; {how}" if how else ""))
 
 
+class UnreadableImageError(OSError):
+    """An image file that cannot be decoded (empty, truncated, not an image); the message names it and the fix.
+
+    Constructed from the message alone, so that a DataLoader worker re-raises it as itself in the main process.
+    """
+
+    FIX = "; replace or delete the file (python -m gradreg.data check CONFIG --read-images finds every such file)"
+
+
 class DatasetSpecError(SettingError):
     """A mistake in the config's dataset specs, not in the files: one line naming the value and the valid ones."""
 

@@ -138,6 +138,11 @@ class OODDataModule(LightningDataModule):
         check_settings(self.hparams, typing.get_type_hints(OODDataModule.__init__), BOUNDS, prefix="data.")
         if not val_fraction < 1:
             raise SettingError(f"data.val_fraction={val_fraction} must be < 1 (the rest of the ID data trains)")
+        if candidates_per_epoch is not None and candidates_per_epoch < outlier_batch_size:
+            raise SettingError(
+                f"data.candidates_per_epoch={candidates_per_epoch} is fewer than one outlier batch "
+                f"(data.outlier_batch_size={outlier_batch_size}); raise it or lower data.outlier_batch_size"
+            )
         check_specs(self.hparams)
         self.id_dataset = id_dataset
         self.outliers = outliers
@@ -197,6 +202,12 @@ class OODDataModule(LightningDataModule):
         """Index the training data and the outlier stream (cheap: no images are decoded here)."""
         if stage in (None, "fit") and self.outliers is not None and self.outlier_stream is None:
             pool = self._build(self.outliers, "train")
+            size = len(pool)  # type: ignore[arg-type]
+            if size < self.outlier_batch_size:
+                raise SettingError(
+                    f"data.outliers: '{dataset_name(self.outliers)}' holds {size} images, fewer than one outlier "
+                    f"batch (data.outlier_batch_size={self.outlier_batch_size}); add images or lower the batch size"
+                )
             pool = Transformed(pool, build_transform(self.spec, self.augment), return_index=True)
             self.outlier_stream = OutlierStream(pool, self.outlier_batch_size, self.seed, self.candidates_per_epoch)
             if self._stream_state is not None:
