@@ -17,7 +17,7 @@ from gradreg.data import OODDataModule
 from gradreg.data.datasets import ArrayDataset, ImageSpec, Transformed, build_transform
 from gradreg.data.outliers import OutlierStream
 from gradreg.losses import energy
-from gradreg.models import SmallCNN
+from gradreg.models import SmallCNN, add_absent_head
 from gradreg.module import GradRegModule
 from gradreg.registry import RegistryError, SettingError
 from gradreg.samplers import (
@@ -246,6 +246,24 @@ def test_energy_cluster_selection_uses_model_energy_and_features():
     feats, logits = forward_candidates(model, cand)
     expected = cluster_select(feats, energy(logits), 5, 64, 3, True, 100, 0, None, _gen(9))
     got = EnergyClusterSampler().select(model, cand, n_id=5, generator=_gen(9))
+    assert got.tolist() == expected.tolist()
+
+
+def test_energy_scores_leave_out_the_absent_logit():
+    # GReg+ (or an energy-scored DOS) on a method-absent model: the energy of the K ID logits, as the scorers use.
+    model, cand = _model(), torch.randn(30, 1, 8, 8, generator=_gen(4))
+    add_absent_head(model)
+    with torch.no_grad():
+        model.absent_fc.weight.mul_(50)  # an absent logit that dominates the log-sum-exp
+    feats, logits = forward_candidates(model, cand)
+    assert logits.shape[1] == 4
+    expected = cluster_select(feats, energy(logits[:, :3]), 5, 4, 3, False, 100, 0, None, _gen(9))
+    with_absent = cluster_select(feats, energy(logits), 5, 4, 3, False, 100, 0, None, _gen(9))
+    assert expected.tolist() != with_absent.tolist()  # the case tells the two apart
+    got = EnergyClusterSampler(num_clusters=4, two_way=False).select(model, cand, n_id=5, generator=_gen(9))
+    assert got.tolist() == expected.tolist()
+    expected = cluster_select(feats, energy(logits[:, :3]), 5, 4, 5, False, generator=_gen(1))
+    got = DOSSampler(num_clusters=4, score="energy").select(model, cand, n_id=5, generator=_gen(1))
     assert got.tolist() == expected.tolist()
 
 

@@ -35,8 +35,13 @@ def absent_probability(logits: Tensor) -> Tensor:
     return torch.softmax(logits.float(), dim=1)[:, -1]
 
 
-def _outlier_scores(logits: Tensor, score: Score, num_classes: int | None) -> Tensor:
-    """Scores with lower = more ID-like: the absent-class probability (K+1 outputs) or the energy."""
+def id_energy(model: nn.Module, logits: Tensor) -> Tensor:
+    """The energy of :func:`forward_candidates`' logits over the K ID classes (an absent class is none of them)."""
+    return energy(logits if getattr(model, "absent_fc", None) is None else logits[:, :-1])
+
+
+def _outlier_scores(model: nn.Module, logits: Tensor, score: Score, num_classes: int | None) -> Tensor:
+    """Scores with lower = more ID-like: the absent-class probability (K+1 outputs) or the energy (K ID logits)."""
     if score == "auto":
         if num_classes is None:
             raise ValueError(
@@ -44,7 +49,7 @@ def _outlier_scores(logits: Tensor, score: Score, num_classes: int | None) -> Te
                 "call sampler.setup(num_classes=...) or set score: absent / energy"
             )
         score = "absent" if logits.shape[1] == num_classes + 1 else "energy"
-    return absent_probability(logits) if score == "absent" else energy(logits)
+    return absent_probability(logits) if score == "absent" else id_energy(model, logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------

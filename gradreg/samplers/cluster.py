@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradreg.kmeans import kmeans
-from gradreg.losses import energy
 from gradreg.registry import Bounds
-from gradreg.samplers.base import SAMPLERS, Score, _outlier_scores, _SeededSampler, forward_candidates
+from gradreg.samplers.base import SAMPLERS, Score, _outlier_scores, _SeededSampler, forward_candidates, id_energy
 
 Representation = Literal["norm", "norm_feature", "norm_batch"]
 
@@ -146,6 +145,8 @@ class EnergyClusterSampler(_SeededSampler):
             the default), ``norm_feature`` (each feature dimension normalized over the candidates) or
             ``norm_batch`` (features over their mean norm); see :func:`cluster_representation`.
         seed: seed of the per-call generators.
+
+    The energy is that of the K ID logits: a ``method: absent`` model's absent logit is left out, as in the scorers.
     """
 
     num_clusters: int = 64
@@ -169,7 +170,7 @@ class EnergyClusterSampler(_SeededSampler):
         feats, logits = forward_candidates(model, candidates)
         gen = generator if generator is not None else self._next_generator(candidates.device)
         return cluster_select(
-            feats, energy(logits), n_id, self.num_clusters, self.n_init, self.two_way, self.max_iter,
+            feats, id_energy(model, logits), n_id, self.num_clusters, self.n_init, self.two_way, self.max_iter,
             self.keep_start, self.keep_end, gen, self.representation,
         )  # fmt: skip
 
@@ -206,6 +207,6 @@ class DOSSampler(_SeededSampler):
         self, model: nn.Module, candidates: Tensor, n_id: int, generator: torch.Generator | None = None
     ) -> Tensor:
         feats, logits = forward_candidates(model, candidates)
-        scores = _outlier_scores(logits, self.score, self.num_classes)
+        scores = _outlier_scores(model, logits, self.score, self.num_classes)
         gen = generator if generator is not None else self._next_generator(candidates.device)
         return cluster_select(feats, scores, n_id, self.num_clusters, self.n_init, False, self.max_iter, generator=gen)

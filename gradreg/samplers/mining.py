@@ -149,7 +149,11 @@ class NTOMSampler(_PoolMiner):
         """Pool indices NTOM keeps for the next epoch (sorted by ascending score, hardest first)."""
         n_keep = self._keep_size(len(pool))  # type: ignore[arg-type]
         window, scores = self._scan(
-            model, pool, n_keep, position, lambda _, logits: _outlier_scores(logits, self.score, self.num_classes)
+            model,
+            pool,
+            n_keep,
+            position,
+            lambda _, logits: _outlier_scores(model, logits, self.score, self.num_classes),
         )
         skip = int(self.quantile * len(window))
         return self._from_rank0(window[torch.argsort(scores, stable=True)[skip : skip + n_keep]], model)
