@@ -6,7 +6,12 @@ writes ``results.json``, ``results.csv``, ``results.md``, raw scores (``scores/<
 histograms and ROC curves. Groups of sets:
 
 - ``near`` / ``far``: the OOD test sets (``data.near_ood`` names the near ones);
-- ``adversarial``: FGSM and PGD inputs generated from the ID test set against the evaluated model;
+- ``adversarial``: FGSM and PGD inputs generated from the ID test set against the evaluated model, each attacked
+  image against the whole ID test set; each set also reports its attack success rate (the share of correctly
+  classified ID images whose prediction the attack changed) and, in group ``adversarial/successful``, a row
+  ``<set>/successful`` that scores only the successful attacks against the same images before the attack (the
+  protocol of adversarial-example detection, e.g. Lee et al., NeurIPS 2018, arXiv:1807.03888, whose code keeps the
+  correctly classified images whose attack succeeded);
 - ``corruption``: ID test images under common corruptions at severities 1-5;
 - ``robustness``: OOD inputs perturbed within epsilon to look in-distribution to the energy score
   (``attacked/<set>``; compare with ``<set>`` for the AUROC before and after).
@@ -464,9 +469,9 @@ class ResultWriter:
         self.sets: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, str] = {}
 
-    def add(self, name: str, group: str, n: int, by_scorer: dict[str, dict[str, float]]) -> None:
-        """Record a finished set and rewrite the files."""
-        self.sets[name] = {"group": group, "n": n, "metrics": by_scorer}
+    def add(self, name: str, group: str, n: int, by_scorer: dict[str, dict[str, float]], **extra: Any) -> None:
+        """Record a finished set (``extra``: more keys of its entry, e.g. ``attack``) and rewrite the files."""
+        self.sets[name] = {"group": group, "n": n, "metrics": by_scorer, **extra}
         self.write()
 
     def fail(self, name: str, reason: str) -> None:
@@ -506,6 +511,14 @@ class ResultWriter:
             csv.writer(f).writerows([columns, *self.rows()])
         (self.out / "results.md").write_text(self.markdown())
 
+    def attack_success(self) -> dict[str, str]:
+        """``{adversarial set: "93.10% (874 of 940)"}``: its attack success rate, for the tables."""
+        return {
+            name: f"{100 * a['success_rate']:.2f}% ({a['successful']} of {a['correct']})"
+            for name, e in self.sets.items()
+            if (a := e.get("attack")) is not None
+        }
+
     def markdown(self) -> str:
         """The results as a markdown table (percentages)."""
         lines = [
@@ -517,6 +530,15 @@ class ResultWriter:
         ]
         for name, group, scorer, *values in self.rows():
             lines.append(f"| {name} | {group} | {scorer} | " + " | ".join(f"{100 * v:.2f}" for v in values) + " |")
+        attacks = self.attack_success()
+        if attacks:
+            lines += [
+                "",
+                "Attack success rate: the share of the correctly classified ID images whose prediction the attack "
+                "changed (`<set>/successful` scores those attacks against the same images before the attack):",
+                "",
+                *(f"- {name}: {text}" for name, text in attacks.items()),
+            ]
         lines += [f"\nFAILED {name}: {reason}" for name, reason in self.failed.items()]
         return "\n".join(lines) + "\n"
 
@@ -528,11 +550,48 @@ def save_scores(path: Path, scored: ScoredSet, source: Subset) -> None:
     np.savez(path, preds=scored.preds, labels=scored.labels, index=np.asarray(source.indices, np.int64), **scores)
 
 
+def successful_attacks(id_set: ScoredSet, attacked: ScoredSet) -> tuple[ScoredSet, ScoredSet, dict[str, Any]]:
+    """The successful-attack protocol: clean and attacked rows of the correctly classified images the attack fooled.
+
+    Row ``i`` of ``attacked`` is the attack on row ``i`` of ``id_set`` (the adversarial sets are the ID test set,
+    attacked in order). An attack succeeds when the clean image is classified correctly and the attacked one is not.
+
+    Returns:
+        The clean rows and the attacked rows of the successful attacks, and ``{"correct", "successful",
+        "success_rate"}`` (``successful / correct``; NaN when no image was classified correctly).
+    """
+    if len(attacked) != len(id_set) or not np.array_equal(attacked.labels, id_set.labels):
+        raise ValueError("the attacked set is not the ID test set row for row")
+    correct = id_set.preds == id_set.labels
+    hit = correct & (attacked.preds != attacked.labels)
+
+    def rows(s: ScoredSet) -> ScoredSet:
+        return ScoredSet({k: v[hit] for k, v in s.scores.items()}, s.preds[hit], s.labels[hit])
+
+    n_correct, n_hit = int(correct.sum()), int(hit.sum())
+    rate = n_hit / n_correct if n_correct else math.nan
+    return rows(id_set), rows(attacked), {"correct": n_correct, "successful": n_hit, "success_rate": rate}
+
+
+def add_set(writer: ResultWriter, name: str, group: str, id_scored: ScoredSet, scored: ScoredSet) -> None:
+    """Record a scored set against the ID set; an adversarial set also gets its success rate and a successful row."""
+    if group != "adversarial":
+        writer.add(name, group, len(scored), set_metrics(id_scored, scored))
+        return
+    clean, fooled, attack = successful_attacks(id_scored, scored)
+    writer.add(name, group, len(scored), set_metrics(id_scored, scored), attack=attack)
+    if len(fooled):
+        by_scorer = set_metrics(clean, fooled)
+    else:  # no successful attack: nothing to detect (null in results.json)
+        by_scorer = {key: dict.fromkeys(OOD_METRICS, math.nan) for key in id_scored.scores}
+    writer.add(f"{name}/successful", "adversarial/successful", len(fooled), by_scorer)
+
+
 def print_table(writer: ResultWriter) -> None:
     """The results as a fixed-width console table (percentages).
 
     Every OOD set and every group mean is printed; the (many) adversarial, corruption and robustness sets appear
-    only through their group means here, and one by one in results.md / .csv / .json.
+    only through their group means here (and the attacks' success rates), and one by one in results.md / .csv / .json.
     """
     rows = [r for r in writer.rows() if r[1] in ("near", "far") or r[0].startswith("mean/")]
     width = max([len(str(r[0])) for r in rows] + [12])
@@ -544,6 +603,9 @@ def print_table(writer: ResultWriter) -> None:
             f"{name:<{width}}  {scorer:<{swidth}}  {100 * auroc:7.2f}  {100 * fpr:7.2f}  {100 * aupr_in:7.2f}"
             f"  {100 * aupr_out:8.2f}"
         )
+    attacks = writer.attack_success()
+    if attacks:
+        print("attack success rate: " + ", ".join(f"{name} {text}" for name, text in attacks.items()))
     for name, reason in writer.failed.items():
         print(f"FAILED {name}: {reason}")
 
@@ -644,7 +706,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             scored = run(source, transform, name)
             if len(scored) == 0:
                 raise ValueError("the set is empty")
-            writer.add(name, group, len(scored), set_metrics(id_scored, scored))
+            add_set(writer, name, group, id_scored, scored)
             save_scores(out / "scores" / f"{name.replace('/', '_')}.npz", scored, source)
             if group in ("near", "far"):
                 ood_scored[name] = scored

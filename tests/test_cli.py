@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -168,15 +169,20 @@ def test_evaluate_writes_consistent_results(trained: Path) -> None:
         assert env["git"] == git_revision(ROOT)  # the checkout that ran the tests (None in an installed copy)
     sets = results["sets"]
     assert {"digits_heldout", "noise", "fgsm_eps8", "pgd_eps8", "jpeg_s5", "attacked/noise"} <= set(sets)
+    assert {"fgsm_eps8/successful", "pgd_eps8/successful"} <= set(sets)
+    attack = sets["fgsm_eps8"]["attack"]
+    assert sets["fgsm_eps8/successful"]["n"] == attack["successful"] <= attack["correct"]
     assert sets["digits_heldout"]["group"] == "near"
     assert sets["noise"]["group"] == "far"
-    assert list(results["means"]) == ["near", "far", "ood", "adversarial", "corruption", "robustness"]
+    groups = ["near", "far", "ood", "adversarial", "adversarial/successful", "corruption", "robustness"]
+    assert list(results["means"]) == groups
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     for row in rows:
         if row["set"] in sets:
             expected = sets[row["set"]]["metrics"][row["scorer"]]
-            assert float(row["auroc"]) == pytest.approx(expected["auroc"])
-            assert float(row["fpr95"]) == pytest.approx(expected["fpr95"])
+            for metric in ("auroc", "fpr95"):  # null: no successful attack at that budget
+                value = math.nan if expected[metric] is None else expected[metric]
+                assert float(row[metric]) == pytest.approx(value, nan_ok=True)
     mean_energy = results["means"]["ood"]["energy"]["auroc"]
     per_set = [sets[s]["metrics"]["energy"]["auroc"] for s in ("digits_heldout", "noise")]
     assert mean_energy == pytest.approx(sum(per_set) / 2)

@@ -495,3 +495,35 @@ def test_a_set_with_an_unreadable_image_fails_alone_with_its_file_named(
     assert results["failed"]["isun"].startswith(reason)
     assert f"error: set 'isun' failed: {reason}" in proc.stderr
     assert "auroc" in results["sets"]["noise"]["metrics"]["energy"]  # the other set is scored
+
+
+def test_successful_attack_rows_can_be_recomputed_from_the_saved_scores(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    out = tmp_path / "adv"
+    # a one-epoch model: 8/255 fools none of its few correct images, 64/255 some
+    args = [str(run_dir), "--max-samples", "64", "--no-plots", "--suites", "adversarial", "--epsilons", "64/255"]
+    proc = run_inprocess([*args, "--pgd-steps", "2", "--scorers", "energy", "--out", str(out)], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "results.json").read_text())
+    clean = np.load(out / "scores" / "id.npz")
+    correct = clean["preds"] == clean["labels"]
+    for name in ("fgsm_eps64", "pgd_eps64"):
+        attacked = np.load(out / "scores" / f"{name}.npz")  # the successful rows have no file: they are rows of these
+        assert attacked["index"].tolist() == clean["index"].tolist()
+        hit = correct & (attacked["preds"] != attacked["labels"])
+        assert 0 < hit.sum() < correct.sum(), name  # a case where the two protocols differ
+        assert doc["sets"][name]["attack"] == {
+            "correct": int(correct.sum()),
+            "successful": int(hit.sum()),
+            "success_rate": pytest.approx(hit.sum() / correct.sum()),
+        }
+        expected = roc_auc_score(
+            [1] * int(hit.sum()) + [0] * int(hit.sum()),
+            np.concatenate([clean["score_energy"][hit], attacked["score_energy"][hit]]),
+        )
+        assert doc["sets"][f"{name}/successful"]["metrics"]["energy"]["auroc"] == pytest.approx(expected, abs=1e-12)
+    assert "attack success rate: fgsm_eps64 " in proc.stdout

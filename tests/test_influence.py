@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -172,6 +173,44 @@ def test_lissa_reports_a_slow_divergence_that_stays_finite() -> None:
         inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=4.9)
     converged = inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=5.5, tol=1e-7)
     torch.testing.assert_close(converged, torch.tensor([1.0, 0.1]))
+
+
+def test_cg_warns_with_the_residual_it_reached_when_max_iter_stops_it() -> None:
+    # Eigenvalues 1e-4 .. 1 (condition number 1e4): in floating point CG needs more than P = 60 iterations, so the
+    # default cap min(P, 200) stops it far from the solution; it used to return that silently.
+    eigenvalues = torch.logspace(-4, 0, 60, dtype=torch.float64)
+
+    def hvp(v: Tensor) -> Tensor:
+        return eigenvalues * v
+
+    v = torch.ones(60, dtype=torch.float64)
+    for max_iter, iterations in ((3, 3), (None, 60)):
+        with pytest.warns(UserWarning, match="CG did not converge") as caught:
+            x = inverse_hvp(hvp, v, "cg", damping=0.0, tol=1e-8, max_iter=max_iter)
+        reached = float((v - hvp(x)).norm() / v.norm())
+        assert reached > 0.1
+        message = str(caught[0].message)
+        assert f"relative residual {reached:.3g} > tol 1e-08 after {iterations} iterations" in message
+        assert "raise max_iter or damping (now 0," in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: silent
+        x = inverse_hvp(hvp, v, "cg", damping=0.0, tol=1e-8, max_iter=200)
+    assert float((v - hvp(x)).norm() / v.norm()) <= 1e-8
+
+
+def test_explain_records_the_residual_of_an_unconverged_cg_solve(tmp_path) -> None:
+    model = TinyNet().double().eval()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    common = {"damping": 1.0, "max_train": 4, "hessian_points": 32, "batch_size": 32, "tol": 1e-12}
+    with pytest.warns(UserWarning, match="CG did not converge") as caught:
+        result = explain(model, x[:2], "energy", ce_loss(), TensorDataset(x, y), max_iter=1, **common)
+    assert len([w for w in caught if "CG did not converge" in str(w.message)]) == 2  # one per test image
+    residuals = result.settings["relative_residual"]
+    assert min(residuals) > 1e-3
+    result.to_json(tmp_path / "influence.json")
+    doc = json.loads((tmp_path / "influence.json").read_text())
+    assert doc["settings"]["relative_residual"] == residuals
+    assert doc["settings"]["max_iter"] == 1
 
 
 # ------------------------------------------------------------------------------------------------- convex case

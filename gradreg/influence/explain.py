@@ -211,7 +211,7 @@ def explain(
         depth: LiSSA depth.
         repeats: LiSSA repeats.
         tol: solver tolerance.
-        max_iter: CG iteration cap.
+        max_iter: CG iteration cap (a solve it stops warns with its residual).
         max_train: number of points scored per dataset (seeded random subset); ``None`` = all.
         hessian_points: points per dataset used for the Hessian.
         batch_size: chunk size for Hessian batches and per-sample gradients.

@@ -163,7 +163,8 @@ def inverse_hvp(
     - ``"cg"``: conjugate gradients; needs a deterministic ``hvp_fn`` and ``H + damping I`` positive definite
       (on a direction of non-positive curvature it stops with a warning, or raises :class:`IndefiniteError` if
       ``strict``). Stops when
-      ``||residual|| <= tol ||v||`` or after ``max_iter`` (default ``min(P, 200)``) iterations.
+      ``||residual|| <= tol ||v||`` or after ``max_iter`` (default ``min(P, 200)``) iterations; stopped by the
+      cap, it warns with the relative residual ``||residual|| / ||v||`` it reached (the solution is returned).
     - ``"lissa"``: truncated Neumann series ``h_j = v + h_{j-1} - (H + damping I) h_{j-1} / scale``,
       ``h_0 = v``, result ``h_depth / scale`` averaged over ``repeats`` (``hvp_fn`` may be stochastic, e.g. a new
       mini-batch per call). Converges when ``scale > (lambda_max + damping) / 2`` and ``H + damping I`` is positive
@@ -193,7 +194,8 @@ def inverse_hvp(
         p = r.clone()
         rs = r.dot(r)
         target = tol * v.norm()
-        for _ in range(max_iter or min(v.numel(), 200)):
+        iterations = max_iter or min(v.numel(), 200)
+        for _ in range(iterations):
             if rs.sqrt() <= target:
                 break
             ap = hvp_fn(p) + damping * p
@@ -203,13 +205,20 @@ def inverse_hvp(
                 if strict:
                     raise IndefiniteError(message)
                 warnings.warn(f"{message}; increase damping", stacklevel=2)
-                break
+                return x
             alpha = rs / curvature
             x = x + alpha * p
             r = r - alpha * ap
             rs_new = r.dot(r)
             p = r + (rs_new / rs) * p
             rs = rs_new
+        if not rs.sqrt() <= target:  # the cap, not the tolerance, ended the solve (also catches NaN)
+            reached = float(rs.sqrt() / v.norm())
+            warnings.warn(
+                f"CG did not converge: relative residual {reached:.3g} > tol {tol:.3g} after {iterations} iterations; "
+                f"raise max_iter or damping (now {damping:.3g}, which improves the conditioning of H + damping I)",
+                stacklevel=2,
+            )
         return x
     if method == "lissa":
         if scale is None:

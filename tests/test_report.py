@@ -1,0 +1,90 @@
+"""evaluate.py's results files: the adversarial sets' success rate and successful-attack protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import Tensor
+
+from gradreg.anomalies import fgsm
+from gradreg.evaluation import ScoredSet, build_scorers, score_loader
+from gradreg.models import Classifier
+from gradreg.report import ResultWriter, add_set, successful_attacks
+
+# One-pixel images: class 0 when the pixel is above 1/2. FGSM with budget 1/8 moves the pixel 1/8 towards the other
+# class, so it fools a correctly classified image exactly when the pixel lies within 1/8 of 1/2. Dyadic pixels keep
+# the arithmetic exact: the scores (functions of |p - 1/2|) tie where the distances are equal.
+PIXELS = [0.875, 0.75, 0.5625, 0.53125, 0.25, 0.40625, 0.625, 0.125]
+LABELS = [0, 0, 0, 0, 1, 1, 1, 0]  # the last two are misclassified: no attack on them counts
+FOOLED = [2, 3, 5]  # 18/32 -> 14/32, 17/32 -> 13/32, 13/32 -> 17/32; the other three correct images stay correct
+
+
+class Threshold(Classifier):
+    """logits ``(p - 0.5, 0.5 - p)`` of the pixel ``p`` (normalization: mean 0, std 1)."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=2, feature_dim=1, in_channels=1)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.fc.bias.copy_(torch.tensor([-0.5, 0.5]))
+
+    def features(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+
+def test_adversarial_sets_report_success_rate_and_successful_attacks_against_their_clean_images(
+    tmp_path: Path,
+) -> None:
+    model = Threshold().eval()
+    x, y = torch.tensor(PIXELS).reshape(-1, 1, 1, 1), torch.tensor(LABELS)
+    scorer_map = build_scorers(["energy", "msp"])
+    clean = score_loader(model, [(x, y)], scorer_map)
+    attacked = score_loader(model, [(fgsm(model, x, y, 0.125), y)], scorer_map)
+    assert clean.preds.tolist() == [0, 0, 0, 0, 1, 1, 0, 1]
+    assert attacked.preds.tolist() == [0, 0, 1, 1, 1, 0, 0, 1]
+
+    writer = ResultWriter(tmp_path, {"id": {"dataset": "pixels", "n": 8, "accuracy": 0.75}})
+    add_set(writer, "fgsm_eps31.9", "adversarial", clean, attacked)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    entry, successful = doc["sets"]["fgsm_eps31.9"], doc["sets"]["fgsm_eps31.9/successful"]
+    assert entry["attack"] == {"correct": 6, "successful": 3, "success_rate": 0.5}
+    assert (entry["n"], successful["n"], successful["group"]) == (8, 3, "adversarial/successful")
+    assert list(doc["means"]) == ["adversarial", "adversarial/successful"]
+    for key in scorer_map:
+        # all images: every attacked image against every clean one (ID positive: higher score = more ID)
+        expected = roc_auc_score([1] * 8 + [0] * 8, np.concatenate([clean.scores[key], attacked.scores[key]]))
+        assert entry["metrics"][key]["auroc"] == pytest.approx(expected, abs=1e-12)
+        # successful: the fooled images only, against the same images before the attack
+        id_side, adv_side = clean.scores[key][FOOLED], attacked.scores[key][FOOLED]
+        expected = roc_auc_score([1] * 3 + [0] * 3, np.concatenate([id_side, adv_side]))
+        assert successful["metrics"][key]["auroc"] == pytest.approx(expected, abs=1e-12)
+        # by hand: |p - 1/2| is (2, 1, 3)/32 before and (2, 3, 1)/32 after: 3 wins and 3 ties of 9 pairs
+        assert successful["metrics"][key]["auroc"] == 0.5
+        # against every correctly classified clean image, (12, 8, 2, 1, 8, 3)/32, it would be 13.5 / 18
+        everyone = clean.scores[key][clean.preds == clean.labels]
+        assert roc_auc_score([1] * 6 + [0] * 3, np.concatenate([everyone, adv_side])) == 0.75
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| fgsm_eps31.9/successful | adversarial/successful | energy |" in markdown
+    assert "- fgsm_eps31.9: 50.00% (3 of 6)" in markdown
+    csv_sets = {line.split(",")[0] for line in (tmp_path / "results.csv").read_text().splitlines()}
+    assert {"fgsm_eps31.9", "fgsm_eps31.9/successful", "mean/adversarial/successful"} <= csv_sets
+
+
+def test_no_successful_attack_gives_null_metrics_and_no_correct_image_a_null_rate(tmp_path: Path) -> None:
+    scores = {"energy": np.array([1.0, 2.0, 3.0])}
+    clean = ScoredSet(scores, preds=np.array([0, 1, 1]), labels=np.array([0, 1, 0]))
+    writer = ResultWriter(tmp_path, {"id": {"dataset": "d", "n": 3, "accuracy": 2 / 3}})
+    add_set(writer, "pgd_eps8", "adversarial", clean, clean)  # nothing changed
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["sets"]["pgd_eps8"]["attack"] == {"correct": 2, "successful": 0, "success_rate": 0.0}
+    assert doc["sets"]["pgd_eps8/successful"]["metrics"]["energy"]["auroc"] is None
+    wrong = ScoredSet(scores, preds=np.array([1, 0, 1]), labels=np.array([0, 1, 0]))
+    assert math.isnan(successful_attacks(wrong, clean)[2]["success_rate"])  # no image classified correctly
+    with pytest.raises(ValueError, match="row for row"):
+        successful_attacks(clean, ScoredSet(scores, preds=np.array([0, 1, 1]), labels=np.array([1, 1, 0])))
