@@ -30,6 +30,7 @@ import math
 import os
 import pickle
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -812,13 +813,15 @@ def explain_worst(
         f"explaining the {len(ood_worst)} highest-scored {ood_name} images and the {len(id_worst)} lowest-scored ID "
         f"images ({key}) with up to {opts.explain_train} training images and outliers ..."
     )
-    result = explain(
-        model, x_test.to(device), key, objective, id_train, outliers, max_train=opts.explain_train,
-        damping=opts.explain_damping, hessian_points=opts.explain_hessian,
-        test_is_id=[False] * len(ood_worst) + [True] * len(id_worst),
-        test_ids=[f"{ood_name}/{ood_test.indices[i]}" for i in ood_worst.tolist()]
-        + [f"id/{id_test.indices[i]}" for i in id_worst.tolist()],
-    )  # fmt: skip
+    with warnings.catch_warnings():  # CG's own warnings (one per image) give way to the one on the residuals below
+        warnings.filterwarnings("ignore", message="CG (did not converge|met non-positive curvature)")
+        result = explain(
+            model, x_test.to(device), key, objective, id_train, outliers, max_train=opts.explain_train,
+            damping=opts.explain_damping, hessian_points=opts.explain_hessian,
+            test_is_id=[False] * len(ood_worst) + [True] * len(id_worst),
+            test_ids=[f"{ood_name}/{ood_test.indices[i]}" for i in ood_worst.tolist()]
+            + [f"id/{id_test.indices[i]}" for i in id_worst.tolist()],
+        )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     for t in range(len(x_test)):
         result.save_grid(t, x_test[t], out / f"{t:02d}.png", id_train, outliers, mean=model.input_mean,

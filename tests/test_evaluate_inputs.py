@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -527,3 +528,21 @@ def test_successful_attack_rows_can_be_recomputed_from_the_saved_scores(
         )
         assert doc["sets"][f"{name}/successful"]["metrics"]["energy"]["auroc"] == pytest.approx(expected, abs=1e-12)
     assert "attack success rate: fgsm_eps64 " in proc.stdout
+
+
+def test_explain_says_once_that_the_solves_did_not_converge(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A small fixed damping leaves H + damping I indefinite: CG's warnings per image give way to one line.
+    args = [str(run_dir), *FAST, "--suites", "ood", "--sets", "noise", "--scorers", "energy", "--out", str(tmp_path)]
+    explain = ["--explain", "2", "--explain-train", "8", "--explain-hessian", "8", "--explain-damping", "0.001"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proc = run_inprocess([*args, *explain], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not [w for w in caught if "CG " in str(w.message)]
+    lines = [line for line in proc.stderr.splitlines() if "warning: inverse-HVP relative residual up to" in line]
+    assert len(lines) == 1
+    assert "raise --explain-damping (now 0.001)" in lines[0]
+    residuals = json.loads((tmp_path / "explain" / "influence.json").read_text())["settings"]["relative_residual"]
+    assert max(residuals) > 0.1

@@ -211,6 +211,8 @@ def test_explain_records_the_residual_of_an_unconverged_cg_solve(tmp_path) -> No
     doc = json.loads((tmp_path / "influence.json").read_text())
     assert doc["settings"]["relative_residual"] == residuals
     assert doc["settings"]["max_iter"] == 1
+    result = explain(model, x[:2], "energy", ce_loss(), TensorDataset(x, y), **common)
+    assert result.settings["max_iter"] == sum(p.numel() for p in model.parameters()) < 200  # the cap applied
 
 
 # ------------------------------------------------------------------------------------------------- convex case

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from gradreg.influence.objective import Batch, TrainLoss, select_parameters
 from gradreg.influence.solvers import (
     IndefiniteError,
+    cg_iterations,
     inverse_hvp,
     make_hvp,
     per_sample_gradients,
@@ -309,7 +310,7 @@ def explain(
         "depth": depth,
         "repeats": repeats,
         "tol": tol,
-        "max_iter": max_iter,
+        "max_iter": cg_iterations(max_iter, int(test_grads.shape[1])) if method == "cg" else max_iter,
         "hessian_points": [len(hess_in), len(hess_out)],
         "num_params": int(test_grads.shape[1]),
         "scorer": repr(scorer),

@@ -146,6 +146,11 @@ def top_eigenvalue(hvp_fn: HVP, dim: int, iters: int = 20, like: Tensor | None =
     return value
 
 
+def cg_iterations(max_iter: int | None, size: int) -> int:
+    """Conjugate gradients' iteration cap for ``size`` unknowns: ``max_iter``, by default ``min(size, 200)``."""
+    return max_iter or min(size, 200)
+
+
 def inverse_hvp(
     hvp_fn: HVP,
     v: Tensor,
@@ -194,7 +199,7 @@ def inverse_hvp(
         p = r.clone()
         rs = r.dot(r)
         target = tol * v.norm()
-        iterations = max_iter or min(v.numel(), 200)
+        iterations = cg_iterations(max_iter, v.numel())
         for _ in range(iterations):
             if rs.sqrt() <= target:
                 break
