@@ -6,16 +6,19 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
-from gradreg.cli import UserError, evaluate_main, train_main
+from gradreg.cli import Interrupted, UserError, evaluate_main, run_user_errors, train_main
 from gradreg.provenance import git_revision
 from gradreg.report import parse_scorer
 from gradreg.training import build_cli
@@ -694,3 +697,74 @@ def test_readme_training_in_your_own_code_runs_and_evaluates(
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((ckpt.parent / "eval-001" / "results.json").read_text())
     assert doc["id"]["accuracy"] > 1 / 6  # two epochs of GReg+ on the six digit classes beat chance
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_says_where_the_run_is_and_how_to_resume_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    args = ["--config", config, "--run.root", str(tmp_path / "runs"), *FAST, "--trainer.max_epochs", "1000"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, "--trainer.logger", "false"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    deadline = time.monotonic() + 90
+    while not (run_dir / "last.ckpt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # training has started: Ctrl-C
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    resume = f"python train.py --config {run_dir / 'config.yaml'} --run.resume "
+    assert f"its files stay in {run_dir} " in lines[0]
+    assert resume in lines[0]
+    assert (run_dir / "last.ckpt").is_file()
+    assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve()
+    # the command it gives resumes the run (a few epochs more)
+    checkpoint = lines[0].split(" --run.resume ")[1]
+    epoch = torch.load(Path(checkpoint, "last.ckpt") if Path(checkpoint).is_dir() else checkpoint)["epoch"]
+    extra = ["--trainer.max_epochs", str(epoch + 2), "--trainer.logger", "false"]
+    done = run_inprocess(
+        train_main, ["--config", str(run_dir / "config.yaml"), "--run.resume", checkpoint, *extra], capsys
+    )
+    assert done.returncode == 0, done.err[-3000:]
+    assert (tmp_path / "runs" / "quickstart-002" / "last.ckpt").is_file()
+
+
+def test_ctrl_c_before_the_first_checkpoint_and_after_best_ckpt(tmp_path: Path) -> None:
+    from gradreg.training import _interrupted
+
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    cli = SimpleNamespace(run_dir=run_dir, rank_zero=True)
+    assert "nothing was kept" in str(_interrupted(cli))  # its folder held only its config: removed
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("{}")
+    (run_dir / "metrics.csv").write_text("epoch\n")
+    err = _interrupted(cli)
+    assert f"nothing to resume; its logs stay in {run_dir}" in str(err)
+    assert err.exit_code == 130
+    (run_dir / "last.ckpt").write_bytes(b"epoch 1")
+    time.sleep(0.01)
+    (run_dir / "best.ckpt").write_bytes(b"epoch 2")  # validation's best.ckpt comes just before last.ckpt
+    assert str(_interrupted(cli)).endswith(f"--run.resume {run_dir / 'best.ckpt'}")
+    (run_dir / "last.ckpt").write_bytes(b"epoch 2")
+    assert str(_interrupted(cli)).endswith(f"--run.resume {run_dir}")
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt(), Interrupted("training stopped; ...")])
+def test_ctrl_c_is_one_line_and_exit_code_130(raised: BaseException, capsys: pytest.CaptureFixture[str]) -> None:
+    def main() -> int:
+        raise raised
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_user_errors(main)()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().startswith("interrupted: ")
