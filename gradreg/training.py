@@ -120,8 +120,9 @@ class GradRegCLI(LightningCLI):
         require_datasets(config, stage="fit")
         best_every_n_epochs = _monitor_every_n_epochs(config)
         if config.run.resume is not None:
-            # Resolved: config.yaml must name this checkpoint, not runs/latest (which then points at this run)
-            config.run.resume = str(_resume_file(Path(config.run.resume)).resolve())
+            # config.yaml must name this checkpoint, not runs/latest (which then points at this run); as given
+            # otherwise: a relative path stays relative, as data_root and run.root, so a moved project still resumes
+            config.run.resume = str(_without_latest(_resume_file(Path(config.run.resume))))
         config_files = config.get("config") or []
         config.run.name = config.run.name or (Path(str(config_files[-1])).stem if config_files else "run")
         # Read now: Lightning's launcher removes WORLD_SIZE again when training ends (LightningEnvironment.teardown).
@@ -484,6 +485,23 @@ def _resume_file(path: Path) -> Path:
     if not path.is_file():
         raise UserError(f"run.resume checkpoint '{path}' does not exist; pass a .ckpt file or a run directory")
     return path
+
+
+def _without_latest(path: Path) -> Path:
+    """``path`` with every link to a neighbour (``runs/latest -> quickstart-001``) replaced by its target.
+
+    Other links and the rest of the path stay as given (``resolve`` would make a relative path absolute).
+    """
+    kept = Path(path.anchor)
+    for part in path.parts[1:] if path.anchor else path.parts:
+        step = kept / part
+        for _ in range(40):  # a chain of links, as the OS follows (at most 40 on Linux)
+            target = Path(os.readlink(step)) if step.is_symlink() else None
+            if target is None or target.is_absolute() or len(target.parts) != 1 or target.name in (".", ".."):
+                break
+            step = step.parent / target
+        kept = step
+    return kept
 
 
 def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> None:

@@ -564,7 +564,31 @@ def test_resume_through_latest_records_the_checkpoint_itself(
     resume = ["--run.resume", str(tmp_path / "runs" / "latest"), "--trainer.max_epochs", "3"]
     assert train_inprocess(tmp_path, capsys, *resume).returncode == 0
     config = yaml.safe_load((tmp_path / "runs" / "quickstart-002" / "config.yaml").read_text())
-    assert config["run"]["resume"] == str((tmp_path / "runs" / "quickstart-001" / "last.ckpt").resolve())
+    assert config["run"]["resume"] == str(tmp_path / "runs" / "quickstart-001" / "last.ckpt")
+
+
+def test_resumed_config_resumes_again_after_the_project_moved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relative run.resume stays relative in config.yaml (only runs/latest is replaced by its target), as data_root
+    # and run.root do: the project copied or moved elsewhere resumes from its own checkpoint (it named the old path).
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    args = ["--config", config, "--run.root", "runs", *FAST, "--trainer.logger", "false"]
+    assert run_inprocess(train_main, args, capsys).returncode == 0
+    resumed = run_inprocess(train_main, [*args, "--run.resume", "runs/latest", "--trainer.max_epochs", "3"], capsys)
+    assert resumed.returncode == 0, resumed.err[-2000:]
+    saved = yaml.safe_load(Path("runs/quickstart-002/config.yaml").read_text())
+    assert saved["run"]["resume"] == "runs/quickstart-001/last.ckpt"
+    (tmp_path / "project").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    again = ["--config", "runs/quickstart-002/config.yaml", "--trainer.max_epochs", "4"]
+    proc = run_inprocess(train_main, again, capsys)
+    assert proc.returncode == 0, proc.err[-2000:]
+    third = yaml.safe_load(Path("runs/quickstart-003/config.yaml").read_text())
+    assert third["run"]["resume"] == "runs/quickstart-001/last.ckpt"
+    assert torch.load("runs/quickstart-003/last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 3
 
 
 @pytest.mark.parametrize("validation", [True, False])
