@@ -442,6 +442,22 @@ def test_bad_scorer_setting_in_config_stops_before_training(tmp_path: Path, caps
     assert not list(tmp_path.glob("runs/*/*.ckpt"))
 
 
+@pytest.mark.parametrize(
+    ("scorers", "fix"),
+    [
+        ("[msp, odin: {temperature: 1000}]", "write {name: odin, temperature: 1000}"),  # YAML: [msp, {odin: {...}}]
+        ("[{odin: null}]", "write {name: odin}"),
+        ("[{temperature: 1000}]", "write e.g. {name: odin, temperature: 1000}"),
+    ],
+)
+def test_scorer_mapping_without_a_name_says_how_to_write_it(
+    scorers: str, fix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # was "a scorer's name must be a letter or digit followed by ..., got None in {...}"
+    config = callback_config(tmp_path / "scorers.yaml", f"scorers: {scorers}")
+    assert_one_line_error(train_inprocess(tmp_path, capsys, "--config", str(config)), "has no name key; " + fix)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_evaluate_explain_writes_grids_and_json(trained: Path) -> None:
