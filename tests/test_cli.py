@@ -808,3 +808,40 @@ def test_ctrl_c_is_one_line_and_exit_code_130(raised: BaseException, capsys: pyt
         run_user_errors(main)()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip().startswith("interrupted: ")
+
+
+def test_ctrl_c_during_evaluation_says_what_its_folder_keeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradreg.report
+
+    assert train_inprocess(tmp_path, capsys).returncode == 0
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    scored = []
+
+    def interrupted_at(n: int):
+        def set_metrics(*args: object):
+            if len(scored) == n:
+                raise KeyboardInterrupt
+            scored.append(real(*args))
+            return scored[-1]
+
+        return set_metrics
+
+    real = gradreg.report.set_metrics
+    monkeypatch.setattr(gradreg.report, "set_metrics", interrupted_at(0))  # during the first OOD set
+    proc = run_inprocess(evaluate_main, [str(run_dir), "--scorers", "msp", "energy", "--suites", "ood"], capsys)
+    assert proc.returncode == 130
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "interrupted: evaluation stopped before its first result; nothing was kept"
+    )
+    assert not (run_dir / "eval-001").exists()  # its own new folder held nothing but the ID set's raw scores
+    monkeypatch.setattr(gradreg.report, "set_metrics", interrupted_at(1))  # during the second
+    proc = run_inprocess(evaluate_main, [str(run_dir), "--scorers", "msp", "energy", "--suites", "ood"], capsys)
+    assert proc.returncode == 130
+    assert "Traceback" not in proc.stderr
+    out = run_dir / "eval-001"
+    assert f"interrupted: evaluation stopped; {out} keeps the sets finished so far" in proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["sets"]) == ["digits_heldout"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no partial files left
