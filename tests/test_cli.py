@@ -352,6 +352,19 @@ def test_bad_values_stop_before_training(
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_pretrained_run_folder_without_a_slash_is_named_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # was taken for a torchvision weights name: "'small_cnn' has no torchvision weights to name"
+    monkeypatch.chdir(tmp_path)
+    Path("quickstart-001").mkdir()
+    Path("quickstart-001", "best.ckpt").write_bytes(b"")
+    proc = train_inprocess(tmp_path, capsys, "--model.pretrained", "quickstart-001")
+    assert_one_line_error(
+        proc, "model.pretrained 'quickstart-001' is a folder, not a file", "(e.g. quickstart-001/best.ckpt)"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "yaml_text", "hint"),
     [
