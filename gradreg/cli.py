@@ -7,6 +7,8 @@ dataset exists, and calls ``trainer.fit``. ``runs/latest`` points at the newest 
 
 User mistakes (a missing config or dataset, a typo in a key, an unknown scorer, a bad checkpoint, a
 NaN loss, a mistyped option) end with one ``error: ...`` line on stderr and exit code 1.
+Ctrl-C ends with one ``interrupted: ...`` line (for a training run: its folder and how to resume it) and exit
+code 130.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ from gradreg.registry import RegistryError
 
 class UserError(Exception):
     """A problem the user can fix; reported as one line without a traceback."""
+
+
+class Interrupted(UserError):
+    """Ctrl-C (SIGINT): one ``interrupted:`` line saying what was kept and how to go on, exit code 130."""
+
+    label = "interrupted"
+    exit_code = 130  # 128 + SIGINT: what a shell reports for a process that SIGINT ended
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -131,15 +140,23 @@ def error_message(err: BaseException) -> str:
 
 
 def run_user_errors(main: Callable[[], int | None]) -> Callable[[], None]:
-    """Wrap an entry point: user errors become one ``error:`` line and exit code 1."""
+    """Wrap an entry point: user errors become one ``error:`` line and exit code 1.
+
+    Ctrl-C becomes one ``interrupted:`` line and exit code 130: :class:`Interrupted` says what was kept (``train.py``:
+    the run directory and how to resume it); a bare ``KeyboardInterrupt`` stopped the command before it wrote anything
+    it keeps.
+    """
 
     def wrapped() -> None:
         try:
             code = main()
         except USER_ERRORS as err:
             if not getattr(err, "silent", False):  # raised on every DDP rank alike: rank 0 says it
-                print(f"error: {error_message(err)}", file=sys.stderr)
-            raise SystemExit(1) from None
+                print(f"{getattr(err, 'label', 'error')}: {error_message(err)}", file=sys.stderr)
+            raise SystemExit(getattr(err, "exit_code", 1)) from None
+        except KeyboardInterrupt:
+            print(f"\n{Interrupted.label}: stopped by Ctrl-C", file=sys.stderr)
+            raise SystemExit(Interrupted.exit_code) from None
         raise SystemExit(code or 0)
 
     return wrapped

@@ -34,6 +34,12 @@ def scorer_key(spec: ScorerSpec) -> str:
         return spec
     part = "alias" if "alias" in spec else "name"
     key = spec.get(part)
+    if key is None and part == "name":
+        first, settings = next(iter(spec.items()), (None, None))
+        if len(spec) == 1 and isinstance(first, str) and isinstance(settings, Mapping | None):  # {odin: {...}}
+            written = ", ".join(f"{k}: {v}" for k, v in {"name": first, **(settings or {})}.items())
+            raise SettingError(f"scorer {dict(spec)} has no name key; write {{{written}}}")
+        raise SettingError(f"scorer {dict(spec)} has no name key; write e.g. {{name: odin, temperature: 1000}}")
     if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", key):  # it names files and keys
         raise SettingError(
             f"a scorer's {part} must be a letter or digit followed by letters, digits, '_', '-' or '.', got {key!r} "

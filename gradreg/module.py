@@ -160,12 +160,16 @@ class GradRegModule(LightningModule):
                 "absent)"
             )
         kwargs = dict(arch_kwargs or {})
-        from_file = pretrained is not None and (
-            "/" in pretrained or Path(pretrained).suffix in (".ckpt", ".pt", ".pth")
+        from_file = pretrained is not None and (  # a file or folder that exists is no weights name (a run's folder)
+            "/" in pretrained or Path(pretrained).suffix in (".ckpt", ".pt", ".pth") or Path(pretrained).exists()
         )
         if from_file and not Path(pretrained).is_file():  # else torch.load's "[Errno 2] ..." inside a longer line
             found = "is a folder, not a file" if Path(pretrained).is_dir() else "does not exist"
-            raise SettingError(f"model.pretrained '{pretrained}' {found}; pass an existing .ckpt, .pt or .pth file")
+            inside = [Path(pretrained, n) for n in ("best.ckpt", "last.ckpt") if Path(pretrained, n).is_file()]
+            example = f" (e.g. {inside[0]})" if inside else ""
+            raise SettingError(
+                f"model.pretrained '{pretrained}' {found}; pass an existing .ckpt, .pt or .pth file{example}"
+            )
         if pretrained and not from_file:
             if arch in MODELS and "weights" not in MODELS.settings(arch):
                 raise SettingError(

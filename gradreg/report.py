@@ -25,10 +25,12 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
+import io
 import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import warnings
 import zlib
@@ -44,7 +46,15 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from gradreg import anomalies, plots
-from gradreg.cli import ArgumentParser, UserError, configure_wandb_env, error_message, next_run_dir, require_file
+from gradreg.cli import (
+    ArgumentParser,
+    Interrupted,
+    UserError,
+    configure_wandb_env,
+    error_message,
+    next_run_dir,
+    require_file,
+)
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.datasets import dataset_name
@@ -506,11 +516,17 @@ class ResultWriter:
     def write(self) -> None:
         """Rewrite results.json, results.csv and results.md."""
         doc = {**self.header, "sets": self.sets, "means": self.means(), "failed": self.failed}
-        (self.out / "results.json").write_text(json.dumps(_json_null(doc), indent=2, allow_nan=False))
-        columns = ["set", "group", "scorer", *OOD_METRICS]
-        with open(self.out / "results.csv", "w", newline="") as f:
-            csv.writer(f).writerows([columns, *self.rows()])
-        (self.out / "results.md").write_text(self.markdown())
+        table = io.StringIO(newline="")
+        csv.writer(table).writerows([["set", "group", "scorer", *OOD_METRICS], *self.rows()])
+        # each file whole: a Ctrl-C while one is written leaves the previous version, not half of the new one
+        for name, text in (
+            ("results.json", json.dumps(_json_null(doc), indent=2, allow_nan=False)),
+            ("results.csv", table.getvalue()),
+            ("results.md", self.markdown()),
+        ):
+            part = self.out / f".{name}.part"
+            part.write_text(text, newline="")
+            os.replace(part, self.out / name)
 
     def attack_success(self) -> dict[str, str]:
         """``{adversarial set: "93.10% (874 of 940)"}``: its attack success rate, for the tables."""
@@ -613,7 +629,31 @@ def print_table(writer: ResultWriter) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 def evaluate_main(args: Sequence[str] | None = None) -> int:
-    """Run the benchmark; returns the exit code (1 if any set failed)."""
+    """Run the benchmark; returns the exit code (1 if any set failed). Ctrl-C says what its folder keeps."""
+    where: dict[str, Any] = {}
+    try:
+        return _evaluate(args, where)
+    except KeyboardInterrupt:
+        out = where.get("out")
+        if out is None:  # nothing written yet: gradreg.cli says it in one line
+            raise
+        writer = where.get("writer")
+        if writer is None or not (writer.sets or writer.failed):  # at most the ID set's raw scores and the header
+            if where["created"]:
+                shutil.rmtree(out, ignore_errors=True)  # its own new eval-NNN folder
+                raise Interrupted("evaluation stopped before its first result; nothing was kept") from None
+            raise Interrupted(f"evaluation stopped before its first result; {out} holds no results") from None
+        raise Interrupted(
+            f"evaluation stopped; {out} keeps the sets finished so far (results.json, results.csv, results.md; the set "
+            "in progress is not in them); evaluate again for every set"
+        ) from None
+
+
+def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
+    """:func:`evaluate_main`'s work.
+
+    ``where`` gets the output folder (``out``), whether it made it (``created``) and the :class:`ResultWriter`.
+    """
     opts = parse_args(args)
     check_options(opts)
     device = resolve_device(opts.device)
@@ -665,6 +705,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create --out '{out}' ({err.strerror}); choose another folder") from None
+    where.update(out=out, created=not opts.out)
     print(f"evaluating {ckpt_path} on {device}; writing to {out}")
 
     def run(source: Subset, transform: Transform, desc: str) -> ScoredSet:
@@ -691,7 +732,7 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
         "environment": environment(device),  # the code and versions of this evaluation, and of the training run
         "trained_with": trained_with,
     }
-    writer = ResultWriter(out, header)
+    writer = where["writer"] = ResultWriter(out, header)
     writer.write()
 
     jobs: list[tuple[str, str, Subset, Transform]] = []

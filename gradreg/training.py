@@ -26,7 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from gradreg.callbacks import METRICS, OODEvalCallback
-from gradreg.cli import UserError, next_run_dir, point_latest, require_file
+from gradreg.cli import Interrupted, UserError, next_run_dir, point_latest, require_file
 from gradreg.data import OODDataModule
 from gradreg.data.check import planned_reads, require_datasets
 from gradreg.data.datasets import dataset_name
@@ -120,8 +120,9 @@ class GradRegCLI(LightningCLI):
         require_datasets(config, stage="fit")
         best_every_n_epochs = _monitor_every_n_epochs(config)
         if config.run.resume is not None:
-            # Resolved: config.yaml must name this checkpoint, not runs/latest (which then points at this run)
-            config.run.resume = str(_resume_file(Path(config.run.resume)).resolve())
+            # config.yaml must name this checkpoint, not runs/latest (which then points at this run); as given
+            # otherwise: a relative path stays relative, as data_root and run.root, so a moved project still resumes
+            config.run.resume = str(_without_latest(_resume_file(Path(config.run.resume))))
         config_files = config.get("config") or []
         config.run.name = config.run.name or (Path(str(config_files[-1])).stem if config_files else "run")
         # Read now: Lightning's launcher removes WORLD_SIZE again when training ends (LightningEnvironment.teardown).
@@ -381,6 +382,13 @@ def fit(cli: GradRegCLI) -> int:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.run.resume)
     except BaseException as err:
         _end_progress_line(cli)
+        # Lightning ends its graceful shutdown after Ctrl-C with sys.exit(1); a Ctrl-C before fit started is raised
+        interrupted = isinstance(err, KeyboardInterrupt) or (
+            isinstance(err, SystemExit) and cli.trainer.state.status == TrainerStatus.INTERRUPTED
+        )
+        if interrupted:
+            discard_unused_run_dir(cli.rank_zero)  # only if it holds nothing but its config files
+            raise _interrupted(cli) from None
         missing_monitor = isinstance(err, MisconfigurationException | UserWarning) and MISSING_MONITOR in str(err)
         # A run that failed before writing anything leaves no folder behind, nor does one a run.monitor it does not
         # log stopped at its first checkpoint (its metrics.csv is of no use).
@@ -419,6 +427,36 @@ def fit(cli: GradRegCLI) -> int:
     return 0
 
 
+def _interrupted(cli: GradRegCLI) -> Interrupted:
+    """The line for a run stopped by Ctrl-C: where its files are and how to resume it (``runs/latest`` points there).
+
+    Checkpoints are written whole (Lightning saves to a temporary file and renames it). The newer of ``last.ckpt``
+    (end of each epoch) and ``best.ckpt`` (end of a validation, just before ``last.ckpt``) is the one to resume.
+    """
+    run_dir = cli.run_dir
+    saved = [p for p in (run_dir / "last.ckpt", run_dir / "best.ckpt") if p.is_file()]
+    if saved:
+        newest = max(saved, key=lambda p: p.stat().st_mtime_ns)  # last.ckpt on a tie
+        if cli.rank_zero:
+            point_latest(run_dir)
+        resume = run_dir if newest.name == "last.ckpt" else newest  # a run directory resumes its last.ckpt
+        message = (
+            f"training stopped; its files stay in {run_dir} ({newest.name} is the newest checkpoint, the steps after "
+            f"it are lost); resume with: python train.py --config {run_dir / 'config.yaml'} --run.resume {resume}"
+        )
+    elif run_dir.is_dir():
+        message = (
+            "training stopped before its first checkpoint (written at the end of the first epoch), so there is "
+            f"nothing to resume; its logs stay in {run_dir}; start again with: python train.py --config "
+            f"{run_dir / 'config.yaml'}"
+        )
+    else:
+        message = "training stopped before its first checkpoint; nothing was kept: start again with the same command"
+    err = Interrupted(message)
+    err.silent = not cli.rank_zero  # type: ignore[attr-defined]
+    return err
+
+
 def _end_progress_line(cli: GradRegCLI) -> None:
     """End the line a progress bar left the cursor on (rank 0): an error that follows gets a line of its own."""
     started = cli.trainer.state.status != TrainerStatus.INITIALIZING
@@ -447,6 +485,23 @@ def _resume_file(path: Path) -> Path:
     if not path.is_file():
         raise UserError(f"run.resume checkpoint '{path}' does not exist; pass a .ckpt file or a run directory")
     return path
+
+
+def _without_latest(path: Path) -> Path:
+    """``path`` with every link to a neighbour (``runs/latest -> quickstart-001``) replaced by its target.
+
+    Other links and the rest of the path stay as given (``resolve`` would make a relative path absolute).
+    """
+    kept = Path(path.anchor)
+    for part in path.parts[1:] if path.anchor else path.parts:
+        step = kept / part
+        for _ in range(40):  # a chain of links, as the OS follows (at most 40 on Linux)
+            target = Path(os.readlink(step)) if step.is_symlink() else None
+            if target is None or target.is_absolute() or len(target.parts) != 1 or target.name in (".", ".."):
+                break
+            step = step.parent / target
+        kept = step
+    return kept
 
 
 def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> None:

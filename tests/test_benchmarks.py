@@ -333,6 +333,56 @@ def test_textures_from_a_plain_image_folder(tmp_path: Path) -> None:
     assert data[0][1] == -1
 
 
+@pytest.mark.parametrize(
+    ("extract_into", "path", "fix"),
+    [
+        ("", None, "set path: {root}/dtd/images"),  # the tarball extracted into the data root, not into dtd/
+        ("dtd/dtd", None, "set path: {root}/dtd"),  # one level too deep
+        ("dtd", "dtd", "leave path: out"),  # path: naming the default place's dtd/, which holds the right layout
+        ("", ".", "set path: {root}/dtd/images"),
+    ],
+)
+def test_textures_one_level_off_names_the_folder_and_the_fix(
+    extract_into: str, path: str | None, fix: str, tmp_path: Path
+) -> None:
+    write_dtd(tmp_path / "tarball")
+    (tmp_path / extract_into).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "tarball" / "dtd" / "dtd").rename(tmp_path / extract_into / "dtd")  # the tarball's one folder, dtd/
+    with pytest.raises(DatasetNotFoundError) as err:
+        DATASETS.get("textures")(tmp_path, "test", path=path)
+    message = str(err.value)
+    assert "dtd/dtd/dtd" not in message.replace(str(tmp_path / extract_into / "dtd"), "<found>")
+    assert (
+        f"DTD's files are at {tmp_path / extract_into / 'dtd'}/" in message or "tarball's dtd/ folder is at" in message
+    )
+    assert fix.format(root=tmp_path) in message
+    new_path = re.search(r"set path: (\S+)", message).group(1).rstrip(",")  # the first fix given works
+    if "leave path: out" in message:
+        new_path = None
+    assert len(DATASETS.get("textures")(tmp_path, "test", path=new_path)) == 6
+
+
+@pytest.mark.parametrize("path", ["dtd", "missing/dtd", "/no/such/folder/dtd"])
+def test_textures_path_that_does_not_exist_is_named_as_such(path: str, tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as err:
+        DATASETS.get("textures")(tmp_path, "test", path=path)
+    message = str(err.value)
+    assert "dtd/dtd/dtd" not in message
+    assert "dtd/dtd/images" in message  # the layout path: may name
+    expected = path if path.startswith("/") else str(tmp_path / path)
+    assert message.startswith(f"dataset 'textures' not found at {expected}; path: {path} does not exist;")
+    assert f"leave path: out to read {tmp_path}/dtd/dtd/images/" in message
+
+
+def test_textures_missing_names_the_default_place(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as err:
+        DATASETS.get("textures")(tmp_path, "test")
+    message = str(err.value)
+    assert f"extract it into {tmp_path}/dtd/ (giving {tmp_path}/dtd/dtd/images/)" in message
+    assert "dtd/dtd/dtd" not in message
+    assert "(e.g. dtd/images)" not in message
+
+
 @pytest.mark.parametrize("source_split", ["val", "test"])
 def test_places365_small_layout(source_split: str, tmp_path: Path, skip_md5: None) -> None:
     folder = tmp_path / "places365"

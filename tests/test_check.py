@@ -164,6 +164,24 @@ def test_spec_mistakes_are_one_error_line(tmp_path: Path, mistake: dict[str, Any
         OODDataModule(**data(**mistake)["data"])  # a datamodule in the user's own Trainer says the same
 
 
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        ({"ood_sets": "svhn"}, "data.ood_sets='svhn' is not a list; write it as one: [svhn]"),
+        (
+            {"ood_val_sets": {"name": "noise"}},
+            "data.ood_val_sets={'name': 'noise'} is not a list; write it as one: [{name: noise}]",
+        ),
+        ({"near_ood": "noise"}, "data.near_ood='noise' is not a list; write it as one: [noise]"),
+    ],
+)
+def test_a_set_list_that_is_no_list_is_one_error_line(tmp_path: Path, mistake: dict[str, Any], message: str) -> None:
+    # A bare name was read letter by letter by the check: "unknown dataset 's'" (train.py's parser refuses it first).
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data(**mistake)))
+    assert run_main("check", str(config), "--data-root", str(tmp_path)) == (1, "", f"error: {message}\n")
+
+
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_spec_mistakes_stop_train_py_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path / "runs")]

@@ -7,10 +7,13 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
-from gradreg.cli import UserError, evaluate_main, train_main
+from gradreg.cli import Interrupted, UserError, evaluate_main, run_user_errors, train_main
 from gradreg.provenance import git_revision
 from gradreg.report import parse_scorer
 from gradreg.training import build_cli
@@ -380,6 +383,19 @@ def test_bad_values_stop_before_training(
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_pretrained_run_folder_without_a_slash_is_named_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # was taken for a torchvision weights name: "'small_cnn' has no torchvision weights to name"
+    monkeypatch.chdir(tmp_path)
+    Path("quickstart-001").mkdir()
+    Path("quickstart-001", "best.ckpt").write_bytes(b"")
+    proc = train_inprocess(tmp_path, capsys, "--model.pretrained", "quickstart-001")
+    assert_one_line_error(
+        proc, "model.pretrained 'quickstart-001' is a folder, not a file", "(e.g. quickstart-001/best.ckpt)"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "yaml_text", "hint"),
     [
@@ -468,6 +484,22 @@ def test_bad_scorer_setting_in_config_stops_before_training(tmp_path: Path, caps
     proc = train_inprocess(tmp_path, capsys, "--config", str(config))
     assert_one_line_error(proc, "two scorers are named 'msp'", "alias")
     assert not list(tmp_path.glob("runs/*/*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("scorers", "fix"),
+    [
+        ("[msp, odin: {temperature: 1000}]", "write {name: odin, temperature: 1000}"),  # YAML: [msp, {odin: {...}}]
+        ("[{odin: null}]", "write {name: odin}"),
+        ("[{temperature: 1000}]", "write e.g. {name: odin, temperature: 1000}"),
+    ],
+)
+def test_scorer_mapping_without_a_name_says_how_to_write_it(
+    scorers: str, fix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # was "a scorer's name must be a letter or digit followed by ..., got None in {...}"
+    config = callback_config(tmp_path / "scorers.yaml", f"scorers: {scorers}")
+    assert_one_line_error(train_inprocess(tmp_path, capsys, "--config", str(config)), "has no name key; " + fix)
 
 
 @pytest.mark.slow
@@ -592,7 +624,31 @@ def test_resume_through_latest_records_the_checkpoint_itself(
     resume = ["--run.resume", str(tmp_path / "runs" / "latest"), "--trainer.max_epochs", "3"]
     assert train_inprocess(tmp_path, capsys, *resume).returncode == 0
     config = yaml.safe_load((tmp_path / "runs" / "quickstart-002" / "config.yaml").read_text())
-    assert config["run"]["resume"] == str((tmp_path / "runs" / "quickstart-001" / "last.ckpt").resolve())
+    assert config["run"]["resume"] == str(tmp_path / "runs" / "quickstart-001" / "last.ckpt")
+
+
+def test_resumed_config_resumes_again_after_the_project_moved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relative run.resume stays relative in config.yaml (only runs/latest is replaced by its target), as data_root
+    # and run.root do: the project copied or moved elsewhere resumes from its own checkpoint (it named the old path).
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    args = ["--config", config, "--run.root", "runs", *FAST, "--trainer.logger", "false"]
+    assert run_inprocess(train_main, args, capsys).returncode == 0
+    resumed = run_inprocess(train_main, [*args, "--run.resume", "runs/latest", "--trainer.max_epochs", "3"], capsys)
+    assert resumed.returncode == 0, resumed.err[-2000:]
+    saved = yaml.safe_load(Path("runs/quickstart-002/config.yaml").read_text())
+    assert saved["run"]["resume"] == "runs/quickstart-001/last.ckpt"
+    (tmp_path / "project").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    again = ["--config", "runs/quickstart-002/config.yaml", "--trainer.max_epochs", "4"]
+    proc = run_inprocess(train_main, again, capsys)
+    assert proc.returncode == 0, proc.err[-2000:]
+    third = yaml.safe_load(Path("runs/quickstart-003/config.yaml").read_text())
+    assert third["run"]["resume"] == "runs/quickstart-001/last.ckpt"
+    assert torch.load("runs/quickstart-003/last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 3
 
 
 @pytest.mark.parametrize("validation", [True, False])
@@ -725,3 +781,111 @@ def test_readme_training_in_your_own_code_runs_and_evaluates(
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((ckpt.parent / "eval-001" / "results.json").read_text())
     assert doc["id"]["accuracy"] > 1 / 6  # two epochs of GReg+ on the six digit classes beat chance
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_says_where_the_run_is_and_how_to_resume_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    args = ["--config", config, "--run.root", str(tmp_path / "runs"), *FAST, "--trainer.max_epochs", "1000"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, "--trainer.logger", "false"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    deadline = time.monotonic() + 90
+    while not (run_dir / "last.ckpt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # training has started: Ctrl-C
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    resume = f"python train.py --config {run_dir / 'config.yaml'} --run.resume "
+    assert f"its files stay in {run_dir} " in lines[0]
+    assert resume in lines[0]
+    assert (run_dir / "last.ckpt").is_file()
+    assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve()
+    # the command it gives resumes the run (a few epochs more)
+    checkpoint = lines[0].split(" --run.resume ")[1]
+    epoch = torch.load(Path(checkpoint, "last.ckpt") if Path(checkpoint).is_dir() else checkpoint)["epoch"]
+    extra = ["--trainer.max_epochs", str(epoch + 2), "--trainer.logger", "false"]
+    done = run_inprocess(
+        train_main, ["--config", str(run_dir / "config.yaml"), "--run.resume", checkpoint, *extra], capsys
+    )
+    assert done.returncode == 0, done.err[-3000:]
+    assert (tmp_path / "runs" / "quickstart-002" / "last.ckpt").is_file()
+
+
+def test_ctrl_c_before_the_first_checkpoint_and_after_best_ckpt(tmp_path: Path) -> None:
+    from gradreg.training import _interrupted
+
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    cli = SimpleNamespace(run_dir=run_dir, rank_zero=True)
+    assert "nothing was kept" in str(_interrupted(cli))  # its folder held only its config: removed
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("{}")
+    (run_dir / "metrics.csv").write_text("epoch\n")
+    err = _interrupted(cli)
+    assert f"nothing to resume; its logs stay in {run_dir}" in str(err)
+    assert err.exit_code == 130
+    (run_dir / "last.ckpt").write_bytes(b"epoch 1")
+    time.sleep(0.01)
+    (run_dir / "best.ckpt").write_bytes(b"epoch 2")  # validation's best.ckpt comes just before last.ckpt
+    assert str(_interrupted(cli)).endswith(f"--run.resume {run_dir / 'best.ckpt'}")
+    (run_dir / "last.ckpt").write_bytes(b"epoch 2")
+    assert str(_interrupted(cli)).endswith(f"--run.resume {run_dir}")
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt(), Interrupted("training stopped; ...")])
+def test_ctrl_c_is_one_line_and_exit_code_130(raised: BaseException, capsys: pytest.CaptureFixture[str]) -> None:
+    def main() -> int:
+        raise raised
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_user_errors(main)()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().startswith("interrupted: ")
+
+
+def test_ctrl_c_during_evaluation_says_what_its_folder_keeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradreg.report
+
+    assert train_inprocess(tmp_path, capsys).returncode == 0
+    run_dir = tmp_path / "runs" / "quickstart-001"
+    scored = []
+
+    def interrupted_at(n: int):
+        def set_metrics(*args: object):
+            if len(scored) == n:
+                raise KeyboardInterrupt
+            scored.append(real(*args))
+            return scored[-1]
+
+        return set_metrics
+
+    real = gradreg.report.set_metrics
+    monkeypatch.setattr(gradreg.report, "set_metrics", interrupted_at(0))  # during the first OOD set
+    proc = run_inprocess(evaluate_main, [str(run_dir), "--scorers", "msp", "energy", "--suites", "ood"], capsys)
+    assert proc.returncode == 130
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "interrupted: evaluation stopped before its first result; nothing was kept"
+    )
+    assert not (run_dir / "eval-001").exists()  # its own new folder held nothing but the ID set's raw scores
+    monkeypatch.setattr(gradreg.report, "set_metrics", interrupted_at(1))  # during the second
+    proc = run_inprocess(evaluate_main, [str(run_dir), "--scorers", "msp", "energy", "--suites", "ood"], capsys)
+    assert proc.returncode == 130
+    assert "Traceback" not in proc.stderr
+    out = run_dir / "eval-001"
+    assert f"interrupted: evaluation stopped; {out} keeps the sets finished so far" in proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["sets"]) == ["digits_heldout"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no partial files left

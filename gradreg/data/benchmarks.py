@@ -534,10 +534,8 @@ def svhn(root: Path, split: str, path: str | None = None, download: bool = False
 
 # ---------------------------------------------------------------------------------------------------------------
 # Textures (DTD): torchvision layout <path>/dtd/dtd/{images,labels}/, or with path: any folder of images
-_DTD_HOW = (
-    "get https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz and extract it into {base}/dtd/ "
-    "(giving {base}/dtd/dtd/images/), set download: true, or set path: to a folder of the images (e.g. dtd/images)"
-)
+_DTD_URL = "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
+_DTD_PLAIN = "or set path: to a plain folder of the images (the tarball's dtd/images/)"
 
 
 def _textures_locate(
@@ -556,8 +554,47 @@ def _textures_locate(
     labels = [folder / "labels" / f"{s}1.txt" for s in ("train", "val", "test")]
     if path is not None and not (base / "dtd").exists() and (images := _images_in(base, "textures")):
         return Located(base, _PLAIN_FOLDER, images)
+    if not download and not (folder / "images").is_dir():
+        where, how = _dtd_missing(Path(root).absolute(), base, path)
+        raise DatasetNotFoundError("textures", where, how)
     listed = [p for listing in labels for p in _first_and_last(listing, folder / "images")]
-    return _require("textures", folder, [folder / "images", *labels, *listed], _DTD_HOW.format(base=base), download)
+    how = f"get {_DTD_URL} and extract it into {base / 'dtd'}/ (giving {folder}/images/), set download: true"
+    how += f", {_DTD_PLAIN}"
+    return _require("textures", folder, [folder / "images", *labels, *listed], how, download)
+
+
+def _dtd_missing(root: Path, base: Path, path: str | None) -> tuple[Path, str]:
+    """Where DTD was looked for and what to do, when ``base/dtd/dtd/images/`` (torchvision's layout) is not there.
+
+    The tarball holds one folder, ``dtd/`` (``images/``, ``labels/``, ``imdb/``). Extracted into the data root instead
+    of into ``dtd/`` under it, or into ``dtd/dtd/``, it is one level off; a ``path:`` naming the default place's
+    ``dtd/`` is one level too deep. The line names the folder found and the ``path:`` that reads it.
+    """
+    expected = base / "dtd" / "dtd"
+    where = base if path is not None else expected  # a path: of the user's is what was not found, not <path>/dtd/dtd
+    if path is not None and not base.exists():
+        return where, (
+            f"path: {path} does not exist; set path: to the folder holding dtd/dtd/images/ or to a plain folder of "
+            f"the images (the tarball's dtd/images/), or leave path: out to read {root}/dtd/dtd/images/"
+        )
+    for tree in (base / "dtd", base / "dtd" / "dtd" / "dtd"):
+        if (tree / "images").is_dir():
+            fixes = [f"set path: {tree / 'images'} (read as a plain folder of images)"]
+            holder = tree.parent.parent
+            if tree.name == tree.parent.name == "dtd" and holder != base:  # torchvision's layout under holder
+                fixes.insert(0, "leave path: out" if holder == root else f"set path: {holder}")
+            if path is None:
+                fixes.append(f"move the folder so that {expected}/images/ exists")
+                level = "above" if tree == base / "dtd" else "below"
+                found = f"the tarball's dtd/ folder is at {tree}/, one level {level} {expected}/"
+            else:  # not <path>/dtd/dtd/dtd, as the looked-for folder would say
+                found = f"path: names the folder holding dtd/dtd/images/, but DTD's files are at {tree}/"
+            return where, f"{found}; {', or '.join(fixes)}"
+    found = f"no images in {base} and no {expected}/images/" if path is not None else f"missing {expected}/images/"
+    return where, (
+        f"{found}; get {_DTD_URL} and extract it into {base / 'dtd'}/ (giving {expected}/images/), "
+        f"set download: true, {_DTD_PLAIN}"
+    )
 
 
 @_register("textures", _textures_locate)

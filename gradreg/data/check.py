@@ -266,6 +266,11 @@ def check_specs(data: Mapping[str, Any]) -> None:
     OOD set has) is one line naming the value and the valid choices; every spec is checked, whatever the stage.
     What is missing on disk is :func:`check_datasets`' report instead.
     """
+    for key in ("ood_sets", "ood_val_sets", "near_ood"):  # a bare name would be read letter by letter
+        value = data.get(key)
+        if value is not None and not isinstance(value, list | tuple):
+            item = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+            raise DatasetSpecError(f"data.{key}={value!r} is not a list; write it as one: [{item}]")
     reads = planned_reads(data)
     for role, spec, _ in reads:
         try:
