@@ -152,7 +152,8 @@ def run_user_errors(main: Callable[[], int | None]) -> Callable[[], None]:
             code = main()
         except USER_ERRORS as err:
             if not getattr(err, "silent", False):  # raised on every DDP rank alike: rank 0 says it
-                print(f"{getattr(err, 'label', 'error')}: {error_message(err)}", file=sys.stderr)
+                start = "\n" if isinstance(err, Interrupted) else ""  # after the terminal's ^C and a progress bar
+                print(f"{start}{getattr(err, 'label', 'error')}: {error_message(err)}", file=sys.stderr)
             raise SystemExit(getattr(err, "exit_code", 1)) from None
         except KeyboardInterrupt:
             print(f"\n{Interrupted.label}: stopped by Ctrl-C", file=sys.stderr)
