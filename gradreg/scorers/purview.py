@@ -381,13 +381,8 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
     return torch.cat(pieces)
 
 
-def _used_outside_their_calls(loss: Tensor, layers: dict[str, nn.Module], calls: dict[str, int]) -> set[str]:
-    """Names of ``layers`` with a parameter that enters the graph of ``loss`` more often than the layer's calls.
-
-    Each call of a closed-form layer uses each of its parameters once. Any further use (a weight tied to
-    another layer, or passed to a function outside the layer's ``forward``) adds a gradient that the layer's
-    output gradient does not carry. Frozen parameters are not in the graph, so their extra uses go unseen.
-    """
+def _leaf_uses(loss: Tensor) -> dict[Tensor, int]:
+    """How often each leaf that requires grad (parameters, the input) enters the graph of ``loss``."""
     uses: dict[Tensor, int] = {}
     seen, stack = {loss.grad_fn}, [loss.grad_fn]
     while stack:
@@ -398,6 +393,16 @@ def _used_outside_their_calls(loss: Tensor, layers: dict[str, nn.Module], calls:
             elif node is not None and node not in seen:
                 seen.add(node)
                 stack.append(node)
+    return uses
+
+
+def _used_outside_their_calls(uses: dict[Tensor, int], layers: dict[str, nn.Module], calls: dict[str, int]) -> set[str]:
+    """Names of ``layers`` with a parameter that enters the graph more often than the layer's calls (``uses``).
+
+    Each call of a closed-form layer uses each of its parameters once. Any further use (a weight tied to
+    another layer, or passed to a function outside the layer's ``forward``) adds a gradient that the layer's
+    output gradient does not carry. Frozen parameters are not in the graph, so their extra uses go unseen.
+    """
     return {
         name
         for name, m in layers.items()
@@ -456,11 +461,14 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     ]
     try:
         with torch.enable_grad():
-            # The backward runs down to the input so that it reaches every layer's output hook.
             x_in = x.detach().requires_grad_(True)
             loss = confounding_loss(checked(model, model(x_in))).sum()
-            fallback.update(_used_outside_their_calls(loss, closed, num_calls))
-            torch.autograd.grad(loss, x_in)
+            if loss.requires_grad:  # else no layer output reaches the loss (frozen weights after a cut): all zero
+                uses = _leaf_uses(loss)
+                fallback.update(_used_outside_their_calls(uses, closed, num_calls))
+                # The backward runs down to the input so that it reaches every layer's output hook; where the model
+                # cuts the input off its graph (torch.no_grad() or .detach() inside), down to the weights after the cut.
+                torch.autograd.grad(loss, [x_in] if x_in in uses else list(uses))
     finally:
         for handle in handles:
             handle.remove()
