@@ -351,6 +351,29 @@ def test_purview_on_a_model_that_cuts_the_input_off_its_graph(cut: str, batch: T
         torch.testing.assert_close(purview_layer_norms(model, batch, method), expected, **REF)
 
 
+class _DetachedProbe(TinyCNN):
+    """TinyCNN plus a trainable probe on the detached features (a stop-gradient branch): the probe's output reaches the
+    loss, but not on the input's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probe = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x)
+        return self.fc(h) + self.probe(h.detach())
+
+
+def test_purview_on_a_model_that_cuts_some_layers_off_the_inputs_path(batch: Tensor) -> None:
+    # The backward to the input never ran the probe's part of the graph: its column was silently zero.
+    torch.manual_seed(0)
+    model = _randomize_norms(_DetachedProbe().double()).eval()
+    expected = _purview_loop(model, batch)
+    assert expected[:, purview_layer_names(model).index("probe")].min() > 0
+    torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
+    torch.testing.assert_close(purview_layer_norms(model, batch, method="vmap"), expected, **REF)
+
+
 def test_gaia_hooks_syncbatchnorm_and_supports_says_what_it_can_hook(tiny: TinyCNN, batch: Tensor) -> None:
     # DDP with sync_batchnorm leaves SyncBatchNorm layers, which GAIA's default did not hook ("found no layers").
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(make_tiny()).eval()
