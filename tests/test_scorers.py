@@ -296,6 +296,84 @@ def test_last_layer_scorers_need_a_linear_fc(name: str, batch: Tensor) -> None:
         score_batch(model, batch, {name: build(name)})
 
 
+class CutBackbone(nn.Module):
+    """A user's frozen-backbone model that computes the features under ``torch.no_grad()`` or ``.detach()``-es them,
+    with a trainable ``fc`` after the cut."""
+
+    def __init__(self, inner: TinyCNN, cut: str) -> None:
+        super().__init__()
+        self.inner, self.fc, self.cut = inner, inner.fc, cut
+        self.register_buffer("input_std", inner.input_std)
+
+    def features(self, x: Tensor) -> Tensor:
+        if self.cut == "no_grad":
+            with torch.no_grad():
+                return self.inner.features(x)
+        return self.inner.features(x).detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+@pytest.mark.parametrize("cut", ["no_grad", "detach"])
+@pytest.mark.parametrize("name", [name for name in ALL if SCORERS.get(name).needs_grad and name != "purview"])
+def test_input_gradient_scorers_name_a_model_that_cuts_the_input_off_its_graph(
+    name: str, cut: str, batch: Tensor
+) -> None:
+    # They failed deep inside autograd ("The differentiated Tensor at index 0 appears to not have been used in the
+    # graph", "One of the differentiated Tensors does not require grad"), which named neither the model nor the fix.
+    model = CutBackbone(make_tiny(), cut).eval()
+    what = "features" if name == "gaia_a" else "forward"
+    message = rf"CutBackbone.{what}\(x\) does not depend on x through autograd .*requires_grad_\(False\) instead"
+    with pytest.raises(TypeError, match=message):
+        build_cheap(name)(model, batch)
+    model.fc.requires_grad_(False)  # nothing after the cut requires grad either
+    with pytest.raises(TypeError, match=message):
+        build_cheap(name)(model, batch)
+    # The fix the message gives: the same scores as the model with nothing frozen.
+    frozen = make_tiny().requires_grad_(False)
+    torch.testing.assert_close(build_cheap(name)(frozen, batch), build_cheap(name)(make_tiny(), batch), **TIGHT)
+
+
+@pytest.mark.parametrize("cut", ["no_grad", "detach"])
+def test_purview_on_a_model_that_cuts_the_input_off_its_graph(cut: str, batch: Tensor) -> None:
+    # The hooks route failed in autograd (its backward ran to the input, which such a model does not use); the layers
+    # after the cut have their gradients, those before it none (what per-sample autograd gives).
+    model = CutBackbone(make_tiny(), cut).eval()
+    expected = _purview_loop(model, batch)
+    assert expected[:, purview_layer_names(model).index("inner.fc")].min() > 0
+    assert expected[:, purview_layer_names(model).index("inner.trunk.0")].abs().max() == 0
+    for method in ("hooks", "vmap"):
+        torch.testing.assert_close(purview_layer_norms(model, batch, method), expected, **REF)
+    torch.testing.assert_close(build("purview")(model, batch), expected.sum(dim=1), **REF)
+    model.requires_grad_(False)  # nothing in the graph at all; frozen weights are differentiated all the same
+    for method in ("hooks", "vmap"):
+        torch.testing.assert_close(purview_layer_norms(model, batch, method), expected, **REF)
+
+
+class _DetachedProbe(TinyCNN):
+    """TinyCNN plus a trainable probe on the detached features (a stop-gradient branch): the probe's output reaches the
+    loss, but not on the input's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probe = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x)
+        return self.fc(h) + self.probe(h.detach())
+
+
+def test_purview_on_a_model_that_cuts_some_layers_off_the_inputs_path(batch: Tensor) -> None:
+    # The backward to the input never ran the probe's part of the graph: its column was silently zero.
+    torch.manual_seed(0)
+    model = _randomize_norms(_DetachedProbe().double()).eval()
+    expected = _purview_loop(model, batch)
+    assert expected[:, purview_layer_names(model).index("probe")].min() > 0
+    torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
+    torch.testing.assert_close(purview_layer_norms(model, batch, method="vmap"), expected, **REF)
+
+
 def test_gaia_hooks_syncbatchnorm_and_supports_says_what_it_can_hook(tiny: TinyCNN, batch: Tensor) -> None:
     # DDP with sync_batchnorm leaves SyncBatchNorm layers, which GAIA's default did not hook ("found no layers").
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(make_tiny()).eval()

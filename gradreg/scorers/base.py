@@ -60,6 +60,22 @@ def checked(model: nn.Module, value: object, what: str = "forward(x)") -> Tensor
     )
 
 
+def input_grad(model: nn.Module, output: Tensor, x: Tensor, what: str = "forward(x)", **kwargs: Any) -> Tensor:
+    """``torch.autograd.grad(output, x, **kwargs)[0]``, or a TypeError naming a model that cuts ``x`` off its graph.
+
+    A model that computes its features under ``torch.no_grad()`` or ``.detach()``-es them (a way to freeze a backbone)
+    has no gradient w.r.t. its input, which ODIN, GAIA and DeepFool need; autograd's own error would not say why.
+    """
+    grad = torch.autograd.grad(output, x, allow_unused=True, **kwargs)[0] if output.requires_grad else None
+    if grad is None:
+        raise TypeError(
+            f"{type(model).__name__}.{what} does not depend on x through autograd (a torch.no_grad() or .detach() "
+            "inside the model?): this scorer differentiates it w.r.t. the input; freeze weights with "
+            "requires_grad_(False) instead (docs/scorers.md, 'What your model must expose')"
+        )
+    return grad
+
+
 def _batch_statistics(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
 

@@ -42,7 +42,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from gradreg.scorers.base import Scorer, checked
+from gradreg.scorers.base import Scorer, checked, input_grad
 from gradreg.scorers.registry import SCORERS
 
 GaiaVariant = Literal["z", "a"]
@@ -139,7 +139,7 @@ def gaia_z_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
         x = x.detach().requires_grad_(True)
         with record_output_grads(layers) as grads:
             logits = checked(model, model(x))
-        torch.autograd.grad(logits.amax(dim=1).sum(), x)
+        input_grad(model, logits.amax(dim=1).sum(), x)
     ratios = torch.cat([_nonzero_fraction(_per_channel(g)) for g in grads], dim=1)
     return -ratios.square().mean(dim=1)
 
@@ -167,9 +167,11 @@ def gaia_a_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
         with record_output_grads(layers) as grads:
             features = checked(model, model.features(x), "features(x)")
         logits = checked(model, model.fc(features), "fc(features(x))")
+        if not features.requires_grad:  # a model that cuts x off its graph: input_grad says so in one line
+            input_grad(model, features, x, "features(x)")
         # Backward 1 stops at the features, so it reaches none of the hooked layers.
         (feature_grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=1).sum(), features, retain_graph=True)
-        torch.autograd.grad(features.sum(), x)
+        input_grad(model, features.sum(), x, "features(x)")
     denom_sq = feature_grad.abs().mean(dim=1).clamp_min(torch.finfo(x.dtype).tiny)  # d(x)², guarded against 0/0
     channel_means = torch.cat([_per_channel(g).mean(dim=2) for g in grads], dim=1)
     return -(channel_means.square() / denom_sq.unsqueeze(1)).mean(dim=1)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from gradreg.registry import SettingError
-from gradreg.scorers.base import Scorer, checked
+from gradreg.scorers.base import Scorer, checked, input_grad
 from gradreg.scorers.odin import channel_std
 from gradreg.scorers.registry import SCORERS
 
@@ -130,7 +130,7 @@ def _deepfool_step(
         best_dir = torch.zeros_like(x)
         for j in range(others.shape[1]):  # loop over candidate classes (top_k - 1 backward passes)
             gap = logits.gather(1, others[:, j : j + 1]).squeeze(1) - f_label
-            (grad,) = torch.autograd.grad(gap.sum(), x, retain_graph=j < others.shape[1] - 1)
+            grad = input_grad(model, gap.sum(), x, retain_graph=j < others.shape[1] - 1)
             w = grad / std  # d/d(pixel) = d/d(normalized) / std
             if project is not None:
                 w = project(w)

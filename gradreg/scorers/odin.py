@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradreg.scorers.base import Scorer, checked
+from gradreg.scorers.base import Scorer, checked, input_grad
 from gradreg.scorers.registry import SCORERS
 
 
@@ -59,7 +59,7 @@ def odin_score(model: nn.Module, x: Tensor, temperature: float = 1000.0, epsilon
         x = x.detach().requires_grad_(True)
         logits = checked(model, model(x)) / temperature
         loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
+        grad = input_grad(model, loss, x)
     sign = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype)
     x_tilde = x.detach() - epsilon * sign / channel_std(model, x)
     with torch.no_grad():

@@ -18,7 +18,9 @@ reference code exists (ALGORITHMS.md §5), so the construction below is our read
 - **Score.** The sum over layers of the squared norms (= the squared norm of the full per-sample
   gradient), used **as is**: a larger gradient means *more* in-distribution (see the deviation below).
 
-Implementation: one forward and one batched backward of ``Σ_i L(x_i)``. In eval mode the rows of the
+Implementation: one forward and one batched backward of ``Σ_i L(x_i)``, down to the input (down to every weight
+where a ``.detach()`` or ``torch.no_grad()`` inside the model cuts a layer off the input's path: autograd runs only
+what the requested gradients need). In eval mode the rows of the
 batch are independent, so the gradient w.r.t. each layer's output (captured with tensor hooks) is
 the per-sample output gradient δ_i. With the layer input a_i (forward hook), per-sample parameter
 gradients follow in closed form: Linear ``δ_i a_iᵀ`` and Conv2d ``δ_i · unfold(a_i)ᵀ`` (both
@@ -381,23 +383,45 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
     return torch.cat(pieces)
 
 
-def _used_outside_their_calls(loss: Tensor, layers: dict[str, nn.Module], calls: dict[str, int]) -> set[str]:
-    """Names of ``layers`` with a parameter that enters the graph of ``loss`` more often than the layer's calls.
+def _walk_graph(loss: Tensor, x: Tensor) -> tuple[dict[Tensor, int], set, set]:
+    """What the backward of ``loss`` must reach; three parts of its graph.
+
+    How often each leaf that requires grad (parameters, ``x``) enters it, its other nodes, and those of them from
+    which a path leads to ``x``.
+    """
+    uses: dict[Tensor, int] = {}
+    callers: dict = {}  # node -> the nodes that pass their gradient to it
+    frontier = []  # nodes with x among their inputs
+    seen, stack = {loss.grad_fn}, [loss.grad_fn]
+    while stack:
+        caller = stack.pop()
+        for node, _ in caller.next_functions:
+            variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf, e.g. a parameter
+            if variable is not None:
+                uses[variable] = uses.get(variable, 0) + 1
+                if variable is x:
+                    frontier.append(caller)
+            elif node is not None:
+                callers.setdefault(node, []).append(caller)
+                if node not in seen:
+                    seen.add(node)
+                    stack.append(node)
+    to_x = set(frontier)
+    while frontier:
+        for caller in callers.get(frontier.pop(), ()):
+            if caller not in to_x:
+                to_x.add(caller)
+                frontier.append(caller)
+    return uses, seen, to_x
+
+
+def _used_outside_their_calls(uses: dict[Tensor, int], layers: dict[str, nn.Module], calls: dict[str, int]) -> set[str]:
+    """Names of ``layers`` with a parameter that enters the graph more often than the layer's calls (``uses``).
 
     Each call of a closed-form layer uses each of its parameters once. Any further use (a weight tied to
     another layer, or passed to a function outside the layer's ``forward``) adds a gradient that the layer's
     output gradient does not carry. Frozen parameters are not in the graph, so their extra uses go unseen.
     """
-    uses: dict[Tensor, int] = {}
-    seen, stack = {loss.grad_fn}, [loss.grad_fn]
-    while stack:
-        for node, _ in stack.pop().next_functions:
-            variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf, e.g. a parameter
-            if variable is not None:
-                uses[variable] = uses.get(variable, 0) + 1
-            elif node is not None and node not in seen:
-                seen.add(node)
-                stack.append(node)
     return {
         name
         for name, m in layers.items()
@@ -419,6 +443,7 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     records: dict[str, list[list]] = {}  # name -> one [input, its version, output gradient] per call
     num_calls: dict[str, int] = {}
     fallback: set[str] = set()  # layers left to torch.func
+    output_nodes: list = []  # the autograd node of each recorded call's output
     norms: dict[str, Tensor] = {}
 
     def calls(name: str) -> list[tuple[Tensor, Tensor]]:
@@ -445,6 +470,7 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
         a = inputs[0].detach()
         record = [a, a._version, None]
         records.setdefault(name, []).append(record)
+        output_nodes.append(output.grad_fn)  # before any in-place op on the output replaces it
         # A tensor hook sees the gradient w.r.t. the returned value even if a later op modifies it
         # in place (``out += identity``), unlike autograd.grad w.r.t. the output tensor itself.
         output.register_hook(functools.partial(on_output_grad, name, module, record))
@@ -456,11 +482,16 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     ]
     try:
         with torch.enable_grad():
-            # The backward runs down to the input so that it reaches every layer's output hook.
             x_in = x.detach().requires_grad_(True)
             loss = confounding_loss(checked(model, model(x_in))).sum()
-            fallback.update(_used_outside_their_calls(loss, closed, num_calls))
-            torch.autograd.grad(loss, x_in)
+            if loss.requires_grad:  # else no layer output reaches the loss (frozen weights after a cut): all zero
+                uses, reached, to_input = _walk_graph(loss, x_in)
+                fallback.update(_used_outside_their_calls(uses, closed, num_calls))
+                # The backward runs down to the input, which takes it through every layer output that reaches the
+                # loss, unless the model cuts some of them off the input's path (torch.no_grad() or .detach() inside):
+                # autograd runs only what the requested gradients need, so it then runs down to every weight.
+                cut = x_in not in uses or any(node in reached and node not in to_input for node in output_nodes)
+                torch.autograd.grad(loss, list(uses) if cut else x_in)
     finally:
         for handle in handles:
             handle.remove()
