@@ -83,7 +83,7 @@ CONFIG_SECTIONS = ("seed_everything", "model", "data", "trainer", "run", "optimi
 
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options of ``evaluate.py``."""
-    p = ArgumentParser(prog="python evaluate.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python evaluate.py", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument(
         "checkpoint",
         help="a .ckpt file, a run directory (uses best.ckpt, else last.ckpt), or a config .yaml for post-hoc "
@@ -105,9 +105,17 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
         default=[2 / 255, 8 / 255],
         help="L-inf attack budgets in [0, 1] pixel units, 0 < EPS <= 1; fractions are accepted (default: 2/255 8/255)",
     )
-    p.add_argument("--pgd-steps", type=_positive_int, default=10)
-    p.add_argument("--corruptions", nargs="+", default=list(DEFAULT_CORRUPTIONS))
-    p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--pgd-steps", type=_positive_int, default=10, help="PGD iterations (default: 10)")
+    p.add_argument(
+        "--corruptions",
+        nargs="+",
+        default=list(DEFAULT_CORRUPTIONS),
+        help=f"corruptions of the ID test set, of: {', '.join(anomalies.CORRUPTIONS.names())} (default: "
+        f"{' '.join(DEFAULT_CORRUPTIONS)})",
+    )
+    p.add_argument(
+        "--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="corruption severities 1-5 (default: all)"
+    )
     p.add_argument("--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images")
     p.add_argument("--explain-scorer", default="energy", help="differentiable scorer whose value --explain traces")
     p.add_argument("--explain-set", help="OOD set whose highest-scored images --explain takes (default: the first)")
