@@ -13,11 +13,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.logger import _convert_params
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -142,8 +144,10 @@ class GradRegCLI(LightningCLI):
         # A resumed run writes to a new directory by design (README: its best.ckpt is the best of its own epochs), which
         # Lightning's ModelCheckpoint warns about on every resume.
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        dumped = self.parser.dump(config, skip_none=False)
+        self.resolved_config = yaml.safe_load(dumped)  # what the wandb run's config shows (_log_config_to_wandb)
         if self.rank_zero:  # the config as given, before this run's paths go in: `--config` on it starts a new run
-            (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
+            (run_dir / "config.yaml").write_text(dumped)
         config.trainer.default_root_dir = str(run_dir)
         loggers = config.trainer.logger
         if isinstance(loggers, Namespace):
@@ -376,6 +380,7 @@ def fit(cli: GradRegCLI) -> int:
         for logger in cli.trainer.loggers:  # Lightning passes wandb.init(anonymous=None), which wandb warns about
             if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous", False) is None:
                 del logger._wandb_init["anonymous"]
+        _log_config_to_wandb(cli)
         with warnings.catch_warnings():
             # Without validation Lightning only warns about a monitor it cannot find, and best.ckpt never appears.
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")
@@ -425,6 +430,33 @@ def fit(cli: GradRegCLI) -> int:
             )
         print(f"run directory: {cli.run_dir}  (evaluate with: python evaluate.py {cli.run_dir})")
     return 0
+
+
+def _log_config_to_wandb(cli: GradRegCLI) -> None:
+    """Give each wandb run the whole resolved config, nested as in ``config.yaml``, instead of Lightning's flat keys.
+
+    Lightning logs the model's and the datamodule's init arguments as one flat mapping (``lr``, ``batch_size``, ...,
+    and LightningCLI's ``_instantiator``), without the trainer settings, the callbacks, the seed or ``run``. The
+    wandb config gets ``config.yaml``'s sections instead (``model.lr``, ``trainer.max_epochs``, ``seed_everything``,
+    ...), the model's with the values linked from the data (``num_classes``, ``input_mean``, ``input_std``); a
+    hyperparameter outside those sections (the user's own ``log_hyperparams``) is kept at the top level. Other loggers
+    (``metrics.csv``'s ``hparams.yaml``) keep Lightning's flat copy.
+    """
+    config = dict(cli.resolved_config)
+    linked = {k: v for k, v in cli.model.hparams_initial.items() if not k.startswith("_")}
+    config["model"] = {**(config.get("model") or {}), **linked}
+    known = {k for section in ("model", "data") for k in (config.get(section) or {})}
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            original = logger.log_hyperparams
+
+            @rank_zero_only
+            def log_hyperparams(params: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:
+                params = _convert_params(params)
+                rest = {k: v for k, v in params.items() if k not in known and not k.startswith("_")}
+                _original({**config, **rest}, *args, **kwargs)
+
+            logger.log_hyperparams = log_hyperparams  # type: ignore[method-assign]
 
 
 def _interrupted(cli: GradRegCLI) -> Interrupted:

@@ -71,6 +71,47 @@ def callback_config(path: Path, init_args: str) -> Path:
     return path
 
 
+def wandb_records(folder: Path) -> list:
+    """The records of the one offline wandb run in ``folder/wandb`` (wandb's LevelDB-style log, which wandb sync reads).
+
+    The file starts with a 7-byte header; records are cut into chunks of 32 KiB blocks, each chunk with a 7-byte
+    header (CRC, length, type: 1 whole, 2 first, 3 middle, 4 last).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = folder.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block, chunks, records = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        chunks = chunk if kind in (1, 2) else chunks + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+    return records
+
+
+def wandb_run(folder: Path) -> SimpleNamespace:
+    """The offline wandb run in ``folder/wandb``: its run record, config, history rows and summary."""
+    records = wandb_records(folder)
+    items = lambda update: {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in update}  # noqa: E731
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    config = {
+        k: v for r in records if r.WhichOneof("record_type") == "config" for k, v in items(r.config.update).items()
+    }
+    history = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    summary = {
+        k: v for r in records if r.WhichOneof("record_type") == "summary" for k, v in items(r.summary.update).items()
+    }
+    return SimpleNamespace(run=run, config=config, history=history, summary=summary)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit code 1, no traceback, one ``error:`` line (a missing-data report may list one line per dataset)."""
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
@@ -121,6 +162,22 @@ def test_train_writes_run_directory(trained: Path) -> None:
     tables = list(offline.glob("files/media/table/ood/table_*.table.json"))
     assert len(tables) == 2  # one per-set table per epoch
     assert "digits_heldout" in tables[0].read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_wandb_config_is_the_whole_nested_config(trained: Path) -> None:
+    run_dir = trained / "runs" / "quickstart-001"
+    config = wandb_run(run_dir).config
+    # config.yaml's sections (was Lightning's flat model + data init arguments only: no trainer, seed or callbacks)
+    assert config["seed_everything"] == 0
+    assert (config["trainer"]["max_epochs"], config["trainer"]["limit_train_batches"]) == (2, 3)
+    assert config["trainer"]["callbacks"][0]["init_args"]["scorers"] == ["msp", "maxlogit", "energy", "gradnorm"]
+    assert (config["model"]["method"], config["model"]["lr"]) == ("greg", 0.05)
+    assert config["model"]["num_classes"] == 6  # linked from the data, as in hparams.yaml
+    assert (config["data"]["id_dataset"], config["run"]["monitor"]) == ("digits", "val/acc")
+    assert not {"lr", "method", "batch_size", "_instantiator"} & set(config), sorted(config)  # no flat second copy
+    assert "lr" in yaml.safe_load((run_dir / "hparams.yaml").read_text())  # Lightning's copy for metrics.csv stays
 
 
 @pytest.mark.slow
