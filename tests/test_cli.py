@@ -182,6 +182,21 @@ def test_wandb_config_is_the_whole_nested_config(trained: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_wandb_media_share_the_step_of_the_epoch_metrics(trained: Path) -> None:
+    history = wandb_run(trained / "runs" / "quickstart-001").history
+    steps = [row["trainer/global_step"] for row in history]
+    assert steps == sorted(steps), steps  # the callback's histograms were one step ahead of the metrics that follow
+    for epoch in (0, 1):
+        ood = [r for r in history if r.get("epoch") == epoch and "ood/mean/energy/auroc" in r]
+        media = [r for r in history if r.get("epoch") == epoch and "hist/id/energy/_type" in r]
+        assert len(ood) == len(media) == 1, history
+        assert media[0]["trainer/global_step"] == ood[0]["trainer/global_step"]
+    csv_steps = {row["step"] for row in csv.DictReader((trained / "runs/quickstart-001/metrics.csv").open())}
+    assert {str(s) for s in steps} <= csv_steps  # wandb and metrics.csv put each value at the same step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_wandb_without_its_server_is_one_line(tmp_path: Path) -> None:
     # A login but no network: wandb retries until its init timeout, then the run stops in one line (was a traceback).
     key = "0123456789" * 4
