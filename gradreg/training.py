@@ -20,7 +20,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.logger import _convert_params
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -84,6 +84,22 @@ class BestCheckpoint(ModelCheckpoint):
         waiting = trainer.enable_validation and not self.monitor.startswith("train/")
         if not waiting or self.monitor in trainer.callback_metrics:
             super().on_train_epoch_end(trainer, pl_module)
+
+
+class RunRecord(Callback):
+    """Write ``checkpoint["run"]`` into every checkpoint: this run's folder name, its group and its wandb run id.
+
+    The group is the name of the first run of a chain of resumed runs (a fresh run's own name): a run that resumes
+    the checkpoint takes it over (:func:`_link_wandb_runs`), and ``evaluate.py`` names and groups its wandb run
+    after it. Nothing goes into the callback states, so checkpoints of earlier versions resume as before.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = self.group = name
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+        wandb_ids = [logger.version for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        checkpoint["run"] = {"name": self.name, "group": self.group, "wandb_id": next(iter(wandb_ids), None)}
 
 
 class GradRegCLI(LightningCLI):
@@ -171,6 +187,7 @@ class GradRegCLI(LightningCLI):
             *(config.trainer.callbacks or []),
             Namespace(class_path=f"{__name__}.BestCheckpoint", init_args=best_ckpt),
             Namespace(class_path=f"{__name__}.LastCheckpoint", init_args=Namespace(dirpath=str(run_dir))),
+            Namespace(class_path=f"{__name__}.RunRecord", init_args=Namespace(name=run_dir.name)),
         ]
 
 
@@ -366,8 +383,9 @@ def discard_unused_run_dir(rank_zero: bool, logs: bool = False) -> None:
 def fit(cli: GradRegCLI) -> int:
     """Check the checkpoint to resume, then train; print where the run's files are."""
     try:
+        resumed = None
         if cli.config.run.resume is not None:
-            _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
+            resumed = _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
         if cli.model.captured_step is not None:  # before the loggers and the other DDP ranks start
             cli.model.check_capturable(cli.trainer)
         # DDP refuses SyncBatchNorm on the CPU with one process too (strategy=ddp, devices=1)
@@ -381,6 +399,7 @@ def fit(cli: GradRegCLI) -> int:
             if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous", False) is None:
                 del logger._wandb_init["anonymous"]
         _log_config_to_wandb(cli)
+        _link_wandb_runs(cli, resumed)
         with warnings.catch_warnings():
             # Without validation Lightning only warns about a monitor it cannot find, and best.ckpt never appears.
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")
@@ -457,6 +476,32 @@ def _log_config_to_wandb(cli: GradRegCLI) -> None:
                 _original({**config, **rest}, *args, **kwargs)
 
             logger.log_hyperparams = log_hyperparams  # type: ignore[method-assign]
+
+
+def _link_wandb_runs(cli: GradRegCLI, resumed: dict[str, Any] | None) -> None:
+    """Group this run's wandb run with the runs it continues; a resumed run says which run it resumes.
+
+    A resumed run is a new run (its own folder, wandb run and ``best.ckpt``) in the group of the run it resumes, the
+    name of the first run of the chain: ``quickstart-002`` resuming ``quickstart-001`` is in group ``quickstart-001``,
+    and so is ``quickstart-001`` itself. Its notes name the checkpoint and the wandb run it continues. A checkpoint of
+    an earlier version (no ``run`` record) gives its folder's name. A group or notes set in the logger's settings win.
+    """
+    record = next((c for c in cli.trainer.callbacks if isinstance(c, RunRecord)), None)
+    group = cli.run_dir.name
+    if resumed is not None:
+        path = Path(cli.config.run.resume)
+        group = resumed.get("group") or path.parent.name
+        wandb_id = resumed.get("wandb_id")
+        notes = f"resumes {path}" + (f" (wandb run {wandb_id})" if wandb_id else "")
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger._wandb_init["group"] = logger._wandb_init.get("group") or group
+            logger._wandb_init["job_type"] = logger._wandb_init.get("job_type") or "train"  # evaluate.py's: eval
+            if resumed is not None:
+                logger._wandb_init["notes"] = logger._wandb_init.get("notes") or notes
+            group = logger._wandb_init["group"]
+    if record is not None:
+        record.group = group
 
 
 def _interrupted(cli: GradRegCLI) -> Interrupted:
@@ -536,11 +581,15 @@ def _without_latest(path: Path) -> Path:
     return kept
 
 
-def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> None:
-    """Stop with one line if the checkpoint to resume is unreadable, not ours, or does not fit the model."""
+def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> dict[str, Any]:
+    """Stop with one line if the checkpoint to resume is unreadable, not ours, or does not fit the model.
+
+    Returns the checkpoint's :class:`RunRecord` (empty for checkpoints of earlier versions).
+    """
     from gradreg.report import load_checkpoint
 
-    state = load_checkpoint(path)["state_dict"]
+    ckpt = load_checkpoint(path)
+    state = ckpt["state_dict"]
     if module.predates_absent_head(state):
         raise UserError(f"run.resume checkpoint '{path}' is {ABSENT_HEAD_HINT}")
     mismatch = module.state_mismatch(state)
@@ -549,3 +598,5 @@ def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> None:
             f"run.resume checkpoint '{path}' does not fit this model: {mismatch}; resume with the config of the run "
             "that wrote it"
         )
+    run = ckpt.get("run")
+    return run if isinstance(run, dict) else {}

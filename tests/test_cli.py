@@ -102,7 +102,8 @@ def wandb_run(folder: Path) -> SimpleNamespace:
     records = wandb_records(folder)
     items = lambda update: {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in update}  # noqa: E731
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    config = {
+    config = items(run.config.update)  # wandb.init(config=...), then config.update(...)
+    config |= {
         k: v for r in records if r.WhichOneof("record_type") == "config" for k, v in items(r.config.update).items()
     }
     history = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
@@ -193,6 +194,17 @@ def test_wandb_media_share_the_step_of_the_epoch_metrics(trained: Path) -> None:
         assert media[0]["trainer/global_step"] == ood[0]["trainer/global_step"]
     csv_steps = {row["step"] for row in csv.DictReader((trained / "runs/quickstart-001/metrics.csv").open())}
     assert {str(s) for s in steps} <= csv_steps  # wandb and metrics.csv put each value at the same step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_wandb_run_is_named_and_grouped_after_the_run_directory(trained: Path) -> None:
+    run_dir = trained / "runs" / "quickstart-001"
+    run = wandb_run(run_dir).run
+    assert (run.display_name, run.run_group, run.job_type) == ("quickstart-001", "quickstart-001", "train")
+    record = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["run"]
+    assert record == {"name": "quickstart-001", "group": "quickstart-001", "wandb_id": run.run_id}
+    assert not (trained / "wandb").exists()  # wandb writes in the run directory only, never in the working directory
 
 
 @pytest.mark.slow
