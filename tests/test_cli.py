@@ -209,6 +209,38 @@ def test_wandb_run_is_named_and_grouped_after_the_run_directory(trained: Path) -
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_resumed_run_and_its_evaluation_join_the_wandb_group_of_the_first_run(trained: Path, tmp_path: Path) -> None:
+    first = trained / "runs" / "quickstart-001"
+    first_id = wandb_run(first).run.run_id
+    proc = train(tmp_path, "--run.name", "resumed", "--run.resume", str(first), "--trainer.max_epochs", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed_dir = tmp_path / "runs" / "resumed-001"
+    resumed = wandb_run(resumed_dir)
+    assert resumed.run.display_name == "resumed-001"  # a new wandb run, as the run is a new folder
+    assert resumed.run.run_id != first_id
+    assert resumed.run.run_group == "quickstart-001"  # the group of the run it resumes (was none)
+    assert resumed.run.notes == f"resumes {first / 'last.ckpt'} (wandb run {first_id})"
+    assert resumed.config["run"]["resume"] == str(first / "last.ckpt")
+    assert [r["trainer/global_step"] for r in resumed.history if "val/acc" in r] == [8]  # goes on after step 5
+    record = torch.load(resumed_dir / "last.ckpt", map_location="cpu", weights_only=True)["run"]
+    assert record["group"] == "quickstart-001"  # so a run resuming this one joins the same group
+    args = ["--suites", "ood", "--scorers", "energy", "--max-samples", "32", "--no-plots"]
+    proc = run("evaluate.py", str(resumed_dir), "--out", str(tmp_path / "ev"), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluation = wandb_run(tmp_path / "ev")
+    assert (evaluation.run.display_name, evaluation.run.run_group) == ("resumed-001-ev", "quickstart-001")
+    assert evaluation.run.job_type == "eval"
+    assert evaluation.config["trained_run"] == {**record, "name": "resumed-001", "wandb_id": resumed.run.run_id}
+    assert evaluation.config["options"]["scorers"] == {"energy": {"name": "energy", "temperature": 1.0}}
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert evaluation.summary["eval/id/accuracy"] == results["id"]["accuracy"]
+    auroc = results["means"]["ood"]["energy"]["auroc"]
+    assert evaluation.summary["eval/mean/ood/energy/auroc"] == pytest.approx(auroc)
+    assert not (tmp_path / "wandb").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_wandb_without_its_server_is_one_line(tmp_path: Path) -> None:
     # A login but no network: wandb retries until its init timeout, then the run stops in one line (was a traceback).
     key = "0123456789" * 4
