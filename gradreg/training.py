@@ -98,7 +98,11 @@ class RunRecord(Callback):
         self.name = self.group = name
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:  # noqa: D102
-        wandb_ids = [logger.version for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        wandb_ids = [  # a run that WANDB_MODE=disabled turns off has a made-up id
+            logger.version
+            for logger in trainer.loggers
+            if isinstance(logger, WandbLogger) and not getattr(logger._experiment, "disabled", False)
+        ]
         checkpoint["run"] = {"name": self.name, "group": self.group, "wandb_id": next(iter(wandb_ids), None)}
 
 

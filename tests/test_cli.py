@@ -265,6 +265,8 @@ def test_rerun_never_overwrites(trained: Path) -> None:
     assert (trained / "runs" / "quickstart-002" / "last.ckpt").is_file()
     assert first.read_bytes() == before
     assert not list((trained / "runs" / "quickstart-002").glob("wandb")), "WANDB_MODE=disabled writes nothing"
+    record = torch.load(trained / "runs" / "quickstart-002" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert record["run"]["wandb_id"] is None  # not the made-up id of wandb's disabled run
 
 
 @pytest.mark.slow
