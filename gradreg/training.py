@@ -72,6 +72,9 @@ class BestCheckpoint(ModelCheckpoint):
     a ``val/*`` or ``ood/*`` monitor has no value yet: no mistake, only no ``best.ckpt`` (``last.ckpt`` is written).
     A ``train/*`` key (logged by every epoch, cut short or not) or a run without validation keeps Lightning's check
     of a missing monitor, which :func:`fit` turns into an error.
+
+    Each new best goes to the wandb run's summary (``best/<run.monitor>`` and ``best/epoch``): wandb keeps
+    the last logged value of every metric there, which for ``val/acc`` need not be the checkpoint's.
     """
 
     @property
@@ -83,7 +86,23 @@ class BestCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
         waiting = trainer.enable_validation and not self.monitor.startswith("train/")
         if not waiting or self.monitor in trainer.callback_metrics:
+            best = self.best_model_score
             super().on_train_epoch_end(trainer, pl_module)
+            self._summarize_best(trainer, best)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        best = self.best_model_score
+        super().on_validation_end(trainer, pl_module)
+        self._summarize_best(trainer, best)
+
+    def _summarize_best(self, trainer: Trainer, before: Any) -> None:
+        score = self.best_model_score
+        if score is None or score is before or not trainer.is_global_zero:
+            return
+        best = {f"best/{self.monitor}": score.item(), "best/epoch": trainer.current_epoch}
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(best)
 
 
 class RunRecord(Callback):

@@ -209,6 +209,17 @@ def test_wandb_run_is_named_and_grouped_after_the_run_directory(trained: Path) -
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_wandb_summary_holds_the_best_value_of_the_monitored_metric(trained: Path) -> None:
+    logged = wandb_run(trained / "runs" / "quickstart-001")
+    validations = [r for r in logged.history if "val/acc" in r]
+    best = max(validations, key=lambda r: r["val/acc"])  # the first of equal values, as ModelCheckpoint keeps it
+    assert logged.summary["best/val/acc"] == pytest.approx(best["val/acc"])
+    assert logged.summary["best/epoch"] == best["epoch"]
+    assert logged.summary["val/acc"] == validations[-1]["val/acc"]  # the last value, as wandb keeps it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_resumed_run_and_its_evaluation_join_the_wandb_group_of_the_first_run(trained: Path, tmp_path: Path) -> None:
     first = trained / "runs" / "quickstart-001"
     first_id = wandb_run(first).run.run_id
