@@ -188,7 +188,10 @@ class OODEvalCallback(Callback):
     def _log_media(
         self, trainer: Trainer, id_scores: ScoredSet, ood_scores: dict[str, ScoredSet], per_set: dict[str, Any]
     ) -> None:
-        step = trainer.global_step
+        # The step Lightning logs this epoch's metrics at (as its LearningRateMonitor does): the ood/* values, the
+        # histograms and the table then share one trainer/global_step (trainer.global_step is one ahead of it)
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        step = getattr(loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:
             kind = type(logger).__name__
             if kind == "WandbLogger":
@@ -200,7 +203,7 @@ class OODEvalCallback(Callback):
                 }
                 rows = [[n, s, *(v[m] for m in METRICS)] for n, by in per_set.items() for s, v in by.items()]
                 media["ood/table"] = wandb.Table(columns=["set", "scorer", *METRICS], data=rows)
-                logger.experiment.log({**media, "trainer/global_step": step})
+                logger.experiment.log({**media, "trainer/global_step": step, "epoch": trainer.current_epoch})
             elif kind == "TensorBoardLogger":
                 for name, scorer, values in _histograms(self.scorers, {"id": id_scores, **ood_scores}):
                     logger.experiment.add_histogram(f"hist/{name}/{scorer}", values, step)

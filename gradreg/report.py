@@ -129,7 +129,13 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG histograms and ROC curves")
-    p.add_argument("--wandb", choices=("auto", "on", "off"), default="auto", help="auto: on if the run used wandb")
+    p.add_argument(
+        "--wandb",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="log the table, the plots and the metrics to a wandb run in OUT/wandb, named and grouped after the "
+        "training run (offline unless wandb is configured); auto: on if the checkpoint's run folder holds wandb/",
+    )
     opts = p.parse_args(args)
     if not opts.explain:  # --explain-* settings alone would be ignored
         given = [k for k in vars(opts) if k.startswith("explain_") and getattr(opts, k) != p.get_default(k)]
@@ -678,6 +684,7 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
         raise UserError(f"cannot build the model and data ({str(err).splitlines()[0]})") from None
     # checkpoints of older versions have none; a config's, its model.pretrained's if that is a gradreg checkpoint
     trained_with = module.pretrained_environment if ckpt is None else ckpt.get("environment")
+    trained_run = ckpt.get("run") if ckpt is not None and isinstance(ckpt.get("run"), dict) else None  # RunRecord
     del ckpt  # the model holds copies of its tensors
     specs = [parse_scorer(s) for s in opts.scorers] if opts.scorers else SCORERS.names()
     scorer_map = build_scorers(specs)
@@ -779,7 +786,7 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
     if opts.explain and opts.explain_set in ood_scored:  # else the set failed, and said so
         explain_worst(module, dm, id_test, ood_sets, id_scored, ood_scored, opts, out / "explain", device)
     if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
-        log_to_wandb(writer, out, ckpt_path)
+        log_to_wandb(writer, out, ckpt_path, None if post_hoc else (trained_run or {}))
     print_table(writer)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
     return 1 if writer.failed else 0
@@ -883,19 +890,37 @@ def explain_worst(
               f"{result.settings['damping']:.3g}) for trustworthy influence values", file=sys.stderr)  # fmt: skip
 
 
-def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path) -> None:
-    """Log the results table and the plots to a wandb run (offline unless wandb is configured)."""
+def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path, trained_run: dict[str, Any] | None) -> None:
+    """Log the results table and the plots to a wandb run (offline unless wandb is configured), in ``out/wandb``.
+
+    The run is named ``<training run>-<eval folder>`` (``quickstart-001-eval-001``) and joins the training run's wandb
+    group with job type ``eval``. ``trained_run`` is the checkpoint's record of its training run (name, group, wandb
+    id; ``{}`` for a checkpoint of an earlier version: its folder names the run), None for a config (post-hoc). The
+    config holds the checkpoint, the options and the training run; the summary holds the ID accuracy and every
+    metric of the table as ``eval/<set>/<scorer>/<metric>`` (sets ``mean/near``, ``mean/far``, ... included).
+    """
     configure_wandb_env()
     import wandb
 
+    trained = None
+    if trained_run is not None:
+        trained = {"name": ckpt_path.parent.name, "group": None, "wandb_id": None, **trained_run}
+        trained["group"] = trained["group"] or trained["name"]
+    header = json.loads(json.dumps(_json_null(writer.header), default=str))  # results.json's header
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT", "gradreg"),
         dir=str(out),
-        name=f"eval-{ckpt_path.parent.name}",
+        name=out.name if trained is None else f"{trained['name']}-{out.name}",
+        group=None if trained is None else trained["group"],
         job_type="eval",
+        config={"checkpoint": str(ckpt_path), "trained_run": trained, "options": header["options"]},
     )
     columns = ["set", "group", "scorer", *OOD_METRICS]
     rows = [[v if not isinstance(v, float) or math.isfinite(v) else None for v in r] for r in writer.rows()]
     images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted((out / "plots").glob("*.png"))}
     run.log({"results": wandb.Table(columns=columns, data=rows), **images})
+    run.summary.update(
+        {"eval/id/accuracy": header["id"]["accuracy"]}
+        | {f"eval/{r[0]}/{r[2]}/{m}": v for r in rows for m, v in zip(OOD_METRICS, r[3:], strict=True)}
+    )
     run.finish()

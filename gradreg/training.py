@@ -13,12 +13,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningModule, Trainer
+from lightning.fabric.utilities.logger import _convert_params
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -70,6 +72,9 @@ class BestCheckpoint(ModelCheckpoint):
     a ``val/*`` or ``ood/*`` monitor has no value yet: no mistake, only no ``best.ckpt`` (``last.ckpt`` is written).
     A ``train/*`` key (logged by every epoch, cut short or not) or a run without validation keeps Lightning's check
     of a missing monitor, which :func:`fit` turns into an error.
+
+    Each new best goes to the wandb run's summary (``best/<run.monitor>`` and ``best/epoch``): wandb keeps
+    the last logged value of every metric there, which for ``val/acc`` need not be the checkpoint's.
     """
 
     @property
@@ -81,7 +86,43 @@ class BestCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
         waiting = trainer.enable_validation and not self.monitor.startswith("train/")
         if not waiting or self.monitor in trainer.callback_metrics:
+            best = self.best_model_score
             super().on_train_epoch_end(trainer, pl_module)
+            self._summarize_best(trainer, best)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        best = self.best_model_score
+        super().on_validation_end(trainer, pl_module)
+        self._summarize_best(trainer, best)
+
+    def _summarize_best(self, trainer: Trainer, before: Any) -> None:
+        score = self.best_model_score
+        if score is None or score is before or not trainer.is_global_zero:
+            return
+        best = {f"best/{self.monitor}": score.item(), "best/epoch": trainer.current_epoch}
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(best)
+
+
+class RunRecord(Callback):
+    """Write ``checkpoint["run"]`` into every checkpoint: this run's folder name, its group and its wandb run id.
+
+    The group is the name of the first run of a chain of resumed runs (a fresh run's own name): a run that resumes
+    the checkpoint takes it over (:func:`_link_wandb_runs`), and ``evaluate.py`` names and groups its wandb run
+    after it. Nothing goes into the callback states, so checkpoints of earlier versions resume as before.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = self.group = name
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+        wandb_ids = [  # a run that WANDB_MODE=disabled turns off has a made-up id
+            logger.version
+            for logger in trainer.loggers
+            if isinstance(logger, WandbLogger) and not getattr(logger._experiment, "disabled", False)
+        ]
+        checkpoint["run"] = {"name": self.name, "group": self.group, "wandb_id": next(iter(wandb_ids), None)}
 
 
 class GradRegCLI(LightningCLI):
@@ -142,8 +183,10 @@ class GradRegCLI(LightningCLI):
         # A resumed run writes to a new directory by design (README: its best.ckpt is the best of its own epochs), which
         # Lightning's ModelCheckpoint warns about on every resume.
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        dumped = self.parser.dump(config, skip_none=False)
+        self.resolved_config = yaml.safe_load(dumped)  # what the wandb run's config shows (_log_config_to_wandb)
         if self.rank_zero:  # the config as given, before this run's paths go in: `--config` on it starts a new run
-            (run_dir / "config.yaml").write_text(self.parser.dump(config, skip_none=False))
+            (run_dir / "config.yaml").write_text(dumped)
         config.trainer.default_root_dir = str(run_dir)
         loggers = config.trainer.logger
         if isinstance(loggers, Namespace):
@@ -167,6 +210,7 @@ class GradRegCLI(LightningCLI):
             *(config.trainer.callbacks or []),
             Namespace(class_path=f"{__name__}.BestCheckpoint", init_args=best_ckpt),
             Namespace(class_path=f"{__name__}.LastCheckpoint", init_args=Namespace(dirpath=str(run_dir))),
+            Namespace(class_path=f"{__name__}.RunRecord", init_args=Namespace(name=run_dir.name)),
         ]
 
 
@@ -362,8 +406,9 @@ def discard_unused_run_dir(rank_zero: bool, logs: bool = False) -> None:
 def fit(cli: GradRegCLI) -> int:
     """Check the checkpoint to resume, then train; print where the run's files are."""
     try:
+        resumed = None
         if cli.config.run.resume is not None:
-            _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
+            resumed = _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
         if cli.model.captured_step is not None:  # before the loggers and the other DDP ranks start
             cli.model.check_capturable(cli.trainer)
         # DDP refuses SyncBatchNorm on the CPU with one process too (strategy=ddp, devices=1)
@@ -376,6 +421,8 @@ def fit(cli: GradRegCLI) -> int:
         for logger in cli.trainer.loggers:  # Lightning passes wandb.init(anonymous=None), which wandb warns about
             if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous", False) is None:
                 del logger._wandb_init["anonymous"]
+        _log_config_to_wandb(cli)
+        _link_wandb_runs(cli, resumed)
         with warnings.catch_warnings():
             # Without validation Lightning only warns about a monitor it cannot find, and best.ckpt never appears.
             warnings.filterwarnings("error", message=f".*{MISSING_MONITOR}")
@@ -425,6 +472,59 @@ def fit(cli: GradRegCLI) -> int:
             )
         print(f"run directory: {cli.run_dir}  (evaluate with: python evaluate.py {cli.run_dir})")
     return 0
+
+
+def _log_config_to_wandb(cli: GradRegCLI) -> None:
+    """Give each wandb run the whole resolved config, nested as in ``config.yaml``, instead of Lightning's flat keys.
+
+    Lightning logs the model's and the datamodule's init arguments as one flat mapping (``lr``, ``batch_size``, ...,
+    and LightningCLI's ``_instantiator``), without the trainer settings, the callbacks, the seed or ``run``. The
+    wandb config gets ``config.yaml``'s sections instead (``model.lr``, ``trainer.max_epochs``, ``seed_everything``,
+    ...), the model's with the values linked from the data (``num_classes``, ``input_mean``, ``input_std``); a
+    hyperparameter outside those sections (the user's own ``log_hyperparams``) is kept at the top level. Other loggers
+    (``metrics.csv``'s ``hparams.yaml``) keep Lightning's flat copy.
+    """
+    config = dict(cli.resolved_config)
+    linked = {k: v for k, v in cli.model.hparams_initial.items() if not k.startswith("_")}
+    config["model"] = {**(config.get("model") or {}), **linked}
+    known = {k for section in ("model", "data") for k in (config.get(section) or {})}
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            original = logger.log_hyperparams
+
+            @rank_zero_only
+            def log_hyperparams(params: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:
+                params = _convert_params(params)
+                rest = {k: v for k, v in params.items() if k not in known and not k.startswith("_")}
+                _original({**config, **rest}, *args, **kwargs)
+
+            logger.log_hyperparams = log_hyperparams  # type: ignore[method-assign]
+
+
+def _link_wandb_runs(cli: GradRegCLI, resumed: dict[str, Any] | None) -> None:
+    """Group this run's wandb run with the runs it continues; a resumed run says which run it resumes.
+
+    A resumed run is a new run (its own folder, wandb run and ``best.ckpt``) in the group of the run it resumes, the
+    name of the first run of the chain: ``quickstart-002`` resuming ``quickstart-001`` is in group ``quickstart-001``,
+    and so is ``quickstart-001`` itself. Its notes name the checkpoint and the wandb run it continues. A checkpoint of
+    an earlier version (no ``run`` record) gives its folder's name. A group or notes set in the logger's settings win.
+    """
+    record = next((c for c in cli.trainer.callbacks if isinstance(c, RunRecord)), None)
+    group = cli.run_dir.name
+    if resumed is not None:
+        path = Path(cli.config.run.resume)
+        group = resumed.get("group") or path.parent.name
+        wandb_id = resumed.get("wandb_id")
+        notes = f"resumes {path}" + (f" (wandb run {wandb_id})" if wandb_id else "")
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger._wandb_init["group"] = logger._wandb_init.get("group") or group
+            logger._wandb_init["job_type"] = logger._wandb_init.get("job_type") or "train"  # evaluate.py's: eval
+            if resumed is not None:
+                logger._wandb_init["notes"] = logger._wandb_init.get("notes") or notes
+            group = logger._wandb_init["group"]
+    if record is not None:
+        record.group = group
 
 
 def _interrupted(cli: GradRegCLI) -> Interrupted:
@@ -504,11 +604,15 @@ def _without_latest(path: Path) -> Path:
     return kept
 
 
-def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> None:
-    """Stop with one line if the checkpoint to resume is unreadable, not ours, or does not fit the model."""
+def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> dict[str, Any]:
+    """Stop with one line if the checkpoint to resume is unreadable, not ours, or does not fit the model.
+
+    Returns the checkpoint's :class:`RunRecord` (empty for checkpoints of earlier versions).
+    """
     from gradreg.report import load_checkpoint
 
-    state = load_checkpoint(path)["state_dict"]
+    ckpt = load_checkpoint(path)
+    state = ckpt["state_dict"]
     if module.predates_absent_head(state):
         raise UserError(f"run.resume checkpoint '{path}' is {ABSENT_HEAD_HINT}")
     mismatch = module.state_mismatch(state)
@@ -517,3 +621,5 @@ def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> None:
             f"run.resume checkpoint '{path}' does not fit this model: {mismatch}; resume with the config of the run "
             "that wrote it"
         )
+    run = ckpt.get("run")
+    return run if isinstance(run, dict) else {}

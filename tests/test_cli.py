@@ -71,6 +71,48 @@ def callback_config(path: Path, init_args: str) -> Path:
     return path
 
 
+def wandb_records(folder: Path) -> list:
+    """The records of the one offline wandb run in ``folder/wandb`` (wandb's LevelDB-style log, which wandb sync reads).
+
+    The file starts with a 7-byte header; records are cut into chunks of 32 KiB blocks, each chunk with a 7-byte
+    header (CRC, length, type: 1 whole, 2 first, 3 middle, 4 last).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = folder.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block, chunks, records = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        chunks = chunk if kind in (1, 2) else chunks + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+    return records
+
+
+def wandb_run(folder: Path) -> SimpleNamespace:
+    """The offline wandb run in ``folder/wandb``: its run record, config, history rows and summary."""
+    records = wandb_records(folder)
+    items = lambda update: {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in update}  # noqa: E731
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    config = items(run.config.update)  # wandb.init(config=...), then config.update(...)
+    config |= {
+        k: v for r in records if r.WhichOneof("record_type") == "config" for k, v in items(r.config.update).items()
+    }
+    history = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    summary = {
+        k: v for r in records if r.WhichOneof("record_type") == "summary" for k, v in items(r.summary.update).items()
+    }
+    return SimpleNamespace(run=run, config=config, history=history, summary=summary)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit code 1, no traceback, one ``error:`` line (a missing-data report may list one line per dataset)."""
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
@@ -125,6 +167,91 @@ def test_train_writes_run_directory(trained: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_wandb_config_is_the_whole_nested_config(trained: Path) -> None:
+    run_dir = trained / "runs" / "quickstart-001"
+    config = wandb_run(run_dir).config
+    # config.yaml's sections (was Lightning's flat model + data init arguments only: no trainer, seed or callbacks)
+    assert config["seed_everything"] == 0
+    assert (config["trainer"]["max_epochs"], config["trainer"]["limit_train_batches"]) == (2, 3)
+    assert config["trainer"]["callbacks"][0]["init_args"]["scorers"] == ["msp", "maxlogit", "energy", "gradnorm"]
+    assert (config["model"]["method"], config["model"]["lr"]) == ("greg", 0.05)
+    assert config["model"]["num_classes"] == 6  # linked from the data, as in hparams.yaml
+    assert (config["data"]["id_dataset"], config["run"]["monitor"]) == ("digits", "val/acc")
+    assert not {"lr", "method", "batch_size", "_instantiator"} & set(config), sorted(config)  # no flat second copy
+    assert "lr" in yaml.safe_load((run_dir / "hparams.yaml").read_text())  # Lightning's copy for metrics.csv stays
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_wandb_media_share_the_step_of_the_epoch_metrics(trained: Path) -> None:
+    history = wandb_run(trained / "runs" / "quickstart-001").history
+    steps = [row["trainer/global_step"] for row in history]
+    assert steps == sorted(steps), steps  # the callback's histograms were one step ahead of the metrics that follow
+    for epoch in (0, 1):
+        ood = [r for r in history if r.get("epoch") == epoch and "ood/mean/energy/auroc" in r]
+        media = [r for r in history if r.get("epoch") == epoch and "hist/id/energy/_type" in r]
+        assert len(ood) == len(media) == 1, history
+        assert media[0]["trainer/global_step"] == ood[0]["trainer/global_step"]
+    csv_steps = {row["step"] for row in csv.DictReader((trained / "runs/quickstart-001/metrics.csv").open())}
+    assert {str(s) for s in steps} <= csv_steps  # wandb and metrics.csv put each value at the same step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_wandb_run_is_named_and_grouped_after_the_run_directory(trained: Path) -> None:
+    run_dir = trained / "runs" / "quickstart-001"
+    run = wandb_run(run_dir).run
+    assert (run.display_name, run.run_group, run.job_type) == ("quickstart-001", "quickstart-001", "train")
+    record = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["run"]
+    assert record == {"name": "quickstart-001", "group": "quickstart-001", "wandb_id": run.run_id}
+    assert not (trained / "wandb").exists()  # wandb writes in the run directory only, never in the working directory
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_wandb_summary_holds_the_best_value_of_the_monitored_metric(trained: Path) -> None:
+    logged = wandb_run(trained / "runs" / "quickstart-001")
+    validations = [r for r in logged.history if "val/acc" in r]
+    best = max(validations, key=lambda r: r["val/acc"])  # the first of equal values, as ModelCheckpoint keeps it
+    assert logged.summary["best/val/acc"] == pytest.approx(best["val/acc"])
+    assert logged.summary["best/epoch"] == best["epoch"]
+    assert logged.summary["val/acc"] == validations[-1]["val/acc"]  # the last value, as wandb keeps it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resumed_run_and_its_evaluation_join_the_wandb_group_of_the_first_run(trained: Path, tmp_path: Path) -> None:
+    first = trained / "runs" / "quickstart-001"
+    first_id = wandb_run(first).run.run_id
+    proc = train(tmp_path, "--run.name", "resumed", "--run.resume", str(first), "--trainer.max_epochs", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed_dir = tmp_path / "runs" / "resumed-001"
+    resumed = wandb_run(resumed_dir)
+    assert resumed.run.display_name == "resumed-001"  # a new wandb run, as the run is a new folder
+    assert resumed.run.run_id != first_id
+    assert resumed.run.run_group == "quickstart-001"  # the group of the run it resumes (was none)
+    assert resumed.run.notes == f"resumes {first / 'last.ckpt'} (wandb run {first_id})"
+    assert resumed.config["run"]["resume"] == str(first / "last.ckpt")
+    assert [r["trainer/global_step"] for r in resumed.history if "val/acc" in r] == [8]  # goes on after step 5
+    record = torch.load(resumed_dir / "last.ckpt", map_location="cpu", weights_only=True)["run"]
+    assert record["group"] == "quickstart-001"  # so a run resuming this one joins the same group
+    args = ["--suites", "ood", "--scorers", "energy", "--max-samples", "32", "--no-plots"]
+    proc = run("evaluate.py", str(resumed_dir), "--out", str(tmp_path / "ev"), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluation = wandb_run(tmp_path / "ev")
+    assert (evaluation.run.display_name, evaluation.run.run_group) == ("resumed-001-ev", "quickstart-001")
+    assert evaluation.run.job_type == "eval"
+    assert evaluation.config["trained_run"] == {**record, "name": "resumed-001", "wandb_id": resumed.run.run_id}
+    assert evaluation.config["options"]["scorers"] == {"energy": {"name": "energy", "temperature": 1.0}}
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert evaluation.summary["eval/id/accuracy"] == results["id"]["accuracy"]
+    auroc = results["means"]["ood"]["energy"]["auroc"]
+    assert evaluation.summary["eval/mean/ood/energy/auroc"] == pytest.approx(auroc)
+    assert not (tmp_path / "wandb").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_wandb_without_its_server_is_one_line(tmp_path: Path) -> None:
     # A login but no network: wandb retries until its init timeout, then the run stops in one line (was a traceback).
     key = "0123456789" * 4
@@ -149,6 +276,8 @@ def test_rerun_never_overwrites(trained: Path) -> None:
     assert (trained / "runs" / "quickstart-002" / "last.ckpt").is_file()
     assert first.read_bytes() == before
     assert not list((trained / "runs" / "quickstart-002").glob("wandb")), "WANDB_MODE=disabled writes nothing"
+    record = torch.load(trained / "runs" / "quickstart-002" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert record["run"]["wandb_id"] is None  # not the made-up id of wandb's disabled run
 
 
 @pytest.mark.slow

@@ -513,7 +513,8 @@ def test_callback_in_fit_validate_and_test_restores_train_mode(tmp_path: Path) -
 
 def _fake_trainer(dm: OODDataModule):
     class FakeTrainer:
-        datamodule, global_rank, world_size, is_global_zero, loggers, global_step = dm, 0, 1, True, [], 0
+        datamodule, global_rank, world_size, is_global_zero, loggers = dm, 0, 1, True, []
+        global_step, current_epoch = 0, 0
 
     return FakeTrainer()
 
