@@ -479,11 +479,20 @@ def is_rank_zero() -> bool:
 
 
 def _resume_file(path: Path) -> Path:
-    """``run.resume`` as a file: a checkpoint, or a run directory's ``last.ckpt``."""
+    """``run.resume`` as a file: a checkpoint, or a run directory's ``last.ckpt``.
+
+    A run directory without ``last.ckpt`` whose ``best.ckpt`` is there (e.g. ``last.ckpt`` deleted to save space)
+    gets that file suggested.
+    """
     if path.is_dir():
         path = path / "last.ckpt"
     if not path.is_file():
-        raise UserError(f"run.resume checkpoint '{path}' does not exist; pass a .ckpt file or a run directory")
+        best = path.with_name("best.ckpt")
+        if path.name == "last.ckpt" and best.is_file():
+            fix = f"its folder holds best.ckpt: pass --run.resume {best}"
+        else:
+            fix = "pass a .ckpt file or a run directory"
+        raise UserError(f"run.resume checkpoint '{path}' does not exist; {fix}")
     return path
 
 

@@ -383,6 +383,23 @@ def test_bad_values_stop_before_training(
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize("given", ["folder", "last.ckpt"])
+def test_resume_of_a_run_folder_without_last_ckpt_suggests_its_best_ckpt(
+    given: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "old-001"
+    run_dir.mkdir()
+    (run_dir / "best.ckpt").write_bytes(b"")  # last.ckpt deleted, e.g. to save space
+    resume = run_dir if given == "folder" else run_dir / "last.ckpt"
+    proc = train_inprocess(tmp_path, capsys, "--run.resume", str(resume))
+    assert_one_line_error(
+        proc,
+        f"'{run_dir / 'last.ckpt'}' does not exist",
+        f"its folder holds best.ckpt: pass --run.resume {run_dir}/best",
+    )
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_pretrained_run_folder_without_a_slash_is_named_a_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
