@@ -68,12 +68,17 @@ def input_grad(model: nn.Module, output: Tensor, x: Tensor, what: str = "forward
     """
     grad = torch.autograd.grad(output, x, allow_unused=True, **kwargs)[0] if output.requires_grad else None
     if grad is None:
-        raise TypeError(
-            f"{type(model).__name__}.{what} does not depend on x through autograd (a torch.no_grad() or .detach() "
-            "inside the model?): this scorer differentiates it w.r.t. the input; freeze weights with "
-            "requires_grad_(False) instead (docs/scorers.md, 'What your model must expose')"
-        )
+        raise cut_off_input(model, what)
     return grad
+
+
+def cut_off_input(model: nn.Module, what: str = "forward(x)") -> TypeError:
+    """The error of :func:`input_grad` for a model whose ``what`` does not depend on its input through autograd."""
+    return TypeError(
+        f"{type(model).__name__}.{what} does not depend on x through autograd (a torch.no_grad() or .detach() "
+        "inside the model?): this scorer differentiates it w.r.t. the input; freeze weights with "
+        "requires_grad_(False) instead (docs/scorers.md, 'What your model must expose')"
+    )
 
 
 def _batch_statistics(m: nn.Module) -> bool:
