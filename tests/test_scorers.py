@@ -206,6 +206,26 @@ def test_scorer_works_under_inference_mode(name: str, tiny: TinyCNN, batch: Tens
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_a_model_loaded_under_inference_mode_is_named_with_the_fix(name: str, batch: Tensor) -> None:
+    # Gradient scorers failed with autograd's "Inference tensors cannot be saved for backward", naming neither the
+    # model nor the fix; the others need no autograd and score it as any model.
+    with torch.inference_mode():
+        model = make_tiny().eval()  # e.g. a checkpoint loaded inside the caller's inference_mode block
+    scorer = build_cheap(name)
+    expected = scorer(make_tiny().eval(), batch)
+    if name in ("odin", "gaia_z", "gaia_a", "margin", "purview"):
+        message = (
+            r"^TinyCNN's parameters are inference tensors \(created under torch.inference_mode\(\), e.g. "
+            r"'fc.weight'\), which this scorer cannot differentiate through; load the model outside inference_mode, "
+            r"or score copy.deepcopy\(model\) made outside it$"
+        )
+        with pytest.raises(ValueError, match=message):
+            scorer(model, batch)
+        model = copy.deepcopy(model)  # the fix it gives
+    torch.testing.assert_close(scorer(model, batch), expected, **TIGHT)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_scorer_refuses_batchnorm_without_running_statistics(name: str, tiny: TinyCNN, batch: Tensor) -> None:
     # In eval mode such a BatchNorm still normalizes with the batch's statistics: a row's score would change with
     # the other rows (checked here first, so that the refusal is not a false alarm).
