@@ -23,6 +23,7 @@ reason and the run goes on; finished sets are already on disk.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import inspect
 import io
@@ -486,6 +487,22 @@ def anomaly_sets(
             yield f"attacked/{name}", "robustness", dataset, attack
 
 
+@contextlib.contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A temporary neighbour of ``path`` to write, renamed to ``path`` once the block ends without an error.
+
+    Each file whole: a Ctrl-C (or an error) while one is written leaves the previous version, or none, not half of the
+    new one, and no temporary file either.
+    """
+    part = path.with_name(f".{path.name}.part")
+    try:
+        yield part
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, path)
+
+
 class ResultWriter:
     """Accumulates per-set metrics and rewrites the JSON/CSV/markdown files after every set."""
 
@@ -532,15 +549,13 @@ class ResultWriter:
         doc = {**self.header, "sets": self.sets, "means": self.means(), "failed": self.failed}
         table = io.StringIO(newline="")
         csv.writer(table).writerows([["set", "group", "scorer", *OOD_METRICS], *self.rows()])
-        # each file whole: a Ctrl-C while one is written leaves the previous version, not half of the new one
         for name, text in (
             ("results.json", json.dumps(_json_null(doc), indent=2, allow_nan=False)),
             ("results.csv", table.getvalue()),
             ("results.md", self.markdown()),
         ):
-            part = self.out / f".{name}.part"
-            part.write_text(text, newline="")
-            os.replace(part, self.out / name)
+            with written_whole(self.out / name) as part:
+                part.write_text(text, newline="")
 
     def attack_success(self) -> dict[str, str]:
         """``{adversarial set: "93.10% (874 of 940)"}``: its attack success rate, for the tables."""
@@ -578,7 +593,9 @@ def save_scores(path: Path, scored: ScoredSet, source: Subset) -> None:
     """Raw scores (one array per scorer), predictions, labels and each row's position in its dataset (``index``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     scores = {f"score_{k}": v for k, v in scored.scores.items()}
-    np.savez(path, preds=scored.preds, labels=scored.labels, index=np.asarray(source.indices, np.int64), **scores)
+    index = np.asarray(source.indices, np.int64)
+    with written_whole(path) as part, part.open("wb") as file:  # a file object: np.savez would append .npz to a name
+        np.savez(file, preds=scored.preds, labels=scored.labels, index=index, **scores)
 
 
 def successful_attacks(id_set: ScoredSet, attacked: ScoredSet) -> tuple[ScoredSet, ScoredSet, dict[str, Any]]:

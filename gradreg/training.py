@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import itertools
 import logging
@@ -372,6 +373,9 @@ def _one_line(err: BaseException) -> str:
     lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")] or [type(err).__name__]
     if not lines[0].startswith("Parser key") or len(lines) == 1:
         return lines[0]
+    choice = _literal_choice(lines)
+    if choice is not None:
+        return choice
     if "Union subtypes" not in lines[1]:  # 'Parser key "model.method":' + 'Expected ...'
         return f"{lines[0]} {lines[1]}"
     # A union (callbacks, loggers, precision): the useful line is the class's own complaint or the allowed values.
@@ -385,6 +389,40 @@ def _one_line(err: BaseException) -> str:
             return f"{lines[0]} {line} {reason}"
     allowed = next((line.removeprefix("Subtypes: ") for line in lines if line.startswith("Subtypes:")), "")
     return f"{lines[0]} {given} is not valid; expected one of the types {allowed}"
+
+
+def _literal_choice(lines: list[str]) -> str | None:
+    """The line for a value outside a setting's choices (a ``Literal``, or a union of them and None), else None.
+
+    jsonargparse says 'Parser key "model.method": Expected a typing.Literal['ce', ...]. Got value: gerg', or for a
+    union 'Subtypes: [typing.Literal[...], <class 'NoneType'>]' and 'Given value: maxx'. Any other subtype (a number,
+    a class) in the union keeps the general message.
+    """
+    key = re.match(r'Parser key "([^"]+)"', lines[0])
+    single = re.fullmatch(r"Expected a (typing\.Literal\[.*\])\. Got value: (.*)", lines[1])
+    union = next((line.removeprefix("Subtypes: ") for line in lines if line.startswith("Subtypes: [")), None)
+    if key is None or (single is None and union is None):
+        return None
+    if single is not None:
+        types_text, given = single.group(1), single.group(2)
+    else:
+        types_text = union.removeprefix("[").removesuffix("]")
+        given = next((line.removeprefix("Given value: ") for line in lines if line.startswith("Given value: ")), "?")
+    literal = r"typing\.Literal\[(.*?)\]"
+    nullable = "<class 'NoneType'>" in types_text
+    if re.sub(rf"{literal}|<class 'NoneType'>|, ", "", types_text):  # another type in the union
+        return None
+    try:
+        values = [v for found in re.findall(literal, types_text) for v in ast.literal_eval(f"[{found}]")]
+    except (ValueError, SyntaxError):
+        return None
+    choices = list(dict.fromkeys(map(str, values))) + (["null"] if nullable else [])
+    if given == "None":  # null, as check_settings says it (the module refuses a null from a config file)
+        return f"{key.group(1)}=None is not one of {', '.join(choices)}"
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(given.lower(), list(by_lower), n=1, cutoff=0.6)
+    hint = f"; did you mean {by_lower[close[0]]}?" if close else ""
+    return f"{key.group(1)}='{given}' is not one of {', '.join(choices)}{hint}"
 
 
 def discard_unused_run_dir(rank_zero: bool, logs: bool = False) -> None:
@@ -579,11 +617,20 @@ def is_rank_zero() -> bool:
 
 
 def _resume_file(path: Path) -> Path:
-    """``run.resume`` as a file: a checkpoint, or a run directory's ``last.ckpt``."""
+    """``run.resume`` as a file: a checkpoint, or a run directory's ``last.ckpt``.
+
+    A run directory without ``last.ckpt`` whose ``best.ckpt`` is there (e.g. ``last.ckpt`` deleted to save space)
+    gets that file suggested.
+    """
     if path.is_dir():
         path = path / "last.ckpt"
     if not path.is_file():
-        raise UserError(f"run.resume checkpoint '{path}' does not exist; pass a .ckpt file or a run directory")
+        best = path.with_name("best.ckpt")
+        if path.name == "last.ckpt" and best.is_file():
+            fix = f"its folder holds best.ckpt: pass --run.resume {best}"
+        else:
+            fix = "pass a .ckpt file or a run directory"
+        raise UserError(f"run.resume checkpoint '{path}' does not exist; {fix}")
     return path
 
 

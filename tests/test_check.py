@@ -334,6 +334,12 @@ def test_check_command_reports_unreadable_configs(tmp_path: Path) -> None:
         ("dta:\n  id_dataset: digits\n", "unknown section 'dta'"),
         ("# nothing yet\n", "is empty"),
         (None, "is a folder, not a file"),
+        # the datamodule's own checks of its settings, the unset ones at their defaults (outlier_batch_size=64)
+        ("data:\n  batch_size: many\n", "data.batch_size='many' is not an integer"),
+        ("data:\n  num_workers: -1\n", "data.num_workers=-1 must be >= 0"),
+        ("data:\n  augment: flip\n", "data.augment='flip' is not one of none, crop, crop_flip, imagenet"),
+        ("data:\n  val_fraction: 1.0\n", "data.val_fraction=1.0 must be < 1"),
+        ("data:\n  candidates_per_epoch: 4\n", "data.candidates_per_epoch=4 is fewer than one outlier batch"),
     ],
 )
 def test_check_command_refuses_what_train_py_refuses(text: str | None, message: str, tmp_path: Path) -> None:

@@ -494,7 +494,7 @@ def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: st
         ),
         (["--model.pretrained", "{tmp}/nowhere"], ["model.pretrained '{tmp}/nowhere' is a folder, not a file"]),
         (["--trainer.logger.init_args.project", "x"], ['"trainer.logger" holds a list', "WANDB_PROJECT"]),
-        (["--trainer.precision", "15"], ['"trainer.precision": 15 is not valid', "bf16-mixed"]),
+        (["--trainer.precision", "15"], ["trainer.precision='15' is not one of 64, 32, 16,", "bf16-mixed"]),
         (
             ["--model.pretrained", "IMAGENET1K_V2"],
             ["model.pretrained='IMAGENET1K_V2'", "'small_cnn' has no torchvision"],
@@ -509,6 +509,47 @@ def test_bad_values_stop_before_training(
         Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "nowhere" / name)
     proc = train_inprocess(tmp_path, capsys, *(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert_one_line_error(proc, *(f.replace("{tmp}", str(tmp_path)) for f in fragments))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("given", ["folder", "last.ckpt"])
+def test_resume_of_a_run_folder_without_last_ckpt_suggests_its_best_ckpt(
+    given: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "old-001"
+    run_dir.mkdir()
+    (run_dir / "best.ckpt").write_bytes(b"")  # last.ckpt deleted, e.g. to save space
+    resume = run_dir if given == "folder" else run_dir / "last.ckpt"
+    proc = train_inprocess(tmp_path, capsys, "--run.resume", str(resume))
+    assert_one_line_error(
+        proc,
+        f"'{run_dir / 'last.ckpt'}' does not exist",
+        f"its folder holds best.ckpt: pass --run.resume {run_dir}/best",
+    )
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("model.method", "gerg", "model.method='gerg' is not one of ce, oe, energy, greg, absent; did you mean greg?"),
+        ("model.method", "GREG", "; did you mean greg?"),
+        ("model.method", "null", "model.method=None is not one of ce, oe, energy, greg, absent"),
+        ("model.schedule", "cosin", "model.schedule='cosin' is not one of multistep, cosine, constant; did you mean"),
+        ("model.reg_scaling", "papr", "model.reg_scaling='papr' is not one of code, paper; did you mean paper?"),
+        ("data.augment", "flip", "data.augment='flip' is not one of none, crop, crop_flip, imagenet; did you mean"),
+        ("run.mode", "maxx", "run.mode='maxx' is not one of max, min, null; did you mean max?"),
+        ("trainer.precision", "bf16mixed", "16-true, 16-mixed, bf16-true, bf16-mixed, 32-true, 64-true, bf16, null;"),
+    ],
+)
+def test_a_value_outside_a_settings_choices_names_them(
+    key: str, value: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the command line and in a config file: the value, the choices and the one it may have meant."""
+    assert_one_line_error(train_inprocess(tmp_path, capsys, f"--{key}", value), expected)
+    section, leaf = key.split(".")
+    (tmp_path / "bad.yaml").write_text(f"{section}:\n  {leaf}: {value}\n")
+    assert_one_line_error(train_inprocess(tmp_path, capsys, "--config", str(tmp_path / "bad.yaml")), expected)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
+from torch.utils.data import Subset
 
 from gradreg.anomalies import fgsm
 from gradreg.evaluation import ScoredSet, build_scorers, score_loader
 from gradreg.models import Classifier
-from gradreg.report import ResultWriter, add_set, successful_attacks
+from gradreg.report import ResultWriter, add_set, save_scores, successful_attacks
 
 # One-pixel images: class 0 when the pixel is above 1/2. FGSM with budget 1/8 moves the pixel 1/8 towards the other
 # class, so it fools a correctly classified image exactly when the pixel lies within 1/8 of 1/2. Dyadic pixels keep
@@ -88,3 +89,27 @@ def test_no_successful_attack_gives_null_metrics_and_no_correct_image_a_null_rat
     assert math.isnan(successful_attacks(wrong, clean)[2]["success_rate"])  # no image classified correctly
     with pytest.raises(ValueError, match="row for row"):
         successful_attacks(clean, ScoredSet(scores, preds=np.array([0, 1, 1]), labels=np.array([1, 1, 0])))
+
+
+class _CtrlC:
+    """An array that a Ctrl-C interrupts as np.savez converts it (after the arrays before it are written)."""
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        raise KeyboardInterrupt
+
+
+def test_raw_scores_interrupted_while_written_leave_the_previous_file_or_none(tmp_path: Path) -> None:
+    path = tmp_path / "scores" / "svhn.npz"
+    source = Subset(list(range(3)), [0, 2, 1])
+    done = ScoredSet({"energy": np.array([1.0, 2.0, 3.0])}, preds=np.array([0, 1, 1]), labels=np.array([0, 1, 0]))
+    cut = ScoredSet({"energy": np.zeros(3), "msp": _CtrlC()}, preds=done.preds, labels=done.labels)  # type: ignore[dict-item]
+    with pytest.raises(KeyboardInterrupt):
+        save_scores(path, cut, source)
+    assert not path.exists()  # not half an archive
+    save_scores(path, done, source)
+    with pytest.raises(KeyboardInterrupt):
+        save_scores(path, cut, source)
+    with np.load(path) as saved:  # the previous version, whole
+        assert saved["score_energy"].tolist() == [1.0, 2.0, 3.0]
+        assert saved["index"].tolist() == [0, 2, 1]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["svhn.npz"]  # no partial file left

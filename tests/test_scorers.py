@@ -206,6 +206,26 @@ def test_scorer_works_under_inference_mode(name: str, tiny: TinyCNN, batch: Tens
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_a_model_loaded_under_inference_mode_is_named_with_the_fix(name: str, batch: Tensor) -> None:
+    # Gradient scorers failed with autograd's "Inference tensors cannot be saved for backward", naming neither the
+    # model nor the fix; the others need no autograd and score it as any model.
+    with torch.inference_mode():
+        model = make_tiny().eval()  # e.g. a checkpoint loaded inside the caller's inference_mode block
+    scorer = build_cheap(name)
+    expected = scorer(make_tiny().eval(), batch)
+    if name in ("odin", "gaia_z", "gaia_a", "margin", "purview"):
+        message = (
+            r"^TinyCNN's parameters are inference tensors \(created under torch.inference_mode\(\), e.g. "
+            r"'fc.weight'\), which this scorer cannot differentiate through; load the model outside inference_mode, "
+            r"or score copy.deepcopy\(model\) made outside it$"
+        )
+        with pytest.raises(ValueError, match=message):
+            scorer(model, batch)
+        model = copy.deepcopy(model)  # the fix it gives
+    torch.testing.assert_close(scorer(model, batch), expected, **TIGHT)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_scorer_refuses_batchnorm_without_running_statistics(name: str, tiny: TinyCNN, batch: Tensor) -> None:
     # In eval mode such a BatchNorm still normalizes with the batch's statistics: a row's score would change with
     # the other rows (checked here first, so that the refusal is not a false alarm).
@@ -372,6 +392,63 @@ def test_purview_on_a_model_that_cuts_some_layers_off_the_inputs_path(batch: Ten
     assert expected[:, purview_layer_names(model).index("probe")].min() > 0
     torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
     torch.testing.assert_close(purview_layer_norms(model, batch, method="vmap"), expected, **REF)
+
+
+class _DetachedNormProbe(TinyCNN):
+    """TinyCNN whose features add a BatchNorm probe of the detached last feature map (a stop-gradient branch, under
+    ``.detach()`` or ``torch.no_grad()``): the probe's BatchNorm output reaches the objectives, off the input's path."""
+
+    def __init__(self, cut: str) -> None:
+        super().__init__()
+        self.cut = cut
+        self.probe = nn.Sequential(nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def features(self, x: Tensor) -> Tensor:
+        maps = self.trunk[:6](x)
+        if self.cut == "no_grad":
+            with torch.no_grad():
+                probed = self.probe[0](maps)
+            return self.trunk[6:](maps) + self.probe[1:](probed)
+        return self.trunk[6:](maps) + self.probe(maps.detach())
+
+
+def _gaia_by_autograd(model: Classifier, x: Tensor, variant: str) -> Tensor:
+    """Per sample, GAIA from plain ``torch.autograd.grad`` of the objective w.r.t. every BatchNorm output."""
+    bns = _batchnorms(model)
+    scores = []
+    for xi in x:
+        outputs: list[Tensor] = []
+        handles = [m.register_forward_hook(lambda m, i, o, outputs=outputs: outputs.append(o)) for m in bns]
+        try:
+            h = model.features(xi.unsqueeze(0).requires_grad_(True))
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = model.fc(h)
+        objective = logits.max(dim=1).values.sum() if variant == "z" else h.sum()
+        grads = torch.autograd.grad(objective, outputs, retain_graph=True)
+        if variant == "z":
+            ratios = torch.cat([(g != 0).double().mean(dim=(-1, -2)) for g in grads], dim=1)
+            scores.append(-ratios.square().mean())
+        else:
+            (d,) = torch.autograd.grad(F.log_softmax(logits, dim=1).sum(), h)
+            means = torch.cat([g.mean(dim=(-1, -2)) for g in grads], dim=1)
+            scores.append(-(means.square() / d.abs().mean()).mean())
+    return torch.stack(scores).detach()
+
+
+@pytest.mark.parametrize("cut", ["detach", "no_grad"])
+@pytest.mark.parametrize("variant", ["z", "a"])
+def test_gaia_on_a_model_that_cuts_a_hooked_layer_off_the_inputs_path(cut: str, variant: str, batch: Tensor) -> None:
+    # The backward to the input never ran the probe's part of the graph: its BatchNorm's gradient was silently zero.
+    torch.manual_seed(0)
+    model = _randomize_norms(_DetachedNormProbe("detach").double()).eval()
+    expected = _gaia_by_autograd(model, batch, variant)
+    model.cut = cut
+    scorer = build(f"gaia_{variant}")
+    torch.testing.assert_close(scorer(model, batch), expected, **REF)
+    model.probe.requires_grad_(False)  # frozen weights on a cut-off input: no autograd path at all, same gradients
+    torch.testing.assert_close(scorer(model, batch), expected, **REF)
 
 
 def test_gaia_hooks_syncbatchnorm_and_supports_says_what_it_can_hook(tiny: TinyCNN, batch: Tensor) -> None:

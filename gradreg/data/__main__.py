@@ -3,10 +3,9 @@
 ``check CONFIG [--data_root DIR] [--stage fit|test] [--read-images [--workers N]]`` lists every dataset of a config,
 found where or where to put it, and with ``--read-images`` then reads every image of every set (N loader processes)
 and names the unreadable files; exit code 0 if every one was found (and read), 1 if any is missing, invalid or
-unreadable (or the config cannot be read, a dataset spec in it is wrong, or the command line is: one ``error:``
-line). ``imagenet-classes N`` prints the
-N ID wnids of GReg's ImageNet protocol, one per line in label order (an ``id_classes_file`` for the
-``imagefolder_complement`` outlier pool).
+unreadable (or the config cannot be read, a dataset spec or data setting in it is wrong, or the command line is:
+one ``error:`` line). ``imagenet-classes N`` prints the N ID wnids of GReg's ImageNet protocol, one per line in label
+order (an ``id_classes_file`` for the ``imagefolder_complement`` outlier pool).
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from gradreg.data.check import check_datasets, data_section, format_checks, unreadable_images
+    from gradreg.data.module import check_data_settings
     from gradreg.report import read_config
 
     if args.workers < 0:
@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     path = require_file(args.config, "config file", "pass a training config such as configs/quickstart.yaml")
     config = read_config(path)  # as evaluate.py reads one: YAML errors and misspelled sections or keys are one line
+    check_data_settings(data_section(config))  # what train.py's datamodule refuses (a batch size of 'many', ...)
     root = args.data_root if args.data_root is not None else data_section(config).get("data_root", "data")
     checks = check_datasets(config, root, args.stage)  # a mistake in a dataset spec: one line; missing files: a report
     print(format_checks(checks, root))

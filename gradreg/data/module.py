@@ -10,10 +10,11 @@ ID training augmentation, as in the official GReg/energy code.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import os
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,29 @@ BOUNDS: Bounds = {
     "batch_size": (">=", 1), "outlier_batch_size": (">=", 1), "eval_batch_size": (">=", 1), "num_workers": (">=", 0),
     "image_size": (">=", 1), "val_fraction": (">=", 0.0), "candidates_per_epoch": (">=", 1), "seed": (">=", 0),
 }  # fmt: skip
+
+
+def check_data_settings(data: Mapping[str, Any]) -> None:
+    """Raise :class:`~gradreg.registry.RegistryError` at the first wrong setting of a ``data`` section.
+
+    What :class:`OODDataModule` checks on construction (types, bounds, dataset specs), on the section of a config as
+    written (the unset keys take the datamodule's defaults): ``python -m gradreg.data check`` refuses what train.py
+    refuses.
+    """
+    defaults = {
+        n: p.default for n, p in inspect.signature(OODDataModule).parameters.items() if p.default is not p.empty
+    }
+    data = {**defaults, **data}
+    check_specs(data)  # first: a set list that is no list gets its own line ("write it as one: [svhn]")
+    check_settings(data, typing.get_type_hints(OODDataModule.__init__), BOUNDS, prefix="data.")
+    if not data["val_fraction"] < 1:
+        raise SettingError(f"data.val_fraction={data['val_fraction']} must be < 1 (the rest of the ID data trains)")
+    candidates, outlier_batch_size = data["candidates_per_epoch"], data["outlier_batch_size"]
+    if candidates is not None and candidates < outlier_batch_size:
+        raise SettingError(
+            f"data.candidates_per_epoch={candidates} is fewer than one outlier batch "
+            f"(data.outlier_batch_size={outlier_batch_size}); raise it or lower data.outlier_batch_size"
+        )
 
 
 class EpochShuffle(DistributedSampler):
@@ -135,15 +159,7 @@ class OODDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_settings(self.hparams, typing.get_type_hints(OODDataModule.__init__), BOUNDS, prefix="data.")
-        if not val_fraction < 1:
-            raise SettingError(f"data.val_fraction={val_fraction} must be < 1 (the rest of the ID data trains)")
-        if candidates_per_epoch is not None and candidates_per_epoch < outlier_batch_size:
-            raise SettingError(
-                f"data.candidates_per_epoch={candidates_per_epoch} is fewer than one outlier batch "
-                f"(data.outlier_batch_size={outlier_batch_size}); raise it or lower data.outlier_batch_size"
-            )
-        check_specs(self.hparams)
+        check_data_settings(self.hparams)
         self.id_dataset = id_dataset
         self.outliers = outliers
         self.ood_sets = list(ood_sets if ood_sets is not None else DEFAULT_OOD_SETS)

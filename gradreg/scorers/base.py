@@ -8,7 +8,8 @@ convention of the energy/GReg papers). Calling a scorer:
 - leaves parameter ``.grad`` untouched (gradients come from ``torch.autograd.grad`` or ``torch.func``);
 - works when the caller runs under ``torch.inference_mode()`` (Lightning's test loop): the input is
   cloned outside inference mode, because inference tensors can never join autograd
-  (Lightning issue #13948).
+  (Lightning issue #13948). A model whose weights are inference tensors (loaded under ``torch.inference_mode()``)
+  cannot be cloned here; a scorer that differentiates through it says so in one line.
 
 Settings are checked when a scorer is built: each value must match its annotation, and numeric settings
 their ``lower_bounds`` (a temperature of ``"1e3"``, a string to PyYAML, or of 0 fails there, not mid-run).
@@ -19,6 +20,7 @@ logits subclass :class:`OutputScorer` so that callers can share one forward pass
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -68,12 +70,17 @@ def input_grad(model: nn.Module, output: Tensor, x: Tensor, what: str = "forward
     """
     grad = torch.autograd.grad(output, x, allow_unused=True, **kwargs)[0] if output.requires_grad else None
     if grad is None:
-        raise TypeError(
-            f"{type(model).__name__}.{what} does not depend on x through autograd (a torch.no_grad() or .detach() "
-            "inside the model?): this scorer differentiates it w.r.t. the input; freeze weights with "
-            "requires_grad_(False) instead (docs/scorers.md, 'What your model must expose')"
-        )
+        raise cut_off_input(model, what)
     return grad
+
+
+def cut_off_input(model: nn.Module, what: str = "forward(x)") -> TypeError:
+    """The error of :func:`input_grad` for a model whose ``what`` does not depend on its input through autograd."""
+    return TypeError(
+        f"{type(model).__name__}.{what} does not depend on x through autograd (a torch.no_grad() or .detach() "
+        "inside the model?): this scorer differentiates it w.r.t. the input; freeze weights with "
+        "requires_grad_(False) instead (docs/scorers.md, 'What your model must expose')"
+    )
 
 
 def _batch_statistics(m: nn.Module) -> bool:
@@ -140,7 +147,29 @@ class Scorer(Settings):
         with scoring(model):
             x = x.clone()  # an inference tensor cannot be used in autograd; a clone made here can
             with torch.set_grad_enabled(self.needs_grad):
-                return self.score(model, x).detach()
+                try:
+                    return self.score(model, x).detach()
+                except RuntimeError as err:
+                    raise _inference_weights(model, err) from None
+
+
+def _inference_weights(model: nn.Module, err: RuntimeError) -> Exception:
+    """A one-line ValueError for autograd's refusal of a model loaded under ``torch.inference_mode()``, else ``err``.
+
+    Its parameters and buffers are then inference tensors, which autograd can never use (unlike the input, they cannot
+    be cloned here without changing the model); autograd's own message names neither the model nor the fix.
+    """
+    if "Inference tensors cannot be saved for backward" not in str(err):
+        return err
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    name = next((name for name, t in tensors if t.is_inference()), None)
+    if name is None:
+        return err
+    return ValueError(
+        f"{type(model).__name__}'s parameters are inference tensors (created under torch.inference_mode(), e.g. "
+        f"'{name}'), which this scorer cannot differentiate through; load the model outside inference_mode, or score "
+        "copy.deepcopy(model) made outside it"
+    )
 
 
 class OutputScorer(Scorer):

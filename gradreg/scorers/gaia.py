@@ -28,7 +28,9 @@ reference's and the abnormality is the reference's divided by the constant H·W:
 
 Deviation (both): a hooked module that runs several times in one forward contributes one set of
 channels per call (the reference keeps one gradient per module, that of the first call, whose tensor hook
-fires last in the backward).
+fires last in the backward). A hooked layer off the input's path (a norm layer in a ``.detach()``-ed probe
+branch whose output reaches the logits) gets the gradient of the objective w.r.t. its output, as per-sample
+autograd gives it; the reference's backward to the input never runs that branch (zero gradients).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from gradreg.scorers.base import Scorer, checked, input_grad
+from gradreg.scorers.base import Scorer, checked, cut_off_input, input_grad
 from gradreg.scorers.registry import SCORERS
 
 GaiaVariant = Literal["z", "a"]
@@ -68,28 +71,51 @@ def gaia_layers(model: nn.Module, variant: GaiaVariant) -> list[nn.Module]:
     return layers
 
 
+class OutputGrads(list):
+    """What :func:`record_output_grads` yields: after :meth:`backward`, the gradient w.r.t. each recorded output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.edges: list[GradientEdge] = []
+
+    def backward(self, model: nn.Module, objective: Tensor, x: Tensor, what: str = "forward(x)") -> None:
+        """Fill the entries with the gradients of ``objective`` w.r.t. the recorded outputs, from one backward.
+
+        Asking autograd for them (with the gradient w.r.t. ``x``) runs the backward through every recorded output
+        that reaches the objective, also one off the input's path: a layer in a ``.detach()``-ed or
+        ``torch.no_grad()`` branch (a probe on the detached features), which a backward to the input alone skips.
+        """
+        if not objective.requires_grad:
+            raise cut_off_input(model, what)
+        x_grad, *grads = torch.autograd.grad(objective, [x, *self.edges], allow_unused=True)
+        if x_grad is None:  # a model that cuts x off its graph: one line, not zeros
+            raise cut_off_input(model, what)
+        for slot, grad in enumerate(grads):
+            if grad is not None:
+                self[slot] = grad
+
+
 @contextmanager
-def record_output_grads(layers: Sequence[nn.Module]) -> Iterator[list[Tensor]]:
-    """Record the gradient w.r.t. the output of every call of ``layers`` made inside the ``with`` block.
+def record_output_grads(layers: Sequence[nn.Module]) -> Iterator[OutputGrads]:
+    """Record the output of every call of ``layers`` made inside the ``with`` block, to take gradients w.r.t. it.
 
-    A forward hook registers a tensor hook on each output (as the reference ``hook.py`` does), so a
-    later backward, e.g. ``torch.autograd.grad(objective, x)``, fills the yielded list in call order
-    without touching any parameter ``.grad``. Tensor hooks see the gradient w.r.t. the value the layer
-    returned even when a later op modifies it in place (``out += identity`` in torchvision ResNets).
-    Entries stay zero for calls whose output does not influence the objective; a second backward
-    overwrites the entries it reaches.
+    The yielded list holds one zero placeholder per call, in call order; its :meth:`OutputGrads.backward` fills in
+    the gradients, without touching any parameter ``.grad``. Each is the gradient w.r.t. the value the layer returned,
+    also when a later op modifies it in place (``out += identity`` in torchvision ResNets): autograd is asked for the
+    gradient at the layer's output edge, taken as the layer returns. Entries stay zero for calls whose output does not
+    influence the objective. An output that does not require grad (frozen weights on a cut-off input) is replaced by
+    a copy that does, so that its gradient is taken all the same.
     """
-    grads: list[Tensor] = []
+    grads = OutputGrads()
 
-    def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        slot = len(grads)
+    def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         grads.append(output.new_zeros(()).expand_as(output))  # zero placeholder, no memory
-
-        def store(grad: Tensor) -> None:
-            grads[slot] = grad
-
-        if output.requires_grad:
-            output.register_hook(store)
+        replaced = None
+        if not output.requires_grad:
+            with torch.enable_grad():  # a copy, not the tensor itself: later in-place ops on it stay legal
+                output = replaced = output.detach().requires_grad_(True).clone()
+        grads.edges.append(get_gradient_edge(output))
+        return replaced
 
     handles = [layer.register_forward_hook(forward_hook) for layer in layers]
     try:
@@ -135,11 +161,10 @@ def gaia_z_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
     """
     layers = gaia_layers(model, "z") if layers is None else layers
     with torch.enable_grad():
-        # The backward runs down to the input so that every hooked output is reached.
         x = x.detach().requires_grad_(True)
         with record_output_grads(layers) as grads:
             logits = checked(model, model(x))
-        input_grad(model, logits.amax(dim=1).sum(), x)
+        grads.backward(model, logits.amax(dim=1).sum(), x)
     ratios = torch.cat([_nonzero_fraction(_per_channel(g)) for g in grads], dim=1)
     return -ratios.square().mean(dim=1)
 
@@ -171,7 +196,7 @@ def gaia_a_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
             input_grad(model, features, x, "features(x)")
         # Backward 1 stops at the features, so it reaches none of the hooked layers.
         (feature_grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=1).sum(), features, retain_graph=True)
-        input_grad(model, features.sum(), x, "features(x)")
+        grads.backward(model, features.sum(), x, "features(x)")
     denom_sq = feature_grad.abs().mean(dim=1).clamp_min(torch.finfo(x.dtype).tiny)  # d(x)², guarded against 0/0
     channel_means = torch.cat([_per_channel(g).mean(dim=2) for g in grads], dim=1)
     return -(channel_means.square() / denom_sq.unsqueeze(1)).mean(dim=1)
