@@ -3,7 +3,10 @@
 Inputs are **normalized** tensors (N, C, H, W), as the data pipeline feeds the model. Budgets, clamps and
 corruptions work in [0, 1] pixel units through the model's ``input_mean`` / ``input_std`` buffers
 (``gradreg.models.Classifier``): ``pixels = x * std + mean`` and the valid normalized range is
-``[(0 - mean) / std, (1 - mean) / std]`` per channel. Inputs are assumed to be valid images (pixels in [0, 1]).
+``[(0 - mean) / std, (1 - mean) / std]`` per channel. Inputs whose pixels leave [0, 1] by more than float error
+(unnormalized images, another normalization) are refused with a ``ValueError``: the budget and the clamps would
+silently mean something else. The attacks keep the pixels in the inputs' dtype and feed the model its own
+(a float64 or bfloat16 model attacks the float32 images of a loader; bfloat16 pixels could not hold a 2/255 step).
 
 Attacks follow the scorer contract (``gradreg.scorers.base``): the model is put in eval mode and its previous
 mode restored, parameter ``.grad`` is never touched (``torch.autograd.grad`` w.r.t. the input only), calls work
@@ -11,7 +14,10 @@ under ``torch.inference_mode()`` (the input is cloned inside ``torch.inference_m
 batched (rows are independent in eval mode).
 
 - FGSM: Goodfellow, Shlens, Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015,
-  arXiv:1412.6572.
+  arXiv:1412.6572. FGSM and PGD step along the sign of the input gradient of the cross-entropy, taken through the
+  log-odds ``logsumexp_{j != y} f_j - f_y`` (deviation, same steps): ``CE = softplus(log-odds)`` row by row, so
+  both gradients have the same sign, but the cross-entropy's vanishes in floating point on a confident model
+  (``p_y`` rounds to 1), which would leave such images unattacked and the model looking robust.
 - PGD: Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to Adversarial
   Attacks", ICLR 2018, arXiv:1706.06083. Default step size ``2.5 * epsilon / steps``, a common heuristic (the
   paper itself fixed its steps: 7 of 2/255 at 8/255 on CIFAR-10, 40 of 0.01 at 0.3 on MNIST).
@@ -25,7 +31,8 @@ batched (rows are independent in eval mode).
 
 Deviations from the reference corruption code (which works on one PIL/numpy HWC image at a time):
 batched torch implementations on (N, C, H, W) in [0, 1]; any channel count (grayscale included); random numbers
-come from ``torch.Generator`` so results differ from the numpy originals but are reproducible; gaussian blur
+come from ``torch.Generator`` so results differ from the numpy originals but are reproducible, from one generator
+for the batch or one per image (then an image's noise does not depend on the batch it comes in); gaussian blur
 uses a separable kernel truncated at ``4 sigma`` with edge replication (scipy's ``mode="nearest"``, as
 ``skimage.filters.gaussian``); brightness adds to the HSV value channel exactly, written as a per-pixel rescale
 of RGB (hue and saturation are unchanged by construction); pixelate applies PIL's BOX filter both ways as
@@ -33,7 +40,8 @@ two resampling matrices (equal to PIL's float resize to 1e-7) with at least one 
 torchvision's ``encode_jpeg`` / ``decode_jpeg`` (libjpeg, 4:2:0 chroma subsampling for RGB like PIL's default),
 channel counts other than 1 and 3 are compressed channel by channel as grayscale; the corrupted images stay float
 (CIFAR-10-C stores them as uint8, truncated, about -0.5/255 on average), and only JPEG is quantized. ``evaluate.py``
-seeds each corruption and severity with its own generator.
+draws each image's noise (and PGD's random start) from a CPU generator seeded with the set's name and the image's
+index in its dataset: the same images whatever the batch size, ``--max-samples`` or device.
 """
 
 from __future__ import annotations
@@ -60,17 +68,45 @@ __all__ = [
 
 CORRUPTIONS: Registry[Tensor] = Registry("corruption")
 
-
-def _rand(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Uniform [0, 1) noise shaped like ``x``, drawn on the generator's device and moved to ``x``'s."""
-    device = generator.device if generator is not None else x.device
-    return torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+# One generator for the batch, or one per image: row i then comes from generator[i] alone, whatever the batch.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+PIXEL_TOLERANCE = 1e-3  # normalizing and back costs ~1e-6; one 8-bit level is 3.9e-3
 
 
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like ``x``, drawn on the generator's device and moved to ``x``'s."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+def _random(draw: Callable[[Tensor, torch.Generator | None], Tensor], x: Tensor, generator: Generators) -> Tensor:
+    """``draw(x, generator)`` on the generator's device, moved to ``x``'s; row by row with one generator per image."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = x.device if generator is None else generator.device
+        return draw(x.to(device), generator).to(x.device)
+    if len(generator) != len(x):
+        raise ValueError(f"got {len(generator)} generators for {len(x)} images; give one generator, or one per image")
+    rows = [draw(row.to(g.device), g).to(x.device) for row, g in zip(x, generator, strict=True)]
+    return torch.stack(rows) if rows else torch.empty_like(x)
+
+
+def _rand(x: Tensor, generator: Generators) -> Tensor:
+    """Uniform [0, 1) noise shaped like ``x``."""
+    return _random(lambda t, g: torch.rand(t.shape, generator=g, device=t.device, dtype=t.dtype), x, generator)
+
+
+def _randn(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise shaped like ``x``."""
+    return _random(lambda t, g: torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype), x, generator)
+
+
+def _require_images(pixels: Tensor, constants: Tensor) -> None:
+    """Refuse un-normalized inputs whose pixels leave [0, 1] beyond float error.
+
+    ``constants``: the normalization mean, whose dtype bounds the error too (a bfloat16 model's buffers hold the
+    constants to 2^-9: the images a float32 loader normalized come back up to ~0.002 outside [0, 1]).
+    """
+    tolerance = PIXEL_TOLERANCE + torch.finfo(constants.dtype).eps
+    if pixels.numel() and not -tolerance <= pixels.min() <= pixels.max() <= 1 + tolerance:
+        raise ValueError(
+            f"the inputs are not images in [0, 1] once the normalization is undone (pixels span "
+            f"[{pixels.min():.4g}, {pixels.max():.4g}]); pass normalized images, (pixels - mean) / std, with the "
+            "mean and std of the model's input_mean / input_std"
+        )
 
 
 def _pixel_stats(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -123,23 +159,40 @@ def _linf_ascent(
     """
     mean, std = _pixel_stats(model, x)
     clean = x.detach().clone() * std + mean
+    _require_images(clean, model.input_mean)
+    clean = clean.clamp(0.0, 1.0)  # the float error of the round trip
     lower, upper = (clean - epsilon).clamp(min=0.0), (clean + epsilon).clamp(max=1.0)
     pixels = clean if init is None else torch.min(torch.max(clean + init.clone(), lower), upper)
     for _ in range(steps):
         pixels = pixels.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(objective(model((pixels - mean) / std)), pixels)
+        (grad,) = torch.autograd.grad(objective(_logits(model, (pixels - mean) / std)), pixels)
         pixels = torch.min(torch.max(pixels.detach() + step_size * grad.sign(), lower), upper)
     return ((pixels - mean) / std).detach()
 
 
-def _cross_entropy(model: nn.Module, x: Tensor, y: Tensor | None) -> Callable[[Tensor], Tensor]:
-    """Summed cross-entropy objective; call inside :func:`_attack_mode`."""
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` with ``x`` cast to the dtype of the model's weights (float64 and bfloat16 models included)."""
+    param = next(model.parameters(), None)
+    return model(x if param is None else x.to(param.dtype))
+
+
+def _log_odds(model: nn.Module, x: Tensor, y: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """Summed log-odds of a wrong class, ``logsumexp_{j != y} f_j - f_y``; call inside :func:`_attack_mode`.
+
+    Its input gradient has the sign of the cross-entropy's row by row (``CE = softplus(log-odds)``) but does not
+    vanish when ``softmax(f)_y`` rounds to 1.
+    """
     if y is None:  # attack the model's own predictions (no label leaking)
         with torch.no_grad():
-            y = model(x.clone()).argmax(dim=1)
+            y = _logits(model, x.clone()).argmax(dim=1)
     target = y.to(x.device).long().clone()
-    # Sum, not mean: each row's gradient is then independent of the batch size.
-    return lambda logits: F.cross_entropy(logits, target, reduction="sum")
+
+    def objective(logits: Tensor) -> Tensor:
+        true = logits.gather(1, target[:, None])
+        wrong = logits.scatter(1, target[:, None], -math.inf).logsumexp(dim=1, keepdim=True)
+        return (wrong - true).sum()  # sum, not mean: each row's gradient is independent of the batch size
+
+    return objective
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor | None, epsilon: float) -> Tensor:
@@ -159,7 +212,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor | None, epsilon: float) -> Tenso
     _check_budget(epsilon)
     with _attack_mode(model):
         x = x.clone()
-        return _linf_ascent(model, x, _cross_entropy(model, x, y), epsilon, 1, epsilon)
+        return _linf_ascent(model, x, _log_odds(model, x, y), epsilon, 1, epsilon)
 
 
 def pgd(
@@ -170,7 +223,7 @@ def pgd(
     steps: int = 10,
     step_size: float | None = None,
     random_start: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Projected gradient descent (Madry et al. 2018): L-inf untargeted attack maximizing the cross-entropy.
 
@@ -182,7 +235,8 @@ def pgd(
         steps: number of signed-gradient steps.
         step_size: step in pixel units; default ``2.5 * epsilon / steps``.
         random_start: start from a uniform point of the epsilon ball (clipped to [0, 1]).
-        generator: random generator for the start (reproducible attacks).
+        generator: random generator for the start (reproducible attacks), or one per image (an image's start then
+            does not depend on its batch).
 
     Returns:
         Normalized adversarial inputs, same shape and dtype as ``x``, detached.
@@ -192,7 +246,7 @@ def pgd(
     with _attack_mode(model):
         x = x.clone()
         init = (2 * _rand(x, generator) - 1) * epsilon if random_start else None
-        return _linf_ascent(model, x, _cross_entropy(model, x, y), epsilon, steps, step, init)
+        return _linf_ascent(model, x, _log_odds(model, x, y), epsilon, steps, step, init)
 
 
 def energy_attack(
@@ -249,7 +303,7 @@ def _check_pixels(x: Tensor) -> None:
 
 
 @CORRUPTIONS.register("gaussian_noise")
-def gaussian_noise(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+def gaussian_noise(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
     """Additive gaussian noise, std ``[0.04, 0.06, 0.08, 0.09, 0.10]`` (CIFAR-10-C)."""
     _check_pixels(x)
     sigma = _level([0.04, 0.06, 0.08, 0.09, 0.10], severity)
@@ -257,17 +311,16 @@ def gaussian_noise(x: Tensor, severity: int, generator: torch.Generator | None =
 
 
 @CORRUPTIONS.register("shot_noise")
-def shot_noise(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+def shot_noise(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
     """Poisson noise ``Poisson(x * c) / c`` with photon count ``c = [500, 250, 100, 75, 50]`` (CIFAR-10-C)."""
     _check_pixels(x)
     c = _level([500, 250, 100, 75, 50], severity)
-    device = generator.device if generator is not None else x.device
-    rates = (x.float() * c).to(device)
-    return (torch.poisson(rates, generator=generator).to(x.device, x.dtype) / c).clamp(0.0, 1.0)
+    counts = _random(lambda rates, g: torch.poisson(rates, generator=g), x.float() * c, generator)
+    return (counts.to(x.dtype) / c).clamp(0.0, 1.0)
 
 
 @CORRUPTIONS.register("impulse_noise")
-def impulse_noise(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+def impulse_noise(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
     """Salt-and-pepper noise on a fraction ``[0.01, 0.02, 0.03, 0.05, 0.07]`` of the values (CIFAR-10-C)."""
     _check_pixels(x)
     amount = _level([0.01, 0.02, 0.03, 0.05, 0.07], severity)
@@ -277,7 +330,7 @@ def impulse_noise(x: Tensor, severity: int, generator: torch.Generator | None = 
 
 
 @CORRUPTIONS.register("speckle_noise")
-def speckle_noise(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+def speckle_noise(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
     """Multiplicative gaussian noise ``x + x * N(0, c)``, ``c = [0.06, 0.1, 0.12, 0.16, 0.2]`` (CIFAR-10-C)."""
     _check_pixels(x)
     sigma = _level([0.06, 0.10, 0.12, 0.16, 0.20], severity)
@@ -297,14 +350,14 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 
 
 @CORRUPTIONS.register("gaussian_blur")
-def gaussian_blur(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+def gaussian_blur(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
     """Gaussian blur with sigma ``[0.4, 0.6, 0.7, 0.8, 1.0]`` pixels (CIFAR-10-C); deterministic."""
     _check_pixels(x)
     return _gaussian_blur(x, _level([0.4, 0.6, 0.7, 0.8, 1.0], severity)).clamp(0.0, 1.0)
 
 
 @CORRUPTIONS.register("contrast")
-def contrast(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+def contrast(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
     """Shrink towards the per-image, per-channel mean by ``c = [0.75, 0.5, 0.4, 0.3, 0.15]`` (CIFAR-10-C)."""
     _check_pixels(x)
     c = _level([0.75, 0.5, 0.4, 0.3, 0.15], severity)
@@ -313,7 +366,7 @@ def contrast(x: Tensor, severity: int, generator: torch.Generator | None = None)
 
 
 @CORRUPTIONS.register("brightness")
-def brightness(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+def brightness(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
     """Add ``c = [0.05, 0.1, 0.15, 0.2, 0.3]`` to the HSV value channel, clipped to 1 (CIFAR-10-C).
 
     With hue and saturation fixed every channel is proportional to V = max over channels, so the HSV round trip
@@ -328,7 +381,7 @@ def brightness(x: Tensor, severity: int, generator: torch.Generator | None = Non
 
 
 @CORRUPTIONS.register("jpeg")
-def jpeg(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+def jpeg(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
     """JPEG compression at quality ``[80, 65, 58, 50, 40]`` (CIFAR-10-C ``jpeg_compression``); deterministic.
 
     Pixels are rounded to uint8 first (the JPEG input format); runs on the CPU.
@@ -366,7 +419,7 @@ def _box_resize_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
 
 
 @CORRUPTIONS.register("pixelate")
-def pixelate(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
+def pixelate(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
     """Downsample by ``c = [0.95, 0.9, 0.85, 0.75, 0.65]`` and back, PIL's BOX filter, as CIFAR-10-C; deterministic."""
     _check_pixels(x)
     c = _level([0.95, 0.9, 0.85, 0.75, 0.65], severity)
@@ -383,7 +436,7 @@ def corrupt(
     severity: int,
     mean: Sequence[float] | Tensor,
     std: Sequence[float] | Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Apply a registered corruption to **normalized** inputs and return normalized inputs.
 
@@ -393,17 +446,20 @@ def corrupt(
         severity: 1 (mild) to 5 (strong).
         mean: per-channel normalization mean (length C), e.g. ``model.input_mean``.
         std: per-channel normalization std (length C), e.g. ``model.input_std``.
-        generator: random generator for the noise corruptions.
+        generator: random generator for the noise corruptions, or one per image (an image's noise then does not
+            depend on its batch).
 
     Returns:
         Normalized corrupted inputs, same shape and dtype as ``x``.
     """
     fn = CORRUPTIONS.get(name)
     _check_pixels(x)
-    mean_t = torch.as_tensor(mean).to(x).reshape(1, -1, 1, 1)
-    std_t = torch.as_tensor(std).to(x).reshape(1, -1, 1, 1)
+    mean_t, std_t = torch.as_tensor(mean), torch.as_tensor(std)
+    precision = mean_t if mean_t.is_floating_point() else x
+    mean_t, std_t = mean_t.to(x).reshape(1, -1, 1, 1), std_t.to(x).reshape(1, -1, 1, 1)
     if mean_t.shape[1] != x.shape[1] or std_t.shape[1] != x.shape[1]:
         raise ValueError(f"mean/std need {x.shape[1]} channels, got {mean_t.shape[1]} and {std_t.shape[1]}")
-    # Clamp absorbs the float error of the round trip for valid images.
-    pixels = (x * std_t + mean_t).clamp(0.0, 1.0)
+    pixels = x * std_t + mean_t
+    _require_images(pixels, precision)
+    pixels = pixels.clamp(0.0, 1.0)  # the float error of the round trip
     return (fn(pixels, severity, generator) - mean_t) / std_t

@@ -456,34 +456,61 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-Transform = Callable[[Tensor, Tensor], Tensor] | None  # (x, y) -> the inputs to score; None: x itself
+# (x, y, index) -> the inputs to score, index: the rows' positions in their dataset; None: x itself
+Transform = Callable[[Tensor, Tensor, Tensor], Tensor] | None
+
+
+def image_generators(set_name: str, index: Tensor) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with the set's name and the image's index in its dataset.
+
+    A set's random draws (noise corruptions, PGD's start) then do not depend on the batch size, on which other
+    images ``--max-samples`` keeps, or on the device.
+    """
+    # One 32-bit hash of both: the CPU generator (mt19937) keeps only the low 32 bits of a seed.
+    return [torch.Generator().manual_seed(zlib.crc32(f"{set_name}/{int(i)}".encode())) for i in index]
+
+
+def transformed(
+    batches: Iterable[tuple[Tensor, Tensor]],
+    transform: Callable[[Tensor, Tensor, Tensor], Tensor],
+    indices: Sequence[int],
+    device: torch.device,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(transform(x, y, index), y)`` of each batch of an ordered loader over the items ``indices`` of a dataset."""
+    start = 0
+    for x, y in batches:
+        index = torch.as_tensor(indices[start : start + len(x)], dtype=torch.int64)
+        start += len(x)
+        yield transform(x.to(device), y.to(device), index), y
 
 
 def anomaly_sets(
-    model: torch.nn.Module, id_test: Subset, ood_sets: dict[str, Subset], opts: argparse.Namespace, device: torch.device
+    model: torch.nn.Module, id_test: Subset, ood_sets: dict[str, Subset], opts: argparse.Namespace
 ) -> Iterator[tuple[str, str, Subset, Transform]]:
     """(name, group, source set, transform) of the adversarial, corruption and robustness suites."""
     mean, std = model.input_mean, model.input_std
     if "adversarial" in opts.suites:
         for eps in opts.epsilons:
             tag = epsilon_tag(eps)
-            yield f"fgsm_{tag}", "adversarial", id_test, lambda x, y, e=eps: anomalies.fgsm(model, x, y, e)
-            gen = torch.Generator(device=device).manual_seed(0)  # PGD's random start: the same in every run
-            pgd = lambda x, y, e=eps, g=gen: anomalies.pgd(model, x, y, e, steps=opts.pgd_steps, generator=g)  # noqa: E731
+            yield f"fgsm_{tag}", "adversarial", id_test, lambda x, y, i, e=eps: anomalies.fgsm(model, x, y, e)
+            pgd = lambda x, y, i, e=eps, n=f"pgd_{tag}": anomalies.pgd(  # noqa: E731
+                model, x, y, e, steps=opts.pgd_steps, generator=image_generators(n, i)
+            )
             yield f"pgd_{tag}", "adversarial", id_test, pgd
     if "corruption" in opts.suites:
         for name in opts.corruptions:
             for sev in opts.severities:
-                # One seed per set: the noise corruptions of one severity would otherwise share their draws.
-                gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{name}_s{sev}".encode()))
-                fn = lambda x, y, n=name, s=sev, g=gen: anomalies.corrupt(x, n, s, mean, std, g)  # noqa: E731
+                # Seeded per set: the noise corruptions of one severity would otherwise share their draws.
+                fn = lambda x, y, i, n=name, s=sev: anomalies.corrupt(  # noqa: E731
+                    x, n, s, mean, std, image_generators(f"{n}_s{s}", i)
+                )
                 yield f"{name}_s{sev}", "corruption", id_test, fn
     if "robustness" in opts.suites:
         eps = max(opts.epsilons)
         for name, dataset in ood_sets.items():
             if opts.sets and name not in opts.sets:
                 continue
-            attack = lambda x, y, e=eps: anomalies.energy_attack(model, x, e, steps=opts.pgd_steps)  # noqa: E731
+            attack = lambda x, y, i, e=eps: anomalies.energy_attack(model, x, e, steps=opts.pgd_steps)  # noqa: E731
             yield f"attacked/{name}", "robustness", dataset, attack
 
 
@@ -745,7 +772,7 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
 
         batches: Iterable[tuple[Tensor, Tensor]] = dm.eval_loader(source)
         if transform is not None:
-            batches = ((transform(x.to(device), y.to(device)), y) for x, y in batches)
+            batches = transformed(batches, transform, source.indices, device)
         return score_loader(model, tqdm(batches, desc=desc, leave=False), scorer_map, device)
 
     id_scored = run(id_test, None, "id")
@@ -772,7 +799,7 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
         for name, dataset in ood_sets.items():
             if not opts.sets or name in opts.sets:
                 jobs.append((name, "near" if name in dm.near_ood else "far", dataset, None))
-    jobs += list(anomaly_sets(model, id_test, ood_sets, opts, device))
+    jobs += list(anomaly_sets(model, id_test, ood_sets, opts))
 
     ood_scored: dict[str, ScoredSet] = {}
     for name, group, source, transform in jobs:

@@ -155,6 +155,92 @@ def test_fgsm_rows_are_independent_of_the_batch(trained: SmallCNN, test_batch: t
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-12)
 
 
+def _copy(trained: SmallCNN, dtype: torch.dtype) -> SmallCNN:
+    model = SmallCNN(10, in_channels=1, width=8)
+    model.load_state_dict(trained.state_dict())
+    return model.to(dtype).eval()
+
+
+def test_fgsm_steps_where_the_cross_entropy_gradient_underflows(trained: SmallCNN, test_batch: tuple) -> None:
+    # Logits scaled by 1e5: softmax(f)_y rounds to 1, so the cross-entropy's input gradient is exactly 0 and its
+    # sign left the images unattacked. The steps must follow sign(grad (f_k - f_y)), k the strongest wrong class: the
+    # limit of the log-odds gradient as the scale grows, computed here on the unscaled model.
+    model = _copy(trained, torch.float64)
+    x, y = test_batch
+    x = x.double()
+    x.requires_grad_(True)
+    logits = model(x)
+    wrong = logits.scatter(1, y[:, None], -torch.inf).argmax(1)
+    (grad,) = torch.autograd.grad((logits.gather(1, wrong[:, None]) - logits.gather(1, y[:, None])).sum(), x)
+    x = x.detach()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e5)
+        model.fc.bias.mul_(1e5)
+        confident = model(x).softmax(1).gather(1, y[:, None]).squeeze(1) == 1.0
+    assert confident.sum() >= 10  # the cross-entropy's gradient vanishes on these rows
+    clean = _pixels(model, x)
+    expected = (clean + EPS * grad.sign()).clamp(0, 1)
+    adv = _pixels(model, fgsm(model, x, y, EPS))
+    torch.testing.assert_close(adv[confident], expected[confident], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_attacks_take_float32_images_for_a_model_of_another_dtype(
+    trained: SmallCNN, test_batch: tuple, dtype: torch.dtype
+) -> None:
+    # A model trained with precision "64-true" or "bf16-true" and the float32 images of a loader: the attacks raised
+    # a dtype mismatch. The pixels stay float32 (a bfloat16 pixel near 1 moves in steps of 1/128 > 2/255).
+    model = _copy(trained, dtype)
+    x, y = test_batch
+    eps = 2 / 255
+    results = {
+        "fgsm": fgsm(model, x, y, eps),
+        "pgd": pgd(model, x, y, eps, steps=2, generator=torch.Generator().manual_seed(0)),
+        "energy": energy_attack(model, x, eps, steps=2),
+    }
+    clean = _pixels(model, x).clamp(0, 1)  # a bfloat16 model's constants put pixels up to 0.002 outside [0, 1]
+    for name, x_adv in results.items():
+        assert x_adv.dtype == torch.float32, name
+        change = (_pixels(model, x_adv) - clean).abs()
+        assert change.max() <= eps + 1e-6, name
+        assert change.max() > eps / 2, name
+    assert _loss(model, results["fgsm"].to(dtype), y) > _loss(model, x.to(dtype), y)
+
+
+def test_pgd_start_of_an_image_does_not_depend_on_its_batch(trained: SmallCNN, test_batch: tuple) -> None:
+    x, y = test_batch
+    x, y = x[:8], y[:8]
+
+    def start(rows: slice) -> torch.Tensor:  # no step: the random start alone
+        generators = [torch.Generator().manual_seed(i) for i in range(8)][rows]
+        return pgd(trained, x[rows], y[rows], EPS, steps=0, generator=generators)
+
+    whole = start(slice(0, 8))
+    torch.testing.assert_close(torch.cat([start(slice(0, 3)), start(slice(3, 8))]), whole, rtol=0, atol=0)
+    assert (_pixels(trained, whole) - _pixels(trained, x)).abs().max() > EPS / 2
+    with pytest.raises(ValueError, match="got 3 generators for 8 images"):
+        pgd(trained, x, y, EPS, generator=[torch.Generator() for _ in range(3)])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, y: fgsm(m, x, y, EPS),
+        lambda m, x, y: pgd(m, x, y, EPS),
+        lambda m, x, y: energy_attack(m, x, EPS),
+        lambda m, x, y: corrupt(x, "contrast", 1, m.input_mean, m.input_std),
+    ],
+)
+def test_anomalies_refuse_inputs_that_are_not_normalized_images(trained: SmallCNN, test_batch: tuple, call) -> None:
+    # Pixels at 0..16 (the raw digits scale): the budget, the clamps and the corruptions would mean something else.
+    x, y = test_batch
+    raw = _pixels(trained, x) * 16
+    with pytest.raises(
+        ValueError, match=r"^the inputs are not images in \[0, 1\] once the normalization is undone \(pixels span \["
+    ):
+        call(trained, raw, y)
+
+
 def test_energy_attack_lowers_the_energy_of_ood_inputs(trained: SmallCNN, digits: tuple) -> None:
     _, _, mean, std = digits
     noise = (torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) - mean) / std
@@ -338,3 +424,46 @@ def test_corrupt_works_on_normalized_inputs() -> None:
     assert out_inf.shape == x.shape
     with pytest.raises(ValueError, match="channels"):
         corrupt(x, "contrast", 1, [0.5], [0.25, 0.25])
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_noise_of_an_image_does_not_depend_on_its_batch(name: str) -> None:
+    # evaluate.py gives each image its own generator: the same noise whatever the batch size or --max-samples.
+    images, fn = _smooth_images(3), CORRUPTIONS.get(name)
+
+    def noisy(rows: slice) -> torch.Tensor:
+        return fn(images[rows], 3, [torch.Generator().manual_seed(100 + i) for i in range(8)][rows])
+
+    whole = noisy(slice(0, 8))
+    torch.testing.assert_close(torch.cat([noisy(slice(0, 3)), noisy(slice(3, 8))]), whole, rtol=0, atol=0)
+    assert not torch.equal(whole[:3], fn(images[:3], 3, [torch.Generator().manual_seed(i) for i in range(3)]))
+    with pytest.raises(ValueError, match="got 2 generators for 8 images"):
+        fn(images, 3, [torch.Generator(), torch.Generator()])
+
+
+def test_noise_corruptions_follow_the_cifar10c_formulas() -> None:
+    # make_cifar_c.py at severity 4: x + N(0, 0.09); x + x * N(0, 0.16); poisson(x * 75) / 75; salt and pepper on
+    # 5% of the values; each image's draws from its own generator.
+    images = _smooth_images(3, n=4).double()
+    shape = images.shape[1:]
+
+    def draws(sample):
+        return torch.stack([sample(torch.Generator().manual_seed(i)) for i in range(len(images))])
+
+    def gens():
+        return [torch.Generator().manual_seed(i) for i in range(len(images))]
+
+    normal = draws(lambda g: torch.randn(shape, generator=g, dtype=torch.float64))
+    expected = {
+        "gaussian_noise": (images + 0.09 * normal).clamp(0, 1),
+        "speckle_noise": (images + images * 0.16 * normal).clamp(0, 1),
+    }
+    counts = [torch.poisson(image.float() * 75, generator=g) for image, g in zip(images, gens(), strict=True)]
+    expected["shot_noise"] = (torch.stack(counts).double() / 75).clamp(0, 1)
+    hits, salts = [], []
+    for g in gens():
+        hits.append(torch.rand(shape, generator=g, dtype=torch.float64) < 0.05)
+        salts.append(torch.rand(shape, generator=g, dtype=torch.float64) < 0.5)
+    expected["impulse_noise"] = torch.where(torch.stack(hits), torch.stack(salts).double(), images)
+    for name, reference in expected.items():
+        torch.testing.assert_close(CORRUPTIONS.get(name)(images, 4, gens()), reference, rtol=0, atol=1e-12)

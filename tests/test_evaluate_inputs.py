@@ -18,7 +18,15 @@ from PIL import Image
 from gradreg.anomalies import CORRUPTIONS
 from gradreg.cli import UserError, evaluate_main, point_latest, train_main
 from gradreg.evaluation import sample
-from gradreg.report import anomaly_sets, check_options, load_checkpoint, parse_args, rebuild, resolve_checkpoint
+from gradreg.report import (
+    anomaly_sets,
+    check_options,
+    load_checkpoint,
+    parse_args,
+    rebuild,
+    resolve_checkpoint,
+    transformed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Keeps a regression quick: code that accepted these inputs ran the whole benchmark first.
@@ -358,8 +366,8 @@ def test_attacks_and_corruptions_use_the_normalization_of_the_evaluated_data(run
     id_test = sample(dm.id_dataset_for("test"), 32)
     x, y = next(iter(dm.eval_loader(id_test)))
     clean = x * 0.5 + 0.5
-    for name, group, _, transform in anomaly_sets(model, id_test, {}, opts, torch.device("cpu")):
-        out = transform(x, y) * 0.5 + 0.5
+    for name, group, _, transform in anomaly_sets(model, id_test, {}, opts):
+        out = transform(x, y, torch.arange(len(x))) * 0.5 + 0.5
         if group == "adversarial":
             assert (out - clean).abs().max() <= 8 / 255 + 1e-6, name
             assert out.min() >= 0, name
@@ -377,9 +385,33 @@ def test_noise_corruptions_of_one_severity_draw_independent_noise(run_dir: Path)
     check_options(opts)
     x = torch.full((64, 1, 8, 8), 0.5)  # mid-grey pixels: no clamping, speckle noise = 0.5 x gaussian's draws
     x = (x - model.input_mean.reshape(1, -1, 1, 1)) / model.input_std.reshape(1, -1, 1, 1)
-    noise = [(t(x, None) - x).flatten() for _, _, _, t in anomaly_sets(model, [], {}, opts, torch.device("cpu"))]
+    noise = [(t(x, None, torch.arange(64)) - x).flatten() for _, _, _, t in anomaly_sets(model, [], {}, opts)]
     assert len(noise) == 2
     assert torch.corrcoef(torch.stack(noise))[0, 1].abs() < 0.1
+
+
+def test_corrupted_sets_do_not_depend_on_the_batch_size(run_dir: Path) -> None:
+    # Each set drew its noise from one generator in loader order: an image's noise changed with eval_batch_size,
+    # with the other images --max-samples kept, and with the device. Now it follows the image's index alone.
+    module, dm = rebuild(load_checkpoint(run_dir / "last.ckpt"), {})
+    model = module.model.eval()
+    noise = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"]
+    opts = parse_args(["ckpt", "--suites", "corruption", "--corruptions", *noise, "--severities", "2"])
+    check_options(opts)
+    id_test = sample(dm.id_dataset_for("test"), 24)
+    x, y = (torch.cat(parts) for parts in zip(*dm.eval_loader(id_test), strict=True))
+
+    def corrupted(transform, size: int, rows: slice = slice(None)) -> torch.Tensor:
+        batches = [(x[rows][i : i + size], y[rows][i : i + size]) for i in range(0, len(x[rows]), size)]
+        return torch.cat([b for b, _ in transformed(batches, transform, id_test.indices[rows], torch.device("cpu"))])
+
+    sets = list(anomaly_sets(model, id_test, {}, opts))
+    assert [name for name, *_ in sets] == [f"{n}_s2" for n in noise]
+    for name, _, _, transform in sets:
+        whole = corrupted(transform, 24)
+        assert not torch.equal(whole, x), name
+        torch.testing.assert_close(corrupted(transform, 5), whole, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(corrupted(transform, 4, slice(7, 19)), whole[7:19], rtol=0, atol=0, msg=name)
 
 
 def test_default_scorers_follow_the_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
