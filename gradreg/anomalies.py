@@ -25,9 +25,10 @@ batched (rows are independent in eval mode).
   energy score (``-E``) takes them for in-distribution data; the robustness setting of GReg (Sharifi et al.,
   ECCV 2024, arXiv:2404.12368), where detectors are evaluated under small L-inf perturbations of OOD inputs.
 - Corruptions: Hendrycks, Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and
-  Perturbations", ICLR 2019, arXiv:1903.12261 (github.com/hendrycks/robustness). Severity parameters are the
-  **CIFAR-10-C** table (``make_cifar_c.py``), meant for 32x32 images and used unchanged for 8x8 and 28x28
-  inputs; the ImageNet-C table has stronger values for 224x224 images and is not included.
+  Perturbations", ICLR 2019, arXiv:1903.12261 (github.com/hendrycks/robustness). Severity parameters are
+  ``SEVERITY_TABLES``: by default the **ImageNet-C** table (``make_imagenet_c.py``, 224x224) for images of 224 px
+  or more and the **CIFAR-10-C** table (``make_cifar_c.py``, 32x32) below, used unchanged for 8x8 and 28x28 inputs
+  (there is no table for the sizes in between; Tiny-ImageNet-C's 64x64 one is not included); ``table=`` chooses.
 
 Deviations from the reference corruption code (which works on one PIL/numpy HWC image at a time):
 batched torch implementations on (N, C, H, W) in [0, 1]; any channel count (grayscale included); random numbers
@@ -285,16 +286,51 @@ def energy_attack(
         )
 
 
-# Corruptions: fn(pixels (N, C, H, W) in [0, 1], severity 1..5, generator) -> same shape in [0, 1].
+# Corruptions: fn(pixels (N, C, H, W) in [0, 1], severity 1..5, generator, table) -> same shape in [0, 1].
 
 
 SEVERITIES = range(1, 6)  # 1 (mild) to 5 (strong), as in ImageNet-C
+# The parameter ``c`` of each severity in make_cifar_c.py (CIFAR-10-C, 32x32 images) and make_imagenet_c.py
+# (ImageNet-C, 224x224 images) of github.com/hendrycks/robustness.
+SEVERITY_TABLES: dict[str, dict[str, tuple[float, ...]]] = {
+    "cifar10c": {
+        "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+        "shot_noise": (500, 250, 100, 75, 50),
+        "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+        "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),
+        "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),
+        "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+        "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
+        "jpeg": (80, 65, 58, 50, 40),
+        "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
+    },
+    "imagenetc": {
+        "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
+        "shot_noise": (60, 25, 12, 5, 3),
+        "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),
+        "speckle_noise": (0.15, 0.20, 0.35, 0.45, 0.60),
+        "gaussian_blur": (1, 2, 3, 4, 6),
+        "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
+        "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
+        "jpeg": (25, 18, 15, 10, 7),
+        "pixelate": (0.6, 0.5, 0.4, 0.3, 0.25),
+    },
+}
 
 
-def _level(table: Sequence[float], severity: int) -> float:
+def severity_table(height: int, width: int) -> str:
+    """The severity table for images of this size: ImageNet-C's from its 224 px, CIFAR-10-C's below."""
+    return "imagenetc" if min(height, width) >= 224 else "cifar10c"
+
+
+def _level(name: str, x: Tensor, severity: int, table: str | None) -> float:
+    """Corruption ``name``'s parameter at ``severity`` in ``table`` (``None``: :func:`severity_table` of ``x``)."""
     if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
         raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
-    return table[severity - 1]
+    table = severity_table(*x.shape[-2:]) if table is None else table
+    if table not in SEVERITY_TABLES:
+        raise ValueError(f"unknown severity table {table!r}; valid: {', '.join(SEVERITY_TABLES)}")
+    return SEVERITY_TABLES[table][name][severity - 1]
 
 
 def _check_pixels(x: Tensor) -> None:
@@ -303,37 +339,37 @@ def _check_pixels(x: Tensor) -> None:
 
 
 @CORRUPTIONS.register("gaussian_noise")
-def gaussian_noise(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
-    """Additive gaussian noise, std ``[0.04, 0.06, 0.08, 0.09, 0.10]`` (CIFAR-10-C)."""
+def gaussian_noise(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """Additive gaussian noise ``x + N(0, c^2)``."""
     _check_pixels(x)
-    sigma = _level([0.04, 0.06, 0.08, 0.09, 0.10], severity)
+    sigma = _level("gaussian_noise", x, severity, table)
     return (x + sigma * _randn(x, generator)).clamp(0.0, 1.0)
 
 
 @CORRUPTIONS.register("shot_noise")
-def shot_noise(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
-    """Poisson noise ``Poisson(x * c) / c`` with photon count ``c = [500, 250, 100, 75, 50]`` (CIFAR-10-C)."""
+def shot_noise(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """Poisson noise ``Poisson(x * c) / c``, ``c`` photons at full intensity."""
     _check_pixels(x)
-    c = _level([500, 250, 100, 75, 50], severity)
+    c = _level("shot_noise", x, severity, table)
     counts = _random(lambda rates, g: torch.poisson(rates, generator=g), x.float() * c, generator)
     return (counts.to(x.dtype) / c).clamp(0.0, 1.0)
 
 
 @CORRUPTIONS.register("impulse_noise")
-def impulse_noise(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
-    """Salt-and-pepper noise on a fraction ``[0.01, 0.02, 0.03, 0.05, 0.07]`` of the values (CIFAR-10-C)."""
+def impulse_noise(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """Salt-and-pepper noise on a fraction ``c`` of the values (as ``skimage.util.random_noise(mode="s&p")``)."""
     _check_pixels(x)
-    amount = _level([0.01, 0.02, 0.03, 0.05, 0.07], severity)
+    amount = _level("impulse_noise", x, severity, table)
     hit = _rand(x, generator) < amount
     salt = (_rand(x, generator) < 0.5).to(x.dtype)
     return torch.where(hit, salt, x)
 
 
 @CORRUPTIONS.register("speckle_noise")
-def speckle_noise(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
-    """Multiplicative gaussian noise ``x + x * N(0, c)``, ``c = [0.06, 0.1, 0.12, 0.16, 0.2]`` (CIFAR-10-C)."""
+def speckle_noise(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """Multiplicative gaussian noise ``x + x * N(0, c^2)``."""
     _check_pixels(x)
-    sigma = _level([0.06, 0.10, 0.12, 0.16, 0.20], severity)
+    sigma = _level("speckle_noise", x, severity, table)
     return (x + x * sigma * _randn(x, generator)).clamp(0.0, 1.0)
 
 
@@ -350,30 +386,30 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 
 
 @CORRUPTIONS.register("gaussian_blur")
-def gaussian_blur(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
-    """Gaussian blur with sigma ``[0.4, 0.6, 0.7, 0.8, 1.0]`` pixels (CIFAR-10-C); deterministic."""
+def gaussian_blur(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """Gaussian blur with sigma ``c`` pixels; deterministic."""
     _check_pixels(x)
-    return _gaussian_blur(x, _level([0.4, 0.6, 0.7, 0.8, 1.0], severity)).clamp(0.0, 1.0)
+    return _gaussian_blur(x, _level("gaussian_blur", x, severity, table)).clamp(0.0, 1.0)
 
 
 @CORRUPTIONS.register("contrast")
-def contrast(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
-    """Shrink towards the per-image, per-channel mean by ``c = [0.75, 0.5, 0.4, 0.3, 0.15]`` (CIFAR-10-C)."""
+def contrast(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """Shrink towards the per-image, per-channel mean by a factor ``c``."""
     _check_pixels(x)
-    c = _level([0.75, 0.5, 0.4, 0.3, 0.15], severity)
+    c = _level("contrast", x, severity, table)
     means = x.mean(dim=(2, 3), keepdim=True)
     return ((x - means) * c + means).clamp(0.0, 1.0)
 
 
 @CORRUPTIONS.register("brightness")
-def brightness(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
-    """Add ``c = [0.05, 0.1, 0.15, 0.2, 0.3]`` to the HSV value channel, clipped to 1 (CIFAR-10-C).
+def brightness(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """Add ``c`` to the HSV value channel, clipped to 1.
 
     With hue and saturation fixed every channel is proportional to V = max over channels, so the HSV round trip
     is the rescale ``x * V' / V`` (black pixels, V = 0, become gray V'). Grayscale: ``min(x + c, 1)``.
     """
     _check_pixels(x)
-    c = _level([0.05, 0.1, 0.15, 0.2, 0.3], severity)
+    c = _level("brightness", x, severity, table)
     value = x.amax(dim=1, keepdim=True)
     new_value = (value + c).clamp(max=1.0)
     scaled = x * (new_value / value.clamp(min=torch.finfo(x.dtype).tiny))
@@ -381,15 +417,15 @@ def brightness(x: Tensor, severity: int, generator: Generators = None) -> Tensor
 
 
 @CORRUPTIONS.register("jpeg")
-def jpeg(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
-    """JPEG compression at quality ``[80, 65, 58, 50, 40]`` (CIFAR-10-C ``jpeg_compression``); deterministic.
+def jpeg(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """JPEG compression at quality ``c`` (``jpeg_compression`` of the references); deterministic.
 
     Pixels are rounded to uint8 first (the JPEG input format); runs on the CPU.
     """
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
     _check_pixels(x)
-    quality = int(_level([80, 65, 58, 50, 40], severity))
+    quality = int(_level("jpeg", x, severity, table))
     images = (x.detach() * 255.0).round().clamp(0, 255).to("cpu", torch.uint8)
     if images.shape[1] in (1, 3):
         groups = [img for img in images]
@@ -419,10 +455,10 @@ def _box_resize_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
 
 
 @CORRUPTIONS.register("pixelate")
-def pixelate(x: Tensor, severity: int, generator: Generators = None) -> Tensor:
-    """Downsample by ``c = [0.95, 0.9, 0.85, 0.75, 0.65]`` and back, PIL's BOX filter, as CIFAR-10-C; deterministic."""
+def pixelate(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """Downsample by a factor ``c`` and back with PIL's BOX filter, as the references; deterministic."""
     _check_pixels(x)
-    c = _level([0.95, 0.9, 0.85, 0.75, 0.65], severity)
+    c = _level("pixelate", x, severity, table)
     height, width = x.shape[-2:]
     small_h, small_w = max(1, int(height * c)), max(1, int(width * c))
     rows = _box_resize_matrix(small_h, height, x) @ _box_resize_matrix(height, small_h, x)
@@ -437,6 +473,7 @@ def corrupt(
     mean: Sequence[float] | Tensor,
     std: Sequence[float] | Tensor,
     generator: Generators = None,
+    table: str | None = None,
 ) -> Tensor:
     """Apply a registered corruption to **normalized** inputs and return normalized inputs.
 
@@ -448,6 +485,8 @@ def corrupt(
         std: per-channel normalization std (length C), e.g. ``model.input_std``.
         generator: random generator for the noise corruptions, or one per image (an image's noise then does not
             depend on its batch).
+        table: severity table, ``"cifar10c"`` or ``"imagenetc"`` (``SEVERITY_TABLES``); default by image size
+            (:func:`severity_table`).
 
     Returns:
         Normalized corrupted inputs, same shape and dtype as ``x``.
@@ -462,4 +501,4 @@ def corrupt(
     pixels = x * std_t + mean_t
     _require_images(pixels, precision)
     pixels = pixels.clamp(0.0, 1.0)  # the float error of the round trip
-    return (fn(pixels, severity, generator) - mean_t) / std_t
+    return (fn(pixels, severity, generator, table) - mean_t) / std_t

@@ -117,6 +117,13 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="corruption severities 1-5 (default: all)"
     )
+    p.add_argument(
+        "--corruption-table",
+        choices=("auto", *anomalies.SEVERITY_TABLES),
+        default="auto",
+        help="the corruption parameters of each severity: ImageNet-C's (imagenetc) or CIFAR-10-C's (cifar10c); auto: "
+        "ImageNet-C's for images of 224 px or more (default: auto)",
+    )
     p.add_argument("--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images")
     p.add_argument("--explain-scorer", default="energy", help="differentiable scorer whose value --explain traces")
     p.add_argument("--explain-set", help="OOD set whose highest-scored images --explain takes (default: the first)")
@@ -498,11 +505,12 @@ def anomaly_sets(
             )
             yield f"pgd_{tag}", "adversarial", id_test, pgd
     if "corruption" in opts.suites:
+        table = None if opts.corruption_table == "auto" else opts.corruption_table  # None: by image size
         for name in opts.corruptions:
             for sev in opts.severities:
                 # Seeded per set: the noise corruptions of one severity would otherwise share their draws.
                 fn = lambda x, y, i, n=name, s=sev: anomalies.corrupt(  # noqa: E731
-                    x, n, s, mean, std, image_generators(f"{n}_s{s}", i)
+                    x, n, s, mean, std, image_generators(f"{n}_s{s}", i), table
                 )
                 yield f"{name}_s{sev}", "corruption", id_test, fn
     if "robustness" in opts.suites:
@@ -779,6 +787,8 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
     save_scores(out / "scores" / "id.npz", id_scored, id_test)
     given = {scorer_key(s): s for s in specs}
     shape = id_test[0][0].shape  # of every scored image (the OOD sets are resized to the ID size)
+    if opts.corruption_table == "auto":  # results.json records the table used
+        opts.corruption_table = anomalies.severity_table(*shape[-2:])
     header = {
         "checkpoint": str(ckpt_path),
         "options": {**vars(opts), "scorers": {k: scorer_record(given[k], s, shape) for k, s in scorer_map.items()}},

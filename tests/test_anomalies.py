@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.datasets import load_digits
 
-from gradreg.anomalies import CORRUPTIONS, corrupt, energy_attack, fgsm, pgd
+from gradreg.anomalies import CORRUPTIONS, corrupt, energy_attack, fgsm, pgd, severity_table
 from gradreg.losses import energy
 from gradreg.models import SmallCNN
 
@@ -441,10 +441,20 @@ def test_noise_of_an_image_does_not_depend_on_its_batch(name: str) -> None:
         fn(images, 3, [torch.Generator(), torch.Generator()])
 
 
-def test_noise_corruptions_follow_the_cifar10c_formulas() -> None:
-    # make_cifar_c.py at severity 4: x + N(0, 0.09); x + x * N(0, 0.16); poisson(x * 75) / 75; salt and pepper on
-    # 5% of the values; each image's draws from its own generator.
-    images = _smooth_images(3, n=4).double()
+@pytest.mark.parametrize(
+    ("size", "table", "c"),
+    [  # severity 4 of make_cifar_c.py (below 224 px by default) and make_imagenet_c.py (from 224 px)
+        (16, None, (0.09, 0.16, 75, 0.05)),
+        (224, None, (0.26, 0.45, 5, 0.17)),
+        (16, "imagenetc", (0.26, 0.45, 5, 0.17)),
+        (224, "cifar10c", (0.09, 0.16, 75, 0.05)),
+    ],
+)
+def test_noise_corruptions_follow_the_reference_formulas(size: int, table: str | None, c: tuple) -> None:
+    # x + N(0, c0^2); x + x * N(0, c1^2); poisson(x * c2) / c2; salt and pepper on a fraction c3 of the values; each
+    # image's draws from its own generator.
+    gauss, speckle, photons, amount = c
+    images = _smooth_images(3, size=size, n=2).double()
     shape = images.shape[1:]
 
     def draws(sample):
@@ -455,15 +465,40 @@ def test_noise_corruptions_follow_the_cifar10c_formulas() -> None:
 
     normal = draws(lambda g: torch.randn(shape, generator=g, dtype=torch.float64))
     expected = {
-        "gaussian_noise": (images + 0.09 * normal).clamp(0, 1),
-        "speckle_noise": (images + images * 0.16 * normal).clamp(0, 1),
+        "gaussian_noise": (images + gauss * normal).clamp(0, 1),
+        "speckle_noise": (images + images * speckle * normal).clamp(0, 1),
     }
-    counts = [torch.poisson(image.float() * 75, generator=g) for image, g in zip(images, gens(), strict=True)]
-    expected["shot_noise"] = (torch.stack(counts).double() / 75).clamp(0, 1)
+    counts = [torch.poisson(image.float() * photons, generator=g) for image, g in zip(images, gens(), strict=True)]
+    expected["shot_noise"] = (torch.stack(counts).double() / photons).clamp(0, 1)
     hits, salts = [], []
     for g in gens():
-        hits.append(torch.rand(shape, generator=g, dtype=torch.float64) < 0.05)
+        hits.append(torch.rand(shape, generator=g, dtype=torch.float64) < amount)
         salts.append(torch.rand(shape, generator=g, dtype=torch.float64) < 0.5)
     expected["impulse_noise"] = torch.where(torch.stack(hits), torch.stack(salts).double(), images)
     for name, reference in expected.items():
-        torch.testing.assert_close(CORRUPTIONS.get(name)(images, 4, gens()), reference, rtol=0, atol=1e-12)
+        torch.testing.assert_close(CORRUPTIONS.get(name)(images, 4, gens(), table), reference, rtol=0, atol=1e-12)
+
+
+def test_severity_table_follows_the_image_size() -> None:
+    assert severity_table(224, 224) == severity_table(256, 300) == "imagenetc"
+    assert severity_table(223, 500) == severity_table(32, 32) == severity_table(8, 8) == "cifar10c"
+    with pytest.raises(ValueError, match=r"^unknown severity table 'imagenet'; valid: cifar10c, imagenetc$"):
+        CORRUPTIONS.get("contrast")(_smooth_images(1), 1, None, "imagenet")
+
+
+def test_deterministic_corruptions_follow_the_imagenet_c_table() -> None:
+    # make_imagenet_c.py at severity 5: contrast 0.05, brightness + 0.5, gaussian blur sigma 6, pixelate 0.25.
+    images = _smooth_images(3, size=224, n=1).double()
+    means = images.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(CORRUPTIONS.get("contrast")(images, 5), (images - means) * 0.05 + means)
+    value = images.amax(1, keepdim=True)  # no black pixel: the HSV rescale of test_brightness_matches_an_hsv_round_trip
+    expected = (images * (value + 0.5).clamp(max=1) / value).clamp(0, 1)
+    torch.testing.assert_close(CORRUPTIONS.get("brightness")(images, 5), expected)
+    blurred = CORRUPTIONS.get("gaussian_blur")(images, 5)
+    ref = ndimage.gaussian_filter(images[0, 0].numpy(), sigma=6.0, mode="nearest", truncate=4.0)
+    np.testing.assert_allclose(blurred[0, 0].numpy(), np.clip(ref, 0, 1), atol=1e-12)
+    pixelated = CORRUPTIONS.get("pixelate")(images, 5)[0, 0].numpy()
+    small = Image.fromarray(images[0, 0].numpy().astype(np.float32), mode="F").resize((56, 56), Image.BOX)
+    np.testing.assert_allclose(pixelated, np.asarray(small.resize((224, 224), Image.BOX)), rtol=0, atol=1e-6)
+    jpeg = CORRUPTIONS.get("jpeg")
+    assert (jpeg(images, 5) - images).abs().mean() > (jpeg(images, 5, None, "cifar10c") - images).abs().mean()

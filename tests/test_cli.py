@@ -292,6 +292,7 @@ def test_evaluate_writes_consistent_results(trained: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["checkpoint"] == str(latest.parent / latest.readlink() / "best.ckpt")  # the run, not "latest"
     assert results["options"]["epsilons"] == [8 / 255]
+    assert results["options"]["corruption_table"] == "cifar10c"  # auto, resolved for 8x8 images
     assert list(results["options"]["scorers"]) == results["scorers"]
     assert 0.0 <= results["id"]["accuracy"] <= 1.0
     trained_with = torch.load(latest / "best.ckpt", weights_only=True)["environment"]  # written by the training run
