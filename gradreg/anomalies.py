@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradreg.losses import energy
-from gradreg.models import eval_mode
+from gradreg.models import eval_mode, inference_weights_error
 from gradreg.registry import Registry
 
 __all__ = [
@@ -126,10 +126,14 @@ def _attack_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and autograd on, even under ``torch.inference_mode()``; the previous mode is restored.
 
     Tensors that autograd saves for backward must be created inside this context: an inference tensor
-    (created under ``torch.inference_mode()``) can never join autograd, so inputs and labels are cloned here.
+    (created under ``torch.inference_mode()``) can never join autograd, so inputs and labels are cloned here. A model
+    whose weights are inference tensors cannot be: that is one line.
     """
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
-        yield
+        try:
+            yield
+        except RuntimeError as err:
+            raise inference_weights_error(model, err, "the attack") from None
 
 
 def _check_budget(epsilon: float, steps: int = 1, step_size: float | None = None) -> None:

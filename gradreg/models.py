@@ -29,6 +29,7 @@ later on do not affect (tested in ``tests/test_scorers.py``); the training bench
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -121,6 +122,26 @@ def eval_mode(model: nn.Module) -> Iterator[list[nn.Module]]:
         for m, mode in zip(modules, modes, strict=True):
             if m.training != mode:
                 m.training = mode
+
+
+def inference_weights_error(model: nn.Module, err: RuntimeError, user: str) -> Exception:
+    """A one-line ValueError for autograd's refusal of a model loaded under ``torch.inference_mode()``, else ``err``.
+
+    Its parameters and buffers are then inference tensors, which autograd can never use (unlike an input, they cannot
+    be cloned without changing the model); autograd's own message names neither the model nor the fix. ``user``: who
+    differentiates, e.g. ``"this scorer"``.
+    """
+    if "Inference tensors cannot be saved for backward" not in str(err):
+        return err
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    name = next((name for name, t in tensors if t.is_inference()), None)
+    if name is None:
+        return err
+    return ValueError(
+        f"{type(model).__name__}'s parameters are inference tensors (created under torch.inference_mode(), e.g. "
+        f"'{name}'), which {user} cannot differentiate through; load the model outside inference_mode, or pass "
+        "copy.deepcopy(model) made outside it"
+    )
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import copy
 import itertools
 
 import numpy as np
@@ -143,6 +144,27 @@ def test_attacks_work_under_inference_mode(trained: SmallCNN, test_batch: tuple)
         got["energy"] = energy_attack(trained, x_inf, EPS, steps=3)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+def test_a_model_loaded_under_inference_mode_is_named_with_the_fix(trained: SmallCNN, test_batch: tuple) -> None:
+    # Its weights are inference tensors: autograd's "Inference tensors cannot be saved for backward" named neither the
+    # model nor the fix.
+    x, y = test_batch
+    with torch.inference_mode():
+        model = _copy(trained, torch.float32)
+    message = (
+        r"^SmallCNN's parameters are inference tensors \(created under torch.inference_mode\(\), e.g. '[\w.]+'\), "
+        r"which the attack cannot differentiate through; load the model outside inference_mode, or pass "
+        r"copy.deepcopy\(model\) made outside it$"
+    )
+    for attack in (
+        lambda m: fgsm(m, x, y, EPS),
+        lambda m: pgd(m, x, y, EPS, steps=1),
+        lambda m: energy_attack(m, x, EPS),
+    ):
+        with pytest.raises(ValueError, match=message):
+            attack(model)
+    torch.testing.assert_close(fgsm(copy.deepcopy(model), x, y, EPS), fgsm(trained, x, y, EPS), rtol=0, atol=0)
 
 
 def test_fgsm_rows_are_independent_of_the_batch(trained: SmallCNN, test_batch: tuple) -> None:

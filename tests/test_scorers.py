@@ -217,7 +217,7 @@ def test_a_model_loaded_under_inference_mode_is_named_with_the_fix(name: str, ba
         message = (
             r"^TinyCNN's parameters are inference tensors \(created under torch.inference_mode\(\), e.g. "
             r"'fc.weight'\), which this scorer cannot differentiate through; load the model outside inference_mode, "
-            r"or score copy.deepcopy\(model\) made outside it$"
+            r"or pass copy.deepcopy\(model\) made outside it$"
         )
         with pytest.raises(ValueError, match=message):
             scorer(model, batch)

@@ -20,7 +20,6 @@ logits subclass :class:`OutputScorer` so that callers can share one forward pass
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -28,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from gradreg.models import eval_mode
+from gradreg.models import eval_mode, inference_weights_error
 from gradreg.registry import Settings
 
 
@@ -150,26 +149,7 @@ class Scorer(Settings):
                 try:
                     return self.score(model, x).detach()
                 except RuntimeError as err:
-                    raise _inference_weights(model, err) from None
-
-
-def _inference_weights(model: nn.Module, err: RuntimeError) -> Exception:
-    """A one-line ValueError for autograd's refusal of a model loaded under ``torch.inference_mode()``, else ``err``.
-
-    Its parameters and buffers are then inference tensors, which autograd can never use (unlike the input, they cannot
-    be cloned here without changing the model); autograd's own message names neither the model nor the fix.
-    """
-    if "Inference tensors cannot be saved for backward" not in str(err):
-        return err
-    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
-    name = next((name for name, t in tensors if t.is_inference()), None)
-    if name is None:
-        return err
-    return ValueError(
-        f"{type(model).__name__}'s parameters are inference tensors (created under torch.inference_mode(), e.g. "
-        f"'{name}'), which this scorer cannot differentiate through; load the model outside inference_mode, or score "
-        "copy.deepcopy(model) made outside it"
-    )
+                    raise inference_weights_error(model, err, "this scorer") from None
 
 
 class OutputScorer(Scorer):
