@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -428,6 +429,19 @@ def test_poem_thompson_sample_has_the_posterior_moments_and_survives_round_off()
     assert torch.equal(thompson_sample(mu, cov, _gen(1)), thompson_sample(mu, cov, _gen(1)))
     singular = torch.tensor([[1.0, 1.0], [1.0, 1.0 - 1e-12]], dtype=torch.float64)  # an eigenvalue just below 0
     assert torch.isfinite(thompson_sample(torch.zeros(2, dtype=torch.float64), singular, _gen(0))).all()
+
+
+def test_poem_thompson_sample_uses_the_unique_symmetric_root():
+    # V diag(sqrt(lambda)) eps depended on the signs eigh gives the eigenvectors (LAPACK and cuSOLVER differ), so one
+    # seed drew another beta on a GPU; the symmetric root (scipy's sqrtm as reference) has no such freedom.
+    mu = torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    root = torch.randn(4, 4, generator=_gen(3), dtype=torch.float64)
+    cov = root @ root.T + 0.5 * torch.eye(4, dtype=torch.float64)
+    eps = torch.randn(4, generator=_gen(7), dtype=torch.float64)
+    expected = mu + torch.from_numpy(np.real(scipy.linalg.sqrtm(cov.numpy()))) @ eps
+    torch.testing.assert_close(thompson_sample(mu, cov, _gen(7)), expected, rtol=1e-10, atol=1e-10)
+    # a repeated eigenvalue (the prior sigma I, the first epoch's draw) leaves even the eigenvectors free
+    torch.testing.assert_close(thompson_sample(mu, 4 * torch.eye(4, dtype=torch.float64), _gen(7)), mu + 2 * eps)
 
 
 class _VectorPool(Dataset):

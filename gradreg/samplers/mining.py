@@ -188,15 +188,17 @@ def blr_posterior(gram: Tensor, zty: Tensor, sigma: float, sigma_n: float) -> tu
 
 
 def thompson_sample(mu: Tensor, cov: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One draw ``beta ~ N(mu, cov)`` via the eigendecomposition of ``cov`` (float64).
+    """One draw ``beta = mu + cov^(1/2) eps ~ N(mu, cov)``, ``eps ~ N(0, I)``, via the eigendecomposition of ``cov``.
 
     Negative eigenvalues (round-off) are replaced by their absolute values, POEM's fix for a covariance that is
-    not positive semi-definite. The standard normal draw comes from ``generator`` on the CPU, so a draw does not
-    depend on the device.
+    not positive semi-definite. ``eps`` comes from ``generator`` on the CPU and the root is the symmetric one,
+    ``V diag(sqrt|lambda|) V^T``, which is unique: POEM's ``V diag(sqrt|lambda|)`` (the same distribution) turns one
+    ``eps`` into a draw that depends on the signs ``eigh`` gives the eigenvectors, which differ between LAPACK and
+    cuSOLVER, so a seeded run drew other outliers on a GPU. Computed in float64.
     """
     evals, evecs = torch.linalg.eigh(cov.double())
     eps = torch.randn(mu.shape[0], generator=generator, dtype=torch.float64).to(mu.device)
-    return mu.double() + evecs @ (evals.abs().sqrt() * eps)
+    return mu.double() + evecs @ (evals.abs().sqrt() * (evecs.T @ eps))
 
 
 @SAMPLERS.register("poem")
@@ -233,8 +235,9 @@ class POEMSampler(_PoolMiner):
       keeps images, which does not scale to ImageNet.
     - Before any data ``mu = 0`` (official: ``mu ~ N(0, 0.01^2)`` per weight, negligible against the prior
       standard deviation ``sqrt(20)``).
-    - The draw always goes through the eigendecomposition with absolute eigenvalues (official: ``symeig`` with
-      the absolute-value fix only if an eigenvalue is negative, and a ``N(0, I)`` draw if sampling fails).
+    - The draw always goes through the eigendecomposition with absolute eigenvalues, as ``mu`` plus the symmetric
+      root of the covariance times ``N(0, I)``, the same on every device (official: ``symeig`` with the
+      absolute-value fix only if an eigenvalue is negative, and a ``N(0, I)`` draw if sampling fails).
     - The window offset is uniform over the pool and the window wraps around (official: offsets below 10,000
       are redrawn, and an exhausted loader restarts at a new random offset).
     - The kept images reach the steps through the candidate stream's pass orderings (as for NTOM), not through a
