@@ -294,31 +294,19 @@ def energy_attack(
 
 
 SEVERITIES = range(1, 6)  # 1 (mild) to 5 (strong), as in ImageNet-C
-# The parameter ``c`` of each severity in make_cifar_c.py (CIFAR-10-C, 32x32 images) and make_imagenet_c.py
+# The parameter ``c`` of severities 1..5 in make_cifar_c.py (CIFAR-10-C, 32x32 images) and make_imagenet_c.py
 # (ImageNet-C, 224x224 images) of github.com/hendrycks/robustness.
-SEVERITY_TABLES: dict[str, dict[str, tuple[float, ...]]] = {
-    "cifar10c": {
-        "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
-        "shot_noise": (500, 250, 100, 75, 50),
-        "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
-        "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),
-        "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),
-        "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
-        "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
-        "jpeg": (80, 65, 58, 50, 40),
-        "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
-    },
-    "imagenetc": {
-        "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
-        "shot_noise": (60, 25, 12, 5, 3),
-        "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),
-        "speckle_noise": (0.15, 0.20, 0.35, 0.45, 0.60),
-        "gaussian_blur": (1, 2, 3, 4, 6),
-        "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
-        "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
-        "jpeg": (25, 18, 15, 10, 7),
-        "pixelate": (0.6, 0.5, 0.4, 0.3, 0.25),
-    },
+SEVERITY_TABLES = ("cifar10c", "imagenetc")
+_LEVELS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {  # name: (CIFAR-10-C's, ImageNet-C's)
+    "gaussian_noise": ((0.04, 0.06, 0.08, 0.09, 0.10), (0.08, 0.12, 0.18, 0.26, 0.38)),
+    "shot_noise": ((500, 250, 100, 75, 50), (60, 25, 12, 5, 3)),
+    "impulse_noise": ((0.01, 0.02, 0.03, 0.05, 0.07), (0.03, 0.06, 0.09, 0.17, 0.27)),
+    "speckle_noise": ((0.06, 0.10, 0.12, 0.16, 0.20), (0.15, 0.20, 0.35, 0.45, 0.60)),
+    "gaussian_blur": ((0.4, 0.6, 0.7, 0.8, 1.0), (1, 2, 3, 4, 6)),
+    "contrast": ((0.75, 0.5, 0.4, 0.3, 0.15), (0.4, 0.3, 0.2, 0.1, 0.05)),
+    "brightness": ((0.05, 0.1, 0.15, 0.2, 0.3), (0.1, 0.2, 0.3, 0.4, 0.5)),
+    "jpeg": ((80, 65, 58, 50, 40), (25, 18, 15, 10, 7)),
+    "pixelate": ((0.95, 0.9, 0.85, 0.75, 0.65), (0.6, 0.5, 0.4, 0.3, 0.25)),
 }
 
 
@@ -334,7 +322,7 @@ def _level(name: str, x: Tensor, severity: int, table: str | None) -> float:
     table = severity_table(*x.shape[-2:]) if table is None else table
     if table not in SEVERITY_TABLES:
         raise ValueError(f"unknown severity table {table!r}; valid: {', '.join(SEVERITY_TABLES)}")
-    return SEVERITY_TABLES[table][name][severity - 1]
+    return _LEVELS[name][SEVERITY_TABLES.index(table)][severity - 1]
 
 
 def _check_pixels(x: Tensor) -> None:
