@@ -44,7 +44,7 @@ import torch
 import yaml
 from lightning.pytorch import seed_everything
 from torch import Tensor
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from gradreg import anomalies, plots
 from gradreg.cli import (
@@ -58,7 +58,8 @@ from gradreg.cli import (
 )
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
-from gradreg.data.datasets import dataset_name
+from gradreg.data.corrupted import CorruptionFiles
+from gradreg.data.datasets import Transformed, build_transform, dataset_name
 from gradreg.evaluation import (
     ScoredSet,
     ScorerSpec,
@@ -110,9 +111,14 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--corruptions",
         nargs="+",
-        default=list(DEFAULT_CORRUPTIONS),
         help=f"corruptions of the ID test set, of: {', '.join(anomalies.CORRUPTIONS.names())} (default: "
-        f"{' '.join(DEFAULT_CORRUPTIONS)})",
+        f"{' '.join(DEFAULT_CORRUPTIONS)}); with --corruption-files, file names there (default: all)",
+    )
+    p.add_argument(
+        "--corruption-files",
+        metavar="DIR",
+        help="score the released CIFAR-10-C / CIFAR-100-C images of DIR (labels.npy, <corruption>.npy) instead of "
+        "generating the corruptions",
     )
     p.add_argument(
         "--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="corruption severities 1-5 (default: all)"
@@ -187,11 +193,18 @@ def epsilon_tag(eps: float) -> str:
 
 def check_options(opts: argparse.Namespace) -> None:
     """Refuse option values that would fail only after the ID set was scored (or never fail, like ``--epsilons 8``)."""
-    for name in opts.corruptions:
-        try:
-            anomalies.CORRUPTIONS.get(name)
-        except RegistryError as err:
-            raise UserError(f"--corruptions: {err}") from None
+    if opts.corruption_files is None:
+        opts.corruptions = opts.corruptions or list(DEFAULT_CORRUPTIONS)
+        for name in opts.corruptions:
+            try:
+                anomalies.CORRUPTIONS.get(name)
+            except RegistryError as err:
+                raise UserError(f"--corruptions: {err}") from None
+    elif opts.corruption_table != "auto":
+        raise UserError(
+            "--corruption-table sets the parameters of generated corruptions; --corruption-files reads images "
+            "corrupted already: give one of the two"
+        )
     for severity in opts.severities:
         if severity not in anomalies.SEVERITIES:
             raise UserError(f"--severities {severity} is not a corruption severity; use 1 (mild) to 5 (strong)")
@@ -209,7 +222,7 @@ def check_options(opts: argparse.Namespace) -> None:
             )
     # a repeated value runs once
     opts.epsilons, opts.corruptions, opts.severities = (
-        list(dict.fromkeys(v)) for v in (opts.epsilons, opts.corruptions, opts.severities)
+        v if v is None else list(dict.fromkeys(v)) for v in (opts.epsilons, opts.corruptions, opts.severities)
     )
     if opts.explain < 0:
         raise UserError(f"--explain {opts.explain} must be >= 0 (the number of worst OOD and ID images to explain)")
@@ -228,6 +241,42 @@ def check_options(opts: argparse.Namespace) -> None:
             raise UserError(f"--out '{out}' is a file; choose a new folder (nothing is overwritten)")
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"output folder '{out}' already holds files; choose a new --out (nothing is overwritten)")
+
+
+def open_corruption_files(opts: argparse.Namespace) -> CorruptionFiles | None:
+    """The released corrupted images of ``--corruption-files`` (None without it or the corruption suite)."""
+    if opts.corruption_files is None or "corruption" not in opts.suites:
+        return None
+    try:
+        files = CorruptionFiles(opts.corruption_files, opts.corruptions)
+    except ValueError as err:
+        raise UserError(f"--corruption-files: {err}") from None
+    opts.corruptions = files.names  # results.json records them
+    return files
+
+
+def check_corruption_files(files: CorruptionFiles, dm: OODDataModule, id_test: Subset) -> None:
+    """The files must hold corrupted copies of this ID test set, row for row: its size, and its labels in its order."""
+    full = dm.id_dataset_for("test")
+    where = f"--corruption-files {files.folder}"
+    if files.size != len(full):
+        raise UserError(
+            f"{where} holds {files.size} images per severity, but the ID test set ({dataset_name(dm.id_dataset)}) has "
+            f"{len(full)}; give the corrupted copies of this test set (CIFAR-10-C for cifar10, CIFAR-100-C for "
+            "cifar100)"
+        )
+    base = full.dataset if isinstance(full, Transformed) else full  # labels without the transform
+    labels = np.array([base[i][1] for i in id_test.indices], dtype=np.int64)
+    index = np.asarray(id_test.indices, dtype=np.int64)
+    for severity in anomalies.SEVERITIES:
+        differ = np.flatnonzero(files.labels[(severity - 1) * files.size + index] != labels)
+        if differ.size:
+            j = int(index[differ[0]])
+            raise UserError(
+                f"{where}: labels.npy gives test image {j} at severity {severity} the label "
+                f"{files.labels[(severity - 1) * files.size + j]}, the ID test set ({dataset_name(dm.id_dataset)}) "
+                f"{labels[differ[0]]}: the files are not this test set in its order"
+            )
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -492,9 +541,17 @@ def transformed(
 
 
 def anomaly_sets(
-    model: torch.nn.Module, id_test: Subset, ood_sets: dict[str, Subset], opts: argparse.Namespace
+    model: torch.nn.Module,
+    id_test: Subset,
+    ood_sets: dict[str, Subset],
+    opts: argparse.Namespace,
+    released: Callable[[str, int], Dataset] | None = None,
 ) -> Iterator[tuple[str, str, Subset, Transform]]:
-    """(name, group, source set, transform) of the adversarial, corruption and robustness suites."""
+    """(name, group, source set, transform) of the adversarial, corruption and robustness suites.
+
+    ``released(name, severity)``: the released corrupted copy of the whole ID test set (``--corruption-files``),
+    scored in place of the generated corruption.
+    """
     mean, std = model.input_mean, model.input_std
     if "adversarial" in opts.suites:
         for eps in opts.epsilons:
@@ -508,6 +565,9 @@ def anomaly_sets(
         table = None if opts.corruption_table == "auto" else opts.corruption_table  # None: by image size
         for name in opts.corruptions:
             for sev in opts.severities:
+                if released is not None:  # its image j is ID test image j
+                    yield f"{name}_s{sev}", "corruption", Subset(released(name, sev), id_test.indices), None
+                    continue
                 # Seeded per set: the noise corruptions of one severity would otherwise share their draws.
                 fn = lambda x, y, i, n=name, s=sev: anomalies.corrupt(  # noqa: E731
                     x, n, s, mean, std, image_generators(f"{n}_s{s}", i), table
@@ -722,6 +782,7 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
     """
     opts = parse_args(args)
     check_options(opts)
+    files = open_corruption_files(opts)
     device = resolve_device(opts.device)
     overrides = parse_overrides(opts.data)
     if opts.data_root:
@@ -746,6 +807,10 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
     if unknown:
         raise UserError(f"unknown OOD set(s) {', '.join(unknown)}; this checkpoint's sets: {', '.join(ood_sets)}")
     id_test = sample(dm.id_dataset_for("test"), opts.max_samples)
+    released = None
+    if files is not None:
+        check_corruption_files(files, dm, id_test)
+        released = lambda name, sev: Transformed(files.severity(name, sev), build_transform(dm.spec, "none"))  # noqa: E731
     model = module.model.to(device).eval()
     if not opts.scorers:  # every registered scorer that applies (absent: models trained with method absent)
         scorer_map = {key: scorer for key, scorer in scorer_map.items() if scorer.supports(model)}
@@ -787,8 +852,8 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
     save_scores(out / "scores" / "id.npz", id_scored, id_test)
     given = {scorer_key(s): s for s in specs}
     shape = id_test[0][0].shape  # of every scored image (the OOD sets are resized to the ID size)
-    if opts.corruption_table == "auto":  # results.json records the table used
-        opts.corruption_table = anomalies.severity_table(*shape[-2:])
+    if opts.corruption_table == "auto":  # results.json records the table used (none for released images)
+        opts.corruption_table = None if files else anomalies.severity_table(*shape[-2:])
     header = {
         "checkpoint": str(ckpt_path),
         "options": {**vars(opts), "scorers": {k: scorer_record(given[k], s, shape) for k, s in scorer_map.items()}},
@@ -809,7 +874,7 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
         for name, dataset in ood_sets.items():
             if not opts.sets or name in opts.sets:
                 jobs.append((name, "near" if name in dm.near_ood else "far", dataset, None))
-    jobs += list(anomaly_sets(model, id_test, ood_sets, opts))
+    jobs += list(anomaly_sets(model, id_test, ood_sets, opts, released))
 
     ood_scored: dict[str, ScoredSet] = {}
     for name, group, source, transform in jobs:

@@ -578,3 +578,92 @@ def test_explain_says_once_that_the_solves_did_not_converge(
     assert "raise --explain-damping (now 0.001)" in lines[0]
     residuals = json.loads((tmp_path / "explain" / "influence.json").read_text())["settings"]["relative_residual"]
     assert max(residuals) > 0.1
+
+
+def _released_files(run_dir: Path, folder: Path, drop: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR-10-C style folder made from the quickstart's ID test set (minus its last ``drop`` images): labels.npy,
+    fog.npy (brighter with each severity) and pixel_noise.npy (noisier); returns the pixel_noise images and labels."""
+    _, dm = rebuild(load_checkpoint(run_dir / "last.ckpt"), {})
+    clean = dm.id_dataset_for("test").dataset  # ArrayDataset: (N, 1, 8, 8) in [0, 1]
+    n = len(clean) - drop
+    pixels = (clean.images[:n].permute(0, 2, 3, 1).numpy() * 255).astype(np.int64)
+    rng = np.random.default_rng(0)
+    severities = range(1, 6)
+    fog = np.concatenate([np.clip(pixels + 20 * s, 0, 255) for s in severities]).astype(np.uint8)
+    noisy = np.concatenate([np.clip(pixels + rng.normal(0, 15 * s, pixels.shape), 0, 255) for s in severities])
+    folder.mkdir()
+    np.save(folder / "fog.npy", fog)
+    np.save(folder / "pixel_noise.npy", noisy.astype(np.uint8))
+    labels = np.tile(clean.labels[:n].numpy(), 5).astype(np.uint8)  # as CIFAR-10-C's labels.npy
+    np.save(folder / "labels.npy", labels)
+    return noisy.astype(np.uint8), labels
+
+
+def test_released_corruption_files_are_scored_row_for_row(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, labels = _released_files(run_dir, tmp_path / "cifar10c")
+    out = tmp_path / "out"
+    args = [str(run_dir), "--suites", "corruption", "--corruption-files", str(tmp_path / "cifar10c"), "--no-plots"]
+    args += ["--severities", "1", "4", "--scorers", "energy", "msp", "--max-samples", "40", "--out", str(out)]
+    proc = run_inprocess(args, capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["options"]["corruptions"] == ["fog", "pixel_noise"]  # every file but the labels
+    assert results["options"]["corruption_table"] is None
+    assert set(results["sets"]) == {"fog_s1", "fog_s4", "pixel_noise_s1", "pixel_noise_s4"}
+    id_scores = np.load(out / "scores" / "id.npz")
+    scores = np.load(out / "scores" / "pixel_noise_s4.npz")
+    index = id_scores["index"]
+    assert len(index) == 40
+    assert np.array_equal(scores["index"], index)  # the same sampled images
+    n = len(labels) // 5
+    rows = 3 * n + index  # severity 4
+    assert np.array_equal(scores["labels"], labels[rows])
+    # Reference: the rows' pixels, normalized as the model's inputs, through the model by hand.
+    module, _ = rebuild(load_checkpoint(run_dir / "best.ckpt"), {})
+    model = module.model.eval()
+    x = torch.from_numpy(images[rows]).permute(0, 3, 1, 2).float() / 255
+    x = (x - model.input_mean.view(1, -1, 1, 1)) / model.input_std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        expected = torch.logsumexp(model(x), dim=1).double().numpy()
+    np.testing.assert_allclose(scores["score_energy"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "extra", "fragments"),
+    [
+        (
+            "none",
+            ["--corruptions", "snow"],
+            ["--corruption-files: no file snow.npy in", "corruptions: fog, pixel_noise"],
+        ),
+        ("missing", [], ["dataset 'corruption files' not found at", "zenodo.org/record/2535967"]),
+        ("no labels", [], ["labels.npy; the labels of every row are missing"]),
+        ("pickled labels", [], ["labels.npy; not a .npy array of integer labels"]),
+        ("short file", [], ["fog.npy; it holds 10 images for the"]),
+        ("other test set", [], ["images per severity, but the ID test set (digits) has", "CIFAR-10-C for cifar10"]),
+        ("shuffled labels", [], ["labels.npy gives test image", "the files are not this test set in its order"]),
+        ("none", ["--corruption-table", "cifar10c"], ["--corruption-table sets the parameters of generated"]),
+    ],
+)
+def test_bad_corruption_files_stop_before_any_output(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str, extra: list[str], fragments: list
+) -> None:
+    folder = tmp_path / "cifar10c"
+    _released_files(run_dir, folder, drop=1 if change == "other test set" else 0)
+    if change == "missing":
+        shutil.rmtree(folder)
+    elif change == "no labels":
+        (folder / "labels.npy").unlink()
+    elif change == "pickled labels":  # refused from its header: never unpickled
+        np.save(folder / "labels.npy", np.array([{"label": 1}], dtype=object), allow_pickle=True)
+    elif change == "short file":
+        np.save(folder / "fog.npy", np.zeros((10, 8, 8, 1), dtype=np.uint8))
+    elif change == "shuffled labels":
+        labels = np.load(folder / "labels.npy")
+        np.save(folder / "labels.npy", labels[np.random.default_rng(0).permutation(len(labels))])
+    before = sorted(run_dir.iterdir())
+    args = [str(run_dir), *FAST, "--suites", "corruption", "--corruption-files", str(folder), *extra]
+    assert_one_line_error(run_inprocess(args, capsys), *fragments)
+    assert sorted(run_dir.iterdir()) == before  # no eval-NNN folder

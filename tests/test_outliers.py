@@ -21,7 +21,7 @@ from gradreg.data.datasets import (
     build_dataset,
     build_transform,
 )
-from gradreg.data.outliers import ImageFolderDataset, OutlierStream, TinyImages300K, read_class_list
+from gradreg.data.outliers import ImageArray, ImageFolderDataset, OutlierStream, read_class_list
 
 
 def _pool(n: int) -> Transformed:
@@ -63,13 +63,13 @@ def test_tinyimages_reader_errors(tmp_path):
         build_dataset("tinyimages300k", tmp_path, "train")
     np.save(tmp_path / "floats.npy", np.zeros((2, 32, 32, 3), dtype=np.float32))
     with pytest.raises(DatasetNotFoundError, match=r"uint8 array .* got float32"):
-        TinyImages300K(tmp_path / "floats.npy")
+        ImageArray(tmp_path / "floats.npy")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DatasetNotFoundError, match=r"uint8 array .* got object"):  # the header only: no unpickling
-        TinyImages300K(tmp_path / "objects.npy")
+        ImageArray(tmp_path / "objects.npy")
     (tmp_path / "text.npy").write_text("not numpy")
     with pytest.raises(DatasetNotFoundError, match=r"not a \.npy file"):
-        TinyImages300K(tmp_path / "text.npy")
+        ImageArray(tmp_path / "text.npy")
     pool = tmp_path / "tinyimages300k" / "300K_random_images.npy"
     pool.parent.mkdir()
     np.save(pool, np.zeros((4, 32, 32, 3), dtype=np.uint8))

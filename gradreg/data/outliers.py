@@ -74,7 +74,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, read_image, resolve_path, walk_images
 from gradreg.data.datasets import DATASETS, DatasetNotFoundError, augmentation_seeds
 
-__all__ = ["ImageFolderDataset", "OutlierStream", "TinyImages300K", "read_class_list"]
+__all__ = ["ImageArray", "ImageFolderDataset", "OutlierStream", "read_class_list"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,15 @@ TINYIMAGES_HOW = (
 )
 
 
-def check_image_array(path: Path, name: str) -> tuple[int, ...]:
+def check_image_array(path: Path, name: str, how: str = TINYIMAGES_HOW) -> tuple[int, ...]:
     """The shape of the uint8 ``(N, H, W, C)`` array in the ``.npy`` file ``path``, read from its header only.
 
     A missing file, another layout and a truncated download (the header promises more bytes than the file holds)
-    raise :class:`DatasetNotFoundError`, so ``python -m gradreg.data check`` reports them before a run.
+    raise :class:`DatasetNotFoundError`, so ``python -m gradreg.data check`` reports them before a run. ``how``
+    says how to get the file.
     """
     if not path.is_file():
-        raise DatasetNotFoundError(name, path, TINYIMAGES_HOW)
+        raise DatasetNotFoundError(name, path, how)
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -100,13 +101,11 @@ def check_image_array(path: Path, name: str) -> tuple[int, ...]:
             shape, _, dtype = read(f)
             data_start = f.tell()
     except ValueError as err:
-        raise DatasetNotFoundError(name, path, f"not a .npy file ({err}); {TINYIMAGES_HOW}") from None
+        raise DatasetNotFoundError(name, path, f"not a .npy file ({err}); {how}") from None
     except OSError as err:  # e.g. no read permission
         raise DatasetNotFoundError(name, path, f"cannot be read ({err.strerror})") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
-        raise DatasetNotFoundError(
-            name, path, f"expected a uint8 array (N, H, W, C), C in (1, 3), as {TINYIMAGES_FILE}, got {dtype} {shape}"
-        )
+        raise DatasetNotFoundError(name, path, f"expected a uint8 array (N, H, W, C), C in (1, 3), got {dtype} {shape}")
     size, expected = path.stat().st_size, data_start + int(np.prod(shape))
     if size < expected:
         raise DatasetNotFoundError(name, path, f"the file is truncated ({size} of {expected} bytes); download it again")
@@ -115,7 +114,7 @@ def check_image_array(path: Path, name: str) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pools
-class TinyImages300K(Dataset):
+class ImageArray(Dataset):
     """A uint8 image array ``(N, H, W, C)`` in a ``.npy`` file, memory-mapped; items are ``(HWC array, -1)``.
 
     The map is opened lazily in each process (a pickled memory map would carry the whole array to every
@@ -124,11 +123,12 @@ class TinyImages300K(Dataset):
     Args:
         path: the ``.npy`` file (TinyImages-300K: ``300K_random_images.npy``, 300,000 x 32 x 32 x 3).
         name: dataset name for error messages.
+        how: how to get the file, for error messages.
     """
 
-    def __init__(self, path: str | os.PathLike[str], name: str = "tinyimages300k") -> None:
+    def __init__(self, path: str | os.PathLike[str], name: str = "tinyimages300k", how: str = TINYIMAGES_HOW) -> None:
         self.path = Path(path)
-        self.shape: tuple[int, ...] = check_image_array(self.path, name)
+        self.shape: tuple[int, ...] = check_image_array(self.path, name, how)
         self._array: np.ndarray | None = self._open()
 
     def _open(self) -> np.ndarray:
@@ -159,7 +159,7 @@ def tinyimages300k(root: Path, split: str, path: str | None = None) -> Dataset:
 
     Default ``<data_root>/tinyimages300k/300K_random_images.npy``; a relative ``path`` is relative to the data root.
     """
-    return TinyImages300K(_tinyimages_locate(root, split, path).path)
+    return ImageArray(_tinyimages_locate(root, split, path).path)
 
 
 tinyimages300k.locate = _tinyimages_locate  # type: ignore[attr-defined]
