@@ -314,13 +314,16 @@ def _smooth_images(channels: int, size: int = 16, n: int = 8, seed: int = 0) -> 
 
 
 ALL = CORRUPTIONS.names()
-STOCHASTIC = ["gaussian_noise", "impulse_noise", "shot_noise", "speckle_noise"]
-# Pixelate is not monotone in mean change for small images (int(size * c) maps severities to few sizes).
-MONOTONE = [name for name in ALL if name != "pixelate"]
+STOCHASTIC = ["gaussian_noise", "impulse_noise", "shot_noise", "speckle_noise", "fog", "elastic_transform"]
+# Pixelate is not monotone in mean change for small images (int(size * c) maps severities to few sizes); nor is the
+# reference's elastic table (its affine shift shrinks from 8 % to 3 % of the side while the displacement grows).
+MONOTONE = [name for name in ALL if name not in ("pixelate", "elastic_transform")]
 
 
 def test_registry_has_the_required_corruptions() -> None:
     assert {"gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness"} <= set(ALL)
+    benchmark = {"impulse_noise", "defocus_blur", "zoom_blur", "fog", "elastic_transform", "pixelate"}  # of the 15
+    assert benchmark <= set(ALL)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -524,3 +527,149 @@ def test_deterministic_corruptions_follow_the_imagenet_c_table() -> None:
     np.testing.assert_allclose(pixelated, np.asarray(small.resize((224, 224), Image.BOX)), rtol=0, atol=1e-6)
     jpeg = CORRUPTIONS.get("jpeg")
     assert (jpeg(images, 5) - images).abs().mean() > (jpeg(images, 5, None, "cifar10c") - images).abs().mean()
+
+
+# The corruptions below are checked against transcriptions of make_cifar_c.py / make_imagenet_c.py that take the
+# same random numbers, with scipy in place of OpenCV: OpenCV's GaussianBlur and filter2D are correlations with
+# BORDER_REFLECT_101 (scipy's "mirror"), and its warpAffine with INTER_LINEAR is affine_transform(order=1). Checked
+# once against OpenCV 5.0 itself (opencv-python-headless, not a dependency): defocus_blur to 4e-8, elastic_transform
+# to 2e-6.
+
+
+def _hwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(1, 2, 0).numpy()
+
+
+def _table_cases() -> list[tuple[int, str, int]]:
+    return [(32, "cifar10c", s) for s in range(1, 6)] + [
+        (8, "cifar10c", 5),
+        (224, "imagenetc", 1),
+        (224, "imagenetc", 5),
+    ]
+
+
+@pytest.mark.parametrize(("size", "table", "severity"), _table_cases())
+def test_zoom_blur_matches_the_reference_clipped_zoom(size: int, table: str, severity: int) -> None:
+    def clipped_zoom(img: np.ndarray, factor: float) -> np.ndarray:
+        h = img.shape[0]
+        ch = int(np.ceil(h / factor))
+        top = (h - ch) // 2
+        img = ndimage.zoom(img[top : top + ch, top : top + ch], (factor, factor, 1), order=1)
+        trim = (img.shape[0] - h) // 2
+        return img[trim : trim + h, trim : trim + h]
+
+    images = _smooth_images(3, size=size, n=2).double()
+    factors = {"cifar10c": [0.01 * k for k in (6, 11, 16, 21, 26)], "imagenetc": None}[table]
+    stops = factors or [0.11, 0.16, 0.21, 0.26, 0.31]
+    steps = [0.01] * 5 if factors else [0.01, 0.01, 0.02, 0.02, 0.03]
+    zooms = np.arange(1, 1 + stops[severity - 1], steps[severity - 1])
+    out = CORRUPTIONS.get("zoom_blur")(images, severity, None, table)
+    for image, result in zip(images, out, strict=True):
+        x = _hwc(image)
+        ref = np.clip((x + sum(clipped_zoom(x, z) for z in zooms)) / (len(zooms) + 1), 0, 1)
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("size", "table", "severity"), _table_cases())
+def test_defocus_blur_matches_the_reference_disk_filter(size: int, table: str, severity: int) -> None:
+    radius, alias = {
+        "cifar10c": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
+        "imagenetc": [(3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)],
+    }[table][severity - 1]
+    grid = np.arange(-8, 9) if radius <= 8 else np.arange(-radius, radius + 1)
+    xx, yy = np.meshgrid(grid, grid)
+    disk = ((xx**2 + yy**2) <= radius**2).astype(np.float64)
+    k = 1 if radius <= 8 else 2  # GaussianBlur's ksize 3 or 5: getGaussianKernel's normalized exp weights
+    g = np.exp(-0.5 * (np.arange(-k, k + 1) / alias) ** 2)
+    kernel = ndimage.correlate1d(ndimage.correlate1d(disk / disk.sum(), g / g.sum(), 1, mode="mirror"), g / g.sum(), 0,
+                                 mode="mirror")  # fmt: skip
+    images = _smooth_images(3, size=size, n=2).double()
+    out = CORRUPTIONS.get("defocus_blur")(images, severity, None, table)
+    ref = np.stack([[ndimage.correlate(ch, kernel, mode="mirror") for ch in im] for im in images.numpy()])
+    np.testing.assert_allclose(out.numpy(), np.clip(ref, 0, 1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("size", "table", "severity"), _table_cases())
+def test_fog_matches_the_reference_plasma_fractal(size: int, table: str, severity: int) -> None:
+    strength, decay = {
+        "cifar10c": [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],
+        "imagenetc": [(1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)],
+    }[table][severity - 1]
+
+    def plasma_fractal(mapsize: int, generator: torch.Generator) -> np.ndarray:  # np.random.uniform -> generator
+        maparray = np.zeros((mapsize, mapsize))
+        stepsize, wibble = mapsize, 100.0
+
+        def wibbledmean(array: np.ndarray) -> np.ndarray:
+            u = torch.rand(array.shape, generator=generator, dtype=torch.float64).numpy()
+            return array / 4 + wibble * (-wibble + 2 * wibble * u)
+
+        while stepsize >= 2:
+            half = stepsize // 2
+            cornerref = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+            squareaccum = cornerref + np.roll(cornerref, shift=-1, axis=0)
+            squareaccum += np.roll(squareaccum, shift=-1, axis=1)
+            maparray[half:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(squareaccum)
+            drgrid = maparray[half:mapsize:stepsize, half:mapsize:stepsize]
+            ulgrid = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+            ltsum = drgrid + np.roll(drgrid, 1, axis=0) + ulgrid + np.roll(ulgrid, -1, axis=1)
+            maparray[0:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(ltsum)
+            ttsum = drgrid + np.roll(drgrid, 1, axis=1) + ulgrid + np.roll(ulgrid, -1, axis=0)
+            maparray[half:mapsize:stepsize, 0:mapsize:stepsize] = wibbledmean(ttsum)
+            stepsize //= 2
+            wibble /= decay
+        maparray -= maparray.min()
+        return maparray / maparray.max()
+
+    images = _smooth_images(3, size=size, n=2).double()
+    out = CORRUPTIONS.get("fog")(images, severity, [torch.Generator().manual_seed(i) for i in range(2)], table)
+    mapsize = {8: 8, 32: 32, 224: 256}[size]  # make_cifar_c.py: 32, make_imagenet_c.py: 256, cropped to the image
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        x = _hwc(image)
+        plasma = plasma_fractal(mapsize, torch.Generator().manual_seed(i))[:size, :size, None]
+        ref = np.clip((x + strength * plasma) * x.max() / (x.max() + strength), 0, 1)
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("size", "table", "severity"), _table_cases())
+def test_elastic_transform_matches_the_reference(size: int, table: str, severity: int) -> None:
+    alpha, sigma, shift = (
+        side * v
+        for side, v in zip(
+            [{"cifar10c": 32, "imagenetc": 244}[table] * size / {"cifar10c": 32, "imagenetc": 224}[table]] * 3,
+            {
+                "cifar10c": [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)],
+                "imagenetc": [
+                    (2, 0.7, 0.1),
+                    (2, 0.08, 0.2),
+                    (0.05, 0.01, 0.02),
+                    (0.07, 0.01, 0.02),
+                    (0.12, 0.01, 0.02),
+                ],
+            }[table][severity - 1],
+            strict=True,
+        )
+    )
+    images = _smooth_images(3, size=size, n=2).double()
+    out = CORRUPTIONS.get("elastic_transform")(images, severity, [torch.Generator().manual_seed(i) for i in range(2)],
+                                               table)  # fmt: skip
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        generator = torch.Generator().manual_seed(i)
+        x = _hwc(image)
+        centre, square = np.float64([size, size]) // 2, size // 3
+        pts1 = np.array([centre + square, [centre[0] + square, centre[1] - square], centre - square])  # (x, y)
+        pts2 = pts1 + shift * (2 * torch.rand((3, 2), generator=generator, dtype=torch.float64).numpy() - 1)
+        forward = np.linalg.solve(np.c_[pts1, np.ones(3)], pts2).T  # getAffineTransform: 2x3, pts2 = M [pts1; 1]
+        inverse = np.linalg.inv(forward[:, :2])
+        swap = np.array([[0, 1], [1, 0]])  # (x, y) <-> (row, col)
+        matrix, offset = swap @ inverse @ swap, -(swap @ inverse @ forward[:, 2])
+        warped = np.stack(
+            [ndimage.affine_transform(x[..., c], matrix, offset, order=1, mode="mirror") for c in range(3)], -1
+        )
+        fields = [torch.rand((size, size), generator=generator, dtype=torch.float64).numpy() * 2 - 1 for _ in range(2)]
+        dx, dy = (alpha * ndimage.gaussian_filter(f, sigma, mode="reflect", truncate=3) for f in fields)
+        yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+        ref = np.stack(
+            [ndimage.map_coordinates(warped[..., c], [yy + dy, xx + dx], order=1, mode="reflect") for c in range(3)], -1
+        )
+        np.testing.assert_allclose(_hwc(result), np.clip(ref, 0, 1), rtol=0, atol=1e-10)
