@@ -633,22 +633,15 @@ def test_fog_matches_the_reference_plasma_fractal(size: int, table: str, severit
 
 @pytest.mark.parametrize(("size", "table", "severity"), _table_cases())
 def test_elastic_transform_matches_the_reference(size: int, table: str, severity: int) -> None:
+    # The references' constants are multiples of IMSIZE = 32 (CIFAR-10-C) and of 244 (ImageNet-C, for 224 px images);
+    # gradreg scales them with the image side.
+    unit, side = {"cifar10c": (32, 32), "imagenetc": (244, 224)}[table]
     alpha, sigma, shift = (
-        side * v
-        for side, v in zip(
-            [{"cifar10c": 32, "imagenetc": 244}[table] * size / {"cifar10c": 32, "imagenetc": 224}[table]] * 3,
-            {
-                "cifar10c": [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)],
-                "imagenetc": [
-                    (2, 0.7, 0.1),
-                    (2, 0.08, 0.2),
-                    (0.05, 0.01, 0.02),
-                    (0.07, 0.01, 0.02),
-                    (0.12, 0.01, 0.02),
-                ],
-            }[table][severity - 1],
-            strict=True,
-        )
+        unit * v * size / side
+        for v in {
+            "cifar10c": [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)],
+            "imagenetc": [(2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02)],
+        }[table][severity - 1]
     )
     images = _smooth_images(3, size=size, n=2).double()
     out = CORRUPTIONS.get("elastic_transform")(images, severity, [torch.Generator().manual_seed(i) for i in range(2)],
