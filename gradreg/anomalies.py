@@ -48,9 +48,9 @@ elastic_transform agree with the reference code (OpenCV 5.0, scipy, scikit-image
 1e-6 or better (tests/test_anomalies.py against scipy transcriptions), zoom_blur zooms each axis by its own crop
 (the reference assumes square images), and fog's fractal has the next power of two of the longer side; the corrupted
 images stay float (CIFAR-10-C stores them as uint8, truncated, about -0.5/255 on average), and only JPEG is
-quantized. ``evaluate.py`` draws each image's noise (and PGD's random start) from a CPU generator seeded with the
-set's name and the image's index in its dataset: the same images whatever the batch size, ``--max-samples`` or
-device.
+quantized. ``evaluate.py`` draws each image's random numbers (and PGD's random start) from a CPU generator seeded
+with the set's name and the image's index in its dataset: the same images whatever the batch size, ``--max-samples``
+or device.
 """
 
 from __future__ import annotations
