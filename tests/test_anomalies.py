@@ -314,10 +314,19 @@ def _smooth_images(channels: int, size: int = 16, n: int = 8, seed: int = 0) -> 
 
 
 ALL = CORRUPTIONS.names()
-STOCHASTIC = ["gaussian_noise", "impulse_noise", "shot_noise", "speckle_noise", "fog", "elastic_transform"]
-# Pixelate is not monotone in mean change for small images (int(size * c) maps severities to few sizes); nor is the
-# reference's elastic table (its affine shift shrinks from 8 % to 3 % of the side while the displacement grows).
-MONOTONE = [name for name in ALL if name not in ("pixelate", "elastic_transform")]
+STOCHASTIC = [
+    "gaussian_noise",
+    "impulse_noise",
+    "shot_noise",
+    "speckle_noise",
+    "fog",
+    "elastic_transform",
+    "glass_blur",
+]
+# Pixelate is not monotone in mean change for small images (int(size * c) maps severities to few sizes); nor are the
+# reference's elastic table (its affine shift shrinks from 8 % to 3 % of the side while the displacement grows) and
+# glass table (its blur drops from sigma 0.4 to 0.25 between severities 3 and 4).
+MONOTONE = [name for name in ALL if name not in ("pixelate", "elastic_transform", "glass_blur")]
 
 
 def test_registry_has_the_required_corruptions() -> None:
@@ -666,3 +675,35 @@ def test_elastic_transform_matches_the_reference(size: int, table: str, severity
             [ndimage.map_coordinates(warped[..., c], [yy + dy, xx + dx], order=1, mode="reflect") for c in range(3)], -1
         )
         np.testing.assert_allclose(_hwc(result), np.clip(ref, 0, 1), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("size", "table", "severity"), [(32, "cifar10c", s) for s in range(1, 6)] + [(12, "imagenetc", 4)]
+)
+def test_glass_blur_matches_the_reference_pixel_moves(size: int, table: str, severity: int) -> None:
+    sigma, delta, rounds = {
+        "cifar10c": [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
+        "imagenetc": [(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],
+    }[table][severity - 1]
+
+    def gaussian(img: np.ndarray) -> np.ndarray:  # skimage.filters.gaussian(img, sigma, multichannel=True)
+        return np.stack(
+            [ndimage.gaussian_filter(img[..., c], sigma, mode="nearest", truncate=4.0) for c in range(3)], -1
+        )
+
+    images = _smooth_images(3, size=size, n=2).double()
+    out = CORRUPTIONS.get("glass_blur")(images, severity, [torch.Generator().manual_seed(i) for i in range(2)], table)
+    visits = (size - 2 * delta) ** 2
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        moves = torch.randint(-delta, delta, (rounds, visits, 2), generator=torch.Generator().manual_seed(i)).numpy()
+        x = np.uint8(gaussian(_hwc(image)) * 255)
+        for r in range(rounds):
+            v = 0
+            for h in range(size - delta, delta, -1):
+                for w in range(size - delta, delta, -1):
+                    dx, dy = moves[r, v]
+                    v += 1
+                    h_prime, w_prime = h + dy, w + dx
+                    x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]  # the reference's line, views and all
+        ref = np.clip(gaussian(x / 255.0), 0, 1)
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
