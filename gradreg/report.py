@@ -117,8 +117,8 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--corruption-files",
         metavar="DIR",
-        help="score the released CIFAR-10-C / CIFAR-100-C images of DIR (labels.npy, <corruption>.npy) instead of "
-        "generating the corruptions",
+        help="score the released corrupted images of DIR instead of generating them: CIFAR-10-C / CIFAR-100-C "
+        "(labels.npy, <corruption>.npy) or ImageNet-C (<corruption>/<severity>/<class>/<image>)",
     )
     p.add_argument(
         "--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="corruption severities 1-5 (default: all)"
@@ -256,27 +256,13 @@ def open_corruption_files(opts: argparse.Namespace) -> CorruptionFiles | None:
 
 
 def check_corruption_files(files: CorruptionFiles, dm: OODDataModule, id_test: Subset) -> None:
-    """The files must hold corrupted copies of this ID test set, row for row: its size, and its labels in its order."""
+    """The files must hold corrupted copies of the ID test images ``id_test`` scores (before any work is done)."""
     full = dm.id_dataset_for("test")
-    where = f"--corruption-files {files.folder}"
-    if files.size != len(full):
-        raise UserError(
-            f"{where} holds {files.size} images per severity, but the ID test set ({dataset_name(dm.id_dataset)}) has "
-            f"{len(full)}; give the corrupted copies of this test set (CIFAR-10-C for cifar10, CIFAR-100-C for "
-            "cifar100)"
-        )
-    base = full.dataset if isinstance(full, Transformed) else full  # labels without the transform
-    labels = np.array([base[i][1] for i in id_test.indices], dtype=np.int64)
-    index = np.asarray(id_test.indices, dtype=np.int64)
-    for severity in anomalies.SEVERITIES:
-        differ = np.flatnonzero(files.labels[(severity - 1) * files.size + index] != labels)
-        if differ.size:
-            j = int(index[differ[0]])
-            raise UserError(
-                f"{where}: labels.npy gives test image {j} at severity {severity} the label "
-                f"{files.labels[(severity - 1) * files.size + j]}, the ID test set ({dataset_name(dm.id_dataset)}) "
-                f"{labels[differ[0]]}: the files are not this test set in its order"
-            )
+    base = full.dataset if isinstance(full, Transformed) else full  # labels and file names without the transform
+    try:
+        files.check(base, id_test.indices, dataset_name(dm.id_dataset))
+    except ValueError as err:
+        raise UserError(f"--corruption-files {files.folder}: {err}") from None
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -810,7 +796,8 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
     released = None
     if files is not None:
         check_corruption_files(files, dm, id_test)
-        released = lambda name, sev: Transformed(files.severity(name, sev), build_transform(dm.spec, "none"))  # noqa: E731
+        to_tensor = build_transform(dm.spec, "none", resize=False)  # released images have the ID size (ImageNet-C: 224)
+        released = lambda name, sev: Transformed(files.severity(name, sev), to_tensor)  # noqa: E731
     model = module.model.to(device).eval()
     if not opts.scorers:  # every registered scorer that applies (absent: models trained with method absent)
         scorer_map = {key: scorer for key, scorer in scorer_map.items() if scorer.supports(model)}

@@ -667,3 +667,74 @@ def test_bad_corruption_files_stop_before_any_output(
     args = [str(run_dir), *FAST, "--suites", "corruption", "--corruption-files", str(folder), *extra]
     assert_one_line_error(run_inprocess(args, capsys), *fragments)
     assert sorted(run_dir.iterdir()) == before  # no eval-NNN folder
+
+
+def _imagenet_c(tmp_path: Path) -> tuple[Path, Path]:
+    """A post-hoc config on a fake ImageNet-10 val/ (2 images a class) and an ImageNet-C style folder for it:
+    fog/<severity>/<wnid>/<the val file name>, 224 px images 20 x severity levels brighter than the val image."""
+    from gradreg.data.benchmarks import imagenet_subset_wnids
+
+    rng = np.random.default_rng(0)
+    for wnid in imagenet_subset_wnids(10):
+        val = tmp_path / "data" / "imagenet" / "val" / wnid
+        val.mkdir(parents=True)
+        for k in range(2):
+            image = rng.integers(0, 200, (224, 224, 3), dtype=np.uint8)
+            name = f"ILSVRC2012_val_{wnid[-4:]}{k}.png"
+            Image.fromarray(image).save(val / name)
+            for severity in range(1, 6):
+                folder = tmp_path / "imagenet-c" / "fog" / str(severity) / wnid
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.clip(image.astype(int) + 10 * severity, 0, 255).astype(np.uint8)).save(folder / name)
+    config = tmp_path / "imagenet10.yaml"
+    config.write_text(
+        "seed_everything: 0\nmodel:\n  arch: small_cnn\n  arch_kwargs: {in_channels: 3, width: 8}\ndata:\n"
+        "  id_dataset: imagenet10\n  ood_sets: []\n  near_ood: []\n  outliers: null\n"
+        f"  data_root: {tmp_path / 'data'}\n  eval_batch_size: 8\n  num_workers: 0\n"
+    )
+    return config, tmp_path / "imagenet-c"
+
+
+def test_imagenet_c_folders_are_matched_to_the_id_test_set_by_file_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, folder = _imagenet_c(tmp_path)
+    out = tmp_path / "out"
+    args = [str(config), "--suites", "corruption", "--corruption-files", str(folder), "--severities", "2"]
+    proc = run_inprocess([*args, "--scorers", "energy", "--no-plots", "--wandb", "off", "--out", str(out)], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["sets"]) == ["fog_s2"]
+    id_scores, scores = np.load(out / "scores" / "id.npz"), np.load(out / "scores" / "fog_s2.npz")
+    assert np.array_equal(scores["index"], id_scores["index"])
+    assert np.array_equal(scores["labels"], id_scores["labels"])
+    # Reference: the same model (the config's seeded initial weights) on the fog/2 images, normalized, by hand.
+    from gradreg.report import from_config
+
+    module, dm = from_config(config, {})
+    model = module.model.eval()
+    files = [dm.id_dataset_for("test").dataset.file(i) for i in scores["index"]]
+    pixels = np.stack([np.asarray(Image.open(folder / "fog" / "2" / f.parent.name / f.name)) for f in files])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - model.input_mean.view(1, -1, 1, 1)) / model.input_std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        expected = torch.logsumexp(model(x), dim=1).double().numpy()
+    np.testing.assert_allclose(scores["score_energy"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["missing image", "other class folder"])
+def test_imagenet_c_folders_that_are_not_the_id_test_set_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
+) -> None:
+    config, folder = _imagenet_c(tmp_path)
+    image = next((folder / "fog" / "3").glob("*/*.png"))
+    if change == "missing image":
+        image.unlink()
+        fragment = f"{folder / 'fog' / '3'} has no {image.name}"
+    else:
+        other = next(p for p in (folder / "fog" / "3").iterdir() if p.name != image.parent.name)
+        image.rename(other / image.name)
+        fragment = f"is in class folder {other.name}, but ID test image"
+    args = [str(config), "--suites", "corruption", "--corruption-files", str(folder), "--scorers", "energy"]
+    assert_one_line_error(run_inprocess([*args, "--out", str(tmp_path / "out")], capsys), fragment)
+    assert not (tmp_path / "out").exists()

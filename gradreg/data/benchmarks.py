@@ -321,8 +321,12 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def file(self, i: int) -> Path:
+        """Path of image ``i``."""
+        return Path(self.files[i])
+
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return read_image(self.files[i]), self.labels[i]
+        return read_image(self.file(i)), self.labels[i]
 
 
 class ArrayImages(Dataset):
