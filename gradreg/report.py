@@ -248,7 +248,7 @@ def open_corruption_files(opts: argparse.Namespace) -> CorruptionFiles | None:
     if opts.corruption_files is None or "corruption" not in opts.suites:
         return None
     try:
-        files = CorruptionFiles(opts.corruption_files, opts.corruptions)
+        files = CorruptionFiles(opts.corruption_files, opts.corruptions, opts.severities)
     except ValueError as err:
         raise UserError(f"--corruption-files: {err}") from None
     opts.corruptions = files.names  # results.json records them

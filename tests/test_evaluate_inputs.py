@@ -699,6 +699,8 @@ def test_imagenet_c_folders_are_matched_to_the_id_test_set_by_file_name(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config, folder = _imagenet_c(tmp_path)
+    for severity in (1, 3, 4, 5):  # only the severities asked for need to be there
+        shutil.rmtree(folder / "fog" / str(severity))
     out = tmp_path / "out"
     args = [str(config), "--suites", "corruption", "--corruption-files", str(folder), "--severities", "2"]
     proc = run_inprocess([*args, "--scorers", "energy", "--no-plots", "--wandb", "off", "--out", str(out)], capsys)
@@ -722,7 +724,7 @@ def test_imagenet_c_folders_are_matched_to_the_id_test_set_by_file_name(
     np.testing.assert_allclose(scores["score_energy"], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["missing image", "other class folder"])
+@pytest.mark.parametrize("change", ["missing image", "other class folder", "missing severity"])
 def test_imagenet_c_folders_that_are_not_the_id_test_set_are_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
 ) -> None:
@@ -731,10 +733,13 @@ def test_imagenet_c_folders_that_are_not_the_id_test_set_are_named(
     if change == "missing image":
         image.unlink()
         fragment = f"{folder / 'fog' / '3'} has no {image.name}"
-    else:
+    elif change == "other class folder":
         other = next(p for p in (folder / "fog" / "3").iterdir() if p.name != image.parent.name)
         image.rename(other / image.name)
         fragment = f"is in class folder {other.name}, but ID test image"
+    else:
+        shutil.rmtree(folder / "fog" / "4")
+        fragment = f"{folder / 'fog' / '4'} is missing; extract it, or give --severities those that are there"
     args = [str(config), "--suites", "corruption", "--corruption-files", str(folder), "--scorers", "energy"]
     assert_one_line_error(run_inprocess([*args, "--out", str(tmp_path / "out")], capsys), fragment)
     assert not (tmp_path / "out").exists()

@@ -47,25 +47,30 @@ class CorruptionFiles:
     Args:
         folder: the folder of ``labels.npy`` and ``<corruption>.npy``, or of ``<corruption>/<severity>/`` folders.
         names: the corruptions to read (file stems or folder names); default every one there.
+        severities: the severities to read (folders: only these need to be there).
 
     Raises:
         DatasetNotFoundError: a missing folder or file, or one that is not such an array (one line with the fix).
         ValueError: a name that is not there (the line lists those that are).
     """
 
-    def __init__(self, folder: str | os.PathLike[str], names: Sequence[str] | None = None) -> None:
-        self.folder = Path(folder)
+    def __init__(
+        self, folder: str | os.PathLike[str], names: Sequence[str] | None = None, severities: Sequence[int] = SEVERITIES
+    ) -> None:
+        self.folder, self.severities = Path(folder), list(severities)
         if not self.folder.is_dir():
             raise DatasetNotFoundError(NAME, self.folder, HOW)
         self.arrays = (self.folder / LABELS).is_file()
         if self.arrays:
             available = sorted(p.stem for p in self.folder.glob("*.npy") if p.name != LABELS)
         else:
-            available = sorted(d.name for d in self.folder.iterdir() if d.is_dir() and (d / "1").is_dir())
+            available = sorted(d.name for d in self.folder.iterdir() if any((d / str(s)).is_dir() for s in SEVERITIES))
             if not available and any(self.folder.glob("*.npy")):
                 raise DatasetNotFoundError(NAME, self.folder / LABELS, f"the labels of every row are missing; {HOW}")
             if not available:
-                raise DatasetNotFoundError(NAME, self.folder, f"neither {LABELS} nor <corruption>/1/ folders; {HOW}")
+                raise DatasetNotFoundError(
+                    NAME, self.folder, f"neither {LABELS} nor <corruption>/<severity>/ folders; {HOW}"
+                )
         self.names = list(names) if names else available
         unknown = [name for name in self.names if name not in available]
         if unknown:
@@ -103,7 +108,7 @@ class CorruptionFiles:
             )
         wanted = {i: Path(file(i)) for i in indices}
         for name in self.names:
-            for s in SEVERITIES:
+            for s in self.severities:
                 self._images[name, s] = _Files(self._match(name, s, wanted), id_test)
 
     def severity(self, name: str, severity: int) -> Dataset:
@@ -122,7 +127,7 @@ class CorruptionFiles:
             )
         index = np.asarray(indices, dtype=np.int64)
         labels = np.array([id_test[i][1] for i in indices], dtype=np.int64)
-        for s in SEVERITIES:
+        for s in self.severities:
             differ = np.flatnonzero(self.labels[(s - 1) * size + index] != labels)
             if differ.size:
                 j = int(index[differ[0]])
@@ -135,6 +140,8 @@ class CorruptionFiles:
     def _match(self, name: str, severity: int, wanted: dict[int, Path]) -> dict[int, Path]:
         """The images of ``<name>/<severity>/`` that stand for the ID test images ``wanted`` (index: file)."""
         folder = self.folder / name / str(severity)
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is missing; extract it, or give --severities those that are there")
         found: dict[str, Path] = {}
         for dirpath, images in walk_images(folder, NAME):
             found.update((image, Path(dirpath, image)) for image in images)
