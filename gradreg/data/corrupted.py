@@ -79,6 +79,7 @@ class CorruptionFiles:
         self._images: dict[tuple[str, int], Dataset] = {}
         if self.arrays:
             self.labels = _read_labels(self.folder / LABELS)
+            size = len(self.labels) // 5  # images per severity
             for name in self.names:
                 images = ImageArray(self.folder / f"{name}.npy", NAME, HOW)
                 if len(images) != len(self.labels):
@@ -87,7 +88,6 @@ class CorruptionFiles:
                         images.path,
                         f"it holds {len(images)} images for the {len(self.labels)} labels of {LABELS}",
                     )
-                size = len(self.labels) // 5
                 for s in SEVERITIES:
                     self._images[name, s] = _Rows(images, self.labels, (s - 1) * size, size)
 
