@@ -798,6 +798,14 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
         check_corruption_files(files, dm, id_test)
         to_tensor = build_transform(dm.spec, "none", resize=False)  # released images have the ID size (ImageNet-C: 224)
         released = lambda name, sev: Transformed(files.severity(name, sev), to_tensor)  # noqa: E731
+    elif "corruption" in opts.suites:
+        channels = module.model.input_mean.numel()
+        for name in opts.corruptions:
+            if name in anomalies.RGB_ONLY and channels != 3:
+                raise UserError(
+                    f"--corruptions {name} needs RGB images, and the images of '{dm.id_dataset}' have {channels} "
+                    "channel(s); drop it"
+                )
     model = module.model.to(device).eval()
     if not opts.scorers:  # every registered scorer that applies (absent: models trained with method absent)
         scorer_map = {key: scorer for key, scorer in scorer_map.items() if scorer.supports(model)}

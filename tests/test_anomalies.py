@@ -5,6 +5,7 @@ from __future__ import annotations
 import colorsys
 import copy
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.datasets import load_digits
 
+from gradreg import anomalies
 from gradreg.anomalies import CORRUPTIONS, corrupt, energy_attack, fgsm, pgd, severity_table
 from gradreg.losses import energy
 from gradreg.models import SmallCNN
@@ -322,21 +324,34 @@ STOCHASTIC = [
     "fog",
     "elastic_transform",
     "glass_blur",
+    "motion_blur",
+    "snow",
 ]
 # Pixelate is not monotone in mean change for small images (int(size * c) maps severities to few sizes); nor are the
-# reference's elastic table (its affine shift shrinks from 8 % to 3 % of the side while the displacement grows) and
-# glass table (its blur drops from sigma 0.4 to 0.25 between severities 3 and 4).
-MONOTONE = [name for name in ALL if name not in ("pixelate", "elastic_transform", "glass_blur")]
+# reference's elastic table (its affine shift shrinks from 8 % to 3 % of the side while the displacement grows),
+# glass table (its blur drops from sigma 0.4 to 0.25 between severities 3 and 4), saturate table (severities 1-2
+# desaturate, 3-5 saturate), motion blur table (severities 3 and 4 differ in the radius only, 6 and 8 px, whose extra
+# weights are below 1e-9 at sigma 2) and snow table (severity 3 has more but fainter flakes than 2).
+MONOTONE = [
+    name
+    for name in ALL
+    if name not in ("pixelate", "elastic_transform", "glass_blur", "saturate", "motion_blur", "snow")
+]
+RGB_ONLY = ("saturate",)
+
+
+def _with_channels(*channels: int) -> list[tuple[str, int]]:
+    """(name, channels) for every corruption, RGB-only ones with 3 channels only."""
+    return [(n, c) for n in ALL for c in channels if n not in RGB_ONLY or c == 3]
 
 
 def test_registry_has_the_required_corruptions() -> None:
     assert {"gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness"} <= set(ALL)
-    benchmark = {"impulse_noise", "defocus_blur", "zoom_blur", "fog", "elastic_transform", "pixelate"}  # of the 15
-    assert benchmark <= set(ALL)
+    benchmark = {"impulse_noise", "defocus_blur", "zoom_blur", "fog", "elastic_transform", "pixelate", "motion_blur"}
+    assert benchmark | {"snow", "speckle_noise", "saturate"} <= set(ALL)  # snow of the 15, the rest of the extra 4
 
 
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(("name", "channels"), _with_channels(1, 3))
 def test_corruption_changes_image_keeps_shape_and_range(name: str, channels: int) -> None:
     images = _smooth_images(channels)
     for severity in range(1, 6):
@@ -374,8 +389,7 @@ def test_corruptions_are_deterministic_under_a_seeded_generator(name: str) -> No
         assert not torch.equal(fn(images, 3, torch.Generator().manual_seed(6)), first)
 
 
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("channels", [1, 2, 3])
+@pytest.mark.parametrize(("name", "channels"), _with_channels(1, 2, 3))
 def test_corruptions_keep_an_empty_batch(name: str, channels: int) -> None:
     """jpeg stacked the list of compressed images, which an empty batch leaves empty (torch.stack raised)."""
     images = _smooth_images(channels)[:0]
@@ -429,6 +443,32 @@ def test_brightness_matches_an_hsv_round_trip() -> None:
         ref.append(colorsys.hsv_to_rgb(h, s, min(v + 0.3, 1.0)))
     ref_t = torch.tensor(ref, dtype=torch.float64).reshape(2, 6, 6, 3).permute(0, 3, 1, 2)
     torch.testing.assert_close(out, ref_t, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("table", ["cifar10c", "imagenetc"])
+def test_saturate_matches_an_hsv_round_trip(table: str) -> None:
+    levels = {"cifar10c": [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],
+              "imagenetc": [(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)]}[table]  # fmt: skip
+    images = _smooth_images(3, size=6, n=2).double()
+    images[0, :, 0, 0] = 0.0  # black stays black
+    images[0, :, 0, 1] = 0.4  # gray: hue 0, so a shift tints it red
+    images[1, :, 0, 0] = torch.tensor([0.9, 0.1, 0.5])  # a saturation that clips at 1 from severity 3
+    flat = images.permute(0, 2, 3, 1).reshape(-1, 3).tolist()
+    for severity, (factor, shift) in enumerate(levels, start=1):
+        out = CORRUPTIONS.get("saturate")(images, severity, None, table)
+        ref = []
+        for rgb in flat:
+            h, s, v = colorsys.rgb_to_hsv(*rgb)
+            ref.append(colorsys.hsv_to_rgb(h, min(max(s * factor + shift, 0.0), 1.0), v))
+        ref_t = torch.tensor(ref, dtype=torch.float64).reshape(2, 6, 6, 3).permute(0, 3, 1, 2)
+        torch.testing.assert_close(out, ref_t, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_saturate_refuses_images_that_are_not_rgb(channels: int) -> None:
+    with pytest.raises(ValueError, match=f"^saturate changes the HSV saturation of RGB images; these images have "
+                                         f"{channels} channel"):  # fmt: skip
+        corrupt(_smooth_images(channels), "saturate", 1, [0.5] * channels, [0.25] * channels)
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
@@ -549,6 +589,37 @@ def _hwc(x: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).numpy()
 
 
+def _clipped_zoom(img: np.ndarray, factor: float) -> np.ndarray:
+    """The references' clipped_zoom, (H, W, C) square images."""
+    h = img.shape[0]
+    ch = int(np.ceil(h / factor))
+    top = (h - ch) // 2
+    img = ndimage.zoom(img[top : top + ch, top : top + ch], (factor, factor, 1), order=1)
+    trim = (img.shape[0] - h) // 2
+    return img[trim : trim + h, trim : trim + h]
+
+
+def _magick_motion_blur(img: np.ndarray, radius: float, sigma: float, angle: float) -> np.ndarray:
+    """ImageMagick 6's MotionBlurImage (effect.c) pixel by pixel, (H, W, C), edge virtual pixels."""
+    width = int(2 * np.ceil(radius) + 1)  # GetOptimalKernelWidth1D with a radius
+    kernel = [np.exp(-(i * i) / (2 * sigma * sigma)) / (np.sqrt(2 * np.pi) * sigma) for i in range(width)]
+    kernel = np.array(kernel) / sum(kernel)  # GetMotionBlurKernel
+    point_x = width * np.sin(np.pi * angle / 180)
+    point_y = width * np.cos(np.pi * angle / 180)
+    offsets = [
+        (int(np.ceil(i * point_y / np.hypot(point_x, point_y) - 0.5)),
+         int(np.ceil(i * point_x / np.hypot(point_x, point_y) - 0.5)))
+        for i in range(width)
+    ]  # fmt: skip
+    h, w = img.shape[:2]
+    out = np.zeros_like(img)
+    for y in range(h):
+        for x in range(w):
+            for k, (dx, dy) in zip(kernel, offsets, strict=True):
+                out[y, x] += k * img[min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)]
+    return out
+
+
 def _table_cases() -> list[tuple[int, str, int]]:
     return [(32, "cifar10c", s) for s in range(1, 6)] + [
         (8, "cifar10c", 5),
@@ -559,14 +630,6 @@ def _table_cases() -> list[tuple[int, str, int]]:
 
 @pytest.mark.parametrize(("size", "table", "severity"), _table_cases())
 def test_zoom_blur_matches_the_reference_clipped_zoom(size: int, table: str, severity: int) -> None:
-    def clipped_zoom(img: np.ndarray, factor: float) -> np.ndarray:
-        h = img.shape[0]
-        ch = int(np.ceil(h / factor))
-        top = (h - ch) // 2
-        img = ndimage.zoom(img[top : top + ch, top : top + ch], (factor, factor, 1), order=1)
-        trim = (img.shape[0] - h) // 2
-        return img[trim : trim + h, trim : trim + h]
-
     images = _smooth_images(3, size=size, n=2).double()
     factors = {"cifar10c": [0.01 * k for k in (6, 11, 16, 21, 26)], "imagenetc": None}[table]
     stops = factors or [0.11, 0.16, 0.21, 0.26, 0.31]
@@ -575,7 +638,7 @@ def test_zoom_blur_matches_the_reference_clipped_zoom(size: int, table: str, sev
     out = CORRUPTIONS.get("zoom_blur")(images, severity, None, table)
     for image, result in zip(images, out, strict=True):
         x = _hwc(image)
-        ref = np.clip((x + sum(clipped_zoom(x, z) for z in zooms)) / (len(zooms) + 1), 0, 1)
+        ref = np.clip((x + sum(_clipped_zoom(x, z) for z in zooms)) / (len(zooms) + 1), 0, 1)
         np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
 
 
@@ -706,4 +769,70 @@ def test_glass_blur_matches_the_reference_pixel_moves(size: int, table: str, sev
                     h_prime, w_prime = h + dy, w + dx
                     x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]  # the reference's line, views and all
         ref = np.clip(gaussian(x / 255.0), 0, 1)
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+
+
+# The motion blur of make_cifar_c.py / make_imagenet_c.py is ImageMagick's (through Wand), on 8-bit PNGs. Checked once
+# against ImageMagick 6.9.11 Q16 itself (Debian's, not a dependency; `convert -motion-blur RxS+A` at 32 and 224 px,
+# all five severities of both tables, a gray image included): every output pixel is floor(round(257 v) / 257) of
+# gradreg's 255 v, the Q16 and 8-bit quantizations of the same value; snow through that pipeline is within 2/255.
+_MOTION = {
+    "cifar10c": [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
+    "imagenetc": [(10, 3), (15, 5), (15, 8), (15, 12), (20, 15)],
+}
+_MOTION_CASES = [(32, "cifar10c", s) for s in range(1, 6)] + [(12, "cifar10c", 5), (40, "imagenetc", 1),
+                                                              (40, "imagenetc", 5)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("size", "table", "severity"), _MOTION_CASES)
+def test_motion_blur_matches_imagemagick_motion_blur(size: int, table: str, severity: int) -> None:
+    radius, sigma = _MOTION[table][severity - 1]
+    images = _smooth_images(3, size=size, n=3).double()
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    out = CORRUPTIONS.get("motion_blur")(images, severity, generators, table)
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        angle = -45 + 90 * torch.rand((), generator=torch.Generator().manual_seed(i), dtype=torch.float64).item()
+        ref = np.clip(_magick_motion_blur(_hwc(image), radius, sigma, angle), 0, 1)
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("angle", [0.0, 90.0, -90.0, 180.0, 30.0, -150.0])
+def test_motion_blur_streaks_towards_its_angle(angle: float) -> None:
+    # One bright pixel: pixel p takes the weighted pixels p + i (cos a, sin a), so the streak runs the other way.
+    image = torch.zeros(1, 1, 21, 21, dtype=torch.float64)
+    image[0, 0, 10, 10] = 1.0
+    out = anomalies._motion_blur(image, 6, 2.0, torch.tensor([angle]))
+    ref = _magick_motion_blur(_hwc(image[0]), 6, 2.0, angle)
+    np.testing.assert_allclose(_hwc(out[0]), ref, rtol=0, atol=1e-15)
+    rows, cols = torch.nonzero(out[0, 0] > 1e-3, as_tuple=True)
+    direction = torch.tensor([math.cos(math.radians(angle)), math.sin(math.radians(angle))], dtype=torch.float64)
+    along = (cols - 10) * direction[0] + (rows - 10) * direction[1]
+    assert along.max() <= 0.5, (angle, along)  # nothing ahead of the pixel
+    assert along.min() < -3, (angle, along)  # a streak behind it
+
+
+@pytest.mark.parametrize(("size", "table", "severity"), _MOTION_CASES)
+def test_snow_matches_the_reference(size: int, table: str, severity: int) -> None:
+    mean, std, zoom, threshold, radius, sigma, keep = {
+        "cifar10c": [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+                     (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+                     (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)],
+        "imagenetc": [(0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
+                      (0.55, 0.3, 4, 0.9, 12, 8, 0.7), (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
+                      (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)],
+    }[table][severity - 1]  # fmt: skip
+    images = _smooth_images(3, size=size, n=2).double()
+    out = CORRUPTIONS.get("snow")(images, severity, [torch.Generator().manual_seed(i) for i in range(2)], table)
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        generator = torch.Generator().manual_seed(i)
+        layer = mean + std * torch.randn((size, size), generator=generator, dtype=torch.float64).numpy()
+        angle = -135 + 90 * torch.rand((), generator=generator, dtype=torch.float64).item()
+        layer = _clipped_zoom(layer[..., None], zoom)
+        layer[layer < threshold] = 0
+        layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8) / 255  # the reference's PIL image of the layer
+        layer = _magick_motion_blur(layer, radius, sigma, angle)
+        x = _hwc(image)
+        gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]  # cv2.COLOR_RGB2GRAY
+        x = keep * x + (1 - keep) * np.maximum(x, gray * 1.5 + 0.5)
+        ref = np.clip(x + layer + np.rot90(layer, k=2), 0, 1)
         np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)

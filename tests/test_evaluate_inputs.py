@@ -72,6 +72,7 @@ def quick_run(tmp: Path, *extra: str) -> Path:
     [
         (["--corruptions", "jpeg", "gausian_noise"], ["'gausian_noise'", "gaussian_noise", "impulse_noise"]),
         (["--severities", "0", "6"], ["--severities 0", "1 (mild) to 5 (strong)"]),
+        (["--corruptions", "snow", "saturate"], ["--corruptions saturate needs RGB images", "'digits' have 1 channel"]),
         (["--epsilons", "-0.01"], ["--epsilons -0.01", "pixel units"]),
         # argparse took these for options: "expected at least one argument" / "unrecognized arguments: -1e-3"
         (["--epsilons", "-8/255"], ["--epsilons -0.0313725 is not in (0, 1]", "pixel units"]),
