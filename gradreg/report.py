@@ -505,8 +505,8 @@ Transform = Callable[[Tensor, Tensor, Tensor], Tensor] | None
 def image_generators(set_name: str, index: Tensor) -> list[torch.Generator]:
     """One CPU generator per image, seeded with the set's name and the image's index in its dataset.
 
-    A set's random draws (noise, fog and elastic corruptions, PGD's start) then do not depend on the batch size, on
-    which other images ``--max-samples`` keeps, or on the device.
+    A set's random draws (random corruptions, PGD's start) then do not depend on the batch size, on which other
+    images ``--max-samples`` keeps, or on the device.
     """
     # One 32-bit hash of both: the CPU generator (mt19937) keeps only the low 32 bits of a seed.
     return [torch.Generator().manual_seed(zlib.crc32(f"{set_name}/{int(i)}".encode())) for i in index]

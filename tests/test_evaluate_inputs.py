@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gradreg.anomalies import CORRUPTIONS
+from gradreg.anomalies import CORRUPTIONS, corrupt
 from gradreg.cli import UserError, evaluate_main, point_latest, train_main
 from gradreg.evaluation import sample
 from gradreg.report import (
@@ -723,6 +723,35 @@ def test_imagenet_c_folders_are_matched_to_the_id_test_set_by_file_name(
     with torch.no_grad():
         expected = torch.logsumexp(model(x), dim=1).double().numpy()
     np.testing.assert_allclose(scores["score_energy"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rgb_corruptions_are_generated_on_imagenet_sized_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = _imagenet_c(tmp_path)
+    out = tmp_path / "out"
+    names = ["motion_blur", "snow", "spatter", "saturate"]
+    args = [str(config), "--suites", "corruption", "--corruptions", *names, "--severities", "2", "--max-samples", "6"]
+    proc = run_inprocess([*args, "--scorers", "energy", "--no-plots", "--wandb", "off", "--out", str(out)], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["options"]["corruption_table"] == "imagenetc"  # auto, for 224 px images
+    assert list(results["sets"]) == [f"{name}_s2" for name in names]
+    # Reference: the sampled ID images corrupted by hand, each with its own generator, through the same model.
+    from gradreg.report import from_config, image_generators
+
+    module, dm = from_config(config, {})
+    model = module.model.eval()
+    index = np.load(out / "scores" / "id.npz")["index"]
+    x = torch.stack([dm.id_dataset_for("test")[int(i)][0] for i in index])
+    mean, std = model.input_mean, model.input_std
+    for name in names:
+        scores = np.load(out / "scores" / f"{name}_s2.npz")
+        assert np.array_equal(scores["index"], index)
+        corrupted = corrupt(x, name, 2, mean, std, image_generators(f"{name}_s2", torch.from_numpy(index)), "imagenetc")
+        with torch.no_grad():
+            expected = torch.logsumexp(model(corrupted), dim=1).double().numpy()
+        np.testing.assert_allclose(scores["score_energy"], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("change", ["missing image", "other class folder", "missing severity"])
