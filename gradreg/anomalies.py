@@ -29,40 +29,43 @@ batched (rows are independent in eval mode).
   ``SEVERITY_TABLES``: by default the **ImageNet-C** table (``make_imagenet_c.py``, 224x224) for images of 224 px
   or more and the **CIFAR-10-C** table (``make_cifar_c.py``, 32x32) below, used unchanged for 8x8 and 28x28 inputs
   (there is no table for the sizes in between; Tiny-ImageNet-C's 64x64 one is not included); ``table=`` chooses.
-  18 of the benchmark's 19 corruptions: the noises (gaussian, shot, impulse, speckle), the blurs (gaussian, defocus,
-  glass, motion, zoom), snow, fog, spatter (RGB only), brightness, contrast, saturate (RGB only), elastic_transform,
-  pixelate and JPEG. Not generated: frost, which needs the references' photographs of frost; ``evaluate.py
-  --corruption-files`` scores all 19 of the released CIFAR-10-C / CIFAR-100-C files.
+  All 19 corruptions of the benchmark: the noises (gaussian, shot, impulse, speckle), the blurs (gaussian, defocus,
+  glass, motion, zoom), snow, frost, fog, spatter, brightness, contrast, saturate, elastic_transform, pixelate and
+  JPEG. Frost blends in the references' photographs of frost, read from the ``imagecorruptions`` package (``pip
+  install --no-deps imagecorruptions``, :func:`frost_folder`); frost, spatter and saturate need RGB images.
 
 Deviations from the reference corruption code (which works on one PIL/numpy HWC image at a time): batched torch
-implementations on (N, C, H, W) in [0, 1]; any channel count (grayscale included) but for saturate and spatter
-(RGB); random numbers come from ``torch.Generator`` so results differ from the numpy originals but are reproducible,
-from one generator for the batch or one per image (then an image's noise does not depend on the batch it comes in);
-gaussian blur uses a separable kernel truncated at ``4 sigma`` with edge replication (scipy's ``mode="nearest"``, as
-``skimage.filters.gaussian``); brightness adds to the HSV value channel exactly, written as a per-pixel rescale of
-RGB (hue and saturation are unchanged by construction); pixelate applies PIL's BOX filter both ways as two
-resampling matrices (equal to PIL's float resize to 1e-7) with at least one pixel per side; JPEG goes through
-torchvision's ``encode_jpeg`` / ``decode_jpeg`` (libjpeg, 4:2:0 chroma subsampling for RGB like PIL's default),
-channel counts other than 1 and 3 are compressed channel by channel as grayscale; defocus_blur, glass_blur,
-zoom_blur, fog and elastic_transform agree with the reference code (OpenCV 5.0, scipy, scikit-image) given the same
-random numbers to 1e-6 or better (tests/test_anomalies.py against scipy transcriptions); motion_blur and snow
-reproduce ImageMagick's ``MotionBlurImage`` (its output on the 8-bit image, Q16, is our value quantized: checked
-against ImageMagick 6.9.11 at every pixel), without the PNG round trips around it; spatter reproduces OpenCV's
-Canny, 5x5 distance transform, box blurs, equalizeHist and filter2D with their 8-bit steps (equal at every stage to
-OpenCV 5.0 with IPP off; with IPP, its float distance transform moves 0.014 % of the 8-bit distances) and the
-references' float32 mud mask; zoom_blur zooms each axis by its own crop (the reference assumes square images), and
-fog's fractal has the next power of two of the longer side; the corrupted images stay float (CIFAR-10-C stores them
-as uint8, truncated, about -0.5/255 on average), and only JPEG's output is quantized (glass_blur and snow keep the
-references' 8-bit rounding of an intermediate image). ``evaluate.py`` draws each image's random numbers (and PGD's
-random start) from a CPU generator seeded with the set's name and the image's index in its dataset: the same images
-whatever the batch size, ``--max-samples`` or device.
+implementations on (N, C, H, W) in [0, 1]; any channel count (grayscale included) but for frost, saturate and
+spatter (RGB); random numbers come from ``torch.Generator`` so results differ from the numpy originals but are
+reproducible, from one generator for the batch or one per image (then an image's noise does not depend on the batch
+it comes in); gaussian blur uses a separable kernel truncated at ``4 sigma`` with edge replication (scipy's
+``mode="nearest"``, as ``skimage.filters.gaussian``); brightness adds to the HSV value channel exactly, written as a
+per-pixel rescale of RGB (hue and saturation are unchanged by construction); pixelate applies PIL's BOX filter both
+ways as two resampling matrices (equal to PIL's float resize to 1e-7) with at least one pixel per side; JPEG goes
+through torchvision's ``encode_jpeg`` / ``decode_jpeg`` (libjpeg, 4:2:0 chroma subsampling for RGB like PIL's
+default), channel counts other than 1 and 3 are compressed channel by channel as grayscale; defocus_blur,
+glass_blur, zoom_blur, fog and elastic_transform agree with the reference code (OpenCV 5.0, scipy, scikit-image)
+given the same random numbers to 1e-6 or better (tests/test_anomalies.py against scipy transcriptions); motion_blur
+and snow reproduce ImageMagick's ``MotionBlurImage`` (its output on the 8-bit image, Q16, is our value quantized:
+checked against ImageMagick 6.9.11 at every pixel), without the PNG round trips around it; spatter reproduces
+OpenCV's Canny, 5x5 distance transform, box blurs, equalizeHist and filter2D with their 8-bit steps (equal at every
+stage to OpenCV 5.0 with IPP off; with IPP, its float distance transform moves 0.014 % of the 8-bit distances) and
+the references' float32 mud mask; zoom_blur zooms each axis by its own crop (the reference assumes square images),
+and fog's fractal has the next power of two of the longer side; the corrupted images stay float (CIFAR-10-C stores
+them as uint8, truncated, about -0.5/255 on average), and only JPEG's output is quantized (glass_blur and snow keep
+the references' 8-bit rounding of an intermediate image). ``evaluate.py`` draws each image's random numbers (and
+PGD's random start) from a CPU generator seeded with the set's name and the image's index in its dataset: the same
+images whatever the batch size, ``--max-samples`` or device.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -385,6 +388,10 @@ _LEVELS: dict[str, tuple[tuple, tuple]] = {  # name: (CIFAR-10-C's, ImageNet-C's
             (0.67, 0.4, 1, 0.65, 1.5, 1),
         ),
     ),
+    "frost": (  # (weight of the image, weight of the frost photograph)
+        ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
+        ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)),
+    ),
     "elastic_transform": (  # (displacement alpha, its smoothing sigma, affine shift) in pixels at TABLE_SIDES
         _times(32, (0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)),
         _times(244, (2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02)),
@@ -417,7 +424,11 @@ def _check_pixels(x: Tensor) -> None:
         raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
 
 
-RGB_ONLY = {"saturate": "changes the HSV saturation of", "spatter": "adds water or mud colours to"}
+RGB_ONLY = {
+    "saturate": "changes the HSV saturation of",
+    "spatter": "adds water or mud colours to",
+    "frost": "blends colour photographs of frost into",
+}
 
 
 def _require_rgb(name: str, x: Tensor) -> None:
@@ -879,6 +890,93 @@ def spatter(x: Tensor, severity: int, generator: Generators = None, table: str |
     wet = torch.where(peak > 0, wet / peak.clamp(min=1), 0.0) * strength
     turquoise = torch.tensor([175, 238, 238], dtype=torch.float64, device=x.device).reshape(1, 3, 1, 1) / 255
     return (x + (wet[:, None] * turquoise).to(x.dtype)).clamp(0.0, 1.0)
+
+
+FROST_PHOTOS = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")  # the references draw of these
+FROST_SCALES = (0.2, 1.0)  # the photographs' scale in each severity table (CIFAR-10-C shrinks them 5 times)
+
+
+def frost_folder() -> Path:
+    """Where the frost photographs of ImageNet-C are: the ``frost/`` folder of the ``imagecorruptions`` package.
+
+    Found without importing the package (only its photographs are read); a ValueError says how to install it.
+    """
+    spec = importlib.util.find_spec("imagecorruptions")
+    folders = [Path(p) / "frost" for p in (spec.submodule_search_locations or [])] if spec else []
+    found = [f for f in folders if all((f / name).is_file() for name in FROST_PHOTOS)]
+    if not found:
+        raise ValueError(
+            "frost blends in the photographs of frost of ImageNet-C, which are not installed: "
+            "pip install --no-deps imagecorruptions (2 MB; gradreg reads its frost/ photographs, nothing else)"
+        )
+    return found[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _frost_photos(folder: Path) -> tuple[Tensor, ...]:
+    """The photographs, RGB (C, H, W) float64 in [0, 1] (an alpha channel is dropped, as ``cv2.imread`` does)."""
+    from PIL import Image
+
+    photos = []
+    for name in FROST_PHOTOS:
+        with Image.open(folder / name) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+        photos.append(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
+    return tuple(photos)
+
+
+def _resize_linear_matrix(n_in: int, scale: float, n_out: int) -> Tensor:
+    """(n_out, n_in) weights of OpenCV's ``resize(fx=scale)`` with INTER_LINEAR along one axis, in float.
+
+    Output pixel ``d`` reads the input at ``(d + 0.5) / scale - 0.5`` (``1 / scale`` computed first, as OpenCV),
+    between its two neighbours, clamped to the first and last pixel.
+    """
+    position = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (1.0 / scale) - 0.5).float().double()
+    low = position.floor()
+    frac = position - low
+    frac = torch.where((low < 0) | (low >= n_in - 1), 0.0, frac)
+    low = low.clamp(0, n_in - 1).long()
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    weights[torch.arange(n_out), low] = 1 - frac
+    weights[torch.arange(n_out), (low + 1).clamp(max=n_in - 1)] += frac
+    return weights
+
+
+def _frost_layer(photo: Tensor, scale: float, height: int, width: int) -> Tensor:
+    """The photograph at ``scale`` (OpenCV's linear resize, size rounded), or larger until it covers the image."""
+    rows, cols = photo.shape[-2:]
+    scale = max(scale, height / rows, width / cols)
+    if scale == 1:
+        return photo
+    out_rows, out_cols = max(height, round(rows * scale)), max(width, round(cols * scale))
+    return _resize_linear_matrix(rows, scale, out_rows) @ photo @ _resize_linear_matrix(cols, scale, out_cols).T
+
+
+@CORRUPTIONS.register("frost")
+def frost(x: Tensor, severity: int, generator: Generators = None, table: str | None = None) -> Tensor:
+    """``c[0] x + c[1] frost``: a random crop of one of five photographs of frost, as the references; RGB only.
+
+    The photographs are ImageNet-C's (:func:`frost_folder`); CIFAR-10-C's table shrinks them 5 times first, with
+    OpenCV's linear resize (which at that scale picks every fifth pixel: equal to ``cv2.resize`` on the real
+    photographs). A photograph smaller than the image is enlarged until it covers it (the references' images always
+    fit). The photograph and the crop's corner are drawn uniformly, one draw each per image.
+    """
+    _check_pixels(x)
+    _require_rgb("frost", x)
+    image_weight, frost_weight = _level("frost", x, severity, table)
+    n, _, h, w = x.shape
+    photos = _frost_photos(frost_folder())
+    scale = FROST_SCALES[_table(x, table)]
+    layers = [_frost_layer(photo, scale, h, w) for photo in photos]
+    draws = _rand(torch.empty(n, 3, dtype=torch.float64, device=x.device), generator).cpu()
+    crops = []
+    for choice, down, right in draws.tolist():
+        layer = layers[int(choice * len(layers))]
+        top = int(down * max(layer.shape[1] - h, 1))  # np.random.randint(0, rows - h): at most rows - h - 1
+        left = int(right * max(layer.shape[2] - w, 1))
+        crops.append(layer[:, top : top + h, left : left + w])
+    layer = torch.stack(crops).to(x) if crops else torch.empty_like(x)
+    return (image_weight * x + frost_weight * layer).clamp(0.0, 1.0)
 
 
 def _plasma_fractal(like: Tensor, size: int, decay: float, generator: Generators) -> Tensor:

@@ -806,6 +806,11 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
                     f"--corruptions {name} needs RGB images, and the images of '{dm.id_dataset}' have {channels} "
                     "channel(s); drop it"
                 )
+        if "frost" in opts.corruptions:
+            try:
+                anomalies.frost_folder()
+            except ValueError as err:
+                raise UserError(f"--corruptions frost: {err}") from None
     model = module.model.to(device).eval()
     if not opts.scorers:  # every registered scorer that applies (absent: models trained with method absent)
         scorer_map = {key: scorer for key, scorer in scorer_map.items() if scorer.supports(model)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -28,3 +29,31 @@ def _seed() -> None:
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def frost_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding an ``imagecorruptions/frost/`` of five made-up "photographs" (PNG with alpha, and JPEG).
+
+    Their sizes shrink 5 times to 60x90, 32x56, 32x56, 35x52 and 50x66 (CIFAR-10-C's scale): 32 px images just fit
+    some; 224 px images need them enlarged.
+    """
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("site")
+    folder = root / "imagecorruptions" / "frost"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = {"frost1.png": (300, 450), "frost2.png": (160, 280), "frost3.png": (160, 280), "frost4.jpg": (175, 260),
+             "frost5.jpg": (250, 330)}  # fmt: skip
+    for name, (rows, cols) in sizes.items():
+        channels = 4 if name.endswith(".png") else 3  # RGBA or RGB
+        Image.fromarray(rng.integers(0, 256, (rows, cols, channels), dtype=np.uint8)).save(folder / name)
+    return root
+
+
+@pytest.fixture
+def frost_photos(frost_package: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The made-up frost photographs where ``gradreg.anomalies.frost_folder`` looks: an importable package's folder."""
+    monkeypatch.syspath_prepend(str(frost_package))
+    return frost_package / "imagecorruptions" / "frost"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import colorsys
 import copy
+import importlib
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,6 +310,11 @@ def test_energy_attack_rejects_a_bad_temperature(trained: SmallCNN, test_batch: 
 # Corruptions.
 
 
+@pytest.fixture(autouse=True)
+def _frost(frost_photos: Path) -> None:
+    """Every test here finds (made-up) frost photographs, so that frost runs the corruption tests with the rest."""
+
+
 def _smooth_images(channels: int, size: int = 16, n: int = 8, seed: int = 0) -> torch.Tensor:
     """Natural-ish test images in [0.05, 0.95]: smoothed noise plus a gradient, so no corruption is a no-op."""
     generator = torch.Generator().manual_seed(seed)
@@ -327,6 +335,7 @@ STOCHASTIC = [
     "motion_blur",
     "snow",
     "spatter",
+    "frost",
 ]
 # Pixelate is not monotone in mean change for small images (int(size * c) maps severities to few sizes); nor are the
 # reference's elastic table (its affine shift shrinks from 8 % to 3 % of the side while the displacement grows),
@@ -338,8 +347,9 @@ MONOTONE = [
     name
     for name in ALL
     if name not in ("pixelate", "elastic_transform", "glass_blur", "saturate", "motion_blur", "snow", "spatter")
+    and name != "frost"  # its table trades the image's weight for the photograph's: the change peaks at severity 3
 ]
-RGB_ONLY = ("saturate", "spatter")
+RGB_ONLY = ("saturate", "spatter", "frost")
 
 
 def _with_channels(*channels: int) -> list[tuple[str, int]]:
@@ -350,7 +360,7 @@ def _with_channels(*channels: int) -> list[tuple[str, int]]:
 def test_registry_has_the_required_corruptions() -> None:
     assert {"gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness"} <= set(ALL)
     benchmark = {"impulse_noise", "defocus_blur", "zoom_blur", "fog", "elastic_transform", "pixelate", "motion_blur"}
-    assert benchmark | {"snow", "speckle_noise", "saturate", "spatter"} <= set(ALL)  # + snow of the 15, the extra 4
+    assert benchmark | {"snow", "frost", "speckle_noise", "saturate", "spatter"} <= set(ALL)  # all 19
 
 
 @pytest.mark.parametrize(("name", "channels"), _with_channels(1, 3))
@@ -468,7 +478,8 @@ def test_saturate_matches_an_hsv_round_trip(table: str) -> None:
 
 @pytest.mark.parametrize("channels", [1, 2, 4])
 @pytest.mark.parametrize(("name", "what"), [("saturate", "changes the HSV saturation of"),
-                                            ("spatter", "adds water or mud colours to")])  # fmt: skip
+                                            ("spatter", "adds water or mud colours to"),
+                                            ("frost", "blends colour photographs of frost into")])  # fmt: skip
 def test_rgb_corruptions_refuse_other_images(channels: int, name: str, what: str) -> None:
     with pytest.raises(ValueError, match=f"^{name} {what} RGB images; these images have {channels} channel"):
         corrupt(_smooth_images(channels), name, 1, [0.5] * channels, [0.25] * channels)
@@ -1001,3 +1012,51 @@ def test_opencv_stages_match_their_transcriptions() -> None:
         )
     flat = torch.full((1, 5, 5), 17.0)  # one value: equalizeHist leaves it
     assert torch.equal(anomalies._equalize_histogram(flat), flat)
+
+
+_FROST = {
+    "cifar10c": [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)],
+    "imagenetc": [(1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)],
+}
+
+
+@pytest.mark.parametrize(
+    ("size", "table", "severity"), [(32, "cifar10c", s) for s in (1, 3, 5)] + [(20, "imagenetc", 5)]
+)
+def test_frost_matches_the_reference(frost_photos: Path, size: int, table: str, severity: int) -> None:
+    # make_cifar_c.py: cv2.resize(photo, (0, 0), fx=0.2, fy=0.2), whose linear interpolation at that scale reads pixel
+    # 5 d + 2 exactly (checked on the real photographs against OpenCV 5.0: equal; gradreg's frost with them too).
+    image_weight, frost_weight = _FROST[table][severity - 1]
+    images = _smooth_images(3, size=size, n=6).double()
+    out = CORRUPTIONS.get("frost")(images, severity, [torch.Generator().manual_seed(i) for i in range(6)], table)
+    chosen = set()
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        choice, down, right = torch.rand(3, generator=torch.Generator().manual_seed(i), dtype=torch.float64).tolist()
+        name = ["frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"][int(choice * 5)]
+        chosen.add(name)
+        photo = np.asarray(Image.open(frost_photos / name).convert("RGB"), dtype=np.float64)
+        if table == "cifar10c":
+            rows, cols = round(photo.shape[0] * 0.2), round(photo.shape[1] * 0.2)
+            photo = photo[2::5, 2::5][:rows, :cols]
+        top, left = int(down * (photo.shape[0] - size)), int(right * (photo.shape[1] - size))
+        crop = photo[top : top + size, left : left + size]
+        ref = np.clip(image_weight * _hwc(image) * 255 + frost_weight * crop, 0, 255) / 255
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+    assert len(chosen) > 2
+
+
+def test_frost_enlarges_photographs_smaller_than_the_image(frost_photos: Path) -> None:
+    photo = anomalies._frost_photos(frost_photos)[1]  # 160 x 280
+    layer = anomalies._frost_layer(photo, 0.2, 224, 224)  # enlarged 1.4 times to 224 x 392
+    expected = F.interpolate(photo[None], size=(224, 392), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(layer, expected, rtol=0, atol=1e-4)  # OpenCV computes the positions in float32
+    out = CORRUPTIONS.get("frost")(torch.zeros(2, 3, 224, 224), 5, torch.Generator().manual_seed(0), "cifar10c")
+    assert out.shape == (2, 3, 224, 224)
+    assert (out > 0).float().mean() > 0.9  # frost everywhere, no empty border
+
+
+def test_frost_without_its_photographs_says_how_to_install_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "imagecorruptions").exists()])
+    importlib.invalidate_caches()
+    with pytest.raises(ValueError, match=r"not installed: pip install --no-deps imagecorruptions \(2 MB"):
+        CORRUPTIONS.get("frost")(_smooth_images(3), 1)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -726,11 +728,11 @@ def test_imagenet_c_folders_are_matched_to_the_id_test_set_by_file_name(
 
 
 def test_rgb_corruptions_are_generated_on_imagenet_sized_images(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], frost_photos: Path
 ) -> None:
     config, _ = _imagenet_c(tmp_path)
     out = tmp_path / "out"
-    names = ["motion_blur", "snow", "spatter", "saturate"]
+    names = ["motion_blur", "snow", "spatter", "saturate", "frost"]
     args = [str(config), "--suites", "corruption", "--corruptions", *names, "--severities", "2", "--max-samples", "6"]
     proc = run_inprocess([*args, "--scorers", "energy", "--no-plots", "--wandb", "off", "--out", str(out)], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -752,6 +754,18 @@ def test_rgb_corruptions_are_generated_on_imagenet_sized_images(
         with torch.no_grad():
             expected = torch.logsumexp(model(corrupted), dim=1).double().numpy()
         np.testing.assert_allclose(scores["score_energy"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frost_without_its_photographs_stops_before_any_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "imagecorruptions").exists()])
+    importlib.invalidate_caches()
+    config, _ = _imagenet_c(tmp_path)
+    args = [str(config), "--suites", "corruption", "--corruptions", "fog", "frost", "--out", str(tmp_path / "out")]
+    fragments = ["--corruptions frost: frost blends in the photographs", "pip install --no-deps imagecorruptions"]
+    assert_one_line_error(run_inprocess(args, capsys), *fragments)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("change", ["missing image", "other class folder", "missing severity"])

@@ -13,7 +13,7 @@ zenodo.org/record/2235448. Two layouts, told apart by ``labels.npy``:
   folders). They are center-cropped to the ID image size, not resized (ImageNet-C: 224 px crops).
 
 ``evaluate.py --corruption-files DIR`` scores them in place of the corruptions it generates
-(:mod:`gradreg.anomalies`, 18 of the 19): :meth:`CorruptionFiles.check` first makes sure that they are the ID test
+(:mod:`gradreg.anomalies`, all 19): :meth:`CorruptionFiles.check` first makes sure that they are the ID test
 set, image for image.
 """
 
