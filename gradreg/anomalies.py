@@ -82,6 +82,7 @@ __all__ = [
     "corrupt",
     "energy_attack",
     "fgsm",
+    "frost_folder",
     "pgd",
 ]
 

@@ -421,6 +421,24 @@ def test_unknown_corruption_lists_the_known_ones() -> None:
         corrupt(_smooth_images(1), "gaussian_nosie", 1, [0.5], [0.25])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ALL)
+def test_corruptions_on_cuda_equal_the_cpu(name: str) -> None:
+    # evaluate.py draws on CPU generators, one per image: the device must not change the corrupted images.
+    images = _smooth_images(3, size=40, n=4).double()  # float64: no TF32 convolutions or matrix products
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(i) for i in range(4)]
+
+    for table in ("cifar10c", "imagenetc"):
+        for severity in (1, 5):
+            cpu = CORRUPTIONS.get(name)(images, severity, generators(), table)
+            cuda = CORRUPTIONS.get(name)(images.cuda(), severity, generators(), table)
+            assert cuda.device.type == "cuda"
+            torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-6)
+
+
 def test_gaussian_blur_matches_scipy_nearest_mode() -> None:
     images = _smooth_images(2, size=12, n=2).double()
     out = CORRUPTIONS.get("gaussian_blur")(images, 5, None)  # sigma = 1.0
