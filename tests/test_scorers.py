@@ -685,6 +685,30 @@ def test_gaia_z_matches_per_sample_loop(tiny: TinyCNN, batch: Tensor) -> None:
     assert ((-scores > 0) & (-scores < 1)).all()  # some, not all, gradient entries are exactly zero
 
 
+def test_gaia_z_sends_a_tied_maximum_to_one_class_as_the_reference() -> None:
+    # Two equal channels feed two classes through the identity: the top logits tie exactly. The reference backpropagates
+    # max(dim=1).values, so only one channel gets a gradient: ratios (1, 0) on positive inputs, score -(1² + 0²)/2.
+    # Splitting the tie (amax) gave both channels a gradient: -1.
+    model = (
+        nn.Sequential(
+            nn.Conv2d(1, 2, 1, bias=False),
+            nn.BatchNorm2d(2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2, 2, bias=False),
+        )
+        .double()
+        .eval()
+    )
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[5].weight.copy_(torch.eye(2))
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64) + 0.1
+    assert torch.equal(model(x)[:, 0], model(x)[:, 1])
+    torch.testing.assert_close(gaia_z_score(model, x, [model[1]]), torch.full((3,), -0.5, dtype=torch.float64))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -164,7 +164,8 @@ def gaia_z_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
         x = x.detach().requires_grad_(True)
         with record_output_grads(layers) as grads:
             logits = checked(model, model(x))
-        grads.backward(model, logits.amax(dim=1).sum(), x)
+        # max, not amax: on exactly tied top logits the reference's gradient goes to one class, amax would split it.
+        grads.backward(model, logits.max(dim=1).values.sum(), x)
     ratios = torch.cat([_nonzero_fraction(_per_channel(g)) for g in grads], dim=1)
     return -ratios.square().mean(dim=1)
 
