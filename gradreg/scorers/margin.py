@@ -24,9 +24,10 @@ Deviations: batched over samples (a sample stops moving once its label flips; ro
 in eval mode, so results equal the per-sample loop, which is tested); ``max_iter`` defaults to 20
 instead of 100 for speed (a sample that has not flipped by then reports ``(1 + overshoot)·‖r‖₂`` of the steps
 taken, which bounds its margin in neither direction: more iterations can end shorter or longer, as in the
-reference at 100); ``block_size`` defaults to ``min(8, min(H, W) // 4)`` instead of a fixed 8 so that small
-images still have distinct low and high blocks. Using the margin as an OOD score is our proposal
-(ALGORITHMS.md §7); the paper measures margins, it does not detect OOD inputs.
+reference at 100); ``block_size`` defaults to the reference scripts' blocks (16 at 224 px, 8 at 28 and 32 px;
+:func:`default_block_size`) and to a quarter of the side below 28 px, so that small images still have distinct low
+and high blocks. Using the margin as an OOD score is our proposal (ALGORITHMS.md §7); the paper measures margins, it
+does not detect OOD inputs.
 """
 
 from __future__ import annotations
@@ -63,8 +64,14 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device 
 
 
 def default_block_size(height: int, width: int) -> int:
-    """``min(8, min(H, W) // 4)`` (at least 1): 8 for 32x32 and 224x224 images, 2 for 8x8 digits."""
-    return max(1, min(8, min(height, width) // 4))
+    """The reference scripts' block: 16 from 224 px up (ImageNet), 8 from 28 px up (MNIST, CIFAR), else ``side // 4``.
+
+    Below 28 px a quarter of the shorter side (at least 1) keeps the low and high blocks distinct: 2 for 8x8 digits.
+    """
+    side = min(height, width)
+    if side >= 224:
+        return 16
+    return 8 if side >= 28 else max(1, side // 4)
 
 
 def dct_projector(
