@@ -58,7 +58,7 @@ def gaia_z_with(model: nn.Module, x: Tensor, reduce: Callable[[Tensor], Tensor] 
         x = x.detach().requires_grad_(True)
         with record_output_grads(gaia_layers(model, "z")) as grads:
             logits = model(x)
-        grads.backward(model, logits.amax(dim=1).sum(), x)
+        grads.backward(model, logits.max(dim=1).values.sum(), x)
     if reduce is None:
         return None
     ratios = torch.cat([reduce(_per_channel(g)).to(x.dtype) for g in grads], dim=1)
