@@ -2,8 +2,8 @@
 
 Runs in ``fit`` (after the validation loop), ``validate`` and ``test``. Lightning runs evaluation under
 ``torch.inference_mode`` by default, where gradients can never be enabled (Lightning #13948); the
-scoring engine leaves inference mode and clones its inputs, so gradient scorers (GradNorm's
-autograd variants, GAIA, ODIN, purview, DeepFool margins) work in all three.
+scoring engine leaves inference mode and clones its inputs, so gradient scorers (GAIA, ODIN, purview,
+DeepFool margins) work in all three.
 
 Under DDP every rank scores a disjoint, unpadded shard of each set (no duplicated samples) and the
 shards are gathered, so the numbers equal those of a single device.

@@ -5,8 +5,9 @@ LightningCLI (``run=False``: no subcommand), creates a fresh run directory ``run
 reused, so nothing is overwritten), writes the resolved ``config.yaml`` there, checks that every
 dataset exists, and calls ``trainer.fit``. ``runs/latest`` points at the newest run.
 
-User mistakes (a missing config or dataset, a typo in a key, an unknown scorer, a bad checkpoint, a
-NaN loss, a mistyped option) end with one ``error: ...`` line on stderr and exit code 1.
+User mistakes (a missing config, a typo in a key, an unknown scorer, a bad checkpoint, a NaN loss, a mistyped
+option) end with one ``error: ...`` line on stderr and exit code 1; missing datasets with the ``error:`` line, one
+``MISSING`` line per set (where it was looked for and how to get it) and a hint (``docs/data.md``).
 Ctrl-C ends with one ``interrupted: ...`` line (for a training run: its folder and how to resume it) and exit
 code 130.
 """

@@ -141,7 +141,7 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="damping of the training Hessian, or 'auto' (its largest-magnitude eigenvalue: always positive definite)",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto = cuda if available)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG histograms and ROC curves")
     p.add_argument(
         "--wandb",
