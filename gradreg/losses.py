@@ -18,7 +18,8 @@ over an empty set would be NaN and poison the step).
 Deviation from the official GReg code: the regularizer is computed from the *same* forward pass as
 the classification and energy losses (``torch.autograd.grad(..., create_graph=True)`` on the input
 that already went through the network) instead of a second forward inside
-``torch.autograd.functional.jacobian``. The gradient value is identical; BatchNorm running
+``torch.autograd.functional.jacobian``. The gradient value is identical without dropout, as in the official models
+(with dropout the official second forward draws new masks for Phi; here Phi reuses the loss's); BatchNorm running
 statistics are updated once per step instead of twice.
 """
 

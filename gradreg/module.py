@@ -437,22 +437,31 @@ class GradRegModule(LightningModule):
             )
 
     def on_fit_start(self) -> None:
-        """``cuda_graph``'s limits; a double backward for the SyncBatchNorm layers ``sync_batchnorm`` has made by now.
+        """The trainer's settings; a double backward for the SyncBatchNorm layers ``sync_batchnorm`` has made by now.
 
         GReg's penalty differentiates the backward, and PyTorch's SyncBatchNorm has none
         (:mod:`gradreg.double_backward.batchnorm`).
         """
-        if self.captured_step is not None:
-            self.check_capturable(self.trainer)
+        self.check_trainer(self.trainer)
         if self.regularizes:
             use_double_backward(self.model)
 
-    def check_capturable(self, trainer: Any) -> None:
-        """Raise :class:`UnsupportedSettingError` if ``trainer``'s settings rule out ``cuda_graph``.
+    def check_trainer(self, trainer: Any) -> None:
+        """Raise :class:`UnsupportedSettingError` if ``trainer``'s settings rule out GReg's penalty or ``cuda_graph``.
 
         ``train.py`` calls it before ``fit`` too: the loggers (wandb's folder) start before any hook of the module,
         and under DDP before the other ranks exist, so the line is said once and the run leaves no folder.
         """
+        if self.regularizes and trainer.precision.startswith("16"):
+            # Lightning's GradScaler scales the outer backward only: the penalty's inner input gradient would run
+            # unscaled in float16 and underflow (ECOSYSTEM: prefer bf16-mixed; PyTorch's AMP notes, gradient penalty).
+            raise UnsupportedSettingError(
+                f"model.method=greg does not support trainer.precision={trainer.precision} (the gradient penalty's "
+                "inner backward would run in float16 without loss scaling and underflow); use "
+                "trainer.precision=bf16-mixed or 32-true"
+            )
+        if self.captured_step is None:
+            return
         problems = {
             f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}": trainer.accumulate_grad_batches > 1,
             f"{trainer.world_size} processes": trainer.world_size > 1,

@@ -447,8 +447,7 @@ def fit(cli: GradRegCLI) -> int:
         resumed = None
         if cli.config.run.resume is not None:
             resumed = _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
-        if cli.model.captured_step is not None:  # before the loggers and the other DDP ranks start
-            cli.model.check_capturable(cli.trainer)
+        cli.model.check_trainer(cli.trainer)  # before the loggers and the other DDP ranks start
         # DDP refuses SyncBatchNorm on the CPU with one process too (strategy=ddp, devices=1)
         cpu_ddp = isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.strategy.root_device.type == "cpu"
         if cli.config.trainer.get("sync_batchnorm") and cpu_ddp:

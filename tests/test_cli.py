@@ -456,6 +456,13 @@ def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not any((tmp_path / "runs").iterdir()), "a run that wrote nothing leaves no folder"
 
 
+def test_greg_in_float16_stops_before_the_run_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The penalty's inner backward would underflow in float16 (16-mixed too on a GPU; on a CPU Lightning makes it bf16).
+    proc = train_inprocess(tmp_path, capsys, "--trainer.precision", "16-true")
+    assert_one_line_error(proc, "model.method=greg does not support trainer.precision=16-true", "bf16-mixed")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_cuda_graph_with_ddp_stops_before_the_run_starts(tmp_path: Path) -> None:
     """Said once, before wandb or the other rank start, and the run leaves no folder behind."""
     proc = train(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.cuda_graph", "true")

@@ -25,7 +25,7 @@ from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
 from gradreg.data.module import EpochShuffle, Strided
 from gradreg.double_backward.batchnorm import DoubleBackwardSyncBatchNorm
-from gradreg.module import GradRegModule
+from gradreg.module import GradRegModule, UnsupportedSettingError
 from gradreg.registry import SettingError
 from gradreg.training import is_rank_zero
 
@@ -419,7 +419,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
-from gradreg.module import GradRegModule
+from gradreg.module import GradRegModule, UnsupportedSettingError
 
 devices, out = int(sys.argv[1]), sys.argv[2]
 seed_everything(0)
@@ -727,3 +727,17 @@ def test_an_outlier_method_without_outliers_stops_in_one_line(method: str) -> No
     id_only = OODDataModule(batch_size=32).id_dataset_for("train")  # a user's own loader of (x, y) batches
     with pytest.raises(SettingError, match=hint):
         Trainer(**trainer_kw).fit(model, train_dataloaders=torch.utils.data.DataLoader(id_only, batch_size=32))
+
+
+@pytest.mark.parametrize("method", ["greg", "energy"])
+def test_only_a_regularizing_method_refuses_float16(method: str) -> None:
+    module = GradRegModule(method=method)
+    trainer = Trainer(precision="16-true", accelerator="cpu", logger=False, enable_checkpointing=False)
+    if method == "greg":
+        with pytest.raises(UnsupportedSettingError, match=r"trainer\.precision=16-true"):
+            module.check_trainer(trainer)
+    else:
+        module.check_trainer(trainer)  # its losses take no input gradient
+    GradRegModule(method="greg", reg_weight=0.0).check_trainer(trainer)
+    for precision in ("bf16-mixed", "16-mixed"):  # on a CPU Lightning trains 16-mixed in bfloat16
+        GradRegModule(method="greg").check_trainer(Trainer(precision=precision, accelerator="cpu", logger=False))
