@@ -13,7 +13,8 @@ penalty over ID / auxiliary-outlier pairs) and ``L_test`` is an OOD score of a t
 
 **Sign convention**: ``I > 0`` means up-weighting ``z`` would *raise* the ID-score of the test image (make it look
 more in-distribution). Removing ``z`` from a term that averages over ``n`` points changes the score by about
-``-I / n``.
+``-I / n`` when that term is the whole objective; with GReg's ID and outlier means, about ``-(I - Ī) / (n - 1)``
+(``Ī`` the mean influence over ``z``'s set: docs/influence.md).
 
 Deviations and choices (see ``docs/influence.md``):
 
