@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import os
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -562,14 +563,31 @@ def load_error_reason(err: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
 
 
+def load_weights_only(source: str | os.PathLike[str]) -> object:
+    """``torch.load(source, weights_only=True)`` onto the CPU, after checking the archive's CRC-32 checksums.
+
+    torch reads tensor bytes without checking them: a checkpoint damaged on disk or in a copy (same size, a few bytes
+    changed) would load as silently wrong weights. Reading the file once more costs about as much as loading it.
+
+    Raises:
+        zipfile.BadZipFile: a member of the archive fails its checksum ("... fails its CRC check").
+    """
+    if zipfile.is_zipfile(source):  # torch's format; a legacy or truncated file goes on to torch.load's own errors
+        with zipfile.ZipFile(source) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise zipfile.BadZipFile(f"damaged: {damaged} fails its CRC check")
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
 def read_weights(source: str | os.PathLike[str]) -> Mapping[str, object]:
-    """A checkpoint file read safely (``torch.load(weights_only=True)``, onto the CPU): a state dict or a Lightning one.
+    """A checkpoint file read safely (:func:`load_weights_only`): a state dict or a Lightning one.
 
     Raises:
         ValueError: the file cannot be read as a weights-only checkpoint, or holds no mapping (one line naming it).
     """
     try:
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(source)
     except Exception as err:  # unpickling errors are long and multi-line
         raise ValueError(
             f"{source}: cannot load as a weights-only checkpoint ({load_error_reason(err)}); pass a .ckpt, .pt or .pth "

@@ -71,7 +71,7 @@ from gradreg.evaluation import (
     set_metrics,
 )
 from gradreg.metrics import OOD_METRICS, accuracy
-from gradreg.models import load_error_reason
+from gradreg.models import load_error_reason, load_weights_only
 from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
 from gradreg.provenance import environment
 from gradreg.registry import RegistryError
@@ -354,12 +354,12 @@ def _json_null(value: Any) -> Any:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint safely (``weights_only=True``) and check it is one of ours."""
+    """Load a Lightning checkpoint safely (:func:`~gradreg.models.load_weights_only`) and check it is one of ours."""
     with open(path, "rb") as f:
         if f.read(64).startswith(b"version https://git-lfs"):
             raise UserError(f"checkpoint '{path}' is a Git LFS pointer, not the file; fetch it with: git lfs pull")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(path)
     except pickle.UnpicklingError as err:
         if "Unsupported operand" in str(err):  # not a pickle at all: a text file, a .npy, ...
             raise UserError(f"checkpoint '{path}' is unreadable (not a torch file); use another .ckpt") from None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import struct
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,26 @@ def _seed() -> None:
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture
+def damage_checkpoint() -> Callable[[Path, Path], str]:
+    """``damage(source, target)``: a copy of checkpoint ``source`` with one bit of its largest tensor flipped.
+
+    The file keeps its size and its zip structure (as after a bad disk or copy); returns the damaged member's name.
+    """
+
+    def damage(source: Path, target: Path) -> str:
+        with zipfile.ZipFile(source) as archive:
+            member = max(archive.infolist(), key=lambda info: info.file_size)
+        data = bytearray(source.read_bytes())
+        # the data follow the 30-byte local header, the name and the extra field (torch pads it to align the tensor)
+        name_length, extra_length = struct.unpack_from("<HH", data, member.header_offset + 26)
+        data[member.header_offset + 30 + name_length + extra_length + member.file_size // 2] ^= 0x01
+        target.write_bytes(data)
+        return member.filename
+
+    return damage
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,16 @@ def test_truncated_checkpoint_says_why_in_a_whole_sentence(
     # torch's first sentence, whole; not cut in the middle of the advice that follows it
     assert_one_line_error(proc, f"'{truncated}' is unreadable or truncated (", "failed finding central directory); use")
     assert sorted(tmp_path.iterdir()) == [truncated]
+
+
+def test_checkpoint_damaged_on_disk_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage_checkpoint: Callable[[Path, Path], str]
+) -> None:
+    damaged = tmp_path / "damaged.ckpt"
+    member = damage_checkpoint(run_dir / "last.ckpt", damaged)  # torch.load would read it without a word
+    proc = run_inprocess([str(damaged), *FAST], capsys)
+    assert_one_line_error(proc, f"'{damaged}' is unreadable or truncated (damaged: {member} fails its CRC check); use")
+    assert sorted(tmp_path.iterdir()) == [damaged]
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_hyperparameters(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,23 @@ def test_load_pretrained_says_why_a_truncated_file_fails_in_one_sentence(tmp_pat
     message = str(err.value)
     assert "failed finding central directory);" in message  # not torch's paragraph of advice after it
     assert message.endswith("pass a .ckpt, .pt or .pth file of the model's weights")
+
+
+def test_load_pretrained_refuses_a_file_whose_bytes_fail_their_checksum(
+    tmp_path: Path, damage_checkpoint: Callable[[Path, Path], str]
+) -> None:
+    good = _save(tmp_path, create_classifier("small_cnn", 4).state_dict())
+    damaged = tmp_path / "damaged.pt"
+    member = damage_checkpoint(good, damaged)
+    # torch itself loads it: one weight silently differs
+    loaded, saved = (torch.load(p, weights_only=True) for p in (damaged, good))
+    assert sum(not torch.equal(loaded[k], saved[k]) for k in saved) == 1
+    with pytest.raises(ValueError, match="fails its CRC check") as err:
+        load_pretrained(create_classifier("small_cnn", 4), damaged)
+    assert str(err.value) == (
+        f"{damaged}: cannot load as a weights-only checkpoint (damaged: {member} fails its CRC check); pass a .ckpt, "
+        ".pt or .pth file of the model's weights"
+    )
 
 
 @pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"hello world\n", b""], ids=["bytes", "text", "empty"])
