@@ -119,6 +119,15 @@ def test_default_parameters_are_last_weight_layer_its_norm_and_head() -> None:
     assert select_parameters(FixedFeatures(3, 5, in_channels=1)) == ["fc.weight", "fc.bias"]
 
 
+def test_default_parameters_skip_frozen_layers() -> None:
+    model = SmallCNN(3, width=4)
+    model.trunk[7].requires_grad_(False)  # the last conv frozen: the conv before it is the last trainable one
+    assert select_parameters(model) == ["fc.weight", "fc.bias", "trunk.3.weight", "trunk.4.weight", "trunk.4.bias",
+                                        "trunk.8.weight", "trunk.8.bias"]  # fmt: skip
+    model.trunk.requires_grad_(False)  # a frozen trunk (a linear probe): the head alone
+    assert select_parameters(model) == ["fc.weight", "fc.bias"]
+
+
 def test_unknown_parameter_prefix_lists_modules() -> None:
     with pytest.raises(KeyError, match="top-level modules: fc, trunk"):
         select_parameters(SmallCNN(3, width=4), ["trunk.99"])

@@ -34,7 +34,8 @@ def select_parameters(model: nn.Module, params: Sequence[str] | None = None) -> 
         params: module-name prefixes (``"fc"``, ``"trunk.7"``, ``"block3"``): a parameter is chosen if its name equals
             a prefix or starts with ``prefix + "."``. ``None`` selects "last block + head": the head ``fc``, the
             last leaf module of the trunk holding a weight with >= 2 dims (the last conv / linear layer, in
-            registration order) and every parametrized leaf registered after it (its BatchNorm, a final norm).
+            registration order) and every parametrized leaf registered after it (its BatchNorm, a final norm); frozen
+            parameters (``requires_grad=False``) are skipped.
 
     Returns:
         Parameter names in ``model.named_parameters()`` order.
@@ -46,13 +47,13 @@ def select_parameters(model: nn.Module, params: Sequence[str] | None = None) -> 
     """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if params is None:
+        # frozen layers are no candidates: a fine-tuned model's frozen trunk would match no trainable name below
+        trainable = lambda m: [p for p in m.parameters(recurse=False) if p.requires_grad]  # noqa: E731
         leaves = [
-            (n, m)
-            for n, m in model.named_modules()
-            if n and not any(True for _ in m.children()) and any(True for _ in m.parameters(recurse=False))
+            (n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children()) and trainable(m)
         ]
         trunk = [(n, m) for n, m in leaves if n != _HEAD and not n.startswith(_HEAD + ".")]
-        weighted = [i for i, (_, m) in enumerate(trunk) if any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+        weighted = [i for i, (_, m) in enumerate(trunk) if any(p.dim() >= 2 for p in trainable(m))]
         params = [_HEAD] + ([n for n, _ in trunk[weighted[-1] :]] if weighted else [])
     chosen = [n for n in names if any(n == p or n.startswith(p + ".") for p in params)]
     unmatched = [p for p in params if not any(n == p or n.startswith(p + ".") for n in names)]
