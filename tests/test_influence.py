@@ -208,6 +208,12 @@ def test_cg_warns_with_the_residual_it_reached_when_max_iter_stops_it() -> None:
     assert float((v - hvp(x)).norm() / v.norm()) <= 1e-8
 
 
+@pytest.mark.parametrize("max_iter", [0, -5])
+def test_cg_refuses_a_cap_below_one_iteration(max_iter: int) -> None:
+    with pytest.raises(ValueError, match=f"max_iter={max_iter}: CG needs at least 1 iteration"):
+        inverse_hvp(lambda v: v, torch.ones(3, dtype=torch.float64), "cg", max_iter=max_iter)
+
+
 def test_explain_records_the_residual_of_an_unconverged_cg_solve(tmp_path) -> None:
     model = TinyNet().double().eval()
     x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))

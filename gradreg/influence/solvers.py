@@ -148,6 +148,8 @@ def top_eigenvalue(hvp_fn: HVP, dim: int, iters: int = 20, like: Tensor | None =
 
 def cg_iterations(max_iter: int | None, size: int) -> int:
     """Conjugate gradients' iteration cap for ``size`` unknowns: ``max_iter``, by default ``min(size, 200)``."""
+    if max_iter is not None and max_iter < 1:  # 0 would otherwise read as "default"
+        raise ValueError(f"max_iter={max_iter}: CG needs at least 1 iteration; pass None for min(P, 200)")
     return max_iter or min(size, 200)
 
 
