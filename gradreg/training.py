@@ -34,7 +34,7 @@ from gradreg.data import OODDataModule
 from gradreg.data.check import planned_reads, require_datasets
 from gradreg.data.datasets import dataset_name
 from gradreg.evaluation import scorer_key
-from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
+from gradreg.module import ABSENT_HEAD_HINT, GradRegModule, NonFiniteLossError
 from gradreg.registry import RegistryError
 
 RUN_DIR_ENV = "GRADREG_RUN_DIR"
@@ -491,6 +491,8 @@ def fit(cli: GradRegCLI) -> int:
             ) from None
         if isinstance(err, MisconfigurationException):  # e.g. run.resume past trainer.max_epochs: Lightning says which
             raise UserError(_one_line(err)) from None
+        if isinstance(err, NonFiniteLossError) and cli.rank_zero and cli.run_dir.is_dir():  # a checkpoint, wandb's run
+            raise NonFiniteLossError(f"{err}; what the run wrote stays in {cli.run_dir}") from None
         raise
     if cli.rank_zero:
         if not (cli.run_dir / "last.ckpt").is_file():  # Lightning returns quietly when there is nothing to train

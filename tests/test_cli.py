@@ -456,6 +456,16 @@ def test_nan_loss_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not any((tmp_path / "runs").iterdir()), "a run that wrote nothing leaves no folder"
 
 
+def test_nan_loss_after_a_checkpoint_names_the_folder_that_keeps_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    every_step = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1"]
+    proc = train_inprocess(tmp_path, capsys, "--model.lr", "1e30", "--model.schedule", "constant", *every_step)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert_one_line_error(proc, "non-finite training loss", "model.lr", f"; what the run wrote stays in {run}")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch=0-step=1.ckpt"]  # the step before the NaN
+
+
 def test_greg_in_float16_stops_before_the_run_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The penalty's inner backward would underflow in float16 (16-mixed too on a GPU; on a CPU Lightning makes it bf16).
     proc = train_inprocess(tmp_path, capsys, "--trainer.precision", "16-true")
