@@ -21,6 +21,7 @@ from gradreg.data.benchmarks import IMAGENET_WNIDS, imagenet_subset_wnids, read_
 from gradreg.data.datasets import (
     DATASETS,
     ID_SPECS,
+    DatasetFileError,
     DatasetNotFoundError,
     Transformed,
     UnreadableImageError,
@@ -182,11 +183,11 @@ def test_cifar_corrupt_file_is_a_dataset_error(tmp_path: Path) -> None:
 def test_locate_checks_published_md5_sums(tmp_path: Path) -> None:
     """The up-front check (locate) catches a corrupt file, not only reading it (for an OOD set: after training)."""
     write_cifar10(tmp_path)  # small files: every MD5 differs from the published one
-    with pytest.raises(DatasetNotFoundError, match=r"corrupt or partial: data_batch_1, .* and 3 more \(MD5"):
+    with pytest.raises(DatasetFileError, match=r"is unusable: corrupt or partial: data_batch_1, .* and 3 more \(MD5"):
         DATASETS.get("cifar10").locate(tmp_path, "test")
     (tmp_path / "svhn").mkdir()
     (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"half a file")
-    with pytest.raises(DatasetNotFoundError, match=r"corrupt or partial: test_32x32\.mat"):
+    with pytest.raises(DatasetFileError, match=r"svhn is unusable: corrupt or partial: test_32x32\.mat"):
         DATASETS.get("svhn").locate(tmp_path, "test")
     file = tmp_path / "f.bin"  # and a file whose sum matches passes
     file.write_bytes(b"gradreg")
@@ -213,7 +214,7 @@ def test_locate_checks_idx_sizes_without_reading(tmp_path: Path, gz: bool) -> No
     DATASETS.get("fashion_mnist").locate(tmp_path, "test")
     images = folder / ("t10k-images-idx3-ubyte" + (".gz" if gz else ""))
     images.write_bytes(images.read_bytes()[: -(20 if gz else 1)])  # a cut gzip loses its size trailer
-    with pytest.raises(DatasetNotFoundError, match=r"corrupt file: .*t10k-images-idx3-ubyte.*truncated"):
+    with pytest.raises(DatasetFileError, match=r"is unusable: corrupt file: .*t10k-images-idx3-ubyte.*truncated"):
         DATASETS.get("fashion_mnist").locate(tmp_path, "test")
     DATASETS.get("fashion_mnist").locate(tmp_path, "train")  # the other split's files are whole
 

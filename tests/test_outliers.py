@@ -15,6 +15,7 @@ from gradreg.data import outliers  # noqa: F401  (registers the pools)
 from gradreg.data.datasets import (
     DATASETS,
     ArrayDataset,
+    DatasetFileError,
     DatasetNotFoundError,
     ImageSpec,
     Transformed,
@@ -59,22 +60,24 @@ def _cifar_like_spec() -> ImageSpec:
 
 
 def test_tinyimages_reader_errors(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match=r"300K_random_images\.npy"):
+    with pytest.raises(DatasetNotFoundError, match=r"not found at .*300K_random_images\.npy"):
         build_dataset("tinyimages300k", tmp_path, "train")
     np.save(tmp_path / "floats.npy", np.zeros((2, 32, 32, 3), dtype=np.float32))
-    with pytest.raises(DatasetNotFoundError, match=r"uint8 array .* got float32"):
+    with pytest.raises(DatasetFileError, match=r"floats\.npy is unusable: expected a uint8 array .* got float32"):
         ImageArray(tmp_path / "floats.npy")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(DatasetNotFoundError, match=r"uint8 array .* got object"):  # the header only: no unpickling
+    with pytest.raises(
+        DatasetFileError, match=r"objects\.npy is unusable: expected a uint8 array .* got object"
+    ):  # the header only: no unpickling
         ImageArray(tmp_path / "objects.npy")
     (tmp_path / "text.npy").write_text("not numpy")
-    with pytest.raises(DatasetNotFoundError, match=r"not a \.npy file"):
+    with pytest.raises(DatasetFileError, match=r"text\.npy is unusable: not a \.npy file"):
         ImageArray(tmp_path / "text.npy")
     pool = tmp_path / "tinyimages300k" / "300K_random_images.npy"
     pool.parent.mkdir()
     np.save(pool, np.zeros((4, 32, 32, 3), dtype=np.uint8))
     pool.write_bytes(pool.read_bytes()[:-100])  # an interrupted download: found by the data check, before a run
-    with pytest.raises(DatasetNotFoundError, match=r"truncated \(12316 of 12416 bytes\)"):
+    with pytest.raises(DatasetFileError, match=r"is unusable: the file is truncated \(12316 of 12416 bytes\)"):
         build_dataset("tinyimages300k", tmp_path, "train")
 
 

@@ -43,7 +43,14 @@ from torchvision import datasets as tvd
 from torchvision.datasets import utils as tv_utils
 
 from gradreg.data._imagenet_wnids import IMAGENET_WNIDS
-from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, ImageSpec, UnreadableImageError
+from gradreg.data.datasets import (
+    DATASETS,
+    ID_SPECS,
+    DatasetFileError,
+    DatasetNotFoundError,
+    ImageSpec,
+    UnreadableImageError,
+)
 
 __all__ = [
     "IMAGENET_SUBSET_SEED",
@@ -139,7 +146,7 @@ def _require(
         corrupt = [file for file, digest in sums if not tv_utils.check_integrity(str(folder / file), digest)]
         if corrupt:
             what = f"corrupt or partial: {_listed(corrupt)} (MD5 differs from the published sum)"
-            raise DatasetNotFoundError(name, folder, f"{what}; delete and fetch again: {how}")
+            raise DatasetFileError(name, folder, f"{what}; delete and fetch again: {how}")
         return Located(folder)
     if download:
         return Located(folder, "not there yet: torchvision downloads it there (download: true)")
@@ -485,7 +492,7 @@ def _mnist_like(name: str, cls: type[tvd.MNIST], debian: str) -> None:
                     for file in files:
                         check_idx(file)
                 except ValueError as err:
-                    raise DatasetNotFoundError(name, folder, f"corrupt file: {err}; delete and fetch again") from None
+                    raise DatasetFileError(name, folder, f"corrupt file: {err}; delete and fetch again") from None
                 return Located(folder)
         if download:
             return Located(raw, "not there yet: torchvision downloads it there (download: true)")
@@ -503,9 +510,9 @@ def _mnist_like(name: str, cls: type[tvd.MNIST], debian: str) -> None:
         try:
             images, labels = read_idx(images_file), read_idx(labels_file)
         except ValueError as err:
-            raise DatasetNotFoundError(name, loc.path, f"corrupt file: {err}") from None
+            raise DatasetFileError(name, loc.path, f"corrupt file: {err}; delete and fetch again") from None
         if images.ndim != 3 or labels.shape != images.shape[:1]:
-            raise DatasetNotFoundError(name, loc.path, f"images {images.shape} and labels {labels.shape} do not match")
+            raise DatasetFileError(name, loc.path, f"images {images.shape} and labels {labels.shape} do not match")
         return ArrayImages(images[..., None], labels.astype(np.int64))
 
     factory.__doc__ = f"{cls.__name__} idx files: flat in ``path`` or in ``<path>/{cls.__name__}/raw/``."

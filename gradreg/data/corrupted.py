@@ -27,7 +27,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from gradreg.data.benchmarks import read_image, walk_images
-from gradreg.data.datasets import DatasetNotFoundError
+from gradreg.data.datasets import DatasetFileError, DatasetNotFoundError
 from gradreg.data.outliers import ImageArray
 
 __all__ = ["CorruptionFiles"]
@@ -50,7 +50,8 @@ class CorruptionFiles:
         severities: the severities to read (folders: only these need to be there).
 
     Raises:
-        DatasetNotFoundError: a missing folder or file, or one that is not such an array (one line with the fix).
+        DatasetNotFoundError: a missing folder or file, or (:class:`DatasetFileError`) one that is not such an array
+            (one line with the fix).
         ValueError: a name that is not there (the line lists those that are).
     """
 
@@ -83,7 +84,7 @@ class CorruptionFiles:
             for name in self.names:
                 images = ImageArray(self.folder / f"{name}.npy", NAME, HOW)
                 if len(images) != len(self.labels):
-                    raise DatasetNotFoundError(
+                    raise DatasetFileError(
                         NAME,
                         images.path,
                         f"it holds {len(images)} images for the {len(self.labels)} labels of {LABELS}",
@@ -168,9 +169,9 @@ def _read_labels(path: Path) -> np.ndarray:
     try:
         labels = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:  # not a .npy file, or a pickled (object) array
-        raise DatasetNotFoundError(NAME, path, f"not a .npy array of integer labels ({err}); {HOW}") from None
+        raise DatasetFileError(NAME, path, f"not a .npy array of integer labels ({err}); {HOW}") from None
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) % 5:
-        raise DatasetNotFoundError(
+        raise DatasetFileError(
             NAME, path, f"expected integer labels of 5 severities x N images, got {labels.dtype} {labels.shape}"
         )
     return labels

@@ -52,6 +52,18 @@ class DatasetNotFoundError(FileNotFoundError):
         super().__init__(f"dataset '{name}' not found at {expected}" + (f"; {how}" if how else ""))
 
 
+class DatasetFileError(DatasetNotFoundError):
+    """A dataset's file is there but unusable (not the format, corrupt, truncated); the message says what and the fix.
+
+    A :class:`DatasetNotFoundError`, so that whatever stops on missing data (``check``, ``require_datasets``) stops on
+    it too.
+    """
+
+    def __init__(self, name: str, path: Path | str, problem: str) -> None:
+        FileNotFoundError.__init__(self, f"dataset '{name}' at {path} is unusable: {problem}")
+        self.name, self.expected = name, str(path)
+
+
 class UnreadableImageError(OSError):
     """An image file that cannot be decoded (empty, truncated, not an image); the message names it and the fix.
 

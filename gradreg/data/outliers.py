@@ -72,7 +72,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gradreg.data.benchmarks import IMAGE_EXTENSIONS, Located, read_image, resolve_path, walk_images
-from gradreg.data.datasets import DATASETS, DatasetNotFoundError, augmentation_seeds
+from gradreg.data.datasets import DATASETS, DatasetFileError, DatasetNotFoundError, augmentation_seeds
 
 __all__ = ["ImageArray", "ImageFolderDataset", "OutlierStream", "read_class_list"]
 
@@ -88,9 +88,9 @@ TINYIMAGES_HOW = (
 def check_image_array(path: Path, name: str, how: str = TINYIMAGES_HOW) -> tuple[int, ...]:
     """The shape of the uint8 ``(N, H, W, C)`` array in the ``.npy`` file ``path``, read from its header only.
 
-    A missing file, another layout and a truncated download (the header promises more bytes than the file holds)
-    raise :class:`DatasetNotFoundError`, so ``python -m gradreg.data check`` reports them before a run. ``how``
-    says how to get the file.
+    A missing file raises :class:`DatasetNotFoundError`; another layout and a truncated download (the header promises
+    more bytes than the file holds) its :class:`DatasetFileError`, so ``python -m gradreg.data check`` reports them
+    before a run. ``how`` says how to get the file.
     """
     if not path.is_file():
         raise DatasetNotFoundError(name, path, how)
@@ -101,14 +101,14 @@ def check_image_array(path: Path, name: str, how: str = TINYIMAGES_HOW) -> tuple
             shape, _, dtype = read(f)
             data_start = f.tell()
     except ValueError as err:
-        raise DatasetNotFoundError(name, path, f"not a .npy file ({err}); {how}") from None
+        raise DatasetFileError(name, path, f"not a .npy file ({err}); {how}") from None
     except OSError as err:  # e.g. no read permission
-        raise DatasetNotFoundError(name, path, f"cannot be read ({err.strerror})") from None
+        raise DatasetFileError(name, path, f"cannot be read ({err.strerror})") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
-        raise DatasetNotFoundError(name, path, f"expected a uint8 array (N, H, W, C), C in (1, 3), got {dtype} {shape}")
+        raise DatasetFileError(name, path, f"expected a uint8 array (N, H, W, C), C in (1, 3), got {dtype} {shape}")
     size, expected = path.stat().st_size, data_start + int(np.prod(shape))
     if size < expected:
-        raise DatasetNotFoundError(name, path, f"the file is truncated ({size} of {expected} bytes); download it again")
+        raise DatasetFileError(name, path, f"the file is truncated ({size} of {expected} bytes); download it again")
     return tuple(shape)
 
 
