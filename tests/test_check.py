@@ -314,7 +314,7 @@ def test_check_command_reads_every_image_and_names_the_unreadable(tmp_path: Path
     ]
     assert "  UNREADABLE  isun test: 3 of 70" in lines  # each set of a config is read, under its own name
     assert "  ok          fashion_mnist train: 4 images read" in lines
-    assert lines[-1] == "6 unreadable images: replace or delete each file (or re-extract its dataset)"
+    assert lines[-1] == "3 unreadable images: replace or delete each file (or re-extract its dataset)"  # 3 files
 
 
 def test_check_command_reports_unreadable_configs(tmp_path: Path) -> None:

@@ -66,9 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.read_images:
         return 0
     print(f"reading every image ({args.workers} reader processes):", flush=True)
-    bad = 0
+    bad: set[str] = set()  # a file read by two sets (or two splits of one folder) is one file to replace
     for name, total, failed in unreadable_images(config, root, args.stage, args.workers):
-        bad += len(failed)
+        bad.update(failed)
         status = (
             f"ok          {name}: {total} images read"
             if not failed
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(failed) > MAX_LISTED:
             print(f"      ... and {len(failed) - MAX_LISTED} more")
     if bad:
-        print(f"{bad} unreadable images: replace or delete each file (or re-extract its dataset)")
+        print(f"{len(bad)} unreadable images: replace or delete each file (or re-extract its dataset)")
     return 1 if bad else 0
 
 
