@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
+
 from gradreg.data.datasets import DatasetNotFoundError, UnreadableImageError
 from gradreg.module import NonFiniteLossError, UnsupportedSettingError
 from gradreg.registry import RegistryError
@@ -195,3 +197,30 @@ def require_file(path: str | Path, what: str, fix: str) -> Path:
     if not path.is_file():
         raise UserError(f"{what} '{path}' {'is a folder, not a file' if path.is_dir() else 'does not exist'}; {fix}")
     return path
+
+
+CONFIG_SECTIONS = ("seed_everything", "model", "data", "trainer", "run", "optimizer", "lr_scheduler", "ckpt_path")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections of the config file ``path`` (a YAML mapping, read with the safe loader).
+
+    Raises:
+        UserError: the file is missing, not text, not valid YAML, empty (or comments only) or not a mapping (one line
+            naming the file).
+    """
+    path = require_file(path, "config file", "see configs/ for the shipped configs")
+    try:  # libyaml's safe loader where PyYAML has it: jsonargparse's, whose words the parser's errors use
+        config = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        reason = getattr(err, "problem", None) or type(err).__name__
+        raise UserError(f"config file '{path}' is not valid YAML ({where}{reason}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"config file '{path}' cannot be read as text ({err}); pass a .yaml file") from None
+    if config is None:
+        raise UserError(f"config file '{path}' is empty; see configs/ for the shipped configs")
+    if not isinstance(config, dict):
+        raise UserError(f"config file '{path}' is not a mapping of sections ({', '.join(CONFIG_SECTIONS)})")
+    return config

@@ -48,12 +48,14 @@ from torch.utils.data import Dataset, Subset
 
 from gradreg import anomalies, plots
 from gradreg.cli import (
+    CONFIG_SECTIONS,
     ArgumentParser,
     Interrupted,
     UserError,
     configure_wandb_env,
     error_message,
     next_run_dir,
+    read_config_file,
     require_file,
 )
 from gradreg.data import OODDataModule
@@ -80,7 +82,6 @@ from gradreg.scorers import SCORERS, Scorer
 SUITES = ("ood", "adversarial", "corruption", "robustness")
 DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness")
 # Top-level sections of a train config: train.py's own, plus those LightningCLI writes into a run's config.yaml.
-CONFIG_SECTIONS = ("seed_everything", "model", "data", "trainer", "run", "optimizer", "lr_scheduler", "ckpt_path")
 
 
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
@@ -470,19 +471,7 @@ def read_config(path: Path) -> dict[str, Any]:
     The valid ``model`` / ``data`` keys are the constructors' arguments; sections other than those two are
     not used here, but a misspelled one (``dataa:``) would silently evaluate the defaults.
     """
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        reason = getattr(err, "problem", None) or type(err).__name__
-        raise UserError(f"config '{path}' is not valid YAML ({where}{reason}); fix the file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"config '{path}' cannot be read as text ({err}); pass a .yaml file") from None
-    if config is None:  # nothing, or comments only: as train.py says
-        raise UserError(f"config '{path}' is empty; see configs/ for the shipped configs")
-    if not isinstance(config, dict):
-        raise UserError(f"config '{path}' is not a mapping of sections ({', '.join(CONFIG_SECTIONS)})")
+    config = read_config_file(path)
     unknown = [key for key in config if key not in CONFIG_SECTIONS]
     if unknown:
         raise UserError(f"config '{path}' has unknown section '{unknown[0]}'; valid: {', '.join(CONFIG_SECTIONS)}")

@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from gradreg.callbacks import METRICS, OODEvalCallback
-from gradreg.cli import Interrupted, UserError, next_run_dir, point_latest, require_file
+from gradreg.cli import Interrupted, UserError, next_run_dir, point_latest, read_config_file
 from gradreg.data import OODDataModule
 from gradreg.data.check import planned_reads, require_datasets
 from gradreg.data.datasets import dataset_name
@@ -289,15 +289,7 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             value = arg.split("=", 1)[1]
         if value is None:
             continue
-        path = require_file(value, "config file", "see configs/ for the shipped configs")
-        try:
-            empty = yaml.safe_load(path.read_text()) is None  # nothing, or comments only
-        except yaml.YAMLError:  # the parser reports it below, with its line
-            empty = False
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"config file '{value}' cannot be read as text ({err}); pass a .yaml file") from None
-        if empty:
-            raise UserError(f"config file '{value}' is empty; see configs/ for the shipped configs")
+        read_config_file(value)  # else jsonargparse's words for an empty file or a list ("Unexpected config: - a")
     rank_zero = is_rank_zero()
     if rank_zero:
         os.environ.pop(RUN_DIR_ENV, None)

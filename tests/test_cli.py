@@ -379,8 +379,8 @@ def test_unknown_config_key(option: str, tmp_path: Path, capsys: pytest.CaptureF
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("model:\n  lr: [1, 2\n", "did not find expected ',' or ']' at line 3, column 1"),
-        ("model:\n  lr: 0.1\ndata:\n  batch_size: 8\n seed: 3\n", "did not find expected key at line 5, column 2"),
+        ("model:\n  lr: [1, 2\n", "line 3, column 1: did not find expected ',' or ']'"),
+        ("model:\n  lr: 0.1\ndata:\n  batch_size: 8\n seed: 3\n", "line 5, column 2: did not find expected key"),
     ],
 )
 def test_yaml_syntax_error_says_what_and_where(
@@ -388,7 +388,10 @@ def test_yaml_syntax_error_says_what_and_where(
 ) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(text)
-    assert_one_line_error(train_inprocess(tmp_path, capsys, "--config", str(config)), "not valid YAML: " + problem)
+    proc = train_inprocess(tmp_path, capsys, "--config", str(config))
+    assert_one_line_error(proc, f"config file '{config}' is not valid YAML ({problem}); fix the file")
+    proc = train_inprocess(tmp_path, capsys, "--data", "{id_dataset: [")  # a value on the command line: no file
+    assert_one_line_error(proc, "a config is not valid YAML: did not find expected node content at line 2, column 1")
 
 
 @pytest.mark.parametrize("name", ["a/b", "../escape", ".."])
@@ -410,6 +413,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
         ("empty.yaml", "is empty"),
         ("comments.yaml", "is empty"),
         ("binary.yaml", "cannot be read as text"),
+        ("list.yaml", "is not a mapping of sections"),  # jsonargparse said "Unexpected config: - model"
     ],
 )
 def test_config_that_is_a_folder_or_empty(name: str, what: str, tmp_path: Path) -> None:
@@ -417,6 +421,7 @@ def test_config_that_is_a_folder_or_empty(name: str, what: str, tmp_path: Path) 
     (tmp_path / "empty.yaml").write_text("\n")
     (tmp_path / "comments.yaml").write_text("# model:\n#   lr: 0.1\n")
     (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "list.yaml").write_text("- model\n- data\n")
     with pytest.raises(UserError, match=f"config file '.*{name}' {what}"):
         build_cli(["--config", str(tmp_path / name)])
 
