@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -577,7 +578,9 @@ def load_weights_only(source: str | os.PathLike[str]) -> object:
             damaged = archive.testzip()
         if damaged is not None:
             raise zipfile.BadZipFile(f"damaged: {damaged} fails its CRC check")
-    return torch.load(source, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # a plain pickle (no torch file) warns before it fails: the caller's line says why
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def read_weights(source: str | os.PathLike[str]) -> Mapping[str, object]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,6 +132,16 @@ def test_load_pretrained_refuses_a_file_whose_bytes_fail_their_checksum(
         f"{damaged}: cannot load as a weights-only checkpoint (damaged: {member} fails its CRC check); pass a .ckpt, "
         ".pt or .pth file of the model's weights"
     )
+
+
+def test_load_pretrained_refuses_a_plain_pickle_in_one_line_without_torch_warning(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pkl"
+    path.write_bytes(pickle.dumps(create_classifier("small_cnn", 4).state_dict(), protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of the pickle protocol before it fails
+        with pytest.raises(ValueError, match="cannot load as a weights-only checkpoint") as err:
+            load_pretrained(create_classifier("small_cnn", 4), path)
+    assert "pickle protocol" not in str(err.value)
 
 
 @pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"hello world\n", b""], ids=["bytes", "text", "empty"])
