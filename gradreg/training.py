@@ -306,8 +306,15 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
         )
     except BaseException as err:
         discard_unused_run_dir(rank_zero)
+        if isinstance(err, MisconfigurationException) and "No supported gpu backend" in str(err):
+            raise UserError(
+                "trainer.accelerator=gpu, but PyTorch finds no GPU here (torch.cuda.is_available() is False); use "
+                "--trainer.accelerator auto or cpu, or install a CUDA build of torch"
+            ) from None
         if isinstance(err, argparse.ArgumentError | ValueError | TypeError | KeyError | MisconfigurationException):
             raise UserError(_one_line(err)) from None
+        if isinstance(err, ModuleNotFoundError):  # trainer.accelerator=tpu without torch_xla, a logger's package, ...
+            raise UserError(f"the settings need a package that is not installed: {_one_line(err)}") from None
         if isinstance(err, RuntimeError) and "more than one stateful callback" in str(err):
             raise UserError(
                 "trainer.callbacks holds a ModelCheckpoint with the monitor, mode and every_n_epochs of train.py's "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -624,7 +625,15 @@ def test_run_root_that_is_a_file_and_a_callback_typo(tmp_path: Path, capsys: pyt
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_gpu_accelerator_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert_one_line_error(train_inprocess(tmp_path, capsys, "--trainer.accelerator", "gpu"), "gpu")
+    proc = train_inprocess(tmp_path, capsys, "--trainer.accelerator", "gpu")
+    assert_one_line_error(proc, "trainer.accelerator=gpu, but PyTorch finds no GPU here", "auto or cpu")
+    assert not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None, reason="needs a machine without torch_xla")
+def test_tpu_accelerator_without_torch_xla(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = train_inprocess(tmp_path, capsys, "--trainer.accelerator", "tpu")
+    assert_one_line_error(proc, "the settings need a package that is not installed: Requirement 'torch_xla")
     assert not any((tmp_path / "runs").iterdir())
 
 
