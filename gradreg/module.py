@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from gradreg.cuda_graph import CapturedStep
@@ -495,12 +496,31 @@ class GradRegModule(LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run continues the global generators where the checkpoint left them."""
+        if self.trainer.ckpt_path is not None and self.hparams.schedule == "cosine":
+            self._warn_of_a_changed_cosine()
         if self._resumed_rng is None:
             return
         torch.set_rng_state(self._resumed_rng["cpu"])
         if self._resumed_rng["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(self._resumed_rng["cuda"], self.device)
         self._resumed_rng = None
+
+    def _warn_of_a_changed_cosine(self) -> None:
+        """Say so if a resumed cosine schedule has another length than the checkpoint's run (``max_epochs`` changed).
+
+        The schedule then follows the new length from the checkpoint's step on: its learning rate jumps there.
+        """
+        scheduler = self.lr_schedulers()
+        step, restored = scheduler.last_epoch, self.optimizers().param_groups[0]["lr"]  # the checkpoint's lr
+        now = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
+        if not math.isclose(restored, now, rel_tol=1e-6, abs_tol=1e-12):
+            total = int(self.trainer.estimated_stepping_batches)
+            rank_zero_warn(
+                f"model.schedule=cosine now spans {total} steps (trainer.max_epochs={self.trainer.max_epochs}), not "
+                f"the length the checkpoint's run had: its learning rate jumps from {restored:.4g} to {now:.4g} at "
+                f"step {step} and follows the new cosine (resume with the run's own max_epochs to continue it)",
+                category=UserWarning,
+            )
 
     def on_train_epoch_start(self) -> None:  # noqa: D102
         self._mine_at_epoch_start(known_start=True)

@@ -173,7 +173,17 @@ def test_resumed_run_draws_the_id_batches_of_the_uninterrupted_run(
     straight = _drawn(tmp_path, 3, num_workers, schedule)
     assert straight[0] != straight[1] != straight[2]  # a new order every epoch
     _drawn(tmp_path, 2, num_workers, schedule)
-    assert _drawn(tmp_path, 3, num_workers, schedule, tmp_path / "2.ckpt") == {2: straight[2]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _drawn(tmp_path, 3, num_workers, schedule, tmp_path / "2.ckpt") == {2: straight[2]}
+    # 2 -> 3 epochs: a cosine schedule is stretched (from the 2-epoch run's final lr, min_lr, back up)
+    changed = [str(w.message) for w in caught if "model.schedule=cosine now spans" in str(w.message)]
+    assert len(changed) == (schedule == "cosine")
+    if changed:
+        assert (
+            "(trainer.max_epochs=3), not the length the checkpoint's run had: its learning rate jumps from"
+            in changed[0]
+        )
 
 
 def test_resumed_greg_plus_run_ends_with_the_uninterrupted_runs_weights(tmp_path: Path) -> None:
@@ -226,6 +236,7 @@ def test_run_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_runs_wei
             warnings.simplefilter("always")
             trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
         assert not [w for w in caught if "not resumable" in str(w.message)]
+        assert not [w for w in caught if "model.schedule=cosine now spans" in str(w.message)]  # the same length
         assert trainer.num_training_batches == 20  # so the step is in epoch 1 or at epoch 0's end
         return model.state_dict(), drawn.batches
 
