@@ -69,6 +69,11 @@ BOUNDS: Bounds = {
 }  # fmt: skip
 
 
+def _cosine_factor(step: int, total: int, floor: float) -> float:
+    """The per-step cosine from 1 to ``floor`` over ``total`` steps (times ``lr``), as in energy_ood's fine-tuning."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -201,6 +206,8 @@ class GradRegModule(LightningModule):
         # The step computes its gradients itself (backward() inside training_step), so that it can be captured.
         self.captured_step = CapturedStep(self._forward_backward, self.parameters()) if cuda_graph else None
         self._resumed_rng: dict[str, Tensor | None] | None = None  # a checkpoint's generator states, until training
+        self._cosine_steps: int | None = None  # the length of the cosine schedule configure_optimizers built
+        self._resumed_cosine_steps: int | None = None  # that of the checkpoint's run, until training
 
     @property
     def uses_outliers(self) -> bool:
@@ -486,6 +493,8 @@ class GradRegModule(LightningModule):
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         checkpoint["rng_state"] = {"cpu": torch.get_rng_state(), "cuda": cuda}
         checkpoint["environment"] = environment(self.device)
+        if self._cosine_steps is not None:
+            checkpoint["cosine_steps"] = self._cosine_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         self.sampler.load_state_dict(checkpoint.get("sampler_state", {}))
@@ -493,11 +502,11 @@ class GradRegModule(LightningModule):
         # whose module a later fresh fit would otherwise start from the old run's generators.
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         self._resumed_rng = checkpoint.get("rng_state") if fitting else None
+        self._resumed_cosine_steps = checkpoint.get("cosine_steps") if fitting else None
 
     def on_train_start(self) -> None:
         """A resumed run continues the global generators where the checkpoint left them."""
-        if self.trainer.ckpt_path is not None and self.hparams.schedule == "cosine":
-            self._warn_of_a_changed_cosine()
+        self._warn_of_a_changed_cosine()
         if self._resumed_rng is None:
             return
         torch.set_rng_state(self._resumed_rng["cpu"])
@@ -510,17 +519,17 @@ class GradRegModule(LightningModule):
 
         The schedule then follows the new length from the checkpoint's step on: its learning rate jumps there.
         """
-        scheduler = self.lr_schedulers()
-        step, restored = scheduler.last_epoch, self.optimizers().param_groups[0]["lr"]  # the checkpoint's lr
-        now = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
-        if not math.isclose(restored, now, rel_tol=1e-6, abs_tol=1e-12):
-            total = int(self.trainer.estimated_stepping_batches)
-            rank_zero_warn(
-                f"model.schedule=cosine now spans {total} steps (trainer.max_epochs={self.trainer.max_epochs}), not "
-                f"the length the checkpoint's run had: its learning rate jumps from {restored:.4g} to {now:.4g} at "
-                f"step {step} and follows the new cosine (resume with the run's own max_epochs to continue it)",
-                category=UserWarning,
-            )
+        old, new, self._resumed_cosine_steps = self._resumed_cosine_steps, self._cosine_steps, None
+        if old is None or new is None or old == new:  # not resumed, a checkpoint without it, or another optimizer
+            return
+        floor, step = self.hparams.min_lr / self.hparams.lr, self.global_step
+        lr = lambda total: self.hparams.lr * _cosine_factor(step, total, floor)  # noqa: E731
+        rank_zero_warn(
+            f"model.schedule=cosine now spans {new} optimizer steps, the checkpoint's run {old} (trainer.max_epochs, "
+            "max_steps, limit_train_batches, accumulate_grad_batches or the number of devices changed): from step "
+            f"{step} on, its learning rate follows the new cosine ({lr(new):.4g} there instead of {lr(old):.4g})",
+            category=UserWarning,
+        )
 
     def on_train_epoch_start(self) -> None:  # noqa: D102
         self._mine_at_epoch_start(known_start=True)
@@ -558,11 +567,7 @@ class GradRegModule(LightningModule):
             milestones = hp.milestones if hp.milestones is not None else []
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, hp.gamma)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self._cosine_steps = max(1, int(self.trainer.estimated_stepping_batches))
         floor = hp.min_lr / hp.lr
-
-        def cosine(step: int) -> float:  # per-step cosine from lr to min_lr, as in energy_ood's fine-tuning
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine_factor(step, total, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -853,6 +853,16 @@ def test_resumed_config_resumes_again_after_the_project_moved(
     assert torch.load("runs/quickstart-003/last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 3
 
 
+def test_a_run_with_the_clis_own_optimizer_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --optimizer replaces configure_optimizers: no cosine schedule of ours to compare with the checkpoint's
+    adam = ["--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.001"]
+    assert train_inprocess(tmp_path, capsys, *adam).returncode == 0
+    longer = ["--run.resume", str(tmp_path / "runs" / "latest"), "--trainer.max_epochs", "3"]
+    proc = train_inprocess(tmp_path, capsys, *adam, *longer)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model.schedule=cosine" not in proc.stderr
+
+
 @pytest.mark.parametrize("validation", [True, False])
 def test_unknown_train_monitor_fails_in_one_line_at_the_first_checkpoint(
     validation: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
