@@ -134,6 +134,19 @@ def test_load_pretrained_refuses_a_file_whose_bytes_fail_their_checksum(
     )
 
 
+@pytest.mark.skipif(not hasattr(torch.serialization, "set_crc32_options"), reason="torch >= 2.5 writes no-CRC files")
+def test_load_pretrained_reads_a_file_saved_without_checksums(tmp_path: Path) -> None:
+    source = create_classifier("small_cnn", 4)
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = _save(tmp_path, source.state_dict())
+    finally:
+        torch.serialization.set_crc32_options(True)
+    target = create_classifier("small_cnn", 4)
+    assert load_pretrained(target, path) == []
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+
+
 def test_load_pretrained_refuses_a_plain_pickle_in_one_line_without_torch_warning(tmp_path: Path) -> None:
     path = tmp_path / "weights.pkl"
     path.write_bytes(pickle.dumps(create_classifier("small_cnn", 4).state_dict(), protocol=4))
