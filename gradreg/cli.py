@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
+from jsonargparse import get_loader
 
 from gradreg.data.datasets import DatasetNotFoundError, UnreadableImageError
 from gradreg.module import NonFiniteLossError, UnsupportedSettingError
@@ -199,23 +200,28 @@ def require_file(path: str | Path, what: str, fix: str) -> Path:
     return path
 
 
+# Top-level sections of a train config: train.py's own, plus those LightningCLI writes into a run's config.yaml.
 CONFIG_SECTIONS = ("seed_everything", "model", "data", "trainer", "run", "optimizer", "lr_scheduler", "ckpt_path")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The sections of the config file ``path`` (a YAML mapping, read with the safe loader).
+    """The sections of the config file ``path``: a YAML mapping, read as ``train.py`` reads it.
+
+    jsonargparse's loader is PyYAML's safe loader that also reads ``1e-3`` as a number (YAML 1.1 reads it as text).
 
     Raises:
         UserError: the file is missing, not text, not valid YAML, empty (or comments only) or not a mapping (one line
             naming the file).
     """
     path = require_file(path, "config file", "see configs/ for the shipped configs")
-    try:  # libyaml's safe loader where PyYAML has it: jsonargparse's, whose words the parser's errors use
-        config = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    try:
+        config = get_loader("yaml")(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        reason = getattr(err, "problem", None) or type(err).__name__
+        if isinstance(err, yaml.reader.ReaderError):  # a control character: no line, a position
+            where = f"character {err.position + 1}: "
+        reason = getattr(err, "problem", None) or getattr(err, "reason", None) or type(err).__name__
         raise UserError(f"config file '{path}' is not valid YAML ({where}{reason}); fix the file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"config file '{path}' cannot be read as text ({err}); pass a .yaml file") from None

@@ -81,7 +81,6 @@ from gradreg.scorers import SCORERS, Scorer
 
 SUITES = ("ood", "adversarial", "corruption", "robustness")
 DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness")
-# Top-level sections of a train config: train.py's own, plus those LightningCLI writes into a run's config.yaml.
 
 
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
-from gradreg.cli import Interrupted, UserError, evaluate_main, run_user_errors, train_main
+from gradreg.cli import Interrupted, UserError, evaluate_main, read_config_file, run_user_errors, train_main
 from gradreg.provenance import git_revision
 from gradreg.report import parse_scorer
 from gradreg.training import build_cli
@@ -405,6 +405,16 @@ def test_run_name_must_be_a_folder_name(name: str, tmp_path: Path, capsys: pytes
 def test_missing_config_file(tmp_path: Path) -> None:
     proc = run("train.py", "--config", "configs/nope.yaml", cwd=tmp_path)
     assert_one_line_error(proc, "configs/nope.yaml", "does not exist")
+
+
+def test_config_files_are_read_as_train_py_reads_them(tmp_path: Path) -> None:
+    # evaluate.py and the data check read train configs with this reader: 1e-3 is the number train.py takes
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  lr: 1e-3\n  min_lr: 1.0e-6\n  arch: small_cnn\n")
+    assert read_config_file(config) == {"model": {"lr": 0.001, "min_lr": 1e-6, "arch": "small_cnn"}}
+    config.write_text("model:\n  lr: \x07\n")
+    with pytest.raises(UserError, match=r"is not valid YAML \(character 14: control characters are not allowed\)"):
+        read_config_file(config)
 
 
 @pytest.mark.parametrize(
