@@ -454,8 +454,8 @@ def from_config(path: Path, data_overrides: dict[str, Any]) -> tuple[GradRegModu
         # A run's config.yaml describes the model before training: its weights are in the run's checkpoints.
         run_dir = path.parent if any((path.parent / n).is_file() for n in ("best.ckpt", "last.ckpt")) else "RUN_DIR"
         print(
-            f"warning: config '{path}' has no model.pretrained: the model is evaluated with random initial weights; "
-            f"to evaluate a trained run, pass its run directory (evaluate.py {run_dir})",
+            f"warning: config file '{path}' has no model.pretrained: the model is evaluated with random initial "
+            f"weights; to evaluate a trained run, pass its run directory (evaluate.py {run_dir})",
             file=sys.stderr,
         )
     seed = config.get("seed_everything")
@@ -473,15 +473,15 @@ def read_config(path: Path) -> dict[str, Any]:
     config = read_config_file(path)
     unknown = [key for key in config if key not in CONFIG_SECTIONS]
     if unknown:
-        raise UserError(f"config '{path}' has unknown section '{unknown[0]}'; valid: {', '.join(CONFIG_SECTIONS)}")
+        raise UserError(f"config file '{path}' has unknown section '{unknown[0]}'; valid: {', '.join(CONFIG_SECTIONS)}")
     for section, cls in (("model", GradRegModule), ("data", OODDataModule)):
         config[section] = config.get(section) or {}
         if not isinstance(config[section], dict):
-            raise UserError(f"config '{path}': section '{section}' is not a mapping of settings")
+            raise UserError(f"config file '{path}': section '{section}' is not a mapping of settings")
         valid = list(inspect.signature(cls).parameters)
         unknown = [key for key in config[section] if key not in valid]
         if unknown:
-            raise UserError(f"config '{path}': unknown key '{unknown[0]}' in {section}; valid: {', '.join(valid)}")
+            raise UserError(f"config file '{path}': unknown key '{unknown[0]}' in {section}; valid: {', '.join(valid)}")
     return config
 
 
@@ -763,7 +763,9 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
         overrides["data_root"] = opts.data_root
     source = Path(opts.checkpoint)
     post_hoc = source.suffix in (".yaml", ".yml")
-    ckpt_path = require_file(source, "config", "pass an existing .yaml") if post_hoc else resolve_checkpoint(source)
+    ckpt_path = (
+        require_file(source, "config file", "pass an existing .yaml") if post_hoc else resolve_checkpoint(source)
+    )
     ckpt = None if post_hoc else load_checkpoint(ckpt_path)
     try:
         module, dm = from_config(ckpt_path, overrides) if ckpt is None else rebuild(ckpt, overrides)
