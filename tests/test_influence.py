@@ -209,9 +209,18 @@ def test_cg_warns_with_the_residual_it_reached_when_max_iter_stops_it() -> None:
 
 
 @pytest.mark.parametrize("max_iter", [0, -5])
-def test_cg_refuses_a_cap_below_one_iteration(max_iter: int) -> None:
+def test_cg_refuses_a_cap_below_one_iteration(max_iter: int, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=f"max_iter={max_iter}: CG needs at least 1 iteration"):
         inverse_hvp(lambda v: v, torch.ones(3, dtype=torch.float64), "cg", max_iter=max_iter)
+    model, (x_in, y_in, _), _, _ = tiny_cnn_setup()
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("explain computed gradients before it checked max_iter")
+
+    # the package's name `explain` is the function: the module from sys.modules
+    monkeypatch.setattr(importlib.import_module("gradreg.influence.explain"), "score_gradients", never)
+    with pytest.raises(ValueError, match=f"max_iter={max_iter}: CG needs at least 1 iteration"):
+        explain(model, x_in[:1], "energy", ce_loss(), TensorDataset(x_in, y_in), max_iter=max_iter)
 
 
 def test_explain_records_the_residual_of_an_unconverged_cg_solve(tmp_path) -> None:

@@ -237,6 +237,8 @@ def explain(
     test_ids = list(range(num_tests)) if test_ids is None else list(test_ids)
     if len(test_is_id) != num_tests or len(test_ids) != num_tests:
         raise ValueError(f"test_is_id and test_ids need one entry per test image ({num_tests})")
+    if method == "cg":
+        cg_iterations(max_iter, 1)  # a cap below 1 is refused before the gradients and the Hessian batches
 
     names = select_parameters(model, params)
     like = dict(model.named_parameters())[names[0]].detach()
