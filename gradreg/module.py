@@ -505,7 +505,7 @@ class GradRegModule(LightningModule):
         self._resumed_cosine_steps = checkpoint.get("cosine_steps") if fitting else None
 
     def on_train_start(self) -> None:
-        """A resumed run continues the global generators where the checkpoint left them."""
+        """A resumed run continues the global generators where the checkpoint left them; a changed cosine warns."""
         self._warn_of_a_changed_cosine()
         if self._resumed_rng is None:
             return
