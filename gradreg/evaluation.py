@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 from gradreg import metrics, scorers
 from gradreg.registry import SettingError
 from gradreg.scorers import OutputScorer, Scorer
-from gradreg.scorers.base import checked, require_head, scoring
+from gradreg.scorers.base import head_outputs, require_head, scoring
 
 ScorerSpec = str | Mapping[str, Any]
 
@@ -82,8 +82,7 @@ def score_batch(model: nn.Module, x: Tensor, scorer_map: Mapping[str, Scorer]) -
             scorer.require(model)
     with scoring(model), torch.no_grad():
         x = x.clone()
-        features = checked(model, model.features(x), "features(x)")
-        logits = checked(model, model.fc(features), "fc(features(x))")
+        features, logits = head_outputs(model, x)
         out = {k: s.score_outputs(features, logits) for k, s in scorer_map.items() if isinstance(s, OutputScorer)}
     for key, scorer in scorer_map.items():
         if key not in out:

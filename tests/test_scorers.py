@@ -496,6 +496,28 @@ def test_scorer_is_unaffected_by_in_place_ops_after_hooked_layers(name: str, bat
     torch.testing.assert_close(inplace, build_cheap(name)(make_zoo(inplace=False), batch), **TIGHT)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_a_bfloat16_model_is_scored_in_float32(name: str) -> None:
+    # bfloat16 softmaxes and reductions tied the scores of 64 inputs: ODIN's (T = 1000) to 1 value, MSP's to 5,
+    # energy's to 6, GAIA-A's to 17, purview's to 29
+    model = make_tiny()
+    x = torch.randn(64, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = build_cheap(name)(model, x)
+    scores = build_cheap(name)(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16))
+    assert scores.dtype == torch.float32
+    assert torch.isfinite(scores).all()
+    if name not in ("maxlogit", "margin"):  # a bfloat16 logit; DeepFool's bfloat16 steps
+        assert len(torch.unique(scores)) >= 48
+        assert torch.corrcoef(torch.stack([scores.double(), expected]))[0, 1] > 0.99
+
+
+def test_scorers_name_an_input_that_is_not_float() -> None:
+    images = torch.randint(0, 256, (2, 2, 8, 8), dtype=torch.uint8)  # e.g. torchvision.io.read_image's
+    for name in ("energy", "odin"):
+        with pytest.raises(TypeError, match=re.escape("x has dtype torch.uint8: scorers take float images normalized")):
+            build(name)(make_tiny(), images)
+
+
 def test_build_rejects_unknown_names_and_settings() -> None:
     with pytest.raises(KeyError, match=r"unknown scorer 'gradnrom'.*known:.*gradnorm"):
         build("gradnrom")

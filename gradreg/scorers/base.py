@@ -42,15 +42,26 @@ def require_head(model: nn.Module) -> None:
         )
 
 
+def wide(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is in half precision (bfloat16, float16), else itself.
+
+    Scores are computed from float32 outputs of a half-precision model (or a caller's autocast), as autocast runs
+    softmax and cross-entropy: in bfloat16, ODIN's softmax at T = 1000 (every probability near 1/C, steps of 2^-9
+    relative) gave three distinct scores for 600 images.
+    """
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def checked(model: nn.Module, value: object, what: str = "forward(x)") -> Tensor:
     """``value`` if it is a 2-D tensor, else a TypeError naming what ``model`` returned and what scorers need.
 
     ``what`` names the call: ``forward(x)`` must give the logits (N, C), ``features(x)`` the pooled vector (N, D).
     A model returning a tuple or dict, or an unpooled feature map, would otherwise fail deep inside a scorer (or, for
-    the logit scores, return an (N, ...) array of the wrong shape).
+    the logit scores, return an (N, ...) array of the wrong shape). Logits come back :func:`wide`; features stay in
+    the model's dtype, for its ``fc``.
     """
     if isinstance(value, Tensor) and value.dim() == 2:
-        return value
+        return value if what == "features(x)" else wide(value)
     got = type(value).__name__
     if isinstance(value, Tensor):
         got = f"a {value.dim()}-D tensor of shape {tuple(value.shape)}"
@@ -143,11 +154,16 @@ class Scorer(Settings):
     def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
         """Score ``x`` under the contract of the module docstring; shape (N,)."""
         self.require(model)
+        if not x.is_floating_point():  # e.g. torchvision.io.read_image's uint8: else a backend error deep inside
+            raise TypeError(
+                f"x has dtype {x.dtype}: scorers take float images normalized as the model's training data "
+                "(e.g. torchvision's v2.ToDtype(torch.float32, scale=True), then v2.Normalize)"
+            )
         with scoring(model):
             x = x.clone()  # an inference tensor cannot be used in autograd; a clone made here can
             with torch.set_grad_enabled(self.needs_grad):
                 try:
-                    return self.score(model, x).detach()
+                    return wide(self.score(model, x).detach())
                 except RuntimeError as err:
                     raise inference_weights_error(model, err, "this scorer") from None
 
@@ -162,5 +178,10 @@ class OutputScorer(Scorer):
         raise NotImplementedError
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:  # noqa: D102
-        features = checked(model, model.features(x), "features(x)")
-        return self.score_outputs(features, checked(model, model.fc(features), "fc(features(x))"))
+        return self.score_outputs(*head_outputs(model, x))
+
+
+def head_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`checked` ``(features(x), fc(features(x)))``, both :func:`wide`: the arguments of ``score_outputs``."""
+    features = checked(model, model.features(x), "features(x)")
+    return wide(features), checked(model, model.fc(features), "fc(features(x))")

@@ -198,8 +198,9 @@ def gaia_a_score(model: nn.Module, x: Tensor, layers: Sequence[nn.Module] | None
         # Backward 1 stops at the features, so it reaches none of the hooked layers.
         (feature_grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=1).sum(), features, retain_graph=True)
         grads.backward(model, features.sum(), x, "features(x)")
-    denom_sq = feature_grad.abs().mean(dim=1).clamp_min(torch.finfo(x.dtype).tiny)  # d(x)², guarded against 0/0
-    channel_means = torch.cat([_per_channel(g).mean(dim=2) for g in grads], dim=1)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # means of a half-precision model's gradients, in float32
+    denom_sq = feature_grad.abs().mean(dim=1, dtype=dtype).clamp_min(torch.finfo(dtype).tiny)  # d(x)², not 0/0
+    channel_means = torch.cat([_per_channel(g).mean(dim=2, dtype=dtype) for g in grads], dim=1)
     return -(channel_means.square() / denom_sq.unsqueeze(1)).mean(dim=1)
 
 

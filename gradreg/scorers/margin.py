@@ -201,7 +201,9 @@ def deepfool_margin(
         with torch.no_grad():
             flipped = model(x[idx] + (1 + overshoot) * r[idx] / std).argmax(dim=1) != label[idx]
         active[idx[flipped]] = False
-    return (1 + overshoot) * r.flatten(1).norm(dim=1)
+    return (1 + overshoot) * torch.linalg.vector_norm(
+        r.flatten(1), dim=1, dtype=torch.promote_types(r.dtype, torch.float32)
+    )
 
 
 @SCORERS.register("margin")

@@ -63,7 +63,7 @@ def odin_score(model: nn.Module, x: Tensor, temperature: float = 1000.0, epsilon
     sign = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype)
     x_tilde = x.detach() - epsilon * sign / channel_std(model, x)
     with torch.no_grad():
-        return torch.softmax(model(x_tilde) / temperature, dim=1).amax(dim=1)
+        return torch.softmax(checked(model, model(x_tilde)) / temperature, dim=1).amax(dim=1)
 
 
 @SCORERS.register("odin")

@@ -559,7 +559,8 @@ def purview_score(model: nn.Module, x: Tensor, method: PurviewMethod = "hooks") 
     Returns:
         Scores, shape (N,); higher = more in-distribution.
     """
-    return purview_layer_norms(model, x, method).sum(dim=1)
+    norms = purview_layer_norms(model, x, method)
+    return norms.sum(dim=1, dtype=torch.promote_types(norms.dtype, torch.float32))
 
 
 @SCORERS.register("purview")
