@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import math
 import warnings
@@ -182,6 +183,32 @@ def test_lissa_reports_a_slow_divergence_that_stays_finite() -> None:
         inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=4.9)
     converged = inverse_hvp(hvp, torch.ones(2), "lissa", damping=0.0, scale=5.5, tol=1e-7)
     torch.testing.assert_close(converged, torch.tensor([1.0, 0.1]))
+
+
+def test_lissa_over_mini_batch_hessians_converges_where_single_updates_outgrow_v() -> None:
+    # Three PSD Hessians, cycled, each step a contraction (scale above every one's lambda_max): the series converges,
+    # yet single updates grow to ~3 ||v||; the one-Hessian test "update longer than v" called it diverged.
+    gen = torch.Generator().manual_seed(3)
+    hessians = []
+    for _ in range(3):
+        q = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))[0]
+        hessians.append(q @ torch.diag(torch.rand(3, generator=gen, dtype=torch.float64) ** 4) @ q.T)
+    v = torch.randn(3, generator=gen, dtype=torch.float64)
+    damping = 0.01
+    scale = 1.1 * max(float(torch.linalg.eigvalsh(h).max()) for h in hessians) + damping
+    exact = torch.linalg.solve(sum(hessians) / 3 + damping * torch.eye(3, dtype=torch.float64), v)
+
+    def cycled(scale: float, stochastic: bool) -> Tensor:
+        calls = itertools.count()
+        return inverse_hvp(
+            lambda u: hessians[next(calls) % 3] @ u, v, "lissa", damping, scale, depth=5000, stochastic=stochastic
+        )
+
+    with pytest.raises(FloatingPointError, match="diverged"):
+        cycled(scale, stochastic=False)
+    torch.testing.assert_close(cycled(scale, stochastic=True), exact, rtol=0.02, atol=0)
+    with pytest.raises(FloatingPointError, match="diverged"):  # scale < lambda_max / 2 of two: their steps expand
+        cycled(0.1 * scale, stochastic=True)
 
 
 def test_cg_warns_with_the_residual_it_reached_when_max_iter_stops_it() -> None:
@@ -510,6 +537,22 @@ def test_helpful_and_harmful_lists_hold_only_points_that_push_the_score_that_way
     data = TensorDataset(torch.randn(30, 1, 4, 4), torch.zeros(30, dtype=torch.long))
     assert list(result.grid_rows(1, 3, data, data)) == ["ID helpful", "ID harmful", "outlier helpful"]
     assert result.save_grid(1, torch.randn(1, 4, 4), tmp_path / "g.png", data, data, k=3).stat().st_size > 0
+
+
+def test_ground_truth_and_ids_given_as_numpy_or_torch_values_mean_the_same(tmp_path) -> None:
+    # numpy's False is not `False`: its OOD test image read as ID (helpful and harmful swapped); JSON refused it
+    import numpy as np
+
+    influence = torch.tensor([[0.5, -0.2]])
+    common = {
+        "test_scores": torch.zeros(1), "id_indices": torch.tensor([10, 11]), "id_influence": influence,
+        "outlier_indices": torch.tensor([20, 21]), "outlier_influence": influence, "param_names": ["fc.weight"],
+    }  # fmt: skip
+    plain = InfluenceResult(**common, test_is_id=[False], test_ids=[7])
+    for is_id, test_id in [(list(np.array([False])), np.int64(7)), (list(torch.tensor([False])), torch.tensor(7))]:
+        result = InfluenceResult(**common, test_is_id=is_id, test_ids=[test_id])
+        assert result.top(0, 2, "id", "helpful")[0].tolist() == plain.top(0, 2, "id", "helpful")[0].tolist() == [11]
+        assert result.to_json(tmp_path / "r.json") == plain.to_json(tmp_path / "p.json")
 
 
 def test_explanation_grid_handles_rgb_images(tmp_path) -> None:

@@ -47,9 +47,14 @@ class InfluenceResult:
     outlier_indices: Tensor  #: (N_out,) dataset indices of the scanned auxiliary outliers
     outlier_influence: Tensor  #: (T, N_out)
     test_is_id: list[bool | None]  #: ground truth of each test image, when known
-    test_ids: list[int]  #: caller's identifiers of the test images (e.g. test-set indices)
+    test_ids: list[int | str]  #: caller's identifiers of the test images (e.g. test-set indices)
     param_names: list[str]  #: the parameters theta
     settings: dict[str, Any] = field(default_factory=dict)  #: solver settings and diagnostics
+
+    def __post_init__(self) -> None:
+        # Python values: numpy's False is not `False` (its image read as ID), and JSON takes no numpy or torch scalar
+        self.test_is_id = [None if t is None else bool(t) for t in self.test_is_id]
+        self.test_ids = [_python(i) for i in self.test_ids]
 
     def top(
         self,
@@ -152,6 +157,11 @@ def _load(dataset: Dataset, indices: Sequence[int], like: Tensor, labels: bool =
     return x, y
 
 
+def _python(value: Any) -> Any:
+    """A numpy or torch scalar as the Python value it holds (JSON takes only those); anything else as it is."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+
+
 def _subset(n: int, cap: int | None, gen: torch.Generator) -> list[int]:
     if cap is None or cap >= n:
         return list(range(n))
@@ -178,7 +188,7 @@ def explain(
     hessian_points: int = 512,
     batch_size: int = 64,
     test_is_id: bool | Sequence[bool | None] | None = None,
-    test_ids: Sequence[int] | None = None,
+    test_ids: Sequence[int | str] | None = None,
     per_sample: Literal["auto", "vmap", "loop"] = "auto",
     hessian_loss: TrainLoss | None = None,
     seed: int = 0,
@@ -208,7 +218,7 @@ def explain(
             non-convex networks, at the price of shrinking the influence towards a gradient similarity. The
             estimate is a lower bound: where CG still meets non-positive curvature, the damping is doubled and
             every solve restarts (``settings["damping"]`` holds the value used).
-        scale: LiSSA scale; ``None`` estimates it by power iteration on the full Hessian subset.
+        scale: LiSSA scale; ``None`` estimates it by power iteration on each Hessian batch (the largest).
         depth: LiSSA depth.
         repeats: LiSSA repeats.
         tol: solver tolerance.
@@ -266,12 +276,14 @@ def explain(
         full_hvp = make_hvp(model, hessian_loss, batches, names)
         solver_hvp = full_hvp
         auto = damping == "auto"
+        stochastic = len(batches) > 1  # LiSSA: one batch's Hessian per step (cycling)
         if auto:  # |lambda|_max makes H + damping I positive definite even where H is indefinite
             damping = 1.01 * top_eigenvalue(full_hvp, test_grads.shape[1], like=like)
         if method == "lissa":
-            if scale is None:
-                scale = 1.1 * top_eigenvalue(full_hvp, test_grads.shape[1], like=like) + damping
-            cycle = itertools.cycle([make_hvp(model, hessian_loss, [b], names) for b in batches])
+            batch_hvps = [make_hvp(model, hessian_loss, [b], names) for b in batches]
+            if scale is None:  # every batch's Hessian, not only their mean, must meet LiSSA's condition
+                scale = 1.1 * max(top_eigenvalue(f, test_grads.shape[1], like=like) for f in batch_hvps) + damping
+            cycle = itertools.cycle(batch_hvps)
 
             def solver_hvp(v: Tensor) -> Tensor:
                 return next(cycle)(v)
@@ -279,7 +291,7 @@ def explain(
         for _ in range(64):
             try:
                 solutions = [
-                    inverse_hvp(solver_hvp, g, method, damping, scale, depth, repeats, tol, max_iter, strict=auto)
+                    inverse_hvp(solver_hvp, g, method, damping, scale, depth, repeats, tol, max_iter, auto, stochastic)
                     for g in test_grads
                 ]
                 break

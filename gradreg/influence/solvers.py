@@ -164,6 +164,7 @@ def inverse_hvp(
     tol: float = 1e-6,
     max_iter: int | None = None,
     strict: bool = False,
+    stochastic: bool = False,
 ) -> Tensor:
     """Approximate ``(H + damping I)^-1 v`` from Hessian-vector products.
 
@@ -173,12 +174,14 @@ def inverse_hvp(
       ``||residual|| <= tol ||v||`` or after ``max_iter`` (default ``min(P, 200)``) iterations; stopped by the
       cap, it warns with the relative residual ``||residual|| / ||v||`` it reached (the solution is returned).
     - ``"lissa"``: truncated Neumann series ``h_j = v + h_{j-1} - (H + damping I) h_{j-1} / scale``,
-      ``h_0 = v``, result ``h_depth / scale`` averaged over ``repeats`` (``hvp_fn`` may be stochastic, e.g. a new
-      mini-batch per call). Converges when ``scale > (lambda_max + damping) / 2`` and ``H + damping I`` is positive
-      definite; ``scale=None`` uses ``1.1 |lambda|_max + damping`` from 20 power iterations. Stops early when an
-      update is below ``tol`` relative to ``h``. The ``j``-th update is ``(I - (H + damping I) / scale)^j v``, no
-      longer than ``v`` while the series converges (for a stochastic ``hvp_fn``: while every call's ``H`` meets the
-      condition): a longer one (or a non-finite value) raises :class:`FloatingPointError`.
+      ``h_0 = v``, result ``h_depth / scale`` averaged over ``repeats``. Converges when
+      ``scale > (lambda_max + damping) / 2`` and ``H + damping I`` is positive definite; ``scale=None`` uses
+      ``1.1 |lambda|_max + damping`` from 20 power iterations. Stops early when an update is below ``tol`` relative
+      to ``h``. The ``j``-th update is ``(I - (H + damping I) / scale)^j v``, no longer than ``v`` while the series
+      converges: a longer one (or a non-finite value) raises :class:`FloatingPointError`. A ``stochastic`` ``hvp_fn``
+      (another mini-batch per call) has no such updates, and single ones may be longer than ``v`` while the series
+      converges; while every call's ``H`` meets the condition no step expands, so ``||h_j|| <= (j + 1) ||v||``, and
+      a longer ``h`` raises (a slow divergence may then only show in the residual).
 
     Args:
         hvp_fn: ``v -> H v`` on flat vectors.
@@ -191,6 +194,7 @@ def inverse_hvp(
         tol: relative stopping tolerance.
         max_iter: CG iteration cap.
         strict: CG raises :class:`IndefiniteError` instead of warning.
+        stochastic: LiSSA: ``hvp_fn`` uses another Hessian per call (see above).
 
     Returns:
         The solution, shape (P,).
@@ -234,12 +238,13 @@ def inverse_hvp(
         bound = v.norm() * (1 + 1e-4)  # rounding: an update of a convergent series can equal v's length
         for _ in range(repeats):
             h = v.clone()
-            for _ in range(depth):
+            for j in range(1, depth + 1):
                 update = v - (hvp_fn(h) + damping * h) / scale
                 h = h + update
                 step, size = update.norm(), h.norm()
                 # a slowly growing series stays finite for thousands of steps: its updates outgrow v long before
-                if not (torch.isfinite(step) and torch.isfinite(size)) or step > bound:
+                grows = size > bound * (j + 1) if stochastic else step > bound
+                if not (torch.isfinite(step) and torch.isfinite(size)) or grows:
                     raise FloatingPointError("LiSSA diverged; raise scale or damping")
                 if step <= tol * size:
                     break
