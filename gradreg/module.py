@@ -67,6 +67,8 @@ BOUNDS: Bounds = {
     "reg_weight": (">=", 0.0), "lr": (">", 0.0), "momentum": (">=", 0.0), "weight_decay": (">=", 0.0),
     "gamma": (">", 0.0), "min_lr": (">=", 0.0),
 }  # fmt: skip
+# Settings a resumed run takes from the checkpoint's optimizer and scheduler states, whatever its config says.
+RESTORED_ON_RESUME = ("lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma")
 
 
 def _cosine_factor(step: int, total: int, floor: float) -> float:
@@ -158,6 +160,13 @@ class GradRegModule(LightningModule):
         check_settings(self.hparams, typing.get_type_hints(GradRegModule.__init__), BOUNDS, prefix="model.")
         if method in ("energy", "greg") and m_in > m_out:
             raise SettingError(f"model.m_in={m_in} must be <= model.m_out={m_out} (ID energies go below m_in)")
+        if nesterov and momentum == 0:  # else torch.optim.SGD's error, naming neither setting, when training starts
+            raise SettingError("model.nesterov=true needs a momentum, and model.momentum=0; set model.nesterov=false")
+        if schedule == "cosine" and min_lr > lr:
+            raise SettingError(
+                f"model.min_lr={min_lr} is above model.lr={lr}: the cosine schedule would raise the learning rate; "
+                "set model.min_lr <= model.lr"
+            )
         self.sampler = SAMPLERS.build(sampler)  # before the model: its settings fail before any weights load
         if method == "ce" and not isinstance(self.sampler, RandomOutliers):  # ce forwards no outliers to select
             raise SettingError(
@@ -208,6 +217,7 @@ class GradRegModule(LightningModule):
         self._resumed_rng: dict[str, Tensor | None] | None = None  # a checkpoint's generator states, until training
         self._cosine_steps: int | None = None  # the length of the cosine schedule configure_optimizers built
         self._resumed_cosine_steps: int | None = None  # that of the checkpoint's run, until training
+        self._resumed_hparams: dict[str, Any] | None = None  # the checkpoint's, until configure_optimizers
 
     @property
     def uses_outliers(self) -> bool:
@@ -405,6 +415,14 @@ class GradRegModule(LightningModule):
             return
         if self.uses_outliers and hasattr(dm, "outliers") and dm.outliers is None:
             raise SettingError(OUTLIERS_HINT.format(method=self.method))
+        n_id, n_candidates = getattr(dm, "batch_size", None), getattr(dm, "outlier_batch_size", None)
+        sizes = isinstance(n_id, int) and isinstance(n_candidates, int)
+        if self.uses_outliers and sizes and self.sampler.num_selected(n_id, n_candidates) == 0:
+            raise SettingError(  # else every step would train on ID images only
+                f"model.sampler={self.hparams.sampler!r} keeps no outlier of the "
+                f"data.outlier_batch_size={n_candidates} candidates of a step; raise data.outlier_batch_size "
+                "or change the sampler's settings"
+            )
         if hasattr(dm, "id_dataset_for"):
             self.sampler.setup(id_train_size=len(dm.id_dataset_for("train")))
         stream = getattr(dm, "outlier_stream", None)
@@ -503,6 +521,7 @@ class GradRegModule(LightningModule):
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         self._resumed_rng = checkpoint.get("rng_state") if fitting else None
         self._resumed_cosine_steps = checkpoint.get("cosine_steps") if fitting else None
+        self._resumed_hparams = checkpoint.get("hyper_parameters") if fitting else None
 
     def on_train_start(self) -> None:
         """A resumed run continues the global generators where the checkpoint left them; a changed cosine warns."""
@@ -531,6 +550,23 @@ class GradRegModule(LightningModule):
             category=UserWarning,
         )
 
+    def _check_resumed_optimizer(self) -> None:
+        """Refuse to resume with other optimizer or schedule settings than the checkpoint's run.
+
+        Lightning restores the optimizer's and the scheduler's states after ``configure_optimizers``: the checkpoint's
+        learning rate, momentum, milestones, ... would silently win over the new values (which the run's
+        ``config.yaml`` and hyperparameters record), and a changed schedule type fails in that restore. A changed
+        cosine length (``max_epochs``) is fine: its factor is no state (:meth:`_warn_of_a_changed_cosine`).
+        """
+        old, self._resumed_hparams = self._resumed_hparams, None
+        for key in RESTORED_ON_RESUME:
+            if old is not None and key in old and old[key] != self.hparams[key]:
+                raise SettingError(
+                    f"model.{key}={self.hparams[key]!r} differs from the resumed checkpoint's run ({old[key]!r}), "
+                    "whose optimizer and schedule state a resumed run continues; resume with its value, or start a "
+                    "new run from its weights (model.pretrained=CHECKPOINT)"
+                )
+
     def on_train_epoch_start(self) -> None:  # noqa: D102
         self._mine_at_epoch_start(known_start=True)
 
@@ -557,6 +593,7 @@ class GradRegModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:  # noqa: D102
+        self._check_resumed_optimizer()
         hp = self.hparams
         optimizer = torch.optim.SGD(
             self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
@@ -567,7 +604,13 @@ class GradRegModule(LightningModule):
             milestones = hp.milestones if hp.milestones is not None else []
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, hp.gamma)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        total = self._cosine_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise SettingError(
+                "model.schedule=cosine needs the run's length, and trainer.max_epochs=-1 sets no end: set "
+                "trainer.max_epochs or trainer.max_steps, or use model.schedule=multistep or constant"
+            )
+        total = self._cosine_steps = max(1, int(steps))
         floor = hp.min_lr / hp.lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine_factor(step, total, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

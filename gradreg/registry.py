@@ -77,8 +77,9 @@ def _matches(value: Any, hint: Any) -> bool:
         return any(_matches(value, h) for h in typing.get_args(hint))
     if hint in (float, int):  # numpy scalars too; bool is an int to Python, not a number of a setting
         return isinstance(value, numbers.Real if hint is float else numbers.Integral) and not isinstance(value, bool)
-    if origin is list:  # list[int] -> a list or tuple: the items are the constructor's business
-        return isinstance(value, list | tuple)
+    if origin is list:  # list[int] -> a list or tuple of integers
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list | tuple) and all(_matches(v, item) for v in value)
     return isinstance(value, origin or hint)
 
 
@@ -101,6 +102,10 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin is list and typing.get_args(hint):
+        plural = {float: "numbers", int: "integers", str: "strings"}
+        item = typing.get_args(hint)[0]
+        return f"a list of {plural.get(item, _describe(item))}"
     names = {float: "a number", int: "an integer", type(None): "None"}
     return names.get(hint, getattr(origin or hint, "__name__", str(hint)))
 

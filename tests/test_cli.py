@@ -873,6 +873,27 @@ def test_a_run_with_the_clis_own_optimizer_resumes(tmp_path: Path, capsys: pytes
     assert "model.schedule=cosine" not in proc.stderr
 
 
+def test_a_resume_with_other_optimizer_settings_stops_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Lightning restores the optimizer's and the scheduler's states: a new lr or milestones were silently ignored
+    # (while config.yaml recorded them), a new schedule type failed with KeyError: 'lr_lambdas'.
+    assert train_inprocess(tmp_path, capsys, "--model.schedule", "multistep").returncode == 0
+    last = tmp_path / "runs" / "quickstart-001" / "last.ckpt"
+    written = last.read_bytes()
+    resume = ["--run.resume", str(tmp_path / "runs" / "latest"), "--trainer.max_epochs", "3"]
+    for change, old in [
+        (["--model.schedule", "multistep", "--model.milestones", "[1]"], "(None)"),
+        (["--model.schedule", "multistep", "--model.lr", "0.01"], "(0.05)"),
+        (["--model.schedule", "cosine"], "('multistep')"),
+    ]:
+        proc = train_inprocess(tmp_path, capsys, *resume, *change)
+        assert_one_line_error(proc, f"model.{change[-2][8:]}=", f"differs from the resumed checkpoint's run {old}")
+        assert last.read_bytes() == written
+    proc = train_inprocess(tmp_path, capsys, *resume, "--model.schedule", "multistep")  # only a longer run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("validation", [True, False])
 def test_unknown_train_monitor_fails_in_one_line_at_the_first_checkpoint(
     validation: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]

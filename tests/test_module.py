@@ -129,6 +129,48 @@ def test_bf16_mixed_trains(tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+@pytest.mark.parametrize("sampler", ["ntom", "poem"])
+def test_pool_miners_scan_with_a_model_of_another_dtype(sampler: str, precision: str, tmp_path: Path) -> None:
+    # The per-epoch scan fed the pool's float32 images to float64 / bfloat16 weights ("Input type ... should be the
+    # same")
+    model, dm = make("absent" if sampler == "ntom" else "energy", sampler=sampler)
+    losses = epoch_losses(model, dm, tmp_path, epochs=1, precision=precision, limit_train_batches=2)
+    assert len(losses) == 1
+    assert math.isfinite(losses[0])
+
+
+def test_settings_that_could_not_train_stop_in_one_line(tmp_path: Path) -> None:
+    for settings, message in [
+        ({"momentum": 0.0}, "model.nesterov=true needs a momentum, and model.momentum=0; set model.nesterov=false"),
+        ({"schedule": "cosine", "lr": 1e-7}, "model.min_lr=1e-06 is above model.lr=1e-07: the cosine schedule would"),
+        ({"milestones": [5.5]}, "model.milestones=[5.5] is not a list of integers or None"),
+        (
+            {"sampler": {"name": "energy_cluster", "keep_start": 10, "keep_end": 5}},
+            "keep_end=5 must be > keep_start=10",
+        ),
+        ({"sampler": {"name": "ntom", "quantile": 1.0}}, "quantile=1.0 skips the whole scanned window; it must be < 1"),
+    ]:
+        with pytest.raises(SettingError, match=re.escape(message)):
+            GradRegModule(**settings)
+    GradRegModule(momentum=0.0, nesterov=False)
+    model, dm = make("energy")
+    model.hparams.schedule = "cosine"
+    with pytest.raises(SettingError, match=re.escape("model.schedule=cosine needs the run's length, and trainer.max")):
+        epoch_losses(model, dm, tmp_path, epochs=-1)  # was OverflowError: cannot convert float infinity to integer
+
+
+def test_a_sampler_that_would_keep_no_outliers_stops_in_one_line(tmp_path: Path) -> None:
+    # keep_start at the candidate count: every step trained on ID images only (train/energy_out nan), silently
+    model, dm = make("greg", sampler={"name": "energy_cluster", "keep_start": 32})
+    with pytest.raises(SettingError, match=re.escape("keeps no outlier of the data.outlier_batch_size=32 candidates")):
+        epoch_losses(model, dm, tmp_path, epochs=1)
+    # NTOM skipping nearly all of its window: the stream's restrict() error named no setting
+    model, dm = make("absent", sampler={"name": "ntom", "quantile": 0.99})
+    with pytest.raises(SettingError, match=r"model.sampler \(NTOMSampler\) kept \d+ pool images for this epoch, fewer"):
+        epoch_losses(model, dm, tmp_path, epochs=1)
+
+
 def test_channels_last_trains_like_contiguous(tmp_path: Path) -> None:
     # float64, so that the two layouts' different summation orders stay far below the tolerance
     expected = epoch_losses(*make("greg", m_in=-3.0, m_out=-1.0), tmp_path / "contiguous", 2, precision="64-true")

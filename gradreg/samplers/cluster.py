@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradreg.kmeans import kmeans
-from gradreg.registry import Bounds
+from gradreg.registry import Bounds, SettingError
 from gradreg.samplers.base import SAMPLERS, Score, _outlier_scores, _SeededSampler, forward_candidates, id_energy
 
 Representation = Literal["norm", "norm_feature", "norm_batch"]
@@ -159,6 +159,14 @@ class EnergyClusterSampler(_SeededSampler):
     seed: int = 0
     _calls: int = field(default=0, init=False, repr=False)
     lower_bounds: ClassVar[Bounds] = {**KMEANS_BOUNDS, "keep_start": (">=", 0), "keep_end": (">=", 1)}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep_end is not None and self.keep_end <= self.keep_start:
+            raise SettingError(
+                f"keep_end={self.keep_end} must be > keep_start={self.keep_start}: the kept slice "
+                "[keep_start:keep_end] of the energy-sorted candidates would be empty"
+            )
 
     def num_selected(self, n_id: int, n_candidates: int) -> int:  # noqa: D102
         kept = len(range(n_candidates)[self.keep_start : self.keep_end])  # the [keep_start:keep_end] slice

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from gradreg.data.datasets import augmentation_seeds
-from gradreg.registry import Bounds
+from gradreg.registry import Bounds, SettingError
 from gradreg.samplers.base import SAMPLERS, OutlierSampler, Score, _outlier_scores, _seed_from, forward_candidates
 
 if TYPE_CHECKING:
@@ -66,7 +66,14 @@ class _PoolMiner(OutlierSampler):
         raise NotImplementedError
 
     def on_train_epoch_start(self, model: nn.Module, pool: Dataset, stream: OutlierStream, batch_size: int) -> None:
-        stream.restrict(self.mine(model, pool, stream.position))
+        kept = self.mine(model, pool, stream.position)
+        if len(kept) < stream.batch_size:  # else the stream's restrict() error, which names no setting
+            raise SettingError(
+                f"model.sampler ({type(self).__name__}) kept {len(kept)} pool images for this epoch, fewer than one "
+                f"outlier batch (data.outlier_batch_size={stream.batch_size}); raise its keep_factor (NTOM: or lower "
+                "its quantile), or lower data.outlier_batch_size"
+            )
+        stream.restrict(kept)
 
     def _keep_size(self, n_pool: int) -> int:
         """``keep_factor * id_train_size`` images, or ``n_pool / pool_factor`` if the ID size is unknown."""
@@ -91,11 +98,12 @@ class _PoolMiner(OutlierSampler):
         offset = int(torch.randint(n_pool, (1,), generator=torch.Generator().manual_seed(seed)))
         window = (offset + torch.arange(n_scan)) % n_pool
         items = list(zip(window.tolist(), augmentation_seeds(seed, n=n_scan).tolist(), strict=True))
-        device = next(model.parameters()).device
+        weight = next(model.parameters())  # the pool's float32 images in the model's dtype (64-true, bf16-true)
         loader = DataLoader(  # with a generator of its own: a DataLoader draws its base seed from the global RNG
             Subset(pool, items), self.batch_size, num_workers=self.num_workers, generator=torch.Generator()
         )
-        scores = [score(*forward_candidates(model, x.to(device, non_blocking=True))).cpu() for x, _ in loader]
+        batches = (x.to(weight.device, weight.dtype, non_blocking=True) for x, _ in loader)
+        scores = [score(*forward_candidates(model, x)).cpu() for x in batches]
         return window, torch.cat(scores)
 
     @staticmethod
@@ -144,6 +152,11 @@ class NTOMSampler(_PoolMiner):
     num_classes: int | None = None
     seed: int = 0
     lower_bounds: ClassVar[Bounds] = {**MINER_BOUNDS, "quantile": (">=", 0.0)}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quantile >= 1:
+            raise SettingError(f"quantile={self.quantile} skips the whole scanned window; it must be < 1 (NTOM: 0.125)")
 
     def mine(self, model: nn.Module, pool: Dataset, position: int = 0) -> Tensor:
         """Pool indices NTOM keeps for the next epoch (sorted by ascending score, hardest first)."""
