@@ -143,6 +143,20 @@ SPEC_MISTAKES = [
         ["data.near_ood: 'svhn' is not the name of an OOD set", "choose from lsun_c", "--data near_ood=[...]"],
     ),
     ({"ood_sets": [{"name": "lsun_c", "resize": "no"}]}, ["data.ood_sets: lsun_c: resize='no' is not true or false"]),
+    (  # train, val and test all read that one split: test metrics on the training images
+        {"id_dataset": {"name": "digits", "split": "test"}},
+        ["data.id_dataset: 'split' does not apply to the ID set", "leave it out of the spec of 'digits'"],
+    ),
+    # the readers' settings: torch's "negative dimension -3"; a bare string read letter by letter
+    ({"ood_sets": [{"name": "noise", "num": -3}]}, ["data.ood_sets: dataset 'noise': num=-3 must be >= 1\n"]),
+    (
+        {"ood_sets": [{"name": "noise", "kind": "gauss"}]},
+        ["dataset 'noise': kind='gauss' is not one of uniform, gauss"],
+    ),
+    (
+        {"outliers": {"name": "imagefolder_complement", "path": "x", "id_classes": "n01"}},
+        ["data.outliers: dataset 'imagefolder_complement': id_classes='n01' is not a list of strings or None"],
+    ),
 ]
 
 
@@ -340,6 +354,9 @@ def test_check_command_reports_unreadable_configs(tmp_path: Path) -> None:
         ("data:\n  augment: flip\n", "data.augment='flip' is not one of none, crop, crop_flip, imagenet"),
         ("data:\n  val_fraction: 1.0\n", "data.val_fraction=1.0 must be < 1"),
         ("data:\n  candidates_per_epoch: 4\n", "data.candidates_per_epoch=4 is fewer than one outlier batch"),
+        # Normalize broadcast a 1-channel digit to 3 channels (train.py then blamed the model's in_channels)
+        ("data:\n  mean: [0.5, 0.5, 0.5]\n", "data.mean=[0.5, 0.5, 0.5] has 3 values, and the ID set 'digits' has 1"),
+        ("data:\n  std: [-0.3]\n", "data.std=[-0.3] must be > 0 in every channel"),
     ],
 )
 def test_check_command_refuses_what_train_py_refuses(text: str | None, message: str, tmp_path: Path) -> None:

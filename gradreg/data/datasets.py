@@ -24,10 +24,11 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from gradreg.registry import Registry, RegistryError, SettingError
+from gradreg.registry import Bounds, Registry, RegistryError, SettingError, check_settings
 
 DATASETS: Registry[Dataset] = Registry("dataset")
 
@@ -172,7 +173,14 @@ def digits_heldout(root: Path, split: str) -> Dataset:
 
 
 @DATASETS.register("noise")
-def noise(root: Path, split: str, num: int = 256, size: int = 32, channels: int = 3, kind: str = "uniform") -> Dataset:
+def noise(
+    root: Path,
+    split: str,
+    num: int = 256,
+    size: int = 32,
+    channels: int = 3,
+    kind: Literal["uniform", "gaussian"] = "uniform",
+) -> Dataset:
     """Synthetic far-OOD set: ``uniform`` noise in [0, 1] or ``gaussian`` noise (mean 0.5, std 0.25, clipped)."""
     gen = torch.Generator().manual_seed({"train": 0, "val": 1, "test": 2}[split])
     shape = (num, channels, size, size)
@@ -318,6 +326,7 @@ def augmentation_seeds(*key: int, n: int) -> np.ndarray:
 
 
 DEFAULT_OOD_SETS = ["digits_heldout", "noise"]  # OOD sets of a datamodule without data.ood_sets: the embedded ones
+SIZES: Bounds = {"num": (">=", 1), "size": (">=", 1), "channels": (">=", 1), "min_size": (">=", 1)}  # of readers
 SPEC_KEYS = ("name", "alias", "split", "resize")  # the keys of every spec; build_dataset keeps them from the reader
 _READER_ARGS = ("root", "split")  # every reader's first arguments: the datamodule passes them, not the spec
 
@@ -365,10 +374,20 @@ def check_spec(spec: Any, role: str = "ood") -> None:
         raise DatasetSpecError(f"dataset '{name}' needs {', '.join(missing)}, e.g. {{name: {name}, {example}}}")
     if "resize" in spec and role in ("id", "outliers"):
         raise DatasetSpecError("'resize' applies to OOD sets only (ood_sets, ood_val_sets)")
+    if "split" in spec and role == "id":  # else train, val and test would all read that one split
+        raise DatasetSpecError(
+            f"'split' does not apply to the ID set: the datamodule reads its train, val and test splits (a set "
+            f"without val gives data.val_fraction of train); leave it out of the spec of '{name}'"
+        )
     if not isinstance(spec.get("resize", True), bool):
         raise DatasetSpecError(
             f"{dataset_name(spec)}: resize={spec['resize']!r} is not true or false (false: center crop only)"
         )
+    settings = {key: value for key, value in spec.items() if key not in ("name", "resize")}
+    try:  # e.g. a bare id_classes: n01 would be read letter by letter, a noise num of -3 fail inside torch
+        check_settings(settings, {**typing.get_type_hints(DATASETS.get(name)), "alias": str, "split": str}, SIZES)
+    except SettingError as err:
+        raise DatasetSpecError(f"dataset '{name}': {err}") from None
 
 
 def resizes(spec: str | dict[str, Any]) -> bool:

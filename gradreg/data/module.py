@@ -59,6 +59,17 @@ def check_data_settings(data: Mapping[str, Any]) -> None:
     data = {**defaults, **data}
     check_specs(data)  # first: a set list that is no list gets its own line ("write it as one: [svhn]")
     check_settings(data, typing.get_type_hints(OODDataModule.__init__), BOUNDS, prefix="data.")
+    id_name = data["id_dataset"] if isinstance(data["id_dataset"], str) else data["id_dataset"]["name"]
+    channels = ID_SPECS[id_name].channels
+    for key in ("mean", "std"):  # else Normalize broadcasts a 1-channel image to 3 channels, or flips its sign
+        value = data[key]
+        if value is not None and len(value) != channels:
+            raise SettingError(
+                f"data.{key}={value} has {len(value)} values, and the ID set '{id_name}' has {channels} channel(s): "
+                "give one per channel"
+            )
+    if data["std"] is not None and not all(s > 0 for s in data["std"]):
+        raise SettingError(f"data.std={data['std']} must be > 0 in every channel")
     if not data["val_fraction"] < 1:
         raise SettingError(f"data.val_fraction={data['val_fraction']} must be < 1 (the rest of the ID data trains)")
     candidates, outlier_batch_size = data["candidates_per_epoch"], data["outlier_batch_size"]
