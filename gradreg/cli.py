@@ -69,6 +69,18 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def wandb_failure(err: BaseException, logs: Path) -> UserError | None:
+    """The one line for a wandb error (no network, a wrong key, ... after wandb's own retries); None for any other."""
+    if not type(err).__module__.startswith("wandb.errors"):
+        return None
+    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    where = f" (wandb's logs: {logs})" if logs.is_dir() else ""
+    return UserError(
+        f"wandb failed ({first.strip()}); check the network and the login, or set WANDB_MODE=offline to log to disk "
+        f"and `wandb sync` later{where}"
+    )
+
+
 def configure_wandb_env() -> None:
     """Run wandb offline unless the user configured it (``WANDB_MODE``, ``WANDB_API_KEY`` or a netrc login).
 

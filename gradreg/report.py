@@ -57,6 +57,7 @@ from gradreg.cli import (
     next_run_dir,
     read_config_file,
     require_file,
+    wandb_failure,
 )
 from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
@@ -894,10 +895,16 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
             plots.roc_curves(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"roc_{scorer}.png")
     if opts.explain and opts.explain_set in ood_scored:  # else the set failed, and said so
         explain_worst(module, dm, id_test, ood_sets, id_scored, ood_scored, opts, out / "explain", device)
-    if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
-        log_to_wandb(writer, out, ckpt_path, None if post_hoc else (trained_run or {}))
     print_table(writer)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
+    if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
+        try:
+            log_to_wandb(writer, out, ckpt_path, None if post_hoc else (trained_run or {}))
+        except Exception as err:
+            wandb_error = wandb_failure(err, out / "wandb")  # after the table: the results are written either way
+            if wandb_error is None:
+                raise
+            raise wandb_error from None
     return 1 if writer.failed else 0
 
 

@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from gradreg.callbacks import METRICS, OODEvalCallback
-from gradreg.cli import Interrupted, UserError, next_run_dir, point_latest, read_config_file
+from gradreg.cli import Interrupted, UserError, next_run_dir, point_latest, read_config_file, wandb_failure
 from gradreg.data import OODDataModule
 from gradreg.data.check import planned_reads, require_datasets
 from gradreg.data.datasets import dataset_name
@@ -483,11 +483,9 @@ def fit(cli: GradRegCLI) -> int:
                 f"run.monitor '{cli.config.run.monitor}' is not logged by this run (stopped at its first checkpoint, "
                 f"without saving it); its train/* keys there: {', '.join(logged)}"
             ) from None
-        if type(err).__module__.startswith("wandb.errors"):  # no network, a wrong key, ...: after wandb's own retries
-            raise UserError(
-                f"wandb failed ({_one_line(err)}); check the network and the login, or set "
-                f"WANDB_MODE=offline to log to disk and `wandb sync` later (wandb's logs: {cli.run_dir / 'wandb'})"
-            ) from None
+        wandb_error = wandb_failure(err, cli.run_dir / "wandb")  # its folder is gone if the run wrote nothing else
+        if wandb_error is not None:
+            raise wandb_error from None
         if isinstance(err, MisconfigurationException):  # e.g. run.resume past trainer.max_epochs: Lightning says which
             raise UserError(_one_line(err)) from None
         if isinstance(err, NonFiniteLossError) and cli.rank_zero and cli.run_dir.is_dir():  # a checkpoint, wandb's run

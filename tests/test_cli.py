@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -251,20 +252,38 @@ def test_resumed_run_and_its_evaluation_join_the_wandb_group_of_the_first_run(tr
     assert not (tmp_path / "wandb").exists()
 
 
+NO_SERVER = {  # a login but no network: wandb retries until its init timeout
+    "WANDB_API_KEY": "0123456789" * 4,
+    "WANDB_BASE_URL": "http://127.0.0.1:9",
+    "WANDB_INIT_TIMEOUT": "3",
+    "WANDB_MODE": "online",
+}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_wandb_without_its_server_is_one_line(tmp_path: Path) -> None:
-    # A login but no network: wandb retries until its init timeout, then the run stops in one line (was a traceback).
-    key = "0123456789" * 4
-    env = {
-        "WANDB_API_KEY": key,
-        "WANDB_BASE_URL": "http://127.0.0.1:9",
-        "WANDB_INIT_TIMEOUT": "3",
-        "WANDB_MODE": "online",
-    }
+@pytest.mark.parametrize("login", [True, False], ids=["no-server", "no-login"])
+def test_wandb_without_its_server_or_a_login_is_one_line(login: bool, tmp_path: Path) -> None:
+    # The run stops in one line (was a traceback); without a login wandb.init fails at once.
+    env = NO_SERVER if login else {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path)}
     proc = train(tmp_path, "--trainer.max_epochs", "1", env=env)
     assert_one_line_error(proc, "wandb failed", "WANDB_MODE=offline")
     assert not list(tmp_path.glob("runs/*/*.ckpt"))
+    logs = re.findall(r"wandb's logs: ([^)]+)\)", proc.stderr)  # it named the run's folder after deleting it
+    assert all((tmp_path / path).is_dir() for path in logs), proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_evaluate_prints_and_keeps_its_results_when_wandb_fails(trained: Path, tmp_path: Path) -> None:
+    # The whole benchmark ran, then wandb.init's error was a traceback before the table was printed.
+    out = tmp_path / "ev"
+    args = ["--out", str(out), "--wandb", "on", "--suites", "ood", "--scorers", "energy"]
+    proc = run("evaluate.py", str(trained / "runs" / "quickstart-001"), *args, cwd=tmp_path, env=NO_SERVER)
+    assert_one_line_error(proc, "wandb failed", "WANDB_MODE=offline")
+    assert "energy" in proc.stdout
+    assert f"results: {out / 'results.json'}" in proc.stdout
+    assert json.loads((out / "results.json").read_text())["id"]["accuracy"] is not None
 
 
 @pytest.mark.slow
