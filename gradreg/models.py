@@ -550,6 +550,15 @@ def _clip(names: Sequence[str], limit: int = 4) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def non_finite(state: Mapping[str, object]) -> str:
+    """The floating-point tensors of ``state`` that hold a NaN or an infinity, as :func:`_clip` lists them ("" if none).
+
+    Weights of a diverged run: they score every image NaN, so every metric would be NaN (with exit code 0).
+    """
+    bad = [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not v.isfinite().all()]
+    return _clip(bad)
+
+
 def load_error_reason(err: BaseException) -> str:
     """What a failed ``torch.load`` says went wrong: its first sentence, or "not a torch file".
 
@@ -626,6 +635,9 @@ def load_pretrained(
             raise ValueError(f"{source}: Lightning checkpoint has no 'model.'-prefixed keys in its state_dict")
     else:
         state = dict(ckpt)
+    bad = non_finite(state)
+    if bad:
+        raise ValueError(f"{source}: holds non-finite weights ({bad}): its run diverged; pass an earlier checkpoint")
 
     own = model.state_dict()
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

@@ -74,7 +74,7 @@ from gradreg.evaluation import (
     set_metrics,
 )
 from gradreg.metrics import OOD_METRICS, accuracy
-from gradreg.models import load_error_reason, load_weights_only
+from gradreg.models import load_error_reason, load_weights_only, non_finite
 from gradreg.module import ABSENT_HEAD_HINT, GradRegModule
 from gradreg.provenance import environment
 from gradreg.registry import RegistryError
@@ -382,13 +382,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         )
     if missing:
         raise UserError(f"checkpoint '{path}' was not written by gradreg's train.py (missing {', '.join(missing)})")
-    # Non-finite weights score every image NaN: every metric would be NaN with exit code 0.
-    bad = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite(ckpt["state_dict"])
     if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise UserError(
-            f"checkpoint '{path}' holds non-finite weights ({', '.join(bad[:3])}{more}): training diverged; "
-            "evaluate an earlier checkpoint or retrain with a lower model.lr"
+            f"checkpoint '{path}' holds non-finite weights ({bad}): training diverged; evaluate an earlier checkpoint "
+            "or retrain with a lower model.lr"
         )
     return ckpt
 

@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 
 from gradreg.cli import Interrupted, UserError, evaluate_main, read_config_file, run_user_errors, train_main
+from gradreg.module import GradRegModule
 from gradreg.provenance import git_revision
 from gradreg.report import parse_scorer
 from gradreg.training import build_cli
@@ -617,6 +618,20 @@ def test_pretrained_run_folder_without_a_slash_is_named_a_folder(
     assert_one_line_error(
         proc, "model.pretrained 'quickstart-001' is a folder, not a file", "(e.g. quickstart-001/best.ckpt)"
     )
+
+
+def test_pretrained_weights_that_are_not_finite_stop_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # was "non-finite training loss ... lower the learning rate" at step 0, and evaluate.py gave NaN metrics, exit 0
+    module = GradRegModule(arch_kwargs={"in_channels": 1, "width": 32}, num_classes=6)
+    state = {f"model.{k}": v.clone() for k, v in module.model.state_dict().items()}
+    state["model.fc.weight"][0, 0] = float("nan")
+    weights = tmp_path / "diverged.ckpt"
+    torch.save({"state_dict": state}, weights)
+    proc = train_inprocess(tmp_path, capsys, "--model.pretrained", str(weights))
+    assert_one_line_error(proc, f"{weights}: holds non-finite weights (fc.weight): its run diverged")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 @pytest.mark.parametrize(
