@@ -157,6 +157,13 @@ class GradRegCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Check datasets and checkpoint settings, create the run directory, point loggers and checkpoints there."""
         config = self.config
+        trainer = config.trainer
+        endless = trainer.max_epochs is None and trainer.max_steps in (None, -1) and trainer.get("max_time") is None
+        if endless and not config.get("config"):  # a bare `python train.py`: Lightning would train 1000 epochs
+            raise UserError(
+                "train.py got no --config and no trainer.max_epochs or max_steps: it would train the defaults for "
+                "Lightning's 1000 epochs; pass --config configs/quickstart.yaml (or another), or --trainer.max_epochs"
+            )
         # Every dataset the run reads (`python -m gradreg.data check`), before the model is built (it may download
         # weights) and before anything is written.
         require_datasets(config, stage="fit")

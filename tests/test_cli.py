@@ -620,6 +620,18 @@ def test_pretrained_run_folder_without_a_slash_is_named_a_folder(
     )
 
 
+def test_train_py_without_a_config_or_a_length_stops_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It trained the built-in defaults for Lightning's 1000 epochs, with no word of a missing --config.
+    args = ["--run.root", str(tmp_path / "runs"), "--trainer.logger", "false"]
+    proc = run_inprocess(train_main, args, capsys)
+    assert_one_line_error(proc, "train.py got no --config and no trainer.max_epochs", "--config configs/quickstart")
+    assert not (tmp_path / "runs").exists()
+    proc = run_inprocess(train_main, [*args, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_pretrained_weights_that_are_not_finite_stop_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
