@@ -144,8 +144,8 @@ class OODEvalCallback(Callback):
         for x, y in loader:
             if kept is not None:
                 used += x.nbytes
-                if used <= self.cache_mb * 2**20:
-                    kept.append((x, y))
+                if used <= self.cache_mb * 2**20:  # a copy: a worker's tensor keeps a file descriptor open while alive
+                    kept.append((x.clone(), y.clone()))
                 else:
                     kept = None
             yield x, y
