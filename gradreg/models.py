@@ -562,10 +562,10 @@ def non_finite(state: Mapping[str, object]) -> str:
 def load_error_reason(err: BaseException) -> str:
     """What a failed ``torch.load`` says went wrong: its first sentence, or "not a torch file".
 
-    For a truncated file "... failed finding central directory"; torch follows it with sentences of advice. A file that
-    is no torch file at all (random bytes, text, a .npy) fails in many ways: an unknown pickle opcode ("Unsupported
-    operand", which torch reports as "Weights only load failed" with advice to drop ``weights_only``), a ``KeyError``,
-    ``ValueError`` or ``IndexError``.
+    Torch's own errors are cut to their first sentence (it follows them with advice); a truncated archive gives
+    :func:`load_weights_only`'s "cut short: ...". A file that is no torch file at all (random bytes, text, a .npy)
+    fails in many ways: an unknown pickle opcode ("Unsupported operand", which torch reports as "Weights only load
+    failed" with advice to drop ``weights_only``), a ``KeyError``, ``ValueError`` or ``IndexError``.
     """
     if isinstance(err, KeyError | ValueError | IndexError) or "Unsupported operand" in str(err):
         return "not a torch file"
@@ -580,9 +580,14 @@ def load_weights_only(source: str | os.PathLike[str]) -> object:
     changed) would load as silently wrong weights. Reading the file once more costs about as much as loading it.
 
     Raises:
-        zipfile.BadZipFile: a member of the archive fails its checksum ("... fails its CRC check").
+        zipfile.BadZipFile: a member of the archive fails its checksum ("... fails its CRC check"), or the archive is
+            truncated ("cut short: ...").
     """
-    if zipfile.is_zipfile(source):  # torch's format; a legacy or truncated file goes on to torch.load's own errors
+    with open(source, "rb") as file:
+        zip_start = file.read(4) == b"PK\x03\x04"
+    if zip_start and not zipfile.is_zipfile(source):  # else "[Errno 22] Invalid argument" for a small file
+        raise zipfile.BadZipFile("cut short: the zip archive ends before its central directory")
+    if zip_start:  # torch's format; a legacy file goes on to torch.load's own errors
         with zipfile.ZipFile(source) as archive:
             # torch.serialization.set_crc32_options(False) writes 0 for every member: no checksums to check
             damaged = archive.testzip() if any(info.CRC for info in archive.infolist()) else None
@@ -635,6 +640,9 @@ def load_pretrained(
             raise ValueError(f"{source}: Lightning checkpoint has no 'model.'-prefixed keys in its state_dict")
     else:
         state = dict(ckpt)
+    odd = [repr(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if odd:  # weights_only reads ints, floats and other keys, which the checks below would trip on
+        raise ValueError(f"{source}: holds entries that are no named tensors ({_clip(odd)}); pass the model's weights")
     bad = non_finite(state)
     if bad:
         raise ValueError(f"{source}: holds non-finite weights ({bad}): its run diverged; pass an earlier checkpoint")

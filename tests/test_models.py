@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -107,14 +108,31 @@ def test_load_pretrained_round_trips_and_rejects_mismatch(name: str, tmp_path: P
     assert message.endswith("pass a checkpoint of the same model.arch and model.arch_kwargs (only the head may differ)")
 
 
-def test_load_pretrained_says_why_a_truncated_file_fails_in_one_sentence(tmp_path: Path) -> None:
-    path = _save(tmp_path, create_classifier("small_cnn", 4).state_dict())
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+@pytest.mark.parametrize("width", [4, 32])
+@pytest.mark.parametrize("kept", [0.5, 0.99])
+def test_load_pretrained_says_why_a_truncated_file_fails_in_one_sentence(
+    width: int, kept: float, tmp_path: Path
+) -> None:
+    # torch said "failed finding central directory" and a paragraph of advice; for a file of 13 kB, "[Errno 22]"
+    model = create_classifier("small_cnn", 4, width=width)
+    path = _save(tmp_path, model.state_dict())
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * kept)])
     with pytest.raises(ValueError, match="cannot load as a weights-only checkpoint") as err:
-        load_pretrained(create_classifier("small_cnn", 4), path)
+        load_pretrained(model, path)
     message = str(err.value)
-    assert "failed finding central directory);" in message  # not torch's paragraph of advice after it
+    assert "(cut short: the zip archive ends before its central directory);" in message
     assert message.endswith("pass a .ckpt, .pt or .pth file of the model's weights")
+
+
+@pytest.mark.parametrize("entry", [{"trunk.1.num_batches_tracked": 7}, {1: torch.zeros(1)}], ids=["int", "key"])
+def test_load_pretrained_names_entries_that_are_no_named_tensors(entry: dict, tmp_path: Path) -> None:
+    # weights_only reads them; an int value or key failed inside the shape checks with an AttributeError
+    model = create_classifier("small_cnn", 4)
+    path = _save(tmp_path, {**model.state_dict(), **entry})
+    with pytest.raises(
+        ValueError, match=re.escape(f"{path}: holds entries that are no named tensors ({next(iter(entry))!r})")
+    ):
+        load_pretrained(model, path)
 
 
 def test_load_pretrained_refuses_a_file_whose_bytes_fail_their_checksum(
