@@ -18,7 +18,7 @@ from gradreg.cli import run_user_errors, train_main
 from gradreg.data import OODDataModule
 from gradreg.data.__main__ import main
 from gradreg.data.check import MissingDatasetsError, check_datasets, check_specs, format_checks, require_datasets
-from gradreg.data.datasets import ID_SPECS, DatasetNotFoundError, DatasetSpecError
+from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, DatasetSpecError, check_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -151,7 +151,7 @@ SPEC_MISTAKES = [
     ({"ood_sets": [{"name": "noise", "num": -3}]}, ["data.ood_sets: dataset 'noise': num=-3 must be >= 1\n"]),
     (
         {"ood_sets": [{"name": "noise", "kind": "gauss"}]},
-        ["dataset 'noise': kind='gauss' is not one of uniform, gauss"],
+        ["dataset 'noise': kind='gauss' is not one of uniform, gaussian\n"],
     ),
     (
         {"outliers": {"name": "imagefolder_complement", "path": "x", "id_classes": "n01"}},
@@ -176,6 +176,24 @@ def test_spec_mistakes_are_one_error_line(tmp_path: Path, mistake: dict[str, Any
     assert f"error: {raised.value}\n" == err  # the same line from train.py and evaluate.py (gradreg.cli prints it)
     with pytest.raises(DatasetSpecError, match=re.escape(str(raised.value))):
         OODDataModule(**data(**mistake)["data"])  # a datamodule in the user's own Trainer says the same
+
+
+def test_spec_check_leaves_what_it_cannot_judge_to_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A user's reader may take a Path or a tuple, or annotate with a name imported only for type checkers; a Path
+    # passed from Python is text to a built-in reader. The check refused or crashed on each.
+    def with_paths(root: Path, split: str, folder: Path | None = None, size: tuple[int, int] = (8, 8), num: int = 4):
+        raise NotImplementedError
+
+    def undefined_names(root: Path, split: str, folder: Undefined = None):  # noqa: F821
+        raise NotImplementedError
+
+    monkeypatch.setitem(DATASETS._items, "with_paths", with_paths)
+    monkeypatch.setitem(DATASETS._items, "undefined_names", undefined_names)
+    check_spec({"name": "with_paths", "folder": "extra/imgs", "size": [16, 16]})
+    check_spec({"name": "undefined_names", "folder": "x"})
+    check_spec({"name": "textures", "path": tmp_path})
+    with pytest.raises(DatasetSpecError, match=re.escape("dataset 'with_paths': num=-1 must be >= 1")):
+        check_spec({"name": "with_paths", "num": -1})  # what it can judge, it still does
 
 
 @pytest.mark.parametrize(

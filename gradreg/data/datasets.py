@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import os
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -383,11 +385,36 @@ def check_spec(spec: Any, role: str = "ood") -> None:
         raise DatasetSpecError(
             f"{dataset_name(spec)}: resize={spec['resize']!r} is not true or false (false: center crop only)"
         )
-    settings = {key: value for key, value in spec.items() if key not in ("name", "resize")}
-    try:  # e.g. a bare id_classes: n01 would be read letter by letter, a noise num of -3 fail inside torch
-        check_settings(settings, {**typing.get_type_hints(DATASETS.get(name)), "alias": str, "split": str}, SIZES)
+    # A path is text to the readers; e.g. a bare id_classes: n01 would be read letter by letter, a noise num of -3
+    # fail inside torch
+    settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in spec.items() if k != "resize"}
+    hints = {**_plain_hints(DATASETS.get(name)), "name": str, "alias": str, "split": str}
+    sizes = {key: bound for key, bound in SIZES.items() if hints.get(key) is int}
+    try:
+        check_settings(settings, hints, sizes)
     except SettingError as err:
         raise DatasetSpecError(f"dataset '{name}': {err}") from None
+
+
+def _plain_hints(reader: Callable[..., Any]) -> dict[str, Any]:
+    """The annotations of ``reader`` that :func:`check_settings` can judge: int, float, bool, str, None, Literal, lists.
+
+    A user's reader may take a Path, a tuple, ... (its own business), or annotate with names it imports only for type
+    checkers.
+    """
+    try:
+        hints = typing.get_type_hints(reader)
+    except NameError:
+        return {}
+
+    def plain(hint: Any) -> bool:
+        if typing.get_origin(hint) is Literal:
+            return True
+        if typing.get_origin(hint) in (typing.Union, types.UnionType, list):
+            return all(map(plain, typing.get_args(hint)))
+        return hint in (int, float, bool, str, type(None))
+
+    return {key: hint for key, hint in hints.items() if plain(hint)}
 
 
 def resizes(spec: str | dict[str, Any]) -> bool:
