@@ -18,6 +18,7 @@ head of its own, ``model.absent_fc`` (:func:`gradreg.models.add_absent_head`): t
 from __future__ import annotations
 
 import math
+import numbers
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,8 +68,23 @@ BOUNDS: Bounds = {
     "reg_weight": (">=", 0.0), "lr": (">", 0.0), "momentum": (">=", 0.0), "weight_decay": (">=", 0.0),
     "gamma": (">", 0.0), "min_lr": (">=", 0.0),
 }  # fmt: skip
-# Settings a resumed run takes from the checkpoint's optimizer and scheduler states, whatever its config says.
-RESTORED_ON_RESUME = ("lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma")
+
+
+def _restored_on_resume(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run takes from the checkpoint's optimizer and scheduler states, whatever its config says.
+
+    ``milestones`` (None: none) and ``gamma`` count only for a ``multistep`` schedule, the one that reads them.
+    """
+    keys = ["lr", "momentum", "weight_decay", "nesterov", "schedule"]
+    keys += ["milestones", "gamma"] if hp.get("schedule") == "multistep" else []
+    return {k: list(hp[k] or []) if k == "milestones" else hp[k] for k in keys if k in hp}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings; numbers to float32's precision (a numpy float32 lr from Python against the YAML's)."""
+    if isinstance(a, numbers.Real) and isinstance(b, numbers.Real):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
 
 
 def _cosine_factor(step: int, total: int, floor: float) -> float:
@@ -407,6 +423,8 @@ class GradRegModule(LightningModule):
         NTOM and POEM size their kept block by the number of ID training images, and mine the pool when the outlier
         loader starts an epoch (:meth:`_mine_at_epoch_start`).
         """
+        # A checkpoint restored before this fit (Tuner.lr_find's own) is no resume: one restored after this is
+        self._resumed_rng = self._resumed_cosine_steps = self._resumed_hparams = None
         dm = self.trainer.datamodule
         if dm is None:
             return
@@ -559,8 +577,9 @@ class GradRegModule(LightningModule):
         cosine length (``max_epochs``) is fine: its factor is no state (:meth:`_warn_of_a_changed_cosine`).
         """
         old, self._resumed_hparams = self._resumed_hparams, None
-        for key in RESTORED_ON_RESUME:
-            if old is not None and key in old and old[key] != self.hparams[key]:
+        before, now = _restored_on_resume(old or {}), _restored_on_resume(self.hparams)
+        for key in now:
+            if key in before and not _same(before[key], now[key]):
                 raise SettingError(
                     f"model.{key}={self.hparams[key]!r} differs from the resumed checkpoint's run ({old[key]!r}), "
                     "whose optimizer and schedule state a resumed run continues; resume with its value, or start a "

@@ -14,12 +14,14 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.tuner import Tuner
 
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
@@ -37,7 +39,7 @@ def make(method: str, **kw) -> tuple[GradRegModule, OODDataModule]:
     dm = OODDataModule(batch_size=32, outlier_batch_size=32, augment="none")
     model = GradRegModule(
         arch="small_cnn", arch_kwargs={"in_channels": 1, "width": 8}, num_classes=dm.num_classes, method=method,
-        lr=0.05, schedule="constant", input_mean=dm.input_mean, input_std=dm.input_std, **kw,
+        input_mean=dm.input_mean, input_std=dm.input_std, **{"lr": 0.05, "schedule": "constant", **kw},
     )  # fmt: skip
     return model, dm
 
@@ -158,6 +160,43 @@ def test_settings_that_could_not_train_stop_in_one_line(tmp_path: Path) -> None:
     model.hparams.schedule = "cosine"
     with pytest.raises(SettingError, match=re.escape("model.schedule=cosine needs the run's length, and trainer.max")):
         epoch_losses(model, dm, tmp_path, epochs=-1)  # was OverflowError: cannot convert float infinity to integer
+
+
+def _fit(tmp_path: Path, epochs: int, ckpt_path: Path | None = None, **settings) -> Trainer:
+    model, dm = make("energy", **settings)
+    trainer = Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, limit_train_batches=2, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_resume_compares_only_the_settings_the_checkpoint_restores(tmp_path: Path) -> None:
+    # Lightning restores the optimizer's and scheduler's states: other values there were silently ignored
+    _fit(tmp_path, 1, schedule="multistep", milestones=(1,)).save_checkpoint(tmp_path / "multistep.ckpt")
+    with pytest.raises(
+        SettingError, match=re.escape("model.gamma=0.5 differs from the resumed checkpoint's run (0.1)")
+    ):
+        _fit(tmp_path, 2, tmp_path / "multistep.ckpt", schedule="multistep", milestones=[1], gamma=0.5)
+    _fit(tmp_path, 2, tmp_path / "multistep.ckpt", schedule="multistep", milestones=[1])  # a list as the tuple was
+    # cosine reads neither milestones nor gamma; an lr of float32 precision is the same lr
+    _fit(tmp_path, 1, schedule="cosine").save_checkpoint(tmp_path / "cosine.ckpt")
+    _fit(tmp_path, 2, tmp_path / "cosine.ckpt", schedule="cosine", gamma=0.5, milestones=[], lr=np.float32(0.05))
+
+
+def test_a_fit_after_lr_find_is_no_resume(tmp_path: Path) -> None:
+    # lr_find restores its own checkpoint after configure_optimizers: the next fit took it for a resume and refused
+    # the tuned learning rate ("model.lr=0.0464 differs from the resumed checkpoint's run (0.05)")
+    model, dm = make("energy")
+    trainer = Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    Tuner(trainer).lr_find(model, datamodule=dm, num_training=30, min_lr=1e-4, max_lr=1.0, early_stop_threshold=None)
+    assert model.hparams.lr != 0.05
+    trainer.fit(model, datamodule=dm)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == model.hparams.lr
 
 
 def test_a_sampler_that_would_keep_no_outliers_stops_in_one_line(tmp_path: Path) -> None:
@@ -716,8 +755,6 @@ def test_callback_warns_when_there_are_no_ood_sets() -> None:
 
 
 def test_constructors_check_values_but_accept_what_python_callers_pass() -> None:
-    import numpy as np
-
     dm = OODDataModule(data_root=Path("data"), ood_sets=("noise",), batch_size=np.int64(8), mean=(0.5,), std=(0.5,))
     assert dm.batch_size == 8
     GradRegModule(
