@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import io
 import re
@@ -189,11 +190,14 @@ def test_spec_check_leaves_what_it_cannot_judge_to_the_reader(tmp_path: Path, mo
 
     monkeypatch.setitem(DATASETS._items, "with_paths", with_paths)
     monkeypatch.setitem(DATASETS._items, "undefined_names", undefined_names)
+    monkeypatch.setitem(DATASETS._items, "partial", functools.partial(with_paths, size=(4, 4)))  # a TypeError
     check_spec({"name": "with_paths", "folder": "extra/imgs", "size": [16, 16]})
     check_spec({"name": "undefined_names", "folder": "x"})
+    check_spec({"name": "partial", "folder": "x"})
     check_spec({"name": "textures", "path": tmp_path})
-    with pytest.raises(DatasetSpecError, match=re.escape("dataset 'with_paths': num=-1 must be >= 1")):
-        check_spec({"name": "with_paths", "num": -1})  # what it can judge, it still does
+    for name in ("with_paths", "partial"):  # what it can judge, it still does
+        with pytest.raises(DatasetSpecError, match=re.escape(f"dataset '{name}': num=-1 must be >= 1")):
+            check_spec({"name": name, "num": -1})
 
 
 @pytest.mark.parametrize(

@@ -387,13 +387,25 @@ def check_spec(spec: Any, role: str = "ood") -> None:
         )
     # A path is text to the readers; e.g. a bare id_classes: n01 would be read letter by letter, a noise num of -3
     # fail inside torch
-    settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in spec.items() if k != "resize"}
+    settings = {k: _text(v) for k, v in spec.items() if k != "resize"}
     hints = {**_plain_hints(DATASETS.get(name)), "name": str, "alias": str, "split": str}
-    sizes = {key: bound for key, bound in SIZES.items() if hints.get(key) is int}
+    sizes = {key: bound for key, bound in SIZES.items() if key in hints and _numeric(hints[key])}
     try:
         check_settings(settings, hints, sizes)
     except SettingError as err:
         raise DatasetSpecError(f"dataset '{name}': {err}") from None
+
+
+def _numeric(hint: Any) -> bool:
+    """Whether ``hint`` admits numbers only (and None): a bound can judge every value that passes it."""
+    return {*(typing.get_args(hint) or [hint])} - {type(None)} <= {int, float}
+
+
+def _text(value: Any) -> Any:
+    """A path (or a list of them) as the text a config would give."""
+    if isinstance(value, list | tuple):
+        return [_text(v) for v in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _plain_hints(reader: Callable[..., Any]) -> dict[str, Any]:
@@ -402,10 +414,11 @@ def _plain_hints(reader: Callable[..., Any]) -> dict[str, Any]:
     A user's reader may take a Path, a tuple, ... (its own business), or annotate with names it imports only for type
     checkers.
     """
-    try:
-        hints = typing.get_type_hints(reader)
+    try:  # a signature, not get_type_hints: a reader may be a functools.partial or a callable object
+        parameters = inspect.signature(reader, eval_str=True).parameters.values()
     except NameError:
         return {}
+    hints = {p.name: p.annotation for p in parameters if p.annotation is not p.empty}
 
     def plain(hint: Any) -> bool:
         if typing.get_origin(hint) is Literal:
