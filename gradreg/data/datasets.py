@@ -385,8 +385,8 @@ def check_spec(spec: Any, role: str = "ood") -> None:
         raise DatasetSpecError(
             f"{dataset_name(spec)}: resize={spec['resize']!r} is not true or false (false: center crop only)"
         )
-    # A path is text to the readers; e.g. a bare id_classes: n01 would be read letter by letter, a noise num of -3
-    # fail inside torch
+    # The reader's settings as a config gives them (a path as text): a bare `id_classes: n01` would be read letter by
+    # letter, a noise `num: -3` fail inside torch
     settings = {k: _text(v) for k, v in spec.items() if k != "resize"}
     hints = {**_plain_hints(DATASETS.get(name)), "name": str, "alias": str, "split": str}
     sizes = {key: bound for key, bound in SIZES.items() if key in hints and _numeric(hints[key])}
