@@ -894,15 +894,16 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
     if opts.explain and opts.explain_set in ood_scored:  # else the set failed, and said so
         explain_worst(module, dm, id_test, ood_sets, id_scored, ood_scored, opts, out / "explain", device)
     print_table(writer)
-    print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
-    if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
-        try:
+    try:  # after the table, as the results are written either way; their paths come last (before a wandb error)
+        if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
             log_to_wandb(writer, out, ckpt_path, None if post_hoc else (trained_run or {}))
-        except Exception as err:
-            wandb_error = wandb_failure(err, out / "wandb")  # after the table: the results are written either way
-            if wandb_error is None:
-                raise
-            raise wandb_error from None
+    except Exception as err:
+        wandb_error = wandb_failure(err, out / "wandb")
+        if wandb_error is None:
+            raise
+        raise wandb_error from None
+    finally:
+        print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
     return 1 if writer.failed else 0
 
 

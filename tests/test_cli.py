@@ -283,7 +283,7 @@ def test_evaluate_prints_and_keeps_its_results_when_wandb_fails(trained: Path, t
     proc = run("evaluate.py", str(trained / "runs" / "quickstart-001"), *args, cwd=tmp_path, env=NO_SERVER)
     assert_one_line_error(proc, "wandb failed", "WANDB_MODE=offline")
     assert "energy" in proc.stdout
-    assert f"results: {out / 'results.json'}" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(f"results: {out / 'results.json'}")
     assert json.loads((out / "results.json").read_text())["id"]["accuracy"] is not None
 
 
