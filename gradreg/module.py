@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,11 +77,16 @@ def _restored_on_resume(hp: Mapping[str, Any]) -> dict[str, Any]:
     """
     keys = ["lr", "momentum", "weight_decay", "nesterov", "schedule"]
     keys += ["milestones", "gamma"] if hp.get("schedule") == "multistep" else []
-    return {k: list(hp[k] or []) if k == "milestones" else hp[k] for k in keys if k in hp}
+    return {k: hp[k] or [] if k == "milestones" else hp[k] for k in keys if k in hp}
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal settings; numbers to float32's precision (a numpy float32 lr from Python against the YAML's)."""
+    """Equal settings: numbers to float32's precision (a numpy float32 from Python), sequences item by item.
+
+    A resume's lr from the YAML against the checkpoint's numpy float32, a tuple of milestones against a list.
+    """
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(map(_same, a, b))
     if isinstance(a, numbers.Real) and isinstance(b, numbers.Real):
         return math.isclose(a, b, rel_tol=1e-6)
     return a == b
@@ -468,12 +473,7 @@ class GradRegModule(LightningModule):
             self.model.set_normalization(mean, std)  # a channel mismatch is one line naming model.arch_kwargs
             hp.input_mean, hp.input_std = list(mean), list(std)  # so that the checkpoint's hyperparameters say it
             return
-
-        def same(given: Sequence[float] | None, expected: Sequence[float]) -> bool:
-            close = all(math.isclose(g, e, rel_tol=1e-6) for g, e in zip(given or [], expected, strict=False))
-            return given is not None and len(given) == len(expected) and close
-
-        if not (same(hp.input_mean, mean) and same(hp.input_std, std)):
+        if not (_same(hp.input_mean, list(mean)) and _same(hp.input_std, list(std))):
             raise SettingError(
                 f"GradRegModule has input_mean={hp.input_mean}, input_std={hp.input_std} but the datamodule normalizes "
                 f"with mean {list(mean)}, std {list(std)}; build it with input_mean=datamodule.input_mean, "

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from gradreg.losses import upcast
 from gradreg.models import eval_mode, inference_weights_error
 from gradreg.registry import Settings
 
@@ -42,26 +43,18 @@ def require_head(model: nn.Module) -> None:
         )
 
 
-def wide(t: Tensor) -> Tensor:
-    """``t`` in float32 if it is in half precision (bfloat16, float16), else itself.
-
-    Scores are computed from float32 outputs of a half-precision model (or a caller's autocast), as autocast runs
-    softmax and cross-entropy: in bfloat16, ODIN's softmax at T = 1000 (every probability near 1/C, steps of 2^-9
-    relative) gave three distinct scores for 600 images.
-    """
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def checked(model: nn.Module, value: object, what: str = "forward(x)") -> Tensor:
     """``value`` if it is a 2-D tensor, else a TypeError naming what ``model`` returned and what scorers need.
 
     ``what`` names the call: ``forward(x)`` must give the logits (N, C), ``features(x)`` the pooled vector (N, D).
     A model returning a tuple or dict, or an unpooled feature map, would otherwise fail deep inside a scorer (or, for
-    the logit scores, return an (N, ...) array of the wrong shape). Logits come back :func:`wide`; features stay in
-    the model's dtype, for its ``fc``.
+    the logit scores, return an (N, ...) array of the wrong shape). Logits come back in float32 from a half-precision
+    model (:func:`~gradreg.losses.upcast`, as autocast runs softmax and cross-entropy: in bfloat16, ODIN's softmax at
+    T = 1000, every probability near 1/C, tied 600 images to three scores); features stay in the model's dtype, for
+    its ``fc``.
     """
     if isinstance(value, Tensor) and value.dim() == 2:
-        return value if what == "features(x)" else wide(value)
+        return value if what == "features(x)" else upcast(value)
     got = type(value).__name__
     if isinstance(value, Tensor):
         got = f"a {value.dim()}-D tensor of shape {tuple(value.shape)}"
@@ -163,7 +156,7 @@ class Scorer(Settings):
             x = x.clone()  # an inference tensor cannot be used in autograd; a clone made here can
             with torch.set_grad_enabled(self.needs_grad):
                 try:
-                    return wide(self.score(model, x).detach())
+                    return upcast(self.score(model, x).detach())
                 except RuntimeError as err:
                     raise inference_weights_error(model, err, "this scorer") from None
 
@@ -182,6 +175,6 @@ class OutputScorer(Scorer):
 
 
 def head_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`checked` ``(features(x), fc(features(x)))``, both :func:`wide`: the arguments of ``score_outputs``."""
+    """:func:`checked` ``(features(x), fc(features(x)))``, both at least float32: the arguments of ``score_outputs``."""
     features = checked(model, model.features(x), "features(x)")
-    return wide(features), checked(model, model.fc(features), "fc(features(x))")
+    return upcast(features), checked(model, model.fc(features), "fc(features(x))")
