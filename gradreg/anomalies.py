@@ -1,12 +1,13 @@
 """Anomaly suites for robustness checks: L-inf adversarial attacks, common corruptions, and an attack on the detector.
 
-Inputs are **normalized** tensors (N, C, H, W), as the data pipeline feeds the model. Budgets, clamps and
+Inputs are **normalized** float tensors (N, C, H, W), as the data pipeline feeds the model. Budgets, clamps and
 corruptions work in [0, 1] pixel units through the model's ``input_mean`` / ``input_std`` buffers
 (``gradreg.models.Classifier``): ``pixels = x * std + mean`` and the valid normalized range is
 ``[(0 - mean) / std, (1 - mean) / std]`` per channel. Inputs whose pixels leave [0, 1] by more than float error
-(unnormalized images, another normalization) are refused with a ``ValueError``: the budget and the clamps would
-silently mean something else. The attacks keep the pixels in the inputs' dtype and feed the model its own
-(a float64 or bfloat16 model attacks the float32 images of a loader; bfloat16 pixels could not hold a 2/255 step).
+(unnormalized images, another normalization) and integer images are refused with a ``ValueError``: the budget and
+the clamps would silently mean something else. Pixels, random draws and steps are computed in float32 at least
+(bfloat16 cannot hold a 2/255 step near 1) and the results come back in the inputs' dtype; the model gets its own
+(a float64 or bfloat16 model attacks the float32 images of a loader).
 
 Attacks follow the scorer contract (``gradreg.scorers.base``): the model is put in eval mode and its previous
 mode restored, parameter ``.grad`` is never touched (``torch.autograd.grad`` w.r.t. the input only), calls work
@@ -63,6 +64,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,30 +116,51 @@ def _randn(x: Tensor, generator: Generators) -> Tensor:
     return _random(lambda t, g: torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype), x, generator)
 
 
-def _require_images(pixels: Tensor, constants: Tensor) -> None:
-    """Refuse un-normalized inputs whose pixels leave [0, 1] beyond float error.
+def _check_pixels(x: Tensor, channels: int | None = None) -> None:
+    """Refuse what is not a float image batch (N, C, H, W), ``channels`` channels if given."""
+    if not x.is_floating_point():  # uint8 images (torchvision.io) would cast the normalization constants to 0
+        raise ValueError(
+            f"expected float images, got dtype {x.dtype}; convert uint8 images with x.float() / 255 and normalize them"
+        )
+    if x.ndim != 4 or (channels is not None and x.shape[1] != channels):
+        raise ValueError(f"expected images (N, {channels or 'C'}, H, W), got shape {tuple(x.shape)}")
 
-    ``constants``: the normalization mean, whose dtype bounds the error too (a bfloat16 model's buffers hold the
-    constants to 2^-9: the images a float32 loader normalized come back up to ~0.002 outside [0, 1]).
+
+def _working(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the pixel arithmetic: float32 at least (bfloat16 cannot hold a 2/255 step near 1)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _to_pixels(x: Tensor, mean: Tensor, std: Tensor, constants: torch.dtype) -> Tensor:
+    """Pixels ``x * std + mean`` of normalized inputs, in the working dtype; un-normalized inputs are refused.
+
+    ``mean`` / ``std``: (1, C, 1, 1) in the working dtype. ``constants``: the dtype the normalization constants
+    were held in. Inputs whose pixels leave [0, 1] by more than float error are refused: a bfloat16 model's buffers
+    hold the constants to 2^-9 (the images a float32 loader normalized come back up to ~0.002 outside [0, 1]), and
+    bfloat16 inputs hold the normalized values to 2^-8 of their size.
     """
-    tolerance = PIXEL_TOLERANCE + torch.finfo(constants.dtype).eps
-    if pixels.numel() and not -tolerance <= pixels.min() <= pixels.max() <= 1 + tolerance:
+    pixels = x.to(mean.dtype) * std + mean
+    if not pixels.numel():
+        return pixels
+    rounding = torch.finfo(x.dtype).eps * x.detach().abs().amax().nan_to_num() * std.amax()
+    tolerance = PIXEL_TOLERANCE + torch.finfo(constants).eps + rounding
+    if not -tolerance <= pixels.min() <= pixels.max() <= 1 + tolerance:
         raise ValueError(
             f"the inputs are not images in [0, 1] once the normalization is undone (pixels span "
             f"[{pixels.min():.4g}, {pixels.max():.4g}]); pass normalized images, (pixels - mean) / std, with the "
             "mean and std of the model's input_mean / input_std"
         )
+    return pixels
 
 
 def _pixel_stats(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std of the model's input normalization, shaped (1, C, 1, 1) like ``x``."""
+    """Per-channel mean and std of the model's input normalization, (1, C, 1, 1) in ``x``'s working dtype."""
     mean, std = getattr(model, "input_mean", None), getattr(model, "input_std", None)
     if mean is None or std is None:
         raise AttributeError("the model needs 'input_mean' and 'input_std' buffers (see gradreg.models.Classifier)")
-    if x.ndim != 4 or x.shape[1] != mean.numel():
-        raise ValueError(f"expected inputs (N, {mean.numel()}, H, W), got shape {tuple(x.shape)}")
-    shape = (1, -1, 1, 1)
-    return mean.to(x).clone().reshape(shape), std.to(x).clone().reshape(shape)
+    _check_pixels(x, mean.numel())
+    like = {"dtype": _working(x.dtype), "device": x.device}
+    return mean.to(**like).clone().reshape(1, -1, 1, 1), std.to(**like).clone().reshape(1, -1, 1, 1)
 
 
 @contextmanager
@@ -160,8 +183,8 @@ def _check_budget(epsilon: float, steps: int = 1, step_size: float | None = None
         raise ValueError(
             f"epsilon must be >= 0 and finite (pixel units, e.g. 8/255; 1 already allows any image), got {epsilon}"
         )
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps must be >= 0 and an integer, got {steps!r}")
     if step_size is not None and not 0 <= step_size < math.inf:  # a negative step would descend the objective
         raise ValueError(f"step_size must be >= 0 and finite (pixel units), got {step_size}")
 
@@ -182,16 +205,17 @@ def _linf_ascent(
     Returns normalized, detached inputs.
     """
     mean, std = _pixel_stats(model, x)
-    clean = x.detach().clone() * std + mean
-    _require_images(clean, model.input_mean)
-    clean = clean.clamp(0.0, 1.0)  # the float error of the round trip
-    lower, upper = (clean - epsilon).clamp(min=0.0), (clean + epsilon).clamp(max=1.0)
-    pixels = clean if init is None else torch.min(torch.max(clean + init.clone(), lower), upper)
+    clean = _to_pixels(x.detach(), mean, std, model.input_mean.dtype)
+    # Clean pixels a hair outside [0, 1] (the round trip's float error) stay where they are: clamping them would
+    # move them by more than the budget counts.
+    lower = torch.min((clean - epsilon).clamp(min=0.0), clean)
+    upper = torch.max((clean + epsilon).clamp(max=1.0), clean)
+    pixels = clean if init is None else torch.min(torch.max(clean + init, lower), upper)
     for _ in range(steps):
         pixels = pixels.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(objective(_logits(model, (pixels - mean) / std)), pixels)
         pixels = torch.min(torch.max(pixels.detach() + step_size * grad.sign(), lower), upper)
-    return ((pixels - mean) / std).detach()
+    return ((pixels - mean) / std).detach().to(x.dtype)
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
@@ -206,12 +230,21 @@ def _log_odds(model: nn.Module, x: Tensor, y: Tensor | None) -> Callable[[Tensor
     Its input gradient has the sign of the cross-entropy's row by row (``CE = softplus(log-odds)``) but does not
     vanish when ``softmax(f)_y`` rounds to 1.
     """
+    _pixel_stats(model, x)  # a wrong shape fails here, not inside the model
     if y is None:  # attack the model's own predictions (no label leaking)
         with torch.no_grad():
             y = _logits(model, x.clone()).argmax(dim=1)
+    y = torch.as_tensor(y)
+    if y.shape != (len(x),) or y.is_floating_point() or y.is_complex() or (y.numel() and y.min() < 0):
+        raise ValueError(
+            f"labels must be {len(x)} class indices >= 0, shape ({len(x)},), got {y.dtype} of shape "
+            f"{tuple(y.shape)}; pass y=None to attack the model's own predictions (e.g. OOD images labelled -1)"
+        )
     target = y.to(x.device).long().clone()
 
     def objective(logits: Tensor) -> Tensor:
+        if target.numel() and target.max() >= logits.shape[1]:
+            raise ValueError(f"label {int(target.max())} is out of range for a model of {logits.shape[1]} classes")
         true = logits.gather(1, target[:, None])
         wrong = logits.scatter(1, target[:, None], -math.inf).logsumexp(dim=1, keepdim=True)
         return (wrong - true).sum()  # sum, not mean: each row's gradient is independent of the batch size
@@ -269,7 +302,7 @@ def pgd(
     step = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
     with _attack_mode(model):
         x = x.clone()
-        init = (2 * _rand(x, generator) - 1) * epsilon if random_start else None
+        init = (2 * _rand(x.to(_working(x.dtype)), generator) - 1) * epsilon if random_start else None
         return _linf_ascent(model, x, _log_odds(model, x, y), epsilon, steps, step, init)
 
 
@@ -415,14 +448,9 @@ def _table(x: Tensor, table: str | None) -> int:
 
 def _level(name: str, x: Tensor, severity: int, table: str | None) -> Any:
     """Corruption ``name``'s parameter at ``severity`` in ``table`` (``None``: :func:`severity_table` of ``x``)."""
-    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or severity not in SEVERITIES:
         raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
-    return _LEVELS[name][_table(x, table)][severity - 1]
-
-
-def _check_pixels(x: Tensor) -> None:
-    if x.ndim != 4:
-        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
+    return _LEVELS[name][_table(x, table)][int(severity) - 1]
 
 
 RGB_ONLY = {
@@ -1047,6 +1075,8 @@ def elastic_transform(x: Tensor, severity: int, generator: Generators = None, ta
         v * min(x.shape[-2:]) / TABLE_SIDES[_table(x, table)] for v in _level("elastic_transform", x, severity, table)
     )
     n, _, h, w = x.shape
+    if min(h, w) < 3:  # the affine warp moves three points a third of the side from the centre
+        raise ValueError(f"elastic_transform needs images of at least 3x3 pixels, got {h}x{w}")
     f64 = {"dtype": torch.float64, "device": x.device}
     a, b, side = float(h // 2), float(w // 2), float(min(h, w) // 3)
     source = torch.tensor([[a + side, b + side], [a + side, b - side], [a - side, b - side]], **f64)  # (x, y) points
@@ -1097,11 +1127,12 @@ def corrupt(
     fn = CORRUPTIONS.get(name)
     _check_pixels(x)
     mean_t, std_t = torch.as_tensor(mean), torch.as_tensor(std)
-    precision = mean_t if mean_t.is_floating_point() else x
-    mean_t, std_t = mean_t.to(x).reshape(1, -1, 1, 1), std_t.to(x).reshape(1, -1, 1, 1)
+    constants = mean_t.dtype if mean_t.is_floating_point() else x.dtype
+    like = {"dtype": _working(x.dtype), "device": x.device}
+    mean_t, std_t = mean_t.to(**like).reshape(1, -1, 1, 1), std_t.to(**like).reshape(1, -1, 1, 1)
     if mean_t.shape[1] != x.shape[1] or std_t.shape[1] != x.shape[1]:
         raise ValueError(f"mean/std need {x.shape[1]} channels, got {mean_t.shape[1]} and {std_t.shape[1]}")
-    pixels = x * std_t + mean_t
-    _require_images(pixels, precision)
-    pixels = pixels.clamp(0.0, 1.0)  # the float error of the round trip
-    return (fn(pixels, severity, generator, table) - mean_t) / std_t
+    if not ((std_t > 0) & std_t.isfinite()).all():
+        raise ValueError(f"std must be positive and finite, got {std_t.flatten().tolist()}")
+    pixels = _to_pixels(x, mean_t, std_t, constants).clamp(0.0, 1.0)  # the float error of the round trip
+    return ((fn(pixels, severity, generator, table) - mean_t) / std_t).to(x.dtype)

@@ -225,13 +225,82 @@ def test_attacks_take_float32_images_for_a_model_of_another_dtype(
         "pgd": pgd(model, x, y, eps, steps=2, generator=torch.Generator().manual_seed(0)),
         "energy": energy_attack(model, x, eps, steps=2),
     }
-    clean = _pixels(model, x).clamp(0, 1)  # a bfloat16 model's constants put pixels up to 0.002 outside [0, 1]
+    # A bfloat16 model's constants put pixels up to 0.002 outside [0, 1]: clamping them to [0, 1] before the attack
+    # moved saturated pixels by more than the budget counted (2.26/255 for a budget of 2/255 on CIFAR constants).
+    clean = _pixels(model, x)
     for name, x_adv in results.items():
         assert x_adv.dtype == torch.float32, name
         change = (_pixels(model, x_adv) - clean).abs()
         assert change.max() <= eps + 1e-6, name
         assert change.max() > eps / 2, name
     assert _loss(model, results["fgsm"].to(dtype), y) > _loss(model, x.to(dtype), y)
+
+
+def test_attacks_keep_the_budget_of_a_bfloat16_model_on_saturated_pixels() -> None:
+    # CIFAR-10's constants in bfloat16 and images with black and white regions, as in the report.
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2470, 0.2435, 0.2616])
+    model = SmallCNN(10, in_channels=3, width=8)
+    model.set_normalization(mean.tolist(), std.tolist())
+    model = model.to(torch.bfloat16)
+    pixels = (torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3 - 1).clamp(0, 1)
+    x = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # a float32 loader's normalization
+    eps = 2 / 255
+    for x_adv in (fgsm(model, x, None, eps), pgd(model, x, None, eps, steps=2), energy_attack(model, x, eps, steps=2)):
+        assert (_pixels(model, x_adv) - _pixels(model, x)).abs().max() <= eps + 1e-6
+
+
+def test_attacks_take_bfloat16_images(trained: SmallCNN, test_batch: tuple) -> None:
+    # A bfloat16 image holds its normalized value to 2^-8 of its size: the check refused normalized images.
+    x, y = test_batch
+    x = x.bfloat16()
+    for x_adv in (fgsm(trained, x, y, EPS), pgd(trained, x, y, EPS, steps=2), energy_attack(trained, x, EPS, steps=2)):
+        assert x_adv.dtype == torch.bfloat16
+        assert (_pixels(trained, x_adv.float()) - _pixels(trained, x.float())).abs().max() <= EPS + 0.02
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (lambda y: torch.full_like(y, -1), "pass y=None to attack the model's own predictions"),
+        (
+            lambda y: y[:, None],
+            r"labels must be 64 class indices >= 0, shape \(64,\), got torch.int64 of shape \(64, 1\)",
+        ),
+        (lambda y: y[:10], "labels must be 64 class indices"),
+        (lambda y: y.float(), "labels must be 64 class indices"),
+        (lambda y: y + 10, "label 19 is out of range for a model of 10 classes"),
+    ],
+)
+def test_attacks_refuse_bad_labels_in_one_line(trained: SmallCNN, test_batch: tuple, labels, match: str) -> None:
+    x, y = test_batch
+    for attack in (fgsm, pgd):
+        with pytest.raises(ValueError, match=match):
+            attack(trained, x, labels(y), EPS)
+
+
+def test_attacks_check_the_input_shape_before_running_the_model(trained: SmallCNN, test_batch: tuple) -> None:
+    x, _ = test_batch
+    for bad in (x.expand(-1, 3, -1, -1), x[:, 0]):
+        with pytest.raises(ValueError, match=r"expected images \(N, 1, H, W\)"):
+            fgsm(trained, bad, None, EPS)
+
+
+def test_anomalies_refuse_integer_images(trained: SmallCNN, test_batch: tuple) -> None:
+    # uint8 images cast the normalization constants to integers (std 0): the result was NaN, not an error.
+    raw = (_pixels(trained, test_batch[0]) * 255).round().to(torch.uint8)
+    for call in (
+        lambda: fgsm(trained, raw, None, EPS),
+        lambda: corrupt(raw, "contrast", 1, trained.input_mean, trained.input_std),
+    ):
+        with pytest.raises(ValueError, match=r"expected float images, got dtype torch.uint8; convert uint8 images"):
+            call()
+    with pytest.raises(ValueError, match=r"std must be positive and finite, got \[0.0\]"):
+        corrupt(test_batch[0], "contrast", 1, [0.5], [0.0])
+
+
+def test_attacks_refuse_a_fractional_step_count(trained: SmallCNN, test_batch: tuple) -> None:
+    with pytest.raises(ValueError, match=r"steps must be >= 0 and an integer, got 2\.5"):
+        pgd(trained, *test_batch, EPS, steps=2.5)
 
 
 def test_pgd_start_of_an_image_does_not_depend_on_its_batch(trained: SmallCNN, test_batch: tuple) -> None:
@@ -414,6 +483,31 @@ def test_corruptions_keep_an_empty_batch(name: str, channels: int) -> None:
 def test_corruptions_reject_bad_severity(severity: object) -> None:
     with pytest.raises(ValueError, match="severity"):
         CORRUPTIONS.get("contrast")(_smooth_images(1), severity, None)
+
+
+def test_corruptions_take_numpy_integer_severities() -> None:
+    images = _smooth_images(1)
+    expected = CORRUPTIONS.get("contrast")(images, 3, None)
+    torch.testing.assert_close(CORRUPTIONS.get("contrast")(images, np.int64(3), None), expected, rtol=0, atol=0)
+
+
+def test_elastic_transform_refuses_images_under_three_pixels() -> None:
+    # The affine warp of a 2-pixel side was singular: a LinAlgError traceback.
+    with pytest.raises(ValueError, match="elastic_transform needs images of at least 3x3 pixels, got 2x40"):
+        CORRUPTIONS.get("elastic_transform")(torch.rand(1, 1, 2, 40), 1, None)
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_corrupt_draws_the_noise_of_bfloat16_images_in_float32(name: str) -> None:
+    # bfloat16 draws were coarse (impulse noise hit 1.19% of the pixels at a rate of 1%), and the normalization
+    # check refused normalized bfloat16 images. They are now corrupted as float32 images, then rounded.
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    x = ((_smooth_images(3) - m) / s).bfloat16()
+    out = corrupt(x, name, 3, mean, std, torch.Generator().manual_seed(0))
+    expected = corrupt(x.float(), name, 3, mean, std, torch.Generator().manual_seed(0)).bfloat16()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_unknown_corruption_lists_the_known_ones() -> None:
