@@ -43,26 +43,27 @@ it comes in); gaussian blur uses a separable kernel truncated at ``4 sigma`` wit
 ``mode="nearest"``, as ``skimage.filters.gaussian``); brightness adds to the HSV value channel exactly, written as a
 per-pixel rescale of RGB (hue and saturation are unchanged by construction); pixelate applies PIL's BOX filter both
 ways as two resampling matrices (equal to PIL's float resize to 1e-7) with at least one pixel per side; JPEG goes
-through torchvision's ``encode_jpeg`` / ``decode_jpeg`` (libjpeg, 4:2:0 chroma subsampling for RGB like PIL's
-default), channel counts other than 1 and 3 are compressed channel by channel as grayscale; defocus_blur,
-glass_blur, zoom_blur, fog and elastic_transform agree with the reference code (OpenCV 5.0, scipy, scikit-image)
-given the same random numbers to 1e-6 or better (tests/test_anomalies.py against scipy transcriptions); motion_blur
-and snow reproduce ImageMagick's ``MotionBlurImage`` (its output on the 8-bit image, Q16, is our value quantized:
-checked against ImageMagick 6.9.11 at every pixel), without the PNG round trips around it; spatter reproduces
-OpenCV's Canny, 5x5 distance transform, box blurs, equalizeHist and filter2D with their 8-bit steps (equal at every
-stage to OpenCV 5.0 with IPP off; with IPP, its float distance transform moves 0.014 % of the 8-bit distances) and
-the references' float32 mud mask; zoom_blur zooms each axis by its own crop (the reference assumes square images),
-and fog's fractal has the next power of two of the longer side; the corrupted images stay float (CIFAR-10-C stores
-them as uint8, truncated, about -0.5/255 on average), and only JPEG's output is quantized (glass_blur and snow keep
-the references' 8-bit rounding of an intermediate image). ``evaluate.py`` draws each image's random numbers (and
-PGD's random start) from a CPU generator seeded with the set's name and the image's index in its dataset: the same
-images whatever the batch size, ``--max-samples`` or device.
+through PIL's save and open, as the references (4:2:0 chroma subsampling for RGB), channel counts other than 1 and 3
+channel by channel as grayscale; defocus_blur, glass_blur, zoom_blur, fog and elastic_transform agree with the
+reference code (OpenCV 5.0, scipy, scikit-image) given the same random numbers to 1e-6 or better
+(tests/test_anomalies.py against scipy transcriptions); motion_blur and snow reproduce ImageMagick's
+``MotionBlurImage`` (its output on the 8-bit image, Q16, is our value quantized: checked against ImageMagick 6.9.11
+at every pixel), without the PNG round trips around it; spatter reproduces OpenCV's Canny, 5x5 distance transform,
+box blurs, equalizeHist and filter2D with their 8-bit steps (equal at every stage to OpenCV 5.0 with IPP off; with
+IPP, its float distance transform moves 0.014 % of the 8-bit distances) and the references' float32 mud mask;
+zoom_blur zooms each axis by its own crop (the reference assumes square images), and fog's fractal has the next
+power of two of the longer side; the corrupted images stay float (CIFAR-10-C stores them as uint8, truncated, about
+-0.5/255 on average), and only JPEG's output is quantized (glass_blur and snow keep the references' 8-bit rounding
+of an intermediate image). ``evaluate.py`` draws each image's random numbers (and PGD's random start) from a CPU
+generator seeded with the set's name and the image's index in its dataset: the same images whatever the batch size,
+``--max-samples`` or device.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
@@ -618,17 +619,23 @@ def jpeg(x: Tensor, severity: int, generator: Generators = None, table: str | No
 
     Pixels are rounded to uint8 first (the JPEG input format); runs on the CPU.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+    from PIL import Image
 
     _check_pixels(x)
     quality = int(_level("jpeg", x, severity, table))
     images = (x.detach() * 255.0).round().clamp(0, 255).to("cpu", torch.uint8)
-    if images.shape[1] in (1, 3):
-        groups = [img for img in images]
-    else:  # JPEG has no 2- or 4+-channel mode: compress each channel as a grayscale image
-        groups = [img[c : c + 1] for img in images for c in range(images.shape[1])]
-    decoded = [decode_jpeg(encode_jpeg(g.contiguous(), quality=quality), mode=ImageReadMode.UNCHANGED) for g in groups]
-    out = torch.stack(decoded).reshape(images.shape) if decoded else images  # an empty batch stays empty
+    rgb = images.shape[1] == 3
+    # JPEG has no 2- or 4+-channel mode: other images are compressed channel by channel as grayscale
+    groups = [img.permute(1, 2, 0) for img in images] if rgb else [channel for img in images for channel in img]
+    decoded = []
+    for group in groups:  # PIL's save and open, as the references (torchvision's JPEG codec is deprecated)
+        buffer = io.BytesIO()
+        Image.fromarray(group.contiguous().numpy()).save(buffer, "JPEG", quality=quality)
+        decoded.append(torch.from_numpy(np.array(Image.open(buffer))))
+    if not decoded:  # an empty batch stays empty
+        out = images
+    else:
+        out = torch.stack(decoded).permute(0, 3, 1, 2) if rgb else torch.stack(decoded).reshape(images.shape)
     return (out.to(x.device, x.dtype) / 255.0).clamp(0.0, 1.0)
 
 

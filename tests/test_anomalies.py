@@ -605,6 +605,23 @@ def test_jpeg_handles_any_channel_count(channels: int) -> None:
     assert 1e-3 < (out - images).abs().mean() < 0.2
 
 
+@pytest.mark.parametrize(("channels", "size"), [(3, 32), (1, 32), (3, 224), (2, 20)])
+def test_jpeg_equals_libjpeg_through_torchvision(channels: int, size: int) -> None:
+    # An independent codec path: torchvision's libjpeg bindings (deprecated, so skipped once they are gone).
+    io = pytest.importorskip("torchvision.io")
+    if not hasattr(io, "encode_jpeg"):
+        pytest.skip("torchvision no longer has encode_jpeg")
+    images = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    images = anomalies._gaussian_blur(images, 1.0)  # smooth content, as photos
+    for severity in anomalies.SEVERITIES:
+        quality = anomalies._level("jpeg", images, severity, None)
+        raw = (images * 255).round().to(torch.uint8)
+        planes = [img for img in raw] if channels == 3 else [img[c : c + 1] for img in raw for c in range(channels)]
+        expected = torch.stack([io.decode_jpeg(io.encode_jpeg(p.contiguous(), quality=quality)) for p in planes])
+        out = CORRUPTIONS.get("jpeg")(images, severity, None)
+        torch.testing.assert_close(out, expected.reshape(raw.shape).float() / 255, rtol=0, atol=0)
+
+
 def test_contrast_keeps_the_channel_means() -> None:
     images = _smooth_images(3)
     out = CORRUPTIONS.get("contrast")(images, 5, None)
