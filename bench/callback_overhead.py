@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule

@@ -28,5 +28,6 @@ case "${1:-all}" in
   b) stream_b ;;
   c) stream_c ;;
   d) stream_d ;;
-  *) stream_a & stream_b; wait; stream_c & stream_d; wait ;;
+  # wait PID returns the background stream's status (a bare wait would not, and a failed run would exit 0)
+  *) stream_a & a=$!; stream_b; wait "$a"; stream_c & c=$!; stream_d; wait "$c" ;;
 esac

@@ -13,6 +13,10 @@ PART=${1:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:bench/.deps
 py=${PYTHON:-python3}
+if ! "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  echo "bench/gpu_all.sh needs a CUDA GPU, and $py sees none; the CPU commands are in docs/benchmarks.md" >&2
+  exit 2
+fi
 # Most important first, so that a run cut short still returns them (bench/train_step.py writes its files after every
 # model and precision); every table is also printed to log.txt (8 files in all: as many as one device call brings back).
 steps() {

@@ -38,8 +38,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from scorers import require_device
+
+from gradreg.double_backward import use_double_backward
 from gradreg.kmeans import kmeans
 from gradreg.losses import energy, energy_margin_loss, grad_norm_penalty
 from gradreg.models import MODELS
@@ -85,9 +88,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    require_device(args.device)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = MODELS.build({"name": args.arch, "num_classes": args.num_classes}).to(device).train()
+    # The double-backward layers GradRegModule trains with (the candidates' forward runs through them too).
+    model = use_double_backward(MODELS.build({"name": args.arch, "num_classes": args.num_classes})).to(device).train()
     n_id, n_cand = args.id_batch, args.ratio * args.id_batch
     shape = (3, args.image_size, args.image_size)
     x_id = torch.randn(n_id, *shape, device=device)

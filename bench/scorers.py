@@ -277,8 +277,15 @@ def kernel_bench_parser(doc: str, warmup: int, repeats: int) -> argparse.Argumen
     return parser
 
 
+def require_device(device: str) -> None:
+    """Stop in one line when ``--device cuda...`` names a device this machine lacks."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this machine has no CUDA device; run with --device cpu")
+
+
 def apply_device_settings(device: str, threads: int) -> None:
-    """CPU threads (0: torch's default) and cuDNN autotuning on CUDA."""
+    """CPU threads (0: torch's default) and cuDNN autotuning on CUDA; a missing CUDA device stops in one line."""
+    require_device(device)
     if threads > 0:
         torch.set_num_threads(threads)
     if device.startswith("cuda"):

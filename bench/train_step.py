@@ -37,9 +37,9 @@ Timing: the methods of one (model, precision) are interleaved step by step in on
 load then hits all of them alike), median over the timed steps. Peak memory:
 ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA (for the ``_graph`` methods: over the warmup,
 which includes the eager steps and the capture, since the graph holds its memory pool). On CPU,
-``--isolate on`` (the CPU default) runs each case alone in a fresh process and reports the peak resident set
-size minus the resident size before the first step (model, optimizer and data excluded), a rough but comparable number;
-with ``--isolate off`` the CPU memory column is n/a.
+``--isolate on`` runs each case alone in a fresh process (not interleaved) and reports the peak resident set size
+minus the resident size before the first step (model, optimizer and data excluded), a rough but comparable number;
+by default (``--isolate off``) the CPU memory column is n/a.
 
 Examples:
     python bench/train_step.py --device cuda --out bench_gpu.md
@@ -66,6 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from scorers import require_device
 
 from gradreg.cuda_graph import CapturedStep, Step
 from gradreg.double_backward import use_double_backward
@@ -356,19 +358,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
     parser.add_argument(
         "--isolate",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="one process per case, for CPU memory figures (auto: on for CPU); off = methods interleaved step by step",
+        choices=["on", "off"],
+        default="off",
+        help="on: one process per case, for CPU memory figures; off: methods interleaved step by step in one process",
     )
     parser.add_argument("--out", type=Path, help="write the markdown table (and the environment line) here")
     parser.add_argument("--json", type=Path, help="write all raw results here")
     parser.add_argument("--profile", type=Path, help="write torch.profiler tables of one step per method here")
     args = parser.parse_args(argv)
+    require_device(args.device)
 
     models = args.model or [("wrn40_2", 128, 256, 32), ("resnet50", 64, 128, 224)]
     is_cuda = args.device.startswith("cuda")
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and is_cuda)
-    isolate = args.isolate == "on" or (args.isolate == "auto" and not is_cuda)
     results = []
     for name, n_in, n_out, size in models:
         for precision in args.precision:
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 for method in args.methods
             ]
-            group = [run_isolated(case) for case in cases] if isolate else run_group(cases)
+            group = [run_isolated(case) for case in cases] if args.isolate == "on" else run_group(cases)
             for result in group:
                 print(
                     f"{name} {n_in}+{n_out} {size}px {precision} {result['method']}: {result['median_ms']:.1f} ms "
