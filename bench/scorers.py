@@ -122,12 +122,13 @@ def odin_floor(model: nn.Module, x: Tensor) -> None:
         model(x - grad)
 
 
-def gradnorm_official_loop(model: nn.Module, x: Tensor) -> None:
-    """GradNorm as ``gradnorm_ood/test_ood.py::iterate_data_gradnorm`` runs it, step by step.
+def gradnorm_official_loop(model: nn.Module, x: Tensor) -> list[float]:
+    """GradNorm as ``gradnorm_ood/test_ood.py::iterate_data_gradnorm`` runs it, step by step; the scores.
 
     Batch 1, an input that requires grad, ``zero_grad``, all-ones target, ``loss.backward()`` through every
     parameter, L1 norm of the fc weight gradient copied to the host.
     """
+    scores = []
     for xi in x:
         inputs = xi.unsqueeze(0).requires_grad_(True)
         model.zero_grad()
@@ -135,8 +136,9 @@ def gradnorm_official_loop(model: nn.Module, x: Tensor) -> None:
         targets = torch.ones((1, outputs.shape[1]), device=x.device)
         loss = torch.mean(torch.sum(-targets * F.log_softmax(outputs, dim=-1), dim=-1))  # T = 1
         loss.backward()
-        model.fc.weight.grad.abs().sum().item()
+        scores.append(model.fc.weight.grad.abs().sum().item())
     model.zero_grad()  # no gradients left behind in the other cases' memory
+    return scores
 
 
 def all_layer_norms_loop(model: nn.Module, x: Tensor) -> Tensor:

@@ -31,9 +31,9 @@ def test_per_sample_loops_equal_the_batched_scorers(bench) -> None:
     model = MODELS.build("small_cnn", num_classes=4, in_channels=3, width=4).double().eval()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(bench.all_layer_norms_loop(model, x), purview_layer_norms(model, x), rtol=1e-9, atol=0)
-    bench.gradnorm_official_loop(model, x)
+    loop = torch.tensor(bench.gradnorm_official_loop(model, x), dtype=torch.float64)
     assert all(p.grad is None for p in model.parameters())  # the loop leaves no gradients behind
-    assert build("gradnorm")(model, x).shape == (3,)
+    torch.testing.assert_close(loop, build("gradnorm")(model, x), rtol=1e-9, atol=0)
 
 
 def test_tiny_run_writes_one_table_row_per_model_configuration(bench, tmp_path: Path) -> None:
@@ -109,3 +109,10 @@ def test_results_table_reads_evaluate_results(tmp_path: Path) -> None:
         assert proc.returncode == 1
         assert message in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_run_without_cuda_stops_in_one_line(bench) -> None:
+    # Each --device cuda command gave a driver traceback on a CPU machine.
+    with pytest.raises(SystemExit, match=r"^--device cuda: this machine has no CUDA device; run with --device cpu$"):
+        bench.main(["--device", "cuda", "--model", "small_cnn:2:8", "--repeats", "1"])
