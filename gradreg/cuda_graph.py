@@ -46,6 +46,9 @@ from torch import Tensor
 Step = Callable[..., dict[str, Tensor]]
 
 
+_EAGER = object()  # the signature after a failed capture: equal to no inputs' (an empty tuple is a step's without any)
+
+
 def _signature(inputs: tuple[Tensor, ...]) -> tuple:
     return tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs)
 
@@ -68,11 +71,13 @@ class CapturedStep:
     """
 
     def __init__(self, step: Step, params: Iterable[Tensor], warmup: int = 3) -> None:
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0 (eager calls before the capture), got {warmup!r}")
         self.step = step
         self.params = [p for p in params if p.requires_grad]
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
-        self._signature: tuple | None = None
+        self._signature: tuple | object | None = None
         self._eager_calls = 0
         self._static_inputs: tuple[Tensor, ...] = ()
         self._static_outputs: dict[str, Tensor] = {}
@@ -95,7 +100,7 @@ class CapturedStep:
             except RuntimeError as err:
                 message = f"CUDA graph capture failed, the training step runs eagerly: {err}"
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
-                self._signature = ()  # matches no inputs: eager from now on
+                self._signature = _EAGER  # eager from now on
                 self._clear_grads()
                 return self.step(*inputs)
         for static, t in zip(self._static_inputs, inputs, strict=True):

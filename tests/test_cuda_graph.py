@@ -113,6 +113,31 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(monkeypatch: pytest.Monkey
     assert captured.graph is None
 
 
+def test_a_failed_capture_of_a_step_without_inputs_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The marker of a failed capture was the empty signature, which a step without inputs has: every call retried.
+    captured = CapturedStep(lambda: {}, [], warmup=0)
+    captured._signature = ()
+    attempts = []
+
+    def fail(inputs: tuple) -> None:
+        attempts.append(inputs)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(captured, "_capture", fail)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        captured()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        captured()
+    assert len(attempts) == 1
+
+
+@pytest.mark.parametrize("warmup", [-1, 1.5, True])
+def test_a_bad_warmup_count_is_refused(warmup: object) -> None:
+    with pytest.raises(ValueError, match="warmup must be an integer >= 0"):
+        CapturedStep(lambda: {}, [], warmup=warmup)
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
