@@ -146,6 +146,26 @@ def inference_weights_error(model: nn.Module, err: RuntimeError, user: str) -> E
     )
 
 
+def functional_call(module: nn.Module, params: Mapping[str, Tensor], args: tuple) -> Tensor:
+    """``module(*args)`` with ``params`` (names of ``module.named_parameters()``) in place of those parameters.
+
+    ``torch.func.functional_call`` with every attribute that holds one of them replaced once: a weight tied to
+    another module's attribute is replaced there too, and a module registered under two names (a wrapper's
+    ``self.fc = backbone.fc``) is replaced once. torch's own ``tie_weights`` does not restore such a module's second
+    name (torch 2.14): its weights stayed replaced after the call (``functorch`` wrappers under ``vmap``).
+    """
+    named = dict(module.named_parameters())
+    wanted = {id(named[name]): name for name in params}
+    replaced: dict[str, Tensor] = {}
+    seen: set[tuple[int, str]] = set()
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for attr, p in owner.named_parameters(recurse=False):
+            if id(p) in wanted and (id(owner), attr) not in seen:
+                seen.add((id(owner), attr))
+                replaced[f"{prefix}.{attr}" if prefix else attr] = params[wanted[id(p)]]
+    return torch.func.functional_call(module, replaced, args, strict=False, tie_weights=False)
+
+
 def _init_weights(module: nn.Module) -> None:
     """He-normal convolutions (fan-out), unit BatchNorm, zero linear bias (as in the WRN/DenseNet code)."""
     for m in module.modules():

@@ -427,6 +427,33 @@ def test_per_sample_gradients_vmap_equals_loop_with_penalty() -> None:
         torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-12)
 
 
+class _Wrapper(nn.Module):
+    """A user's wrapper that registers the head under a second name (``self.fc = inner.fc``)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.fc = inner, inner.fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+def test_per_sample_gradients_leave_a_module_registered_twice_intact() -> None:
+    # torch's functional_call did not restore the head's second name: its weights stayed replaced by detached copies
+    # (functorch wrappers under vmap), so that training or scoring the model afterwards went wrong.
+    model, (x_in, y_in, _), m_in, m_out = tiny_cnn_setup(torch.float64, n=4)
+    wrapped = _Wrapper(model)
+    before = dict(wrapped.named_parameters(remove_duplicate=False))
+    objective = greg_objective(m_in, m_out, train_rows=8)
+    names = select_parameters(model)
+    expected = per_sample_gradients(model, objective, x_in, y_in, names, "id", mode="vmap")
+    got = per_sample_gradients(wrapped, objective, x_in, y_in, [f"inner.{n}" for n in names], "id", mode="vmap")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    after = dict(wrapped.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys()
+    assert all(after[n] is p for n, p in before.items())
+
+
 def test_per_sample_gradients_fall_back_to_a_loop_for_autograd_grad_objectives() -> None:
     model, (x_in, y_in, _), m_in, m_out = tiny_cnn_setup(torch.float64, n=4)
 

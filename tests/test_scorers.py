@@ -371,6 +371,37 @@ def test_purview_on_a_model_that_cuts_the_input_off_its_graph(cut: str, batch: T
         torch.testing.assert_close(purview_layer_norms(model, batch, method), expected, **REF)
 
 
+class _TiedAcrossLayers(nn.Module):
+    """A weight shared by two Linear layers (``c.weight = a.weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (
+            nn.Linear(2 * 8 * 8, 2 * 8 * 8),
+            nn.Linear(2 * 8 * 8, 4),
+            nn.Linear(2 * 8 * 8, 2 * 8 * 8),
+        )
+        self.c.weight = self.a.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.c(torch.tanh(self.a(x.flatten(1))))))
+
+
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_purview_leaves_shared_and_tied_modules_intact(method: str, batch: Tensor) -> None:
+    # torch.func.functional_call refused a weight tied across layers ("got multiple values for keys") and did not
+    # restore a module registered under two names (a wrapper's self.fc = inner.fc): its weights stayed functorch
+    # wrappers after the call.
+    torch.manual_seed(0)
+    for model in (CutBackbone(make_tiny(), "detach").eval(), _TiedAcrossLayers().double()):
+        before = dict(model.named_parameters(remove_duplicate=False))
+        expected = _purview_loop(model, batch)
+        torch.testing.assert_close(purview_layer_norms(model, batch, method), expected, **REF)
+        after = dict(model.named_parameters(remove_duplicate=False))
+        assert after.keys() == before.keys()
+        assert all(after[n] is p for n, p in before.items()), type(model).__name__
+
+
 class _DetachedProbe(TinyCNN):
     """TinyCNN plus a trainable probe on the detached features (a stop-gradient branch): the probe's output reaches the
     loss, but not on the input's path."""
@@ -1019,6 +1050,37 @@ def test_purview_falls_back_for_layer_calls_that_are_not_per_sample(batch: Tenso
     assert torch.all(norms[:, purview_layer_names(model).index("unused")] == 0)
 
 
+class _ConstantRowsAsManyAsTheSamples(nn.Module):
+    """Closed-form layers on inputs that are the same for every sample but have as many rows as the batch (5):
+    class prototypes of a cosine head (a parameter), a computed copy of them, and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.proj, self.scaled, self.fixed = (
+            nn.Linear(2 * 8 * 8, 6),
+            nn.Linear(6, 6),
+            nn.Linear(6, 6),
+            nn.Linear(6, 6),
+        )
+        self.prototypes = nn.Parameter(torch.randn(5, 6))
+        self.register_buffer("anchors", torch.randn(5, 6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.normalize(torch.tanh(self.trunk(x.flatten(1))), dim=1)
+        classes = self.proj(self.prototypes) + self.scaled(2 * self.prototypes) + self.fixed(self.anchors)
+        return 10 * h @ F.normalize(classes, dim=1).T
+
+
+def test_purview_falls_back_for_constant_inputs_with_one_row_per_sample(batch: Tensor) -> None:
+    # The rows were taken for samples because there were as many: a score depended on the batch it came in.
+    torch.manual_seed(0)
+    model = _ConstantRowsAsManyAsTheSamples().double()
+    expected = _purview_loop(model, batch)
+    assert expected.shape == (5, 5)
+    torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
+    torch.testing.assert_close(purview_layer_norms(model, batch[:1]), expected[:1], **REF)
+
+
 class _WeightsUsedElsewhere(nn.Module):
     """Closed-form layers the hooks cannot see whole: a convolution whose weight a functional call reuses, a
     Linear tied (transposed) to a decoder, and a Linear called with its input as a keyword."""
@@ -1116,8 +1178,14 @@ def test_purview_names_full_backward_hooks_that_torch_func_cannot_run_through(ba
 
 def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:
     tiny.train()
+    state = copy.deepcopy(tiny.state_dict())
     with pytest.raises(ValueError, match="eval-mode BatchNorm2d"):
         purview_layer_norms(tiny, batch)
+    for key, value in tiny.state_dict().items():  # refused before a forward could update the running statistics
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+    affine_free = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=False), nn.Flatten(), nn.Linear(108, 4))
+    with pytest.raises(ValueError, match="eval-mode BatchNorm2d"):  # no parameters, but it couples the samples
+        purview_layer_norms(affine_free.double().train(), batch)
     with pytest.raises(ValueError, match="unknown purview method"):
         purview_layer_norms(tiny.eval(), batch, method="loop")  # type: ignore[arg-type]
 

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.func import grad
 
 from gradreg.losses import RegScaling, gated_energy_functional
+from gradreg.models import functional_call
 
 Batch = tuple[Tensor | None, Tensor | None, Tensor | None]
 """``(x_in, y_in, x_out)``: ID images with labels, then auxiliary outliers; a missing part is ``None``."""
@@ -91,7 +92,7 @@ class _Functional:
 
     def __call__(self, params: Mapping[str, Tensor], *args: Any) -> Tensor:
         full = {**self.frozen, **{f"model.{n}": p for n, p in params.items()}}
-        return functional_call(self.bound, full, args)
+        return functional_call(self.bound, full, args)  # every slot of each parameter (a module under two names)
 
     def flat_grad(self, output: Tensor, params: Mapping[str, Tensor], **kwargs: Any) -> Tensor:
         """Flat gradient of ``output`` w.r.t. ``params``; parameters it does not use get zeros."""

@@ -35,9 +35,11 @@ gradient arrives, so that neither δ nor the layer input outlives the layer's ow
 close to that of a plain forward + input backward). Layers of any other type, layers whose weights are also
 used outside their own calls (tied weights, functional calls; found by counting each trainable parameter's
 uses in the autograd graph before the backward), and layers called with their input as a keyword, on rows
-that are not the samples (a constant; samples x tokens folded into rows) or whose output no gradient
-reaches (frozen weights on a constant) fall back to ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``).
-``method="vmap"`` uses the fallback for every layer (a cross-check and a baseline).
+that are not the samples (samples x tokens folded into rows; a constant: the model's own parameter or buffer, or a
+tensor computed from parameters only, as class prototypes, even with as many rows as the batch) or whose output no
+gradient reaches (frozen weights on a constant) fall back to ``torch.func`` (``functional_call`` + ``vmap`` +
+``grad``). A weight tied across layers counts whole in each of them. ``method="vmap"`` uses the fallback for every
+layer (a cross-check and a baseline).
 
 Deviation (sign): ALGORITHMS.md §5 expects large gradients for OOD inputs (ID score = −norm). With
 this confounding label we measured the opposite: on a SmallCNN trained on digits 0-5, −norm gives
@@ -67,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradreg.double_backward import original_type
+from gradreg.models import functional_call
 from gradreg.scorers.base import Scorer, checked
 from gradreg.scorers.registry import SCORERS
 
@@ -245,12 +248,17 @@ def _affine_grads(m: nn.Module, normalized: Tensor, d: Tensor, channel_first: bo
     return grads
 
 
+def _require_running_statistics(model: nn.Module) -> None:
+    """Refuse BatchNorm layers that normalize with batch statistics, before any forward updates them."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            raise ValueError(
+                f"purview needs eval-mode {type(m).__name__} with running statistics: batch statistics couple the "
+                "samples, so per-sample gradients are undefined"
+            )
+
+
 def _batchnorm_grads(m: nn.modules.batchnorm._BatchNorm, a: Tensor, d: Tensor) -> list[Tensor]:
-    if m.training or m.running_mean is None:
-        raise ValueError(
-            f"purview needs eval-mode {type(m).__name__} with running statistics: batch statistics couple the "
-            "samples, so per-sample gradients are undefined"
-        )
     n, c = d.shape[:2]
     centered = a - m.running_mean.reshape(1, -1, *([1] * (a.dim() - 2)))
     grads = []
@@ -351,15 +359,13 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
 
     ``everywhere``: whether this is ``method="vmap"`` (else the fallback of ``"hooks"``), for the error message.
     """
-    groups: list[list[str]] = []
-    params: dict[str, Tensor] = {}
-    for prefix, m in layers:
-        names = [f"{prefix}.{p}" if prefix else p for p, _ in m.named_parameters(recurse=False)]
-        groups.append(names)
-        params.update({full: p.detach() for full, (_, p) in zip(names, m.named_parameters(recurse=False), strict=True)})
+    # A weight tied across layers is one input of the function: each of its layers gets its whole gradient.
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    groups = [[canonical[id(p)] for p in m.parameters(recurse=False)] for _, m in layers]
+    params = {canonical[id(p)]: p.detach() for _, m in layers for p in m.parameters(recurse=False)}
 
     def sample_loss(p: dict[str, Tensor], xi: Tensor) -> Tensor:
-        logits = torch.func.functional_call(model, p, (xi.unsqueeze(0),), strict=False)
+        logits = functional_call(model, p, (xi.unsqueeze(0),))
         return confounding_loss(checked(model, logits)).sum()
 
     per_sample_grad = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0))
@@ -446,6 +452,7 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     num_calls: dict[str, int] = {}
     fallback: set[str] = set()  # layers left to torch.func
     output_nodes: list = []  # the autograd node of each recorded call's output
+    input_nodes: dict[str, list] = {}  # name -> the autograd node of each recorded call's input
     norms: dict[str, Tensor] = {}
 
     def calls(name: str) -> list[tuple[Tensor, Tensor]]:
@@ -462,13 +469,30 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
             del records[name]
             record.clear()  # the hook outlives this call: drop its references to the tensors
 
+    # Storage of the model's own tensors: a layer called on one of them (or a view) has a constant input.
+    constants = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()) if t.numel()}
+
+    def constant(a: Tensor) -> bool:
+        """Whether ``a`` is the same for every sample: the model's own tensor, or computed from parameters only.
+
+        Its rows may be as many as the samples (prototypes of a cosine head, one per class, in a batch of as many
+        images). A detached per-sample input (a frozen trunk under ``torch.no_grad()``) cannot be told from a
+        computed constant without a graph: it is taken as per sample, and a computed one is judged after the
+        forward (``input_nodes``).
+        """
+        if a is x_in:
+            return False
+        return (a.requires_grad and a.grad_fn is None) or a.untyped_storage().data_ptr() in constants
+
     def forward_hook(name: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         num_calls[name] = num_calls.get(name, 0) + 1
-        if not inputs or inputs[0].shape[0] != x.shape[0] or not output.requires_grad:
+        if not inputs or inputs[0].shape[0] != x.shape[0] or not output.requires_grad or constant(inputs[0]):
             # Its input came as a keyword, its rows are not the samples (a constant, or samples x tokens folded
             # into rows), or no gradient reaches its output (frozen weights on a constant): torch.func handles it.
             fallback.add(name)
             return
+        if inputs[0].grad_fn is not None:
+            input_nodes.setdefault(name, []).append(inputs[0].grad_fn)
         a = inputs[0].detach()
         record = [a, a._version, None]
         records.setdefault(name, []).append(record)
@@ -482,13 +506,15 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     handles = [
         m.register_forward_hook(functools.partial(forward_hook, name), prepend=True) for name, m in closed.items()
     ]
+    x_in = x.detach().requires_grad_(True)
     try:
         with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
             loss = confounding_loss(checked(model, model(x_in))).sum()
             if loss.requires_grad:  # else no layer output reaches the loss (frozen weights after a cut): all zero
                 uses, reached, to_input = _walk_graph(loss, x_in)
                 fallback.update(_used_outside_their_calls(uses, closed, num_calls))
+                # An input computed from parameters only (no path to x): the same for every sample.
+                fallback.update(name for name, nodes in input_nodes.items() if any(n not in to_input for n in nodes))
                 # The backward runs down to the input, which takes it through every layer output that reaches the
                 # loss, unless the model cuts some of them off the input's path (torch.no_grad() or .detach() inside):
                 # autograd runs only what the requested gradients need, so it then runs down to every weight.
@@ -532,6 +558,7 @@ def _purview_layer_norms(model: nn.Module, x: Tensor, method: PurviewMethod) -> 
     layers = purview_layers(model)
     if method not in ("hooks", "vmap"):
         raise ValueError(f"unknown purview method '{method}'; valid: hooks, vmap")
+    _require_running_statistics(model)
     if x.shape[0] == 0:
         return x.new_zeros(0, len(layers))
     if method == "vmap":
