@@ -65,7 +65,8 @@ def exgrad_score(features: Tensor, logits: Tensor) -> Tensor:
     ``‖p − e_k‖₂² = Σ_{j≠k} p_j² + (1 − p_k)²``, for all k at once without an (N, C, C) tensor. For the
     top class m, ``1 − p_m`` is the sum of the other probabilities: subtracting ``p_m ≈ 1`` from 1 cancels,
     and confident predictions, the ID ones, would lose most of their digits (0.43 relative error in
-    float32 for a logit gap of 12).
+    float32 for a logit gap of 12). ``‖p − e_m‖`` is taken relative to ``1 − p_m``, whose square underflows in
+    float32 beyond a gap of about 45.
 
     Args:
         features: penultimate features ``h``, shape (N, D).
@@ -82,10 +83,14 @@ def exgrad_score(features: Tensor, logits: Tensor) -> Tensor:
     top = probs.argmax(dim=1, keepdim=True)
     top_p = probs.gather(1, top)
     others = probs.scatter(1, top, 0.0)
-    complement = (1.0 - probs).scatter(1, top, others.sum(dim=1, keepdim=True))  # 1 − p_k
-    # Σ_{j≠k} p_j² = Σ_{j≠m} p_j² + p_m² − p_k², exactly Σ_{j≠m} p_j² for k = m (no cancellation there).
-    sq_dist = others.square().sum(dim=1, keepdim=True) + (top_p.square() - probs.square()) + complement.square()
-    expected = (probs * sq_dist.sqrt()).sum(dim=1)
+    rest = others.sum(dim=1, keepdim=True)  # 1 − p_m
+    # k ≠ m: Σ_{j≠k} p_j² + (1 − p_k)² = Σ_{j≠m} p_j² + p_m² − p_k² + (1 − p_k)², about p_m² + 1.
+    sq_dist = others.square().sum(dim=1, keepdim=True) + (top_p.square() - probs.square()) + (1.0 - probs).square()
+    # k = m: ‖p − e_m‖ = rest · sqrt(Σ_{j≠m} (p_j / rest)² + 1), scaled so that the squares of tiny probabilities
+    # do not underflow (float32 lost half the score for a logit gap of 80).
+    scaled = others / rest.clamp_min(torch.finfo(rest.dtype).tiny)
+    top_dist = rest * (scaled.square().sum(dim=1, keepdim=True) + 1).sqrt()
+    expected = (probs * sq_dist.sqrt().scatter(1, top, top_dist)).sum(dim=1)
     return -features.norm(dim=1) * expected
 
 
