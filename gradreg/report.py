@@ -82,6 +82,15 @@ from gradreg.scorers import SCORERS, Scorer
 
 SUITES = ("ood", "adversarial", "corruption", "robustness")
 DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "jpeg", "brightness")
+SUITE_OPTIONS = {  # option -> the suites it sets
+    "sets": ("ood", "robustness"),
+    "epsilons": ("adversarial", "robustness"),
+    "pgd_steps": ("adversarial", "robustness"),
+    "corruptions": ("corruption",),
+    "corruption_files": ("corruption",),
+    "severities": ("corruption",),
+    "corruption_table": ("corruption",),
+}
 
 
 def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
@@ -152,6 +161,12 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
         "training run (offline unless wandb is configured); auto: on if the checkpoint's run folder holds wandb/",
     )
     opts = p.parse_args(args)
+    for key, suites in SUITE_OPTIONS.items():  # an option of suites that do not run would be ignored
+        if getattr(opts, key) != p.get_default(key) and not set(suites) & set(opts.suites):
+            p.error(
+                f"--{key.replace('_', '-')} sets the {' and '.join(suites)} suite{'s' if len(suites) > 1 else ''}, "
+                f"which --suites {' '.join(opts.suites)} leaves out: add {suites[0]} to --suites or drop the option"
+            )
     if not opts.explain:  # --explain-* settings alone would be ignored
         given = [k for k in vars(opts) if k.startswith("explain_") and getattr(opts, k) != p.get_default(k)]
         if given:
@@ -241,7 +256,7 @@ def check_options(opts: argparse.Namespace) -> None:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out '{out}' is a file; choose a new folder (nothing is overwritten)")
         if out.is_dir() and any(out.iterdir()):
-            raise UserError(f"output folder '{out}' already holds files; choose a new --out (nothing is overwritten)")
+            raise folder_taken(out)
 
 
 def open_corruption_files(opts: argparse.Namespace) -> CorruptionFiles | None:
@@ -578,27 +593,37 @@ class ResultWriter:
         self.out, self.header = out, header
         self.sets: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, str] = {}
+        self.failed_groups: dict[str, str] = {}
 
     def add(self, name: str, group: str, n: int, by_scorer: dict[str, dict[str, float]], **extra: Any) -> None:
         """Record a finished set (``extra``: more keys of its entry, e.g. ``attack``) and rewrite the files."""
         self.sets[name] = {"group": group, "n": n, "metrics": by_scorer, **extra}
         self.write()
 
-    def fail(self, name: str, reason: str) -> None:
-        """Record a failed set with its reason and rewrite the files."""
-        self.failed[name] = reason
+    def fail(self, name: str, group: str, reason: str) -> None:
+        """Record a failed set of ``group`` with its reason and rewrite the files."""
+        self.failed[name], self.failed_groups[name] = reason, group
         self.write()
 
     def means(self) -> dict[str, dict[str, dict[str, float]]]:
-        """Mean metrics per group (and ``ood`` = near + far), per scorer."""
+        """Mean metrics per group (and ``ood`` = near + far), per scorer; NaN for a group with a failed set.
+
+        A mean over the sets that happened to finish would be compared with other runs' means over all of them.
+        """
         groups: dict[str, dict[str, Any]] = {}
-        for name, entry in self.sets.items():
-            groups.setdefault(entry["group"], {})[name] = entry["metrics"]
-            if entry["group"] in ("near", "far"):
-                groups.setdefault("ood", {})[name] = entry["metrics"]
+        members = [(name, e["group"], e["metrics"]) for name, e in self.sets.items()]
+        for name, group, metrics in members + [(n, g, None) for n, g in self.failed_groups.items()]:
+            groups.setdefault(group, {})[name] = metrics
+            if group in ("near", "far"):
+                groups.setdefault("ood", {})[name] = metrics
         first = ("near", "far", "ood")  # then the anomaly suites, in the order they ran
         ordered = sorted(groups, key=lambda g: first.index(g) if g in first else len(first))
-        return {group: mean_metrics(groups[group]) for group in ordered}
+        return {
+            g: {s: dict.fromkeys(OOD_METRICS, math.nan) for s in self.header["scorers"]}
+            if None in groups[g].values()
+            else mean_metrics(groups[g])
+            for g in ordered
+        }
 
     def rows(self) -> list[list[Any]]:
         """Table rows: every set, then every group mean."""
@@ -654,6 +679,8 @@ class ResultWriter:
                 *(f"- {name}: {text}" for name, text in attacks.items()),
             ]
         lines += [f"\nFAILED {name}: {reason}" for name, reason in self.failed.items()]
+        if self.failed:
+            lines.append("\nThe means of the groups with a failed set are nan (null in results.json).")
         return "\n".join(lines) + "\n"
 
 
@@ -741,6 +768,8 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
             if where["created"]:
                 shutil.rmtree(out, ignore_errors=True)  # its own new eval-NNN folder
                 raise Interrupted("evaluation stopped before its first result; nothing was kept") from None
+            if writer is None:  # the empty results.json that claimed the folder: it can be used again
+                (out / "results.json").unlink(missing_ok=True)
             raise Interrupted(f"evaluation stopped before its first result; {out} holds no results") from None
         raise Interrupted(
             f"evaluation stopped; {out} keeps the sets finished so far (results.json, results.csv, results.md; the set "
@@ -819,13 +848,23 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
             raise UserError(f"--explain-set '{opts.explain_set}' is not an evaluated OOD set ({', '.join(evaluated)})")
         check_explainable(module, scorer_map, opts.explain_scorer, id_test[0][0][None].to(device))
 
+    jobs: list[tuple[str, str, Subset, Transform]] = []
+    if "ood" in opts.suites:
+        for name, dataset in ood_sets.items():
+            if not opts.sets or name in opts.sets:
+                jobs.append((name, "near" if name in dm.near_ood else "far", dataset, None))
+    jobs += list(anomaly_sets(model, id_test, ood_sets, opts, released))
+    if not jobs:
+        raise UserError(
+            f"nothing to evaluate: the checkpoint's data has no OOD test sets for --suites {' '.join(opts.suites)}; "
+            "add sets with --data ood_sets=[...], or run another suite"
+        )
+    check_set_names(jobs)
+
     default_out = (Path("runs"), f"{ckpt_path.stem}-eval") if post_hoc else (ckpt_path.parent, "eval")
     out = Path(opts.out) if opts.out else next_run_dir(*default_out, option="--out")
-    if opts.out:  # check_options made sure it is a new or empty folder
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create --out '{out}' ({err.strerror}); choose another folder") from None
+    if opts.out:
+        claim_folder(out)
     where.update(out=out, created=not opts.out)
     print(f"evaluating {ckpt_path} on {device}; writing to {out}")
 
@@ -858,13 +897,6 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
     writer = where["writer"] = ResultWriter(out, header)
     writer.write()
 
-    jobs: list[tuple[str, str, Subset, Transform]] = []
-    if "ood" in opts.suites:
-        for name, dataset in ood_sets.items():
-            if not opts.sets or name in opts.sets:
-                jobs.append((name, "near" if name in dm.near_ood else "far", dataset, None))
-    jobs += list(anomaly_sets(model, id_test, ood_sets, opts, released))
-
     ood_scored: dict[str, ScoredSet] = {}
     for name, group, source, transform in jobs:
         try:
@@ -872,14 +904,14 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
             if len(scored) == 0:
                 raise ValueError("the set is empty")
             add_set(writer, name, group, id_scored, scored)
-            save_scores(out / "scores" / f"{name.replace('/', '_')}.npz", scored, source)
+            save_scores(out / "scores" / f"{score_file_stem(name)}.npz", scored, source)
             if group in ("near", "far"):
                 ood_scored[name] = scored
         except Exception as err:  # one bad set must not lose the others
             message = error_message(err)
             reason = f"{type(err).__name__}: {message.splitlines()[0] if message else ''}"
             print(f"error: set '{name}' failed: {reason}", file=sys.stderr)
-            writer.fail(name, reason)
+            writer.fail(name, group, reason)
 
     if ood_scored and not opts.no_plots:
         for scorer in scorer_map:
@@ -905,6 +937,55 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
     finally:
         print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
     return 1 if writer.failed else 0
+
+
+def score_file_stem(name: str) -> str:
+    """The file name (without ``.npz``) of a set's raw scores in ``scores/``."""
+    return name.replace("/", "_")
+
+
+def check_set_names(jobs: Sequence[tuple[str, str, Subset, Transform]]) -> None:
+    """Refuse sets whose rows or score files would overwrite another's.
+
+    An OOD set's alias ``id`` or ``fgsm_eps8``, or ``a/b`` beside ``a_b``. Names are compared case-folded, as the
+    file systems of macOS and Windows do.
+    """
+    names = ["id", *(name for name, *_ in jobs)]  # each has a row and writes scores/<stem>.npz
+    rows = names + [f"{name}/successful" for name, group, *_ in jobs if group == "adversarial"]
+    hint = "give the OOD set another alias (data.ood_sets: [{name: ..., alias: ...}])"
+    for what, listed, key in (("row", rows, str), ("score file", names, score_file_stem)):
+        seen: dict[str, str] = {}
+        for name in listed:
+            other = seen.get(key(name).casefold())
+            if other is not None:
+                both = f"two sets named '{name}'" if other == name else f"the sets '{other}' and '{name}'"
+                raise UserError(f"{both} would write to one {what}; {hint}")
+            seen[key(name).casefold()] = name
+    for name in rows:
+        if name.startswith("mean/"):
+            raise UserError(f"the set '{name}' would be read as a group mean (mean/<group>); {hint}")
+
+
+def claim_folder(out: Path) -> None:
+    """Make ``--out`` this evaluation's: a new or empty folder, claimed by creating its results.json first.
+
+    ``check_options`` checked it before the model and data were loaded; another evaluation may have taken it since.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").open("x").close()  # exclusive: a second evaluation into the folder stops here
+    except FileExistsError:
+        raise folder_taken(out) from None
+    except OSError as err:
+        raise UserError(f"cannot create --out '{out}' ({err.strerror}); choose another folder") from None
+    if any(path.name != "results.json" for path in out.iterdir()):
+        (out / "results.json").unlink()
+        raise folder_taken(out)
+
+
+def folder_taken(out: Path) -> UserError:
+    """The one line for an ``--out`` folder that holds files already."""
+    return UserError(f"output folder '{out}' already holds files; choose a new --out (nothing is overwritten)")
 
 
 def scorer_record(spec: ScorerSpec, scorer: Scorer, input_shape: Sequence[int]) -> dict[str, Any]:

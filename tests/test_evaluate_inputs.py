@@ -24,6 +24,7 @@ from gradreg.evaluation import sample
 from gradreg.report import (
     anomaly_sets,
     check_options,
+    claim_folder,
     load_checkpoint,
     parse_args,
     rebuild,
@@ -110,6 +111,66 @@ def test_bad_option_stops_before_any_output(
     before = sorted(run_dir.iterdir())
     assert_one_line_error(run_inprocess([str(run_dir), *FAST, *args], capsys), *fragments)
     assert sorted(run_dir.iterdir()) == before  # no eval-NNN folder
+
+
+@pytest.mark.parametrize(
+    ("ood_sets", "extra", "fragments"),
+    [
+        ("[{name: noise, alias: id}]", [], ["two sets named 'id' would write to one row"]),
+        ("[{name: noise, alias: ID}]", [], ["the sets 'id' and 'ID' would write to one row"]),
+        ("[{name: noise, alias: fgsm_eps8}]", ["--suites", "ood", "adversarial"], ["two sets named 'fgsm_eps8'"]),
+        ("[{name: noise, alias: x/y}, {name: digits_heldout, alias: x_y}]", [], ["'x/y' and 'x_y'", "score file"]),
+        ("[{name: noise, alias: mean/far}]", [], ["'mean/far' would be read as a group mean"]),
+    ],
+)
+def test_set_names_that_would_overwrite_each_others_results_are_refused(
+    run_dir: Path, tmp_path: Path, ood_sets: str, extra: list[str], fragments: list[str], capsys
+) -> None:
+    # An alias "id" overwrote the ID set's raw scores, "fgsm_eps8" the near set's row and file: exit 0 all the same.
+    out = tmp_path / "out"
+    args = [str(run_dir), *FAST, "--scorers", "energy", "--out", str(out), "--data", f"ood_sets={ood_sets}"]
+    proc = run_inprocess([*args, "near_ood=[]", *(extra or ["--suites", "ood"])], capsys)
+    assert_one_line_error(proc, *fragments, "give the OOD set another alias")
+    assert not out.exists()
+
+
+def test_an_evaluation_with_nothing_to_score_is_refused(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(run_dir), *FAST, "--suites", "ood", "--data", "ood_sets=[]", "near_ood=[]"]
+    assert_one_line_error(run_inprocess(args, capsys), "nothing to evaluate", "--data ood_sets=[...]")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--suites", "ood", "--epsilons", "4/255"], ["--epsilons sets the adversarial and robustness suites"]),
+        (["--suites", "ood", "--pgd-steps", "3"], ["--pgd-steps", "add adversarial to --suites"]),
+        (["--suites", "ood", "--corruption-files", "c"], ["--corruption-files sets the corruption suite"]),
+        (["--suites", "adversarial", "--severities", "1"], ["--severities", "--suites adversarial leaves out"]),
+        (["--suites", "ood", "--corruptions", "jpeg"], ["--corruptions"]),
+        (["--suites", "ood", "--corruption-table", "cifar10c"], ["--corruption-table"]),
+        (["--suites", "adversarial", "--sets", "noise"], ["--sets sets the ood and robustness suites"]),
+    ],
+)
+def test_options_of_suites_that_do_not_run_are_refused(
+    args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # They were ignored: "--suites ood --corruption-files /nonexistent" ran and exited 0.
+    assert_one_line_error(run_inprocess(["ckpt", *args], capsys), *fragments, "or drop the option")
+
+
+def test_a_second_evaluation_into_a_claimed_folder_is_refused(tmp_path: Path) -> None:
+    # Two evaluations into one new --out both passed the early check and wrote over each other's files.
+    out = tmp_path / "out"
+    claim_folder(out)
+    assert [p.name for p in out.iterdir()] == ["results.json"]
+    with pytest.raises(UserError, match="already holds files"):
+        claim_folder(out)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="already holds files"):
+        claim_folder(other)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_out_naming_a_file_is_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

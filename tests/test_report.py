@@ -15,6 +15,7 @@ from torch.utils.data import Subset
 
 from gradreg.anomalies import fgsm
 from gradreg.evaluation import ScoredSet, build_scorers, score_loader
+from gradreg.metrics import OOD_METRICS
 from gradreg.models import Classifier
 from gradreg.report import ResultWriter, add_set, save_scores, successful_attacks
 
@@ -89,6 +90,23 @@ def test_no_successful_attack_gives_null_metrics_and_no_correct_image_a_null_rat
     assert math.isnan(successful_attacks(wrong, clean)[2]["success_rate"])  # no image classified correctly
     with pytest.raises(ValueError, match="row for row"):
         successful_attacks(clean, ScoredSet(scores, preds=np.array([0, 1, 1]), labels=np.array([1, 1, 0])))
+
+
+def test_a_group_with_a_failed_set_has_null_means(tmp_path: Path) -> None:
+    # The mean over the sets that finished was reported as the group's: compared with other runs' means over all sets.
+    clean = ScoredSet({"energy": np.array([3.0, 4.0])}, preds=np.array([0, 1]), labels=np.array([0, 1]))
+    ood = ScoredSet({"energy": np.array([1.0, 3.5])}, preds=np.array([0, 0]), labels=np.array([-1, -1]))
+    writer = ResultWriter(tmp_path, {"id": {"dataset": "d", "n": 2, "accuracy": 1.0}, "scorers": ["energy"]})
+    add_set(writer, "svhn", "far", clean, ood)
+    add_set(writer, "cifar100", "near", clean, ood)
+    writer.fail("places", "far", "OSError: image file is truncated")
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["sets"]["svhn"]["metrics"]["energy"]["auroc"] == 0.75
+    assert doc["means"]["near"]["energy"]["auroc"] == 0.75  # complete
+    for group in ("far", "ood"):
+        assert doc["means"][group]["energy"] == dict.fromkeys(OOD_METRICS)
+    assert "mean/far,far,energy,nan" in (tmp_path / "results.csv").read_text()
+    assert "The means of the groups with a failed set are nan" in (tmp_path / "results.md").read_text()
 
 
 class _CtrlC:
