@@ -861,6 +861,10 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
         )
     check_set_names(jobs)
 
+    use_wandb = opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir())
+    if use_wandb:
+        configure_wandb_env()  # a bad WANDB_MODE stops here, not after the benchmark
+
     default_out = (Path("runs"), f"{ckpt_path.stem}-eval") if post_hoc else (ckpt_path.parent, "eval")
     out = Path(opts.out) if opts.out else next_run_dir(*default_out, option="--out")
     if opts.out:
@@ -927,7 +931,7 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
         explain_worst(module, dm, id_test, ood_sets, id_scored, ood_scored, opts, out / "explain", device)
     print_table(writer)
     try:  # after the table, as the results are written either way; their paths come last (before a wandb error)
-        if opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir()):
+        if use_wandb:
             log_to_wandb(writer, out, ckpt_path, None if post_hoc else (trained_run or {}))
     except Exception as err:
         wandb_error = wandb_failure(err, out / "wandb")
@@ -1087,7 +1091,7 @@ def explain_worst(
 
 
 def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path, trained_run: dict[str, Any] | None) -> None:
-    """Log the results table and the plots to a wandb run (offline unless wandb is configured), in ``out/wandb``.
+    """Log the results table and the plots to a wandb run in ``out/wandb`` (after :func:`configure_wandb_env`).
 
     The run is named ``<training run>-<eval folder>`` (``quickstart-001-eval-001``) and joins the training run's wandb
     group with job type ``eval``. ``trained_run`` is the checkpoint's record of its training run (name, group, wandb
@@ -1095,7 +1099,6 @@ def log_to_wandb(writer: ResultWriter, out: Path, ckpt_path: Path, trained_run: 
     config holds the checkpoint, the options and the training run; the summary holds the ID accuracy and every
     metric of the table as ``eval/<set>/<scorer>/<metric>`` (sets ``mean/near``, ``mean/far``, ... included).
     """
-    configure_wandb_env()
     import wandb
 
     trained = None

@@ -287,6 +287,23 @@ def test_evaluate_prints_and_keeps_its_results_when_wandb_fails(trained: Path, t
     assert json.loads((out / "results.json").read_text())["id"]["accuracy"] is not None
 
 
+@pytest.mark.parametrize("mode", ["", "ofline"])
+def test_a_bad_wandb_mode_is_one_line_before_any_work(
+    mode: str, trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # wandb.init raised a pydantic traceback: at train.py's start, and after evaluate.py's whole benchmark.
+    monkeypatch.setenv("WANDB_MODE", mode)
+    message = f"WANDB_MODE={mode!r} is not a wandb mode (online, offline, disabled"
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    proc = run_inprocess(train_main, ["--config", config, "--run.root", str(tmp_path / "runs"), *FAST], capsys)
+    assert_one_line_error(proc, message, "fix it or unset it")
+    assert not (tmp_path / "runs").exists()
+    out = tmp_path / "ev"
+    args = [str(trained / "runs" / "quickstart-001"), "--out", str(out), "--wandb", "on", "--suites", "ood"]
+    assert_one_line_error(run_inprocess(evaluate_main, args, capsys), message)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_rerun_never_overwrites(trained: Path) -> None:
