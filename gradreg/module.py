@@ -569,14 +569,19 @@ class GradRegModule(LightningModule):
         )
 
     def _check_resumed_optimizer(self) -> None:
+        old, self._resumed_hparams = self._resumed_hparams, None
+        self.check_resumed_settings(old)
+
+    def check_resumed_settings(self, old: Mapping[str, Any] | None) -> None:
         """Refuse to resume with other optimizer or schedule settings than the checkpoint's run.
 
-        Lightning restores the optimizer's and the scheduler's states after ``configure_optimizers``: the checkpoint's
-        learning rate, momentum, milestones, ... would silently win over the new values (which the run's
-        ``config.yaml`` and hyperparameters record), and a changed schedule type fails in that restore. A changed
-        cosine length (``max_epochs``) is fine: its factor is no state (:meth:`_warn_of_a_changed_cosine`).
+        ``old``: the checkpoint's hyperparameters. ``train.py`` checks before the run starts (and its loggers write),
+        ``configure_optimizers`` for any Trainer. Lightning restores the optimizer's and the scheduler's states after
+        ``configure_optimizers``: the checkpoint's learning rate, momentum, milestones, ... would silently win over the
+        new values (which the run's ``config.yaml`` and hyperparameters record), and a changed schedule type fails in
+        that restore. A changed cosine length (``max_epochs``) is fine: its factor is no state
+        (:meth:`_warn_of_a_changed_cosine`).
         """
-        old, self._resumed_hparams = self._resumed_hparams, None
         before, now = _restored_on_resume(old or {}), _restored_on_resume(self.hparams)
         for key in now:
             if key in before and not _same(before[key], now[key]):

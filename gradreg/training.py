@@ -452,7 +452,8 @@ def fit(cli: GradRegCLI) -> int:
     try:
         resumed = None
         if cli.config.run.resume is not None:
-            resumed = _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume))
+            own_optimizer = cli.config.get("optimizer") is None
+            resumed = _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume), own_optimizer)
         cli.model.check_trainer(cli.trainer)  # before the loggers and the other DDP ranks start
         # DDP refuses SyncBatchNorm on the CPU with one process too (strategy=ddp, devices=1)
         cpu_ddp = isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.strategy.root_device.type == "cpu"
@@ -656,8 +657,11 @@ def _without_latest(path: Path) -> Path:
     return kept
 
 
-def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> dict[str, Any]:
+def _require_fitting_checkpoint(module: GradRegModule, path: Path, settings: bool) -> dict[str, Any]:
     """Stop with one line if the checkpoint to resume is unreadable, not ours, or does not fit the model.
+
+    ``settings``: also if the model's optimizer or schedule settings differ from the checkpoint's run
+    (:meth:`GradRegModule.check_resumed_settings`; not with LightningCLI's ``--optimizer``, which replaces them).
 
     Returns the checkpoint's :class:`RunRecord` (empty for checkpoints of earlier versions).
     """
@@ -673,5 +677,7 @@ def _require_fitting_checkpoint(module: GradRegModule, path: Path) -> dict[str, 
             f"run.resume checkpoint '{path}' does not fit this model: {mismatch}; resume with the config of the run "
             "that wrote it"
         )
+    if settings:  # before the loggers make the run's folder theirs
+        module.check_resumed_settings(ckpt.get("hyper_parameters"))
     run = ckpt.get("run")
     return run if isinstance(run, dict) else {}

@@ -953,6 +953,11 @@ def test_a_resume_with_other_optimizer_settings_stops_in_one_line(
         proc = train_inprocess(tmp_path, capsys, *resume, *change)
         assert_one_line_error(proc, f"model.{change[-2][8:]}=", f"differs from the resumed checkpoint's run {old}")
         assert last.read_bytes() == written
+    # With wandb (the default logger) the refused run left a folder with config.yaml and wandb/ behind.
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    args = ["--config", config, "--run.root", str(tmp_path / "runs"), *FAST, *resume, "--model.lr", "0.01"]
+    assert_one_line_error(run_inprocess(train_main, args, capsys), "model.lr=0.01 differs")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["latest", "quickstart-001"]
     proc = train_inprocess(tmp_path, capsys, *resume, "--model.schedule", "multistep")  # only a longer run
     assert proc.returncode == 0, proc.stderr[-2000:]
 
