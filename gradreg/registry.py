@@ -84,9 +84,14 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _yaml_note(value: Any, hint: Any) -> str:
-    """PyYAML (YAML 1.1) reads ``1e3``, ``1e-3`` and ``None`` as strings: say so where a number or null was meant."""
+    """PyYAML (YAML 1.1) reads ``1e3``, ``1e-3`` and ``None`` as strings: say so where a number or null was meant.
+
+    A single value where a list is expected (``mean=0.5``): say how to write the list.
+    """
     if value == "None" and _matches(None, hint):
         return " (YAML reads None as text: write null)"
+    if value is not None and not isinstance(value, list | tuple) and _matches([value], hint):
+        return f" (write a list: [{value}])"
     if isinstance(value, str) and _matches(1.0, hint):
         try:
             float(value)

@@ -104,7 +104,13 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (new or empty); default: <run dir>/eval-NNN")
     p.add_argument("--scorers", nargs="+", help="scorer specs: name or name:key=value,... (default: all)")
     p.add_argument("--sets", nargs="+", help="OOD test sets to evaluate (default: all of the checkpoint's config)")
-    p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES, help="which groups of sets to run")
+    p.add_argument(
+        "--suites",
+        nargs="+",
+        default=list(SUITES),
+        choices=SUITES,
+        help="which groups of sets to run (default: all four)",
+    )
     p.add_argument("--data-root", "--data_root", help="override the data root the checkpoint was trained with")
     p.add_argument("--data", nargs="+", default=[], metavar="KEY=VALUE", help="override datamodule settings")
     p.add_argument(
@@ -143,13 +149,21 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images")
     p.add_argument("--explain-scorer", default="energy", help="differentiable scorer whose value --explain traces")
     p.add_argument("--explain-set", help="OOD set whose highest-scored images --explain takes (default: the first)")
-    p.add_argument("--explain-train", type=int, default=1000, help="training images and outliers scanned by --explain")
-    p.add_argument("--explain-hessian", type=int, default=512, help="training images (and outliers) in the Hessian")
+    p.add_argument(
+        "--explain-train",
+        type=int,
+        default=1000,
+        help="training images and outliers scanned by --explain (default: 1000)",
+    )
+    p.add_argument(
+        "--explain-hessian", type=int, default=512, help="training images (and outliers) in the Hessian (default: 512)"
+    )
     p.add_argument(
         "--explain-damping",
         type=_damping,
         default="auto",
-        help="damping of the training Hessian, or 'auto' (its largest-magnitude eigenvalue: always positive definite)",
+        help="damping of the training Hessian, or 'auto' (its largest-magnitude eigenvalue: always positive "
+        "definite; default: auto)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto = cuda if available)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG histograms and ROC curves")

@@ -772,6 +772,14 @@ def test_constructors_check_values_but_accept_what_python_callers_pass() -> None
         SettingError, match=re.escape("model.lr='1e-3' is not a number (YAML reads it as text: write 0.001)")
     ):
         GradRegModule(lr="1e-3")
+    with pytest.raises(
+        SettingError, match=re.escape("model.milestones=5 is not a list of integers or None (write a list: [5])")
+    ):
+        GradRegModule(schedule="multistep", milestones=5)  # --model.milestones 5
+    with pytest.raises(
+        SettingError, match=re.escape("data.mean=0.5 is not a list of numbers or None (write a list: [0.5])")
+    ):
+        OODDataModule(mean=0.5)
     with pytest.raises(SettingError, match=re.escape("model.reg_weight=inf must be finite")):
         GradRegModule(reg_weight=float("inf"))  # YAML's .inf
     with pytest.raises(SettingError, match=re.escape("model.input_std=[0.3, nan] must be finite")):
