@@ -1052,14 +1052,14 @@ def test_purview_falls_back_for_layer_calls_that_are_not_per_sample(batch: Tenso
 
 class _ConstantRowsAsManyAsTheSamples(nn.Module):
     """Closed-form layers on inputs that are the same for every sample but have as many rows as the batch (5):
-    class prototypes of a cosine head (a parameter), a computed copy of them, and a buffer."""
+    class prototypes of a cosine head (a parameter), a view of them, and a buffer."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.trunk, self.proj, self.scaled, self.fixed = (
+        self.trunk, self.proj, self.view, self.fixed = (
             nn.Linear(2 * 8 * 8, 6),
             nn.Linear(6, 6),
-            nn.Linear(6, 6),
+            nn.Linear(3, 6),
             nn.Linear(6, 6),
         )
         self.prototypes = nn.Parameter(torch.randn(5, 6))
@@ -1067,7 +1067,7 @@ class _ConstantRowsAsManyAsTheSamples(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.normalize(torch.tanh(self.trunk(x.flatten(1))), dim=1)
-        classes = self.proj(self.prototypes) + self.scaled(2 * self.prototypes) + self.fixed(self.anchors)
+        classes = self.proj(self.prototypes) + self.view(self.prototypes.detach()[:, :3]) + self.fixed(self.anchors)
         return 10 * h @ F.normalize(classes, dim=1).T
 
 
@@ -1079,6 +1079,30 @@ def test_purview_falls_back_for_constant_inputs_with_one_row_per_sample(batch: T
     assert expected.shape == (5, 5)
     torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
     torch.testing.assert_close(purview_layer_norms(model, batch[:1]), expected[:1], **REF)
+
+
+class _NeckOnAFrozenTrunk(nn.Module):
+    """A trainable LayerNorm neck and head on a trunk cut off by ``.detach()``, a data-dependent check (which
+    ``torch.func.vmap`` cannot run) and a sparse buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.neck, self.fc = nn.Linear(2 * 8 * 8, 6), nn.LayerNorm(6), nn.Linear(6, 4)
+        self.register_buffer("adjacency", torch.eye(3).to_sparse())
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.neck(torch.tanh(self.trunk(x.flatten(1))).detach())
+        if not torch.isfinite(h).all():
+            raise ValueError("non-finite features")
+        return self.fc(h)
+
+
+def test_purview_keeps_a_neck_on_a_detached_trunk_on_the_closed_forms(batch: Tensor) -> None:
+    # A rule that took inputs without a path to x for constants sent the neck and head to torch.func, where the
+    # data-dependent check failed; the sparse buffer crashed the lookup of the model's own storage.
+    torch.manual_seed(0)
+    model = _NeckOnAFrozenTrunk().double()
+    torch.testing.assert_close(purview_layer_norms(model, batch), _purview_loop(model, batch), **REF)
 
 
 class _WeightsUsedElsewhere(nn.Module):

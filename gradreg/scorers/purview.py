@@ -35,11 +35,13 @@ gradient arrives, so that neither δ nor the layer input outlives the layer's ow
 close to that of a plain forward + input backward). Layers of any other type, layers whose weights are also
 used outside their own calls (tied weights, functional calls; found by counting each trainable parameter's
 uses in the autograd graph before the backward), and layers called with their input as a keyword, on rows
-that are not the samples (samples x tokens folded into rows; a constant: the model's own parameter or buffer, or a
-tensor computed from parameters only, as class prototypes, even with as many rows as the batch) or whose output no
-gradient reaches (frozen weights on a constant) fall back to ``torch.func`` (``functional_call`` + ``vmap`` +
-``grad``). A weight tied across layers counts whole in each of them. ``method="vmap"`` uses the fallback for every
-layer (a cross-check and a baseline).
+that are not the samples (samples x tokens folded into rows; a constant: the model's own parameter or buffer, as
+class prototypes, even with as many rows as the batch) or whose output no gradient reaches (frozen weights on a
+constant) fall back to ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``). Limitation: a layer on a tensor
+*computed* from parameters only that has as many rows as the batch is taken as per sample (to autograd it looks like
+a detached per-sample input through a trainable op); ``method="vmap"`` scores such a model. A weight tied across
+layers counts whole in each of them. ``method="vmap"`` uses the fallback for every layer (a cross-check and a
+baseline).
 
 Deviation (sign): ALGORITHMS.md §5 expects large gradients for OOD inputs (ID score = −norm). With
 this confounding label we measured the opposite: on a SmallCNN trained on digits 0-5, −norm gives
@@ -391,6 +393,11 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
     return torch.cat(pieces)
 
 
+def _strided(t: Tensor) -> bool:
+    """A dense tensor with storage (a sparse one has none to compare)."""
+    return t.layout == torch.strided and t.numel() > 0
+
+
 def _walk_graph(loss: Tensor, x: Tensor) -> tuple[dict[Tensor, int], set, set]:
     """What the backward of ``loss`` must reach; three parts of its graph.
 
@@ -452,7 +459,6 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
     num_calls: dict[str, int] = {}
     fallback: set[str] = set()  # layers left to torch.func
     output_nodes: list = []  # the autograd node of each recorded call's output
-    input_nodes: dict[str, list] = {}  # name -> the autograd node of each recorded call's input
     norms: dict[str, Tensor] = {}
 
     def calls(name: str) -> list[tuple[Tensor, Tensor]]:
@@ -470,17 +476,17 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
             record.clear()  # the hook outlives this call: drop its references to the tensors
 
     # Storage of the model's own tensors: a layer called on one of them (or a view) has a constant input.
-    constants = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()) if t.numel()}
+    constants = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()) if _strided(t)}
 
     def constant(a: Tensor) -> bool:
-        """Whether ``a`` is the same for every sample: the model's own tensor, or computed from parameters only.
+        """Whether ``a`` is the model's own parameter or buffer (or a view of one): the same for every sample.
 
         Its rows may be as many as the samples (prototypes of a cosine head, one per class, in a batch of as many
-        images). A detached per-sample input (a frozen trunk under ``torch.no_grad()``) cannot be told from a
-        computed constant without a graph: it is taken as per sample, and a computed one is judged after the
-        forward (``input_nodes``).
+        images). A tensor *computed* from parameters only looks to autograd like a detached per-sample input passed
+        through a trainable op (a frozen trunk with a trainable neck), which is far more common: both are taken as
+        per sample.
         """
-        if a is x_in:
+        if a is x_in or not _strided(a):
             return False
         return (a.requires_grad and a.grad_fn is None) or a.untyped_storage().data_ptr() in constants
 
@@ -491,8 +497,6 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
             # into rows), or no gradient reaches its output (frozen weights on a constant): torch.func handles it.
             fallback.add(name)
             return
-        if inputs[0].grad_fn is not None:
-            input_nodes.setdefault(name, []).append(inputs[0].grad_fn)
         a = inputs[0].detach()
         record = [a, a._version, None]
         records.setdefault(name, []).append(record)
@@ -513,8 +517,6 @@ def _closed_form_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, n
             if loss.requires_grad:  # else no layer output reaches the loss (frozen weights after a cut): all zero
                 uses, reached, to_input = _walk_graph(loss, x_in)
                 fallback.update(_used_outside_their_calls(uses, closed, num_calls))
-                # An input computed from parameters only (no path to x): the same for every sample.
-                fallback.update(name for name, nodes in input_nodes.items() if any(n not in to_input for n in nodes))
                 # The backward runs down to the input, which takes it through every layer output that reaches the
                 # loss, unless the model cuts some of them off the input's path (torch.no_grad() or .detach() inside):
                 # autograd runs only what the requested gradients need, so it then runs down to every weight.
