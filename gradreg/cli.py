@@ -84,16 +84,20 @@ def wandb_failure(err: BaseException, logs: Path) -> UserError | None:
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
+def check_wandb_mode() -> None:
+    """Refuse a ``WANDB_MODE`` that wandb does not know (empty, a typo): ``wandb.init`` raises a pydantic traceback."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is not None and mode not in WANDB_MODES:
+        raise UserError(f"WANDB_MODE={mode!r} is not a wandb mode ({', '.join(WANDB_MODES)}); fix it or unset it")
+
+
 def configure_wandb_env() -> None:
     """Run wandb offline unless the user configured it (``WANDB_MODE``, ``WANDB_API_KEY`` or a netrc login).
 
     Offline mode never prompts and never waits on the network (wandb issues #592, #7063, #7671);
     ``wandb sync <run>/wandb/offline-run-*`` uploads later.
     """
-    mode = os.environ.get("WANDB_MODE")
-    if mode is not None and mode not in WANDB_MODES:  # wandb.init would raise a pydantic traceback
-        raise UserError(f"WANDB_MODE={mode!r} is not a wandb mode ({', '.join(WANDB_MODES)}); fix it or unset it")
-    if mode is not None or os.environ.get("WANDB_API_KEY"):
+    if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
         return
     try:
         has_login = netrc.netrc().authenticators("api.wandb.ai") is not None

@@ -11,6 +11,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
+import yaml
+
 T = TypeVar("T")
 
 
@@ -91,7 +93,7 @@ def _yaml_note(value: Any, hint: Any) -> str:
     if value == "None" and _matches(None, hint):
         return " (YAML reads None as text: write null)"
     if value is not None and not isinstance(value, list | tuple) and _matches([value], hint):
-        return f" (write a list: [{value}])"
+        return f" (write a list: {yaml.safe_dump([value], default_flow_style=True).strip()})"  # 1e-05 as 1.0e-05
     if isinstance(value, str) and _matches(1.0, hint):
         try:
             float(value)

@@ -52,6 +52,7 @@ from gradreg.cli import (
     ArgumentParser,
     Interrupted,
     UserError,
+    check_wandb_mode,
     configure_wandb_env,
     error_message,
     next_run_dir,
@@ -146,8 +147,14 @@ def parse_args(args: Sequence[str] | None) -> argparse.Namespace:
         help="the corruption parameters of each severity: ImageNet-C's (imagenetc) or CIFAR-10-C's (cifar10c); auto: "
         "ImageNet-C's for images of 224 px or more (default: auto)",
     )
-    p.add_argument("--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images")
-    p.add_argument("--explain-scorer", default="energy", help="differentiable scorer whose value --explain traces")
+    p.add_argument(
+        "--explain", type=int, default=0, metavar="K", help="explain the K worst OOD and ID images (default: 0, none)"
+    )
+    p.add_argument(
+        "--explain-scorer",
+        default="energy",
+        help="differentiable scorer whose value --explain traces (default: energy)",
+    )
     p.add_argument("--explain-set", help="OOD set whose highest-scored images --explain takes (default: the first)")
     p.add_argument(
         "--explain-train",
@@ -617,6 +624,8 @@ class ResultWriter:
     def fail(self, name: str, group: str, reason: str) -> None:
         """Record a failed set of ``group`` with its reason and rewrite the files."""
         self.failed[name], self.failed_groups[name] = reason, group
+        if group == "adversarial":  # its successful-attack row is missing from that group too
+            self.failed_groups[f"{name}/successful"] = "adversarial/successful"
         self.write()
 
     def means(self) -> dict[str, dict[str, dict[str, float]]]:
@@ -773,17 +782,16 @@ def evaluate_main(args: Sequence[str] | None = None) -> int:
     where: dict[str, Any] = {}
     try:
         return _evaluate(args, where)
-    except KeyboardInterrupt:
-        out = where.get("out")
-        if out is None:  # nothing written yet: gradreg.cli says it in one line
+    except BaseException as err:
+        out, writer = where.get("out"), where.get("writer")
+        if out is not None and writer is None and not where["created"]:
+            (out / "results.json").unlink(missing_ok=True)  # the empty file that claimed --out: it can be used again
+        if out is None or not isinstance(err, KeyboardInterrupt):  # gradreg.cli says it in one line
             raise
-        writer = where.get("writer")
         if writer is None or not (writer.sets or writer.failed):  # at most the ID set's raw scores and the header
             if where["created"]:
                 shutil.rmtree(out, ignore_errors=True)  # its own new eval-NNN folder
                 raise Interrupted("evaluation stopped before its first result; nothing was kept") from None
-            if writer is None:  # the empty results.json that claimed the folder: it can be used again
-                (out / "results.json").unlink(missing_ok=True)
             raise Interrupted(f"evaluation stopped before its first result; {out} holds no results") from None
         raise Interrupted(
             f"evaluation stopped; {out} keeps the sets finished so far (results.json, results.csv, results.md; the set "
@@ -877,7 +885,8 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
 
     use_wandb = opts.wandb == "on" or (opts.wandb == "auto" and (ckpt_path.parent / "wandb").is_dir())
     if use_wandb:
-        configure_wandb_env()  # a bad WANDB_MODE stops here, not after the benchmark
+        check_wandb_mode()  # here, not after the benchmark
+        configure_wandb_env()
 
     default_out = (Path("runs"), f"{ckpt_path.stem}-eval") if post_hoc else (ckpt_path.parent, "eval")
     out = Path(opts.out) if opts.out else next_run_dir(*default_out, option="--out")

@@ -29,7 +29,15 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from gradreg.callbacks import METRICS, OODEvalCallback
-from gradreg.cli import Interrupted, UserError, next_run_dir, point_latest, read_config_file, wandb_failure
+from gradreg.cli import (
+    Interrupted,
+    UserError,
+    check_wandb_mode,
+    next_run_dir,
+    point_latest,
+    read_config_file,
+    wandb_failure,
+)
 from gradreg.data import OODDataModule
 from gradreg.data.check import planned_reads, require_datasets
 from gradreg.data.datasets import dataset_name
@@ -462,6 +470,8 @@ def fit(cli: GradRegCLI) -> int:
                 "trainer.sync_batchnorm=true needs GPUs (PyTorch's DDP accepts SyncBatchNorm layers on GPU modules "
                 "only); set trainer.sync_batchnorm=false on the CPU"
             )
+        if any(isinstance(logger, WandbLogger) for logger in cli.trainer.loggers):
+            check_wandb_mode()
         for logger in cli.trainer.loggers:  # Lightning passes wandb.init(anonymous=None), which wandb warns about
             if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous", False) is None:
                 del logger._wandb_init["anonymous"]

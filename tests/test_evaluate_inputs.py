@@ -158,6 +158,24 @@ def test_options_of_suites_that_do_not_run_are_refused(
     assert_one_line_error(run_inprocess(["ckpt", *args], capsys), *fragments, "or drop the option")
 
 
+def test_a_failed_evaluation_leaves_its_out_folder_usable(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The empty results.json that claims --out stayed behind when the ID set failed: the next run was refused.
+    out = tmp_path / "out"
+    args = [str(run_dir), *FAST, "--suites", "ood", "--scorers", "energy", "--out", str(out)]
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("gradreg.report.save_scores", full_disk)
+        with pytest.raises(OSError, match="No space left on device"):
+            evaluate_main(args)
+    assert list(out.iterdir()) == []
+    assert run_inprocess(args, capsys).returncode == 0
+
+
 def test_a_second_evaluation_into_a_claimed_folder_is_refused(tmp_path: Path) -> None:
     # Two evaluations into one new --out both passed the early check and wrote over each other's files.
     out = tmp_path / "out"

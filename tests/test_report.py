@@ -105,6 +105,14 @@ def test_a_group_with_a_failed_set_has_null_means(tmp_path: Path) -> None:
     assert doc["means"]["near"]["energy"]["auroc"] == 0.75  # complete
     for group in ("far", "ood"):
         assert doc["means"][group]["energy"] == dict.fromkeys(OOD_METRICS)
+    fooled = ScoredSet({"energy": np.array([2.0, 1.0])}, preds=np.array([1, 1]), labels=clean.labels)  # row 0 flips
+    add_set(writer, "fgsm_eps8", "adversarial", clean, fooled)
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["means"]["adversarial/successful"]["energy"]["auroc"] == 1
+    )
+    writer.fail("pgd_eps8", "adversarial", "RuntimeError: out of memory")  # its successful row is missing too
+    means = json.loads((tmp_path / "results.json").read_text())["means"]
+    assert means["adversarial"]["energy"] == means["adversarial/successful"]["energy"] == dict.fromkeys(OOD_METRICS)
     assert "mean/far,far,energy,nan" in (tmp_path / "results.csv").read_text()
     assert "The means of the groups with a failed set are nan" in (tmp_path / "results.md").read_text()
 

@@ -636,7 +636,9 @@ def test_exgrad_matches_expected_gradient_norm_loop(tiny: TinyCNN, batch: Tensor
     torch.testing.assert_close(exgrad_score(features, tiny.fc(features)), torch.stack(expected), **REF)
 
 
-@pytest.mark.parametrize("gap", [8.0, 12.0, 16.0, 24.0, 40.0, 80.0])  # 80: squares of p_j underflow in float32
+@pytest.mark.parametrize(
+    "gap", [8.0, 12.0, 16.0, 24.0, 40.0, 80.0, 90.0]
+)  # 80: p_j² underflows; 90: 1 - p_top subnormal
 def test_exgrad_keeps_its_precision_in_float32_for_confident_predictions(gap: float) -> None:
     """ID inputs are the confident ones: ``1 − p_top`` must not be computed as a difference of floats near 1."""
     logits = torch.zeros(2, 10)

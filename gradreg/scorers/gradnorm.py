@@ -88,7 +88,7 @@ def exgrad_score(features: Tensor, logits: Tensor) -> Tensor:
     sq_dist = others.square().sum(dim=1, keepdim=True) + (top_p.square() - probs.square()) + (1.0 - probs).square()
     # k = m: ‖p − e_m‖ = rest · sqrt(Σ_{j≠m} (p_j / rest)² + 1), scaled so that the squares of tiny probabilities
     # do not underflow (float32 lost half the score for a logit gap of 80).
-    scaled = others / rest.clamp_min(torch.finfo(rest.dtype).tiny)
+    scaled = others / torch.where(rest > 0, rest, 1.0)  # a subnormal rest too (gaps of 88 and more in float32)
     top_dist = rest * (scaled.square().sum(dim=1, keepdim=True) + 1).sqrt()
     expected = (probs * sq_dist.sqrt().scatter(1, top, top_dist)).sum(dim=1)
     return -features.norm(dim=1) * expected
