@@ -457,6 +457,43 @@ def test_folder_readers_do_not_follow_a_link_back_up(tmp_path: Path) -> None:
     assert len(ImageFolderDataset(tmp_path / "tree")) == 1
 
 
+def test_folder_readers_do_not_follow_a_link_above_where_they_start(tmp_path: Path) -> None:
+    # A class folder's link to its dataset's root listed another class's images under this class's label, and an OOD
+    # set's link to the data root read another dataset's images as OOD test images.
+    from gradreg.data.outliers import ImageFolderDataset
+
+    write_image(tmp_path / "tree" / "a" / "x.png", value=0)
+    write_image(tmp_path / "tree" / "b" / "z.png", value=1)
+    (tmp_path / "tree" / "a" / "sub").mkdir()
+    (tmp_path / "tree" / "a" / "sub" / "up").symlink_to("../..")
+    data = ImageFolderDataset(tmp_path / "tree")
+    listed = [(data.file(i).relative_to(tmp_path / "tree").as_posix(), int(data.labels[i])) for i in range(len(data))]
+    assert listed == [("a/x.png", 0), ("b/z.png", 1)]  # was also ("a/sub/up/b/z.png", 0)
+    write_image(tmp_path / "lsun_c" / "test" / "a.jpg", value=2)
+    write_image(tmp_path / "other" / "secret.png", value=3)
+    (tmp_path / "lsun_c" / "test" / "up").symlink_to("../..")
+    assert [f.name for f in DATASETS.get("lsun_c")(tmp_path, "test").files] == ["a.jpg"]
+
+
+def test_an_image_too_large_to_decode_names_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "isun" / "huge.png"
+    path.parent.mkdir()
+    Image.new("1", (30000, 30000)).save(path)  # 900 million pixels in a few kB: PIL refuses to decode it
+    with pytest.raises(
+        UnreadableImageError, match=r"cannot read image '.*huge\.png' \(Image size \(900000000 pixels\)"
+    ):
+        benchmarks.read_image(path)
+
+
+def test_read_list_file_takes_tabs_and_names_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "l.txt").write_text("a.jpg\t3\nb.jpg  4\n")
+    files, labels = read_list_file(tmp_path / "l.txt", tmp_path)
+    assert ([f.name for f in files], labels) == (["a.jpg", "b.jpg"], [3, 4])  # was the path 'a.jpg\t3', label -1
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9.jpg 1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text .*; save the list as UTF-8"):
+        read_list_file(tmp_path / "latin1.txt", tmp_path)
+
+
 def test_a_broken_link_is_named_by_the_check_and_by_every_folder_reader(tmp_path: Path) -> None:
     """It counted as an image: the check said ok, and reading it raised a FileNotFoundError later (after training)."""
     from gradreg.data.check import check_dataset

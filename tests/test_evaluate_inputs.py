@@ -739,6 +739,7 @@ def test_released_corruption_files_are_scored_row_for_row(
         ("other test set", [], ["images per severity, but the ID test set (digits) has", "CIFAR-10-C for cifar10"]),
         ("shuffled labels", [], ["labels.npy gives test image", "the files are not this test set in its order"]),
         ("none", ["--corruption-table", "cifar10c"], ["--corruption-table sets the parameters of generated"]),
+        ("uppercase suffix", [], ["snow.NPY is unusable: rename it to snow.npy"]),  # was left out without a word
     ],
 )
 def test_bad_corruption_files_stop_before_any_output(
@@ -754,6 +755,8 @@ def test_bad_corruption_files_stop_before_any_output(
         np.save(folder / "labels.npy", np.array([{"label": 1}], dtype=object), allow_pickle=True)
     elif change == "short file":
         np.save(folder / "fog.npy", np.zeros((10, 8, 8, 1), dtype=np.uint8))
+    elif change == "uppercase suffix":
+        shutil.copy(folder / "fog.npy", folder / "snow.NPY")
     elif change == "shuffled labels":
         labels = np.load(folder / "labels.npy")
         np.save(folder / "labels.npy", labels[np.random.default_rng(0).permutation(len(labels))])
@@ -761,6 +764,16 @@ def test_bad_corruption_files_stop_before_any_output(
     args = [str(run_dir), *FAST, "--suites", "corruption", "--corruption-files", str(folder), *extra]
     assert_one_line_error(run_inprocess(args, capsys), *fragments)
     assert sorted(run_dir.iterdir()) == before  # no eval-NNN folder
+
+
+def test_corruption_files_skip_hidden_files(run_dir: Path, tmp_path: Path) -> None:
+    # macOS tar leaves ._fog.npy beside fog.npy: it stopped --corruption-files as "not a .npy file".
+    from gradreg.data.corrupted import CorruptionFiles
+
+    folder = tmp_path / "cifar10c"
+    _released_files(run_dir, folder)
+    (folder / "._fog.npy").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert CorruptionFiles(folder).names == ["fog", "pixel_noise"]
 
 
 def _imagenet_c(tmp_path: Path) -> tuple[Path, Path]:

@@ -182,13 +182,17 @@ def walk_images(
     """``(dirpath, image names)`` for every folder under ``folder``, as ``os.walk(folder, followlinks=True)``.
 
     Sorted (file names, and the sub-folders depth first), without hidden files and folders and without loops: a link
-    to a folder the walk is already inside of (``a/b/up -> ../..``) is not entered: ``os.walk`` would follow it until
-    the path is too long, listing every image below it dozens of times. An image that is a link to nothing (its
+    to a folder the walk is already inside of (``a/b/up -> ../..``), or to one above ``folder``, is not entered:
+    ``os.walk`` would follow it until the path is too long, listing every image below it dozens of times (and the
+    images of other classes or datasets). An image that is a link to nothing (its
     target moved or deleted) raises :class:`DatasetNotFoundError` naming it (``name``: the dataset): read after the
     check, it would stop a run later, an OOD test set after training.
     """
     suffixes = {e.lower() for e in extensions}
-    pending = [(os.fspath(folder), (os.path.realpath(folder),))]  # a folder and the real folders on the way to it
+    # A folder and the real folders on the way to it, from the file system's root: a link back to any of them (above
+    # the start too: another class's folder, or the data root) is not entered.
+    start = Path(os.path.realpath(folder))
+    pending = [(os.fspath(folder), tuple(map(str, (*reversed(start.parents), start))))]
     while pending:
         dirpath, chain = pending.pop()
         try:
@@ -258,11 +262,18 @@ def read_list_file(list_file: Path, list_root: Path) -> tuple[list[Path], list[i
         The image paths and their labels (-1 where a line has none).
     """
     files, labels = [], []
-    for number, raw in enumerate(list_file.read_text().splitlines(), start=1):
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{list_file} is not UTF-8 text ({err.reason} at byte {err.start}); save the list as UTF-8"
+        ) from None
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        rel, _, rest = line.partition(" ")
+        rel, *rest = line.split(None, 1)  # a space or a tab, as _first_and_last reads it
+        rest = rest[0] if rest else ""
         try:
             labels.append(_parse_label(rest))
         except ValueError as err:
@@ -306,7 +317,8 @@ def read_image(path: Path, mode: str = "RGB") -> Image.Image:
             return image.convert(mode)
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError) as err:  # PIL: truncated data, unidentified formats, broken headers
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # PIL: truncated data, unidentified formats,
+        # broken headers, and images too large to decode safely
         reason = "an empty file" if os.path.getsize(path) == 0 else str(err).replace(f" '{path}'", "")
         raise UnreadableImageError(f"cannot read image '{path}' ({reason}){UnreadableImageError.FIX}") from err
 

@@ -62,11 +62,16 @@ class CorruptionFiles:
         if not self.folder.is_dir():
             raise DatasetNotFoundError(NAME, self.folder, HOW)
         self.arrays = (self.folder / LABELS).is_file()
+        entries = [p for p in self.folder.iterdir() if not p.name.startswith(".")]  # e.g. macOS tar's ._fog.npy
+        arrays = [p for p in entries if p.suffix.lower() == ".npy"]
         if self.arrays:
-            available = sorted(p.stem for p in self.folder.glob("*.npy") if p.name != LABELS)
+            odd = next((p for p in arrays if p.suffix != ".npy"), None)
+            if odd is not None:  # left out, it would go unnoticed on a case-sensitive file system
+                raise DatasetFileError(NAME, odd, f"rename it to {odd.stem}.npy, as the released files are named")
+            available = sorted(p.stem for p in arrays if p.name != LABELS)
         else:
-            available = sorted(d.name for d in self.folder.iterdir() if any((d / str(s)).is_dir() for s in SEVERITIES))
-            if not available and any(self.folder.glob("*.npy")):
+            available = sorted(d.name for d in entries if any((d / str(s)).is_dir() for s in SEVERITIES))
+            if not available and arrays:
                 raise DatasetNotFoundError(NAME, self.folder / LABELS, f"the labels of every row are missing; {HOW}")
             if not available:
                 raise DatasetNotFoundError(
