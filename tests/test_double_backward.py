@@ -216,6 +216,20 @@ def test_running_stats_off_and_eval_mode() -> None:
     torch.testing.assert_close(fast(x), native(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layer", [nn.BatchNorm2d(3), nn.SyncBatchNorm(3)])
+def test_running_stats_switched_off_on_a_layer_that_has_them_stay_put(layer: nn.Module) -> None:
+    # Switching track_running_stats off normalizes with batch statistics and leaves the running ones alone in
+    # nn.BatchNorm; the converted layer kept blending each batch into them.
+    torch.manual_seed(0)
+    native = layer.double()
+    native.track_running_stats = False
+    fast = use_double_backward(copy.deepcopy(native))
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64) + 5
+    torch.testing.assert_close(fast(x), native(x))
+    for name, value in native.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_bad_compile_setting_and_single_values_fail_clearly() -> None:
     with pytest.raises(ValueError, match="unknown BatchNorm compile setting 'yes'; choose one of auto, on, off"):
         use_double_backward(nn.BatchNorm2d(3), batchnorm_compile="yes")

@@ -443,9 +443,15 @@ class DoubleBackwardBatchNorm:
             return super().forward(x)
         self._check_input_dim(x)
         return batch_norm_train(
-            x, self.running_mean, self.running_var, self.weight, self.bias, self._momentum(), self.eps,
-            self.compile_setting,
-        )  # fmt: skip
+            x, *self._running(), self.weight, self.bias, self._momentum(), self.eps, self.compile_setting
+        )
+
+    def _running(self) -> tuple[Tensor | None, Tensor | None]:
+        """The running statistics this training step updates.
+
+        None once ``track_running_stats`` is switched off on a layer that has them, as in ``nn.BatchNorm``'s forward.
+        """
+        return (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
 
     def _momentum(self) -> float:
         """This step's running-statistics momentum; counts the batch, as ``nn.BatchNorm``'s forward does."""
@@ -485,7 +491,7 @@ class DoubleBackwardSyncBatchNorm(DoubleBackwardBatchNorm, nn.SyncBatchNorm):
         if not self.across_ranks():
             return super().forward(x)
         self._check_input_dim(x)
-        args = (self.running_mean, self.running_var, self.weight, self.bias, self._momentum(), self.eps)
+        args = (*self._running(), self.weight, self.bias, self._momentum(), self.eps)
         return sync_batch_norm_train(x, *args, self.process_group)
 
 
