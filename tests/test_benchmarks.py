@@ -485,6 +485,12 @@ def test_an_image_too_large_to_decode_names_its_file(tmp_path: Path) -> None:
         benchmarks.read_image(path)
 
 
+def test_a_path_of_an_unknown_users_home_names_itself(tmp_path: Path) -> None:
+    # Was "RuntimeError: Could not determine home directory.", naming neither the path nor the fix.
+    with pytest.raises(ValueError, match=r"path '~no_such_user_gradreg/data': its user has no home directory"):
+        benchmarks.resolve_path(tmp_path, "~no_such_user_gradreg/data", ".")
+
+
 def test_read_list_file_takes_tabs_and_names_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "l.txt").write_text("a.jpg\t3\nb.jpg  4\n")
     files, labels = read_list_file(tmp_path / "l.txt", tmp_path)

@@ -70,6 +70,9 @@ def test_tinyimages_reader_errors(tmp_path):
         DatasetFileError, match=r"objects\.npy is unusable: expected a uint8 array .* got object"
     ):  # the header only: no unpickling
         ImageArray(tmp_path / "objects.npy")
+    np.save(tmp_path / "empty_images.npy", np.zeros((5, 0, 0, 3), dtype=np.uint8))  # was accepted
+    with pytest.raises(DatasetFileError, match=r"empty_images\.npy is unusable: .* got uint8 \(5, 0, 0, 3\)"):
+        ImageArray(tmp_path / "empty_images.npy")
     (tmp_path / "text.npy").write_text("not numpy")
     with pytest.raises(DatasetFileError, match=r"text\.npy is unusable: not a \.npy file"):
         ImageArray(tmp_path / "text.npy")

@@ -118,7 +118,10 @@ def _register(name: str, locate: Callable[..., Located]) -> Callable[[F], F]:
 
 def resolve_path(root: Path, path: str | os.PathLike[str] | None, default: str) -> Path:
     """``path`` (absolute, ``~``, or relative to ``root``), else ``root / default``; made absolute for messages."""
-    chosen = Path(path).expanduser() if path is not None else Path(default)
+    try:
+        chosen = Path(path).expanduser() if path is not None else Path(default)
+    except RuntimeError:  # ~name of no user here
+        raise ValueError(f"path '{path}': its user has no home directory on this machine; give the full path") from None
     return (chosen if chosen.is_absolute() else Path(root) / chosen).absolute()
 
 

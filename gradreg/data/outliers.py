@@ -104,8 +104,10 @@ def check_image_array(path: Path, name: str, how: str = TINYIMAGES_HOW) -> tuple
         raise DatasetFileError(name, path, f"not a .npy file ({err}); {how}") from None
     except OSError as err:  # e.g. no read permission
         raise DatasetFileError(name, path, f"cannot be read ({err.strerror})") from None
-    if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
-        raise DatasetFileError(name, path, f"expected a uint8 array (N, H, W, C), C in (1, 3), got {dtype} {shape}")
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or 0 in shape[1:3]:
+        raise DatasetFileError(
+            name, path, f"expected a uint8 array (N, H, W, C) of images, C in (1, 3), got {dtype} {shape}"
+        )
     size, expected = path.stat().st_size, data_start + int(np.prod(shape))
     if size < expected:
         raise DatasetFileError(name, path, f"the file is truncated ({size} of {expected} bytes); download it again")
