@@ -951,7 +951,8 @@ def _evaluate(args: Sequence[str] | None, where: dict[str, Any]) -> int:
             plots.score_histograms(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"hist_{scorer}.png")
             plots.roc_curves(id_scored.scores[scorer], by_set, scorer, out / "plots" / f"roc_{scorer}.png")
     if opts.explain and opts.explain_set in ood_scored:  # else the set failed, and said so
-        explain_worst(module, dm, id_test, ood_sets, id_scored, ood_scored, opts, out / "explain", device)
+        explainer = scorer_map[opts.explain_scorer]  # with its settings (check_explainable accepted it)
+        explain_worst(module, dm, explainer, id_test, ood_sets, id_scored, ood_scored, opts, out / "explain", device)
     print_table(writer)
     try:  # after the table, as the results are written either way; their paths come last (before a wandb error)
         if use_wandb:
@@ -1054,6 +1055,7 @@ def check_explainable(module: GradRegModule, scorer_map: dict[str, Scorer], key:
 def explain_worst(
     module: GradRegModule,
     dm: OODDataModule,
+    scorer: Scorer,
     id_test: Subset,
     ood_sets: dict[str, Subset],
     id_scored: ScoredSet,
@@ -1064,8 +1066,9 @@ def explain_worst(
 ) -> None:
     """Cross-loss influence of training images and outliers on the K worst ``--explain-set`` and ID test images.
 
-    The test quantity is ``--explain-scorer`` (default energy); the training objective is the checkpoint's own
-    (CE, energy or GReg, with its margins, weights and batch composition).
+    The test quantity is ``scorer``, the one ``--explain-scorer`` names (default energy); the training objective is the
+    checkpoint's own (CE, energy or GReg, with its margins, weights and batch composition). Training images are named
+    by their index in the ID dataset's train split, as test images are by theirs in its test split.
     """
     from gradreg.influence import explain, greg_objective, hardest_examples
 
@@ -1095,12 +1098,16 @@ def explain_worst(
     with warnings.catch_warnings():  # CG's own warnings (one per image) give way to the one on the residuals below
         warnings.filterwarnings("ignore", message="CG (did not converge|met non-positive curvature)")
         result = explain(
-            model, x_test.to(device), key, objective, id_train, outliers, max_train=opts.explain_train,
+            model, x_test.to(device), scorer, objective, id_train, outliers, max_train=opts.explain_train,
             damping=opts.explain_damping, hessian_points=opts.explain_hessian,
             test_is_id=[False] * len(ood_worst) + [True] * len(id_worst),
             test_ids=[f"{ood_name}/{ood_test.indices[i]}" for i in ood_worst.tolist()]
             + [f"id/{id_test.indices[i]}" for i in id_worst.tolist()],
         )  # fmt: skip
+    split = id_train.dataset
+    if isinstance(split, Subset):  # carved out of the train split (no native val split): name images by its indices
+        result.id_indices = torch.as_tensor(split.indices)[result.id_indices]
+        id_train = Transformed(split.dataset, id_train.transform)
     out.mkdir(parents=True, exist_ok=True)
     for t in range(len(x_test)):
         result.save_grid(t, x_test[t], out / f"{t:02d}.png", id_train, outliers, mean=model.input_mean,

@@ -674,6 +674,50 @@ def test_explain_says_once_that_the_solves_did_not_converge(
     assert max(residuals) > 0.1
 
 
+def test_explain_traces_the_evaluated_scorer_with_its_settings(run_dir: Path, tmp_path: Path, capsys) -> None:
+    # explain rebuilt the scorer from its display key: energy at temperature 1 was explained in place of the evaluated
+    # one at 1000, and an alias was "unknown scorer" after the whole benchmark, without the results table.
+    scorers = ["--scorers", "msp", "energy:alias=hot,temperature=1000"]
+    args = [str(run_dir), *FAST, "--suites", "ood", "--sets", "noise", *scorers, "--out", str(tmp_path)]
+    explain = ["--explain", "1", "--explain-scorer", "hot", "--explain-train", "8", "--explain-hessian", "8"]
+    proc = run_inprocess([*args, *explain], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "explain" / "influence.json").read_text())
+    assert "temperature=1000" in doc["settings"]["scorer"]
+    raw = np.load(tmp_path / "scores" / "noise.npz", allow_pickle=False)
+    noise = raw["score_hot"]
+    ood_test, _ = doc["tests"]
+    assert ood_test["test_id"] == f"noise/{raw['index'][noise.argmax()]}"
+    assert ood_test["score"] == pytest.approx(float(noise.max()), rel=1e-5)
+
+
+def test_explain_names_training_images_by_their_index_in_the_train_split(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An ID dataset without a native val split (CIFAR) has one carved out of its train split: influence.json named
+    # training images by their position among the images left, and the grids showed those positions.
+    module = importlib.import_module("gradreg.data.module")
+    build = module.build_dataset
+
+    def no_val_split(spec, root, split, **kw):  # digits as CIFAR-10 has it: train and test only
+        if split == "val":
+            raise ValueError("no val split")
+        return build(spec, root, split, **kw)
+
+    monkeypatch.setattr(module, "build_dataset", no_val_split)
+    args = [str(run_dir), *FAST, "--suites", "ood", "--sets", "noise", "--scorers", "energy", "--out", str(tmp_path)]
+    carve = ["--data", "val_fraction=0.5"]  # half the images held out: a position names one of them at even odds
+    proc = run_inprocess([*args, *carve, "--explain", "2", "--explain-train", "2000", "--explain-hessian", "8"], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, dm = rebuild(load_checkpoint(run_dir / "last.ckpt"), {"val_fraction": 0.5})
+    train = dm.unaugmented_train_sets()[0].dataset  # Subset of digits' train split
+    held_out = set(range(len(train.dataset))) - set(train.indices)
+    doc = json.loads((tmp_path / "explain" / "influence.json").read_text())
+    named = {e["index"] for test in doc["tests"] for kind in ("helpful", "harmful") for e in test["id"][kind]}
+    assert len(named) >= 10
+    assert not named & held_out  # every named image is one explain scanned, none of the validation images
+
+
 def _released_files(run_dir: Path, folder: Path, drop: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A CIFAR-10-C style folder made from the quickstart's ID test set (minus its last ``drop`` images): labels.npy,
     fog.npy (brighter with each severity) and pixel_noise.npy (noisier); returns the pixel_noise images and labels."""

@@ -6,6 +6,7 @@ import importlib
 import itertools
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -264,6 +265,40 @@ def test_cg_refuses_a_cap_below_one_iteration(max_iter: int, monkeypatch: pytest
     monkeypatch.setattr(importlib.import_module("gradreg.influence.explain"), "score_gradients", never)
     with pytest.raises(ValueError, match=f"max_iter={max_iter}: CG needs at least 1 iteration"):
         explain(model, x_in[:1], "energy", ce_loss(), TensorDataset(x_in, y_in), max_iter=max_iter)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"method": "CG"}, "method='CG' is not one of cg, lissa"),
+        ({"per_sample": "vmapp"}, "per_sample='vmapp' is not one of auto, vmap, loop"),  # ran the loop
+        ({"hessian_points": 0}, "hessian_points=0 must be >= 1"),  # a TypeError from F.linear(None)
+        ({"batch_size": 0}, "batch_size=0 must be >= 1"),  # ZeroDivisionError
+        ({"damping": -5.0}, "damping=-5.0 must be >= 0 and finite, or 'auto'"),  # garbage influences
+        ({"damping": math.nan}, "damping=nan must be >= 0 and finite"),
+        ({"test": 0}, "at least one test image and one ID training point"),  # torch.stack of an empty list
+        ({"train": 0}, "at least one test image and one ID training point"),
+    ],
+)
+def test_explain_refuses_bad_settings_before_any_work(
+    setting: dict, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, (x_in, y_in, _), _, _ = tiny_cnn_setup()
+    tests, train = setting.pop("test", 1), setting.pop("train", len(x_in))
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("explain computed gradients before it checked its settings")
+
+    monkeypatch.setattr(importlib.import_module("gradreg.influence.explain"), "score_gradients", never)
+    data = TensorDataset(x_in[:train], y_in[:train])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        explain(model, x_in[:tests], "energy", ce_loss(), data, **setting)
+
+
+def test_per_sample_gradients_refuse_an_unknown_mode() -> None:
+    model, (x_in, y_in, _), _, _ = tiny_cnn_setup()
+    with pytest.raises(ValueError, match="mode='vmapp' is not one of auto, vmap, loop"):
+        per_sample_gradients(model, ce_loss(), x_in, y_in, ["fc.weight"], "id", "vmapp")
 
 
 def test_explain_records_the_residual_of_an_unconverged_cg_solve(tmp_path) -> None:
@@ -574,6 +609,11 @@ def test_helpful_and_harmful_lists_hold_only_points_that_push_the_score_that_way
     assert result.top(1, 3, "id", "harmful")[0].tolist() == [10, 13]
     assert result.top(1, 3, "outlier", "helpful")[0].tolist() == [20, 23, 21]
     assert result.top(1, 3, "outlier", "harmful")[0].tolist() == []
+    # a misspelt kind gave the harmful list, an unknown subset the outliers
+    with pytest.raises(ValueError, match="kind='Helpful' is not one of helpful, harmful"):
+        result.top(0, 3, "id", "Helpful")
+    with pytest.raises(ValueError, match="subset='ood' is not one of id, outlier"):
+        result.top(0, 3, "ood", "helpful")
     entry = result.to_dict(k=3)["tests"][1]
     assert [e["index"] for e in entry["outlier"]["harmful"]] == []
     assert [e["influence"] for e in entry["id"]["harmful"]] == pytest.approx([0.5, 0.3])

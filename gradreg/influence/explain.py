@@ -67,6 +67,8 @@ class InfluenceResult:
 
         Only points that push the score that way (an influence of that sign, not 0) are listed: maybe fewer than ``k``.
         """
+        _check_choice("subset", subset, ("id", "outlier"))
+        _check_choice("kind", kind, ("helpful", "harmful"))
         indices, influence = (
             (self.id_indices, self.id_influence) if subset == "id" else (self.outlier_indices, self.outlier_influence)
         )
@@ -237,6 +239,15 @@ def explain(
         An :class:`InfluenceResult`; ``settings["relative_residual"]`` holds ``||(H + damping I) s - g|| / ||g||``
         per test image, a solver-independent accuracy check.
     """
+    _check_choice("method", method, ("cg", "lissa"))
+    _check_choice("per_sample", per_sample, ("auto", "vmap", "loop"))
+    for name, value in (("hessian_points", hessian_points), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if damping != "auto" and not 0 <= damping < math.inf:
+        raise ValueError(f"damping={damping} must be >= 0 and finite, or 'auto'")
+    if x_test.shape[0] == 0 or len(id_dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("explain needs at least one test image and one ID training point")
     if not isinstance(scorer, Scorer):
         from gradreg.scorers import build
 
@@ -342,6 +353,11 @@ def explain(
         param_names=names,
         settings=settings,
     )
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
 def hardest_examples(id_scores: Tensor, ood_scores: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -97,6 +97,8 @@ def per_sample_gradients(
     Shape:
         x (N, ...), y (N,) or None -> (N, P)
     """
+    if mode not in ("auto", "vmap", "loop"):
+        raise ValueError(f"mode={mode!r} is not one of auto, vmap, loop")
     fn = _Functional(model, train_loss, param_names)
     params = fn.params()
 
