@@ -72,8 +72,12 @@ class OODEvalCallback(Callback):
         self.histograms = histograms
         self.cache_mb = cache_mb
         self._cache: dict[tuple[str, str], list[tuple[Tensor, Tensor]]] = {}
-        self._cached_datamodule: object | None = None  # the cache holds this datamodule's images
+        self._cached_for: tuple[object, int, int] | None = None  # the cache holds (datamodule, world, rank)'s shards
         self._warned_no_ood: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the callback into each process: not the cached images (up to cache_mb, another shard)
+        return {**self.__dict__, "_cache": {}, "_cached_for": None}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Stop before the first epoch if the module, the datamodule or the model lacks what scoring needs.
@@ -155,9 +159,11 @@ class OODEvalCallback(Callback):
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, split: str) -> dict[str, Any]:
         """Score ID ``split`` and every OOD set of that split; log and return the metrics."""
         dm = trainer.datamodule
-        if dm is not self._cached_datamodule:  # the cache is keyed by set name: a new datamodule starts afresh
+        # The cache is keyed by set name and holds this rank's shard: another datamodule or process group starts afresh
+        shard = (trainer.world_size, trainer.global_rank)
+        if self._cached_for is None or self._cached_for[0] is not dm or self._cached_for[1:] != shard:
             self._cache.clear()
-            self._cached_datamodule = dm
+            self._cached_for = (dm, *shard)
         id_scores = self._score(trainer, pl_module, dm.id_dataset_for(split), (split, "id"))
         per_set: dict[str, dict[str, dict[str, float]]] = {}
         ood_scores: dict[str, ScoredSet] = {}

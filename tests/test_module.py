@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -519,8 +520,13 @@ dm = OODDataModule(eval_batch_size=50)
 model = GradRegModule(arch_kwargs={"in_channels": 1, "width": 8}, num_classes=6,
                       input_mean=dm.input_mean, input_std=dm.input_std)
 callback = OODEvalCallback(scorers=["energy", "odin"], max_samples=int(sys.argv[3]))
-trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
-                  callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
+settings = dict(accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False,
+                enable_model_summary=False)
+strategy = "ddp" if devices > 1 else "auto"
+if sys.argv[4:] == ["reuse"]:  # the callback has cached one device's whole sets; the forked ranks inherit them
+    Trainer(devices=1, **settings).validate(model, datamodule=dm, verbose=False)
+    strategy = "ddp_fork"
+trainer = Trainer(devices=devices, strategy=strategy, **settings)
 metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
 if trainer.is_global_zero:
     json.dump({k: float(v) for k, v in metrics.items() if k.startswith("ood/")}, open(out, "w"))
@@ -534,17 +540,19 @@ def test_callback_under_ddp_matches_one_device(tmp_path: Path) -> None:
     script.write_text(DDP_EVAL)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     results = []
-    for devices, max_samples in ((1, 151), (2, 151), (1, 10_000)):  # 151: odd, a random sample of each set
-        out = tmp_path / f"metrics{devices}_{max_samples}.json"
-        args = [sys.executable, str(script), str(devices), str(out), str(max_samples)]
+    # 151: odd, a random sample of each set; "reuse": the callback of a one-device run then runs on two processes
+    for devices, max_samples, *reuse in ((1, 151), (2, 151), (1, 10_000), (2, 151, "reuse")):
+        out = tmp_path / f"metrics{devices}_{max_samples}{''.join(reuse)}.json"
+        args = [sys.executable, str(script), str(devices), str(out), str(max_samples), *reuse]
         proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "sync_dist" not in proc.stderr, proc.stderr[-3000:]  # no warning per ood/* key
         results.append(json.loads(out.read_text()))
-    assert results[0].keys() == results[1].keys() == results[2].keys()
+    assert results[0].keys() == results[1].keys() == results[2].keys() == results[3].keys()
     assert "ood/digits_heldout/odin/auroc" in results[0]
     for key, value in results[0].items():
         assert results[1][key] == pytest.approx(value, abs=1e-6), key
+        assert results[3][key] == pytest.approx(value, abs=1e-6), key  # each rank scored its shard, not the cache
     assert results[0] != results[2]  # the sample is a part of each set
 
 
@@ -658,6 +666,7 @@ def test_callback_cache_gives_the_same_numbers_and_respects_its_cap() -> None:
     assert logged[0] == logged[1] == logged[2]
     assert set(cached._cache) == {("val", "id"), ("val", "digits_heldout"), ("val", "noise")}
     assert not uncached._cache
+    assert not pickle.loads(pickle.dumps(cached))._cache  # ddp_spawn pickles it into every process
 
 
 def test_callback_cache_holds_no_tensor_a_loader_worker_shared() -> None:
