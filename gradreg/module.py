@@ -50,7 +50,7 @@ from gradreg.models import (
     read_weights,
 )
 from gradreg.provenance import environment
-from gradreg.registry import Bounds, SettingError, check_settings
+from gradreg.registry import Bounds, SettingError, check_settings, plain_hints
 from gradreg.samplers import SAMPLERS, RandomOutliers
 
 Method = Literal["ce", "oe", "energy", "greg", "absent"]
@@ -68,6 +68,7 @@ BOUNDS: Bounds = {
     "reg_weight": (">=", 0.0), "lr": (">", 0.0), "momentum": (">=", 0.0), "weight_decay": (">=", 0.0),
     "gamma": (">", 0.0), "min_lr": (">=", 0.0),
 }  # fmt: skip
+ARCH_BOUNDS: Bounds = {"in_channels": (">=", 1), "width": (">=", 1), "dropout": (">=", 0.0)}  # model.arch_kwargs
 
 
 def _restored_on_resume(hp: Mapping[str, Any]) -> dict[str, Any]:
@@ -213,6 +214,12 @@ class GradRegModule(LightningModule):
                     "weights to name; pass a .ckpt file"
                 )
             kwargs["weights"] = pretrained  # a torchvision weights name, e.g. IMAGENET1K_V2
+        if "num_classes" in kwargs:  # else "got multiple values for argument 'num_classes'"
+            raise SettingError(
+                "model.arch_kwargs.num_classes: the number of logits is model.num_classes; move it there"
+            )
+        if arch in MODELS:  # the architecture's settings as a config gives them (width: -3 failed inside torch)
+            check_settings(kwargs, plain_hints(MODELS.get(arch)), ARCH_BOUNDS, prefix="model.arch_kwargs.")
         self.model = create_classifier(arch, num_classes, **kwargs)
         if method == "absent":
             add_absent_head(self.model)

@@ -48,6 +48,30 @@ def check_settings(values: Mapping[str, Any], hints: Mapping[str, Any], bounds: 
             raise SettingError(f"{prefix}{name}={value!r} must be {op} {bound}")
 
 
+def plain_hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    """The annotations of ``factory``'s parameters that :func:`check_settings` judges: plain types, Literals, lists.
+
+    Plain types are int, float, bool, str and None.
+
+    A user's dataset reader or model may take a Path, a tuple, ... (its own business), or annotate with names it imports
+    only for type checkers.
+    """
+    try:  # a signature, not get_type_hints: a factory may be a class, a functools.partial or a callable object
+        parameters = inspect.signature(factory, eval_str=True).parameters.values()
+    except NameError:
+        return {}
+    hints = {p.name: p.annotation for p in parameters if p.annotation is not p.empty}
+
+    def plain(hint: Any) -> bool:
+        if typing.get_origin(hint) is Literal:
+            return True
+        if typing.get_origin(hint) in (typing.Union, types.UnionType, list):
+            return all(map(plain, typing.get_args(hint)))
+        return hint in (int, float, bool, str, type(None))
+
+    return {key: hint for key, hint in hints.items() if plain(hint)}
+
+
 class Settings:
     """Mixin for dataclasses whose fields are settings: :func:`check_settings` runs on construction."""
 

@@ -560,6 +560,17 @@ def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: st
         (["--model.m_in", "0", "--model.m_out", "-30"], ["model.m_in=0.0 must be <= model.m_out=-30.0"]),
         (["--model.method", "ce", "--model.sampler", "dos"], ["model.sampler='dos' selects outliers", "ce"]),
         (["--model.arch_kwargs", "{in_channels: 3, width: 8}"], ["1 input channel(s) but the model takes 3"]),
+        # a traceback inside torch, a traceback at the sanity check, a run without dropout, "multiple values for ..."
+        (["--model.arch_kwargs", "{in_channels: 1, width: -3}"], ["model.arch_kwargs.width=-3 must be >= 1"]),
+        (["--model.arch_kwargs", "{in_channels: 1, width: 0}"], ["model.arch_kwargs.width=0 must be >= 1"]),
+        (
+            ["--model.arch", "wrn40_2", "--model.arch_kwargs", "{in_channels: 1, dropout: -0.5}"],
+            ["model.arch_kwargs.dropout=-0.5 must be >= 0.0"],
+        ),
+        (
+            ["--model.arch_kwargs", "{in_channels: 1, num_classes: 3}"],
+            ["model.arch_kwargs.num_classes", "model.num_classes; move it there"],
+        ),
         (["--run.resume", "{tmp}/nowhere"], ["run.resume checkpoint '{tmp}/nowhere/last.ckpt' does not exist"]),
         (
             ["--model.pretrained", "{tmp}/no.ckpt"],

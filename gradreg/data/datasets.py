@@ -25,7 +25,6 @@ import functools
 import inspect
 import itertools
 import os
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from gradreg.registry import Bounds, Registry, RegistryError, SettingError, check_settings
+from gradreg.registry import Bounds, Registry, RegistryError, SettingError, check_settings, plain_hints
 
 DATASETS: Registry[Dataset] = Registry("dataset")
 
@@ -388,7 +387,7 @@ def check_spec(spec: Any, role: str = "ood") -> None:
     # The reader's settings as a config gives them (a path as text): a bare `id_classes: n01` would be read letter by
     # letter, a noise `num: -3` fail inside torch
     settings = {k: _text(v) for k, v in spec.items() if k != "resize"}
-    hints = {**_plain_hints(DATASETS.get(name)), "name": str, "alias": str, "split": str}
+    hints = {**plain_hints(DATASETS.get(name)), "name": str, "alias": str, "split": str}
     sizes = {key: bound for key, bound in SIZES.items() if key in hints and _numeric(hints[key])}
     try:
         check_settings(settings, hints, sizes)
@@ -406,28 +405,6 @@ def _text(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_text(v) for v in value]
     return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-
-def _plain_hints(reader: Callable[..., Any]) -> dict[str, Any]:
-    """The annotations of ``reader`` that :func:`check_settings` can judge: int, float, bool, str, None, Literal, lists.
-
-    A user's reader may take a Path, a tuple, ... (its own business), or annotate with names it imports only for type
-    checkers.
-    """
-    try:  # a signature, not get_type_hints: a reader may be a functools.partial or a callable object
-        parameters = inspect.signature(reader, eval_str=True).parameters.values()
-    except NameError:
-        return {}
-    hints = {p.name: p.annotation for p in parameters if p.annotation is not p.empty}
-
-    def plain(hint: Any) -> bool:
-        if typing.get_origin(hint) is Literal:
-            return True
-        if typing.get_origin(hint) in (typing.Union, types.UnionType, list):
-            return all(map(plain, typing.get_args(hint)))
-        return hint in (int, float, bool, str, type(None))
-
-    return {key: hint for key, hint in hints.items() if plain(hint)}
 
 
 def resizes(spec: str | dict[str, Any]) -> bool:
