@@ -6,6 +6,7 @@ import argparse
 import ast
 import difflib
 import itertools
+import json
 import logging
 import os
 import re
@@ -115,7 +116,9 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 class RunRecord(Callback):
-    """Write ``checkpoint["run"]`` into every checkpoint: this run's folder name, its group and its wandb run id.
+    """Write ``checkpoint["run"]`` into every checkpoint: this run's name, group, wandb run id and optimizer settings.
+
+    The optimizer settings are LightningCLI's ``--optimizer`` / ``--lr_scheduler`` (:func:`optimizer_settings`).
 
     The group is the name of the first run of a chain of resumed runs (a fresh run's own name): a run that resumes
     the checkpoint takes it over (:func:`_link_wandb_runs`), and ``evaluate.py`` names and groups its wandb run
@@ -124,6 +127,7 @@ class RunRecord(Callback):
 
     def __init__(self, name: str) -> None:
         self.name = self.group = name
+        self.optimizer: dict[str, Any] | None = None  # fit() sets it
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         wandb_ids = [  # a run that WANDB_MODE=disabled turns off has a made-up id
@@ -131,7 +135,43 @@ class RunRecord(Callback):
             for logger in trainer.loggers
             if isinstance(logger, WandbLogger) and not getattr(logger._experiment, "disabled", False)
         ]
-        checkpoint["run"] = {"name": self.name, "group": self.group, "wandb_id": next(iter(wandb_ids), None)}
+        checkpoint["run"] = {
+            "name": self.name,
+            "group": self.group,
+            "wandb_id": next(iter(wandb_ids), None),
+            "optimizer": self.optimizer,
+        }
+
+
+def optimizer_settings(config: Namespace) -> dict[str, Any] | None:
+    """LightningCLI's ``--optimizer`` and ``--lr_scheduler`` settings as plain values; None: the model's own SGD."""
+    chosen = {key: config.get(key) for key in ("optimizer", "lr_scheduler")}
+    if not any(chosen.values()):
+        return None
+    plain = {key: None if value is None else value.as_dict() for key, value in chosen.items()}
+    return json.loads(json.dumps(plain, default=str))  # betas (0.9, 0.999) as a list: weights_only loads it
+
+
+def _optimizer_change(now: dict[str, Any] | None, old: dict[str, Any] | None) -> str:
+    """What differs between two :func:`optimizer_settings`, in command-line terms."""
+
+    def classes(settings: dict[str, Any] | None) -> str:
+        if settings is None:
+            return "the model's own SGD (model.lr, momentum, ...)"
+        return " ".join(f"--{key} {value['class_path']}" for key, value in settings.items() if value)
+
+    if now is None or old is None or classes(now) != classes(old):
+        return f"{classes(now)} here, {classes(old)} in the checkpoint's run"
+
+    def flat(settings: dict[str, Any]) -> dict[str, Any]:
+        return {
+            f"--{key}.{name}": v for key, value in settings.items() if value
+            for name, v in (value.get("init_args") or {}).items()
+        }  # fmt: skip
+
+    a, b = flat(now), flat(old)
+    changed = (key for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key))
+    return ", ".join(f"{key} {a.get(key)} here, {b.get(key)} in the checkpoint's run" for key in changed)
 
 
 class GradRegCLI(LightningCLI):
@@ -459,9 +499,20 @@ def fit(cli: GradRegCLI) -> int:
     """Check the checkpoint to resume, then train; print where the run's files are."""
     try:
         resumed = None
+        chosen = optimizer_settings(cli.config)
         if cli.config.run.resume is not None:
-            own_optimizer = cli.config.get("optimizer") is None
-            resumed = _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume), own_optimizer)
+            resumed = _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume), chosen is None)
+            # Lightning restores the checkpoint's optimizer and scheduler states into the new ones: other settings
+            # would be overwritten without a word, another optimizer class fail with a KeyError in the restore.
+            if "optimizer" in resumed and resumed["optimizer"] != chosen:  # (earlier versions recorded none)
+                change = _optimizer_change(chosen, resumed["optimizer"])
+                raise UserError(
+                    f"the optimizer differs from the resumed checkpoint's run ({change}), whose optimizer and schedule "
+                    "state a resumed run continues; resume with its settings, or start a new run from its weights "
+                    "(model.pretrained=CHECKPOINT)"
+                )
+        for record in (c for c in cli.trainer.callbacks if isinstance(c, RunRecord)):
+            record.optimizer = chosen
         cli.model.check_trainer(cli.trainer)  # before the loggers and the other DDP ranks start
         # DDP refuses SyncBatchNorm on the CPU with one process too (strategy=ddp, devices=1)
         cpu_ddp = isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.strategy.root_device.type == "cpu"

@@ -944,6 +944,21 @@ def test_a_run_with_the_clis_own_optimizer_resumes(tmp_path: Path, capsys: pytes
     adam = ["--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.001"]
     assert train_inprocess(tmp_path, capsys, *adam).returncode == 0
     longer = ["--run.resume", str(tmp_path / "runs" / "latest"), "--trainer.max_epochs", "3"]
+    # Lightning restores the optimizer's state: a new --optimizer.lr was silently ignored, another optimizer (here
+    # the model's own SGD, or SGD through the CLI) failed in the restore with KeyError: 'momentum'.
+    last = tmp_path / "runs" / "quickstart-001" / "last.ckpt"
+    written = last.read_bytes()
+    own = "the model's own SGD (model.lr, momentum, ...) here, --optimizer torch.optim.Adam in the checkpoint's run"
+    step = ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"]
+    for change, what in [
+        ([*adam, "--optimizer.lr", "0.5"], "(--optimizer.lr 0.5 here, 0.001 in the checkpoint's run)"),
+        ([], f"({own})"),
+        (["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.001"], "(--optimizer torch.optim.SGD here, "),
+        ([*adam, *step], "(--optimizer torch.optim.Adam --lr_scheduler torch.optim.lr_scheduler.StepLR here, "),
+    ]:
+        proc = train_inprocess(tmp_path, capsys, *change, *longer)
+        assert_one_line_error(proc, "the optimizer differs from the resumed checkpoint's run " + what)
+        assert last.read_bytes() == written
     proc = train_inprocess(tmp_path, capsys, *adam, *longer)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model.schedule=cosine" not in proc.stderr
