@@ -182,6 +182,12 @@ class GradRegModule(LightningModule):
         check_settings(self.hparams, typing.get_type_hints(GradRegModule.__init__), BOUNDS, prefix="model.")
         if method in ("energy", "greg") and m_in > m_out:
             raise SettingError(f"model.m_in={m_in} must be <= model.m_out={m_out} (ID energies go below m_in)")
+        if not momentum < 1:  # a momentum of 1 never forgets an update, above it the updates grow without bound
+            raise SettingError(
+                f"model.momentum={momentum} must be < 1 (the share of the last update kept; 0.9 is usual)"
+            )
+        if schedule != "multistep" and milestones:
+            rank_zero_warn(f"model.milestones={milestones} are ignored: model.schedule={schedule!r} (not multistep)")
         if nesterov and momentum == 0:  # else torch.optim.SGD's error, naming neither setting, when training starts
             raise SettingError("model.nesterov=true needs a momentum, and model.momentum=0; set model.nesterov=false")
         if schedule == "cosine" and min_lr > lr:

@@ -148,6 +148,7 @@ def test_settings_that_could_not_train_stop_in_one_line(tmp_path: Path) -> None:
         ({"momentum": 0.0}, "model.nesterov=true needs a momentum, and model.momentum=0; set model.nesterov=false"),
         ({"schedule": "cosine", "lr": 1e-7}, "model.min_lr=1e-06 is above model.lr=1e-07: the cosine schedule would"),
         ({"milestones": [5.5]}, "model.milestones=[5.5] is not a list of integers or None"),
+        ({"momentum": 9.0}, "model.momentum=9.0 must be < 1"),  # a typo of 0.9 diverged, and the NaN line blamed lr
         (
             {"sampler": {"name": "energy_cluster", "keep_start": 10, "keep_end": 5}},
             "keep_end=5 must be > keep_start=10",
@@ -157,6 +158,8 @@ def test_settings_that_could_not_train_stop_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(SettingError, match=re.escape(message)):
             GradRegModule(**settings)
     GradRegModule(momentum=0.0, nesterov=False)
+    with pytest.warns(UserWarning, match=re.escape("model.milestones=[3] are ignored: model.schedule='cosine'")):
+        GradRegModule(schedule="cosine", milestones=[3])
     model, dm = make("energy")
     model.hparams.schedule = "cosine"
     with pytest.raises(SettingError, match=re.escape("model.schedule=cosine needs the run's length, and trainer.max")):
