@@ -42,6 +42,11 @@ class Interrupted(UserError):
     exit_code = 130  # 128 + SIGINT: what a shell reports for a process that SIGINT ended
 
 
+_NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+# What argparse should read as a value, not an option: -1e-3 and -8/255 as well as its own -1 and -0.5
+NEGATIVE_NUMBER = re.compile(rf"^-{_NUMBER}(/{_NUMBER})?$")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` whose mistakes end like every other bad input: a :class:`UserError` (one line, exit code 1).
 
@@ -51,8 +56,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        number = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
-        self._negative_number_matcher = re.compile(rf"^-{number}(/{number})?$")
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str) -> NoReturn:
         """Raise the mistake (argparse's own prints the usage block and exits with 2)."""

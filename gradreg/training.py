@@ -31,6 +31,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 
 from gradreg.callbacks import METRICS, OODEvalCallback
 from gradreg.cli import (
+    NEGATIVE_NUMBER,
     Interrupted,
     UserError,
     check_wandb_mode,
@@ -177,6 +178,11 @@ def _optimizer_change(now: dict[str, Any] | None, old: dict[str, Any] | None) ->
 class GradRegCLI(LightningCLI):
     """LightningCLI with linked data -> model arguments and a ``run`` section (run directory, checkpointing)."""
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:  # noqa: D102
+        parser = super().init_parser(**kwargs)
+        parser._negative_number_matcher = NEGATIVE_NUMBER  # --model.m_in -2.5e1: "expected one argument" otherwise
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_mean", "model.input_mean", apply_on="instantiate")
@@ -211,6 +217,11 @@ class GradRegCLI(LightningCLI):
             raise UserError(
                 "train.py got no --config and no trainer.max_epochs or max_steps: it would train the defaults for "
                 "Lightning's 1000 epochs; pass --config configs/quickstart.yaml (or another), or --trainer.max_epochs"
+            )
+        if trainer.get("enable_checkpointing") is False:  # else Lightning's "... but found ModelCheckpoint"
+            raise UserError(
+                "trainer.enable_checkpointing=false: train.py always writes best.ckpt and last.ckpt (evaluate.py and "
+                "run.resume read them); leave it on (trainer.fast_dev_run=true is a smoke test without checkpoints)"
             )
         # Every dataset the run reads (`python -m gradreg.data check`), before the model is built (it may download
         # weights) and before anything is written.
@@ -560,6 +571,14 @@ def fit(cli: GradRegCLI) -> int:
         if isinstance(err, NonFiniteLossError) and cli.rank_zero and cli.run_dir.is_dir():  # a checkpoint, wandb's run
             raise NonFiniteLossError(f"{err}; what the run wrote stays in {cli.run_dir}") from None
         raise
+    if cli.trainer.fast_dev_run:  # Lightning's smoke test: a few batches without loggers or checkpoints
+        discard_unused_run_dir(cli.rank_zero, logs=True)
+        if cli.rank_zero:
+            print(
+                f"fast_dev_run: trained {cli.trainer.global_step} step(s) and validated; Lightning writes no "
+                "checkpoint in this mode"
+            )
+        return 0
     if cli.rank_zero:
         if not (cli.run_dir / "last.ckpt").is_file():  # Lightning returns quietly when there is nothing to train
             _end_progress_line(cli)

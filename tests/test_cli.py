@@ -579,6 +579,7 @@ def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: st
         (["--model.pretrained", "{tmp}/nowhere"], ["model.pretrained '{tmp}/nowhere' is a folder, not a file"]),
         (["--trainer.logger.init_args.project", "x"], ['"trainer.logger" holds a list', "WANDB_PROJECT"]),
         (["--trainer.precision", "15"], ["trainer.precision='15' is not one of 64, 32, 16,", "bf16-mixed"]),
+        (["--trainer.enable_checkpointing", "false"], ["trainer.enable_checkpointing=false: train.py always writes"]),
         (
             ["--model.pretrained", "IMAGENET1K_V2"],
             ["model.pretrained='IMAGENET1K_V2'", "'small_cnn' has no torchvision"],
@@ -832,6 +833,13 @@ def test_ood_monitor_with_the_default_sets(tmp_path: Path) -> None:
     assert cli.trainer.checkpoint_callback.mode == "min"
 
 
+def test_negative_numbers_in_exponent_notation_are_values(tmp_path: Path) -> None:
+    # argparse took -2.5e1 for an option: "argument --model.m_in: expected one argument"
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run.root", str(tmp_path), "--trainer.logger"]
+    cli = build_cli([*args, "false", "--model.m_in", "-2.5e1", "--model.m_out", "-7E0"])
+    assert (cli.model.hparams.m_in, cli.model.hparams.m_out) == (-25.0, -7.0)
+
+
 @pytest.mark.parametrize(("value", "limit"), [("1", 1), ("1.0", 1.0), ("0.5", 0.5), ("3", 3)])
 def test_batch_limit_1_is_one_batch(value: str, limit: float, tmp_path: Path) -> None:
     # The Trainer reads an int as a number of batches and a float as a fraction: 1 is one batch, 1.0 the whole epoch.
@@ -988,6 +996,14 @@ def test_a_resume_with_other_optimizer_settings_stops_in_one_line(
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["latest", "quickstart-001"]
     proc = train_inprocess(tmp_path, capsys, *resume, "--model.schedule", "multistep")  # only a longer run
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_fast_dev_run_is_a_smoke_test_not_a_failed_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Lightning writes no checkpoint then: train.py said "this run trained no step ..." and exited 1.
+    proc = train_inprocess(tmp_path, capsys, "--trainer.fast_dev_run", "true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fast_dev_run: trained 1 step(s) and validated; Lightning writes no checkpoint" in proc.stdout
+    assert not any((tmp_path / "runs").iterdir())  # the run folder held only its config
 
 
 @pytest.mark.parametrize("validation", [True, False])
