@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -589,7 +590,8 @@ def load_error_reason(err: BaseException) -> str:
     """
     if isinstance(err, KeyError | ValueError | IndexError) or "Unsupported operand" in str(err):
         return "not a torch file"
-    text = str(err).strip()
+    # torch's archive reader prefixes its reason with "[enforce fail at inline_container.cc:180] . "
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(err).strip())
     return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
 
 

@@ -418,6 +418,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         )
     if missing:
         raise UserError(f"checkpoint '{path}' was not written by gradreg's train.py (missing {', '.join(missing)})")
+    arch_kwargs = ckpt["hyper_parameters"].get("arch_kwargs") if isinstance(ckpt["hyper_parameters"], dict) else None
+    malformed = [k for k in keys if not isinstance(ckpt[k], dict) or not all(isinstance(n, str) for n in ckpt[k])]
+    if malformed or not isinstance(arch_kwargs, dict | None):  # hand-edited, or another program's
+        what = ", ".join(malformed) or "hyper_parameters.arch_kwargs"
+        raise UserError(f"checkpoint '{path}' was not written by gradreg's train.py ({what}: not a mapping by name)")
     bad = non_finite(ckpt["state_dict"])
     if bad:
         raise UserError(

@@ -356,6 +356,40 @@ def test_files_that_are_not_checkpoints(tmp_path: Path, capsys: pytest.CaptureFi
     assert sorted(tmp_path.iterdir()) == sorted([text, array, short, tensor, lfs, pickled])
 
 
+@pytest.mark.parametrize(
+    ("entry", "value", "what"),
+    [  # AttributeErrors: 'NoneType' object has no attribute 'items', 'int' object has no attribute 'startswith', ...
+        ("hyper_parameters", None, "hyper_parameters"),
+        ("state_dict", [], "state_dict"),
+        ("datamodule_hyper_parameters", {1: 2}, "datamodule_hyper_parameters"),
+        ("arch_kwargs", [1], "hyper_parameters.arch_kwargs"),
+    ],
+)
+def test_checkpoint_entries_that_are_not_mappings_by_name(
+    entry: str, value: object, what: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    if entry == "arch_kwargs":
+        ckpt["hyper_parameters"]["arch_kwargs"] = value
+    else:
+        ckpt[entry] = value
+    edited = tmp_path / "edited.ckpt"
+    torch.save(ckpt, edited)
+    proc = run_inprocess([str(edited), *FAST], capsys)
+    assert_one_line_error(proc, f"'{edited}' was not written by gradreg's train.py ({what}: not a mapping by name)")
+    assert sorted(tmp_path.iterdir()) == [edited]
+
+
+def test_a_zip_that_is_no_torch_archive_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import zipfile
+
+    archive = tmp_path / "weights.ckpt"
+    with zipfile.ZipFile(archive, "w") as file:
+        file.writestr("a.npy", b"0")
+    proc = run_inprocess([str(archive), *FAST], capsys)  # the reason was torch's "[enforce fail at ...]" alone
+    assert_one_line_error(proc, "(file in archive is not in a subdirectory: a.npy); use another .ckpt")
+
+
 def test_truncated_checkpoint_says_why_in_a_whole_sentence(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
