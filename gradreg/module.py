@@ -50,7 +50,7 @@ from gradreg.models import (
     read_weights,
 )
 from gradreg.provenance import environment
-from gradreg.registry import Bounds, SettingError, check_settings, plain_hints
+from gradreg.registry import Bounds, SettingError, check_settings, numeric_bounds, plain_hints
 from gradreg.samplers import SAMPLERS, RandomOutliers
 
 Method = Literal["ce", "oe", "energy", "greg", "absent"]
@@ -186,8 +186,6 @@ class GradRegModule(LightningModule):
             raise SettingError(
                 f"model.momentum={momentum} must be < 1 (the share of the last update kept; 0.9 is usual)"
             )
-        if schedule != "multistep" and milestones:
-            rank_zero_warn(f"model.milestones={milestones} are ignored: model.schedule={schedule!r} (not multistep)")
         if nesterov and momentum == 0:  # else torch.optim.SGD's error, naming neither setting, when training starts
             raise SettingError("model.nesterov=true needs a momentum, and model.momentum=0; set model.nesterov=false")
         if schedule == "cosine" and min_lr > lr:
@@ -225,7 +223,8 @@ class GradRegModule(LightningModule):
                 "model.arch_kwargs.num_classes: the number of logits is model.num_classes; move it there"
             )
         if arch in MODELS:  # the architecture's settings as a config gives them (width: -3 failed inside torch)
-            check_settings(kwargs, plain_hints(MODELS.get(arch)), ARCH_BOUNDS, prefix="model.arch_kwargs.")
+            hints = plain_hints(MODELS.get(arch))
+            check_settings(kwargs, hints, numeric_bounds(ARCH_BOUNDS, hints), prefix="model.arch_kwargs.")
         self.model = create_classifier(arch, num_classes, **kwargs)
         if method == "absent":
             add_absent_head(self.model)
@@ -635,6 +634,10 @@ class GradRegModule(LightningModule):
         optimizer = torch.optim.SGD(
             self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
         )
+        if hp.schedule != "multistep" and hp.milestones:  # (here: only a run that trains says so)
+            rank_zero_warn(
+                f"model.milestones={hp.milestones} are ignored: model.schedule={hp.schedule!r} (not multistep)"
+            )
         if hp.schedule == "constant":
             return optimizer
         if hp.schedule == "multistep":

@@ -72,6 +72,18 @@ def plain_hints(factory: Callable[..., Any]) -> dict[str, Any]:
     return {key: hint for key, hint in hints.items() if plain(hint)}
 
 
+def numeric_bounds(bounds: Bounds, hints: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
+    """The ``bounds`` of settings that ``hints`` annotate as numbers only (or None): a bound can judge their values.
+
+    A user's model or reader may take a ``width`` of another kind (a list, a name): a bound by name does not apply.
+    """
+
+    def numeric(hint: Any) -> bool:
+        return {*(typing.get_args(hint) or [hint])} - {type(None)} <= {int, float}
+
+    return {key: bound for key, bound in bounds.items() if key in hints and numeric(hints[key])}
+
+
 class Settings:
     """Mixin for dataclasses whose fields are settings: :func:`check_settings` runs on construction."""
 

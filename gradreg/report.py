@@ -64,6 +64,7 @@ from gradreg.data import OODDataModule
 from gradreg.data.check import require_datasets
 from gradreg.data.corrupted import CorruptionFiles
 from gradreg.data.datasets import Transformed, build_transform, dataset_name
+from gradreg.data.module import CarvedSplit
 from gradreg.evaluation import (
     ScoredSet,
     ScorerSpec,
@@ -1110,7 +1111,7 @@ def explain_worst(
             + [f"id/{id_test.indices[i]}" for i in id_worst.tolist()],
         )  # fmt: skip
     split = id_train.dataset
-    if isinstance(split, Subset):  # carved out of the train split (no native val split): name images by its indices
+    if isinstance(split, CarvedSplit):  # part of the dataset's train split: name images by their index there
         result.id_indices = torch.as_tensor(split.indices)[result.id_indices]
         id_train = Transformed(split.dataset, id_train.transform)
     out.mkdir(parents=True, exist_ok=True)

@@ -146,33 +146,42 @@ class RunRecord(Callback):
 
 def optimizer_settings(config: Namespace) -> dict[str, Any] | None:
     """LightningCLI's ``--optimizer`` and ``--lr_scheduler`` settings as plain values; None: the model's own SGD."""
-    chosen = {key: config.get(key) for key in ("optimizer", "lr_scheduler")}
-    if not any(chosen.values()):
+    if config.get("optimizer") is None:  # (fit refuses an --lr_scheduler without it, which Lightning would ignore)
         return None
+    chosen = {key: config.get(key) for key in ("optimizer", "lr_scheduler")}
     plain = {key: None if value is None else value.as_dict() for key, value in chosen.items()}
     return json.loads(json.dumps(plain, default=str))  # betas (0.9, 0.999) as a list: weights_only loads it
 
 
+# Settings that choose a kernel, not the optimization: a run may change them (its checkpoint's torch may lack some)
+_IMPLEMENTATION = {"foreach", "fused", "capturable", "differentiable"}
+
+
 def _optimizer_change(now: dict[str, Any] | None, old: dict[str, Any] | None) -> str:
-    """What differs between two :func:`optimizer_settings`, in command-line terms."""
+    """What differs between two :func:`optimizer_settings`, in command-line terms ("" if nothing).
+
+    Settings only one side has (a torch version without that setting) and kernel choices do not count.
+    """
 
     def classes(settings: dict[str, Any] | None) -> str:
         if settings is None:
             return "the model's own SGD (model.lr, momentum, ...)"
         return " ".join(f"--{key} {value['class_path']}" for key, value in settings.items() if value)
 
+    if now is None and old is None:
+        return ""
     if now is None or old is None or classes(now) != classes(old):
         return f"{classes(now)} here, {classes(old)} in the checkpoint's run"
 
     def flat(settings: dict[str, Any]) -> dict[str, Any]:
         return {
             f"--{key}.{name}": v for key, value in settings.items() if value
-            for name, v in (value.get("init_args") or {}).items()
+            for name, v in (value.get("init_args") or {}).items() if name not in _IMPLEMENTATION
         }  # fmt: skip
 
     a, b = flat(now), flat(old)
-    changed = (key for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key))
-    return ", ".join(f"{key} {a.get(key)} here, {b.get(key)} in the checkpoint's run" for key in changed)
+    changed = (key for key in sorted(a.keys() & b.keys()) if a[key] != b[key])
+    return ", ".join(f"{key} {a[key]} here, {b[key]} in the checkpoint's run" for key in changed)
 
 
 class GradRegCLI(LightningCLI):
@@ -510,13 +519,18 @@ def fit(cli: GradRegCLI) -> int:
     """Check the checkpoint to resume, then train; print where the run's files are."""
     try:
         resumed = None
+        if cli.config.get("lr_scheduler") is not None and cli.config.get("optimizer") is None:
+            raise UserError(  # LightningCLI then keeps the model's configure_optimizers: the scheduler is ignored
+                "--lr_scheduler needs an --optimizer (LightningCLI ignores it without one); the model's own SGD "
+                "has model.schedule (multistep, cosine or constant), model.milestones and model.gamma"
+            )
         chosen = optimizer_settings(cli.config)
         if cli.config.run.resume is not None:
             resumed = _require_fitting_checkpoint(cli.model, Path(cli.config.run.resume), chosen is None)
             # Lightning restores the checkpoint's optimizer and scheduler states into the new ones: other settings
             # would be overwritten without a word, another optimizer class fail with a KeyError in the restore.
-            if "optimizer" in resumed and resumed["optimizer"] != chosen:  # (earlier versions recorded none)
-                change = _optimizer_change(chosen, resumed["optimizer"])
+            change = _optimizer_change(chosen, resumed["optimizer"]) if "optimizer" in resumed else ""  # (older: none)
+            if change:
                 raise UserError(
                     f"the optimizer differs from the resumed checkpoint's run ({change}), whose optimizer and schedule "
                     "state a resumed run continues; resume with its settings, or start a new run from its weights "

@@ -27,7 +27,7 @@ from gradreg.cli import Interrupted, UserError, evaluate_main, read_config_file,
 from gradreg.module import GradRegModule
 from gradreg.provenance import git_revision
 from gradreg.report import parse_scorer
-from gradreg.training import build_cli
+from gradreg.training import _optimizer_change, build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
@@ -206,7 +206,7 @@ def test_wandb_run_is_named_and_grouped_after_the_run_directory(trained: Path) -
     run = wandb_run(run_dir).run
     assert (run.display_name, run.run_group, run.job_type) == ("quickstart-001", "quickstart-001", "train")
     record = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["run"]
-    assert record == {"name": "quickstart-001", "group": "quickstart-001", "wandb_id": run.run_id}
+    assert record == {"name": "quickstart-001", "group": "quickstart-001", "wandb_id": run.run_id, "optimizer": None}
     assert not (trained / "wandb").exists()  # wandb writes in the run directory only, never in the working directory
 
 
@@ -580,6 +580,10 @@ def test_sync_batchnorm_on_cpu_processes_stops_before_the_run_starts(devices: st
         (["--trainer.logger.init_args.project", "x"], ['"trainer.logger" holds a list', "WANDB_PROJECT"]),
         (["--trainer.precision", "15"], ["trainer.precision='15' is not one of 64, 32, 16,", "bf16-mixed"]),
         (["--trainer.enable_checkpointing", "false"], ["trainer.enable_checkpointing=false: train.py always writes"]),
+        (  # LightningCLI trains the model's own SGD and schedule then, without a word
+            ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"],
+            ["--lr_scheduler needs an --optimizer (LightningCLI ignores it without one)", "model.schedule"],
+        ),
         (
             ["--model.pretrained", "IMAGENET1K_V2"],
             ["model.pretrained='IMAGENET1K_V2'", "'small_cnn' has no torchvision"],
@@ -970,6 +974,18 @@ def test_a_run_with_the_clis_own_optimizer_resumes(tmp_path: Path, capsys: pytes
     proc = train_inprocess(tmp_path, capsys, *adam, *longer)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model.schedule=cosine" not in proc.stderr
+
+
+def test_an_optimizer_record_differs_only_in_settings_of_the_optimization() -> None:
+    adam = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001, "foreach": None, "fused": None}}
+    record = {"optimizer": adam, "lr_scheduler": None}
+    # a torch without decoupled_weight_decay wrote the checkpoint; a kernel choice changed: the same optimization
+    newer = {**adam, "init_args": {**adam["init_args"], "decoupled_weight_decay": False, "foreach": True}}
+    assert _optimizer_change({"optimizer": newer, "lr_scheduler": None}, record) == ""
+    assert _optimizer_change(None, None) == ""
+    faster = {**adam, "init_args": {**adam["init_args"], "lr": 0.01}}
+    change = _optimizer_change({"optimizer": faster, "lr_scheduler": None}, record)
+    assert change == "--optimizer.lr 0.01 here, 0.001 in the checkpoint's run"
 
 
 def test_a_resume_with_other_optimizer_settings_stops_in_one_line(

@@ -274,6 +274,7 @@ def test_cg_refuses_a_cap_below_one_iteration(max_iter: int, monkeypatch: pytest
         ({"per_sample": "vmapp"}, "per_sample='vmapp' is not one of auto, vmap, loop"),  # ran the loop
         ({"hessian_points": 0}, "hessian_points=0 must be >= 1"),  # a TypeError from F.linear(None)
         ({"batch_size": 0}, "batch_size=0 must be >= 1"),  # ZeroDivisionError
+        ({"max_train": -1}, "max_train=-1 must be >= 1 (or None: all)"),  # one point left out without a word
         ({"damping": -5.0}, "damping=-5.0 must be >= 0 and finite, or 'auto'"),  # garbage influences
         ({"damping": math.nan}, "damping=nan must be >= 0 and finite"),
         ({"test": 0}, "at least one test image and one ID training point"),  # torch.stack of an empty list
@@ -614,6 +615,8 @@ def test_helpful_and_harmful_lists_hold_only_points_that_push_the_score_that_way
         result.top(0, 3, "id", "Helpful")
     with pytest.raises(ValueError, match="subset='ood' is not one of id, outlier"):
         result.top(0, 3, "ood", "helpful")
+    with pytest.raises(ValueError, match="k=-1 must be >= 0"):  # all but the last
+        result.top(0, -1, "id", "helpful")
     entry = result.to_dict(k=3)["tests"][1]
     assert [e["index"] for e in entry["outlier"]["harmful"]] == []
     assert [e["influence"] for e in entry["id"]["harmful"]] == pytest.approx([0.5, 0.3])

@@ -28,6 +28,7 @@ from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
 from gradreg.data.module import EpochShuffle, Strided
 from gradreg.double_backward.batchnorm import DoubleBackwardSyncBatchNorm
+from gradreg.models import MODELS, SmallCNN
 from gradreg.module import GradRegModule, UnsupportedSettingError
 from gradreg.registry import SettingError
 from gradreg.training import is_rank_zero
@@ -143,6 +144,19 @@ def test_pool_miners_scan_with_a_model_of_another_dtype(sampler: str, precision:
     assert math.isfinite(losses[0])
 
 
+def test_arch_kwargs_bounds_judge_only_numeric_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A user's model whose width is a list per stage: the bound width >= 1 gave "'>=' not supported between ..."
+    class StagedCNN(SmallCNN):
+        def __init__(self, num_classes: int = 10, in_channels: int = 1, width: list[int] | None = None) -> None:
+            super().__init__(num_classes, in_channels, (width or [8])[0])
+
+    monkeypatch.setitem(MODELS._items, "staged_cnn", StagedCNN)
+    module = GradRegModule(arch="staged_cnn", num_classes=6, arch_kwargs={"in_channels": 1, "width": [4, 8]})
+    assert module.model.trunk[0].out_channels == 4
+    with pytest.raises(SettingError, match=re.escape("model.arch_kwargs.width=[0.5, 8] is not a list of integers")):
+        GradRegModule(arch="staged_cnn", num_classes=6, arch_kwargs={"width": [0.5, 8]})
+
+
 def test_settings_that_could_not_train_stop_in_one_line(tmp_path: Path) -> None:
     for settings, message in [
         ({"momentum": 0.0}, "model.nesterov=true needs a momentum, and model.momentum=0; set model.nesterov=false"),
@@ -158,8 +172,9 @@ def test_settings_that_could_not_train_stop_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(SettingError, match=re.escape(message)):
             GradRegModule(**settings)
     GradRegModule(momentum=0.0, nesterov=False)
-    with pytest.warns(UserWarning, match=re.escape("model.milestones=[3] are ignored: model.schedule='cosine'")):
-        GradRegModule(schedule="cosine", milestones=[3])
+    ignored = GradRegModule(schedule="constant", milestones=[3])  # evaluate.py rebuilds such a model without a word
+    with pytest.warns(UserWarning, match=re.escape("model.milestones=[3] are ignored: model.schedule='constant'")):
+        ignored.configure_optimizers()
     model, dm = make("energy")
     model.hparams.schedule = "cosine"
     with pytest.raises(SettingError, match=re.escape("model.schedule=cosine needs the run's length, and trainer.max")):

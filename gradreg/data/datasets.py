@@ -25,7 +25,6 @@ import functools
 import inspect
 import itertools
 import os
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from gradreg.registry import Bounds, Registry, RegistryError, SettingError, check_settings, plain_hints
+from gradreg.registry import Bounds, Registry, RegistryError, SettingError, check_settings, numeric_bounds, plain_hints
 
 DATASETS: Registry[Dataset] = Registry("dataset")
 
@@ -388,16 +387,11 @@ def check_spec(spec: Any, role: str = "ood") -> None:
     # letter, a noise `num: -3` fail inside torch
     settings = {k: _text(v) for k, v in spec.items() if k != "resize"}
     hints = {**plain_hints(DATASETS.get(name)), "name": str, "alias": str, "split": str}
-    sizes = {key: bound for key, bound in SIZES.items() if key in hints and _numeric(hints[key])}
+    sizes = numeric_bounds(SIZES, hints)
     try:
         check_settings(settings, hints, sizes)
     except SettingError as err:
         raise DatasetSpecError(f"dataset '{name}': {err}") from None
-
-
-def _numeric(hint: Any) -> bool:
-    """Whether ``hint`` admits numbers only (and None): a bound can judge every value that passes it."""
-    return {*(typing.get_args(hint) or [hint])} - {type(None)} <= {int, float}
 
 
 def _text(value: Any) -> Any:

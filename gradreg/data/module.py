@@ -124,6 +124,13 @@ class Strided(DistributedSampler):
         return len(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
 
 
+class CarvedSplit(Subset):
+    """The validation hold-out, or the rest, of a dataset's train split, where the dataset has no validation split.
+
+    ``indices`` are the images' indices in that train split (the names ``evaluate.py --explain`` gives them).
+    """
+
+
 class OODDataModule(LightningDataModule):
     """Data for OOD-aware training and evaluation.
 
@@ -222,7 +229,7 @@ class OODDataModule(LightningDataModule):
             full = self._build(self.id_dataset, "train")
             perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed)).tolist()  # type: ignore[arg-type]
             n_val = round(self.val_fraction * len(perm))
-            return Subset(full, sorted(perm[:n_val] if split == "val" else perm[n_val:]))
+            return CarvedSplit(full, sorted(perm[:n_val] if split == "val" else perm[n_val:]))
         return native_val if split == "val" else self._build(self.id_dataset, "train")
 
     def setup(self, stage: str | None = None) -> None:

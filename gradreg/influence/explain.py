@@ -68,6 +68,8 @@ class InfluenceResult:
         Only points that push the score that way (an influence of that sign, not 0) are listed: maybe fewer than ``k``.
         """
         _check_choice("subset", subset, ("id", "outlier"))
+        if k < 0:
+            raise ValueError(f"k={k} must be >= 0")
         _check_choice("kind", kind, ("helpful", "harmful"))
         indices, influence = (
             (self.id_indices, self.id_influence) if subset == "id" else (self.outlier_indices, self.outlier_influence)
@@ -241,9 +243,9 @@ def explain(
     """
     _check_choice("method", method, ("cg", "lissa"))
     _check_choice("per_sample", per_sample, ("auto", "vmap", "loop"))
-    for name, value in (("hessian_points", hessian_points), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
+    for name, value in (("hessian_points", hessian_points), ("batch_size", batch_size), ("max_train", max_train)):
+        if value is not None and value < 1:  # max_train=-1 left one point out, 0 scanned none
+            raise ValueError(f"{name}={value} must be >= 1" + (" (or None: all)" if name == "max_train" else ""))
     if damping != "auto" and not 0 <= damping < math.inf:
         raise ValueError(f"damping={damping} must be >= 0 and finite, or 'auto'")
     if x_test.shape[0] == 0 or len(id_dataset) == 0:  # type: ignore[arg-type]
