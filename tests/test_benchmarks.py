@@ -266,6 +266,19 @@ def test_mnist_torchvision_layout(tmp_path: Path) -> None:
     assert len(DATASETS.get("mnist")(tmp_path, "test")) == 3
 
 
+def test_mnist_split_all_is_openoods_far_set_train_then_test(tmp_path: Path) -> None:
+    # OpenOOD's test_mnist.txt lists all 70,000 images; the test split alone is 10,000
+    arrays = write_idx_set(tmp_path / "MNIST" / "raw")
+    data = build_dataset({"name": "mnist", "split": "all"}, tmp_path, "test")
+    assert len(data) == 9
+    np.testing.assert_array_equal(data[5][0][..., 0], arrays["train-images-idx3-ubyte"][5])
+    np.testing.assert_array_equal(data[6][0][..., 0], arrays["t10k-images-idx3-ubyte"][0])
+    assert [data[i][1] for i in range(9)] == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError):
+        build_dataset({"name": "mnist", "split": "all"}, tmp_path, "test")
+
+
 def test_fashion_mnist_corrupt_file_is_a_dataset_error(tmp_path: Path) -> None:
     folder = tmp_path / "fm"
     write_idx_set(folder)

@@ -490,6 +490,24 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _idx_parts(split: str) -> tuple[str, ...]:
+    return ("train", "test") if split == "all" else (split,)
+
+
+def _read_idx_pair(name: str, folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images (N, H, W) and labels (N,) of an MNIST-style split."""
+    images_file, labels_file = (_idx_file(folder, stem) for stem in _IDX_FILES[split])
+    if images_file is None or labels_file is None:  # locate found both: only a concurrent delete gets here
+        raise DatasetNotFoundError(name, folder, "the idx files disappeared while reading")
+    try:
+        images, labels = read_idx(images_file), read_idx(labels_file)
+    except ValueError as err:
+        raise DatasetFileError(name, folder, f"corrupt file: {err}; delete and fetch again") from None
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise DatasetFileError(name, folder, f"images {images.shape} and labels {labels.shape} do not match")
+    return images, labels
+
+
 def _mnist_like(name: str, cls: type[tvd.MNIST], debian: str) -> None:
     how = (
         f"put the four idx files (*-ubyte or *-ubyte.gz) there, set path: to a flat folder holding them{debian}, "
@@ -497,11 +515,11 @@ def _mnist_like(name: str, cls: type[tvd.MNIST], debian: str) -> None:
     )
 
     def locate(root: Path, split: str, path: str | None = None, download: bool = False) -> Located:
-        _check_split(name, split, ("train", "test"))
+        _check_split(name, split, ("train", "test", "all"))
         base = resolve_path(root, path, ".")
         raw = base / cls.__name__ / "raw"  # torchvision's raw_folder
         for folder in (base, raw):
-            files = [_idx_file(folder, stem) for stem in _IDX_FILES[split]]
+            files = [_idx_file(folder, stem) for part in _idx_parts(split) for stem in _IDX_FILES[part]]
             if all(files):
                 try:
                     for file in files:
@@ -517,20 +535,17 @@ def _mnist_like(name: str, cls: type[tvd.MNIST], debian: str) -> None:
         loc = locate(root, split, path, download)
         if loc.note:  # missing and download: true
             base = loc.path.parent.parent
-            _tv_open(name, loc.path, lambda: cls(str(base), train=split == "train", download=True))
+            for part in _idx_parts(split):
+                _tv_open(name, loc.path, lambda part=part: cls(str(base), train=part == "train", download=True))
             loc = locate(root, split, path, download=False)
-        images_file, labels_file = (_idx_file(loc.path, stem) for stem in _IDX_FILES[split])
-        if images_file is None or labels_file is None:  # locate found both: only a concurrent delete gets here
-            raise DatasetNotFoundError(name, loc.path, "the idx files disappeared while reading")
-        try:
-            images, labels = read_idx(images_file), read_idx(labels_file)
-        except ValueError as err:
-            raise DatasetFileError(name, loc.path, f"corrupt file: {err}; delete and fetch again") from None
-        if images.ndim != 3 or labels.shape != images.shape[:1]:
-            raise DatasetFileError(name, loc.path, f"images {images.shape} and labels {labels.shape} do not match")
+        parts = [_read_idx_pair(name, loc.path, part) for part in _idx_parts(split)]
+        images, labels = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
         return ArrayImages(images[..., None], labels.astype(np.int64))
 
-    factory.__doc__ = f"{cls.__name__} idx files: flat in ``path`` or in ``<path>/{cls.__name__}/raw/``."
+    factory.__doc__ = (
+        f"{cls.__name__} idx files: flat in ``path`` or in ``<path>/{cls.__name__}/raw/``; split ``all`` = train then "
+        "test (OpenOOD's 70,000-image MNIST far-OOD set)."
+    )
     _register(name, locate)(factory)
 
 
