@@ -1,4 +1,5 @@
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,33 @@ def _trainer(tmp_path: Path, **kw) -> Trainer:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [  # an ID set smaller than a batch per process trained no step ("this run trained no step" blamed the limits)
+        (
+            {"batch_size": 400},
+            "data.batch_size=400 is more than the ID training set's 325 images per process (650 on 2)",
+        ),
+        # the pool check counts one batch, not one per process: a traceback on every rank
+        ({"candidates_per_epoch": 40, "outlier_batch_size": 32}, "draws 40 candidates per pass (data.outliers' images"),
+    ],
+)
+@pytest.mark.parametrize("rank", [0, 1])
+def test_training_loader_refuses_sizes_short_of_a_batch_per_process(
+    settings: dict, message: str, rank: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradreg.data import OODDataModule
+    from gradreg.registry import SettingError
+
+    monkeypatch.setenv("LOCAL_RANK", str(rank))  # the second process of a launched pair (no process group is needed)
+    dm = OODDataModule(**settings)
+    dm.trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert (dm.trainer.world_size, dm.trainer.global_rank) == (2, rank)
+    with pytest.raises(SettingError, match=re.escape(message)) as err:
+        dm.train_dataloader()
+    assert getattr(err.value, "silent", False) == (rank == 1)  # every rank raises it; rank 0 says it
+
+
 def test_lightning_resume_mid_epoch_draws_the_same_outliers(tmp_path):
     straight = _Recorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=13, save_top_k=-1, filename="{step}")

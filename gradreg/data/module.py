@@ -124,6 +124,13 @@ class Strided(DistributedSampler):
         return len(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
 
 
+def _on_every_rank(message: str, rank: int) -> SettingError:
+    """A setting error that every DDP rank raises alike: rank 0 says it (``silent`` elsewhere)."""
+    err = SettingError(message)
+    err.silent = rank != 0  # type: ignore[attr-defined]
+    return err
+
+
 class CarvedSplit(Subset):
     """The validation hold-out, or the rest, of a dataset's train split, where the dataset has no validation split.
 
@@ -300,8 +307,22 @@ class OODDataModule(LightningDataModule):
         drawn = self._restored_batches if epoch == self._restored_epoch else 0
         sampler = EpochShuffle(dataset, seed, epoch, num_replicas=world, rank=rank, drawn=drawn * self.batch_size)
         id_loader = self._loader(dataset, self.batch_size, TrainingLoader, sampler=sampler, drop_last=True)
+        if len(id_loader) == 0:  # else an epoch of no step, and "this run trained no step" blames the limits
+            raise _on_every_rank(
+                f"data.batch_size={self.batch_size} is more than the ID training set's {len(sampler)} images per "
+                f"process ({len(dataset)} on {world}); lower data.batch_size",  # type: ignore[arg-type]
+                rank,
+            )
         if self.outlier_stream is None:
             return id_loader
+        if self.outlier_stream.batches_per_pass(world) == 0:  # setup() checked one batch, not one per process
+            raise _on_every_rank(
+                f"the outlier stream draws {self.outlier_stream.pass_size()} candidates per pass (data.outliers' "
+                f"images or data.candidates_per_epoch, the fewer), fewer than one batch of data.outlier_batch_size="
+                f"{self.outlier_batch_size} for each of {world} processes; lower data.outlier_batch_size or raise "
+                "data.candidates_per_epoch",
+                rank,
+            )
         # The ID loader (this rank's share) sets the epoch length (GReg: iterations = #ID batches).
         outliers = self.outlier_stream.dataloader(self.num_workers, max_batches=max(1, len(id_loader)), drawn=drawn)
         return CombinedLoader({"id": id_loader, "outliers": outliers}, mode="max_size_cycle")
