@@ -252,6 +252,22 @@ def test_cg_warns_with_the_residual_it_reached_when_max_iter_stops_it() -> None:
     assert float((v - hvp(x)).norm() / v.norm()) <= 1e-8
 
 
+def test_cg_stops_once_the_residual_meets_the_tolerance() -> None:
+    # H = I is solved in one step; iterating on hit a zero direction and warned "not positive definite"
+    calls = []
+
+    def identity(v: Tensor) -> Tensor:
+        calls.append(v)
+        return v
+
+    v = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = inverse_hvp(identity, v, "cg", damping=0.0, tol=1e-10)
+    torch.testing.assert_close(x, v)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("max_iter", [0, -5])
 def test_cg_refuses_a_cap_below_one_iteration(max_iter: int, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=f"max_iter={max_iter}: CG needs at least 1 iteration"):

@@ -176,6 +176,16 @@ def test_inactive_rows_contribute_exactly_zero_and_backward_is_finite(scaling: s
         assert torch.isfinite(p.grad).all()
 
 
+def test_a_sample_exactly_on_its_margin_is_inactive() -> None:
+    # relu'(0) = 0: such a row contributes no gradient, so `active` (logged as the active share) must say so too
+    model, x, _, _ = make_case(batchnorm=True, train=False)
+    x.requires_grad_(True)
+    e = energy(model(x))
+    pen = grad_norm_penalty(x, e[:4], e[4:], m_in=float(e[0]), m_out=float(e[4]))
+    assert not pen.active[[0, 4]].any()
+    assert torch.equal(pen.active, pen.row_norms > 0)
+
+
 def test_all_rows_inactive_gives_zero_penalty_and_zero_finite_gradients() -> None:
     model, x, _, _ = make_case(batchnorm=False, train=True)
     x.requires_grad_(True)

@@ -360,6 +360,33 @@ def test_kmeans_plusplus_gives_the_same_seeds_without_the_pairwise_table(monkeyp
     torch.testing.assert_close(kmeans_plusplus(x, 9, n_init=2, generator=_gen(1)), with_table, rtol=0, atol=0)
 
 
+def test_kmeans_plusplus_draws_by_squared_distance_by_hand():
+    # first center: point floor(0.0 * 3) = 0; squared distances [0, 1, 9], cdf [0, 1, 10]: 0.2 * 10 = 2 falls on
+    # point 2 (by distance, [0, 1, 3], cdf [0, 1, 4]: 0.8 would fall on point 1)
+    x = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
+    centers = gradreg.kmeans._seed_centers(x, torch.tensor([[[0.0], [0.2]]], dtype=torch.float64))
+    assert centers[0, :, 0].tolist() == [0.0, 3.0]
+
+
+def test_lloyd_moves_the_jth_empty_cluster_to_the_jth_farthest_point():
+    # every point is nearest to 5; their squared distances to it: 25, 16, 9, 36 -> farthest 11, then 0
+    x = torch.tensor([[0.0], [1.0], [2.0], [11.0]], dtype=torch.float64)
+    centers = torch.tensor([[[5.0], [100.0], [200.0]]], dtype=torch.float64)
+    labels = torch.full((1, 4), -1)
+    new, _, _ = gradreg.kmeans._lloyd(x, torch.tensor(0.0), centers, labels, torch.zeros(1, dtype=torch.bool), 1)
+    assert new[0, :, 0].tolist() == [3.5, 11.0, 0.0]
+
+
+def test_kmeans_keeps_the_restart_of_lowest_inertia(monkeypatch):
+    # restart 0 seeds one center per blob; restart 1 both in the first blob, and one Lloyd step leaves it at
+    # (0, 6.73) with an inertia of about 22 against 0.01
+    x = torch.tensor([[0.0], [0.1], [10.0], [10.1]], dtype=torch.float64)
+    u = torch.tensor([[[0.0, 0.0], [0.9, 0.9]], [[0.0, 0.0], [1e-5, 1e-5]]], dtype=torch.float64)
+    monkeypatch.setattr(gradreg.kmeans, "_uniforms", lambda *args, **kwargs: u)
+    _, centers = gradreg.kmeans.kmeans(x, 2, n_init=2, max_iter=1)
+    torch.testing.assert_close(centers[:, 0].sort().values, torch.tensor([0.05, 10.05], dtype=torch.float64))
+
+
 def test_kmeans_result_does_not_depend_on_how_often_the_host_checks():
     x = torch.nn.functional.normalize(torch.randn(300, 12, generator=_gen(6)), dim=1)
     a = kmeans(x, 24, generator=_gen(2), check_every=1)

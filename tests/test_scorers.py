@@ -20,12 +20,13 @@ from torch import Tensor, nn
 
 from gradreg.double_backward import use_double_backward
 from gradreg.evaluation import score_batch
+from gradreg.losses import energy
 from gradreg.models import MODELS, Classifier, SmallCNN, add_absent_head
 from gradreg.registry import SettingError
 from gradreg.scorers import SCORERS, build, purview
 from gradreg.scorers.gaia import _nonzero_fraction, gaia_a_score, gaia_layers, gaia_z_score
 from gradreg.scorers.gradnorm import exgrad_score, gradnorm_score
-from gradreg.scorers.logits import absent_score
+from gradreg.scorers.logits import absent_score, energy_score, msp_score
 from gradreg.scorers.margin import dct_projector, deepfool_margin
 from gradreg.scorers.odin import odin_score
 from gradreg.scorers.purview import purview_layer_names, purview_layer_norms, purview_score
@@ -659,8 +660,23 @@ def test_exgrad_keeps_its_precision_in_float32_for_confident_predictions(gap: fl
     torch.testing.assert_close(scores.double(), torch.stack(expected), rtol=1e-5, atol=0.0)
 
 
-@pytest.mark.parametrize(("temperature", "epsilon"), [(1000.0, 0.0014), (1.0, 0.05)])
-def test_odin_matches_per_sample_loop(temperature: float, epsilon: float, tiny: TinyCNN, batch: Tensor) -> None:
+def test_temperature_scaled_msp_and_energy_by_hand() -> None:
+    logits = torch.tensor([[1.0, 3.0, 0.0]], dtype=torch.float64)  # / 2: [0.5, 1.5, 0], exp sum 7.1304
+    total = math.exp(0.5) + math.exp(1.5) + 1.0
+    assert msp_score(logits, 2.0).item() == pytest.approx(math.exp(1.5) / total, rel=1e-12)  # 0.6285
+    assert energy_score(logits, 2.0).item() == pytest.approx(2.0 * math.log(total), rel=1e-12)  # 3.9287
+    torch.testing.assert_close(energy_score(logits, 2.0), -energy(logits, 2.0))  # the training loss's energy
+
+
+@pytest.mark.parametrize(
+    ("temperature", "epsilon", "sharpen"),
+    [(1000.0, 0.0014, 1.0), (1.0, 0.05, 1.0), (10.0, 0.05, 30.0)],  # sharpened: the input gradient's T counts
+)
+def test_odin_matches_per_sample_loop(
+    temperature: float, epsilon: float, sharpen: float, tiny: TinyCNN, batch: Tensor
+) -> None:
+    with torch.no_grad():  # confident logits: a near-uniform softmax gives the same sign map with or without T
+        tiny.fc.weight.mul_(sharpen)
     std = tiny.input_std.reshape(-1, 1, 1)
     expected = []
     for x in batch:
