@@ -18,6 +18,7 @@ from gradreg.influence.objective import Batch, TrainLoss, select_parameters
 from gradreg.influence.solvers import (
     IndefiniteError,
     cg_iterations,
+    check_choice,
     inverse_hvp,
     make_hvp,
     per_sample_gradients,
@@ -67,10 +68,10 @@ class InfluenceResult:
 
         Only points that push the score that way (an influence of that sign, not 0) are listed: maybe fewer than ``k``.
         """
-        _check_choice("subset", subset, ("id", "outlier"))
+        check_choice("subset", subset, ("id", "outlier"))
         if k < 0:
             raise ValueError(f"k={k} must be >= 0")
-        _check_choice("kind", kind, ("helpful", "harmful"))
+        check_choice("kind", kind, ("helpful", "harmful"))
         indices, influence = (
             (self.id_indices, self.id_influence) if subset == "id" else (self.outlier_indices, self.outlier_influence)
         )
@@ -241,8 +242,8 @@ def explain(
         An :class:`InfluenceResult`; ``settings["relative_residual"]`` holds ``||(H + damping I) s - g|| / ||g||``
         per test image, a solver-independent accuracy check.
     """
-    _check_choice("method", method, ("cg", "lissa"))
-    _check_choice("per_sample", per_sample, ("auto", "vmap", "loop"))
+    check_choice("method", method, ("cg", "lissa"))
+    check_choice("per_sample", per_sample, ("auto", "vmap", "loop"))
     for name, value in (("hessian_points", hessian_points), ("batch_size", batch_size), ("max_train", max_train)):
         if value is not None and value < 1:  # max_train=-1 left one point out, 0 scanned none
             raise ValueError(f"{name}={value} must be >= 1" + (" (or None: all)" if name == "max_train" else ""))
@@ -355,11 +356,6 @@ def explain(
         param_names=names,
         settings=settings,
     )
-
-
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
 def hardest_examples(id_scores: Tensor, ood_scores: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -80,6 +80,12 @@ def score_gradients(
     return torch.stack(scores), torch.stack(rows)
 
 
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    """Refuse a setting that is not one of ``choices`` (a typo would otherwise take another branch silently)."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
 def per_sample_gradients(
     model: nn.Module,
     train_loss: TrainLoss,
@@ -97,8 +103,7 @@ def per_sample_gradients(
     Shape:
         x (N, ...), y (N,) or None -> (N, P)
     """
-    if mode not in ("auto", "vmap", "loop"):
-        raise ValueError(f"mode={mode!r} is not one of auto, vmap, loop")
+    check_choice("mode", mode, ("auto", "vmap", "loop"))
     fn = _Functional(model, train_loss, param_names)
     params = fn.params()
 
