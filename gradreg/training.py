@@ -54,13 +54,17 @@ LOWER_IS_BETTER = {"loss", "ce", "oe", "absent", "energy", "reg", "fpr95", "fpr9
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 E = TypeVar("E", bound=BaseException)
 OOD_CALLBACK = f"{OODEvalCallback.__module__}.{OODEvalCallback.__name__}"
-DEFAULT_LOGGERS = [
-    {
-        "class_path": "lightning.pytorch.loggers.WandbLogger",
-        "init_args": {"project": os.environ.get("WANDB_PROJECT", "gradreg")},
-    },
-    {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-]
+
+
+def default_loggers() -> list[dict]:
+    """The loggers of a run: wandb (its project from ``WANDB_PROJECT``, read as the CLI is built) and a CSV file."""
+    return [
+        {
+            "class_path": "lightning.pytorch.loggers.WandbLogger",
+            "init_args": {"project": os.environ.get("WANDB_PROJECT", "gradreg")},
+        },
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+    ]
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -375,7 +379,7 @@ def build_cli(args: Sequence[str] | None = None) -> GradRegCLI:
             run=False,
             args=None if args is None else argv,
             save_config_callback=None,  # the resolved config is written to the run dir by before_instantiate_classes
-            trainer_defaults={"logger": DEFAULT_LOGGERS, "inference_mode": False},
+            trainer_defaults={"logger": default_loggers(), "inference_mode": False},
             seed_everything_default=0,
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},  # --trainer.max_epoch is a typo
         )

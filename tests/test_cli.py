@@ -27,7 +27,7 @@ from gradreg.cli import Interrupted, UserError, evaluate_main, read_config_file,
 from gradreg.module import GradRegModule
 from gradreg.provenance import git_revision
 from gradreg.report import parse_scorer
-from gradreg.training import _optimizer_change, build_cli
+from gradreg.training import _optimizer_change, build_cli, default_loggers
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
@@ -400,11 +400,11 @@ def test_evaluate_max_samples_scores_a_fixed_random_sample(trained: Path, capsys
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_evaluate_refuses_to_overwrite(trained: Path) -> None:
+def test_evaluate_refuses_to_overwrite(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = trained / "eval_taken"
     out.mkdir()
     (out / "results.json").write_text("{}")
-    proc = run("evaluate.py", str(trained / "runs" / "quickstart-001"), "--out", str(out), cwd=trained)
+    proc = run_inprocess(evaluate_main, [str(trained / "runs" / "quickstart-001"), "--out", str(out)], capsys)
     assert_one_line_error(proc, "already holds files")
     assert (out / "results.json").read_text() == "{}"
 
@@ -441,8 +441,11 @@ def test_run_name_must_be_a_folder_name(name: str, tmp_path: Path, capsys: pytes
     assert not list(tmp_path.rglob("*-001"))
 
 
-def test_missing_config_file(tmp_path: Path) -> None:
-    proc = run("train.py", "--config", "configs/nope.yaml", cwd=tmp_path)
+def test_missing_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    proc = run_inprocess(train_main, ["--config", "configs/nope.yaml"], capsys)
     assert_one_line_error(proc, "configs/nope.yaml", "does not exist")
 
 
@@ -476,10 +479,9 @@ def test_config_that_is_a_folder_or_empty(name: str, what: str, tmp_path: Path) 
         build_cli(["--config", str(tmp_path / name)])
 
 
-def test_unknown_scorer_in_config(tmp_path: Path) -> None:
-    proc = train(
-        tmp_path, "--trainer.callbacks+=gradreg.callbacks.OODEvalCallback", "--trainer.callbacks.scorers=[gradnrom]"
-    )
+def test_unknown_scorer_in_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    callback = ["--trainer.callbacks+=gradreg.callbacks.OODEvalCallback", "--trainer.callbacks.scorers=[gradnrom]"]
+    proc = train_inprocess(tmp_path, capsys, *callback)
     assert_one_line_error(proc, "gradnrom")
 
 
@@ -797,13 +799,13 @@ def test_scorer_mapping_without_a_name_says_how_to_write_it(
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_evaluate_explain_writes_grids_and_json(trained: Path) -> None:
+def test_evaluate_explain_writes_grids_and_json(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = trained / "explained"
-    proc = run(
-        "evaluate.py", str(trained / "runs" / "quickstart-001"), "--out", str(out), "--suites", "ood",
-        "--scorers", "energy", "msp", "--explain", "1", "--explain-set", "noise", "--explain-train", "32",
-        "--explain-hessian", "64", "--no-plots", cwd=trained,
-    )  # fmt: skip
+    args = [
+        str(trained / "runs" / "quickstart-001"), "--out", str(out), "--suites", "ood", "--scorers", "energy", "msp",
+        "--explain", "1", "--explain-set", "noise", "--explain-train", "32", "--explain-hessian", "64", "--no-plots",
+    ]  # fmt: skip
+    proc = run_inprocess(evaluate_main, args, capsys)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "explaining the 1 highest-scored noise images and the 1 lowest-scored ID images" in proc.stdout
     doc = json.loads((out / "explain" / "influence.json").read_text())
@@ -1099,11 +1101,15 @@ def test_monitor_ood_metric_resume_and_rerun_config(tmp_path: Path, capsys: pyte
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
 
 
-def test_wandb_project_comes_from_wandb_project() -> None:
-    code = "from gradreg.training import DEFAULT_LOGGERS as L; print(L[0]['class_path'], L[0]['init_args']['project'])"
-    env = {**os.environ, "WANDB_PROJECT": "my-ood-runs"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.stdout.split() == ["lightning.pytorch.loggers.WandbLogger", "my-ood-runs"], proc.stderr[-2000:]
+def test_wandb_project_comes_from_wandb_project(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_PROJECT", "my-ood-runs")
+    (wandb, _) = default_loggers()
+    assert (wandb["class_path"], wandb["init_args"]["project"]) == (
+        "lightning.pytorch.loggers.WandbLogger",
+        "my-ood-runs",
+    )
+    monkeypatch.delenv("WANDB_PROJECT")
+    assert default_loggers()[0]["init_args"]["project"] == "gradreg"
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs the git executable")

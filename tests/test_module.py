@@ -526,28 +526,39 @@ def test_is_rank_zero_reads_the_launchers_variables(
 
 DDP_EVAL = """
 import json, sys
-import torch
 from lightning.pytorch import Trainer, seed_everything
 from gradreg.callbacks import OODEvalCallback
 from gradreg.data import OODDataModule
-from gradreg.module import GradRegModule, UnsupportedSettingError
+from gradreg.module import GradRegModule
 
-devices, out = int(sys.argv[1]), sys.argv[2]
 seed_everything(0)
 dm = OODDataModule(eval_batch_size=50)
 model = GradRegModule(arch_kwargs={"in_channels": 1, "width": 8}, num_classes=6,
                       input_mean=dm.input_mean, input_std=dm.input_std)
-callback = OODEvalCallback(scorers=["energy", "odin"], max_samples=int(sys.argv[3]))
-settings = dict(accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False,
-                enable_model_summary=False)
-strategy = "ddp" if devices > 1 else "auto"
-if sys.argv[4:] == ["reuse"]:  # the callback has cached one device's whole sets; the forked ranks inherit them
-    Trainer(devices=1, **settings).validate(model, datamodule=dm, verbose=False)
-    strategy = "ddp_fork"
-trainer = Trainer(devices=devices, strategy=strategy, **settings)
-metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-if trainer.is_global_zero:
-    json.dump({k: float(v) for k, v in metrics.items() if k.startswith("ood/")}, open(out, "w"))
+
+
+def validate(devices, strategy, callback):
+    trainer = Trainer(devices=devices, strategy=strategy, accelerator="cpu", logger=False, callbacks=[callback],
+                      enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    return trainer.is_global_zero, {k: float(v) for k, v in metrics.items() if k.startswith("ood/")}
+
+
+def callback(max_samples):
+    return OODEvalCallback(scorers=["energy", "odin"], max_samples=max_samples)
+
+
+out = sys.argv[1]
+if sys.argv[2:] == ["ddp"]:  # Lightning's launcher runs this script again as rank 1
+    is_zero, metrics = validate(2, "ddp", callback(151))
+    if is_zero:
+        json.dump({"ddp": metrics}, open(out, "w"))
+else:
+    cached = callback(151)
+    results = {"one": validate(1, "auto", cached)[1], "whole": validate(1, "auto", callback(10_000))[1]}
+    # the callback has cached one device's whole sets; the forked ranks inherit them
+    results["reuse"] = validate(2, "ddp_fork", cached)[1]
+    json.dump(results, open(out, "w"))
 """
 
 
@@ -557,21 +568,22 @@ def test_callback_under_ddp_matches_one_device(tmp_path: Path) -> None:
     script = tmp_path / "ddp_eval.py"
     script.write_text(DDP_EVAL)
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    results = []
-    # 151: odd, a random sample of each set; "reuse": the callback of a one-device run then runs on two processes
-    for devices, max_samples, *reuse in ((1, 151), (2, 151), (1, 10_000), (2, 151, "reuse")):
-        out = tmp_path / f"metrics{devices}_{max_samples}{''.join(reuse)}.json"
-        args = [sys.executable, str(script), str(devices), str(out), str(max_samples), *reuse]
+    results = {}
+    # 151: odd, a random sample of each set; "reuse": the callback of the one-device run then runs on two processes
+    for mode in ([], ["ddp"]):
+        out = tmp_path / f"metrics{''.join(mode)}.json"
+        args = [sys.executable, str(script), str(out), *mode]
         proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "sync_dist" not in proc.stderr, proc.stderr[-3000:]  # no warning per ood/* key
-        results.append(json.loads(out.read_text()))
-    assert results[0].keys() == results[1].keys() == results[2].keys() == results[3].keys()
-    assert "ood/digits_heldout/odin/auroc" in results[0]
-    for key, value in results[0].items():
-        assert results[1][key] == pytest.approx(value, abs=1e-6), key
-        assert results[3][key] == pytest.approx(value, abs=1e-6), key  # each rank scored its shard, not the cache
-    assert results[0] != results[2]  # the sample is a part of each set
+        results |= json.loads(out.read_text())
+    one = results["one"]
+    assert one.keys() == results["ddp"].keys() == results["whole"].keys() == results["reuse"].keys()
+    assert "ood/digits_heldout/odin/auroc" in one
+    for key, value in one.items():
+        assert results["ddp"][key] == pytest.approx(value, abs=1e-6), key
+        assert results["reuse"][key] == pytest.approx(value, abs=1e-6), key  # each rank scored its shard, not the cache
+    assert one != results["whole"]  # the sample is a part of each set
 
 
 @pytest.mark.parametrize("method", ["greg", "absent"])
