@@ -4,6 +4,7 @@
 # "steps" runs only the tests, the training-step tables and the step profile (about 9 minutes on an H100); "scorers"
 # the tests, the scorer tables (contiguous, and channels-last for three scorers), purview's per-layer engines and
 # GAIA-Z's reductions (about 5 minutes on an H200). The whole script takes longer than one device call of 10 minutes.
+# The tests run in one process (-o addopts=""): the GPU machine has pytest but not pytest-xdist.
 # (bench/results/h100_* and h200_* are the files of such runs on an H100 and an H200, renamed with that prefix.)
 # The BackPACK baseline of bench/scorers.py runs if backpack is importable; for a machine without network,
 # install it beside the checkout first: pip install --no-deps --target bench/.deps backpack-for-pytorch einops unfoldNd
@@ -51,8 +52,8 @@ scorers() {
 {
   nvidia-smi -L
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  $py -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_double_backward.py tests/test_module.py \
-    tests/test_samplers.py tests/test_scorers.py
+  $py -m pytest -q -o addopts="" -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_double_backward.py \
+    tests/test_module.py tests/test_samplers.py tests/test_scorers.py
   case "$PART" in
     steps) steps ;;
     scorers) scorers ;;
