@@ -1218,6 +1218,28 @@ def test_purview_names_full_backward_hooks_that_torch_func_cannot_run_through(ba
         build("purview")(tiny, batch)
 
 
+class Checkpointed(TinyCNN):
+    """TinyCNN whose trunk runs under non-reentrant activation checkpointing (saved-tensor hooks)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.utils.checkpoint.checkpoint(self.trunk, x, use_reentrant=False))
+
+
+def test_purview_names_activation_checkpointing_that_torch_func_cannot_run_through(batch: Tensor) -> None:
+    # torch.func's own error said nothing of the fix (a DenseNet with memory_efficient=True checkpoints).
+    torch.manual_seed(0)
+    model = Checkpointed().double().eval()
+    expected = _purview_loop(model, batch)
+    torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)  # closed forms: no torch.func
+    with pytest.raises(
+        ValueError, match=r"method='vmap'.*saved-tensor hooks.*use_reentrant=False.*or use method=hooks"
+    ):
+        purview_layer_norms(model, batch, method="vmap")
+    model.trunk[1] = Scale(4).double()  # no closed form: the hooks route sends it to torch.func
+    with pytest.raises(ValueError, match=r"method='hooks' sends it trunk.1\).*saved-tensor hooks.*while scoring$"):
+        build("purview")(model, batch)
+
+
 def test_purview_refuses_train_mode_batchnorm(tiny: TinyCNN, batch: Tensor) -> None:
     tiny.train()
     state = copy.deepcopy(tiny.state_dict())

@@ -380,14 +380,21 @@ def _vmap_sq_norms(model: nn.Module, x: Tensor, layers: list[tuple[str, nn.Modul
             with torch.no_grad():
                 grads = per_sample_grad(params, x[start : start + rows].detach())
         except RuntimeError as err:
-            if "setup_context" not in str(err):
+            # functorch refuses an autograd.Function without setup_context (full backward hooks wrap modules in one)
+            # and saved-tensor hooks (installed by non-reentrant activation checkpointing).
+            if "setup_context" in str(err):
+                what = (
+                    "full backward hooks (register_full_backward_hook, register_full_backward_pre_hook) or an "
+                    "autograd.Function without setup_context"
+                )
+            elif "saved tensor hooks" in str(err):
+                what = "saved-tensor hooks (torch.utils.checkpoint with use_reentrant=False, for one)"
+            else:
                 raise
-            # functorch refuses an autograd.Function without setup_context; full backward hooks wrap modules in one.
             route = "method='vmap'" if everywhere else f"method='hooks' sends it {', '.join(n for n, _ in layers)}"
             raise ValueError(
-                f"purview differentiates with torch.func here ({route}), which cannot run through full backward hooks "
-                "(register_full_backward_hook, register_full_backward_pre_hook) or an autograd.Function without "
-                f"setup_context: remove them while scoring{', or use method=hooks' if everywhere else ''}"
+                f"purview differentiates with torch.func here ({route}), which cannot run through {what}: remove them "
+                f"while scoring{', or use method=hooks' if everywhere else ''}"
             ) from None
         pieces.append(torch.stack([_summed_sq_norms([grads[n] for n in names]) for names in groups], dim=1))
     return torch.cat(pieces)
