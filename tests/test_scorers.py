@@ -635,6 +635,7 @@ def test_exgrad_matches_expected_gradient_norm_loop(tiny: TinyCNN, batch: Tensor
         ]
         expected.append(-(probs * torch.stack(norms)).sum())
     torch.testing.assert_close(exgrad_score(features, tiny.fc(features)), torch.stack(expected), **REF)
+    torch.testing.assert_close(build("exgrad")(tiny, batch), torch.stack(expected), **REF)  # the registered scorer
 
 
 @pytest.mark.parametrize(
@@ -688,8 +689,26 @@ def test_odin_matches_per_sample_loop(
         expected.append(torch.softmax(tiny(x_tilde) / temperature, dim=1).max())
     scores = odin_score(tiny, batch, temperature, epsilon)
     torch.testing.assert_close(scores, torch.stack(expected).detach(), **REF)
+    registered = build(
+        {"name": "odin", "temperature": temperature, "epsilon": epsilon}
+    )  # its settings reach odin_score
+    torch.testing.assert_close(registered(tiny, batch), torch.stack(expected).detach(), **REF)
     unperturbed = torch.softmax(tiny(batch) / temperature, dim=1).amax(dim=1)
     assert (scores > unperturbed).all()  # the step raises the predicted-class score
+
+
+class Hinge(nn.Module):
+    """logits [10 relu(-x0) + x1, 0] of x (N, 1, 2): at x0 = 0 the gradient in x0 is exactly zero."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([10 * F.relu(-x[:, 0, 0]) + x[:, 0, 1], torch.zeros_like(x[:, 0, 0])], dim=1)
+
+
+def test_odin_steps_a_pixel_of_zero_gradient_as_the_reference_code() -> None:
+    # torch.ge(grad, 0) in the reference: a zero gradient counts as positive, so x0 falls by epsilon (and x1, whose
+    # gradient is negative, rises by it): logit 1 + 0.01 + 10 * 0.01 against 0.
+    score = odin_score(Hinge(), torch.tensor([[[0.0, 1.0]]], dtype=torch.float64), temperature=1.0, epsilon=0.01)
+    assert score.item() == pytest.approx(1 / (1 + math.exp(-1.11)), rel=1e-12)
 
 
 def _bn_output_grads(model: nn.Module, objective_fn, x: Tensor) -> list[Tensor]:
@@ -856,6 +875,17 @@ def test_gaia_on_resnets_uses_the_official_hooks(name: str, size: int) -> None:
     # GAIA-A: "-hook before_head"; layer4's map is 2x2, so the pooled-feature denominator divides by H·W = 4.
     expected_a = _gaia_official_style(model, x, before_head, "a")
     torch.testing.assert_close(4.0 * build("gaia_a")(model, x), expected_a, **REF)
+
+
+def test_gaia_hooks_groupnorm_outputs_by_default(batch: Tensor) -> None:
+    # A model without gaia_layers(): every normalization output, GroupNorm as BatchNorm (the official "-hook bn").
+    model = make_tiny()
+    model.trunk[1], model.trunk[4] = nn.GroupNorm(2, 4).double(), nn.GroupNorm(4, 8).double()
+    _randomize_norms(model)
+    norms = [model.trunk[1], model.trunk[4]]
+    torch.testing.assert_close(build("gaia_z")(model, batch), _gaia_official_style(model, batch, norms, "z"), **REF)
+    expected_a = _gaia_official_style(model, batch, [*norms, model.trunk[6]], "a")  # pooled head, as WRN
+    torch.testing.assert_close(build("gaia_a")(model, batch), expected_a, **REF)
 
 
 def test_gaia_uses_model_gaia_layers_when_defined(batch: Tensor) -> None:
@@ -1325,6 +1355,13 @@ def test_margin_matches_per_sample_deepfool_with_flips(subspace: str, digits_mod
     expected, steps = _deepfool_reference(model, x, _dct_basis(subspace, 1, 8, 2), top_k=6, overshoot=0.02, max_iter=20)
     assert len(set(steps)) > 1  # samples flip after different numbers of steps
     torch.testing.assert_close(deepfool_margin(model, x, subspace, block_size=2, top_k=6, max_iter=20), expected, **REF)
+
+
+def test_margin_scorer_passes_every_setting_on(tiny: TinyCNN, batch: Tensor) -> None:
+    # None of these is a default (the default block is 2 on 8x8 images).
+    spec = {"name": "margin", "subspace": "low", "block_size": 4, "top_k": 3, "overshoot": 0.05, "max_iter": 5}
+    expected, _ = _deepfool_reference(tiny, batch, _dct_basis("low", 2, 8, 4), top_k=3, overshoot=0.05, max_iter=5)
+    torch.testing.assert_close(build(spec)(tiny, batch), expected, **REF)
 
 
 def test_margin_default_block_is_the_quarter_image(tiny: TinyCNN, batch: Tensor) -> None:
