@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import threading
 import warnings
 from pathlib import Path
 
@@ -500,3 +501,136 @@ def test_sync_statistics_in_a_group_of_one_equal_batchnorm_to_the_second_derivat
         torch.testing.assert_close(torch.stack(running), torch.stack([native.running_mean, native.running_var]))
     finally:
         dist.destroy_process_group()
+
+
+def test_a_single_image_with_several_values_per_channel_is_fine() -> None:
+    # Only one value per channel is undefined (F.batch_norm's rule): a batch of one image is normalized over its pixels.
+    torch.manual_seed(0)
+    x, gy, ggx = torch.randn(3, 1, 3, 4, 5, dtype=torch.float64).unbind()
+    weight = torch.rand(3, dtype=torch.float64) + 0.5
+    for got, expected in zip(
+        bn_derivatives(x + 2, weight, gy, ggx, "off"), bn_derivatives(x + 2, weight, gy, ggx, None), strict=True
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_converted_layer_checks_the_input_dimensions_as_pytorchs() -> None:
+    layer = use_double_backward(nn.BatchNorm2d(3)).train()
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        layer(torch.randn(4, 3, 5))
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [
+        (lambda: nn.BatchNorm1d(3, eps=0.3, momentum=None), (6, 3, 5)),
+        (lambda: nn.BatchNorm2d(3, eps=0.3, affine=False), (4, 3, 3, 2)),
+        (lambda: nn.BatchNorm3d(3, eps=0.3, momentum=0.2), (2, 3, 2, 3, 2)),
+    ],
+    ids=["1d-cumulative", "2d-plain", "3d"],
+)
+def test_every_converted_kind_with_its_own_eps_equals_pytorch(build, shape: tuple[int, ...]) -> None:
+    # The GReg test above covers BatchNorm1d/2d with the default eps only; BatchNorm3d is converted nowhere else.
+    torch.manual_seed(0)
+    native = build().double().train()
+    with torch.no_grad():
+        for p in native.parameters():
+            p.uniform_(0.5, 1.5)
+    fast = use_double_backward(copy.deepcopy(native))
+    assert type(fast).__name__ == f"DoubleBackward{type(native).__name__}"
+    head = torch.randn(shape[1:], dtype=torch.float64)
+    for step in range(2):  # the second step checks the running statistics' bookkeeping
+        x = 2 * torch.randn(shape, dtype=torch.float64) + 1
+        results = []
+        for layer in (native, fast):
+            xx = x.clone().requires_grad_()
+            loss = (layer(xx).tanh() * head).sum()
+            (gx,) = torch.autograd.grad(loss, xx, create_graph=True)
+            results.append([gx, *torch.autograd.grad(loss + gx.square().sum(), [xx, *layer.parameters()])])
+        for got, expected in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        for (name, got), expected in zip(fast.state_dict().items(), native.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"{name} after step {step}")
+
+
+class _ThreadRanks:
+    """Ranks as threads of this process: a stand-in process group whose all_reduce is a barrier-synchronized sum."""
+
+    def __init__(self, world: int) -> None:
+        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
+
+    def all_reduce(self, t: Tensor, rank: int) -> None:
+        self.slots[rank] = t.clone()
+        self.barrier.wait()
+        total = functools.reduce(torch.add, self.slots)  # the same order on every rank
+        self.barrier.wait()
+        t.copy_(total)
+
+    def run(self, fn, monkeypatch: pytest.MonkeyPatch) -> list:
+        """``fn(rank, group)`` on every rank at once; torch.distributed's calls for ``group`` answered by this."""
+
+        class Group:  # what sync_batch_norm_train hands back to torch.distributed
+            def __init__(self, ranks: _ThreadRanks, rank: int) -> None:
+                self.ranks, self.rank = ranks, rank
+
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: group.ranks.world)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: group.rank)
+        monkeypatch.setattr(
+            torch.distributed, "all_reduce", lambda t, group=None, **_: group.ranks.all_reduce(t, group.rank)
+        )
+        results, errors = [None] * self.world, []
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = fn(rank, Group(self, rank))
+            except BaseException as err:  # raised below; aborting the barrier frees the other ranks
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        if errors:
+            raise errors[0]
+        return results
+
+
+@pytest.mark.filterwarnings("ignore:var_mean\\(\\). degrees of freedom")
+def test_sync_statistics_over_unequal_and_empty_rank_batches_equal_one_batchnorm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Three ranks as threads (rank 0 without images, as a last batch may leave it): output gradient, its derivatives
+    # (upstream ggx, and ggγ, ggβ equal on all ranks so that the shares add up) and the running statistics against
+    # one BatchNorm over all images. Seconds instead of torchrun's, and it reaches the sums over the ranks that a
+    # group of one cannot.
+    torch.manual_seed(0)
+    x = 2 * torch.randn(6, 3, 4, 4, dtype=torch.float64) + 1
+    head, u, v = torch.randn(3, 4, 4, dtype=torch.float64), *torch.randn(2, 3, dtype=torch.float64)
+    weight, bias = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    parts = [slice(0, 0), slice(0, 2), slice(2, 6)]
+
+    def step(bn, x: Tensor, w: Tensor, b: Tensor) -> list[Tensor]:
+        loss = (bn(x, weight=w, bias=b).tanh() * head).sum()
+        gx, gw, gb = torch.autograd.grad(loss, [x, w, b], create_graph=True)
+        penalty = gx.square().sum() + (gw * u).sum() + (gb * v).sum()  # linear in gγ, gβ: the ranks' shares add up
+        return [t.detach() for t in (gx, gw, gb, *torch.autograd.grad(loss + penalty, [x, w, b]))]
+
+    def on_rank(rank: int, group) -> tuple[list[Tensor], list[Tensor]]:
+        running = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+        bn = functools.partial(sync_batch_norm_train, running_mean=running[0], running_var=running[1], momentum=0.3,
+                               eps=1e-5, group=group)  # fmt: skip
+        return step(bn, *(t.clone().requires_grad_() for t in (x[parts[rank]], weight, bias))), running
+
+    ranks = _ThreadRanks(3).run(on_rank, monkeypatch)
+    running = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    native = functools.partial(F.batch_norm, running_mean=running[0], running_var=running[1], training=True,
+                               momentum=0.3, eps=1e-5)  # fmt: skip
+    expected = step(native, *(t.clone().requires_grad_() for t in (x, weight, bias)))
+    for i in (0, 3):  # gx and its gradient: each rank holds its images' rows
+        torch.testing.assert_close(torch.cat([got[i] for got, _ in ranks]), expected[i], rtol=1e-10, atol=1e-12)
+    for i in (1, 2, 4, 5):  # gγ, gβ and their gradients: the ranks' shares add up to the whole (DDP's sum)
+        torch.testing.assert_close(sum(got[i] for got, _ in ranks), expected[i], rtol=1e-10, atol=1e-12)
+    for _, got in ranks:
+        torch.testing.assert_close(torch.stack(got), torch.stack(running), rtol=1e-12, atol=1e-15)

@@ -164,3 +164,17 @@ def test_bf16_autocast_keeps_dtypes_and_matches_pytorch() -> None:
     torch.testing.assert_close(loss_fast, loss_native, rtol=1e-2, atol=0)
     for g_fast, g_native in zip(grads_fast, grads_native, strict=True):
         assert float((g_fast - g_native).norm() / g_native.norm()) < 2e-2
+
+
+def test_autocast_leaves_float64_layers_alone_as_pytorch() -> None:
+    # Autocast casts no float64 tensor (nor does PyTorch's convolution under it): same dtype, same values.
+    native, fast, x = converted("2d-stride-bias")
+    results = []
+    for layer in (native, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == F64
+            results.append(penalty_step(layer, x))
+    (loss_native, grads_native), (loss_fast, grads_fast) = results
+    torch.testing.assert_close(loss_fast, loss_native, rtol=1e-13, atol=0)
+    for g_fast, g_native in zip(grads_fast, grads_native, strict=True):
+        torch.testing.assert_close(g_fast, g_native, rtol=1e-10, atol=1e-13)
