@@ -1189,3 +1189,63 @@ def test_frost_without_its_photographs_says_how_to_install_them(monkeypatch: pyt
     importlib.invalidate_caches()
     with pytest.raises(ValueError, match=r"not installed: pip install --no-deps imagecorruptions \(2 MB"):
         CORRUPTIONS.get("frost")(_smooth_images(3), 1)
+
+
+def test_pgd_random_start_is_uniform_over_the_whole_ball_and_valid(trained: SmallCNN, test_batch: tuple) -> None:
+    # steps=0: the start alone. Madry et al.: uniform in [-eps, eps] per pixel, projected onto the ball and [0, 1].
+    x, y = test_batch
+    clean = _pixels(trained, x)
+    start = _pixels(trained, pgd(trained, x, y, EPS, steps=0, generator=torch.Generator().manual_seed(0)))
+    assert start.min() >= -1e-6
+    assert start.max() <= 1 + 1e-6
+    assert (start - clean).abs().max() <= EPS + 1e-5
+    delta = (start - clean)[(clean > EPS) & (clean < 1 - EPS)]  # pixels that no [0, 1] clamp can reach
+    assert delta.numel() > 500
+    assert delta.min() < -0.9 * EPS
+    assert delta.max() > 0.9 * EPS
+    assert delta.mean().abs() < 0.05 * EPS  # centred on the clean image
+
+
+def test_energy_attack_steps_along_the_tempered_energy(trained: SmallCNN, test_batch: tuple) -> None:
+    # One step of size eps descends E_T = -T logsumexp(f / T): x - eps * sign(grad_x E_T), clipped to [0, 1].
+    model = _copy(trained, torch.float64)
+    x = test_batch[0].double()
+    temperature = 1000.0
+    x_req = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(energy(model(x_req), temperature).sum(), x_req)  # std > 0: same sign as in pixels
+    expected = (_pixels(model, x) - EPS * grad.sign()).clamp(0, 1)
+    got = _pixels(model, energy_attack(model, x, EPS, steps=1, step_size=EPS, temperature=temperature))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    at_one = _pixels(model, energy_attack(model, x, EPS, steps=1, step_size=EPS))
+    assert (at_one - got).abs().max() > EPS  # the case tells T = 1000 from T = 1
+
+
+@pytest.mark.parametrize("attack", ["pgd", "energy"])
+def test_default_step_is_two_and_a_half_budgets_over_the_steps(trained: SmallCNN, test_batch: tuple, attack) -> None:
+    x, y = test_batch
+    eps, steps = 8 / 255, 4
+
+    def run(**step):
+        if attack == "pgd":
+            return pgd(trained, x, y, eps, steps=steps, random_start=False, **step)
+        return energy_attack(trained, x, eps, steps=steps, **step)
+
+    default = run()
+    torch.testing.assert_close(default, run(step_size=2.5 * eps / steps), rtol=0, atol=0)
+    assert not torch.equal(default, run(step_size=eps / steps))  # the case tells the step sizes apart
+
+
+def test_a_zero_budget_moves_no_pixel_of_a_bfloat16_model() -> None:
+    # bfloat16 constants put saturated pixels up to ~0.002 outside [0, 1]; with epsilon = 0 the attacks must return
+    # the clean images (the bounds keep a clean pixel where it is, above 1 as well as below 0: clamping it to 1
+    # would move it although the budget is 0).
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2470, 0.2435, 0.2616])
+    model = SmallCNN(10, in_channels=3, width=8)
+    model.set_normalization(mean.tolist(), std.tolist())
+    model = model.to(torch.bfloat16)
+    pixels = (torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3 - 1).clamp(0, 1)
+    x = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    clean = _pixels(model, x)
+    assert clean.max() > 1 + 5e-4  # the case has white pixels that the bfloat16 constants put above 1
+    for x_adv in (fgsm(model, x, None, 0.0), pgd(model, x, None, 0.0, steps=2), energy_attack(model, x, 0.0, steps=2)):
+        assert (_pixels(model, x_adv) - clean).abs().max() <= 1e-6

@@ -286,3 +286,13 @@ def test_sample_is_a_fixed_random_subset_that_spans_a_class_sorted_set() -> None
     counts = torch.bincount(labels[chosen.indices], minlength=10)
     assert counts.min() >= 8  # the first 200 would be classes 0 and 1 only
     assert list(sample(dataset, None).indices) == list(range(1000)) == list(sample(dataset, 5000).indices)
+
+
+def test_torch_float64_scores_keep_their_precision() -> None:
+    # Scores 1e-9 apart (e.g. a float64 scorer near 1): a float32 detour would tie them all.
+    id_t = torch.tensor([1.0 + 2e-9, 1.0 + 3e-9], dtype=torch.float64)
+    ood_t = torch.tensor([1.0, 1.0 + 1e-9], dtype=torch.float64)
+    np.testing.assert_array_equal(as_scores(id_t), id_t.numpy())
+    assert auroc(id_t, ood_t) == 1.0
+    assert fpr95(id_t, ood_t) == 0.0
+    assert ood_metrics(id_t, ood_t) == ood_metrics(id_t.numpy(), ood_t.numpy())

@@ -628,3 +628,26 @@ def test_per_epoch_mining_resumed_inside_an_epoch_keeps_its_block(tmp_path):
     assert resumed.drawn[1] == straight.drawn[1][(25 - steps) * dm.outlier_batch_size :]
     assert resumed.kept[2 * steps].tolist() == straight.kept[2 * steps].tolist()
     assert resumed.drawn[2] == straight.drawn[2]
+
+
+def test_norm_feature_normalizes_over_all_candidates_before_the_energy_slice():
+    # Official clusterAndChooseSamples normalizes each feature dimension over the whole candidate batch, then keeps
+    # the [spt:ept] slice. Candidate 0 (lowest energy, dropped by keep_start=1) is huge in dimensions 1 and 2, so over
+    # all candidates those dimensions shrink 100x and the kept points cluster by the sign of dimension 0 (A);
+    # normalized over the kept points only they would cluster by the sign of dimensions 1-2 (B).
+    signs = torch.tensor([[1, 1], [1, -1], [-1, 1], [-1, -1]] * 2, dtype=torch.float32)  # (A, B) of candidates 1..8
+    kept = torch.cat([signs[:, :1], signs[:, 1:], signs[:, 1:]], dim=1)
+    feats = torch.cat([torch.tensor([[0.0, 100.0, 100.0]]), kept])
+    scores = torch.tensor([-10.0, 1, 2, 3, 4, 5, 6, 7, 8])
+    idx = cluster_select(
+        feats,
+        scores,
+        n_id=2,
+        num_clusters=2,
+        two_way=False,
+        keep_start=1,
+        generator=_gen(0),
+        representation="norm_feature",
+    )
+    # clusters A+ = {1, 2, 5, 6}, A- = {3, 4, 7, 8}: their lowest-energy members ({1, 2} would be the B clusters')
+    assert sorted(idx.tolist()) == [1, 3]
