@@ -687,3 +687,104 @@ def test_auto_damping_doubles_until_cg_meets_no_negative_curvature(monkeypatch: 
     assert used > -lowest
     assert math.log2(used / 1.01e-4) == pytest.approx(round(math.log2(used / 1.01e-4)))  # 1.01e-4 doubled k times
     assert max(result.settings["relative_residual"]) < 1e-8
+
+
+def test_greg_objective_energy_hinges_point_the_right_way() -> None:
+    # tiny_cnn_setup's energies spread by ~0.02 around the margins: its squared hinges (~1e-5) hide under the
+    # tolerance of the equality test, so flipping the ID hinge to relu(m_in - E)^2 went unnoticed. Here every row
+    # is a full unit past (or short of) its margin. reg_weight=1 with every gate closed runs the penalty branch.
+    model, (x_in, y_in, x_out), _, _ = tiny_cnn_setup(torch.float64)
+    with torch.no_grad():
+        e_in, e_out = energy(model(x_in)), energy(model(x_out))
+        ce = F.cross_entropy(model(x_in), y_in)
+    batch = (x_in, y_in, x_out)
+    # ID energies above m_in and outlier energies below m_out: both squared hinges active on every row
+    m_in, m_out = float(e_in.min()) - 1.0, float(e_out.max()) + 1.0
+    expected = ce + (e_in - m_in).pow(2).mean() + (m_out - e_out).pow(2).mean()
+    for reg_weight in (0.0, 1.0):  # penalty gates all closed: the same value through both branches
+        objective = greg_objective(m_in, m_out, energy_weight=1.0, reg_weight=reg_weight, scaling="paper")
+        torch.testing.assert_close(objective(model, batch).detach(), expected, rtol=1e-12, atol=1e-12)
+    # every row on the right side of its margin: the hinges are silent (only CE and the penalty remain)
+    m_in, m_out = float(e_in.max()) + 1.0, float(e_out.min()) - 1.0
+    objective = greg_objective(m_in, m_out, energy_weight=1.0, reg_weight=0.0, scaling="paper")
+    torch.testing.assert_close(objective(model, batch).detach(), ce, rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_gradients_are_the_gradients_of_the_single_point_objective() -> None:
+    # vmap-vs-loop compared the library with itself; an ID point's "single" batch that also fed the image in as an
+    # outlier, (x_i, y_i, x_i), passed it. Reference: plain autograd on (x_i, y_i, None) and (None, None, x_i).
+    model, (x_in, y_in, x_out), m_in, m_out = tiny_cnn_setup(torch.float64, n=4)
+    objective = greg_objective(m_in, m_out, energy_weight=0.1, reg_weight=1.0, scaling="paper")
+    names = select_parameters(model)
+    params = dict(model.named_parameters())
+
+    def reference(batch) -> Tensor:
+        grads = torch.autograd.grad(objective(model, batch), [params[n] for n in names])
+        return torch.cat([g.flatten() for g in grads])
+
+    expected_id = torch.stack([reference((x_in[i : i + 1], y_in[i : i + 1], None)) for i in range(4)])
+    expected_out = torch.stack([reference((None, None, x_out[i : i + 1])) for i in range(4)])
+    for mode in ("vmap", "loop"):
+        got_id = per_sample_gradients(model, objective, x_in, y_in, names, "id", mode=mode)
+        got_out = per_sample_gradients(model, objective, x_out, None, names, "outlier", mode=mode)
+        torch.testing.assert_close(got_id, expected_id, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_out, expected_out, rtol=1e-10, atol=1e-12)
+
+
+def test_lissa_repeats_are_averaged() -> None:
+    # with a deterministic hvp every repeat gives the same estimate: their mean is the solution, their sum is not
+    h = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    v = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    exact = v / (h + 0.5)
+    for repeats in (1, 3):
+        solution = inverse_hvp(
+            lambda u: h * u, v, "lissa", damping=0.5, scale=5.0, depth=500, repeats=repeats, tol=1e-14
+        )
+        torch.testing.assert_close(solution, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_ground_truth_reads_helpful_as_raising_the_score() -> None:
+    # test_is_id=None (unknown): "helpful" = raises the ID-score, as for an ID image (the class docstring)
+    influence = torch.tensor([[0.5, -0.2, 0.3]])
+    result = InfluenceResult(
+        test_scores=torch.zeros(1),
+        id_indices=torch.tensor([10, 11, 12]),
+        id_influence=influence,
+        outlier_indices=torch.tensor([20, 21, 22]),
+        outlier_influence=influence,
+        test_is_id=[None],
+        test_ids=[0],
+        param_names=["fc.weight"],
+    )
+    assert result.top(0, 3, "id", "helpful")[0].tolist() == [10, 12]
+    assert result.top(0, 3, "id", "harmful")[0].tolist() == [11]
+    assert result.to_dict(k=3)["tests"][0]["is_id"] is None
+
+
+def test_hessian_loss_sets_the_hessian_and_train_loss_the_training_gradients() -> None:
+    # ce_loss(l2)'s Hessian is ce_loss()'s plus l2 * I: inverting it with damping d is inverting ce_loss()'s with
+    # damping d + l2. The per-sample gradients stay those of train_loss (ce_loss(l2)'s would add l2 * theta).
+    # A hessian_loss that explain ignored (or used for the training gradients) passed every other test.
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    model = FixedFeatures(3, 4, in_channels=1).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # theta far from 0: l2 * theta in a gradient would show
+    common = {"tol": 1e-12, "max_train": None, "hessian_points": 40, "batch_size": 40}
+    data = TensorDataset(x, y)
+    split = explain(model, x[:2], "energy", ce_loss(), data, hessian_loss=ce_loss(l2=1.0), damping=0.1, **common)
+    shifted = explain(model, x[:2], "energy", ce_loss(), data, damping=1.1, **common)
+    assert split.settings["hessian_loss"] != "train_loss"
+    torch.testing.assert_close(split.id_influence, shifted.id_influence, rtol=1e-8, atol=1e-12)
+    plain = explain(model, x[:2], "energy", ce_loss(), data, damping=0.1, **common)
+    assert (plain.id_influence - shifted.id_influence).abs().max() > 1e-3  # the Hessian made a difference
+
+
+def test_lissa_default_scale_includes_the_damping() -> None:
+    # scale=None is 1.1 |lambda|_max + damping: without the damping term a damping above ~1.2 lambda_max makes
+    # scale < (lambda_max + damping) / 2 and the series diverges
+    h = torch.tensor([0.1, 0.05, 0.02], dtype=torch.float64)
+    v = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+    solution = inverse_hvp(lambda u: h * u, v, "lissa", damping=1.0, depth=200, tol=1e-14)
+    torch.testing.assert_close(solution, v / (h + 1.0), rtol=1e-10, atol=1e-12)

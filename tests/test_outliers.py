@@ -382,3 +382,68 @@ def test_lightning_resume_mid_epoch_draws_the_same_outliers(tmp_path):
         resumed, datamodule=_StreamData(), ckpt_path=str(tmp_path / "step=13.ckpt")
     )
     assert resumed.seen == straight.seen[13:]
+
+
+def test_ranks_take_interleaved_blocks_of_each_pass():
+    # the documented layout: block b * world + rank of a pass goes to rank (a contiguous split per rank also drew
+    # disjoint candidates and passed test_ranks_draw_disjoint_candidates)
+    stream = OutlierStream(_pool(97), 4, seed=3)
+    single = torch.cat([stream.batch_indices(p, rank=0, world_size=1) for p in range(24)])  # one pass, one rank
+    for position in range(8):
+        for rank in range(3):
+            block = position * 3 + rank
+            assert stream.batch_indices(position, rank, 3).tolist() == single[block * 4 : block * 4 + 4].tolist()
+
+
+def test_restrict_starts_a_fresh_pass():
+    # restrict() starts a segment: its first per-pass batches cover the restriction exactly once, wherever the
+    # stream stood (a position not reset at the segment start began mid-pass, repeating and skipping candidates)
+    stream = OutlierStream(_pool(60), 4, seed=0)
+    _consume(stream, stream.dataloader(), 5)
+    keep = torch.arange(0, 60, 5)  # 12 indices = 3 batches per pass
+    stream.restrict(keep)
+    assert stream.restricted_at == 5
+    drawn = [i for batch in _consume(stream, stream.dataloader(), 3) for i in batch]
+    assert sorted(drawn) == keep.tolist()
+
+
+def test_restrict_refuses_an_index_equal_to_the_pool_size():
+    stream = OutlierStream(_pool(60), 4, seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 60\)"):
+        stream.restrict(torch.tensor([1, 2, 3, 60]))
+    with pytest.raises(ValueError, match=r"\[0, 60\)"):
+        stream.restrict(torch.tensor([-1, 2, 3, 4]))
+    stream.restrict(torch.tensor([1, 2, 3, 59]))  # the last index is fine
+
+
+def test_a_new_segment_draws_new_augmentation_seeds():
+    # seeds come from (seed, segment, pass): a restriction's first pass must not replay the seeds of the pool's
+    # first pass position by position
+    stream = OutlierStream(_pool(40), 4, seed=0)
+    before = [s for p in range(10) for _, s in stream.batch_items(p)]
+    stream.restrict(None)  # a new segment at position 0 over the whole pool
+    after = [s for p in range(10) for _, s in stream.batch_items(p)]
+    assert len(set(before) & set(after)) == 0
+
+
+def test_complement_with_a_class_listed_twice_keeps_the_rest(tmp_path):
+    # the "covers every class" check counts distinct classes: a class named in the file and inline again is one class
+    tree = tmp_path / "imagenet" / "train"
+    _png_tree(tree, {"n00000001": 3, "n00000002": 2, "n00000003": 4})
+    (tmp_path / "id.txt").write_text("n00000002\n")
+    spec = {"name": "imagefolder_complement", "id_classes_file": str(tmp_path / "id.txt")}
+    ds = build_dataset({**spec, "id_classes": ["n00000002", "n00000001"]}, tmp_path, "train")  # 3 names, 2 classes
+    assert ds.classes == ["n00000003"]
+    assert len(ds) == 4
+
+
+def test_tinyimages_reader_takes_single_channel_arrays(tmp_path):
+    # check_image_array accepts C in (1, 3): a grayscale (N, H, W, 1) array is a valid pool
+    file = tmp_path / "gray.npy"
+    np.save(file, np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1))
+    pool = ImageArray(file, name="gray")
+    assert len(pool) == 2
+    image, label = pool[1]
+    assert image.shape == (4, 4, 1)
+    assert label == -1
+    assert int(image[0, 0, 0]) == 16
