@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradreg.double_backward import use_double_backward
+from gradreg.double_backward import original_type, use_double_backward
 from gradreg.double_backward.batchnorm import (
     DoubleBackwardBatchNorm2d,
     _closed_form,
@@ -634,3 +634,10 @@ def test_sync_statistics_over_unequal_and_empty_rank_batches_equal_one_batchnorm
         torch.testing.assert_close(sum(got[i] for got, _ in ranks), expected[i], rtol=1e-10, atol=1e-12)
     for _, got in ranks:
         torch.testing.assert_close(torch.stack(got), torch.stack(running), rtol=1e-12, atol=1e-15)
+
+
+def test_original_type_names_the_torch_class_a_converted_layer_came_from() -> None:
+    model = use_double_backward(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Linear(2, 2), nn.ReLU()))
+    assert type(model[0]) is not nn.Conv2d
+    assert type(model[1]) is not nn.BatchNorm2d
+    assert [original_type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.ReLU]

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
 from gradreg.models import (
     MODELS,
     Classifier,
     ResNet50,
+    _replace_input_conv,
     add_absent_head,
     create_classifier,
     eval_mode,
@@ -340,3 +342,168 @@ def test_torchvision_weights_offline_is_one_clear_error(
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)  # what WeightsEnum calls
     with pytest.raises(ValueError, match=r"cannot fetch the torchvision weights .*name resolution.*\.ckpt file"):
         create_classifier(name, 10, weights="DEFAULT")
+
+
+class _OfficialWideBlock(nn.Module):
+    """BasicBlock of the official WRN code (github.com/xternalz/WideResNet-pytorch, used by OE and energy-OOD)."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, drop_rate: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
+        self.drop_rate = drop_rate
+        self.equal_in_out = in_planes == out_planes
+        self.conv_shortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.equal_in_out:
+            x = F.relu(self.bn1(x))
+            out = F.relu(self.bn2(self.conv1(x)))
+        else:
+            out = F.relu(self.bn2(self.conv1(F.relu(self.bn1(x)))))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        out = self.conv2(out)
+        return torch.add(x if self.equal_in_out else self.conv_shortcut(x), out)
+
+
+class _OfficialWideResNet(nn.Module):
+    def __init__(self, depth: int, widen_factor: int, num_classes: int, drop_rate: float) -> None:
+        super().__init__()
+        channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, channels[0], 3, stride=1, padding=1, bias=False)
+        blocks = []
+        for g, stride in enumerate((1, 2, 2)):
+            for i in range(n):
+                cin = channels[g] if i == 0 else channels[g + 1]
+                blocks.append(_OfficialWideBlock(cin, channels[g + 1], stride if i == 0 else 1, drop_rate))
+        self.blocks = nn.Sequential(*blocks)
+        self.bn1 = nn.BatchNorm2d(channels[3])
+        self.fc = nn.Linear(channels[3], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.blocks(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))  # the official avg_pool2d(out, 8) at 32x32
+
+
+def _load_by_order(reference: nn.Module, model: nn.Module, head: str) -> None:
+    """Copy ``model``'s weights and statistics into ``reference``, pairing the trunk's tensors in registration order."""
+
+    def split(state: dict, head: str) -> tuple[dict, dict]:
+        body = {k: v for k, v in state.items() if not k.startswith((f"{head}.", "input_"))}
+        return body, {k.removeprefix(f"{head}."): v for k, v in state.items() if k.startswith(f"{head}.")}
+
+    body, fc = split(model.state_dict(), "fc")
+    ref_body, _ = split(reference.state_dict(), head)
+    assert [tuple(v.shape) for v in body.values()] == [tuple(v.shape) for v in ref_body.values()]
+    state = dict(zip(ref_body, body.values(), strict=True))
+    reference.load_state_dict({**state, **{f"{head}.{k}": v for k, v in fc.items()}})
+
+
+def _assert_same_network(model: nn.Module, reference: nn.Module, head: str, size: int = 16) -> None:
+    """Same logits and penultimate features in train and eval mode, same running statistics after a training forward;
+    the input is not normalized inside the model (the data pipeline does that)."""
+    torch.manual_seed(0)
+    model.double()
+    reference.double()
+    with torch.no_grad():  # non-trivial statistics, so that eval mode and the BN momentum are checked too
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.set_normalization([0.4, 0.5, 0.6], [0.2, 0.3, 0.4])
+    _load_by_order(reference, model, head)
+    seen = []
+    getattr(reference, head).register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training)
+        reference.train(training)
+        torch.manual_seed(1)
+        features = model.features(x)
+        torch.manual_seed(1)
+        expected = reference(x)
+        torch.testing.assert_close(model.fc(features), expected, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(features, seen[-1], rtol=1e-9, atol=1e-9)
+        if training:  # running statistics (momentum 0.1) and num_batches_tracked
+            ours = [v for k, v in model.state_dict().items() if not k.startswith(("fc.", "input_"))]
+            theirs = [v for k, v in reference.state_dict().items() if not k.startswith(f"{head}.")]
+            for a, b in zip(ours, theirs, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(model(x), expected, rtol=1e-9, atol=1e-9)  # forward = fc(features), no normalization
+
+
+def test_wrn40_2_is_the_official_wide_resnet_with_dropout_between_the_convolutions() -> None:
+    model = create_classifier("wrn40_2", 10, dropout=0.3)
+    assert sum(p.numel() for p in model.parameters()) == 2_243_546  # WRN-40-2 for CIFAR-10 (OE / energy-OOD code)
+    _assert_same_network(model, _OfficialWideResNet(40, 2, 10, 0.3), "fc")
+
+
+def test_resnet18_cifar_is_torchvision_resnet18_with_the_cifar_stem() -> None:
+    from torchvision.models import resnet18
+
+    reference = resnet18(num_classes=10)
+    reference.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    reference.maxpool = nn.Identity()
+    model = create_classifier("resnet18_cifar", 10)
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962
+    _assert_same_network(model, reference, "fc")
+
+
+def test_densenet_bc_100_is_torchvision_densenet_with_the_cifar_stem() -> None:
+    from torchvision.models.densenet import DenseNet
+
+    reference = DenseNet(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, bn_size=4, num_classes=10)
+    reference.features.conv0 = nn.Conv2d(3, 24, 3, padding=1, bias=False)
+    reference.features.norm0 = reference.features.relu0 = reference.features.pool0 = nn.Identity()
+    model = create_classifier("densenet_bc_100", 10)
+    assert sum(p.numel() for p in model.parameters()) == 769_162
+    _assert_same_network(model, reference, "classifier")
+
+
+@pytest.mark.parametrize(("name", "head"), [("resnet50", "fc"), ("densenet121", "classifier")])
+def test_torchvision_wrappers_compute_torchvision_features(name: str, head: str) -> None:
+    import torchvision
+
+    reference = getattr(torchvision.models, name)(num_classes=10)
+    _assert_same_network(create_classifier(name, 10), reference, head, size=32)
+
+
+def test_convolutions_are_he_normal_with_fan_out_and_heads_start_with_zero_bias() -> None:
+    torch.manual_seed(0)
+    model = create_classifier("wrn40_2", 10)
+    add_absent_head(model)
+    conv = model.block2[0].conv1  # 32 -> 64 channels: fan-out 64 * 9 = 576, fan-in 288
+    std = conv.weight.std().item()
+    assert abs(std - (2 / 576) ** 0.5) < 0.1 * (2 / 576) ** 0.5
+    assert torch.equal(model.fc.bias, torch.zeros(10))
+    assert torch.equal(model.absent_fc.bias, torch.zeros(1))
+
+
+def test_set_normalization_records_mean_and_std() -> None:
+    model = create_classifier("small_cnn", 3, in_channels=2)
+    model.set_normalization([0.4, 0.5], [0.25, 0.75])
+    torch.testing.assert_close(model.input_mean, torch.tensor([0.4, 0.5]), rtol=0, atol=0)
+    torch.testing.assert_close(model.input_std, torch.tensor([0.25, 0.75]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("in_channels", [1, 2, 6])
+def test_pretrained_stem_for_other_channel_counts_sums_or_cycles_and_rescales_the_filters(in_channels: int) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 7, stride=2, padding=3)
+    new = _replace_input_conv(conv, in_channels, pretrained=True)
+    x = torch.rand(2, 3, 16, 16)
+    if in_channels == 1:  # summed filters: a gray image responds as in RGB
+        gray = x[:, :1]
+        torch.testing.assert_close(new(gray), conv(gray.expand(-1, 3, -1, -1)))
+    else:  # cycled filters, rescaled by 3 / C
+        idx = torch.arange(in_channels) % 3
+        torch.testing.assert_close(new.weight, conv.weight[:, idx] * (3 / in_channels))
+        if in_channels == 6:  # the RGB image given twice responds as the RGB stem to it once
+            torch.testing.assert_close(new(torch.cat([x, x], dim=1)), conv(x))
+    torch.testing.assert_close(new.bias, conv.bias, rtol=0, atol=0)
