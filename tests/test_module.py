@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -24,12 +25,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.tuner import Tuner
 
-from gradreg.callbacks import OODEvalCallback
+from gradreg.callbacks import OODEvalCallback, _gather
 from gradreg.data import OODDataModule
 from gradreg.data.module import EpochShuffle, Strided
 from gradreg.double_backward.batchnorm import DoubleBackwardSyncBatchNorm
+from gradreg.evaluation import ScoredSet
 from gradreg.models import MODELS, SmallCNN
-from gradreg.module import GradRegModule, UnsupportedSettingError
+from gradreg.module import GradRegModule, NonFiniteLossError, UnsupportedSettingError
 from gradreg.registry import SettingError
 from gradreg.training import is_rank_zero
 
@@ -890,3 +892,225 @@ def test_only_a_regularizing_method_refuses_float16(method: str) -> None:
     GradRegModule(method="greg", reg_weight=0.0).check_trainer(trainer)
     for precision in ("bf16-mixed", "16-mixed"):  # on a CPU Lightning trains 16-mixed in bfloat16
         GradRegModule(method="greg").check_trainer(Trainer(precision=precision, accelerator="cpu", logger=False))
+
+
+# ---------------------------------------------------------------------------------------------------- module
+@pytest.mark.parametrize("scaling", ["code", "paper"])
+def test_greg_step_is_the_weighted_sum_of_its_terms_by_plain_autograd(scaling: str) -> None:
+    # CE + energy_weight * squared-hinge energy loss + reg_weight * the input-gradient norm of the plain-hinge Phi
+    # (ALGORITHMS.md 1.2, checklist 2-3), from one train-mode forward; a float64 reference written with autograd alone.
+    model, _ = make("greg", m_in=-1.69, m_out=-1.65, energy_weight=0.3, reg_weight=0.7, reg_scaling=scaling)
+    model.double().train()
+    g = torch.Generator().manual_seed(0)
+    x_id = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (6,), generator=g)
+    x_out = 2 * torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    net = copy.deepcopy(model.model)  # before the step: the same BatchNorm running statistics and train mode
+    out = model._forward_losses(x_id, y, x_out)
+    assert model.model.training  # the penalty's forward is the training forward (BatchNorm batch statistics)
+
+    x = torch.cat([x_id, x_out]).requires_grad_(True)
+    logits = net(x)
+    e = -torch.logsumexp(logits, dim=1)
+    e_in, e_out = e[:6], e[6:]
+    assert [int((e_in < -1.69).sum()), int((e_out > -1.65).sum())] == [3, 3]  # of 6 and 4: some rows active, some not
+    ce = F.cross_entropy(logits[:6], y)
+    hinge2 = F.relu(e_in + 1.69).pow(2).mean() + F.relu(-1.65 - e_out).pow(2).mean()
+    phi_in, phi_out = F.relu(-1.69 - e_in), F.relu(e_out + 1.65)
+    phi = phi_out.mean() - phi_in.mean() if scaling == "code" else phi_out.sum() - phi_in.sum()
+    (grad,) = torch.autograd.grad(phi, x, create_graph=True)
+    norms = grad.flatten(1).norm(dim=1)
+    reg = norms.mean() if scaling == "code" else norms[:6].mean() + norms[6:].mean()
+    expected = ce + 0.3 * hinge2 + 0.7 * reg
+
+    close = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(out["loss/ce"], ce, **close)
+    torch.testing.assert_close(out["loss/energy"], 0.3 * hinge2, **close)
+    torch.testing.assert_close(out["loss/reg"], 0.7 * reg, **close)
+    torch.testing.assert_close(out["loss"], expected, **close)
+    torch.testing.assert_close(out["energy_id"], e_in.mean(), **close)
+    torch.testing.assert_close(out["energy_out"], e_out.mean(), **close)
+    torch.testing.assert_close(out["grad_norm_id"], norms[:6].mean(), **close)
+    torch.testing.assert_close(out["grad_norm_out"], norms[6:].mean(), **close)
+    active = torch.cat([e_in < -1.69, e_out > -1.65]).double().mean()
+    assert out["hinge_active"].item() == pytest.approx(active.item(), rel=1e-6)  # a float32 fraction: 6 of 10
+    # The penalty trains the weights: the step's weight gradients are those of the reference loss.
+    got = torch.autograd.grad(out["loss"], list(model.model.parameters()))
+    want = torch.autograd.grad(expected, list(net.parameters()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **close)
+
+
+def test_oe_and_absent_steps_weigh_their_outlier_terms() -> None:
+    g = torch.Generator().manual_seed(0)
+    x_id, y = torch.randn(5, 1, 8, 8, generator=g), torch.randint(0, 6, (5,), generator=g)
+    x_out = torch.randn(3, 1, 8, 8, generator=g)
+    model, _ = make("oe", oe_weight=0.3)
+    model.eval()
+    out = model._forward_losses(x_id, y, x_out)
+    logits_out = model.model(x_out)
+    oe = (torch.logsumexp(logits_out, 1) - logits_out.mean(1)).mean()  # CE to the uniform distribution
+    torch.testing.assert_close(out["loss/oe"], 0.3 * oe)
+    torch.testing.assert_close(out["loss"], out["loss/ce"] + 0.3 * oe)
+    model, _ = make("absent", absent_weight=0.4)
+    model.eval()
+    with torch.no_grad():
+        model.model.absent_fc.bias.fill_(100.0)  # the absent logit wins every row of the K+1
+    y = model.model(x_id).argmax(1)  # every ID image right among the K classes
+    out = model._forward_losses(x_id, y, x_out)
+    assert out["acc"] == 1.0  # accuracy among the K ID classes, not the K+1 trained logits
+    absent = F.cross_entropy(torch.cat([model.model(x_out), model.model.absent_fc(model.model.features(x_out))], 1),
+                             torch.full((3,), 6))  # fmt: skip
+    torch.testing.assert_close(out["loss/absent"], 0.4 * absent)
+
+
+def test_optimizer_takes_the_configured_settings(tmp_path: Path) -> None:
+    model, _ = make("energy", weight_decay=5e-4, momentum=0.8, nesterov=False, lr=0.03)
+    (group,) = model.configure_optimizers().param_groups
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.03, 0.8, 5e-4, False)
+    assert len(group["params"]) == len(list(model.parameters()))  # BatchNorm and biases decay too, as in the code
+
+
+class _LRs(Callback):
+    def __init__(self) -> None:
+        self.lrs: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def test_multistep_schedule_decays_at_epoch_milestones(tmp_path: Path) -> None:
+    model, dm = make("energy", schedule="multistep", milestones=[1, 2], gamma=0.1)
+    lrs = _LRs()
+    trainer = Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, limit_train_batches=3, callbacks=[lrs],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    expected = [(epoch, 0.05 * 0.1**epoch) for epoch in range(3) for _ in range(3)]
+    assert [e for e, _ in lrs.lrs] == [e for e, _ in expected]
+    assert [lr for _, lr in lrs.lrs] == pytest.approx([lr for _, lr in expected], rel=1e-12)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_loss_stops_a_single_device_run(value: float) -> None:
+    model, _ = make("greg")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(ce=1, energy=.*\) at epoch 0, step 0"):
+        model._stop_on_non_finite(torch.tensor(value), {"ce": torch.tensor(1.0), "energy": torch.tensor(value)})
+    model._stop_on_non_finite(torch.tensor(3.0), {"ce": torch.tensor(3.0)})
+
+
+def test_training_step_trains_on_the_outliers_the_sampler_selects(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = make("greg", sampler={"name": "energy_cluster", "num_clusters": 4})
+    g = torch.Generator().manual_seed(0)
+    x_id, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 6, (8,), generator=g)
+    candidates = torch.randn(32, 1, 8, 8, generator=g)
+    expected = candidates[copy.deepcopy(model.sampler).select(model.model, candidates, 8)]  # its generator's state too
+    seen = []
+    forward = model._forward_losses
+    monkeypatch.setattr(model, "_forward_losses", lambda *b: (seen.append(b[2]), forward(*b))[1])
+    with pytest.warns(UserWarning, match="self.trainer"):  # self.log without a Trainer
+        model.training_step({"id": (x_id, y), "outliers": (candidates, torch.arange(32))}, 0)
+    assert len(expected) < 32
+    assert torch.equal(seen[0], expected)
+
+
+def test_poem_observes_the_id_features_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = make("energy", sampler="poem")
+    model.eval()  # rows independent: the features of ID and outliers are those of each part alone
+    g = torch.Generator().manual_seed(0)
+    x_id, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 6, (8,), generator=g)
+    x_out = torch.randn(8, 1, 8, 8, generator=g) + 3
+    seen = []
+    monkeypatch.setattr(model.sampler, "select", lambda model, candidates, n_id: torch.arange(len(candidates)))
+    monkeypatch.setattr(model.sampler, "observe", lambda f_id, f_out: seen.append((f_id, f_out)))
+    with pytest.warns(UserWarning, match="self.trainer"):
+        model.training_step({"id": (x_id, y), "outliers": (x_out, torch.arange(8))}, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(seen[0][0], model.model.features(x_id))
+        torch.testing.assert_close(seen[0][1], model.model.features(x_out))
+
+
+# ---------------------------------------------------------------------------------------------------- callback
+class _Epochs(OODEvalCallback):
+    def __init__(self, **kw) -> None:
+        super().__init__(scorers=["msp"], max_samples=16, histograms=False, **kw)
+        self.calls: list[tuple[int, bool]] = []
+
+    def evaluate(self, trainer, pl_module, split):
+        self.calls.append((trainer.current_epoch, trainer.sanity_checking))
+        return super().evaluate(trainer, pl_module, split)
+
+
+def test_callback_evaluates_every_nth_epoch_counting_from_one_and_not_in_the_sanity_check(tmp_path: Path) -> None:
+    model, dm = make("ce")
+    for every, epochs, expected in [(2, 4, [(1, False), (3, False)]), (1, 1, [(0, False)])]:
+        callback = _Epochs(every_n_epochs=every)
+        trainer = Trainer(
+            max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=1,
+            callbacks=[callback], default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(model, datamodule=dm)
+        assert callback.calls == expected
+
+
+def test_callback_metrics_take_id_as_the_positive_class() -> None:
+    # A scorer that ranks every ID image above every OOD image: AUROC 1, FPR95 0 (ALGORITHMS.md checklist 13).
+    model, dm = make("ce")
+    logged: list[dict] = []
+    model.log_dict = lambda values, **kw: logged.append(dict(values))
+    callback = OODEvalCallback(scorers=["msp"], histograms=False)
+    rng = np.random.default_rng(0)
+
+    def score(trainer, pl_module, dataset, key):
+        scores = rng.uniform(2, 3, 50) if key[1] == "id" else rng.uniform(0, 1, 40)
+        return ScoredSet({"msp": scores}, np.zeros(len(scores), np.int64), np.zeros(len(scores), np.int64))
+
+    callback._score = score
+    callback.evaluate(_fake_trainer(dm), model, "val")
+    for name in (*dm.ood_datasets("val"), "mean"):
+        assert logged[0][f"ood/{name}/msp/auroc"] == 1.0
+        assert logged[0][f"ood/{name}/msp/fpr95"] == 0.0
+
+
+def test_callback_test_split_scores_the_test_sets_after_a_cached_validation(tmp_path: Path) -> None:
+    model, dm = make("ce")
+    logged: list[dict] = []
+    model.log_dict = lambda values, **kw: logged.append(dict(values))
+    cached = OODEvalCallback(scorers=["energy"], max_samples=64, histograms=False)
+    cached.evaluate(_fake_trainer(dm), model, "val")
+    cached.evaluate(_fake_trainer(dm), model, "test")
+    OODEvalCallback(scorers=["energy"], max_samples=64, histograms=False).evaluate(_fake_trainer(dm), model, "test")
+    assert logged[1] == logged[2] != logged[0]
+    # and Trainer.test logs those test-split numbers
+    model, dm = make("ce")  # the same weights, its own log_dict
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1,
+        callbacks=[OODEvalCallback(scorers=["energy"], max_samples=64, histograms=False)], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.test(model, datamodule=dm, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("ood/")}
+    assert metrics == pytest.approx(logged[2], abs=1e-6)
+
+
+@pytest.mark.parametrize(("n", "world"), [(7, 3), (151, 2), (2, 3)])
+def test_gather_puts_strided_shards_back_in_dataset_order(n: int, world: int) -> None:
+    width = -(-n // world)
+    shards = [np.arange(r, n, world, dtype=np.float64) for r in range(world)]
+
+    class Strategy:
+        root_device = torch.device("cpu")
+
+        @staticmethod
+        def all_gather(padded: torch.Tensor) -> torch.Tensor:  # every rank's padded shard of the same field
+            rows = torch.zeros(world, width, dtype=torch.float64)
+            for r, shard in enumerate(shards):
+                rows[r, : len(shard)] = torch.from_numpy(shard)
+            return rows
+
+    trainer = type("T", (), {"world_size": world, "strategy": Strategy})()
+    local = ScoredSet({"s": shards[0]}, shards[0].astype(np.int64), shards[0].astype(np.int64))
+    got = _gather(trainer, local, n)
+    assert got.scores["s"].tolist() == list(range(n))
+    assert got.preds.tolist() == got.labels.tolist() == list(range(n))
