@@ -969,3 +969,106 @@ def test_imagenet_c_folders_that_are_not_the_id_test_set_are_named(
     args = [str(config), "--suites", "corruption", "--corruption-files", str(folder), "--scorers", "energy"]
     assert_one_line_error(run_inprocess([*args, "--out", str(tmp_path / "out")], capsys), fragment)
     assert not (tmp_path / "out").exists()
+
+
+def _c10c_files(folder: Path, n: int = 6, labels: np.ndarray | None = None) -> np.ndarray:
+    """labels.npy (5 n rows) and fog.npy, pixel (row r) = r: row (s - 1) n + j is image j at severity s."""
+    folder.mkdir()
+    rows = np.arange(5 * n, dtype=np.uint8)
+    np.save(folder / "fog.npy", np.broadcast_to(rows[:, None, None, None], (5 * n, 2, 2, 3)).copy())
+    labels = np.tile(np.arange(n) % 3, 5).astype(np.uint8) if labels is None else labels
+    np.save(folder / "labels.npy", labels)
+    return labels
+
+
+def test_corruption_file_rows_are_read_from_their_severitys_block(tmp_path: Path) -> None:
+    from gradreg.data.corrupted import CorruptionFiles
+
+    n = 6
+    labels = np.arange(5 * n, dtype=np.uint8) % 7  # not tiled: a row's label must come from that row
+    _c10c_files(tmp_path / "c", n, labels)
+    files = CorruptionFiles(tmp_path / "c")
+    for s in range(1, 6):
+        rows = files.severity("fog", s)
+        assert len(rows) == n
+        for j in range(n):
+            image, label = rows[j]
+            assert image.shape == (2, 2, 3)
+            assert image.dtype == np.uint8
+            assert (image == (s - 1) * n + j).all()
+            assert label == labels[(s - 1) * n + j]
+        with pytest.raises(IndexError):
+            rows[n]  # not image 0 of the next severity
+
+
+@pytest.mark.parametrize("severity", [2, 3, 5])
+def test_corruption_files_check_the_labels_of_every_severity_asked_for(tmp_path: Path, severity: int) -> None:
+    from torch.utils.data import TensorDataset
+
+    from gradreg.data.corrupted import CorruptionFiles
+
+    n = 6
+    labels = np.tile(np.arange(n) % 3, 5).astype(np.uint8)
+    labels[(severity - 1) * n + 4] = (labels[(severity - 1) * n + 4] + 1) % 3  # image 4 wrong at this severity only
+    _c10c_files(tmp_path / "c", n, labels)
+    id_test = TensorDataset(torch.zeros(n, 1), torch.arange(n) % 3)
+    CorruptionFiles(tmp_path / "c", severities=[s for s in range(1, 6) if s != severity]).check(id_test, range(n), "x")
+    with pytest.raises(ValueError, match=f"gives test image 4 at severity {severity} the label"):
+        CorruptionFiles(tmp_path / "c").check(id_test, range(n), "x")
+
+
+def test_imagenet_c_files_get_the_labels_of_their_id_images_when_sampled(tmp_path: Path) -> None:
+    from torch.utils.data import Dataset
+
+    from gradreg.data.corrupted import CorruptionFiles
+
+    class Folder(Dataset):  # an ImageFolderDataset's file() and labels
+        def __init__(self, root: Path) -> None:
+            self.paths = sorted(root.glob("*/*.png"))
+            self.labels = torch.tensor([int(p.parent.name[1:]) for p in self.paths])
+
+        def __len__(self) -> int:
+            return len(self.paths)
+
+        def file(self, i: int) -> str:
+            return str(self.paths[i])
+
+    for c in range(4):
+        for k in range(2):
+            name = f"img_{c}{k}.png"
+            for root in (tmp_path / "val", tmp_path / "c" / "fog" / "2"):
+                (root / f"n{c}").mkdir(parents=True, exist_ok=True)
+                pixels = np.full((4, 4, 3), 10 * c + k + (root.name == "2"), np.uint8)
+                Image.fromarray(pixels).save(root / f"n{c}" / name)
+    id_test = Folder(tmp_path / "val")
+    files = CorruptionFiles(tmp_path / "c", severities=[2])
+    indices = [7, 2, 5]  # a sample, not the first items
+    files.check(id_test, indices, "x")
+    fog = files.severity("fog", 2)
+    assert len(fog) == 3
+    for i in indices:
+        image, label = fog[i]
+        assert label == int(id_test.labels[i])
+        assert np.asarray(image)[0, 0, 0] == 10 * (i // 2) + i % 2 + 1  # the corrupted copy of ID image i
+
+
+def test_imagenet_c_images_in_another_class_folder_are_refused(tmp_path: Path) -> None:
+    from gradreg.data.corrupted import CorruptionFiles
+
+    class Flat:
+        labels = torch.tensor([0, 1])
+
+        def __init__(self) -> None:
+            self.files = [tmp_path / "val" / "n0" / "a.png", tmp_path / "val" / "n1" / "b.png"]
+
+        def __len__(self) -> int:
+            return 2
+
+        def file(self, i: int) -> str:
+            return str(self.files[i])
+
+    for cls, name in (("n0", "a.png"), ("n0", "b.png"), ("n1", "c.png")):  # b.png filed under n0 instead of n1
+        (tmp_path / "c" / "fog" / "1" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c" / "fog" / "1" / cls / name)
+    with pytest.raises(ValueError, match="is in class folder n0, but ID test image 1"):
+        CorruptionFiles(tmp_path / "c", severities=[1]).check(Flat(), [0, 1], "x")  # type: ignore[arg-type]

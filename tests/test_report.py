@@ -139,3 +139,25 @@ def test_raw_scores_interrupted_while_written_leave_the_previous_file_or_none(tm
         assert saved["score_energy"].tolist() == [1.0, 2.0, 3.0]
         assert saved["index"].tolist() == [0, 2, 1]
     assert sorted(p.name for p in path.parent.iterdir()) == ["svhn.npz"]  # no partial file left
+
+
+def test_score_loader_runs_a_float64_model_on_float32_batches_in_order() -> None:
+    model = Threshold().double().eval()  # a model trained with precision "64-true"
+    x, y = torch.tensor(PIXELS).reshape(-1, 1, 1, 1), torch.tensor(LABELS)
+    scored = score_loader(model, [(x[:5], y[:5]), (x[5:], y[5:])], build_scorers(["energy"]))
+    assert scored.preds.tolist() == [0, 0, 0, 0, 1, 1, 0, 1]
+    assert scored.labels.tolist() == LABELS
+    p = np.array(PIXELS, dtype=np.float64)
+    np.testing.assert_allclose(scored.scores["energy"], np.logaddexp(p - 0.5, 0.5 - p), rtol=1e-12)
+
+
+def test_set_metrics_treat_the_id_set_as_positive_and_mean_metrics_average_over_sets() -> None:
+    from gradreg.evaluation import mean_metrics, set_metrics
+
+    id_set = ScoredSet({"energy": np.array([3.0, 4.0, 5.0])})
+    ood_set = ScoredSet({"energy": np.array([1.0, 2.0, 3.5])})
+    result = set_metrics(id_set, ood_set)
+    assert result["energy"]["auroc"] == pytest.approx(roc_auc_score([1, 1, 1, 0, 0, 0], [3, 4, 5, 1, 2, 3.5]))
+    assert result["energy"]["auroc"] > 0.5  # ID scores higher: better than chance, not its mirror image
+    per_set = {"a": {"s": {"auroc": 0.9}}, "b": {"s": {"auroc": 0.6}}, "c": {"s": {"auroc": 0.3}}}
+    assert mean_metrics(per_set) == {"s": {"auroc": pytest.approx(0.6)}}
