@@ -964,7 +964,7 @@ def test_oe_and_absent_steps_weigh_their_outlier_terms() -> None:
     torch.testing.assert_close(out["loss/absent"], 0.4 * absent)
 
 
-def test_optimizer_takes_the_configured_settings(tmp_path: Path) -> None:
+def test_optimizer_takes_the_configured_settings() -> None:
     model, _ = make("energy", weight_decay=5e-4, momentum=0.8, nesterov=False, lr=0.03)
     (group,) = model.configure_optimizers().param_groups
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.03, 0.8, 5e-4, False)
@@ -982,11 +982,7 @@ class _LRs(Callback):
 def test_multistep_schedule_decays_at_epoch_milestones(tmp_path: Path) -> None:
     model, dm = make("energy", schedule="multistep", milestones=[1, 2], gamma=0.1)
     lrs = _LRs()
-    trainer = Trainer(
-        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, limit_train_batches=3, callbacks=[lrs],
-    )  # fmt: skip
-    trainer.fit(model, datamodule=dm)
+    epoch_losses(model, dm, tmp_path, epochs=3, limit_train_batches=3, callbacks=[lrs])
     expected = [(epoch, 0.05 * 0.1**epoch) for epoch in range(3) for _ in range(3)]
     assert [e for e, _ in lrs.lrs] == [e for e, _ in expected]
     assert [lr for _, lr in lrs.lrs] == pytest.approx([lr for _, lr in expected], rel=1e-12)
