@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gradreg.anomalies import CORRUPTIONS, corrupt
+from gradreg.anomalies import CORRUPTIONS, corrupt, energy_attack
 from gradreg.cli import UserError, evaluate_main, point_latest, train_main
 from gradreg.evaluation import sample
 from gradreg.report import (
@@ -29,6 +29,7 @@ from gradreg.report import (
     parse_args,
     rebuild,
     resolve_checkpoint,
+    resolve_device,
     transformed,
 )
 
@@ -1072,3 +1073,72 @@ def test_imagenet_c_images_in_another_class_folder_are_refused(tmp_path: Path) -
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c" / "fog" / "1" / cls / name)
     with pytest.raises(ValueError, match="is in class folder n0, but ID test image 1"):
         CorruptionFiles(tmp_path / "c", severities=[1]).check(Flat(), [0, 1], "x")  # type: ignore[arg-type]
+
+
+def test_a_budget_of_one_whole_pixel_range_is_accepted() -> None:
+    # (0, 1]: 1 is the largest budget, not outside the range
+    opts = parse_args(["ckpt", "--epsilons", "1", "--suites", "adversarial"])
+    check_options(opts)
+    assert opts.epsilons == [1.0]
+
+
+def test_a_cuda_device_beyond_the_ones_present_is_refused() -> None:
+    # cuda:N with N = the number of GPUs (cuda:0 on a machine without one) names no device here
+    count = torch.cuda.device_count()
+    with pytest.raises(UserError, match=f"--device 'cuda:{count}': this machine has"):
+        resolve_device(f"cuda:{count}")
+
+
+def test_an_out_folder_that_holds_files_is_refused_before_the_checkpoint_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    proc = run_inprocess([str(tmp_path / "missing.ckpt"), "--out", str(out)], capsys)
+    assert_one_line_error(proc, f"output folder '{out}' already holds files")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_an_ood_set_named_like_a_successful_attack_row_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The adversarial set fgsm_eps8 writes the row fgsm_eps8/successful: an OOD set of that name would lose its row.
+    out = tmp_path / "out"
+    args = [str(run_dir), *FAST, "--scorers", "energy", "--out", str(out), "--suites", "ood", "adversarial"]
+    sets = "ood_sets=[{name: noise, alias: fgsm_eps8/successful}]"
+    proc = run_inprocess([*args, "--epsilons", "8/255", "--data", sets, "near_ood=[]"], capsys)
+    assert_one_line_error(proc, "two sets named 'fgsm_eps8/successful' would write to one row")
+    assert not out.exists()
+
+
+def test_robustness_attacks_only_the_chosen_ood_sets_with_the_largest_budget(run_dir: Path) -> None:
+    module, dm = rebuild(load_checkpoint(run_dir / "last.ckpt"), {})
+    model = module.model.eval()
+    opts = parse_args(["ckpt", "--suites", "robustness", "--epsilons", "16/255", "2/255", "--pgd-steps", "3",
+                       "--sets", "noise"])  # fmt: skip
+    check_options(opts)
+    ood_sets = {name: sample(d, 16) for name, d in dm.ood_datasets("test").items()}
+    assert set(ood_sets) == {"digits_heldout", "noise"}
+    sets = list(anomaly_sets(model, sample(dm.id_dataset_for("test"), 16), ood_sets, opts))
+    assert [(name, group) for name, group, *_ in sets] == [("attacked/noise", "robustness")]
+    ((_, _, source, attack),) = sets
+    x, y = next(iter(dm.eval_loader(source)))
+    attacked = attack(x, y, torch.arange(len(x)))
+    torch.testing.assert_close(attacked, energy_attack(model, x, 16 / 255, steps=3), rtol=0, atol=0)
+    assert not torch.equal(attacked, energy_attack(model, x, 2 / 255, steps=3))
+
+
+def test_an_option_of_one_of_its_suites_is_accepted_without_the_others() -> None:
+    # --sets sets the ood and robustness suites: either one running is enough (likewise --epsilons)
+    assert parse_args(["ckpt", "--suites", "ood", "--sets", "noise"]).sets == ["noise"]
+    assert parse_args(["ckpt", "--suites", "robustness", "--sets", "noise"]).sets == ["noise"]
+    assert parse_args(["ckpt", "--suites", "adversarial", "--epsilons", "4/255"]).epsilons == [4 / 255]
+
+
+def test_no_plots_writes_no_plots(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    proc = run_inprocess([str(run_dir), *FAST, "--suites", "ood", "--scorers", "energy", "--out", str(out)], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "results.json").is_file()
+    assert not (out / "plots").exists()  # FAST holds --no-plots

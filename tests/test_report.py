@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor
 from torch.utils.data import Subset
 
@@ -17,7 +18,7 @@ from gradreg.anomalies import fgsm
 from gradreg.evaluation import ScoredSet, build_scorers, score_loader
 from gradreg.metrics import OOD_METRICS
 from gradreg.models import Classifier
-from gradreg.report import ResultWriter, add_set, save_scores, successful_attacks
+from gradreg.report import ResultWriter, add_set, print_table, save_scores, successful_attacks
 
 # One-pixel images: class 0 when the pixel is above 1/2. FGSM with budget 1/8 moves the pixel 1/8 towards the other
 # class, so it fools a correctly classified image exactly when the pixel lies within 1/8 of 1/2. Dyadic pixels keep
@@ -161,3 +162,60 @@ def test_set_metrics_treat_the_id_set_as_positive_and_mean_metrics_average_over_
     assert result["energy"]["auroc"] > 0.5  # ID scores higher: better than chance, not its mirror image
     per_set = {"a": {"s": {"auroc": 0.9}}, "b": {"s": {"auroc": 0.6}}, "c": {"s": {"auroc": 0.3}}}
     assert mean_metrics(per_set) == {"s": {"auroc": pytest.approx(0.6)}}
+
+
+def _two_set_writer(tmp_path: Path) -> ResultWriter:
+    """Two far sets against four ID scores; their five metrics all differ, by hand and by sklearn."""
+    clean = ScoredSet({"energy": np.array([3.0, 4.0, 5.0, 6.0])}, preds=np.zeros(4), labels=np.zeros(4))
+    writer = ResultWriter(tmp_path, {"id": {"dataset": "d", "n": 4, "accuracy": 1.0}, "scorers": ["energy"]})
+    for name, ood in (("a", [1.0, 2.0, 3.5, 7.0]), ("b", [0.0, 1.0, 2.0, 4.5])):
+        add_set(writer, name, "far", clean, ScoredSet({"energy": np.array(ood)}, preds=np.zeros(4), labels=-np.ones(4)))
+    return writer
+
+
+def _expected_metrics(ood: list[float]) -> dict[str, float]:
+    id_scores, ood_scores = np.array([3.0, 4.0, 5.0, 6.0]), np.array(ood)
+    y, s = [1] * 4 + [0] * 4, np.concatenate([id_scores, ood_scores])
+    return {
+        "auroc": roc_auc_score(y, s),
+        "fpr95": float(np.mean(ood_scores >= id_scores.min())),  # 95% of 4 ID images: all of them
+        "fpr95_oodpos": float(np.mean(id_scores <= ood_scores.max())),  # 95% of 4 OOD images: all of them
+        "aupr_in": average_precision_score(y, s),
+        "aupr_out": average_precision_score([0] * 4 + [1] * 4, -s),
+    }
+
+
+def test_csv_and_markdown_columns_hold_the_metrics_they_name_for_sets_and_means(tmp_path: Path) -> None:
+    _two_set_writer(tmp_path)
+    a, b = _expected_metrics([1.0, 2.0, 3.5, 7.0]), _expected_metrics([0.0, 1.0, 2.0, 4.5])
+    assert (a["auroc"], b["auroc"]) == (11 / 16, 14 / 16)  # by hand: ID scores above each OOD score
+    assert (a["fpr95"], a["fpr95_oodpos"], b["fpr95"], b["fpr95_oodpos"]) == (0.5, 1.0, 0.25, 0.5)
+    expected = {"a": a, "b": b, "mean/far": {m: (a[m] + b[m]) / 2 for m in OOD_METRICS}}
+    rows = {r["set"]: r for r in csv.DictReader((tmp_path / "results.csv").read_text().splitlines())}
+    assert set(rows) == {"a", "b", "mean/far", "mean/ood"}
+    for name, metrics in {**expected, "mean/ood": expected["mean/far"]}.items():
+        for metric, value in metrics.items():
+            assert float(rows[name][metric]) == pytest.approx(value, abs=1e-12), (name, metric)
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| set |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    named = {"AUROC": "auroc", "FPR95": "fpr95", "FPR95 (OOD pos.)": "fpr95_oodpos", "AUPR-In": "aupr_in",
+             "AUPR-Out": "aupr_out"}  # fmt: skip
+    for name, metrics in expected.items():
+        (line,) = [line for line in lines if line.startswith(f"| {name} |")]
+        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        for title, metric in named.items():
+            assert float(cells[title]) == pytest.approx(100 * metrics[metric], abs=0.005), (name, title)
+
+
+def test_console_table_columns_hold_the_metrics_they_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    print_table(_two_set_writer(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line.split() for line in lines if line.startswith("set "))
+    assert header == ["set", "scorer", "AUROC", "FPR95", "AUPR-In", "AUPR-Out"]
+    named = {"AUROC": "auroc", "FPR95": "fpr95", "AUPR-In": "aupr_in", "AUPR-Out": "aupr_out"}
+    for name, ood in (("a", [1.0, 2.0, 3.5, 7.0]), ("b", [0.0, 1.0, 2.0, 4.5])):
+        (line,) = [line.split() for line in lines if line.startswith(f"{name} ")]
+        cells = dict(zip(header, line, strict=True))
+        for title, metric in named.items():
+            assert float(cells[title]) == pytest.approx(100 * _expected_metrics(ood)[metric], abs=0.005), title
