@@ -23,7 +23,18 @@ import torch
 import yaml
 from PIL import Image
 
-from gradreg.cli import Interrupted, UserError, evaluate_main, read_config_file, run_user_errors, train_main
+from gradreg.cli import (
+    Interrupted,
+    UserError,
+    configure_wandb_env,
+    evaluate_main,
+    next_run_dir,
+    point_latest,
+    read_config_file,
+    run_user_errors,
+    train_main,
+    wandb_failure,
+)
 from gradreg.module import GradRegModule
 from gradreg.provenance import git_revision
 from gradreg.report import parse_scorer
@@ -1266,3 +1277,80 @@ def test_ctrl_c_during_evaluation_says_what_its_folder_keeps(
     results = json.loads((out / "results.json").read_text())
     assert list(results["sets"]) == ["digits_heldout"]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no partial files left
+
+
+def test_a_new_run_is_numbered_after_the_highest_run_even_when_earlier_ones_were_deleted(tmp_path: Path) -> None:
+    # runs/quickstart-001 and -002 deleted, -003 kept: the next run is -004 (numbers follow the order of the runs)
+    (tmp_path / "quickstart-003").mkdir()
+    (tmp_path / "quickstart-notes").mkdir()  # not a run number
+    assert next_run_dir(tmp_path, "quickstart", option="run.root") == tmp_path / "quickstart-004"
+    assert next_run_dir(tmp_path, "quickstart", option="run.root") == tmp_path / "quickstart-005"
+    assert (tmp_path / "quickstart-004").is_dir()
+    assert not (tmp_path / "quickstart-001").exists()
+
+
+def test_wandb_goes_offline_only_without_an_api_key_or_a_netrc_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789" * 4)
+    configure_wandb_env()
+    assert "WANDB_MODE" not in os.environ  # a key: the user's wandb setup decides
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    configure_wandb_env()
+    assert os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    netrc_file = tmp_path / ".netrc"
+    netrc_file.write_text(f"machine api.wandb.ai\n  login user\n  password {'0123456789' * 4}\n")
+    netrc_file.chmod(0o600)
+    configure_wandb_env()
+    assert "WANDB_MODE" not in os.environ  # a `wandb login`
+
+
+def test_a_chain_of_resumed_runs_stays_in_the_group_of_its_first_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # quickstart-003 resumes quickstart-002, which resumed quickstart-001: all three are in group quickstart-001
+    assert train_inprocess(tmp_path, capsys).returncode == 0
+    runs = tmp_path / "runs"
+    for epochs, resumed in (("3", "quickstart-001"), ("4", "quickstart-002")):
+        proc = train_inprocess(tmp_path, capsys, "--run.resume", str(runs / resumed), "--trainer.max_epochs", epochs)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("quickstart-001", "quickstart-002", "quickstart-003"):
+        record = torch.load(runs / name / "last.ckpt", map_location="cpu", weights_only=True)["run"]
+        assert (record["name"], record["group"]) == (name, "quickstart-001")
+
+
+def test_the_last_of_several_config_files_names_the_run(tmp_path: Path) -> None:
+    # --config base --config variant: the variant (the more specific config, given last) names runs/<config>-NNN
+    variant = tmp_path / "short.yaml"
+    variant.write_text("trainer:\n  max_epochs: 1\n")
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(variant)]
+    cli = build_cli([*args, "--run.root", str(tmp_path / "runs"), "--trainer.logger", "false"])
+    assert cli.run_dir == tmp_path / "runs" / "short-001"
+    assert cli.trainer.max_epochs == 1
+
+
+def test_latest_moves_to_each_new_run(tmp_path: Path) -> None:
+    # README: train.py "points runs/latest at" the fresh run directory, also when an earlier run holds the link
+    for name in ("quickstart-001", "quickstart-002"):
+        (tmp_path / name).mkdir()
+        point_latest(tmp_path / name)
+        assert (tmp_path / "latest").resolve() == (tmp_path / name).resolve()
+    assert os.readlink(tmp_path / "latest") == "quickstart-002"  # relative: the runs folder may move
+
+
+def test_only_wandbs_own_errors_become_the_one_wandb_line(tmp_path: Path) -> None:
+    # wandb.errors (network, login, ...) say what failed and how to go on; any other exception, also one raised
+    # inside another wandb module (a bug), stays an error of its own (a traceback), not a network hint.
+    from wandb.docker.names import InvalidRepositoryError
+    from wandb.errors import CommError
+
+    line = wandb_failure(CommError("\nNetwork error (ConnectionError), entering retry loop.\nmore"), tmp_path)
+    assert isinstance(line, UserError)
+    assert str(line).startswith("wandb failed (Network error (ConnectionError), entering retry loop.); check")
+    assert str(line).endswith(f"(wandb's logs: {tmp_path})")
+    assert wandb_failure(InvalidRepositoryError("not a repository"), tmp_path) is None
+    assert wandb_failure(ValueError("x"), tmp_path) is None
