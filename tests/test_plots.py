@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from gradreg.metrics import roc_curve
 from gradreg.plots import roc_curves, roc_points, score_histograms
@@ -98,3 +99,88 @@ def test_roc_points_keeps_short_curves_whole() -> None:
     np.testing.assert_array_equal(tpr, full_tpr)
     with pytest.raises(ValueError, match="max_points"):
         roc_points([1.0], [0.0], max_points=1)
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The matplotlib figures the plot functions save (matplotlib's savefig, wrapped to keep the figure)."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def _bars(fig) -> list:
+    from matplotlib.patches import Rectangle
+
+    return [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]  # the ID histogram's bars
+
+
+def test_roc_legend_gives_the_sets_auroc_and_fpr95(drawn: list, tmp_path: Path) -> None:
+    # 20 ID scores 1..20: TPR moves in steps of 0.05 and reaches 0.95 exactly at the threshold 2 (19 of 20 kept);
+    # the OOD scores 0.5, 1.5, 2.5, 3.5, 25: at that threshold 3.5, 2.5 and 25 are accepted, FPR95 = 3/5.
+    id_scores = np.arange(1.0, 21.0)
+    ood = np.array([0.5, 1.5, 2.5, 3.5, 25.0])
+    roc_curves(id_scores, {"svhn": ood}, "energy", tmp_path / "roc.png")
+    (fig,) = drawn
+    (text,) = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    expected_auroc = roc_auc_score([1] * 20 + [0] * 5, np.r_[id_scores, ood])
+    assert text == f"svhn (AUROC {expected_auroc:.3f}, FPR95 {3 / 5:.3f})"
+
+
+def test_histogram_legend_gives_each_sets_auroc_and_the_bins_cover_every_set(drawn: list, tmp_path: Path) -> None:
+    id_scores, ood = _sets(4)
+    score_histograms(id_scores, ood, "energy", tmp_path / "hist.png")
+    (fig,) = drawn
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    expected = [
+        f"{name} (AUROC {roc_auc_score([1] * len(id_scores) + [0] * len(s), np.r_[id_scores, s]):.3f})"
+        for name, s in ood.items()
+    ]
+    assert texts == ["ID", *expected]
+    # the shared bins run from the lowest 0.5% quantile to the highest 99.5% quantile over all sets
+    low = min(np.quantile(s, 0.005) for s in (id_scores, *ood.values()))
+    high = max(np.quantile(s, 0.995) for s in (id_scores, *ood.values()))
+    bars = _bars(fig)
+    left = min(p.get_x() for p in bars)
+    assert left == pytest.approx(low, rel=1e-9)
+    right = max(p.get_x() + p.get_width() for p in bars)
+    assert right == pytest.approx(high, rel=1e-9)
+
+
+def test_histogram_of_constant_scores_spans_a_unit_window_around_the_value(drawn: list, tmp_path: Path) -> None:
+    score_histograms(np.full(10, 1.0), {"same": np.full(10, 1.0)}, "constant", tmp_path / "const.png")
+    (fig,) = drawn
+    bars = _bars(fig)
+    assert min(p.get_x() for p in bars) == pytest.approx(0.5)
+    assert max(p.get_x() + p.get_width() for p in bars) == pytest.approx(1.5)
+    assert all(p.get_width() > 0 for p in bars)
+
+
+def test_histogram_counts_scores_beyond_the_range_in_the_edge_bins(drawn: list, tmp_path: Path) -> None:
+    # 3 of 1000 ID scores far below the 0.5% quantile: drawn in the first bin, not dropped
+    id_scores = np.r_[np.linspace(0.0, 1.0, 997), [-100.0, -100.0, -100.0]]
+    score_histograms(id_scores, {"ood": np.linspace(0.0, 1.0, 500)}, "energy", tmp_path / "hist.png")
+    (fig,) = drawn
+    bars = sorted(_bars(fig), key=lambda p: p.get_x())
+    first = bars[0]
+    below = np.sum(id_scores < first.get_x() + first.get_width())  # in the bin, or below the range (-100 included)
+    assert below > 3
+    # density: height * width is the bin's share of all 1000 ID scores
+    assert first.get_height() * first.get_width() * 1000 == pytest.approx(below)
+
+
+def test_roc_points_keeps_a_curve_of_exactly_max_points_whole() -> None:
+    rng = np.random.default_rng(5)
+    id_scores, ood_scores = rng.normal(1.0, 1.0, 30), rng.normal(0.0, 1.0, 30)
+    full_fpr, full_tpr, _ = roc_curve(id_scores, ood_scores)
+    fpr, tpr = roc_points(id_scores, ood_scores, max_points=full_fpr.size)
+    np.testing.assert_array_equal(fpr, full_fpr)
+    np.testing.assert_array_equal(tpr, full_tpr)
