@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_only
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -363,6 +363,9 @@ def test_training_loader_refuses_sizes_short_of_a_batch_per_process(
     from gradreg.registry import SettingError
 
     monkeypatch.setenv("LOCAL_RANK", str(rank))  # the second process of a launched pair (no process group is needed)
+    # The Trainer also sets Lightning's global rank_zero_only.rank; left at 1, every later rank_zero_warn in this
+    # process would be silent.
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     dm = OODDataModule(**settings)
     dm.trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     assert (dm.trainer.world_size, dm.trainer.global_rank) == (2, rank)
