@@ -1,5 +1,6 @@
 import pickle
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from gradreg.data import outliers  # noqa: F401  (registers the pools)
 from gradreg.data.datasets import (
     DATASETS,
+    ID_SPECS,
     ArrayDataset,
     DatasetFileError,
     DatasetNotFoundError,
     ImageSpec,
+    ToChannels,
     Transformed,
+    _split_indices,
     build_dataset,
     build_transform,
+    resizes,
 )
 from gradreg.data.outliers import ImageArray, ImageFolderDataset, OutlierStream, read_class_list
 
@@ -450,3 +455,140 @@ def test_tinyimages_reader_takes_single_channel_arrays(tmp_path):
     assert image.shape == (4, 4, 1)
     assert label == -1
     assert int(image[0, 0, 0]) == 16
+
+
+# --------------------------------------------------------------------------------------------- embedded digits
+def _sklearn_digits(classes: tuple[int, ...]) -> Counter:
+    """The reference: (pixels scaled to [0, 1], label) of every scikit-learn digit of ``classes``, counted."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    keep = np.isin(bunch.target, classes)
+    pixels = (bunch.images[keep] / 16.0).astype(np.float32)  # 4-bit counts 0..16
+    return Counter((image.tobytes(), int(label)) for image, label in zip(pixels, bunch.target[keep], strict=True))
+
+
+def _items(dataset) -> Counter:
+    return Counter((x.squeeze(0).numpy().tobytes(), y) for x, y in dataset)
+
+
+def test_digits_splits_partition_the_id_classes_60_20_20() -> None:
+    splits = {s: build_dataset("digits", Path("data"), s) for s in ("train", "val", "test")}
+    # every image of digits 0-5 in exactly one split, with its label and its pixels scaled to [0, 1]
+    assert _items(splits["train"]) + _items(splits["val"]) + _items(splits["test"]) == _sklearn_digits(
+        (0, 1, 2, 3, 4, 5)
+    )
+    reference = Counter(label for _, label in _sklearn_digits((0, 1, 2, 3, 4, 5)).elements())
+    for split, fraction in (("train", 0.6), ("val", 0.2), ("test", 0.2)):  # stratified: each class in proportion
+        counts = Counter(y for _, y in splits[split])
+        assert all(abs(counts[c] - fraction * n) <= 1 for c, n in reference.items()), (split, counts)
+
+
+def test_digits_split_is_a_seeded_shuffle_of_each_class() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    first = _split_indices(labels, (0.6, 0.4), seed=0)
+    assert [p.tolist() for p in first] == [p.tolist() for p in _split_indices(labels, (0.6, 0.4), seed=0)]
+    # not the first 60 % of each class in file order (scikit-learn's digits come writer by writer)
+    assert first[0].tolist() != [*range(30), *range(50, 80)]
+    assert [p.tolist() for p in first] != [p.tolist() for p in _split_indices(labels, (0.6, 0.4), seed=1)]
+
+
+def test_digits_spec_holds_the_statistics_of_the_training_split() -> None:
+    pixels = build_dataset("digits", Path("data"), "train").images.double().numpy()
+    spec = ID_SPECS["digits"]
+    assert spec.mean[0] == pytest.approx(pixels.mean(), abs=1e-4)
+    assert spec.std[0] == pytest.approx(pixels.std(), abs=1e-4)
+
+
+def test_digits_outliers_and_held_out_sets_take_their_own_classes() -> None:
+    pool = build_dataset("digits_outliers", Path("data"), "train")
+    assert _items(pool) == _sklearn_digits((6, 7))  # every 6 and 7, labels kept
+    val, test = (build_dataset("digits_heldout", Path("data"), s) for s in ("val", "test"))
+    assert _items(val) + _items(test) == _sklearn_digits((8, 9))  # halves of the 8s and 9s, none in both
+    assert abs(len(val) - len(test)) <= 2
+
+
+def test_noise_sets_differ_by_split_and_stay_in_the_unit_range() -> None:
+    for kind in ("uniform", "gaussian"):
+        val, test = (
+            build_dataset({"name": "noise", "kind": kind}, Path("data"), s, size=8, channels=1) for s in ("val", "test")
+        )
+        assert not torch.equal(val.images, test.images)  # per-epoch validation must not see the test images
+        assert torch.equal(
+            val.images, build_dataset({"name": "noise", "kind": kind}, Path("data"), "val", size=8, channels=1).images
+        )
+        assert val.images.min() >= 0
+        assert val.images.max() <= 1
+        assert (val.labels == -1).all()  # OOD: no ID label
+    gaussian = build_dataset(
+        {"name": "noise", "kind": "gaussian", "num": 4096}, Path("data"), "test", size=8, channels=1
+    )
+    assert gaussian.images.mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_photo_patches_of_train_and_test_differ() -> None:
+    pytest.importorskip("skimage")
+    train, test = (build_dataset({"name": "photo_patches", "num": 8}, Path("data"), s) for s in ("train", "test"))
+    assert not all(np.array_equal(train[i][0], test[i][0]) for i in range(8))
+
+
+# --------------------------------------------------------------------------------------------- transforms
+def test_to_one_channel_takes_the_itu_r_601_luma_as_pil_does() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    luma = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32) / 255  # L = .299 R + .587 G + .114 B
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(ToChannels(1)(x)[0], torch.from_numpy(luma), atol=1 / 255, rtol=0)
+    gray = torch.rand(1, 4, 4)
+    assert torch.equal(ToChannels(3)(gray), gray.expand(3, 4, 4))
+
+
+def test_crop_shifts_a_cifar_image_by_at_most_4_pixels() -> None:
+    # The CIFAR recipe of the energy / GReg code: RandomCrop(32, padding=4)
+    spec = ImageSpec(num_classes=10, channels=1, size=32, mean=(0.0,), std=(1.0,))
+    image = torch.zeros(1, 32, 32)
+    image[0, 16, 16] = 1.0
+    transform = build_transform(spec, "crop")
+    shifts = set()
+    torch.manual_seed(0)
+    for _ in range(300):
+        (row, col), *_ = torch.nonzero(transform(image)[0] == 1).tolist()
+        shifts.add((row - 16, col - 16))
+    assert {abs(r) for r, _ in shifts} | {abs(c) for _, c in shifts} == {0, 1, 2, 3, 4}
+
+
+def test_crop_flip_flips_left_right_only() -> None:
+    spec = ImageSpec(num_classes=2, channels=1, size=8, mean=(0.0,), std=(1.0,))
+    rows = torch.arange(1, 9, dtype=torch.float32).view(1, 8, 1).expand(1, 8, 8) / 10  # brighter downwards
+    cols = torch.arange(1, 9, dtype=torch.float32).view(1, 1, 8).expand(1, 8, 8) / 10  # brighter rightwards
+    transform = build_transform(spec, "crop_flip")
+    torch.manual_seed(0)
+    flipped = 0
+    for _ in range(40):
+        by_row = transform(rows)[0].amax(1)
+        assert (by_row[by_row > 0].diff() > 0).all()  # never upside down (0: a padding row)
+        by_col = transform(cols)[0].amax(0)
+        flipped += bool((by_col[by_col > 0].diff() < 0).all())
+    assert 5 < flipped < 35  # mirrored left-right about half the time
+
+
+def test_build_transform_refuses_an_unknown_augmentation() -> None:
+    spec = ImageSpec(num_classes=2, channels=1, size=8, mean=(0.5,), std=(0.5,))
+    with pytest.raises(ValueError, match="unknown augment 'flip'"):
+        build_transform(spec, "flip")
+
+
+def test_a_spec_mapping_is_resized_unless_it_says_resize_false() -> None:
+    assert resizes("lsun_c")
+    assert resizes({"name": "lsun_c", "alias": "lsun"})
+    assert not resizes({"name": "lsun_c", "resize": False})
+
+
+def test_photo_patches_are_square_crops_up_to_the_short_side() -> None:
+    from gradreg.data.datasets import PhotoPatches
+
+    image = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    patches = PhotoPatches([image], num=6, min_size=5, seed=0)  # the only side possible: the short side, 5
+    for i in range(6):
+        crop, k = patches[i]
+        assert (crop.shape, k) == ((5, 5, 3), 0)
+        assert any(np.array_equal(crop, image[:, left : left + 5]) for left in range(3))
