@@ -766,3 +766,50 @@ def test_image_size_keeps_the_center_crop_ratio(image_size: int | None, resize: 
 
     spec = OODDataModule(id_dataset="imagenet10", image_size=image_size).spec
     assert (spec.size, spec.resize) == (image_size or 224, resize)  # evaluation: Resize(resize) + CenterCrop(size)
+
+
+@pytest.mark.usefixtures("skip_md5")
+def test_validation_hold_out_is_a_seeded_subset_of_the_train_split(tmp_path: Path) -> None:
+    from gradreg.data import OODDataModule
+
+    write_cifar10(tmp_path, per_batch=4)  # 20 training images, no val split
+
+    def carved(seed: int) -> tuple[list[int], list[int]]:
+        dm = OODDataModule(
+            id_dataset="cifar10", outliers=None, ood_sets=["lsun_c"], ood_val_sets=[], data_root=str(tmp_path),
+            val_fraction=0.25, seed=seed,
+        )  # fmt: skip
+        return list(dm.id_dataset_for("val").dataset.indices), list(dm.id_dataset_for("train").dataset.indices)
+
+    val, train = carved(0)
+    assert len(val) == 5
+    assert sorted(val + train) == list(range(20))  # disjoint, and together the whole train split
+    assert val == sorted(val)
+    assert train == sorted(train)
+    assert carved(0) == (val, train)
+    assert carved(1)[0] != val  # data.seed draws the hold-out
+
+
+def test_imagenet_evaluation_resizes_to_256_then_takes_the_central_224() -> None:
+    # The ImageNet protocol: Resize(256) + CenterCrop(224); a 256 x 256 image is only cropped, 16 px off each side.
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    x = build_transform(ID_SPECS["imagenet10"])(Image.fromarray(pixels))
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (benchmarks.IMAGENET_MEAN, benchmarks.IMAGENET_STD))
+    expected = torch.from_numpy(pixels[16:240, 16:240]).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(x * std + mean, expected, atol=1e-5, rtol=0)
+
+
+def test_listed_counts_only_names_beyond_the_fourth() -> None:
+    assert benchmarks._listed(["a", "b", "c", "d"]) == "a, b, c, d"
+    assert benchmarks._listed(["a", "b", "c", "d", "e", "f"]) == "a, b, c, d and 2 more"
+
+
+def test_read_idx_refuses_extra_data_and_other_element_types(tmp_path: Path) -> None:
+    array = np.arange(2 * 3, dtype=np.uint8).reshape(2, 3)
+    (tmp_path / "long").write_bytes(idx_bytes(array) + b"\x00")  # one byte more than the header's 2 x 3
+    with pytest.raises(ValueError, match=re.escape("header says (2, 3) but the file holds a different amount")):
+        read_idx(tmp_path / "long")
+    floats = bytes([0, 0, 0x0D, 1]) + (1).to_bytes(4, "big") + np.float32(0.5).tobytes()  # type 0x0D: float32
+    (tmp_path / "floats").write_bytes(floats)
+    with pytest.raises(ValueError, match="is not a uint8 idx file"):
+        read_idx(tmp_path / "floats")

@@ -20,6 +20,7 @@ from gradreg.data import OODDataModule
 from gradreg.data.__main__ import main
 from gradreg.data.check import MissingDatasetsError, check_datasets, check_specs, format_checks, require_datasets
 from gradreg.data.datasets import DATASETS, ID_SPECS, DatasetNotFoundError, DatasetSpecError, check_spec
+from gradreg.registry import SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -463,3 +464,24 @@ def test_unset_ood_sets_mean_the_datamodule_default(tmp_path: Path) -> None:
     checks = check_datasets(config, data_root=tmp_path)
     assert all(c.found for c in checks), format_checks(checks, tmp_path)
     assert [(c.role, c.name) for c in checks if c.role == "ood"] == [("ood", "digits_heldout"), ("ood", "noise")]
+
+
+def test_datamodule_settings_at_their_bounds() -> None:
+    OODDataModule(candidates_per_epoch=64, outlier_batch_size=64)  # exactly one outlier batch per epoch: enough
+    OODDataModule(val_fraction=0.0)  # no hold-out (the official CIFAR runs train on all 50,000 images)
+    dm = OODDataModule(outlier_batch_size=360)  # digits_outliers: the 181 sixes and 179 sevens, one batch
+    dm.setup("fit")
+    assert dm.outlier_stream is not None
+    with pytest.raises(SettingError, match=re.escape("holds 360 images, fewer than one outlier batch")):
+        OODDataModule(outlier_batch_size=361).setup("fit")
+    with pytest.raises(SettingError, match=re.escape("data.std=[0.0] must be > 0 in every channel")):
+        OODDataModule(std=[0.0])  # Normalize would divide by zero
+    with pytest.raises(SettingError, match=re.escape("data.std=[0.5, 0.5, 0.5] has 3 values, and the ID set 'digits'")):
+        OODDataModule(std=[0.5, 0.5, 0.5])  # Normalize would broadcast a 1-channel digit to 3 channels
+
+
+def test_resize_is_refused_for_the_outlier_pool_too() -> None:
+    check_spec({"name": "lsun_c", "resize": False}, role="ood")
+    for role in ("id", "outliers"):  # the pool gets the training augmentation, not the evaluation resize
+        with pytest.raises(DatasetSpecError, match=r"^'resize' applies to OOD sets only"):
+            check_spec({"name": "digits_outliers" if role == "outliers" else "digits", "resize": False}, role=role)

@@ -27,6 +27,7 @@ from lightning.pytorch.tuner import Tuner
 
 from gradreg.callbacks import OODEvalCallback, _gather
 from gradreg.data import OODDataModule
+from gradreg.data.datasets import build_dataset
 from gradreg.data.module import EpochShuffle, Strided
 from gradreg.double_backward.batchnorm import DoubleBackwardSyncBatchNorm
 from gradreg.evaluation import ScoredSet
@@ -1110,3 +1111,53 @@ def test_gather_puts_strided_shards_back_in_dataset_order(n: int, world: int) ->
     got = _gather(trainer, local, n)
     assert got.scores["s"].tolist() == list(range(n))
     assert got.preds.tolist() == got.labels.tolist() == list(range(n))
+
+
+def test_datamodule_normalizes_with_the_given_statistics_and_augments_only_the_training_split() -> None:
+    dm = OODDataModule(mean=[0.2], std=[0.5], augment="crop_flip")
+    assert (dm.input_mean, dm.input_std) == ([0.2], [0.5])
+    for split in ("val", "test"):
+        raw = build_dataset("digits", Path("data"), split)  # (N, 1, 8, 8) in [0, 1]
+        data = dm.id_dataset_for(split)
+        for i in (0, 5, 17):
+            for _ in range(3):  # no random crop or flip outside training
+                x, y = data[i]
+                torch.testing.assert_close(x, (raw[i][0] - 0.2) / 0.5)
+                assert y == raw[i][1]
+    train = dm.id_dataset_for("train")
+    assert any(not torch.equal(train[i][0], train[i][0]) for i in range(20))  # augmented
+
+
+def test_data_seed_orders_the_id_training_set() -> None:
+    def order(seed: int) -> list[int]:
+        loader = OODDataModule(batch_size=32, outliers=None, seed=seed).train_dataloader()
+        return [i for i, _ in loader.sampler]
+
+    first = order(0)
+    assert sorted(first) == list(range(650))  # every training image once per epoch
+    assert order(0) == first
+    assert order(1) != first
+
+
+def test_unaugmented_train_sets_are_the_training_images_and_the_pool_as_evaluated() -> None:
+    dm = OODDataModule(augment="crop_flip")
+    train, pool = dm.unaugmented_train_sets()
+    mean, std = dm.input_mean[0], dm.input_std[0]
+    for data, raw in ((train, build_dataset("digits", Path("data"), "train")),
+                      (pool, build_dataset("digits_outliers", Path("data"), "train"))):  # fmt: skip
+        assert len(data) == len(raw)
+        for i in (0, 9, 300):
+            x, y = data[i]
+            torch.testing.assert_close(x, (raw[i][0] - mean) / std)  # normalized, neither cropped nor flipped
+            assert y == raw[i][1]
+
+
+def test_validation_batches_do_not_move_the_outlier_stream(tmp_path: Path) -> None:
+    # The stream counts the outlier batches training consumed: a checkpoint resumes it there.
+    model, dm = make("energy")
+    trainer = Trainer(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=2, accelerator="cpu",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    assert dm.outlier_stream.position == 3
