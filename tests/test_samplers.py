@@ -651,3 +651,25 @@ def test_norm_feature_normalizes_over_all_candidates_before_the_energy_slice():
     )
     # clusters A+ = {1, 2, 5, 6}, A- = {3, 4, 7, 8}: their lowest-energy members ({1, 2} would be the B clusters')
     assert sorted(idx.tolist()) == [1, 3]
+
+
+def test_setup_fills_only_the_settings_left_unset():
+    given = SAMPLERS.build({"name": "ntom", "num_classes": 7, "id_train_size": 50})
+    given.setup(num_classes=10, id_train_size=650)
+    assert (given.num_classes, given.id_train_size) == (7, 50)  # the config's settings win
+    unset = SAMPLERS.build("ntom")
+    unset.setup(num_classes=10, id_train_size=650)
+    assert (unset.num_classes, unset.id_train_size) == (10, 650)
+    plain = SAMPLERS.build("random")
+    plain.setup(num_classes=10, id_train_size=650)  # a sampler without such settings gains none
+    assert not hasattr(plain, "num_classes")
+    assert not hasattr(plain, "id_train_size")
+
+
+def test_energy_cluster_seed_changes_the_k_means_draws():
+    # 36 candidates of no cluster structure: k-means++ seeded differently ends in other clusters, other extremes
+    model, cand = _model(), torch.randn(36, 1, 8, 8, generator=_gen(1))
+    picks = {
+        tuple(EnergyClusterSampler(num_clusters=6, seed=seed).select(model, cand, n_id=6).tolist()) for seed in range(4)
+    }
+    assert len(picks) > 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import math
 import re
@@ -22,7 +23,7 @@ from gradreg.double_backward import use_double_backward
 from gradreg.evaluation import score_batch
 from gradreg.losses import energy
 from gradreg.models import MODELS, Classifier, SmallCNN, add_absent_head
-from gradreg.registry import SettingError
+from gradreg.registry import Registry, RegistryError, SettingError, check_settings, numeric_bounds, plain_hints
 from gradreg.scorers import SCORERS, build, purview
 from gradreg.scorers.gaia import _nonzero_fraction, gaia_a_score, gaia_layers, gaia_z_score
 from gradreg.scorers.gradnorm import exgrad_score, gradnorm_score
@@ -1433,3 +1434,57 @@ def test_scorer_ranks_id_digits_above_noise(spec: dict, digits_model: tuple[Smal
     truth = np.r_[np.ones(len(scores_id)), np.zeros(len(scores_noise))]
     auroc = roc_auc_score(truth, torch.cat([scores_id, scores_noise]).numpy())
     assert auroc > 0.5, f"{spec}: AUROC {auroc:.3f} (ID positive) - the score sign looks inverted"
+
+
+# --------------------------------------------------------------------------------------------- the registry itself
+def test_registry_refuses_duplicates_unknown_names_and_unknown_settings() -> None:
+    toys: Registry = Registry("toy")
+
+    @toys.register("one")
+    def one(scale: float = 1.0, offset: int = 0) -> tuple[float, int]:
+        return scale, offset
+
+    @toys.register("kept")
+    @dataclasses.dataclass
+    class Kept:
+        width: int = 1
+        _calls: int = dataclasses.field(default=0, init=False)  # state, not a setting
+
+    with pytest.raises(RegistryError, match=r"^toy 'one' is already registered$"):
+        toys.register("one")(lambda: None)
+    assert toys.build("one") == (1.0, 0)
+    assert toys.build({"name": "one", "offset": 3}, offset=1, scale=2.0) == (2.0, 3)  # the spec's own settings win
+    with pytest.raises(RegistryError, match=re.escape("unknown setting(s) bogus for toy 'one'; valid: scale, offset")):
+        toys.build({"name": "one", "bogus": 1})
+    with pytest.raises(RegistryError, match=re.escape("unknown toy '['one']'; known: kept, one")):
+        toys.get(["one"])  # a YAML list where a name belongs: unhashable
+    assert toys.settings("kept") == ["width"]
+    with pytest.raises(RegistryError, match=re.escape("unknown setting(s) _calls for toy 'kept'; valid: width")):
+        toys.build({"name": "kept", "_calls": 5})
+
+
+def test_check_settings_types_and_bounds() -> None:
+    hints = {"t": float, "n": int, "k": int | None, "m": list[int]}
+    bounds = {"t": (">", 0.0), "n": (">=", 1), "k": (">=", 1)}
+    check_settings({"t": 1e-9, "n": 1, "k": None, "m": (1, 2)}, hints, bounds)  # None: unset; a tuple is a list
+    check_settings({"t": 1, "n": np.int64(2), "m": [10**400]}, hints, bounds)  # an int is a float and finite
+    for values, message in [
+        ({"t": 0.0}, "t=0.0 must be > 0.0"),
+        ({"n": 0}, "n=0 must be >= 1"),
+        ({"k": 0}, "k=0 must be >= 1"),
+        ({"n": True}, "n=True is not an integer"),  # a YAML yes is no batch size
+        ({"n": 2.0}, "n=2.0 is not an integer"),
+        ({"n": "None"}, "n='None' is not an integer"),  # no "write null": n may not be null
+        ({"k": "None"}, "k='None' is not an integer or None (YAML reads None as text: write null)"),
+        ({"t": float("nan")}, "t=nan must be finite"),
+    ]:
+        with pytest.raises(SettingError, match=f"^{re.escape(message)}$"):
+            check_settings(values, hints, bounds)
+
+
+def test_bounds_judge_only_the_plain_numeric_settings() -> None:
+    def reader(root: Path, name: str, width: int | str = 1, size: int | None = None, mode: str = "a") -> None: ...
+
+    hints = plain_hints(reader)
+    assert hints == {"name": str, "width": int | str, "size": int | None, "mode": str}  # not the Path
+    assert numeric_bounds({"width": (">=", 1), "size": (">=", 1), "other": (">=", 0)}, hints) == {"size": (">=", 1)}
