@@ -28,6 +28,9 @@ __all__ = ["roc_curves", "roc_points", "score_histograms"]
 #: Quantiles that set the shared histogram range; scores outside are counted in the edge bins.
 HIST_QUANTILES = (0.005, 0.995)
 HIST_BINS = 60
+#: Histogram range limit: matplotlib's tick arithmetic overflows on axes wider than about 1e308. Scores beyond it
+#: (finite, but of no real scorer) fall in the edge bins.
+HIST_LIMIT = 1e300
 
 
 def roc_points(id_scores: ArrayLike, ood_scores: ArrayLike, max_points: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -80,11 +83,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
 def _shared_bins(all_scores: list[np.ndarray]) -> np.ndarray:
     """Bin edges from robust quantiles of every set, so that a few extreme scores cannot squash the plot."""
     lows, highs = zip(*(np.quantile(s, HIST_QUANTILES) for s in all_scores), strict=True)
-    low, high = float(min(lows)), float(max(highs))
+    low, high = np.clip([min(lows), max(highs)], -HIST_LIMIT, HIST_LIMIT).tolist()
     if not high > low:  # constant scores: a unit-wide window around the value
         low, high = low - 0.5, high + 0.5
-    # Halving first keeps ``high - low`` finite for ranges near the float64 limit.
-    return np.linspace(low / 2.0, high / 2.0, HIST_BINS + 1) * 2.0
+    return np.linspace(low, high, HIST_BINS + 1)
 
 
 def _checked(

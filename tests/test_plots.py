@@ -66,6 +66,8 @@ def test_plots_work_with_huge_and_degenerate_score_ranges(plot, tmp_path: Path) 
     assert _png_size(plot(id_scores, ood, "gradnorm", tmp_path / "huge.png"))[0] > 100
     constant = plot(np.full(10, 1.0), {"same": np.full(10, 1.0)}, "constant", tmp_path / "const.png")
     assert _png_size(constant)[0] > 100
+    extreme = np.array([-1.7e308, 0.0, 1.7e308])  # the whole float64 range, by quantile too
+    assert _png_size(plot(extreme, {"x": extreme / 2}, "extreme", tmp_path / "extreme.png"))[0] > 100
 
 
 @pytest.mark.parametrize("plot", [score_histograms, roc_curves])
