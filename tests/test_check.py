@@ -284,6 +284,8 @@ def run_main(*args: str) -> tuple[int, str, str]:
         (["check"], "the following arguments are required: config; see python -m gradreg.data check --help"),
         (["check", "c.yaml", "--stage", "train"], "argument --stage: invalid choice: 'train'"),
         (["imagenet-classes", "1000"], "num_classes must be between 1 and 999"),
+        (["imagenet-classes", "0"], "num_classes must be between 1 and 999"),
+        (["check", "c.yaml", "--workers", "-1"], "--workers must be 0 (read in this process) or more, got -1"),
         (["bogus"], "invalid choice: 'bogus'"),
         (["check", "c.yaml", "--bogus"], "unrecognized arguments: --bogus; see python -m gradreg.data check --help"),
     ],
@@ -485,3 +487,174 @@ def test_resize_is_refused_for_the_outlier_pool_too() -> None:
     for role in ("id", "outliers"):  # the pool gets the training augmentation, not the evaluation resize
         with pytest.raises(DatasetSpecError, match=r"^'resize' applies to OOD sets only"):
             check_spec({"name": "digits_outliers" if role == "outliers" else "digits", "resize": False}, role=role)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_test_stage_reads_only_the_id_test_split(tmp_path: Path) -> None:
+    # Evaluation reads the ID test split alone: a copy holding only Fashion-MNIST's t10k files is enough for it.
+    folder = tmp_path / "FashionMNIST" / "raw"
+    write_fashion_mnist(folder)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (folder / f"{stem}.gz").unlink()
+    config = data(ood_sets=[], data_root=str(tmp_path))
+    assert [(c.role, c.name, c.found) for c in check_datasets(config, stage="test")] == [("id", "fashion_mnist", True)]
+    fit = check_datasets(config, stage="fit")  # training reads train too
+    assert [(c.role, c.name, c.found) for c in fit] == [
+        ("id", "fashion_mnist", False),
+        ("outliers", "digits_outliers", True),
+    ]
+    assert fit[0].message.startswith(f"not found at {folder};")
+
+
+def test_an_empty_config_checks_the_datamodule_defaults(tmp_path: Path) -> None:
+    # No data section: the datamodule's defaults, the embedded digits sets (OOD sets read for validation too).
+    config = tmp_path / "c.yaml"
+    config.write_text("# nothing yet\n")
+    checks = check_datasets(config, data_root=tmp_path)
+    assert [(c.role, c.name, c.found) for c in checks] == [
+        ("id", "digits", True),
+        ("outliers", "digits_outliers", True),
+        ("ood", "digits_heldout", True),
+        ("ood", "noise", True),
+        ("ood_val", "digits_heldout", True),
+        ("ood_val", "noise", True),
+    ]
+
+
+def test_a_reader_that_cannot_read_its_files_is_a_missing_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An OSError of a user's reader (no permission, a stale mount) is a MISSING line, not a traceback of the check.
+    def unreachable(root: Path, split: str):
+        raise PermissionError(13, "Permission denied", str(root / "mount"))
+
+    monkeypatch.setitem(DATASETS._items, "unreachable", unreachable)
+    checks = by_name(check_datasets(data(id_dataset="digits", ood_sets=["unreachable"]), data_root=tmp_path))
+    assert not checks["ood", "unreachable"].found
+    assert (
+        checks["ood", "unreachable"].message == f"cannot read it: [Errno 13] Permission denied: '{tmp_path / 'mount'}'"
+    )
+
+
+def test_an_id_set_in_two_folders_names_both(tmp_path: Path) -> None:
+    # ImageNet's train/ and val/ (its test split) are two places: one message, "; " between them.
+    from gradreg.data.benchmarks import imagenet_subset_wnids
+
+    for split in ("train", "val"):
+        for wnid in imagenet_subset_wnids(10):
+            write_image(tmp_path / "imagenet" / split / wnid / "a.JPEG")
+    checks = check_datasets(data(id_dataset="imagenet10", outliers=None, ood_sets=[]), data_root=tmp_path)
+    assert [(c.role, c.name, c.found) for c in checks] == [("id", "imagenet10", True)]
+    assert checks[0].message == f"{tmp_path / 'imagenet' / 'train'}; {tmp_path / 'imagenet' / 'val'}"
+
+
+def test_set_lists_may_be_tuples(tmp_path: Path) -> None:
+    # The datamodule takes tuples from Python code; only a bare name or mapping is no list of sets.
+    config = data(id_dataset="digits", outliers=None, ood_sets=("noise",), ood_val_sets=(), near_ood=("noise",))
+    check_specs(config["data"])
+    checks = check_datasets(config, data_root=tmp_path)
+    assert [(c.role, c.name, c.found) for c in checks] == [("id", "digits", True), ("ood", "noise", True)]
+
+
+def test_format_checks_keeps_one_set_read_from_two_places_on_two_lines(tmp_path: Path) -> None:
+    # With {split} in its list_file an OOD set reads test.txt for testing and val.txt for validation: two places.
+    write_image(tmp_path / "a.png")
+    for split in ("test", "val"):
+        (tmp_path / f"{split}.txt").write_text("a.png\n")
+    spec = {"name": "imagelist", "alias": "tin", "list_file": "{split}.txt"}
+    checks = check_datasets(data(id_dataset="digits", outliers=None, ood_sets=[spec], ood_val_sets=None), tmp_path)
+    assert [(c.role, c.name, c.found) for c in checks] == [
+        ("id", "digits", True),
+        ("ood", "tin", True),
+        ("ood_val", "tin", True),
+    ]
+    lines = format_checks(checks, tmp_path).splitlines()
+    assert lines[0] == f"all 3 datasets found (data_root: {tmp_path}):"
+    assert [line for line in lines if "tin" in line] == [
+        f"  ok       ood      tin     {tmp_path / 'test.txt'}",
+        f"  ok       ood_val  tin     {tmp_path / 'val.txt'}",
+    ]
+
+
+def test_require_datasets_report_lines_up_the_missing_sets_under_the_config_data_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The report names the config's data_root (relative to the working directory) and pads only the lines it shows.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingDatasetsError) as err:
+        require_datasets(data(data_root="here"))
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"2 of 3 datasets are missing or invalid (data_root: {tmp_path / 'here'}):"
+    assert lines[1].startswith(
+        f"  MISSING  id   fashion_mnist  not found at {tmp_path / 'here' / 'FashionMNIST' / 'raw'}"
+    )
+    assert lines[2].startswith(f"  MISSING  ood  lsun_c         not found at {tmp_path / 'here' / 'lsun_c'}")
+    assert err.value.name == "fashion_mnist, lsun_c"
+
+
+def test_check_command_test_stage_reads_only_what_evaluation_reads(tmp_path: Path) -> None:
+    # --stage test: the ID test split and the OOD sets; no training file is looked for or read.
+    folder = tmp_path / "FashionMNIST" / "raw"
+    write_fashion_mnist(folder)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (folder / f"{stem}.gz").unlink()
+    write_image(tmp_path / "lsun_c" / "a.png")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data(data_root=str(tmp_path))))  # the config's data_root: no --data-root
+    args = ["check", str(config)]
+    code, out, _ = run_main(*args, "--stage", "test")
+    assert code == 0
+    assert out.splitlines()[0] == f"all 2 datasets found (data_root: {tmp_path}):"
+    assert len(out.splitlines()) == 3  # the report alone: no image is read without --read-images
+    code, out, _ = run_main(*args, "--stage", "test", "--read-images", "--workers", "0")
+    assert code == 0
+    assert out.startswith("all 2 datasets found")
+    assert [line for line in out.splitlines() if line.startswith("  ok          ")] == [
+        "  ok          fashion_mnist test: 2 images read",
+        "  ok          lsun_c test: 1 images read",
+    ]
+    code, out, _ = run_main(*args)  # training reads train too
+    assert code == 1
+    assert "MISSING  id        fashion_mnist" in out
+
+
+def test_check_command_lists_at_most_twenty_unreadable_files_per_set(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data()))
+    write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
+    for i in range(21):  # one more than the listing shows
+        (tmp_path / "lsun_c" / f"{i:02d}.png").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "lsun_c" / f"{i:02d}.png").write_bytes(b"")
+    code, out, _ = run_main("check", str(config), "--data-root", str(tmp_path), "--read-images", "--workers", "0")
+    assert code == 1
+    lines = out.splitlines()
+    start = lines.index("  UNREADABLE  lsun_c test: 21 of 21")
+    listed = [f"      cannot read image '{tmp_path / 'lsun_c' / f'{i:02d}.png'}' (an empty file)" for i in range(20)]
+    assert lines[start + 1 : start + 22] == [*listed, "      ... and 1 more"]
+    assert lines[-1] == "21 unreadable images: replace or delete each file (or re-extract its dataset)"
+
+
+def test_check_command_reads_a_set_in_two_roles_once(tmp_path: Path) -> None:
+    # ood_val_sets unset: an OOD set with its own split is read for validation from the same files; read once.
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data(ood_sets=[{"name": "lsun_c", "split": "test"}], ood_val_sets=None)))
+    write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
+    write_image(tmp_path / "lsun_c" / "a.png")
+    code, out, _ = run_main("check", str(config), "--data-root", str(tmp_path), "--read-images", "--workers", "0")
+    assert code == 0
+    assert [line for line in out.splitlines() if "lsun_c test:" in line] == ["  ok          lsun_c test: 1 images read"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"data": {"class_path": "gradreg.data.OODDataModule", "init_args": {"ood_sets": ["noise"], "outliers": None}}},
+        {"ood_sets": ["noise"], "outliers": None},  # the data section itself
+    ],
+    ids=["class_path", "data_section"],
+)
+def test_the_check_reads_every_form_of_the_data_section(tmp_path: Path, config: dict[str, Any]) -> None:
+    checks = check_datasets(config, data_root=tmp_path)
+    assert [(c.role, c.name, c.found) for c in checks] == [
+        ("id", "digits", True),
+        ("ood", "noise", True),
+        ("ood_val", "noise", True),
+    ]
