@@ -36,7 +36,7 @@ from gradreg.cli import (
     wandb_failure,
 )
 from gradreg.module import GradRegModule
-from gradreg.provenance import git_revision
+from gradreg.provenance import PACKAGES, environment, git_revision
 from gradreg.report import parse_scorer
 from gradreg.training import _optimizer_change, build_cli, default_loggers
 
@@ -1147,6 +1147,24 @@ def test_git_revision_names_the_commit_and_uncommitted_changes(tmp_path: Path) -
     # A package installed inside another repository (a venv in a project folder) is not that repository's code.
     assert git_revision.__wrapped__(repo / "sub") is None
     assert git_revision.__wrapped__(tmp_path) is None
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git executable")
+def test_git_revision_of_a_broken_checkout_is_none(tmp_path: Path) -> None:
+    # A .git that git refuses (a worktree whose repository was deleted) records no commit rather than crashing.
+    (tmp_path / ".git").write_text(f"gitdir: {tmp_path / 'deleted'}\n")
+    assert git_revision.__wrapped__(tmp_path) is None
+
+
+def test_environment_names_the_checkout_the_versions_and_the_device(tmp_path: Path) -> None:
+    env = environment(torch.device("cpu"))
+    assert env["git"] == git_revision(ROOT)  # the checkout holding this gradreg (None in an installed copy)
+    assert set(env["packages"]) == set(PACKAGES)  # a package that is not installed is there, as None
+    assert env["packages"]["torch"] == torch.__version__
+    assert env["device"].startswith("cpu: ")
+    assert environment(torch.device("mps"))["device"].startswith("mps: ")  # only CUDA devices are asked for a name
+    torch.save({"environment": env}, tmp_path / "env.ckpt")  # as in every checkpoint: weights_only loading reads it
+    assert torch.load(tmp_path / "env.ckpt", weights_only=True)["environment"] == env
 
 
 @pytest.mark.slow
