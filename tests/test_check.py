@@ -31,14 +31,13 @@ def write_image(path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path)
 
 
-def write_fashion_mnist(folder: Path) -> None:
+def write_fashion_mnist(folder: Path, train: bool = True) -> None:
+    """Fashion-MNIST's gzipped idx files (4 training, 2 test images); ``train=False``: the t10k files alone."""
     folder.mkdir(parents=True, exist_ok=True)
-    for stem, shape in {
-        "train-images-idx3-ubyte": (4, 28, 28),
-        "train-labels-idx1-ubyte": (4,),
-        "t10k-images-idx3-ubyte": (2, 28, 28),
-        "t10k-labels-idx1-ubyte": (2,),
-    }.items():
+    files = {"t10k-images-idx3-ubyte": (2, 28, 28), "t10k-labels-idx1-ubyte": (2,)}
+    if train:
+        files |= {"train-images-idx3-ubyte": (4, 28, 28), "train-labels-idx1-ubyte": (4,)}
+    for stem, shape in files.items():
         header = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
         (folder / f"{stem}.gz").write_bytes(gzip.compress(header + bytes(int(np.prod(shape)))))
 
@@ -493,9 +492,7 @@ def test_resize_is_refused_for_the_outlier_pool_too() -> None:
 def test_test_stage_reads_only_the_id_test_split(tmp_path: Path) -> None:
     # Evaluation reads the ID test split alone: a copy holding only Fashion-MNIST's t10k files is enough for it.
     folder = tmp_path / "FashionMNIST" / "raw"
-    write_fashion_mnist(folder)
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
-        (folder / f"{stem}.gz").unlink()
+    write_fashion_mnist(folder, train=False)
     config = data(ood_sets=[], data_root=str(tmp_path))
     assert [(c.role, c.name, c.found) for c in check_datasets(config, stage="test")] == [("id", "fashion_mnist", True)]
     fit = check_datasets(config, stage="fit")  # training reads train too
@@ -593,9 +590,7 @@ def test_require_datasets_report_lines_up_the_missing_sets_under_the_config_data
 def test_check_command_test_stage_reads_only_what_evaluation_reads(tmp_path: Path) -> None:
     # --stage test: the ID test split and the OOD sets; no training file is looked for or read.
     folder = tmp_path / "FashionMNIST" / "raw"
-    write_fashion_mnist(folder)
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
-        (folder / f"{stem}.gz").unlink()
+    write_fashion_mnist(folder, train=False)
     write_image(tmp_path / "lsun_c" / "a.png")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(data(data_root=str(tmp_path))))  # the config's data_root: no --data-root
@@ -620,8 +615,8 @@ def test_check_command_lists_at_most_twenty_unreadable_files_per_set(tmp_path: P
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(data()))
     write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
+    (tmp_path / "lsun_c").mkdir()
     for i in range(21):  # one more than the listing shows
-        (tmp_path / "lsun_c" / f"{i:02d}.png").parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "lsun_c" / f"{i:02d}.png").write_bytes(b"")
     code, out, _ = run_main("check", str(config), "--data-root", str(tmp_path), "--read-images", "--workers", "0")
     assert code == 1

@@ -175,6 +175,8 @@ def test_a_failed_evaluation_leaves_its_out_folder_usable(
             evaluate_main(args)
     assert list(out.iterdir()) == []
     assert run_inprocess(args, capsys).returncode == 0
+    assert (out / "results.json").is_file()
+    assert not (out / "plots").exists()  # FAST holds --no-plots
 
 
 def test_a_second_evaluation_into_a_claimed_folder_is_refused(tmp_path: Path) -> None:
@@ -1134,11 +1136,3 @@ def test_an_option_of_one_of_its_suites_is_accepted_without_the_others() -> None
     assert parse_args(["ckpt", "--suites", "ood", "--sets", "noise"]).sets == ["noise"]
     assert parse_args(["ckpt", "--suites", "robustness", "--sets", "noise"]).sets == ["noise"]
     assert parse_args(["ckpt", "--suites", "adversarial", "--epsilons", "4/255"]).epsilons == [4 / 255]
-
-
-def test_no_plots_writes_no_plots(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "out"
-    proc = run_inprocess([str(run_dir), *FAST, "--suites", "ood", "--scorers", "energy", "--out", str(out)], capsys)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (out / "results.json").is_file()
-    assert not (out / "plots").exists()  # FAST holds --no-plots

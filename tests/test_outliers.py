@@ -475,13 +475,12 @@ def _items(dataset) -> Counter:
 def test_digits_splits_partition_the_id_classes_60_20_20() -> None:
     splits = {s: build_dataset("digits", Path("data"), s) for s in ("train", "val", "test")}
     # every image of digits 0-5 in exactly one split, with its label and its pixels scaled to [0, 1]
-    assert _items(splits["train"]) + _items(splits["val"]) + _items(splits["test"]) == _sklearn_digits(
-        (0, 1, 2, 3, 4, 5)
-    )
-    reference = Counter(label for _, label in _sklearn_digits((0, 1, 2, 3, 4, 5)).elements())
+    reference = _sklearn_digits((0, 1, 2, 3, 4, 5))
+    assert _items(splits["train"]) + _items(splits["val"]) + _items(splits["test"]) == reference
+    per_class = Counter(label for _, label in reference.elements())
     for split, fraction in (("train", 0.6), ("val", 0.2), ("test", 0.2)):  # stratified: each class in proportion
         counts = Counter(y for _, y in splits[split])
-        assert all(abs(counts[c] - fraction * n) <= 1 for c, n in reference.items()), (split, counts)
+        assert all(abs(counts[c] - fraction * n) <= 1 for c, n in per_class.items()), (split, counts)
 
 
 def test_digits_split_is_a_seeded_shuffle_of_each_class() -> None:
