@@ -51,10 +51,12 @@ class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` whose mistakes end like every other bad input: a :class:`UserError` (one line, exit code 1).
 
     Values such as ``-8/255`` and ``-1e-3`` are read as values, as ``-1`` and ``-0.5`` are, so that the option's
-    own check names them (argparse took them for unknown options: "expected at least one argument").
+    own check names them (argparse took them for unknown options: "expected at least one argument"). Prefixes of
+    options are refused, as train.py refuses them: ``--epsilon`` is a typo of ``--epsilons``, not a spelling of it.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = NEGATIVE_NUMBER
 

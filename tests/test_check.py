@@ -287,6 +287,7 @@ def run_main(*args: str) -> tuple[int, str, str]:
         (["check", "c.yaml", "--workers", "-1"], "--workers must be 0 (read in this process) or more, got -1"),
         (["bogus"], "invalid choice: 'bogus'"),
         (["check", "c.yaml", "--bogus"], "unrecognized arguments: --bogus; see python -m gradreg.data check --help"),
+        (["check", "c.yaml", "--read"], "unrecognized arguments: --read"),  # a prefix of --read-images
     ],
 )
 def test_command_line_mistakes_are_one_line(args: list[str], message: str) -> None:

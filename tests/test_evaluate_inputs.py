@@ -275,6 +275,7 @@ def test_config_without_weights_scores_the_same_model_every_run(
         (["--suites", "foo"], ["--suites: invalid choice: 'foo'", "'ood', 'adversarial', 'corruption', 'robustness'"]),
         (["--explain-damping", "x"], ["--explain-damping: 'x' is not a number"]),
         (["--bogus"], ["unrecognized arguments: --bogus", "see python evaluate.py --help"]),
+        (["--scorer", "energy"], ["unrecognized arguments: --scorer energy"]),  # a prefix of --scorers, as in train.py
     ],
 )
 def test_option_syntax_errors_are_one_line(
