@@ -605,7 +605,7 @@ def test_check_command_test_stage_reads_only_what_evaluation_reads(tmp_path: Pat
     assert out.startswith("all 2 datasets found")
     assert [line for line in out.splitlines() if line.startswith("  ok          ")] == [
         "  ok          fashion_mnist test: 2 images read",
-        "  ok          lsun_c test: 1 images read",
+        "  ok          lsun_c test: 1 image read",
     ]
     code, out, _ = run_main(*args)  # training reads train too
     assert code == 1
@@ -636,7 +636,7 @@ def test_check_command_reads_a_set_in_two_roles_once(tmp_path: Path) -> None:
     write_image(tmp_path / "lsun_c" / "a.png")
     code, out, _ = run_main("check", str(config), "--data-root", str(tmp_path), "--read-images", "--workers", "0")
     assert code == 0
-    assert [line for line in out.splitlines() if "lsun_c test:" in line] == ["  ok          lsun_c test: 1 images read"]
+    assert [line for line in out.splitlines() if "lsun_c test:" in line] == ["  ok          lsun_c test: 1 image read"]
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, total, failed in unreadable_images(config, root, args.stage, args.workers):
         bad.update(failed)
         status = (
-            f"ok          {name}: {total} images read"
+            f"ok          {name}: {total} image{'' if total == 1 else 's'} read"
             if not failed
             else f"UNREADABLE  {name}: {len(failed)} of {total}"
         )
