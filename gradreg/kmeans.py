@@ -39,7 +39,8 @@ def _seed_centers(x: Tensor, uniforms: Tensor) -> Tensor:
     The first center of restart r is point ``floor(u[r, 0, 0] * N)``; center c > 0 is the best (lowest resulting
     inertia) of L points drawn by inverse-CDF sampling (``searchsorted``) with probability proportional to the
     squared distance to the nearest chosen center. Once every point coincides with a center (duplicate points,
-    ``k`` > distinct points) the draw falls on the last point; Lloyd's empty-cluster rule repairs that.
+    ``k`` > distinct points) the draw picks a duplicate: the last point when the distances are exactly 0, else the one
+    the expansion's rounding favours (float32, many dimensions); Lloyd's empty-cluster rule repairs that.
     """
     n = x.shape[0]
     r, k = uniforms.shape[:2]

@@ -396,6 +396,149 @@ def test_kmeans_result_does_not_depend_on_how_often_the_host_checks():
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
 
 
+def _greedy_kmeans_plusplus(x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Textbook greedy k-means++ (one restart) on points ``x`` (N, D) driven by ``u`` (k, L): the first center is point
+    floor(u[0, 0] N); each next one the candidate of lowest potential among L drawn by inverse CDF of D^2 (the first
+    point whose cumulative D^2 exceeds u times the total)."""
+    n = len(x)
+    chosen = [min(int(u[0, 0] * n), n - 1)]
+    closest = ((x - x[chosen[0]]) ** 2).sum(1)
+    for c in range(1, len(u)):
+        cdf, best = np.cumsum(closest), None
+        for t in range(u.shape[1]):
+            i = next((j for j in range(n) if cdf[j] > u[c, t] * cdf[-1]), n - 1)
+            potential = np.minimum(closest, ((x - x[i]) ** 2).sum(1))
+            if best is None or potential.sum() < best[1].sum():
+                best = (i, potential)
+        chosen.append(best[0])
+        closest = best[1]
+    return x[chosen]
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_kmeans_plusplus_seeds_match_a_plain_reference(monkeypatch, table):
+    # Integer coordinates: every squared distance and cumulative sum is exact in float64, so the choices must agree.
+    if not table:
+        monkeypatch.setattr(gradreg.kmeans, "PAIRWISE_MAX", 0)
+    gen = _gen(11)
+    for trial in range(6):
+        n, k, trials = 12 + 7 * trial, 2 + trial, 1 + trial % 3
+        x = torch.randint(-20, 21, (n, 3), generator=gen).double()
+        u = torch.rand(2, k, trials, generator=gen, dtype=torch.float64)
+        got = gradreg.kmeans._seed_centers(x, u)
+        for r in range(2):
+            np.testing.assert_array_equal(got[r].numpy(), _greedy_kmeans_plusplus(x.numpy(), u[r].numpy()))
+
+
+def test_kmeans_plusplus_by_hand_three_centers_and_two_trials():
+    # x = 0, 1, 3, 10; first center 0: D^2 = [0, 1, 9, 100], cdf [0, 1, 10, 110].
+    x = torch.tensor([[0.0], [1.0], [3.0], [10.0]], dtype=torch.float64)
+    # One trial each: 0.5 * 110 = 55 -> point 10; D^2 then [0, 1, 9, 0], cdf [0, 1, 10, 10]: 0.5 * 10 = 5 -> point 3.
+    one = torch.tensor([[[0.0], [0.5], [0.5]]], dtype=torch.float64)
+    assert gradreg.kmeans._seed_centers(x, one)[0, :, 0].tolist() == [0.0, 10.0, 3.0]
+    # Two trials: 0.05 * 110 = 5.5 -> point 3 (potential 0 + 1 + 0 + 49 = 50), 0.5 -> point 10 (potential 10): 10 wins.
+    two = torch.tensor([[[0.0, 0.0], [0.05, 0.5]]], dtype=torch.float64)
+    assert gradreg.kmeans._seed_centers(x, two)[0, :, 0].tolist() == [0.0, 10.0]
+    # u = 0 (torch.rand can draw it) must not fall on point 0, the center already chosen (probability 0): point 1.
+    zero = torch.tensor([[[0.0], [0.0]]], dtype=torch.float64)
+    assert gradreg.kmeans._seed_centers(x, zero)[0, :, 0].tolist() == [0.0, 1.0]
+
+
+def test_kmeans_plusplus_first_center_is_uniform_over_the_points():
+    # k-means++ draws its first center uniformly: each of 3 points about a third of 3000 seedings, the last one too.
+    x = torch.tensor([[0.0], [1.0], [2.0]])
+    first = kmeans_plusplus(x, 1, n_init=3000, generator=_gen(3))[:, 0, 0]
+    counts = torch.bincount(first.long(), minlength=3).double() / 3000
+    torch.testing.assert_close(counts, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.04, rtol=0)
+
+
+def test_kmeans_plusplus_default_trials_are_two_plus_log_k():
+    # scikit-learn's default number of local trials: 2 + floor(ln k), 4 for k = 8 (log2 would give 5, ln - 1 gives 3)
+    x = torch.randn(200, 4, generator=_gen(7), dtype=torch.float64)
+    default = kmeans_plusplus(x, 8, n_init=2, generator=_gen(1))
+    for trials in (3, 5):
+        assert not torch.equal(kmeans_plusplus(x, 8, n_init=2, generator=_gen(1), local_trials=trials), default)
+    explicit = kmeans_plusplus(x, 8, n_init=2, generator=_gen(1), local_trials=2 + int(np.log(8)))
+    torch.testing.assert_close(explicit, default, rtol=0, atol=0)
+
+
+def test_kmeans_plusplus_draws_the_same_numbers_in_every_dtype():
+    # The draw is made in float64 whatever the points' dtype: float32 points get the seeds of their float64 copy.
+    x = torch.randint(-50, 51, (150, 3), generator=_gen(8)).double()
+    seeds64 = kmeans_plusplus(x, 6, n_init=3, generator=_gen(2))
+    seeds32 = kmeans_plusplus(x.float(), 6, n_init=3, generator=_gen(2))
+    assert seeds32.dtype == torch.float32
+    torch.testing.assert_close(seeds32.double(), seeds64, rtol=0, atol=0)
+    labels64, centers64 = kmeans(x, 6, generator=_gen(2))
+    labels32, centers32 = kmeans(x.float(), 6, generator=_gen(2))
+    assert centers64.dtype == torch.float64  # float64 stays float64
+    torch.testing.assert_close(labels32, labels64, rtol=0, atol=0)
+    torch.testing.assert_close(centers32.double(), centers64, rtol=1e-6, atol=1e-5)
+
+
+def _sklearn_lloyd_runs(x: torch.Tensor, k: int, n_init: int, seed: int, **kwargs) -> list[KMeans]:
+    """scikit-learn's Lloyd from each of the ``n_init`` seedings that ``kmeans_plusplus`` draws with ``_gen(seed)``."""
+    seeds = kmeans_plusplus(x, k, n_init=n_init, generator=_gen(seed))
+    return [KMeans(k, init=s.numpy(), n_init=1, algorithm="lloyd", **kwargs).fit(x.numpy()) for s in seeds]
+
+
+@pytest.mark.parametrize(
+    ("tol", "max_iter", "check_every"),
+    [(0.0, 300, 5), (1e-4, 300, 5), (1e-2, 300, 3), (0.1, 300, 1), (0.0, 7, 5), (0.0, 3, 2)],
+)
+def test_kmeans_is_the_best_of_sklearn_lloyd_runs_from_its_seeds(tol, max_iter, check_every):
+    # Reference: scikit-learn's Lloyd (same stopping rule: labels unchanged, or squared center shift <= tol times the
+    # mean feature variance; at most max_iter iterations) from each of the seedings kmeans_plusplus draws with the
+    # same generator, and the one of lowest inertia. Overlapping data: many iterations, no empty cluster.
+    x = torch.randn(240, 5, generator=_gen(12), dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2])
+    runs = _sklearn_lloyd_runs(x, 7, 4, 3, max_iter=max_iter, tol=tol)
+    ref = min(runs, key=lambda run: run.inertia_)
+    stops = [run.n_iter_ for run in runs]
+    # converged: the restarts stop at different iterations; else all run to max_iter (not a multiple of check_every)
+    assert len(set(stops)) > 1 if max_iter == 300 else set(stops) == {max_iter}
+    labels, centers = kmeans(x, 7, n_init=4, max_iter=max_iter, tol=tol, generator=_gen(3), check_every=check_every)
+    np.testing.assert_array_equal(labels.numpy(), ref.labels_)
+    np.testing.assert_allclose(centers.numpy(), ref.cluster_centers_, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(("seed", "n", "dim", "k", "check_every"), [(7, 67, 5, 4, 1), (12, 72, 2, 3, 6)])
+def test_kmeans_restarts_stopped_by_the_tolerance_stay_stopped(seed, n, dim, k, check_every):
+    # A restart whose center shift fell within the tolerance stops there (scikit-learn's rule), even where one more
+    # Lloyd step would move it by more while the other restarts keep iterating. Reference as above.
+    x = torch.randn(n, dim, generator=_gen(seed), dtype=torch.float64)
+    ref = min(_sklearn_lloyd_runs(x, k, 4, seed, tol=0.05), key=lambda run: run.inertia_)
+    labels, centers = kmeans(x, k, n_init=4, tol=0.05, generator=_gen(seed), check_every=check_every)
+    np.testing.assert_array_equal(labels.numpy(), ref.labels_)
+    np.testing.assert_allclose(centers.numpy(), ref.cluster_centers_, rtol=0, atol=1e-9)
+
+
+def test_kmeans_keeps_the_restart_of_lowest_inertia_wherever_it_is(monkeypatch):
+    # Three restarts on two blobs: seedings 0 and 2 put both centers in the first blob; one Lloyd step leaves them at
+    # an inertia of about 22, seeding 1 (one center per blob) at 0.01: the centers 0.05 and 10.05 must come back.
+    x = torch.tensor([[0.0], [0.1], [10.0], [10.1]], dtype=torch.float64)
+    bad, good = [[0.0, 0.0], [1e-5, 1e-5]], [[0.0, 0.0], [0.9, 0.9]]
+    for order in ([bad, good, bad], [bad, bad, good]):
+        u = torch.tensor(order, dtype=torch.float64)
+        monkeypatch.setattr(gradreg.kmeans, "_uniforms", lambda *args, u=u, **kwargs: u)
+        _, centers = gradreg.kmeans.kmeans(x, 2, n_init=3, max_iter=1)
+        torch.testing.assert_close(centers[:, 0].sort().values, torch.tensor([0.05, 10.05], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "1 <= k <= N"),
+        ({"n_init": 0}, "n_init, max_iter, check_every >= 1"),
+        ({"max_iter": 0}, "n_init, max_iter, check_every >= 1"),
+        ({"check_every": 0}, "n_init, max_iter, check_every >= 1"),
+    ],
+)
+def test_kmeans_refuses_non_positive_counts(kwargs, message):
+    x = torch.randn(10, 3, generator=_gen(1))
+    with pytest.raises(ValueError, match=message):
+        kmeans(x, **{"k": 2, **kwargs})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kmeans_cuda_graph_matches_the_eager_path():
