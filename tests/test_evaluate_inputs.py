@@ -1078,6 +1078,107 @@ def test_imagenet_c_images_in_another_class_folder_are_refused(tmp_path: Path) -
         CorruptionFiles(tmp_path / "c", severities=[1]).check(Flat(), [0, 1], "x")  # type: ignore[arg-type]
 
 
+def test_corruption_file_rows_refuse_negative_indices(tmp_path: Path) -> None:
+    # Row -1 of severity 2 is not image n - 1 of severity 1 (the row before its block).
+    from gradreg.data.corrupted import CorruptionFiles
+
+    _c10c_files(tmp_path / "c")
+    rows = CorruptionFiles(tmp_path / "c").severity("fog", 2)
+    with pytest.raises(IndexError):
+        rows[-1]
+
+
+@pytest.mark.parametrize(
+    ("labels", "rows"),
+    [
+        (np.tile(np.arange(6) % 3, 5).astype(np.uint8)[:, None], 30),  # a column, not a vector
+        (np.tile(np.arange(6) % 3, 5).astype(np.float32), 30),  # not integers
+        (np.arange(31) % 3, 31),  # not 5 severities of the same number of images
+    ],
+)
+def test_corruption_files_refuse_labels_that_are_not_five_severities_of_integers(
+    tmp_path: Path, labels: np.ndarray, rows: int
+) -> None:
+    from gradreg.data.corrupted import CorruptionFiles
+    from gradreg.data.datasets import DatasetFileError
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    np.save(folder / "fog.npy", np.zeros((rows, 2, 2, 3), np.uint8))  # as many images as labels
+    np.save(folder / "labels.npy", labels)
+    with pytest.raises(DatasetFileError, match="expected integer labels of 5 severities x N images"):
+        CorruptionFiles(folder)
+
+
+def test_corruption_files_refuse_more_images_than_labels(tmp_path: Path) -> None:
+    from gradreg.data.corrupted import CorruptionFiles
+    from gradreg.data.datasets import DatasetFileError
+
+    _c10c_files(tmp_path / "c")  # 30 labels
+    np.save(tmp_path / "c" / "fog.npy", np.zeros((35, 2, 2, 3), np.uint8))
+    with pytest.raises(DatasetFileError, match=r"it holds 35 images for the 30 labels of labels\.npy"):
+        CorruptionFiles(tmp_path / "c")
+
+
+@pytest.mark.parametrize("n", [5, 7])
+def test_corruption_files_of_another_test_set_size_are_refused(tmp_path: Path, n: int) -> None:
+    # 6 images per severity are the copies of a test set of 6, neither of a smaller one nor of a larger one.
+    from torch.utils.data import TensorDataset
+
+    from gradreg.data.corrupted import CorruptionFiles
+
+    _c10c_files(tmp_path / "c", 6)
+    id_test = TensorDataset(torch.zeros(n, 1), torch.arange(n) % 3)
+    with pytest.raises(ValueError, match=f"it holds 6 images per severity, but the ID test set \\(x\\) has {n}"):
+        CorruptionFiles(tmp_path / "c").check(id_test, range(min(n, 6)), "x")
+
+
+def test_corruption_files_name_the_sampled_test_image_whose_label_differs(tmp_path: Path) -> None:
+    # Sampled indices (not 0..n-1, in no order): the one that differs is the last of them, named by its index in the
+    # test set with both labels: labels.npy gives image 3 at severity 2 (row 6 + 3) the label 2, the test set 3 % 3 = 0.
+    from torch.utils.data import TensorDataset
+
+    from gradreg.data.corrupted import CorruptionFiles
+
+    n = 6
+    labels = np.tile(np.arange(n) % 3, 5).astype(np.uint8)
+    labels[n + 3] = 2
+    _c10c_files(tmp_path / "c", n, labels)
+    id_test = TensorDataset(torch.zeros(n, 1), torch.arange(n) % 3)
+    files = CorruptionFiles(tmp_path / "c")
+    files.check(id_test, [5, 1, 4], "x")  # image 3 not sampled: nothing to refuse
+    with pytest.raises(ValueError, match=r"gives test image 3 at severity 2 the label 2, the ID test set \(x\) 0:"):
+        files.check(id_test, [5, 1, 3], "x")
+
+
+def test_imagenet_c_folders_match_a_flat_id_test_set_by_file_name_alone(tmp_path: Path) -> None:
+    # ID test images in one folder (no class folders): the corrupted copies' class folders cannot be checked against
+    # theirs, so any class folder holds them.
+    from gradreg.data.corrupted import CorruptionFiles
+
+    class Flat:
+        labels = torch.tensor([4, 9])
+
+        def __init__(self) -> None:
+            self.files = [tmp_path / "val" / "a.png", tmp_path / "val" / "b.png"]
+
+        def __len__(self) -> int:
+            return 2
+
+        def file(self, i: int) -> str:
+            return str(self.files[i])
+
+    for k, (cls, name) in enumerate((("n0", "a.png"), ("n1", "b.png"))):
+        (tmp_path / "c" / "fog" / "1" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((4, 4, 3), k, np.uint8)).save(tmp_path / "c" / "fog" / "1" / cls / name)
+    files = CorruptionFiles(tmp_path / "c", severities=[1])
+    files.check(Flat(), [0, 1], "x")  # type: ignore[arg-type]
+    fog = files.severity("fog", 1)
+    for i in (0, 1):
+        image, label = fog[i]
+        assert (label, np.asarray(image)[0, 0, 0]) == (int(Flat.labels[i]), i)
+
+
 def test_a_budget_of_one_whole_pixel_range_is_accepted() -> None:
     # (0, 1]: 1 is the largest budget, not outside the range
     opts = parse_args(["ckpt", "--epsilons", "1", "--suites", "adversarial"])
