@@ -546,6 +546,25 @@ def test_gaussian_blur_matches_scipy_nearest_mode() -> None:
     np.testing.assert_allclose(out.numpy(), np.clip(ref, 0, 1), atol=1e-12)
 
 
+def test_pad_index_pads_as_numpy_for_any_axis_and_pad() -> None:
+    # scipy's nearest, mirror and reflect are numpy's edge, reflect and symmetric, also for a 1-pixel axis and pads
+    # longer than the axis.
+    cpu = torch.device("cpu")
+    for n, pad in itertools.product(range(1, 6), range(12)):
+        for mode, numpy_mode in [("nearest", "edge"), ("mirror", "reflect"), ("reflect", "symmetric")]:
+            expected = np.pad(np.arange(n), pad, mode=numpy_mode)
+            np.testing.assert_array_equal(anomalies._pad_index(n, pad, mode, cpu).numpy(), expected, (n, pad, mode))
+
+
+@pytest.mark.parametrize("mode", ["mirror", "reflect"])
+def test_gaussian_filter_of_one_pixel_rows_and_columns_matches_scipy(mode: str) -> None:
+    for shape in [(1, 9), (9, 1), (1, 1)]:
+        image = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        out = anomalies._gaussian_filter(image, 2.0, 3.0, mode)
+        ref = ndimage.gaussian_filter(image[0, 0].numpy(), 2.0, mode=mode, truncate=3.0)
+        np.testing.assert_allclose(out[0, 0].numpy(), ref, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("size", [(32, 32), (8, 8), (28, 20)])
 def test_pixelate_matches_pil_box_resize(size: tuple[int, int]) -> None:
     # CIFAR-10-C: img.resize((int(w * c), int(h * c)), BOX).resize((w, h), BOX); PIL's float mode "F" avoids rounding
@@ -557,6 +576,21 @@ def test_pixelate_matches_pil_box_resize(size: tuple[int, int]) -> None:
             pil = Image.fromarray(image, mode="F").resize((int(width * c), int(height * c)), Image.BOX)
             ref = np.asarray(pil.resize((width, height), Image.BOX), dtype=np.float64)
             np.testing.assert_allclose(result, ref, rtol=0, atol=1e-6)
+
+
+def test_pixelate_keeps_a_side_of_one_pixel() -> None:
+    # int(1 * c) is 0: the side stays one pixel (PIL cannot resize to 0), the other side is pixelated as PIL does.
+    rows = torch.rand(2, 1, 1, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for images in (rows, rows.transpose(-2, -1)):
+        height, width = images.shape[-2:]
+        for severity, c in enumerate([0.95, 0.9, 0.85, 0.75, 0.65], start=1):
+            out = CORRUPTIONS.get("pixelate")(images, severity, None)
+            small = (max(1, int(width * c)), max(1, int(height * c)))
+            for image, result in zip(images[:, 0].numpy().astype(np.float32), out[:, 0].numpy(), strict=True):
+                pil = Image.fromarray(image, mode="F").resize(small, Image.BOX).resize((width, height), Image.BOX)
+                np.testing.assert_allclose(result, np.asarray(pil, dtype=np.float64), rtol=0, atol=1e-6)
+    pixel = rows[..., :1]
+    torch.testing.assert_close(CORRUPTIONS.get("pixelate")(pixel, 5, None), pixel, rtol=0, atol=1e-12)
 
 
 def test_brightness_matches_an_hsv_round_trip() -> None:
@@ -645,6 +679,19 @@ def test_corrupt_works_on_normalized_inputs() -> None:
     assert out_inf.shape == x.shape
     with pytest.raises(ValueError, match="channels"):
         corrupt(x, "contrast", 1, [0.5], [0.25, 0.25])
+
+
+def test_corrupt_checks_the_std_on_its_own() -> None:
+    # A std of 1 value must not broadcast over 3 channels; an infinite one is refused as such, not as inputs that are
+    # "not images in [0, 1]" (x * inf).
+    mean = [0.5, 0.5, 0.5]
+    x = (_smooth_images(3) - 0.5) / 0.25
+    with pytest.raises(ValueError, match=r"^mean/std need 3 channels, got 3 and 1$"):
+        corrupt(x, "contrast", 1, mean, [0.25])
+    with pytest.raises(ValueError, match=r"^mean/std need 3 channels, got 1 and 3$"):
+        corrupt(x, "contrast", 1, [0.5], [0.25] * 3)
+    with pytest.raises(ValueError, match=r"^std must be positive and finite, got \[0.25, inf, 0.25\]$"):
+        corrupt(x, "contrast", 1, mean, [0.25, math.inf, 0.25])
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)
@@ -737,13 +784,13 @@ def _hwc(x: torch.Tensor) -> np.ndarray:
 
 
 def _clipped_zoom(img: np.ndarray, factor: float) -> np.ndarray:
-    """The references' clipped_zoom, (H, W, C) square images."""
-    h = img.shape[0]
-    ch = int(np.ceil(h / factor))
-    top = (h - ch) // 2
-    img = ndimage.zoom(img[top : top + ch, top : top + ch], (factor, factor, 1), order=1)
-    trim = (img.shape[0] - h) // 2
-    return img[trim : trim + h, trim : trim + h]
+    """The references' clipped_zoom, crop and trim about the centre, (H, W, C) images: each axis on its own."""
+    h, w = img.shape[:2]
+    ch, cw = int(np.ceil(h / factor)), int(np.ceil(w / factor))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    img = ndimage.zoom(img[top : top + ch, left : left + cw], (factor, factor, 1), order=1)
+    trim_top, trim_left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return img[trim_top : trim_top + h, trim_left : trim_left + w]
 
 
 def _magick_motion_blur(img: np.ndarray, radius: float, sigma: float, angle: float) -> np.ndarray:
@@ -789,7 +836,22 @@ def test_zoom_blur_matches_the_reference_clipped_zoom(size: int, table: str, sev
         np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize(("size", "table", "severity"), _table_cases())
+@pytest.mark.parametrize(("table", "severity"), [("cifar10c", 5), ("imagenetc", 5)])
+@pytest.mark.parametrize("shape", [(20, 28), (28, 20)])
+def test_zoom_blur_of_non_square_images_zooms_each_axis(shape: tuple[int, int], table: str, severity: int) -> None:
+    height, width = shape
+    zooms = np.arange(*{"cifar10c": (1, 1.26, 0.01), "imagenetc": (1, 1.31, 0.03)}[table])
+    images = _smooth_images(3, size=28, n=2).double()[..., :height, :width]
+    out = CORRUPTIONS.get("zoom_blur")(images, severity, None, table)
+    assert out.shape == images.shape
+    for image, result in zip(images, out, strict=True):
+        x = _hwc(image)
+        ref = np.clip((x + sum(_clipped_zoom(x, z) for z in zooms)) / (len(zooms) + 1), 0, 1)
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+
+
+# radius 8 (ImageNet-C's severity 4): the largest disk on the 17x17 grid with the 3x3 anti-aliasing blur
+@pytest.mark.parametrize(("size", "table", "severity"), [*_table_cases(), (24, "imagenetc", 4)])
 def test_defocus_blur_matches_the_reference_disk_filter(size: int, table: str, severity: int) -> None:
     radius, alias = {
         "cifar10c": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
@@ -808,91 +870,127 @@ def test_defocus_blur_matches_the_reference_disk_filter(size: int, table: str, s
     np.testing.assert_allclose(out.numpy(), np.clip(ref, 0, 1), rtol=0, atol=1e-12)
 
 
+_FOG = {
+    "cifar10c": [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],
+    "imagenetc": [(1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)],
+}
+
+
+def _plasma_fractal(mapsize: int, decay: float, generator: torch.Generator) -> np.ndarray:
+    """The references' plasma_fractal, np.random.uniform drawn from ``generator``."""
+    maparray = np.zeros((mapsize, mapsize))
+    stepsize, wibble = mapsize, 100.0
+
+    def wibbledmean(array: np.ndarray) -> np.ndarray:
+        u = torch.rand(array.shape, generator=generator, dtype=torch.float64).numpy()
+        return array / 4 + wibble * (-wibble + 2 * wibble * u)
+
+    while stepsize >= 2:
+        half = stepsize // 2
+        cornerref = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+        squareaccum = cornerref + np.roll(cornerref, shift=-1, axis=0)
+        squareaccum += np.roll(squareaccum, shift=-1, axis=1)
+        maparray[half:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(squareaccum)
+        drgrid = maparray[half:mapsize:stepsize, half:mapsize:stepsize]
+        ulgrid = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+        ltsum = drgrid + np.roll(drgrid, 1, axis=0) + ulgrid + np.roll(ulgrid, -1, axis=1)
+        maparray[0:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(ltsum)
+        ttsum = drgrid + np.roll(drgrid, 1, axis=1) + ulgrid + np.roll(ulgrid, -1, axis=0)
+        maparray[half:mapsize:stepsize, 0:mapsize:stepsize] = wibbledmean(ttsum)
+        stepsize //= 2
+        wibble /= decay
+    maparray -= maparray.min()
+    return maparray / maparray.max()
+
+
 @pytest.mark.parametrize(("size", "table", "severity"), _table_cases())
 def test_fog_matches_the_reference_plasma_fractal(size: int, table: str, severity: int) -> None:
-    strength, decay = {
-        "cifar10c": [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],
-        "imagenetc": [(1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)],
-    }[table][severity - 1]
-
-    def plasma_fractal(mapsize: int, generator: torch.Generator) -> np.ndarray:  # np.random.uniform -> generator
-        maparray = np.zeros((mapsize, mapsize))
-        stepsize, wibble = mapsize, 100.0
-
-        def wibbledmean(array: np.ndarray) -> np.ndarray:
-            u = torch.rand(array.shape, generator=generator, dtype=torch.float64).numpy()
-            return array / 4 + wibble * (-wibble + 2 * wibble * u)
-
-        while stepsize >= 2:
-            half = stepsize // 2
-            cornerref = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
-            squareaccum = cornerref + np.roll(cornerref, shift=-1, axis=0)
-            squareaccum += np.roll(squareaccum, shift=-1, axis=1)
-            maparray[half:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(squareaccum)
-            drgrid = maparray[half:mapsize:stepsize, half:mapsize:stepsize]
-            ulgrid = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
-            ltsum = drgrid + np.roll(drgrid, 1, axis=0) + ulgrid + np.roll(ulgrid, -1, axis=1)
-            maparray[0:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(ltsum)
-            ttsum = drgrid + np.roll(drgrid, 1, axis=1) + ulgrid + np.roll(ulgrid, -1, axis=0)
-            maparray[half:mapsize:stepsize, 0:mapsize:stepsize] = wibbledmean(ttsum)
-            stepsize //= 2
-            wibble /= decay
-        maparray -= maparray.min()
-        return maparray / maparray.max()
-
+    strength, decay = _FOG[table][severity - 1]
     images = _smooth_images(3, size=size, n=2).double()
     out = CORRUPTIONS.get("fog")(images, severity, [torch.Generator().manual_seed(i) for i in range(2)], table)
     mapsize = {8: 8, 32: 32, 224: 256}[size]  # make_cifar_c.py: 32, make_imagenet_c.py: 256, cropped to the image
     for i, (image, result) in enumerate(zip(images, out, strict=True)):
         x = _hwc(image)
-        plasma = plasma_fractal(mapsize, torch.Generator().manual_seed(i))[:size, :size, None]
+        plasma = _plasma_fractal(mapsize, decay, torch.Generator().manual_seed(i))[:size, :size, None]
         ref = np.clip((x + strength * plasma) * x.max() / (x.max() + strength), 0, 1)
         np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(20, 40), (40, 20), (33, 16)])
+def test_fog_of_non_square_images_crops_the_fractal_of_the_longer_side(shape: tuple[int, int]) -> None:
+    height, width = shape
+    strength, decay = _FOG["cifar10c"][2]
+    images = _smooth_images(3, size=max(shape), n=2).double()[..., :height, :width]
+    out = CORRUPTIONS.get("fog")(images, 3, [torch.Generator().manual_seed(i) for i in range(2)], "cifar10c")
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        x = _hwc(image)
+        plasma = _plasma_fractal(64, decay, torch.Generator().manual_seed(i))[:height, :width, None]  # 40, 33 -> 64
+        ref = np.clip((x + strength * plasma) * x.max() / (x.max() + strength), 0, 1)
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+
+
+_ELASTIC = {
+    "cifar10c": [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)],
+    "imagenetc": [(2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02)],
+}
+
+
+def _reference_elastic(x: np.ndarray, table: str, severity: int, generator: torch.Generator) -> np.ndarray:
+    """The references' elastic_transform of ``x`` (H, W, C), its np.random.uniform draws from ``generator``.
+
+    The references' constants are multiples of IMSIZE = 32 (CIFAR-10-C) and of 244 (ImageNet-C, for 224 px images);
+    gradreg scales them with the shorter side. As there, the centre ``shape[:2] // 2`` is taken as (x, y).
+    """
+    h, w = x.shape[:2]
+    unit, side = {"cifar10c": (32, 32), "imagenetc": (244, 224)}[table]
+    alpha, sigma, shift = (unit * v * min(h, w) / side for v in _ELASTIC[table][severity - 1])
+    centre, square = np.float64([h, w]) // 2, min(h, w) // 3
+    pts1 = np.array([centre + square, [centre[0] + square, centre[1] - square], centre - square])  # (x, y)
+    pts2 = pts1 + shift * (2 * torch.rand((3, 2), generator=generator, dtype=torch.float64).numpy() - 1)
+    forward = np.linalg.solve(np.c_[pts1, np.ones(3)], pts2).T  # getAffineTransform: 2x3, pts2 = M [pts1; 1]
+    inverse = np.linalg.inv(forward[:, :2])
+    swap = np.array([[0, 1], [1, 0]])  # (x, y) <-> (row, col)
+    matrix, offset = swap @ inverse @ swap, -(swap @ inverse @ forward[:, 2])
+    channels = range(x.shape[2])
+    warped = np.stack(
+        [ndimage.affine_transform(x[..., c], matrix, offset, order=1, mode="mirror") for c in channels], -1
+    )
+    fields = [torch.rand((h, w), generator=generator, dtype=torch.float64).numpy() * 2 - 1 for _ in range(2)]
+    dx, dy = (alpha * ndimage.gaussian_filter(f, sigma, mode="reflect", truncate=3) for f in fields)
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    ref = np.stack(
+        [ndimage.map_coordinates(warped[..., c], [yy + dy, xx + dx], order=1, mode="reflect") for c in channels], -1
+    )
+    return np.clip(ref, 0, 1)
+
+
 @pytest.mark.parametrize(("size", "table", "severity"), _table_cases())
 def test_elastic_transform_matches_the_reference(size: int, table: str, severity: int) -> None:
-    # The references' constants are multiples of IMSIZE = 32 (CIFAR-10-C) and of 244 (ImageNet-C, for 224 px images);
-    # gradreg scales them with the image side.
-    unit, side = {"cifar10c": (32, 32), "imagenetc": (244, 224)}[table]
-    alpha, sigma, shift = (
-        unit * v * size / side
-        for v in {
-            "cifar10c": [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)],
-            "imagenetc": [(2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02)],
-        }[table][severity - 1]
-    )
     images = _smooth_images(3, size=size, n=2).double()
     out = CORRUPTIONS.get("elastic_transform")(images, severity, [torch.Generator().manual_seed(i) for i in range(2)],
                                                table)  # fmt: skip
     for i, (image, result) in enumerate(zip(images, out, strict=True)):
-        generator = torch.Generator().manual_seed(i)
-        x = _hwc(image)
-        centre, square = np.float64([size, size]) // 2, size // 3
-        pts1 = np.array([centre + square, [centre[0] + square, centre[1] - square], centre - square])  # (x, y)
-        pts2 = pts1 + shift * (2 * torch.rand((3, 2), generator=generator, dtype=torch.float64).numpy() - 1)
-        forward = np.linalg.solve(np.c_[pts1, np.ones(3)], pts2).T  # getAffineTransform: 2x3, pts2 = M [pts1; 1]
-        inverse = np.linalg.inv(forward[:, :2])
-        swap = np.array([[0, 1], [1, 0]])  # (x, y) <-> (row, col)
-        matrix, offset = swap @ inverse @ swap, -(swap @ inverse @ forward[:, 2])
-        warped = np.stack(
-            [ndimage.affine_transform(x[..., c], matrix, offset, order=1, mode="mirror") for c in range(3)], -1
-        )
-        fields = [torch.rand((size, size), generator=generator, dtype=torch.float64).numpy() * 2 - 1 for _ in range(2)]
-        dx, dy = (alpha * ndimage.gaussian_filter(f, sigma, mode="reflect", truncate=3) for f in fields)
-        yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
-        ref = np.stack(
-            [ndimage.map_coordinates(warped[..., c], [yy + dy, xx + dx], order=1, mode="reflect") for c in range(3)], -1
-        )
-        np.testing.assert_allclose(_hwc(result), np.clip(ref, 0, 1), rtol=0, atol=1e-10)
+        ref = _reference_elastic(_hwc(image), table, severity, torch.Generator().manual_seed(i))
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize(
-    ("size", "table", "severity"),
-    # ImageNet-C's larger offsets reach pixels of the row visited before, in chains (64 px: some of three and more)
-    [(32, "cifar10c", s) for s in range(1, 6)] + [(12, "imagenetc", 4), (64, "imagenetc", 5), (6, "imagenetc", 5)],
-)
-def test_glass_blur_matches_the_reference_pixel_moves(size: int, table: str, severity: int) -> None:
+@pytest.mark.parametrize(("table", "severity"), [("cifar10c", 2), ("imagenetc", 1)])
+@pytest.mark.parametrize("shape", [(24, 36), (36, 24)])
+def test_elastic_transform_of_non_square_images_matches_the_reference(shape: tuple, table: str, severity: int) -> None:
+    height, width = shape
+    images = _smooth_images(3, size=36, n=2).double()[..., :height, :width]
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = CORRUPTIONS.get("elastic_transform")(images, severity, generators, table)
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        ref = _reference_elastic(_hwc(image), table, severity, torch.Generator().manual_seed(i))
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-10)
+
+
+def _reference_glass(x: np.ndarray, table: str, severity: int, generator: torch.Generator) -> np.ndarray:
+    """The references' glass_blur of ``x`` (H, W, C), its np.random.randint draws from ``generator``.
+
+    Over the rows and columns of the image (imagecorruptions' version; make_*_c.py's are for square images).
+    """
     sigma, delta, rounds = {
         "cifar10c": [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
         "imagenetc": [(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],
@@ -903,21 +1001,41 @@ def test_glass_blur_matches_the_reference_pixel_moves(size: int, table: str, sev
             [ndimage.gaussian_filter(img[..., c], sigma, mode="nearest", truncate=4.0) for c in range(3)], -1
         )
 
+    height, width = x.shape[:2]
+    visits = len(range(height - delta, delta, -1)) * len(range(width - delta, delta, -1))  # none at 6 px and delta 4
+    moves = torch.randint(-delta, delta, (rounds, visits, 2), generator=generator).numpy()
+    x = np.uint8(gaussian(x) * 255)
+    for r in range(rounds):
+        v = 0
+        for h in range(height - delta, delta, -1):
+            for w in range(width - delta, delta, -1):
+                dx, dy = moves[r, v]
+                v += 1
+                h_prime, w_prime = h + dy, w + dx
+                x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]  # the reference's line, views and all
+    return np.clip(gaussian(x / 255.0), 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("size", "table", "severity"),
+    # ImageNet-C's larger offsets reach pixels of the row visited before, in chains (64 px: some of three and more)
+    [(32, "cifar10c", s) for s in range(1, 6)] + [(12, "imagenetc", 4), (64, "imagenetc", 5), (6, "imagenetc", 5)],
+)
+def test_glass_blur_matches_the_reference_pixel_moves(size: int, table: str, severity: int) -> None:
     images = _smooth_images(3, size=size, n=2).double()
     out = CORRUPTIONS.get("glass_blur")(images, severity, [torch.Generator().manual_seed(i) for i in range(2)], table)
-    visits = len(range(size - delta, delta, -1)) ** 2  # none at 6 px and delta 4
     for i, (image, result) in enumerate(zip(images, out, strict=True)):
-        moves = torch.randint(-delta, delta, (rounds, visits, 2), generator=torch.Generator().manual_seed(i)).numpy()
-        x = np.uint8(gaussian(_hwc(image)) * 255)
-        for r in range(rounds):
-            v = 0
-            for h in range(size - delta, delta, -1):
-                for w in range(size - delta, delta, -1):
-                    dx, dy = moves[r, v]
-                    v += 1
-                    h_prime, w_prime = h + dy, w + dx
-                    x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]  # the reference's line, views and all
-        ref = np.clip(gaussian(x / 255.0), 0, 1)
+        ref = _reference_glass(_hwc(image), table, severity, torch.Generator().manual_seed(i))
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_glass_blur_of_non_square_images_moves_the_pixels_of_every_row_and_column(shape: tuple[int, int]) -> None:
+    height, width = shape
+    images = _smooth_images(3, size=max(shape), n=2).double()[..., :height, :width]
+    out = CORRUPTIONS.get("glass_blur")(images, 4, [torch.Generator().manual_seed(i) for i in range(2)], "imagenetc")
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        ref = _reference_glass(_hwc(image), "imagenetc", 4, torch.Generator().manual_seed(i))
         np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
 
 
@@ -960,6 +1078,18 @@ def test_motion_blur_streaks_towards_its_angle(angle: float) -> None:
     assert along.min() < -3, (angle, along)  # a streak behind it
 
 
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_motion_blur_of_non_square_images_matches_imagemagick_motion_blur(shape: tuple[int, int]) -> None:
+    height, width = shape
+    radius, sigma = _MOTION["cifar10c"][4]  # streaks of 19 pixels: every edge pixel reads beyond the border
+    images = _smooth_images(3, size=max(shape), n=3).double()[..., :height, :width]
+    out = CORRUPTIONS.get("motion_blur")(images, 5, [torch.Generator().manual_seed(i) for i in range(3)], "cifar10c")
+    for i, (image, result) in enumerate(zip(images, out, strict=True)):
+        angle = -45 + 90 * torch.rand((), generator=torch.Generator().manual_seed(i), dtype=torch.float64).item()
+        ref = np.clip(_magick_motion_blur(_hwc(image), radius, sigma, angle), 0, 1)
+        np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(("size", "table", "severity"), _MOTION_CASES)
 def test_snow_matches_the_reference(size: int, table: str, severity: int) -> None:
     mean, std, zoom, threshold, radius, sigma, keep = {
@@ -985,6 +1115,19 @@ def test_snow_matches_the_reference(size: int, table: str, severity: int) -> Non
         x = keep * x + (1 - keep) * np.maximum(x, gray * 1.5 + 0.5)
         ref = np.clip(x + layer + np.rot90(layer, k=2), 0, 1)
         np.testing.assert_allclose(_hwc(result), ref, rtol=0, atol=1e-12)
+
+
+def test_snow_whitens_a_gray_image_alike_whatever_its_channel_count() -> None:
+    # The gray of C equal channels is their value (OpenCV's luma weights sum to 1, and so do the channel mean's), and
+    # the snow layer is drawn once per image: every channel comes out as the 1-channel image does.
+    gray = _smooth_images(1, size=16, n=2).double()
+    for severity in (1, 5):
+        expected = CORRUPTIONS.get("snow")(gray, severity, [torch.Generator().manual_seed(i) for i in range(2)])
+        for channels in (2, 3, 4):
+            images = gray.expand(-1, channels, -1, -1)
+            out = CORRUPTIONS.get("snow")(images, severity, [torch.Generator().manual_seed(i) for i in range(2)])
+            torch.testing.assert_close(out, expected.expand_as(out), rtol=0, atol=1e-12)
+        assert (expected != gray).any()
 
 
 # Spatter's water goes through OpenCV's Canny, distanceTransform, blur, equalizeHist and filter2D on 8-bit images. The
@@ -1186,6 +1329,19 @@ def test_frost_enlarges_photographs_smaller_than_the_image(frost_photos: Path) -
     out = CORRUPTIONS.get("frost")(torch.zeros(2, 3, 224, 224), 5, torch.Generator().manual_seed(0), "cifar10c")
     assert out.shape == (2, 3, 224, 224)
     assert (out > 0).float().mean() > 0.9  # frost everywhere, no empty border
+
+
+def test_frost_enlarges_photographs_just_enough_for_non_square_images(frost_photos: Path) -> None:
+    # The smallest scale that covers both sides: 1.5 for 100 x 420 and for 240 x 100 (a 160 x 280 photograph).
+    photo = anomalies._frost_photos(frost_photos)[1]
+    for height, width in [(100, 420), (240, 100)]:
+        layer = anomalies._frost_layer(photo, 0.2, height, width)
+        assert layer.shape == (3, 240, 420)
+        expected = F.interpolate(photo[None], size=(240, 420), mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(layer, expected, rtol=0, atol=1e-4)
+        images = _smooth_images(3, size=max(height, width), n=2)[..., :height, :width]
+        out = CORRUPTIONS.get("frost")(images, 5, torch.Generator().manual_seed(0), "cifar10c")
+        assert out.shape == images.shape
 
 
 def test_frost_without_its_photographs_says_how_to_install_them(monkeypatch: pytest.MonkeyPatch) -> None:
