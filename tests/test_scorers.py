@@ -1488,3 +1488,239 @@ def test_bounds_judge_only_the_plain_numeric_settings() -> None:
     hints = plain_hints(reader)
     assert hints == {"name": str, "width": int | str, "size": int | None, "mode": str}  # not the Path
     assert numeric_bounds({"width": (">=", 1), "size": (">=", 1), "other": (">=", 0)}, hints) == {"size": (">=", 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-square DCT blocks, DeepFool's floor and stuck rows, 2-D GAIA hooks, closed forms
+# of BatchNorm1d/3d and multi-dimensional LayerNorm.
+
+
+def _linear_image_model(channels: int, height: int, width: int, classes: int = 2, seed: int = 0) -> nn.Module:
+    """A linear classifier on (N, C, H, W) images with a per-channel ``input_std`` buffer."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, classes)).double().eval()
+    model.register_buffer("input_std", torch.linspace(0.25, 0.75, channels, dtype=torch.float64))
+    return model
+
+
+def _dct_block_basis(subspace: str, channels: int, height: int, width: int, block: int) -> Tensor:
+    """Orthonormal basis (C*H*W, C*b*b) of a DCT block of non-square images, from scipy's inverse DCT of Diracs."""
+    rows = range(block) if subspace == "low" else range(height - block, height)
+    cols = range(block) if subspace == "low" else range(width - block, width)
+    columns = []
+    for i in rows:
+        for j in cols:
+            dirac = np.zeros((height, width))
+            dirac[i, j] = 1.0
+            columns.append(scipy.fft.idctn(dirac, norm="ortho").reshape(-1))
+    return torch.kron(torch.eye(channels, dtype=torch.float64), torch.tensor(np.stack(columns, axis=1)))
+
+
+@pytest.mark.parametrize(("subspace", "block"), [("full", None), ("low", 2), ("high", 2), ("high", 4), ("low", 4)])
+def test_margin_of_a_linear_model_on_non_square_images_is_the_projected_distance(subspace: str, block: int) -> None:
+    # On a linear two-class model one DeepFool step lands on the boundary: the margin is (1 + overshoot)·|gap| / ‖P w‖
+    # with w the pixel-space gradient of the logit gap and P the projector on the DCT block (4x6 images: the rows and
+    # columns of the block differ; block 4 is the whole height).
+    channels, height, width = 2, 4, 6
+    model = _linear_image_model(channels, height, width)
+    x = torch.randn(5, channels, height, width, dtype=torch.float64)
+    weight, bias = model[1].weight.detach(), model[1].bias.detach()
+    logits = x.flatten(1) @ weight.T + bias
+    label = logits.argmax(dim=1)
+    gap = (logits[:, 1] - logits[:, 0]).abs()
+    w = (weight[1] - weight[0]).reshape(channels, height, width) / model.input_std.reshape(-1, 1, 1)
+    if subspace == "full":
+        w_norm = w.norm()
+    else:
+        w_norm = (_dct_block_basis(subspace, channels, height, width, block).T @ w.reshape(-1)).norm()
+    expected = 1.02 * gap / w_norm
+    assert label.unique().numel() == 2  # both directions
+    margins = deepfool_margin(model, x, subspace, block_size=block, overshoot=0.02, max_iter=3)
+    torch.testing.assert_close(margins, expected, **REF)
+
+
+def test_margin_default_block_is_a_quarter_of_the_shorter_side() -> None:
+    # The docstring's rule: 16 from 224 px up, 8 from 28 px up, else a quarter of the shorter side, at least 1.
+    from gradreg.scorers.margin import default_block_size
+
+    sides = [(8, 16), (16, 8), (28, 300), (300, 30), (224, 500), (3, 3), (2, 224)]
+    assert [default_block_size(*hw) for hw in sides] == [2, 2, 8, 8, 16, 1, 1]
+    low = build({"name": "margin", "subspace": "low"})
+    assert [low.settings_for((1, *hw))["block_size"] for hw in [(8, 16), (16, 8), (28, 300)]] == [2, 2, 8]
+
+
+def test_margin_takes_the_1e4_floor_step_on_a_tied_boundary() -> None:
+    # Tied top logits: the DeepFool ratio is 0, the step is the reference's floor max(0, 1e-4) along w/‖w‖, which flips
+    # the label: the margin is (1 + overshoot)·1e-4 exactly.
+    model = _linear_image_model(1, 2, 2)
+    with torch.no_grad():
+        model[1].bias.zero_()
+    x = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
+    margins = deepfool_margin(model, x, overshoot=0.02, max_iter=5)
+    torch.testing.assert_close(margins, torch.full((3,), 1.02e-4, dtype=torch.float64), **REF)
+
+
+@pytest.mark.parametrize("subspace", ["full", "low", "high"])
+def test_margin_rows_without_a_direction_do_not_move(subspace: str) -> None:
+    # A saturated model (every hidden ReLU off): the gradient of every logit gap is exactly zero, so DeepFool has no
+    # direction to step in. Such rows do not move: margin 0, not NaN from 0 · (inf / 0).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 4)).double().eval()
+    with torch.no_grad():
+        model[1].bias.fill_(-100.0)
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    margins = deepfool_margin(model, x, subspace, block_size=None if subspace == "full" else 2, max_iter=3)
+    assert torch.equal(margins, torch.zeros(3, dtype=torch.float64))
+
+
+def test_margin_refuses_a_single_class_model() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 1)).double().eval()
+    with pytest.raises(ValueError, match="at least two classes"):
+        deepfool_margin(model, torch.randn(2, 1, 2, 2, dtype=torch.float64))
+
+
+class _VectorHead(Classifier):
+    """A per-sample vector neck (Linear-BatchNorm1d-ReLU) between a flattened image and the head: 2-D hooked outputs."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=3, feature_dim=6, in_channels=2)
+        self.lin = nn.Linear(2 * 8 * 8, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def features(self, x: Tensor) -> Tensor:
+        return torch.relu(self.bn(self.lin(x.flatten(1))))
+
+
+def _make_vector_head() -> _VectorHead:
+    torch.manual_seed(0)
+    model = _VectorHead().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_gaia_on_vector_outputs_takes_each_feature_as_a_channel(batch: Tensor) -> None:
+    # Hooked outputs of shape (N, C): one position per channel. Per sample with plain autograd: GAIA-Z's r_c is 1 where
+    # the gradient is non-zero (the ReLU zeroes some), GAIA-A's ā_c is the gradient itself over d² = mean_j |∂/∂h_j|.
+    model = _make_vector_head()
+    layers = [model.lin, model.bn]
+    expected_z, expected_a = [], []
+    for xi in batch:
+        xi = xi.unsqueeze(0)
+        pre = model.lin(xi.flatten(1))
+        post = model.bn(pre)
+        h = torch.relu(post)
+        logits = model.fc(h)
+        g_pre, g_post = torch.autograd.grad(logits.max(), [pre, post], retain_graph=True)
+        ratios = torch.cat([g_pre != 0, g_post != 0], dim=1).double()
+        expected_z.append(-ratios.square().mean())
+        (g_h,) = torch.autograd.grad(torch.log_softmax(logits, dim=1).sum(), h, retain_graph=True)
+        a_pre, a_post = torch.autograd.grad(h.sum(), [pre, post])
+        expected_a.append(-(torch.cat([a_pre, a_post], dim=1).square() / g_h.abs().mean()).mean())
+    z = gaia_z_score(model, batch, layers)
+    assert ((-z > 0) & (-z < 1)).all()  # some, not all, entries are zero
+    torch.testing.assert_close(z, torch.stack(expected_z).detach(), **REF)
+    torch.testing.assert_close(gaia_a_score(model, batch, layers), torch.stack(expected_a).detach(), **REF)
+
+
+def test_gaia_a_on_a_uniform_softmax_is_huge_not_infinite(tiny: TinyCNN, batch: Tensor) -> None:
+    # A zero head gives a uniform softmax: Σ_c log p_c has zero gradient at the features, d = 0. The docstring's
+    # contract: d² is clamped to the smallest normal float, a huge finite abnormality instead of inf or NaN.
+    with torch.no_grad():
+        tiny.fc.weight.zero_()
+        tiny.fc.bias.zero_()
+    scores = gaia_a_score(tiny, batch)
+    assert torch.isfinite(scores).all()
+    assert (scores < -1e250).all()
+
+
+class _NormZoo(nn.Module):
+    """BatchNorm1d on vectors and sequences, BatchNorm3d, GroupNorm and a LayerNorm over two dimensions (eps 0.5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn3 = nn.BatchNorm3d(2)
+        self.ln = nn.LayerNorm((2, 8 * 8), eps=0.5)
+        self.gn = nn.GroupNorm(1, 2, eps=0.5)
+        self.bn_seq = nn.BatchNorm1d(2)
+        self.lin = nn.Linear(2 * 8 * 8, 5)
+        self.bn_vec = nn.BatchNorm1d(5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.bn3(x.unsqueeze(2))).squeeze(2)  # (N, 2, 1, 8, 8) through BatchNorm3d
+        h = self.bn_seq(torch.tanh(self.ln(self.gn(h.flatten(2)))))  # (N, 2, 64): GroupNorm, LayerNorm over (2, 64)
+        return self.fc(torch.tanh(self.bn_vec(self.lin(h.flatten(1)))))
+
+
+def test_purview_closed_forms_of_batchnorm1d_3d_and_multi_dim_layernorm(
+    batch: Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = _NormZoo().double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    model.eval()
+    expected = _purview_loop(model, batch)
+
+    def no_fallback(model: nn.Module, x: Tensor, layers: list, everywhere: bool = True) -> Tensor:
+        raise AssertionError(f"closed-form layers took the torch.func route: {[n for n, _ in layers]}")
+
+    monkeypatch.setattr(purview, "_vmap_sq_norms", no_fallback)  # every layer here has a closed form
+    torch.testing.assert_close(purview_layer_norms(model, batch), expected, **REF)
+
+
+def test_purview_sends_a_linear_with_an_extra_parameter_to_torch_func(batch: Tensor) -> None:
+    # A Linear that owns a third parameter (used by a forward hook, as some adapters do): the closed form covers weight
+    # and bias only, so the layer must take the torch.func route, which sees the extra parameter's gradient too.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    model[1].register_parameter("gain", nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64)))
+    model[1].register_forward_hook(lambda m, inputs, out: out * m.gain)
+    torch.testing.assert_close(purview_layer_norms(model, batch), _purview_loop(model, batch), **REF)
+
+
+@pytest.mark.parametrize("name", ["resnet18_cifar", "resnet50"])
+def test_gaia_layers_of_resnets_follow_their_batchnorms_into_syncbatchnorm(name: str) -> None:
+    # DDP's sync_batchnorm turns every BatchNorm2d into a SyncBatchNorm: the official hooks are the same modules.
+    torch.manual_seed(0)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(MODELS.build(name, num_classes=5))
+    prefix = "trunk." if hasattr(model, "trunk") else ""
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    late = [m for n, m in norms if n.startswith((f"{prefix}layer3.", f"{prefix}layer4."))]
+    assert late
+    assert model.gaia_layers("a") == late
+    z_hooks = [m for _, m in norms] if name == "resnet18_cifar" else [*late, getattr(model, "trunk", model).layer4]
+    assert model.gaia_layers("z") == z_hooks
+
+
+class _TiedRatios(nn.Module):
+    """Three logits on 2-D inputs: f_0 = 0, f_1 = x_0 − 1 (linear), f_2 = 2·tanh(x_1) − 2 (saturating)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([0.0 * x[:, 0], x[:, 0] - 1.0, 2.0 * torch.tanh(x[:, 1]) - 2.0], dim=1)
+
+
+def test_margin_first_ranked_class_wins_a_tied_deepfool_ratio() -> None:
+    # At x = 0 both other classes have the ratio |gap| / ‖∇gap‖ = 1/1 = 2/2 = 1 exactly. The reference (strict <)
+    # takes the first ranked one, class 1, whose linear boundary one step of length 1 reaches: margin (1 + 0.02) · 1.
+    # Class 2's saturating boundary would need more (and longer) steps.
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    margins = deepfool_margin(_TiedRatios(), x, overshoot=0.02, max_iter=10)
+    torch.testing.assert_close(margins, torch.full((2,), 1.02, dtype=torch.float64), **REF)
+
+
+def test_purview_ghost_cost_counts_tokens_and_groups() -> None:
+    # Ghost norms cost T²·(K + O) per group against T·K·O for the gradient (module constants' docstring).
+    # Linear(4, 3) on 100 tokens: 100·7 > 12; Linear(64, 64) on 4 tokens: 4·128 <= 4096.
+    assert not purview._ghost_is_cheaper(nn.Linear(4, 3), torch.empty(2, 100, 3))
+    assert purview._ghost_is_cheaper(nn.Linear(64, 64), torch.empty(2, 4, 64))
+    # Depthwise 3x3 conv on 2x2 maps: K = 9, O = 1 per group, T = 4: 4·10 > 9.
+    assert not purview._ghost_is_cheaper(nn.Conv2d(64, 64, 3, padding=1, groups=64), torch.empty(2, 64, 2, 2))
