@@ -1056,26 +1056,28 @@ def test_imagenet_c_files_get_the_labels_of_their_id_images_when_sampled(tmp_pat
         assert np.asarray(image)[0, 0, 0] == 10 * (i // 2) + i % 2 + 1  # the corrupted copy of ID image i
 
 
+class _ImageFiles:
+    """An ID test set of image files as CorruptionFiles.check reads one: ``labels``, ``len`` and ``file(i)``."""
+
+    def __init__(self, files: list[Path], labels: list[int]) -> None:
+        self.files, self.labels = files, torch.tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def file(self, i: int) -> str:
+        return str(self.files[i])
+
+
 def test_imagenet_c_images_in_another_class_folder_are_refused(tmp_path: Path) -> None:
     from gradreg.data.corrupted import CorruptionFiles
 
-    class Flat:
-        labels = torch.tensor([0, 1])
-
-        def __init__(self) -> None:
-            self.files = [tmp_path / "val" / "n0" / "a.png", tmp_path / "val" / "n1" / "b.png"]
-
-        def __len__(self) -> int:
-            return 2
-
-        def file(self, i: int) -> str:
-            return str(self.files[i])
-
+    id_test = _ImageFiles([tmp_path / "val" / "n0" / "a.png", tmp_path / "val" / "n1" / "b.png"], [0, 1])
     for cls, name in (("n0", "a.png"), ("n0", "b.png"), ("n1", "c.png")):  # b.png filed under n0 instead of n1
         (tmp_path / "c" / "fog" / "1" / cls).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c" / "fog" / "1" / cls / name)
     with pytest.raises(ValueError, match="is in class folder n0, but ID test image 1"):
-        CorruptionFiles(tmp_path / "c", severities=[1]).check(Flat(), [0, 1], "x")  # type: ignore[arg-type]
+        CorruptionFiles(tmp_path / "c", severities=[1]).check(id_test, [0, 1], "x")  # type: ignore[arg-type]
 
 
 def test_corruption_file_rows_refuse_negative_indices(tmp_path: Path) -> None:
@@ -1156,27 +1158,16 @@ def test_imagenet_c_folders_match_a_flat_id_test_set_by_file_name_alone(tmp_path
     # theirs, so any class folder holds them.
     from gradreg.data.corrupted import CorruptionFiles
 
-    class Flat:
-        labels = torch.tensor([4, 9])
-
-        def __init__(self) -> None:
-            self.files = [tmp_path / "val" / "a.png", tmp_path / "val" / "b.png"]
-
-        def __len__(self) -> int:
-            return 2
-
-        def file(self, i: int) -> str:
-            return str(self.files[i])
-
+    id_test = _ImageFiles([tmp_path / "val" / "a.png", tmp_path / "val" / "b.png"], [4, 9])
     for k, (cls, name) in enumerate((("n0", "a.png"), ("n1", "b.png"))):
         (tmp_path / "c" / "fog" / "1" / cls).mkdir(parents=True)
         Image.fromarray(np.full((4, 4, 3), k, np.uint8)).save(tmp_path / "c" / "fog" / "1" / cls / name)
     files = CorruptionFiles(tmp_path / "c", severities=[1])
-    files.check(Flat(), [0, 1], "x")  # type: ignore[arg-type]
+    files.check(id_test, [0, 1], "x")  # type: ignore[arg-type]
     fog = files.severity("fog", 1)
     for i in (0, 1):
         image, label = fog[i]
-        assert (label, np.asarray(image)[0, 0, 0]) == (int(Flat.labels[i]), i)
+        assert (label, np.asarray(image)[0, 0, 0]) == (int(id_test.labels[i]), i)
 
 
 def test_a_budget_of_one_whole_pixel_range_is_accepted() -> None:
