@@ -981,6 +981,75 @@ def test_purview_hooks_equal_vmap_on_every_registered_model(
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=0.0)
 
 
+class _TorchvisionHead(nn.Module):
+    """A torchvision classifier wrapped as docs/scorers.md shows: its last ``nn.Linear`` becomes ``fc``, the rest
+    (the pooling and any hidden head layers) ``features``."""
+
+    def __init__(self, net: nn.Module, head: str) -> None:
+        super().__init__()
+        parent, _, name = head.rpartition(".")
+        owner = net.get_submodule(parent)
+        self.fc = owner.get_submodule(name)
+        assert isinstance(self.fc, nn.Linear)
+        setattr(owner, name, nn.Identity())
+        self.trunk = net
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.trunk(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+def _torchvision_model(name: str) -> _TorchvisionHead:
+    from torchvision.models import convnext, mobilenet_v3_small, swin_transformer, vision_transformer
+
+    torch.manual_seed(0)
+    if name == "mobilenet_v3":  # depthwise convs, squeeze-excitation, Hardswish, a hidden head layer
+        net, head = mobilenet_v3_small(num_classes=5), "classifier.3"
+    elif name == "convnext":  # LayerNorm2d, depthwise 7x7, a layer-scale parameter on the block itself
+        blocks = [convnext.CNBlockConfig(8, 16, 1), convnext.CNBlockConfig(16, None, 1)]
+        net, head = convnext.ConvNeXt(blocks, layer_scale=0.5, num_classes=5), "classifier.2"
+    elif name == "swin":  # windowed attention with a relative-position bias table, patch merging
+        net = swin_transformer.SwinTransformer([4, 4], 8, [1, 1], [1, 2], [2, 2], num_classes=5)
+        head = "head"
+    else:  # ViT: class token, position embedding and nn.MultiheadAttention's own parameters
+        net = vision_transformer.VisionTransformer(16, 4, 2, 2, 8, 16, num_classes=5)
+        head = "heads.head"
+    model = _randomize_norms(_TorchvisionHead(net, head).double()).eval()
+    nn.init.normal_(model.fc.weight)  # ViT's head starts at zero, which would leave every other gradient zero
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap's per-sample fallback
+@pytest.mark.parametrize("name", ["mobilenet_v3", "convnext", "swin", "vit"])
+def test_scorers_on_torchvision_architectures_the_registry_does_not_build(name: str) -> None:
+    # A user's own model: every scorer that supports it keeps the contract; purview's layers (closed forms and the
+    # torch.func fallback for attention, layer scale and bias tables) and GAIA's BatchNorm gradients equal
+    # plain autograd one sample at a time.
+    model = _torchvision_model(name)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    supported = [n for n in ALL if build(n).supports(model)]
+    assert set(ALL) - set(supported) == ({"absent"} if name == "mobilenet_v3" else {"absent", "gaia_z", "gaia_a"})
+    for scorer_name in supported:
+        scorer = build_cheap(scorer_name)
+        scores = scorer(model, x)
+        assert scores.shape == (3,), scorer_name
+        assert torch.isfinite(scores).all(), scorer_name
+        torch.testing.assert_close(scorer(model, x[1:2]), scores[1:2], **TIGHT)
+    expected = _purview_loop(model, x)
+    assert (expected > 0).all()  # every layer's parameters get a gradient
+    torch.testing.assert_close(purview_layer_norms(model, x), expected, **REF)
+    if name == "mobilenet_v3":  # its Hardswish(inplace=True) overwrites BatchNorm outputs: the reference has none
+        reference = copy.deepcopy(model)
+        for m in reference.modules():
+            if hasattr(m, "inplace"):
+                m.inplace = False
+        for variant in ("z", "a"):
+            expected = _gaia_by_autograd(reference, x, variant)
+            torch.testing.assert_close(build(f"gaia_{variant}")(model, x), expected, **REF)
+
+
 def test_purview_picks_ghost_norms_only_where_they_are_cheaper() -> None:
     # WRN-40-2 shapes: 3x3 conv 128->128 on 8x8 maps (T=64: 64·(1152+128) < 1152·128) vs 32->32 on 32x32.
     late, early = nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
