@@ -21,6 +21,9 @@ Model zoo (registry name: architecture, feature size D):
 - ``resnet50``, ``densenet121``: the torchvision ImageNet models (optionally with torchvision weights)
   wrapped into :class:`Classifier` (D = 2048 and 1024).
 
+Any other classifier whose forward ends in an ``nn.Linear`` (every torchvision family) gets the interface from
+:class:`SplitHead`.
+
 torchvision's in-place ReLUs are switched to out-of-place ones (same outputs). The scorers would not need
 this: GAIA and purview read gradients through tensor hooks on the values layers return, which in-place ops
 later on do not affect (tested in ``tests/test_scorers.py``); the training benchmarks were measured this way.
@@ -84,6 +87,44 @@ class Classifier(nn.Module):
             )
         self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
         self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
+
+
+class SplitHead(nn.Module):
+    """Any classifier whose forward ends in an ``nn.Linear``, with the interface the scorers read.
+
+    The head layer becomes ``fc`` and is replaced inside ``net`` by ``nn.Identity``, so ``features(x) = net(x)`` is
+    the head's input and ``forward`` computes what ``net`` did. This holds when the head is the last operation of
+    ``net``'s forward, as in every torchvision classifier (ResNet, MobileNet, EfficientNet, ConvNeXt, Swin, ViT, ...).
+    Load ``net``'s weights before wrapping: the state-dict keys change (``trunk.``, ``fc.``).
+
+    Args:
+        net: the classifier; modified in place (its head is moved out).
+        head: dotted name of the head inside ``net``, e.g. ``"heads.head"``; default: the last ``nn.Linear`` that
+            ``net`` registers.
+    """
+
+    def __init__(self, net: nn.Module, head: str | None = None) -> None:
+        super().__init__()
+        if head is None:
+            linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError(f"{type(net).__name__} has no nn.Linear to use as the head; pass head=NAME")
+            head = linears[-1]
+        layer = net.get_submodule(head)
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"head '{head}' is a {type(layer).__name__}, not an nn.Linear; pass the last linear layer")
+        parent, _, name = head.rpartition(".")
+        setattr(net.get_submodule(parent), name, nn.Identity())
+        self.fc = layer
+        self.trunk = net
+
+    def features(self, x: Tensor) -> Tensor:
+        """The input of the head, shape (N, D)."""
+        return self.trunk(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return logits, shape (N, num_classes)."""
+        return self.fc(self.features(x))
 
 
 def add_absent_head(model: Classifier) -> None:

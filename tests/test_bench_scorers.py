@@ -53,6 +53,26 @@ def test_tiny_run_writes_one_table_row_per_model_configuration(bench, tmp_path: 
     assert all(r["peak_bytes"] is None for r in rows)
 
 
+def test_torchvision_models_run_with_their_head_split_off_and_unknown_names_are_skipped(
+    bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "table.md"
+    bench.main([
+        "--device", "cpu", "--model", "torchvision.mobilenet_v3_small:2:32", "--model", "torchvision.nope:2:32",
+        "--model", "nope:2:32", "--scorers", "energy", "purview", "--warmup", "0", "--repeats", "1",
+        "--loop-samples", "1", "--out", str(out),
+    ])  # fmt: skip
+    table = out.read_text()
+    for case in ("energy", "purview"):
+        assert f"| torchvision.mobilenet_v3_small | 2 | 32x32 | {case} |" in table
+    assert "| torchvision.mobilenet_v3_small | all-layer norms, batch-1 loop |" in table
+    assert "| nope" not in table
+    assert "| torchvision.nope" not in table
+    err = capsys.readouterr().err
+    assert "skipping 'torchvision.nope': not registered" in err
+    assert "skipping 'nope': not registered" in err
+
+
 def test_gaia_reduction_variants_equal_the_scorer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it imports its helpers from bench/scorers.py
     spec = importlib.util.spec_from_file_location("bench_gaia_reduction", ROOT / "bench" / "gaia_reduction.py")

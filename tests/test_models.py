@@ -19,6 +19,7 @@ from gradreg.models import (
     MODELS,
     Classifier,
     ResNet50,
+    SplitHead,
     _replace_input_conv,
     add_absent_head,
     create_classifier,
@@ -507,3 +508,41 @@ def test_pretrained_stem_for_other_channel_counts_sums_or_cycles_and_rescales_th
         if in_channels == 6:  # the RGB image given twice responds as the RGB stem to it once
             torch.testing.assert_close(new(torch.cat([x, x], dim=1)), conv(x))
     torch.testing.assert_close(new.bias, conv.bias, rtol=0, atol=0)
+
+
+def _small_torchvision(name: str) -> tuple[nn.Module, str]:
+    """A small torchvision classifier and the dotted name of its head."""
+    from torchvision.models import mobilenet_v3_small, resnet18, vision_transformer
+
+    torch.manual_seed(0)
+    if name == "resnet18":
+        return resnet18(num_classes=5), "fc"
+    if name == "mobilenet_v3":  # a hidden Linear before the head, inside the same Sequential
+        return mobilenet_v3_small(num_classes=5), "classifier.3"
+    # ViT: every MultiheadAttention's out_proj is an nn.Linear registered before the head
+    return vision_transformer.VisionTransformer(16, 4, 2, 2, 8, 16, num_classes=5), "heads.head"
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["default head", "named head"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3", "vit"])
+def test_split_head_finds_the_head_and_computes_what_the_classifier_did(name: str, given: bool) -> None:
+    net, head = _small_torchvision(name)
+    net.eval()
+    layer = net.get_submodule(head)
+    nn.init.normal_(layer.weight)  # ViT's head starts at zero
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+        model = SplitHead(net, head if given else None)
+        features = model.features(x)
+        logits = model(x)
+    assert model.fc is layer
+    assert features.shape == (3, layer.in_features)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_split_head_refuses_a_model_without_a_linear_head() -> None:
+    with pytest.raises(ValueError, match=r"Sequential has no nn\.Linear to use as the head; pass head=NAME"):
+        SplitHead(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    with pytest.raises(ValueError, match=r"head '0' is a Conv2d, not an nn\.Linear"):
+        SplitHead(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)), head="0")

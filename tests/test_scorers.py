@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from gradreg.double_backward import use_double_backward
 from gradreg.evaluation import score_batch
 from gradreg.losses import energy
-from gradreg.models import MODELS, Classifier, SmallCNN, add_absent_head
+from gradreg.models import MODELS, Classifier, SmallCNN, SplitHead, add_absent_head
 from gradreg.registry import Registry, RegistryError, SettingError, check_settings, numeric_bounds, plain_hints
 from gradreg.scorers import SCORERS, build, purview
 from gradreg.scorers.gaia import _nonzero_fraction, gaia_a_score, gaia_layers, gaia_z_score
@@ -981,42 +981,20 @@ def test_purview_hooks_equal_vmap_on_every_registered_model(
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=0.0)
 
 
-class _TorchvisionHead(nn.Module):
-    """A torchvision classifier wrapped as docs/scorers.md shows: its last ``nn.Linear`` becomes ``fc``, the rest
-    (the pooling and any hidden head layers) ``features``."""
-
-    def __init__(self, net: nn.Module, head: str) -> None:
-        super().__init__()
-        parent, _, name = head.rpartition(".")
-        owner = net.get_submodule(parent)
-        self.fc = owner.get_submodule(name)
-        assert isinstance(self.fc, nn.Linear)
-        setattr(owner, name, nn.Identity())
-        self.trunk = net
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.trunk(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x))
-
-
-def _torchvision_model(name: str) -> _TorchvisionHead:
+def _torchvision_model(name: str) -> SplitHead:
     from torchvision.models import convnext, mobilenet_v3_small, swin_transformer, vision_transformer
 
     torch.manual_seed(0)
     if name == "mobilenet_v3":  # depthwise convs, squeeze-excitation, Hardswish, a hidden head layer
-        net, head = mobilenet_v3_small(num_classes=5), "classifier.3"
+        net = mobilenet_v3_small(num_classes=5)
     elif name == "convnext":  # LayerNorm2d, depthwise 7x7, a layer-scale parameter on the block itself
         blocks = [convnext.CNBlockConfig(8, 16, 1), convnext.CNBlockConfig(16, None, 1)]
-        net, head = convnext.ConvNeXt(blocks, layer_scale=0.5, num_classes=5), "classifier.2"
+        net = convnext.ConvNeXt(blocks, layer_scale=0.5, num_classes=5)
     elif name == "swin":  # windowed attention with a relative-position bias table, patch merging
         net = swin_transformer.SwinTransformer([4, 4], 8, [1, 1], [1, 2], [2, 2], num_classes=5)
-        head = "head"
     else:  # ViT: class token, position embedding and nn.MultiheadAttention's own parameters
         net = vision_transformer.VisionTransformer(16, 4, 2, 2, 8, 16, num_classes=5)
-        head = "heads.head"
-    model = _randomize_norms(_TorchvisionHead(net, head).double()).eval()
+    model = _randomize_norms(SplitHead(net).double()).eval()
     nn.init.normal_(model.fc.weight)  # ViT's head starts at zero, which would leave every other gradient zero
     return model
 
