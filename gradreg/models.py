@@ -108,7 +108,10 @@ class SplitHead(nn.Module):
         if head is None:
             linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
             if not linears:
-                raise ValueError(f"{type(net).__name__} has no nn.Linear to use as the head; pass head=NAME")
+                raise ValueError(
+                    f"{type(net).__name__} has no nn.Linear to use as the head; odin, margin, purview and (given "
+                    "BatchNorm or GroupNorm layers) gaia_z score the model as it is, the others need a linear head"
+                )
             head = linears[-1]
         layer = net.get_submodule(head)
         if not isinstance(layer, nn.Linear):
