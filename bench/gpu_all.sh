@@ -2,8 +2,9 @@
 # Every GPU benchmark of docs/benchmarks.md in one run (plus the CUDA-only tests, -m gpu), results in $OUT.
 # Usage from the repository root: OUT=bench/results/gpu bash bench/gpu_all.sh [all|steps|scorers]
 # "steps" runs only the tests, the training-step tables and the step profile (about 9 minutes on an H100); "scorers"
-# the tests, the scorer tables (contiguous, and channels-last for three scorers), purview's per-layer engines and
-# GAIA-Z's reductions (about 5 minutes on an H200). The whole script takes longer than one device call of 10 minutes.
+# the tests, the scorer tables (contiguous, and channels-last for three scorers), purview's per-layer engines,
+# GAIA-Z's reductions (about 5 minutes on an H200) and three torchvision transformer-era models (not yet timed
+# there). The whole script takes longer than one device call of 10 minutes.
 # The tests run in one process (-o addopts=""): the GPU machine has pytest but not pytest-xdist.
 # (bench/results/h100_* and h200_* are the files of such runs on an H100 and an H200, renamed with that prefix.)
 # The BackPACK baseline of bench/scorers.py runs if backpack is importable; for a machine without network,
@@ -48,6 +49,11 @@ scorers() {
     --json "$OUT/scorers_channels_last.json"
   $py bench/purview_engines.py --device cuda --out "$OUT/purview_engines.md"
   $py bench/gaia_reduction.py --device cuda --out "$OUT/gaia_z_reduction.md"
+  # Models where torch.func takes some of purview's layers: do the hooks still beat method="vmap" on a GPU? (On a
+  # 2-thread CPU they did not: bench/results/cpu_scorers_torchvision.md.)
+  $py bench/scorers.py --device cuda --model torchvision.vit_b_16:64:224 --model torchvision.swin_t:64:224 \
+    --model torchvision.convnext_tiny:64:224 --scorers energy gradnorm odin purview --loop-samples 8 \
+    --json "$OUT/scorers_torchvision.json"
 }
 {
   nvidia-smi -L
