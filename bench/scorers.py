@@ -196,11 +196,12 @@ def library_cases(model: nn.Module, x: Tensor) -> list[tuple[str, str, Callable[
 
 def build_model(name: str, num_classes: int) -> nn.Module | None:
     """A registered model, or ``torchvision.NAME`` with its head split off; None (and a message) if unknown."""
-    if name.startswith("torchvision."):
+    torchvision_name = name.removeprefix("torchvision.")
+    if torchvision_name != name:
         from torchvision.models import get_model, list_models
 
-        if name.removeprefix("torchvision.") in list_models():
-            return SplitHead(get_model(name.removeprefix("torchvision."), num_classes=num_classes))
+        if torchvision_name in list_models():
+            return SplitHead(get_model(torchvision_name, num_classes=num_classes))
     elif name in MODELS:
         return MODELS.build(name, num_classes=num_classes, in_channels=3)
     print(f"skipping '{name}': not registered (known: {', '.join(MODELS.names())}, torchvision.NAME)", file=sys.stderr)
